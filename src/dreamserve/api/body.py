@@ -1,0 +1,79 @@
+"""Request bodies of JSON or form posts, read with a size limit, as one dict of fields."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.requests import Request
+from starlette.types import Message, Receive
+
+from dreamserve.errors import BadRequest, PayloadTooLarge
+
+JSON_TYPES = ("", "application/json")
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+
+
+async def read_fields(request: Request, limit: int) -> dict[str, Any]:
+    """The posted fields: a JSON object as it is, form fields as strings (files refused)."""
+    media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media not in JSON_TYPES and media not in FORM_TYPES and not media.endswith("+json"):
+        raise BadRequest(
+            f"Content-Type ({media}) not supported. Valid values: application/json, "
+            "multipart/form-data, application/x-www-form-urlencoded"
+        )
+    body = await read_body(request, limit)
+    if media in FORM_TYPES:
+        return await _form_fields(request, body)
+    if not body.strip():
+        return {}
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        raise BadRequest("Request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise BadRequest("Request body must be a JSON object")
+    return data
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refusing (413) as soon as it passes `limit` bytes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _form_fields(request: Request, body: bytes) -> dict[str, Any]:
+    replay = Request(request.scope, _replay(body))
+    async with replay.form() as form:
+        fields: dict[str, Any] = {}
+        for key, value in form.multi_items():
+            if not isinstance(value, str):
+                raise BadRequest(f"Parameter {key} must be a text field, not a file")
+            fields[key] = value
+    return fields
+
+
+def _replay(body: bytes) -> Receive:
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"Request body too large (limit {limit} bytes)")

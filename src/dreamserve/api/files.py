@@ -1,0 +1,34 @@
+"""GET/HEAD /files/<key>: image files behind signed, expiring links; no token needed."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Query
+from fastapi.responses import FileResponse
+
+from dreamserve.api.deps import ServiceDep
+from dreamserve.api.schemas import ERRORS
+from dreamserve.storage.blobs import CONTENT_TYPES, content_type
+
+router = APIRouter(tags=["files"])
+
+
+@router.api_route(
+    "/files/{key:path}",
+    methods=["GET", "HEAD"],
+    response_class=FileResponse,
+    responses={200: {"content": {t: {} for t in CONTENT_TYPES.values()}}, **ERRORS},
+    summary="Download an image through a signed link",
+)
+async def get_file(
+    key: str,
+    service: ServiceDep,
+    expires: str | None = Query(default=None),
+    signature: str | None = Query(default=None),
+) -> FileResponse:
+    """The image an `imageUrl` points at. 403 when the link was altered or has expired."""
+    path = service.local_file(key, expires, signature)
+    return FileResponse(
+        path,
+        media_type=content_type(key),
+        headers={"Cache-Control": "private, max-age=3600"},
+    )

@@ -1,0 +1,37 @@
+"""POST /images and GET /images/<jobid>."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from dreamserve.api.body import read_fields
+from dreamserve.api.deps import ServiceDep, UserDep
+from dreamserve.api.schemas import ERRORS, IMAGE_REQUEST_BODY, JobRecord
+
+router = APIRouter(tags=["images"])
+
+
+@router.post(
+    "/images",
+    response_model=JobRecord,
+    responses=ERRORS,
+    openapi_extra={"requestBody": IMAGE_REQUEST_BODY},
+    summary="Create an image job",
+)
+async def create_image_job(request: Request, user: UserDep, service: ServiceDep) -> JSONResponse:
+    """Validate the request, take a slot on an account and start the job; replies at once with
+    the job record, status `created`. JSON, multipart/form-data or form-urlencoded."""
+    fields = await read_fields(request, request.app.state.max_body_bytes)
+    return JSONResponse(await service.submit_image(user, fields))
+
+
+@router.get(
+    "/images/{jobid}",
+    response_model=JobRecord,
+    responses=ERRORS,
+    summary="Get an image job",
+)
+async def get_image_job(jobid: str, user: UserDep, service: ServiceDep) -> JSONResponse:
+    """The job record; the job id may be given raw or percent-encoded."""
+    return JSONResponse(await service.get_job(user, jobid))

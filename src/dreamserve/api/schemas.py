@@ -1,0 +1,90 @@
+"""Shapes for the OpenAPI document. Requests are validated by `submission.py`, which owns the
+contract's messages; these models only describe the API to readers and tools."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Ratio = Literal["auto", "1:1", "3:4", "16:9", "4:3", "9:16", "2:3", "3:2", "21:9"]
+
+
+class ImageJobRequest(BaseModel):
+    model_config = ConfigDict(title="ImageJobRequest")
+
+    prompt: str | None = Field(None, max_length=1600, description="Required unless refs given")
+    model: str = Field("seedream-4.0", description="A catalogue model (GET /models)")
+    ratio: Ratio | None = Field(None, description="Default `auto` where the model supports it")
+    resolution: Literal["1k", "2k", "4k"] | None = Field(None, description="Default: the model's")
+    imageRef_1: str | None = Field(None, description="assetRef of a reference image")
+    imageRef_2: str | None = None
+    imageRef_3: str | None = None
+    imageRef_4: str | None = None
+    imageRef_5: str | None = None
+    imageRef_6: str | None = None
+    imageStrength: float | None = Field(None, ge=0, le=1, description="Default 0.5")
+    account: str | None = Field(None, description="REGION:name; default: any with a free slot")
+    replyUrl: str | None = Field(None, max_length=1024)
+    replyRef: str | None = Field(None, max_length=1024)
+    maxJobs: int | None = Field(None, ge=1, le=50)
+    seed: int | None = Field(None, ge=0, le=2_147_483_647)
+    count: int | None = Field(None, ge=1, le=4, description="Images per job, default 4")
+
+
+class ImageOut(BaseModel):
+    imageUrl: str
+    imageUri: str
+    width: int
+    height: int
+    format: Literal["jpeg", "png", "webp"]
+    assetId: str
+    assetRef: str
+    itemId: str
+
+
+class JobResponse(BaseModel):
+    forecastCost: float
+    images: list[ImageOut] | None = None
+
+
+class JobRecord(BaseModel):
+    jobid: str
+    type: Literal["image", "upscale"]
+    status: Literal["created", "completed", "failed"]
+    model: str
+    created: str
+    updated: str | None = None
+    started: str | None = None
+    progress: int | None = None
+    request: dict[str, Any]
+    response: JobResponse
+    error: str | None = None
+    errorDetails: str | None = None
+    code: int
+
+
+class ErrorBody(BaseModel):
+    error: str
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": text}
+    for status, text in (
+        (400, "Invalid parameter"),
+        (401, "Missing or wrong token"),
+        (403, "Forbidden"),
+        (404, "Not found"),
+        (413, "Body too large"),
+        (429, "No free slot; see Retry-After"),
+    )
+}
+
+_REQUEST_SCHEMA = ImageJobRequest.model_json_schema()
+IMAGE_REQUEST_BODY: dict[str, Any] = {
+    "required": True,
+    "content": {
+        "application/json": {"schema": _REQUEST_SCHEMA},
+        "multipart/form-data": {"schema": _REQUEST_SCHEMA},
+    },
+}

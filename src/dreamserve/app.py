@@ -1,0 +1,110 @@
+"""The composition root: concrete parts built from Settings, and the ASGI application."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from random import Random
+
+from fastapi import FastAPI
+
+from dreamserve import __version__
+from dreamserve.admission import Admission
+from dreamserve.api import files, images, models
+from dreamserve.api.errors import install_error_handlers
+from dreamserve.catalogue import Catalogue, default_catalogue
+from dreamserve.dispatch.inprocess import InProcessDispatcher
+from dreamserve.engines.base import EngineContext
+from dreamserve.engines.registry import EngineRegistry
+from dreamserve.ids import IdFactory
+from dreamserve.links import LinkSigner
+from dreamserve.service import Service, ServiceConfig
+from dreamserve.settings import Settings
+from dreamserve.storage.blobs import LocalBlobStore
+from dreamserve.storage.database import Database
+from dreamserve.storage.keyfile import load_or_create_key
+from dreamserve.worker import JobRunner, RunnerConfig
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+API_PREFIX = "/v1/dreamina"
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@asynccontextmanager
+async def open_service(
+    settings: Settings, *, clock: Clock = utc_now, catalogue: Catalogue | None = None
+) -> AsyncIterator[Service]:
+    """Every part of the server wired together, the schema migrated; closed on exit."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    key = load_or_create_key(settings.data_dir / "secret.key")
+    db = Database(settings.database)
+    await db.migrate()
+    executor = ThreadPoolExecutor(settings.threads, thread_name_prefix="dreamserve-render")
+    signer = LinkSigner(key, settings.base_url, settings.link_ttl_seconds, clock)
+    blobs = LocalBlobStore(settings.data_dir / "blobs", signer)
+    engines = EngineRegistry(EngineContext(executor))
+    ids = IdFactory()
+    runner = JobRunner(
+        db,
+        blobs,
+        engines,
+        ids,
+        clock,
+        executor,
+        RunnerConfig(settings.image_format, settings.progress_interval_seconds),
+    )
+    dispatcher = InProcessDispatcher(runner.run)
+    service = Service(
+        db=db,
+        blobs=blobs,
+        catalogue=catalogue or default_catalogue(),
+        engines=engines,
+        admission=Admission(engines, Random(), settings.retry_after_seconds),
+        dispatcher=dispatcher,
+        ids=ids,
+        clock=clock,
+        config=ServiceConfig(token_cache_seconds=settings.token_cache_seconds),
+    )
+    try:
+        yield service
+    finally:
+        await dispatcher.close()
+        await engines.close()
+        executor.shutdown(wait=True, cancel_futures=True)
+        await db.close()
+
+
+def create_app(
+    settings: Settings, *, clock: Clock = utc_now, catalogue: Catalogue | None = None
+) -> FastAPI:
+    """The ASGI app. Its lifespan opens the service and resumes unfinished jobs."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with open_service(settings, clock=clock, catalogue=catalogue) as service:
+            app.state.service = service
+            abandoned = await service.resume()
+            for jobid in abandoned:
+                log.warning("job %s failed: the server stopped while it ran too often", jobid)
+            yield
+
+    app = FastAPI(
+        title="dreamserve",
+        version=__version__,
+        summary="Self-hosted server for the Dreamina image-generation API",
+        lifespan=lifespan,
+        redoc_url=None,
+    )
+    app.state.max_body_bytes = settings.max_body_bytes
+    install_error_handlers(app)
+    for router in (images.router, files.router, models.router):
+        app.include_router(router, prefix=API_PREFIX)
+    return app

@@ -1,0 +1,40 @@
+"""The embedded dispatcher: each job runs as an asyncio task of the server process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+log = logging.getLogger(__name__)
+
+
+class InProcessDispatcher:
+    """Runs jobs as tasks; admission already bounds how many run per account."""
+
+    def __init__(self, run: Callable[[int], Awaitable[None]]) -> None:
+        self._run = run
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def dispatch(self, job_id: int) -> None:
+        task = asyncio.create_task(self._guarded(job_id), name=f"job-{job_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _guarded(self, job_id: int) -> None:
+        try:
+            await self._run(job_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the runner records job failures itself; this is a bug or an outage
+            log.exception("job %s: runner crashed", job_id)
+
+    @property
+    def running(self) -> int:
+        return len(self._tasks)
+
+    async def close(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,81 @@
+"""The engine contract: what every engine (procedural, diffusers, HTTP APIs) implements.
+
+Engines know nothing of HTTP, SQL or jobs: they take a `GenerationRequest`, report progress, watch
+a cancel signal, and return images.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from PIL import Image
+
+from dreamserve.catalogue import Model
+from dreamserve.errors import Cancelled
+
+# Called with the fraction done (0 to 1); safe to call from any thread.
+ProgressCallback = Callable[[float], None]
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    model: str
+    width: int
+    height: int
+    count: int
+    references: tuple[Image.Image, ...] = ()
+    strength: float = 0.5
+    seed: int | None = None
+
+
+class CancelSignal:
+    """Set by the server when a job must stop; engines poll it between units of work."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    @property
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def raise_if_set(self) -> None:
+        if self._event.is_set():
+            raise Cancelled
+
+
+@dataclass(frozen=True)
+class EngineContext:
+    """What the server lends every engine: an executor for blocking work off the event loop."""
+
+    executor: Executor
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Engine(Protocol):
+    def serves(self, model: Model) -> bool:
+        """Whether this engine can generate images for a catalogue model."""
+
+    async def generate(
+        self, request: GenerationRequest, progress: ProgressCallback, cancel: CancelSignal
+    ) -> list[Image.Image]:
+        """Exactly `request.count` images of `request.width` x `request.height`.
+
+        Raises `Cancelled` soon after `cancel` is set, and `JobFailed` when the job cannot produce
+        images (the message is stored on the job). Must not block the event loop.
+        """
+
+    async def close(self) -> None:
+        """Release what the engine holds (models, connections); it is not used afterwards."""
+
+
+class EngineFactory(Protocol):
+    def __call__(self, settings: Mapping[str, Any], context: EngineContext) -> Engine:
+        """Build an engine from an account's settings."""

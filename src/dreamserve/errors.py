@@ -1,0 +1,115 @@
+"""The error tree: each error carries its HTTP status and builds its message in one place.
+
+The API maps any `DreamserveError` to `{"error": message}` with its status; the CLI prints it.
+"""
+
+from __future__ import annotations
+
+
+class DreamserveError(Exception):
+    """Base of every error a client may see."""
+
+    status = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
+class BadRequest(DreamserveError):
+    status = 400
+
+
+class InvalidParameter(BadRequest):
+    """A parameter whose value is not one of the valid ones: the message says which are."""
+
+    def __init__(self, name: str, value: object, valid: str) -> None:
+        super().__init__(f"Parameter {name} ({_show(value)}) valid values: {valid}")
+        self.parameter = name
+
+
+class MissingParameter(BadRequest):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"Parameter {name} is required")
+        self.parameter = name
+
+
+class NoAccountForModel(BadRequest):
+    def __init__(self, model: str) -> None:
+        super().__init__(f"No account serves model {model}")
+
+
+class Unauthorized(DreamserveError):
+    status = 401
+
+    def __init__(self) -> None:
+        super().__init__("Unauthorized")
+
+
+class Forbidden(DreamserveError):
+    status = 403
+
+
+class NotFound(DreamserveError):
+    status = 404
+
+
+class JobNotFound(NotFound):
+    def __init__(self, jobid: str) -> None:
+        super().__init__(f"Job {jobid} not found")
+
+
+class AccountNotFound(NotFound):
+    def __init__(self, account: str) -> None:
+        super().__init__(f"Unable to find configuration for account {account}")
+
+
+class PayloadTooLarge(DreamserveError):
+    status = 413
+
+
+class AtCapacity(DreamserveError):
+    """No slot is free: the client should retry after `retry_after` seconds."""
+
+    status = 429
+
+    def __init__(self, account: str | None, retry_after: int) -> None:
+        super().__init__(
+            f"Account {account} at capacity" if account else "All accounts at capacity"
+        )
+        self.retry_after = retry_after
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
+class JobFailed(Exception):
+    """Raised by an engine when a job cannot produce images; stored on the job, not sent as HTTP."""
+
+    def __init__(self, error: str, details: str | None = None) -> None:
+        super().__init__(error)
+        self.error = error
+        self.details = details
+
+
+class Cancelled(Exception):
+    """Raised inside an engine when its cancel signal is set."""
+
+
+def _show(value: object, limit: int = 100) -> str:
+    """A parameter value as it appears in a message: its text, cut to a readable length."""
+    text = value if isinstance(value, str) else _json_like(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _json_like(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)

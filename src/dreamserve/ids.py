@@ -1,0 +1,118 @@
+"""Identifiers of the contract: job ids, item ids, asset ids and refs, account ids, tokens.
+
+Pure: formatting and parsing only, with the clock and the random source injected.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from itertools import count
+from random import Random
+from typing import Literal
+
+JobType = Literal["image", "upscale"]
+TYPE_LETTERS: dict[JobType, str] = {"image": "i", "upscale": "I"}
+
+_JOBID = re.compile(r"j(\d{10})(\d{3})(\d{6})([iI])-u(\d+)-(.+)-bot:dreamina")
+_ACCOUNT = re.compile(r"[A-Za-z0-9_]{1,32}:[^\s/?#%\\]{1,200}")
+_ASSET_REF = re.compile(r"(.+)-image:w(\d+):h(\d+):s(\d+)-uri:([A-Za-z0-9._/-]+)")
+_ASSET_ID = re.compile(r"(.+):(\d{19})")
+_TOKEN = re.compile(r"user:(\d{1,18})-([A-Za-z0-9_-]{20,200})")
+
+
+@dataclass(frozen=True)
+class JobId:
+    created: str  # MMDDhhmmss + milliseconds, as in the id
+    serial: str
+    type: JobType
+    user_id: int
+    account: str
+
+
+@dataclass(frozen=True)
+class AssetRef:
+    account: str
+    width: int
+    height: int
+    size: int
+    uri: str
+
+    def __str__(self) -> str:
+        return f"{self.account}-image:w{self.width}:h{self.height}:s{self.size}-uri:{self.uri}"
+
+
+class IdFactory:
+    """Makes job ids and item ids. Each carries a 6-digit serial from a counter that starts at a
+    random point, so two ids made in the same millisecond by one process never collide and two
+    processes rarely do (the database's unique constraints catch the rest)."""
+
+    def __init__(self, rng: Random | None = None) -> None:
+        start = (rng or Random(secrets.randbits(64))).randrange(1_000_000)
+        self._serials = count(start)
+
+    def _serial(self) -> int:
+        return next(self._serials) % 1_000_000
+
+    def jobid(self, job_type: JobType, user_id: int, account: str, at: datetime) -> str:
+        at = at.astimezone(UTC)
+        stamp = at.strftime("%m%d%H%M%S") + f"{at.microsecond // 1000:03d}"
+        letter = TYPE_LETTERS[job_type]
+        return f"j{stamp}{self._serial():06d}{letter}-u{user_id}-{account}-bot:dreamina"
+
+    def item_id(self, at: datetime) -> str:
+        """19 digits: milliseconds since the epoch (13) and the serial (6)."""
+        millis = int(at.timestamp() * 1000)
+        return f"{millis:013d}{self._serial():06d}"
+
+
+def parse_jobid(text: str) -> JobId | None:
+    match = _JOBID.fullmatch(text)
+    if match is None:
+        return None
+    stamp, millis, serial, letter, user, account = match.groups()
+    job_type: JobType = "image" if letter == "i" else "upscale"
+    return JobId(stamp + millis, serial, job_type, int(user), account)
+
+
+def is_account_id(text: str) -> bool:
+    """`REGION:name`: a region of letters, digits or `_`, then a name without spaces or `/`."""
+    return _ACCOUNT.fullmatch(text) is not None
+
+
+def parse_asset_ref(text: str) -> AssetRef | None:
+    match = _ASSET_REF.fullmatch(text)
+    if match is None or not is_account_id(match.group(1)):
+        return None
+    account, width, height, size, uri = match.groups()
+    return AssetRef(account, int(width), int(height), int(size), uri)
+
+
+def asset_id(account: str, item_id: str) -> str:
+    return f"{account}:{item_id}"
+
+
+def parse_asset_id(text: str) -> tuple[str, str] | None:
+    """(account, itemId) of an assetId, or None when it is not one."""
+    match = _ASSET_ID.fullmatch(text)
+    if match is None or not is_account_id(match.group(1)):
+        return None
+    return match.group(1), match.group(2)
+
+
+def new_token(user_id: int) -> str:
+    return f"user:{user_id}-{secrets.token_urlsafe(32)}"
+
+
+def parse_token(text: str) -> int | None:
+    """The user id a well-formed token names, or None; says nothing about its validity."""
+    match = _TOKEN.fullmatch(text)
+    return int(match.group(1)) if match else None
+
+
+def iso(at: datetime) -> str:
+    """ISO 8601 in UTC with milliseconds and `Z`, as every timestamp of the contract."""
+    at = at.astimezone(UTC)
+    return at.strftime("%Y-%m-%dT%H:%M:%S.") + f"{at.microsecond // 1000:03d}Z"

@@ -1,0 +1,173 @@
+"""The job: its states, its stored images, and the record the API returns for it.
+
+Pure: dataclasses and functions over the standard library and `ids`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from dreamserve.ids import AssetRef, JobType, asset_id, iso
+
+
+class Status(StrEnum):
+    """The contract's three statuses. A running job is still `created`, with `started` set."""
+
+    CREATED = "created"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self is not Status.CREATED
+
+
+CANCELLED_BY_USER = "Cancelled by user"
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    """One output image as the job keeps it: enough to build its part of the record."""
+
+    item_id: str
+    uri: str
+    width: int
+    height: int
+    format: str
+    size: int
+
+    def asset_ref(self, account: str) -> str:
+        return str(AssetRef(account, self.width, self.height, self.size, self.uri))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "itemId": self.item_id,
+            "uri": self.uri,
+            "width": self.width,
+            "height": self.height,
+            "format": self.format,
+            "size": self.size,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> StoredImage:
+        return cls(
+            item_id=data["itemId"],
+            uri=data["uri"],
+            width=data["width"],
+            height=data["height"],
+            format=data["format"],
+            size=data["size"],
+        )
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What the engine is asked to make, fixed when the job is admitted."""
+
+    width: int
+    height: int
+    count: int
+    seed: int | None = None
+    strength: float = 0.5
+    references: tuple[str, ...] = ()  # blob keys of the reference images, in order
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "width": self.width,
+            "height": self.height,
+            "count": self.count,
+            "seed": self.seed,
+            "strength": self.strength,
+            "references": list(self.references),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Spec:
+        return cls(
+            width=data["width"],
+            height=data["height"],
+            count=data["count"],
+            seed=data.get("seed"),
+            strength=data.get("strength", 0.5),
+            references=tuple(data.get("references", ())),
+        )
+
+
+@dataclass(frozen=True)
+class Job:
+    """A job as stored. Times are milliseconds since the epoch, UTC."""
+
+    id: int
+    jobid: str
+    type: JobType
+    status: Status
+    model: str
+    account: str
+    user_id: int
+    request: Mapping[str, Any]
+    spec: Spec
+    forecast_cost: float
+    created_at: int
+    updated_at: int | None = None
+    started_at: int | None = None
+    progress: int | None = None
+    error: str | None = None
+    error_details: str | None = None
+    images: tuple[StoredImage, ...] = field(default=())
+
+
+def millis(at: datetime) -> int:
+    return int(at.timestamp() * 1000)
+
+
+def from_millis(value: int) -> datetime:
+    return datetime.fromtimestamp(value / 1000, tz=UTC)
+
+
+def record(job: Job, link: Callable[[str], str]) -> dict[str, Any]:
+    """The job record of the contract (POST reply, GET reply, webhook body).
+
+    `link` turns an image's storage key into a URL a client can fetch without a token.
+    """
+    body: dict[str, Any] = {
+        "jobid": job.jobid,
+        "type": job.type,
+        "status": job.status.value,
+        "model": job.model,
+        "created": iso(from_millis(job.created_at)),
+    }
+    if job.updated_at is not None:
+        body["updated"] = iso(from_millis(job.updated_at))
+    if job.status is Status.CREATED and job.started_at is not None:
+        body["started"] = iso(from_millis(job.started_at))
+        body["progress"] = job.progress or 0
+    body["request"] = dict(job.request)
+    cost = job.forecast_cost
+    response: dict[str, Any] = {"forecastCost": int(cost) if float(cost).is_integer() else cost}
+    if job.status is Status.COMPLETED:
+        response["images"] = [_image(job.account, image, link) for image in job.images]
+    body["response"] = response
+    if job.error is not None:
+        body["error"] = job.error
+    if job.error_details is not None:
+        body["errorDetails"] = job.error_details
+    body["code"] = 200
+    return body
+
+
+def _image(account: str, image: StoredImage, link: Callable[[str], str]) -> dict[str, Any]:
+    return {
+        "imageUrl": link(image.uri),
+        "imageUri": image.uri,
+        "width": image.width,
+        "height": image.height,
+        "format": image.format,
+        "assetId": asset_id(account, image.item_id),
+        "assetRef": image.asset_ref(account),
+        "itemId": image.item_id,
+    }

@@ -1,0 +1,227 @@
+"""The façade the API, the CLI and the tests all call: one method per thing a client can do."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from dreamserve.admission import Admission
+from dreamserve.catalogue import Catalogue
+from dreamserve.dispatch.base import Dispatcher
+from dreamserve.engines.registry import EngineRegistry
+from dreamserve.errors import InvalidParameter, JobNotFound, NotFound, Unauthorized
+from dreamserve.ids import AssetRef, IdFactory, new_token, parse_token
+from dreamserve.jobs import Job, Spec, Status, millis, record
+from dreamserve.storage import queries
+from dreamserve.storage.blobs import BlobStore, LocalBlobStore
+from dreamserve.storage.database import Database
+from dreamserve.storage.tables import SHARED
+from dreamserve.submission import ImageSubmission, parse_image_submission
+
+DEFAULT_ACCOUNT = "LOCAL:procedural"
+_REF_NAMES = tuple(f"imageRef_{n}" for n in range(1, 7))
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    token_cache_seconds: float = 60.0
+    max_attempts: int = 3  # starts of one job before a restart gives up on it
+
+
+class Service:
+    def __init__(
+        self,
+        *,
+        db: Database,
+        blobs: BlobStore,
+        catalogue: Catalogue,
+        engines: EngineRegistry,
+        admission: Admission,
+        dispatcher: Dispatcher,
+        ids: IdFactory,
+        clock: Callable[[], datetime],
+        config: ServiceConfig,
+    ) -> None:
+        self.db = db
+        self.blobs = blobs
+        self.catalogue = catalogue
+        self.engines = engines
+        self.admission = admission
+        self.dispatcher = dispatcher
+        self.ids = ids
+        self.clock = clock
+        self.config = config
+        self._tokens: dict[str, tuple[int, float]] = {}
+
+    # Identity
+
+    async def authenticate(self, authorization: str | None) -> int:
+        """The user id of an `Authorization: Bearer <token>` header; Unauthorized otherwise.
+
+        Known tokens are remembered for `token_cache_seconds`, so polling costs no token query.
+        """
+        scheme, _, token = (authorization or "").partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or parse_token(token) is None:
+            raise Unauthorized
+        digest = _hash(token)
+        cached = self._tokens.get(digest)
+        if cached is not None and cached[1] > time.monotonic():
+            return cached[0]
+        async with self.db.read() as conn:
+            user_id = await queries.user_of_token(conn, digest)
+        if user_id is None or user_id != parse_token(token):
+            raise Unauthorized
+        if len(self._tokens) >= 10_000:
+            self._tokens.clear()
+        self._tokens[digest] = (user_id, time.monotonic() + self.config.token_cache_seconds)
+        return user_id
+
+    async def create_token(self, user_id: int | None = None) -> tuple[int, str]:
+        """A new token for `user_id`, or for a new user when None. Only its hash is stored."""
+        now = millis(self.clock())
+        async with self.db.write() as conn:
+            if user_id is None:
+                user_id = await queries.insert_user(conn, now)
+            elif not await queries.user_exists(conn, user_id):
+                raise NotFound(f"User {user_id} not found")
+            token = new_token(user_id)
+            await queries.insert_token(conn, user_id, _hash(token), now)
+        return user_id, token
+
+    async def bootstrap(self) -> str | None:
+        """On the first start of an empty database: user 1, its token (returned, never stored in
+        clear) and the shared procedural account. None on every later start."""
+        now = millis(self.clock())
+        async with self.db.write() as conn:
+            if await queries.count_users(conn):
+                return None
+            user_id = await queries.insert_user(conn, now)
+            token = new_token(user_id)
+            await queries.insert_token(conn, user_id, _hash(token), now)
+            region, _, email = DEFAULT_ACCOUNT.partition(":")
+            await queries.insert_account(
+                conn,
+                name=DEFAULT_ACCOUNT,
+                owner=SHARED,
+                email=email,
+                region=region,
+                engine="procedural",
+                max_jobs=10,
+                now=now,
+            )
+        return token
+
+    # Images
+
+    async def submit_image(self, user_id: int, fields: Mapping[str, Any]) -> dict[str, Any]:
+        """Validate, admit and dispatch an image job; its record, status `created`."""
+        submission = parse_image_submission(fields, self.catalogue)
+        width, height = submission.size
+        spec = Spec(
+            width=width,
+            height=height,
+            count=submission.count,
+            seed=submission.seed,
+            strength=submission.image_strength,
+            references=tuple(ref.uri for ref in submission.references),
+        )
+        job = await self._admit(user_id, submission, spec)
+        await self.dispatcher.dispatch(job.id)
+        return record(job, self.blobs.link)
+
+    async def _admit(self, user_id: int, submission: ImageSubmission, spec: Spec) -> Job:
+        for attempt in range(3):
+            at = self.clock()
+            try:
+                async with self.db.write() as conn:
+                    await self._check_references(conn, user_id, submission.references)
+                    account = await self.admission.admit(
+                        conn,
+                        user_id=user_id,
+                        model=submission.model,
+                        account=submission.account,
+                        max_jobs=submission.max_jobs,
+                    )
+                    job = Job(
+                        id=0,
+                        jobid=self.ids.jobid("image", user_id, account.name, at),
+                        type="image",
+                        status=Status.CREATED,
+                        model=submission.model.name,
+                        account=account.name,
+                        user_id=user_id,
+                        request=submission.echo,
+                        spec=spec,
+                        forecast_cost=submission.model.forecast_cost,
+                        created_at=millis(at),
+                    )
+                    job_id = await queries.insert_job(conn, job, account_id=account.id)
+                return replace(job, id=job_id)
+            except IntegrityError:  # two processes made the same jobid: make another
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _check_references(
+        self, conn: AsyncConnection, user_id: int, refs: tuple[AssetRef, ...]
+    ) -> None:
+        existing = await queries.existing_assets(conn, user_id, refs)
+        for name, ref in zip(_REF_NAMES, refs, strict=False):
+            if ref not in existing:
+                raise InvalidParameter(name, str(ref), "an assetRef of an existing image of yours")
+
+    async def get_job(self, user_id: int, jobid: str) -> dict[str, Any]:
+        if "%" in jobid:  # percent-encoded twice on its way here
+            jobid = unquote(jobid)
+        async with self.db.read() as conn:
+            job = await queries.job_by_jobid(conn, jobid, user_id)
+        if job is None:
+            raise JobNotFound(jobid)
+        return record(job, self.blobs.link)
+
+    def local_file(self, key: str, expires: str | None, signature: str | None) -> Path:
+        """The file behind a signed link of the local blob store; Forbidden when the link is
+        tampered or expired, NotFound when the file is gone."""
+        if not isinstance(self.blobs, LocalBlobStore):
+            raise NotFound("Not Found")
+        return self.blobs.open(key, expires, signature)
+
+    def models(self) -> list[dict[str, Any]]:
+        return [model.describe() for model in self.catalogue.models]
+
+    # Lifecycle
+
+    async def resume(self) -> list[str]:
+        """Pick up the jobs an earlier process left unfinished; the jobids given up on.
+
+        Embedded mode: this process is the only runner, so every unfinished job is orphaned and
+        every taken slot belongs to one. Jobs started `max_attempts` times fail; the others run
+        again, and slot counts are set back to the number of unfinished jobs.
+        """
+        now = millis(self.clock())
+        async with self.db.write() as conn:
+            abandoned = await queries.fail_exhausted_jobs(
+                conn,
+                self.config.max_attempts,
+                "Server stopped while the job was running",
+                now,
+            )
+            await queries.recount_slots(conn)
+            pending = await queries.unfinished_job_ids(conn)
+        for job_id in pending:
+            await self.dispatcher.dispatch(job_id)
+        return abandoned
+
+
+def _hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()

@@ -1,0 +1,64 @@
+"""The one Settings object, read from `DREAMSERVE_*` environment variables.
+
+It is built once by the CLI (or a test) and its values are passed down through constructors; no
+other module reads the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ImageFormat = Literal["jpeg", "png", "webp"]
+
+
+class Settings(BaseSettings):
+    """Every setting of the server and the CLI. The README lists them with their defaults."""
+
+    model_config = SettingsConfigDict(env_prefix="DREAMSERVE_", extra="ignore", frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    data_dir: Path = Path("./data")
+    public_url: str | None = None
+    database_url: str | None = None
+    link_ttl_seconds: int = Field(default=86_400, ge=1)
+    retry_after_seconds: int = Field(default=5, ge=1)
+    image_format: ImageFormat = "jpeg"
+    render_threads: int = Field(default=0, ge=0)
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    token_cache_seconds: float = Field(default=60.0, ge=0)
+    progress_interval_seconds: float = Field(default=0.5, gt=0)
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    @property
+    def base_url(self) -> str:
+        """Where clients reach this server: the links in job records point here."""
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
+    @property
+    def database(self) -> str:
+        """The SQLAlchemy URL, with the async driver of the chosen database."""
+        url = self.database_url or f"sqlite:///{self.data_dir / 'dreamserve.db'}"
+        for plain, driver in (
+            ("sqlite://", "sqlite+aiosqlite://"),
+            ("postgresql://", "postgresql+asyncpg://"),
+            ("postgres://", "postgresql+asyncpg://"),
+        ):
+            if url.startswith(plain):
+                return driver + url[len(plain) :]
+        return url
+
+    @property
+    def threads(self) -> int:
+        """Threads for rendering and encoding images (0 means one per CPU core)."""
+        return self.render_threads or (os.cpu_count() or 1)

@@ -1,0 +1,267 @@
+"""Validation of POST /images: raw fields (JSON, or multipart strings) to a checked submission.
+
+Pure: every rule of the contract's POST /images section lives here, each with its exact message.
+Rules that need stored state (whether a reference exists, which account has a slot) are checked by
+the service afterwards.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from dreamserve.catalogue import AUTO, Catalogue, Model
+from dreamserve.errors import BadRequest, InvalidParameter, MissingParameter
+from dreamserve.ids import AssetRef, is_account_id, parse_asset_ref
+
+MAX_PROMPT = 1600
+MAX_REPLY = 1024
+MAX_REFS = 6
+MAX_COUNT = 4
+MAX_SEED = 2_147_483_647
+_REF_KEY = re.compile(r"imageRef_(.*)")
+_REF_NAMES = tuple(f"imageRef_{n}" for n in range(1, MAX_REFS + 1))
+
+
+@dataclass(frozen=True)
+class ImageSubmission:
+    """A POST /images request that passed every stateless rule, with defaults applied."""
+
+    model: Model
+    prompt: str | None
+    ratio: str
+    resolution: str
+    references: tuple[AssetRef, ...]
+    image_strength: float
+    account: str | None
+    reply_url: str | None
+    reply_ref: str | None
+    max_jobs: int | None
+    seed: int | None
+    count: int
+    echo: Mapping[str, Any]
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """Output pixel size: `auto` takes the ratio nearest the first reference, else 1:1."""
+        return self.model.size(self.resolution, self.fixed_ratio)
+
+    @property
+    def fixed_ratio(self) -> str:
+        if self.ratio != AUTO:
+            return self.ratio
+        if self.references:
+            first = self.references[0]
+            return self.model.nearest_ratio(self.resolution, first.width / first.height)
+        return "1:1" if "1:1" in self.model.sizes[self.resolution] else self._first_ratio
+
+    @property
+    def _first_ratio(self) -> str:
+        return next(iter(self.model.sizes[self.resolution]))
+
+
+def parse_image_submission(fields: Mapping[str, Any], catalogue: Catalogue) -> ImageSubmission:
+    """Check `fields` against the contract; raise a BadRequest naming the first bad parameter."""
+    model = _model(fields, catalogue)
+    references = _references(fields, model)
+    prompt = _prompt(fields, model, has_references=bool(references))
+    resolution = _choice(fields, "resolution", model.resolutions, model.default_resolution)
+    ratio = _choice(fields, "ratio", model.ratios(resolution), model.default_ratio)
+    strength = _number(fields, "imageStrength", 0.0, 1.0)
+    account = _account(fields, references)
+    reply_url = _reply_url(fields)
+    reply_ref = _text(fields, "replyRef", MAX_REPLY)
+    max_jobs = _integer(fields, "maxJobs", 1, 50)
+    seed = _integer(fields, "seed", 0, MAX_SEED)
+    count = _integer(fields, "count", 1, MAX_COUNT)
+
+    echo: dict[str, Any] = {}
+    if prompt is not None:
+        echo["prompt"] = prompt
+    echo |= {
+        "model": model.name,
+        "ratio": ratio,
+        "resolution": resolution,
+        "inputMode": "reference" if references else "generate",
+    }
+    for name, ref in zip(_REF_NAMES, references, strict=False):
+        echo[name] = str(ref)
+    if references or strength is not None:
+        echo["imageStrength"] = 0.5 if strength is None else strength
+    optional = {"replyUrl": reply_url, "replyRef": reply_ref, "seed": seed, "count": count}
+    echo |= {name: value for name, value in optional.items() if value is not None}
+
+    return ImageSubmission(
+        model=model,
+        prompt=prompt,
+        ratio=ratio,
+        resolution=resolution,
+        references=references,
+        image_strength=0.5 if strength is None else strength,
+        account=account,
+        reply_url=reply_url,
+        reply_ref=reply_ref,
+        max_jobs=max_jobs,
+        seed=seed,
+        count=MAX_COUNT if count is None else count,
+        echo=echo,
+    )
+
+
+def _given(fields: Mapping[str, Any], name: str) -> Any:
+    """The value of an optional field, or None when absent, null or an empty form value."""
+    value = fields.get(name)
+    return None if value is None or value == "" else value
+
+
+def _model(fields: Mapping[str, Any], catalogue: Catalogue) -> Model:
+    name = _given(fields, "model")
+    if name is None:
+        return catalogue[catalogue.default_model]
+    model = catalogue.get(name) if isinstance(name, str) else None
+    if model is None:
+        raise InvalidParameter("model", name, ", ".join(catalogue.names))
+    return model
+
+
+def _references(fields: Mapping[str, Any], model: Model) -> tuple[AssetRef, ...]:
+    given: dict[str, Any] = {}
+    for key in fields:
+        match = _REF_KEY.fullmatch(key)
+        if match is None or _given(fields, key) is None:
+            continue
+        if key not in _REF_NAMES:
+            raise BadRequest(
+                f"Parameter {key} is not supported. Valid values: imageRef_1 to imageRef_{MAX_REFS}"
+            )
+        given[key] = fields[key]
+    refs: list[AssetRef] = []
+    for position, name in enumerate(_REF_NAMES, start=1):
+        if name not in given:
+            later = [key for key in _REF_NAMES[position:] if key in given]
+            if later:
+                raise BadRequest(
+                    f"Parameter {later[0]} requires {name}: references must be contiguous "
+                    "from imageRef_1"
+                )
+            break
+        if position > model.max_refs:
+            most = f"at most {model.max_refs}" if model.max_refs else "no"
+            raise BadRequest(
+                f"Parameter {name} not allowed: model {model.name} takes {most} reference images"
+            )
+        value = given[name]
+        ref = parse_asset_ref(value) if isinstance(value, str) else None
+        if ref is None:
+            raise InvalidParameter(
+                name, value, "an assetRef from POST /assets or from a completed job's images"
+            )
+        if refs and ref.account != refs[0].account:
+            raise InvalidParameter(
+                name, value, f"an assetRef on account {refs[0].account}, like imageRef_1"
+            )
+        refs.append(ref)
+    return tuple(refs)
+
+
+def _prompt(fields: Mapping[str, Any], model: Model, *, has_references: bool) -> str | None:
+    value = fields.get("prompt")
+    if value is None or (isinstance(value, str) and not value.strip()):
+        if model.prompt_required or not has_references:
+            raise MissingParameter("prompt")
+        return None
+    if not isinstance(value, str):
+        raise InvalidParameter("prompt", value, f"text of at most {MAX_PROMPT} characters")
+    if len(value) > MAX_PROMPT:
+        raise InvalidParameter(
+            "prompt", f"{len(value)} characters", f"text of at most {MAX_PROMPT} characters"
+        )
+    return value
+
+
+def _choice(fields: Mapping[str, Any], name: str, valid: tuple[str, ...], default: str) -> str:
+    value = _given(fields, name)
+    if value is None:
+        return default
+    if value not in valid:
+        raise InvalidParameter(name, value, ", ".join(valid))
+    return str(value)
+
+
+def _text(fields: Mapping[str, Any], name: str, limit: int) -> str | None:
+    value = _given(fields, name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > limit:
+        raise InvalidParameter(name, value, f"text of at most {limit} characters")
+    return value
+
+
+def _reply_url(fields: Mapping[str, Any]) -> str | None:
+    value = _given(fields, "replyUrl")
+    if value is None:
+        return None
+    valid = f"an http or https URL of at most {MAX_REPLY} characters"
+    if not isinstance(value, str) or len(value) > MAX_REPLY:
+        raise InvalidParameter("replyUrl", value, valid)
+    try:
+        parts = urlsplit(value)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+    except ValueError:  # a bad port or bracketed host
+        ok = False
+    if not ok or any(ch.isspace() for ch in value):
+        raise InvalidParameter("replyUrl", value, valid)
+    return value
+
+
+def _account(fields: Mapping[str, Any], references: tuple[AssetRef, ...]) -> str | None:
+    value = _given(fields, "account")
+    if value is None:
+        return references[0].account if references else None
+    if not isinstance(value, str) or not is_account_id(value):
+        raise InvalidParameter("account", value, "an account id REGION:name")
+    if references and value != references[0].account:
+        raise InvalidParameter(
+            "account", value, f"{references[0].account}, the account of the references"
+        )
+    return value
+
+
+def _integer(fields: Mapping[str, Any], name: str, low: int, high: int) -> int | None:
+    value = _given(fields, name)
+    if value is None:
+        return None
+    number = _as_number(value)
+    if number is None or number != int(number) or not low <= number <= high:
+        raise InvalidParameter(name, value, f"integer {low}-{high}")
+    return int(number)
+
+
+def _number(fields: Mapping[str, Any], name: str, low: float, high: float) -> float | None:
+    value = _given(fields, name)
+    if value is None:
+        return None
+    number = _as_number(value)
+    if number is None or not low <= number <= high:
+        raise InvalidParameter(name, value, f"number {low:g}-{high:g}")
+    return number
+
+
+def _as_number(value: Any) -> float | None:
+    """A JSON number, or a string holding one (multipart sends strings); None otherwise."""
+    if isinstance(value, bool):
+        return None
+    try:
+        if isinstance(value, int | float):
+            number = float(value)
+        elif isinstance(value, str):
+            number = float(value.strip())
+        else:
+            return None
+    except (ValueError, OverflowError):
+        return None
+    return number if math.isfinite(number) else None
