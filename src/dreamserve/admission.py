@@ -55,8 +55,10 @@ class Admission:
                 raise BadRequest(f"Account {account} does not serve model {model.name}")
             raise NoAccountForModel(model.name)
         healthy = [each for each in serving if each.error is None]
-        if not healthy and account is not None:
-            raise BadRequest(f"Account {account} is in error: {serving[0].error}")
+        if not healthy:  # accounts in error serve nothing until fixed: retrying will not help
+            if account is not None:
+                raise BadRequest(f"Account {account} is in error: {serving[0].error}")
+            raise NoAccountForModel(model.name)
         # Accounts full in this snapshot are skipped; the conditional UPDATE settles races.
         free = [each for each in healthy if each.running < each.cap(max_jobs)]
         self.rng.shuffle(free)

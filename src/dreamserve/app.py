@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -18,7 +18,7 @@ from dreamserve.api.errors import install_error_handlers
 from dreamserve.catalogue import Catalogue, default_catalogue
 from dreamserve.dispatch.inprocess import InProcessDispatcher
 from dreamserve.engines.base import EngineContext
-from dreamserve.engines.registry import EngineRegistry
+from dreamserve.engines.registry import BUILTIN, EngineRegistry, EngineSource
 from dreamserve.ids import IdFactory
 from dreamserve.links import LinkSigner
 from dreamserve.service import Service, ServiceConfig
@@ -40,9 +40,16 @@ def utc_now() -> datetime:
 
 @asynccontextmanager
 async def open_service(
-    settings: Settings, *, clock: Clock = utc_now, catalogue: Catalogue | None = None
+    settings: Settings,
+    *,
+    clock: Clock = utc_now,
+    catalogue: Catalogue | None = None,
+    engines: Mapping[str, EngineSource] = BUILTIN,
 ) -> AsyncIterator[Service]:
-    """Every part of the server wired together, the schema migrated; closed on exit."""
+    """Every part of the server wired together, the schema migrated; closed on exit.
+
+    `catalogue` and `engines` replace the built-in ones (benchmarks and tests use this).
+    """
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     key = load_or_create_key(settings.data_dir / "secret.key")
     db = Database(settings.database)
@@ -50,12 +57,12 @@ async def open_service(
     executor = ThreadPoolExecutor(settings.threads, thread_name_prefix="dreamserve-render")
     signer = LinkSigner(key, settings.base_url, settings.link_ttl_seconds, clock)
     blobs = LocalBlobStore(settings.data_dir / "blobs", signer)
-    engines = EngineRegistry(EngineContext(executor))
+    registry = EngineRegistry(EngineContext(executor), engines)
     ids = IdFactory()
     runner = JobRunner(
         db,
         blobs,
-        engines,
+        registry,
         ids,
         clock,
         executor,
@@ -66,8 +73,8 @@ async def open_service(
         db=db,
         blobs=blobs,
         catalogue=catalogue or default_catalogue(),
-        engines=engines,
-        admission=Admission(engines, Random(), settings.retry_after_seconds),
+        engines=registry,
+        admission=Admission(registry, Random(), settings.retry_after_seconds),
         dispatcher=dispatcher,
         ids=ids,
         clock=clock,
@@ -77,19 +84,24 @@ async def open_service(
         yield service
     finally:
         await dispatcher.close()
-        await engines.close()
+        await registry.close()
         executor.shutdown(wait=True, cancel_futures=True)
         await db.close()
 
 
 def create_app(
-    settings: Settings, *, clock: Clock = utc_now, catalogue: Catalogue | None = None
+    settings: Settings,
+    *,
+    clock: Clock = utc_now,
+    catalogue: Catalogue | None = None,
+    engines: Mapping[str, EngineSource] = BUILTIN,
 ) -> FastAPI:
     """The ASGI app. Its lifespan opens the service and resumes unfinished jobs."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with open_service(settings, clock=clock, catalogue=catalogue) as service:
+        parts = open_service(settings, clock=clock, catalogue=catalogue, engines=engines)
+        async with parts as service:
             app.state.service = service
             abandoned = await service.resume()
             for jobid in abandoned:

@@ -18,8 +18,8 @@ FILES_PATH = "/v1/dreamina/files/"
 class LinkSigner:
     """Makes and checks links of the form `<base>/v1/dreamina/files/<key>?expires=..&signature=..`.
 
-    Links of one key share an expiry within a `ttl / 8` window, so repeated GETs of a job return
-    the same URL (cache friendly) while every link still lives at least 7/8 of `ttl`.
+    Expiry times are rounded up to a multiple of `ttl / 8`, so repeated GETs of a job return the
+    same URL (cache friendly); every link lives at least `ttl` and at most 9/8 of it.
     """
 
     def __init__(

@@ -12,9 +12,9 @@ from dreamserve.storage.blobs import CONTENT_TYPES, content_type
 router = APIRouter(tags=["files"])
 
 
-@router.api_route(
+@router.head("/files/{key:path}", include_in_schema=False)
+@router.get(
     "/files/{key:path}",
-    methods=["GET", "HEAD"],
     response_class=FileResponse,
     responses={200: {"content": {t: {} for t in CONTENT_TYPES.values()}}, **ERRORS},
     summary="Download an image through a signed link",

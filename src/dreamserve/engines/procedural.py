@@ -44,7 +44,7 @@ class ProceduralEngine:
         self, request: GenerationRequest, progress: ProgressCallback, cancel: CancelSignal
     ) -> list[Image.Image]:
         loop = asyncio.get_running_loop()
-        references = await loop.run_in_executor(self._executor, _fit_references, request)
+        references = await loop.run_in_executor(self._executor, fit_reference, request)
         count = request.count
 
         def image(index: int) -> Image.Image:
@@ -90,7 +90,7 @@ def render(
     return result
 
 
-def _fit_references(request: GenerationRequest) -> Array | None:
+def fit_reference(request: GenerationRequest) -> Array | None:
     """The first reference scaled and cropped to the output size, as floats in 0..1."""
     if not request.references:
         return None

@@ -8,7 +8,10 @@ from typing import Any, cast
 
 from dreamserve.engines.base import Engine, EngineContext, EngineFactory
 
-BUILTIN: Mapping[str, str] = {
+# An engine is named by "module:attribute" (imported on first use) or given as its factory.
+EngineSource = str | EngineFactory
+
+BUILTIN: Mapping[str, EngineSource] = {
     "procedural": "dreamserve.engines.procedural:ProceduralEngine",
 }
 
@@ -16,7 +19,9 @@ BUILTIN: Mapping[str, str] = {
 class EngineRegistry:
     """Makes one engine per account and keeps it while the account's settings stay the same."""
 
-    def __init__(self, context: EngineContext, engines: Mapping[str, str] = BUILTIN) -> None:
+    def __init__(
+        self, context: EngineContext, engines: Mapping[str, EngineSource] = BUILTIN
+    ) -> None:
         self.context = context
         self._paths = dict(engines)
         self._instances: dict[tuple[int, int], Engine] = {}
@@ -27,7 +32,10 @@ class EngineRegistry:
         return tuple(self._paths)
 
     def factory(self, name: str) -> EngineFactory:
-        module_name, _, attribute = self._paths[name].partition(":")
+        source = self._paths[name]
+        if not isinstance(source, str):
+            return source
+        module_name, _, attribute = source.partition(":")
         return cast(EngineFactory, getattr(importlib.import_module(module_name), attribute))
 
     def engine(

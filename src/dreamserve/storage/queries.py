@@ -144,7 +144,7 @@ async def recount_slots(conn: AsyncConnection) -> None:
 
 async def slots_taken(conn: AsyncConnection) -> dict[str, int]:
     rows = await conn.execute(select(accounts.c.name, accounts.c.running))
-    return {name: running for name, running in rows.tuples()}
+    return {name: running for name, running in rows}
 
 
 # Jobs
@@ -304,7 +304,7 @@ async def existing_assets(
         assets.c.user_id == user_id,
         assets.c.uri.in_({ref.uri for ref in wanted}),
     )
-    found = {AssetRef(*row) for row in (await conn.execute(query)).tuples()}
+    found = {AssetRef(*row) for row in await conn.execute(query)}
     return wanted & found
 
 

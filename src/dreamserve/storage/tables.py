@@ -31,7 +31,7 @@ metadata = MetaData(
     }
 )
 
-Json = JSON().with_variant(JSONB(), "postgresql")
+Json = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
 
 # Owner 0 marks an account shared by every user (declared by the operator).
 SHARED = 0

@@ -1,0 +1,102 @@
+"""Admission: a job holds a slot from the moment it exists; 429 when none is free."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from support import SMALL, GatedEngine, open_harness, wait_started
+
+from dreamserve.settings import Settings
+
+pytestmark = pytest.mark.anyio
+
+CAP = 10  # LOCAL:procedural's maxJobs
+
+
+@pytest.fixture
+async def gated(settings: Settings):
+    engine = GatedEngine()
+    async with open_harness(settings, engines={"procedural": engine.factory}) as harness:
+        yield harness, engine
+        engine.gate.set()
+
+
+async def test_429_when_every_slot_is_taken_with_retry_after(gated) -> None:
+    harness, _ = gated
+    for _ in range(CAP):
+        assert (await harness.post(SMALL)).status_code == 200
+    reply = await harness.post(SMALL)
+    assert reply.status_code == 429
+    assert reply.json() == {"error": "All accounts at capacity"}
+    assert reply.headers["Retry-After"] == "5"
+    named = await harness.post({**SMALL, "account": "LOCAL:procedural"})
+    assert named.status_code == 429
+    assert named.json() == {"error": "Account LOCAL:procedural at capacity"}
+    assert named.headers["Retry-After"] == "5"
+    assert await harness.slots() == {"LOCAL:procedural": CAP}
+
+
+async def test_max_jobs_lowers_the_cap_of_a_shared_account_for_that_admission(gated) -> None:
+    harness, _ = gated
+    assert (await harness.post({**SMALL, "maxJobs": 2})).status_code == 200
+    assert (await harness.post({**SMALL, "maxJobs": 2})).status_code == 200
+    assert (await harness.post({**SMALL, "maxJobs": 2})).status_code == 429
+    assert (await harness.post({**SMALL, "maxJobs": 3})).status_code == 200
+    assert (await harness.post(SMALL)).status_code == 200  # the account's own cap again
+
+
+async def test_max_jobs_cannot_raise_a_shared_accounts_cap(gated) -> None:
+    harness, _ = gated
+    for _ in range(CAP):
+        assert (await harness.post(SMALL)).status_code == 200
+    reply = await harness.post({**SMALL, "maxJobs": 50})
+    assert reply.status_code == 429
+
+
+async def test_running_jobs_stay_within_the_cap_and_all_slots_return(gated) -> None:
+    harness, engine = gated
+    replies = await asyncio.gather(*(harness.post(SMALL) for _ in range(40)))
+    statuses = sorted(reply.status_code for reply in replies)
+    assert statuses == [200] * CAP + [429] * (40 - CAP)
+    await wait_started(engine, CAP)
+    assert await harness.slots() == {"LOCAL:procedural": CAP}
+    engine.gate.set()
+    for reply in replies:
+        if reply.status_code == 200:
+            record = await harness.wait(reply.json()["jobid"])
+            assert record["status"] == "completed"
+    assert await harness.slots() == {"LOCAL:procedural": 0}
+    assert engine.started == CAP
+
+
+async def test_a_running_job_shows_started_and_progress(gated) -> None:
+    harness, engine = gated
+    jobid = (await harness.post(SMALL)).json()["jobid"]
+    await wait_started(engine, 1)
+    record = (await harness.get(jobid)).json()
+    assert record["status"] == "created"
+    assert record["progress"] == 0
+    assert record["started"] >= record["created"]
+    engine.gate.set()
+    done = await harness.wait(jobid)
+    assert "progress" not in done
+    assert "started" not in done
+
+
+async def test_two_servers_on_one_database_never_over_admit(settings: Settings) -> None:
+    """Two processes' worth of parts (each with its own writer connection) share one SQLite
+    file and submit at once: the conditional UPDATE keeps the sum within the cap."""
+    engine = GatedEngine()
+    async with (
+        open_harness(settings, engines={"procedural": engine.factory}) as first,
+        open_harness(settings, engines={"procedural": engine.factory}) as second,
+    ):
+        replies = await asyncio.gather(*(harness.post(SMALL) for harness in (first, second) * 15))
+        assert [r.status_code for r in replies].count(200) == CAP
+        assert await first.slots() == {"LOCAL:procedural": CAP}
+        engine.gate.set()
+        for reply in replies:
+            if reply.status_code == 200:  # either server reads the shared database
+                assert (await first.wait(reply.json()["jobid"]))["status"] == "completed"
+        assert await second.slots() == {"LOCAL:procedural": 0}

@@ -1,0 +1,62 @@
+"""Restarts lose nothing: unfinished jobs run again (or fail clearly) and no slot leaks."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import select, update
+from support import SMALL, GatedEngine, open_harness, wait_started
+
+from dreamserve.settings import Settings
+from dreamserve.storage.tables import accounts, jobs
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_a_job_interrupted_by_a_stop_runs_again_on_the_next_start(settings: Settings) -> None:
+    engine = GatedEngine()
+    async with open_harness(settings, engines={"procedural": engine.factory}) as harness:
+        token = harness.token
+        jobid = (await harness.post(SMALL)).json()["jobid"]
+        await wait_started(engine, 1)
+    # The server stopped with the job running: it is still `created` and holds its slot.
+    async with open_harness(settings) as harness:
+        assert harness.token != token  # a new token for the same user 1
+        record = await harness.wait(jobid)
+        assert record["status"] == "completed"
+        assert len(record["response"]["images"]) == 1
+        assert await harness.slots() == {"LOCAL:procedural": 0}
+
+
+async def test_a_job_admitted_but_never_started_runs_on_the_next_start(settings: Settings) -> None:
+    async with open_harness(settings) as harness:
+        jobid = (await harness.post(SMALL)).json()["jobid"]
+        async with harness.service.db.write() as conn:  # as if the process died right here
+            await conn.execute(update(jobs).values(status="created", images=None, attempts=0))
+            await conn.execute(update(accounts).values(running=1))
+        await harness.service.dispatcher.close()
+    async with open_harness(settings) as harness:
+        assert (await harness.wait(jobid))["status"] == "completed"
+        assert await harness.slots() == {"LOCAL:procedural": 0}
+
+
+async def test_a_job_interrupted_too_often_fails_with_a_clear_error(settings: Settings) -> None:
+    engine = GatedEngine()
+    async with open_harness(settings, engines={"procedural": engine.factory}) as harness:
+        jobid = (await harness.post(SMALL)).json()["jobid"]
+        await wait_started(engine, 1)
+        async with harness.service.db.write() as conn:
+            await conn.execute(update(jobs).values(attempts=3))
+    async with open_harness(settings) as harness:
+        record = (await harness.get(jobid)).json()
+        assert record["status"] == "failed"
+        assert record["error"] == "Server stopped while the job was running"
+        assert await harness.slots() == {"LOCAL:procedural": 0}
+
+
+async def test_slot_counts_are_repaired_on_start(settings: Settings) -> None:
+    async with open_harness(settings) as harness, harness.service.db.write() as conn:
+        await conn.execute(update(accounts).values(running=7))
+    async with open_harness(settings) as harness:
+        assert await harness.slots() == {"LOCAL:procedural": 0}
+        async with harness.service.db.read() as conn:
+            assert (await conn.execute(select(jobs.c.id))).first() is None

@@ -1,0 +1,159 @@
+"""Test helpers: the in-process harness (app + httpx over ASGI) and a gated engine."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import httpx
+from fastapi import FastAPI
+from PIL import Image
+
+from dreamserve.app import create_app, utc_now
+from dreamserve.catalogue import Model
+from dreamserve.engines.base import CancelSignal, EngineContext, GenerationRequest
+from dreamserve.engines.procedural import ProceduralEngine
+from dreamserve.engines.registry import BUILTIN, EngineSource
+from dreamserve.service import Service
+from dreamserve.settings import Settings
+from dreamserve.storage import queries
+
+# A small, quick job: nano-banana renders 1024x1024 at 1:1.
+SMALL = {"prompt": "a small test picture", "model": "nano-banana", "ratio": "1:1", "count": 1}
+SEED_BODY = {
+    "prompt": "A stunning aurora borealis over a frozen lake at midnight",
+    "model": "seedream-4.0",
+    "ratio": "16:9",
+    "resolution": "2k",
+}
+
+
+@dataclass
+class Harness:
+    app: FastAPI
+    service: Service
+    client: httpx.AsyncClient
+    token: str
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    async def post(self, body: Mapping[str, Any], token: str | None = None) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {token or self.token}"}
+        return await self.client.post("/v1/dreamina/images", json=body, headers=headers)
+
+    async def get(self, jobid: str, token: str | None = None) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {token or self.token}"}
+        return await self.client.get(f"/v1/dreamina/images/{jobid}", headers=headers)
+
+    async def wait(self, jobid: str, seconds: float = 60) -> dict[str, Any]:
+        """Poll until the job is terminal; its record."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            reply = await self.get(jobid)
+            assert reply.status_code == 200, reply.text
+            if reply.json()["status"] != "created":
+                return dict(reply.json())
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"job {jobid} did not finish in {seconds}s")
+
+    async def slots(self) -> dict[str, int]:
+        async with self.service.db.read() as conn:
+            return await queries.slots_taken(conn)
+
+
+@asynccontextmanager
+async def open_harness(
+    settings: Settings,
+    *,
+    clock: Callable[[], datetime] = utc_now,
+    engines: Mapping[str, EngineSource] = BUILTIN,
+) -> AsyncIterator[Harness]:
+    app = create_app(settings, clock=clock, engines=engines)
+    async with app.router.lifespan_context(app):
+        service: Service = app.state.service
+        token = await service.bootstrap() or (await service.create_token(1))[1]
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            yield Harness(app, service, client, token)
+
+
+async def wait_started(engine: GatedEngine, count: int) -> None:
+    """Wait until `count` jobs reached the gated engine."""
+    for _ in range(500):
+        if engine.started >= count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{engine.started} of {count} jobs started")
+
+
+class GatedEngine:
+    """The procedural engine behind a gate: every job waits until the test opens it.
+
+    One instance serves every account (its factory returns itself), so a test can count jobs
+    and open the gate."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.started = 0
+        self.inner: ProceduralEngine | None = None
+
+    def factory(self, settings: Mapping[str, Any], context: EngineContext) -> GatedEngine:
+        self.inner = ProceduralEngine(settings, context)
+        return self
+
+    def serves(self, model: Model) -> bool:
+        return True
+
+    async def generate(
+        self, request: GenerationRequest, progress: Callable[[float], None], cancel: CancelSignal
+    ) -> list[Image.Image]:
+        self.started += 1
+        await self.gate.wait()
+        assert self.inner is not None
+        return await self.inner.generate(request, progress, cancel)
+
+    async def close(self) -> None:
+        return None
+
+
+class FakeClock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, start: datetime | None = None) -> None:
+        self.now = start or utc_now()
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        from datetime import timedelta
+
+        self.now += timedelta(seconds=seconds)
+
+
+class FailingEngine:
+    """An engine that fails every job with the error it was built with."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def factory(self, settings: Mapping[str, Any], context: EngineContext) -> FailingEngine:
+        return self
+
+    def serves(self, model: Model) -> bool:
+        return True
+
+    async def generate(
+        self, request: GenerationRequest, progress: Callable[[float], None], cancel: CancelSignal
+    ) -> list[Image.Image]:
+        raise self.error
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,156 @@
+"""The procedural engine: exact sizes, determinism, variety, progress, cancellation, references."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dreamserve.engines.base import CancelSignal, EngineContext, GenerationRequest
+from dreamserve.engines.procedural import LABEL, ProceduralEngine, fit_reference, render
+from dreamserve.errors import Cancelled
+
+pytestmark = pytest.mark.anyio
+
+AURORA = "A stunning aurora borealis over a frozen lake at midnight"
+
+
+def request(prompt: str = AURORA, **changes: object) -> GenerationRequest:
+    fields: dict[str, object] = {
+        "prompt": prompt,
+        "model": "seedream-4.0",
+        "width": 320,
+        "height": 180,
+        "count": 1,
+    }
+    fields |= changes
+    return GenerationRequest(**fields)  # type: ignore[arg-type]
+
+
+def pixels(req: GenerationRequest, index: int = 0) -> np.ndarray:
+    image = render(req, index, None, lambda _: None, CancelSignal())
+    return np.asarray(image, dtype=np.float32)
+
+
+@pytest.fixture
+def engine() -> ProceduralEngine:
+    return ProceduralEngine({}, EngineContext(ThreadPoolExecutor(2)))
+
+
+@pytest.mark.parametrize(("width", "height"), [(2560, 1440), (6197, 2656)])
+async def test_renders_the_exact_catalogue_size(
+    engine: ProceduralEngine, width: int, height: int
+) -> None:
+    images = await engine.generate(
+        request(width=width, height=height), lambda _: None, CancelSignal()
+    )
+    assert [image.size for image in images] == [(width, height)]
+    assert images[0].mode == "RGB"
+    assert images[0].info["comment"] == LABEL
+
+
+async def test_returns_count_images_each_different(engine: ProceduralEngine) -> None:
+    images = await engine.generate(request(count=4), lambda _: None, CancelSignal())
+    assert len(images) == 4
+    arrays = [np.asarray(image, dtype=np.float32) for image in images]
+    for i in range(4):
+        for j in range(i + 1, 4):
+            assert np.abs(arrays[i] - arrays[j]).mean() > 10
+
+
+def test_deterministic_from_the_request() -> None:
+    assert np.array_equal(pixels(request()), pixels(request()))
+    assert np.array_equal(pixels(request(seed=5), 2), pixels(request(seed=5), 2))
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        request("A red desert canyon under a burning noon sun"),
+        request(seed=1),
+        request(model="nano-banana"),
+    ],
+)
+def test_a_different_prompt_seed_or_model_gives_a_visibly_different_image(
+    other: GenerationRequest,
+) -> None:
+    assert np.abs(pixels(request()) - pixels(other)).mean() > 10
+
+
+def test_never_a_flat_colour() -> None:
+    for prompt in (AURORA, "", "x", "cat", "🌈 unicode prompt"):
+        image = pixels(request(prompt))
+        assert image.std(axis=(0, 1)).min() > 8, prompt
+        assert len(np.unique(image.reshape(-1, 3), axis=0)) > 500, prompt
+
+
+async def test_reports_progress_up_to_done(engine: ProceduralEngine) -> None:
+    seen: list[float] = []
+    await engine.generate(request(width=1664, height=936, count=2), seen.append, CancelSignal())
+    assert max(seen) == pytest.approx(1.0)
+    assert all(0 < fraction <= 1 for fraction in seen)
+    assert len(seen) >= 4  # several stripes per image
+
+
+def test_stops_when_cancelled() -> None:
+    cancel = CancelSignal()
+    cancel.set()
+    with pytest.raises(Cancelled):
+        render(request(), 0, None, lambda _: None, cancel)
+
+
+async def test_a_4k_job_stops_within_a_second_of_cancel(engine: ProceduralEngine) -> None:
+    cancel = CancelSignal()
+    task = asyncio.create_task(
+        engine.generate(request(width=6197, height=2656, count=4), lambda _: None, cancel)
+    )
+    await asyncio.sleep(0.3)
+    started = time.monotonic()
+    cancel.set()
+    with pytest.raises(Cancelled):
+        await task
+    assert time.monotonic() - started < 1.0
+
+
+async def test_cancelling_the_task_frees_the_render_threads(engine: ProceduralEngine) -> None:
+    cancel = CancelSignal()
+    task = asyncio.create_task(
+        engine.generate(request(width=4096, height=4096, count=2), lambda _: None, cancel)
+    )
+    await asyncio.sleep(0.3)  # both executor threads are rendering now
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert cancel.is_set
+    started = time.monotonic()
+    await asyncio.get_running_loop().run_in_executor(engine._executor, lambda: None)
+    assert time.monotonic() - started < 1.0
+
+
+def correlation(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+
+
+def test_references_shape_the_image_by_strength() -> None:
+    gradient = np.linspace(0, 255, 320, dtype=np.float32)
+    reference = np.stack(
+        [
+            np.tile(gradient, (180, 1)),
+            np.tile(gradient[::-1], (180, 1)),
+            np.full((180, 320), 90, np.float32),
+        ],
+        axis=-1,
+    )
+    ref_image = Image.fromarray(reference.astype(np.uint8))
+    results = {}
+    for strength in (0.1, 0.9):
+        req = request(references=(ref_image,), strength=strength)
+        fitted = fit_reference(req)
+        image = render(req, 0, fitted, lambda _: None, CancelSignal())
+        results[strength] = correlation(np.asarray(image, dtype=np.float32), reference)
+    assert results[0.9] > results[0.1] + 0.3
+    assert results[0.9] > 0.9
