@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 from fastapi import FastAPI
 from PIL import Image
+from sqlalchemy import Connection, Executable
 
 from dreamserve.app import create_app, utc_now
 from dreamserve.catalogue import Model
@@ -64,8 +65,16 @@ class Harness:
         raise AssertionError(f"job {jobid} did not finish in {seconds}s")
 
     async def slots(self) -> dict[str, int]:
-        async with self.service.db.read() as conn:
-            return await queries.slots_taken(conn)
+        return await self.service.db.read(queries.slots_taken)
+
+    async def execute(self, *statements: Executable) -> None:
+        """Run SQL statements in one transaction (to set up a state the API cannot reach)."""
+
+        def run(conn: Connection) -> None:
+            for statement in statements:
+                conn.execute(statement)
+
+        await self.service.db.write(run)
 
 
 @asynccontextmanager

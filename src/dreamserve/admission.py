@@ -1,13 +1,13 @@
 """Admission: choosing the account a new job runs on and taking one of its slots.
 
-Called inside the transaction that inserts the job, so a job exists if and only if it holds a slot.
+Runs inside the transaction that inserts the job, so a job exists if and only if it holds a slot.
 """
 
 from __future__ import annotations
 
 from random import Random
 
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy import Connection
 
 from dreamserve.catalogue import Model
 from dreamserve.engines.registry import EngineRegistry
@@ -36,9 +36,9 @@ class Admission:
         )
         return engine.serves(model)
 
-    async def admit(
+    def admit(
         self,
-        conn: AsyncConnection,
+        conn: Connection,
         *,
         user_id: int,
         model: Model,
@@ -46,7 +46,7 @@ class Admission:
         max_jobs: int | None,
     ) -> Account:
         """Take a slot and return its account, or raise the error the client gets."""
-        candidates = await queries.usable_accounts(conn, user_id, account)
+        candidates = queries.usable_accounts(conn, user_id, account)
         if account is not None and not candidates:
             raise AccountNotFound(account)
         serving = [each for each in candidates if self.serves(each, model)]
@@ -63,6 +63,6 @@ class Admission:
         free = [each for each in healthy if each.running < each.cap(max_jobs)]
         self.rng.shuffle(free)
         for each in free:
-            if await queries.take_slot(conn, each.id, each.cap(max_jobs)):
+            if queries.take_slot(conn, each.id, each.cap(max_jobs)):
                 return each
         raise AtCapacity(account, self.retry_after)

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
+from sqlalchemy import Connection
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from dreamserve.admission import Admission
 from dreamserve.catalogue import Catalogue
@@ -77,8 +77,7 @@ class Service:
         cached = self._tokens.get(digest)
         if cached is not None and cached[1] > time.monotonic():
             return cached[0]
-        async with self.db.read() as conn:
-            user_id = await queries.user_of_token(conn, digest)
+        user_id = await self.db.read(lambda conn: queries.user_of_token(conn, digest))
         if user_id is None or user_id != parse_token(token):
             raise Unauthorized
         if len(self._tokens) >= 10_000:
@@ -89,27 +88,33 @@ class Service:
     async def create_token(self, user_id: int | None = None) -> tuple[int, str]:
         """A new token for `user_id`, or for a new user when None. Only its hash is stored."""
         now = millis(self.clock())
-        async with self.db.write() as conn:
+
+        def create(conn: Connection) -> tuple[int, str]:
             if user_id is None:
-                user_id = await queries.insert_user(conn, now)
-            elif not await queries.user_exists(conn, user_id):
+                owner = queries.insert_user(conn, now)
+            elif queries.user_exists(conn, user_id):
+                owner = user_id
+            else:
                 raise NotFound(f"User {user_id} not found")
-            token = new_token(user_id)
-            await queries.insert_token(conn, user_id, _hash(token), now)
-        return user_id, token
+            token = new_token(owner)
+            queries.insert_token(conn, owner, _hash(token), now)
+            return owner, token
+
+        return await self.db.write(create)
 
     async def bootstrap(self) -> str | None:
         """On the first start of an empty database: user 1, its token (returned, never stored in
         clear) and the shared procedural account. None on every later start."""
         now = millis(self.clock())
-        async with self.db.write() as conn:
-            if await queries.count_users(conn):
+
+        def first_start(conn: Connection) -> str | None:
+            if queries.count_users(conn):
                 return None
-            user_id = await queries.insert_user(conn, now)
+            user_id = queries.insert_user(conn, now)
             token = new_token(user_id)
-            await queries.insert_token(conn, user_id, _hash(token), now)
+            queries.insert_token(conn, user_id, _hash(token), now)
             region, _, email = DEFAULT_ACCOUNT.partition(":")
-            await queries.insert_account(
+            queries.insert_account(
                 conn,
                 name=DEFAULT_ACCOUNT,
                 owner=SHARED,
@@ -119,7 +124,9 @@ class Service:
                 max_jobs=10,
                 now=now,
             )
-        return token
+            return token
+
+        return await self.db.write(first_start)
 
     # Images
 
@@ -140,42 +147,41 @@ class Service:
         return record(job, self.blobs.link)
 
     async def _admit(self, user_id: int, submission: ImageSubmission, spec: Spec) -> Job:
-        for attempt in range(3):
+        def admit(conn: Connection) -> Job:
+            self._check_references(conn, user_id, submission.references)
+            account = self.admission.admit(
+                conn,
+                user_id=user_id,
+                model=submission.model,
+                account=submission.account,
+                max_jobs=submission.max_jobs,
+            )
             at = self.clock()
+            job = Job(
+                id=0,
+                jobid=self.ids.jobid("image", user_id, account.name, at),
+                type="image",
+                status=Status.CREATED,
+                model=submission.model.name,
+                account=account.name,
+                user_id=user_id,
+                request=submission.echo,
+                spec=spec,
+                forecast_cost=submission.model.forecast_cost,
+                created_at=millis(at),
+            )
+            return replace(job, id=queries.insert_job(conn, job, account_id=account.id))
+
+        for attempt in range(3):
             try:
-                async with self.db.write() as conn:
-                    await self._check_references(conn, user_id, submission.references)
-                    account = await self.admission.admit(
-                        conn,
-                        user_id=user_id,
-                        model=submission.model,
-                        account=submission.account,
-                        max_jobs=submission.max_jobs,
-                    )
-                    job = Job(
-                        id=0,
-                        jobid=self.ids.jobid("image", user_id, account.name, at),
-                        type="image",
-                        status=Status.CREATED,
-                        model=submission.model.name,
-                        account=account.name,
-                        user_id=user_id,
-                        request=submission.echo,
-                        spec=spec,
-                        forecast_cost=submission.model.forecast_cost,
-                        created_at=millis(at),
-                    )
-                    job_id = await queries.insert_job(conn, job, account_id=account.id)
-                return replace(job, id=job_id)
-            except IntegrityError:  # two processes made the same jobid: make another
+                return await self.db.write(admit)
+            except IntegrityError:  # another process made the same jobid: make another
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
 
-    async def _check_references(
-        self, conn: AsyncConnection, user_id: int, refs: tuple[AssetRef, ...]
-    ) -> None:
-        existing = await queries.existing_assets(conn, user_id, refs)
+    def _check_references(self, conn: Connection, user_id: int, refs: tuple[AssetRef, ...]) -> None:
+        existing = queries.existing_assets(conn, user_id, refs)
         for name, ref in zip(_REF_NAMES, refs, strict=False):
             if ref not in existing:
                 raise InvalidParameter(name, str(ref), "an assetRef of an existing image of yours")
@@ -183,8 +189,7 @@ class Service:
     async def get_job(self, user_id: int, jobid: str) -> dict[str, Any]:
         if "%" in jobid:  # percent-encoded twice on its way here
             jobid = unquote(jobid)
-        async with self.db.read() as conn:
-            job = await queries.job_by_jobid(conn, jobid, user_id)
+        job = await self.db.read(lambda conn: queries.job_by_jobid(conn, jobid, user_id))
         if job is None:
             raise JobNotFound(jobid)
         return record(job, self.blobs.link)
@@ -209,15 +214,15 @@ class Service:
         again, and slot counts are set back to the number of unfinished jobs.
         """
         now = millis(self.clock())
-        async with self.db.write() as conn:
-            abandoned = await queries.fail_exhausted_jobs(
-                conn,
-                self.config.max_attempts,
-                "Server stopped while the job was running",
-                now,
+
+        def recover(conn: Connection) -> tuple[list[str], list[int]]:
+            abandoned = queries.fail_exhausted_jobs(
+                conn, self.config.max_attempts, "Server stopped while the job was running", now
             )
-            await queries.recount_slots(conn)
-            pending = await queries.unfinished_job_ids(conn)
+            queries.recount_slots(conn)
+            return abandoned, queries.unfinished_job_ids(conn)
+
+        abandoned, pending = await self.db.write(recover)
         for job_id in pending:
             await self.dispatcher.dispatch(job_id)
         return abandoned

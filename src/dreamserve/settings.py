@@ -34,6 +34,7 @@ class Settings(BaseSettings):
     token_cache_seconds: float = Field(default=60.0, ge=0)
     progress_interval_seconds: float = Field(default=0.5, gt=0)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    access_log: bool = True
 
     @property
     def base_url(self) -> str:
@@ -47,16 +48,8 @@ class Settings(BaseSettings):
 
     @property
     def database(self) -> str:
-        """The SQLAlchemy URL, with the async driver of the chosen database."""
-        url = self.database_url or f"sqlite:///{self.data_dir / 'dreamserve.db'}"
-        for plain, driver in (
-            ("sqlite://", "sqlite+aiosqlite://"),
-            ("postgresql://", "postgresql+asyncpg://"),
-            ("postgres://", "postgresql+asyncpg://"),
-        ):
-            if url.startswith(plain):
-                return driver + url[len(plain) :]
-        return url
+        """The database URL: `DREAMSERVE_DATABASE_URL`, else a SQLite file in the data dir."""
+        return self.database_url or f"sqlite:///{self.data_dir / 'dreamserve.db'}"
 
     @property
     def threads(self) -> int:

@@ -15,8 +15,10 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 
 from PIL import Image, PngImagePlugin
+from sqlalchemy import Connection
 
 from dreamserve.engines.base import CancelSignal, GenerationRequest
 from dreamserve.engines.registry import EngineRegistry
@@ -58,12 +60,20 @@ class JobRunner:
         self.config = config
 
     async def run(self, job_id: int) -> None:
-        async with self.db.write() as conn:
-            claimed = await queries.claim_job(conn, job_id, millis(self.clock()))
+        now = millis(self.clock())
+
+        def claim(conn: Connection) -> tuple[Job, int | None, Account | None] | None:
+            claimed = queries.claim_job(conn, job_id, now)
             if claimed is None:
-                return
+                return None
             job, account_id = claimed
-            account = await queries.account_by_id(conn, account_id) if account_id else None
+            account = queries.account_by_id(conn, account_id) if account_id else None
+            return job, account_id, account
+
+        claimed = await self.db.write(claim)
+        if claimed is None:
+            return
+        job, account_id, account = claimed
         if account is None:
             await self._finish(job, account_id, Status.FAILED, error="Account no longer exists")
             return
@@ -152,18 +162,20 @@ class JobRunner:
         error: str | None = None,
         details: str | None = None,
     ) -> None:
-        async with self.db.write() as conn:
-            await queries.finish_job(
+        now = millis(self.clock())
+        await self.db.write(
+            lambda conn: queries.finish_job(
                 conn,
                 job,
                 account_id,
                 status=status,
-                now=millis(self.clock()),
+                now=now,
                 images=images or (),
                 description=job.request.get("prompt"),
                 error=error,
                 error_details=details,
             )
+        )
 
     async def _flush_progress(self, job: Job, progress: _Progress) -> None:
         written = 0
@@ -171,8 +183,9 @@ class JobRunner:
             await asyncio.sleep(self.config.progress_interval)
             percent = progress.percent
             if percent != written:
-                async with self.db.write() as conn:
-                    await queries.set_progress(conn, job.id, percent, millis(self.clock()))
+                now = millis(self.clock())
+                update = partial(queries.set_progress, job_id=job.id, progress=percent, now=now)
+                await self.db.write(update)
                 written = percent
 
 

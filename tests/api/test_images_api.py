@@ -186,8 +186,7 @@ async def test_a_named_account_that_does_not_exist_is_404(harness: Harness) -> N
 
 
 async def test_no_account_serving_the_model_is_400(harness: Harness) -> None:
-    async with harness.service.db.write() as conn:
-        await conn.execute(update(accounts).values(models=["seedream-4.0"]))
+    await harness.execute(update(accounts).values(models=["seedream-4.0"]))
     reply = await harness.post(SMALL)
     assert reply.status_code == 400
     assert reply.json() == {"error": "No account serves model nano-banana"}
@@ -198,8 +197,7 @@ async def test_no_account_serving_the_model_is_400(harness: Harness) -> None:
 
 
 async def test_an_account_in_error_is_skipped(harness: Harness) -> None:
-    async with harness.service.db.write() as conn:
-        await conn.execute(update(accounts).values(error="upstream refused the key"))
+    await harness.execute(update(accounts).values(error="upstream refused the key"))
     reply = await harness.post(SMALL)
     assert reply.status_code == 400
     assert reply.json() == {"error": "No account serves model nano-banana"}

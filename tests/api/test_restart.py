@@ -30,9 +30,10 @@ async def test_a_job_interrupted_by_a_stop_runs_again_on_the_next_start(settings
 async def test_a_job_admitted_but_never_started_runs_on_the_next_start(settings: Settings) -> None:
     async with open_harness(settings) as harness:
         jobid = (await harness.post(SMALL)).json()["jobid"]
-        async with harness.service.db.write() as conn:  # as if the process died right here
-            await conn.execute(update(jobs).values(status="created", images=None, attempts=0))
-            await conn.execute(update(accounts).values(running=1))
+        await harness.execute(  # as if the process died right here
+            update(jobs).values(status="created", images=None, attempts=0),
+            update(accounts).values(running=1),
+        )
         await harness.service.dispatcher.close()
     async with open_harness(settings) as harness:
         assert (await harness.wait(jobid))["status"] == "completed"
@@ -44,8 +45,7 @@ async def test_a_job_interrupted_too_often_fails_with_a_clear_error(settings: Se
     async with open_harness(settings, engines={"procedural": engine.factory}) as harness:
         jobid = (await harness.post(SMALL)).json()["jobid"]
         await wait_started(engine, 1)
-        async with harness.service.db.write() as conn:
-            await conn.execute(update(jobs).values(attempts=3))
+        await harness.execute(update(jobs).values(attempts=3))
     async with open_harness(settings) as harness:
         record = (await harness.get(jobid)).json()
         assert record["status"] == "failed"
@@ -54,9 +54,9 @@ async def test_a_job_interrupted_too_often_fails_with_a_clear_error(settings: Se
 
 
 async def test_slot_counts_are_repaired_on_start(settings: Settings) -> None:
-    async with open_harness(settings) as harness, harness.service.db.write() as conn:
-        await conn.execute(update(accounts).values(running=7))
+    async with open_harness(settings) as harness:
+        await harness.execute(update(accounts).values(running=7))
     async with open_harness(settings) as harness:
         assert await harness.slots() == {"LOCAL:procedural": 0}
-        async with harness.service.db.read() as conn:
-            assert (await conn.execute(select(jobs.c.id))).first() is None
+        no_jobs = await harness.service.db.read(lambda c: c.execute(select(jobs.c.id)).first())
+        assert no_jobs is None

@@ -99,16 +99,16 @@ def test_settings_come_from_dreamserve_variables(monkeypatch: pytest.MonkeyPatch
     defaults = Settings()
     assert (defaults.host, defaults.port, defaults.data_dir) == ("127.0.0.1", 8000, Path("data"))
     assert defaults.base_url == "http://127.0.0.1:8000"
-    assert defaults.database == "sqlite+aiosqlite:///data/dreamserve.db"
+    assert defaults.database == "sqlite:///data/dreamserve.db"
     monkeypatch.setenv("DREAMSERVE_HOST", "0.0.0.0")
     monkeypatch.setenv("DREAMSERVE_PORT", "9000")
     monkeypatch.setenv("DREAMSERVE_DATA_DIR", "/srv/dream")
     assert Settings().base_url == "http://127.0.0.1:9000"
-    assert Settings().database == "sqlite+aiosqlite:////srv/dream/dreamserve.db"
+    assert Settings().database == "sqlite:////srv/dream/dreamserve.db"
     monkeypatch.setenv("DREAMSERVE_PUBLIC_URL", "https://images.example.com/")
     monkeypatch.setenv("DREAMSERVE_DATABASE_URL", "postgresql://u@db/dream")
     assert Settings().base_url == "https://images.example.com"
-    assert Settings().database == "postgresql+asyncpg://u@db/dream"
+    assert Settings().database == "postgresql://u@db/dream"
 
 
 def test_openapi_prints_the_document(capsys) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import threading
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -26,6 +27,7 @@ class EngineRegistry:
         self._paths = dict(engines)
         self._instances: dict[tuple[int, int], Engine] = {}
         self._retired: list[Engine] = []
+        self._lock = threading.Lock()  # database threads ask too (admission)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -43,11 +45,12 @@ class EngineRegistry:
     ) -> Engine:
         """The engine of an account; `version` (its update time) tells when to rebuild it."""
         key = (account_id, version)
-        if key not in self._instances:
-            stale = [old for old in self._instances if old[0] == account_id]
-            self._retired.extend(self._instances.pop(old) for old in stale)
-            self._instances[key] = self.factory(name)(settings, self.context)
-        return self._instances[key]
+        with self._lock:
+            if key not in self._instances:
+                stale = [old for old in self._instances if old[0] == account_id]
+                self._retired.extend(self._instances.pop(old) for old in stale)
+                self._instances[key] = self.factory(name)(settings, self.context)
+            return self._instances[key]
 
     async def close(self) -> None:
         engines = [*self._instances.values(), *self._retired]

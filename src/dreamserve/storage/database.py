@@ -1,95 +1,176 @@
-"""Database access: async SQLAlchemy engines for SQLite (the default) or PostgreSQL, and migrations.
+"""Database access: every transaction is a plain function run by `read()` or `write()`.
 
-SQLite gets the classic one-writer, many-readers layout: every write transaction goes through a
-single connection and starts with BEGIN IMMEDIATE, so concurrent writers queue in the pool instead
-of failing with "database is locked"; reads use a small pool of their own and, in WAL mode, never
-wait for a writer. PostgreSQL uses one pool for both.
+Callers write a transaction as a synchronous function of a SQLAlchemy `Connection`, and await it:
+
+    job = await db.write(lambda conn: queries.insert_job(conn, ...))
+
+The backend is chosen by URL, each run where it is fastest (docs/benchmarks.md has the figures):
+
+- SQLite (the default): one connection, used on the event loop thread itself. A point query takes
+  tens of microseconds, less than handing it to a thread and back, and since a transaction never
+  awaits, transactions of one process never interleave. Writes begin IMMEDIATE, so a second
+  process (the CLI) waits for the lock instead of failing. WAL checkpoints (the only step that
+  waits on the disk) run on a background thread instead of inside a request.
+- PostgreSQL: a pool of psycopg connections, each transaction run on a worker thread.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import asyncio
+import sqlite3
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, event
-from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy import Connection, create_engine, event
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.pool import StaticPool
 
-_SQLITE_PRAGMAS = (
-    "PRAGMA journal_mode=WAL",
-    "PRAGMA synchronous=NORMAL",
-    "PRAGMA foreign_keys=ON",
-    "PRAGMA busy_timeout=10000",
-)
+T = TypeVar("T")
+Transaction = Callable[[Connection], T]
 
 
-class Database:
-    """The two entry points every query goes through: `read()` and `write()`."""
+class Database(Protocol):
+    async def read(self, fn: Transaction[T]) -> T:
+        """Run `fn` on a connection for reads; each statement sees the latest committed state."""
 
-    def __init__(self, url: str, *, read_pool: int = 4) -> None:
-        self.url = url
-        self.is_sqlite = make_url(url).get_backend_name() == "sqlite"
-        if self.is_sqlite:
-            _make_parent_dir(url)
-            self._writer = _sqlite_engine(url, pool_size=1, begin="BEGIN IMMEDIATE")
-            self._reader = _sqlite_engine(url, pool_size=read_pool, begin=None)
-        else:
-            self._writer = create_async_engine(url, pool_size=10, max_overflow=10)
-            self._reader = self._writer
-
-    @asynccontextmanager
-    async def write(self) -> AsyncIterator[AsyncConnection]:
-        """A transaction that commits when the block ends and rolls back if it raises."""
-        async with self._writer.begin() as conn:
-            yield conn
-
-    @asynccontextmanager
-    async def read(self) -> AsyncIterator[AsyncConnection]:
-        """A connection for reads; each statement sees the latest committed state."""
-        async with self._reader.connect() as conn:
-            yield conn
+    async def write(self, fn: Transaction[T]) -> T:
+        """Run `fn` in one transaction: committed when it returns, rolled back if it raises."""
 
     async def migrate(self) -> None:
         """Bring the schema to the newest migration (idempotent)."""
-        async with self._writer.begin() as conn:
-            await conn.run_sync(_upgrade)
+
+    async def close(self) -> None: ...
+
+
+def open_database(url: str) -> Database:
+    """The database a URL names: `sqlite:///path` or `postgresql://...`."""
+    backend = make_url(url).get_backend_name()
+    if backend == "sqlite":
+        return SqliteDatabase(url)
+    if backend == "postgresql":
+        return PostgresDatabase(url)
+    raise ValueError(f"unsupported database URL {url!r}: use sqlite:/// or postgresql://")
+
+
+class SqliteDatabase:
+    """One connection on the event loop thread; WAL, with checkpoints on a thread of their own."""
+
+    CHECKPOINT_SECONDS = 1.0
+
+    def __init__(self, url: str) -> None:
+        path = make_url(url).database
+        if not path or path == ":memory:":
+            raise ValueError("the SQLite database must be a file")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._engine = create_engine(url, poolclass=StaticPool)
+        event.listen(self._engine, "connect", _configure_sqlite)
+        self._conn = self._engine.connect()
+        self._stop = threading.Event()
+        self._checkpointer = threading.Thread(
+            target=self._checkpoint_loop, name="dreamserve-checkpoint", daemon=True
+        )
+        self._checkpointer.start()
+
+    async def read(self, fn: Transaction[T]) -> T:
+        try:
+            return fn(self._conn)
+        finally:
+            self._conn.rollback()
+
+    async def write(self, fn: Transaction[T]) -> T:
+        return self._transaction(fn)
+
+    def _transaction(self, fn: Transaction[T]) -> T:
+        conn = self._conn
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        try:
+            result = fn(conn)
+        except BaseException:
+            conn.rollback()
+            raise
+        conn.commit()
+        return result
+
+    async def migrate(self) -> None:
+        self._transaction(_upgrade)
 
     async def close(self) -> None:
-        await self._writer.dispose()
-        if self._reader is not self._writer:
-            await self._reader.dispose()
+        self._stop.set()
+        self._checkpointer.join()
+        self._conn.close()
+        self._engine.dispose()
+        conn = sqlite3.connect(self.path)
+        try:  # leave no WAL behind
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            conn.close()
+
+    def _checkpoint_loop(self) -> None:
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            conn.execute("PRAGMA busy_timeout=1000")
+            while not self._stop.wait(self.CHECKPOINT_SECONDS):
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        finally:
+            conn.close()
 
 
-def _sqlite_engine(url: str, *, pool_size: int, begin: str | None) -> AsyncEngine:
-    engine = create_async_engine(url, pool_size=pool_size, max_overflow=0, pool_timeout=60)
-
-    # The sqlite3 module opens transactions on its own terms; take that over so that writes
-    # begin IMMEDIATE (no lock upgrade deadlocks) and reads run in autocommit.
-    @event.listens_for(engine.sync_engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        for pragma in _SQLITE_PRAGMAS:
-            cursor.execute(pragma)
-        cursor.close()
-
-    @event.listens_for(engine.sync_engine, "begin")
-    def _on_begin(conn: Connection) -> None:
-        if begin:
-            conn.exec_driver_sql(begin)
-
-    return engine
+def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
+    # Take transactions over from the sqlite3 module: reads run in autocommit, writes start
+    # with the explicit BEGIN IMMEDIATE above.
+    dbapi_connection.isolation_level = None
+    for pragma in (
+        "PRAGMA journal_mode=WAL",
+        "PRAGMA synchronous=NORMAL",
+        "PRAGMA foreign_keys=ON",
+        "PRAGMA busy_timeout=5000",
+        "PRAGMA wal_autocheckpoint=0",  # the checkpoint thread does it
+    ):
+        dbapi_connection.execute(pragma)
 
 
-def _make_parent_dir(url: str) -> None:
-    database = make_url(url).database
-    if database and database != ":memory:":
-        Path(database).parent.mkdir(parents=True, exist_ok=True)
+class PostgresDatabase:
+    """A connection pool; each transaction runs on one of as many threads as connections."""
+
+    POOL_SIZE = 10
+
+    def __init__(self, url: str) -> None:
+        driver_url = make_url(url).set(drivername="postgresql+psycopg")
+        self._engine: Engine = create_engine(
+            driver_url, pool_size=self.POOL_SIZE, max_overflow=0, pool_pre_ping=True
+        )
+        self._threads = ThreadPoolExecutor(self.POOL_SIZE, thread_name_prefix="dreamserve-db")
+
+    async def read(self, fn: Transaction[T]) -> T:
+        return await self._run(self._read, fn)
+
+    async def write(self, fn: Transaction[T]) -> T:
+        return await self._run(self._write, fn)
+
+    async def migrate(self) -> None:
+        await self.write(_upgrade)
+
+    async def close(self) -> None:
+        self._threads.shutdown(wait=True)
+        self._engine.dispose()
+
+    async def _run(self, runner: Callable[[Transaction[T]], T], fn: Transaction[T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._threads, runner, fn)
+
+    def _read(self, fn: Transaction[T]) -> T:
+        with self._engine.connect() as conn:
+            return fn(conn)
+
+    def _write(self, fn: Transaction[T]) -> T:
+        with self._engine.begin() as conn:
+            return fn(conn)
 
 
 def _upgrade(connection: Connection) -> None:

@@ -1,7 +1,9 @@
 """Every SQL statement the server runs, as functions over a connection the caller holds.
 
-Callers decide the transaction (`Database.write()` / `read()`), so several statements can commit
-together: a slot taken with the job inserted, a job finished with its slot released.
+Callers decide the transaction (`Database.write` / `read`), so several statements commit together:
+a slot taken with the job inserted, a job finished with its slot released. Statements on the hot
+paths are built once, here, with bound parameters: building a statement costs more than running
+it on SQLite.
 """
 
 from __future__ import annotations
@@ -10,13 +12,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import Connection, bindparam, func, insert, select, update
 from sqlalchemy.engine import RowMapping
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from dreamserve.ids import AssetRef
 from dreamserve.jobs import Job, Spec, Status, StoredImage
 from dreamserve.storage.tables import SHARED, accounts, assets, jobs, tokens, users
+
+CREATED = Status.CREATED.value
 
 
 @dataclass(frozen=True)
@@ -46,40 +49,51 @@ class Account:
 
 # Users and tokens
 
-
-async def count_users(conn: AsyncConnection) -> int:
-    return int((await conn.execute(select(func.count()).select_from(users))).scalar_one())
+_USER_OF_TOKEN = select(tokens.c.user_id).where(tokens.c.token_hash == bindparam("hash"))
 
 
-async def user_exists(conn: AsyncConnection, user_id: int) -> bool:
-    found = await conn.execute(select(users.c.id).where(users.c.id == user_id))
-    return found.first() is not None
+def count_users(conn: Connection) -> int:
+    return int(conn.execute(select(func.count()).select_from(users)).scalar_one())
 
 
-async def insert_user(conn: AsyncConnection, now: int, user_id: int | None = None) -> int:
-    values: dict[str, Any] = {"created_at": now}
-    if user_id is not None:
-        values["id"] = user_id
-    result = await conn.execute(insert(users).values(values).returning(users.c.id))
-    return int(result.scalar_one())
+def user_exists(conn: Connection, user_id: int) -> bool:
+    return conn.execute(select(users.c.id).where(users.c.id == user_id)).first() is not None
 
 
-async def insert_token(conn: AsyncConnection, user_id: int, token_hash: str, now: int) -> None:
-    await conn.execute(
-        insert(tokens).values(user_id=user_id, token_hash=token_hash, created_at=now)
+def insert_user(conn: Connection, now: int) -> int:
+    return int(
+        conn.execute(insert(users).values(created_at=now).returning(users.c.id)).scalar_one()
     )
 
 
-async def user_of_token(conn: AsyncConnection, token_hash: str) -> int | None:
-    query = select(tokens.c.user_id).where(tokens.c.token_hash == token_hash)
-    return (await conn.execute(query)).scalar_one_or_none()
+def insert_token(conn: Connection, user_id: int, token_hash: str, now: int) -> None:
+    conn.execute(insert(tokens).values(user_id=user_id, token_hash=token_hash, created_at=now))
+
+
+def user_of_token(conn: Connection, token_hash: str) -> int | None:
+    user_id: int | None = conn.execute(_USER_OF_TOKEN, {"hash": token_hash}).scalar_one_or_none()
+    return user_id
 
 
 # Accounts and slots
 
+_USABLE_ACCOUNTS = select(accounts).where(accounts.c.owner.in_([SHARED, bindparam("user")]))
+_USABLE_ACCOUNT = _USABLE_ACCOUNTS.where(accounts.c.name == bindparam("name"))
+_ACCOUNT_BY_ID = select(accounts).where(accounts.c.id == bindparam("account"))
+_TAKE_SLOT = (
+    update(accounts)
+    .where(accounts.c.id == bindparam("account"), accounts.c.running < bindparam("cap"))
+    .values(running=accounts.c.running + 1)
+)
+_RELEASE_SLOT = (
+    update(accounts)
+    .where(accounts.c.id == bindparam("account"), accounts.c.running > 0)
+    .values(running=accounts.c.running - 1)
+)
 
-async def insert_account(
-    conn: AsyncConnection,
+
+def insert_account(
+    conn: Connection,
     *,
     name: str,
     owner: int,
@@ -91,7 +105,7 @@ async def insert_account(
     settings: Mapping[str, Any] | None = None,
     models: Sequence[str] | None = None,
 ) -> int:
-    result = await conn.execute(
+    result = conn.execute(
         insert(accounts)
         .values(
             name=name,
@@ -111,103 +125,116 @@ async def insert_account(
     return int(result.scalar_one())
 
 
-async def usable_accounts(
-    conn: AsyncConnection, user_id: int, name: str | None = None
-) -> list[Account]:
+def usable_accounts(conn: Connection, user_id: int, name: str | None = None) -> list[Account]:
     """The user's own accounts and the shared ones, or only those called `name`."""
-    query = select(accounts).where(accounts.c.owner.in_((SHARED, user_id)))
-    if name is not None:
-        query = query.where(accounts.c.name == name)
-    return [_account(row) for row in (await conn.execute(query)).mappings()]
+    if name is None:
+        rows = conn.execute(_USABLE_ACCOUNTS, {"user": user_id})
+    else:
+        rows = conn.execute(_USABLE_ACCOUNT, {"user": user_id, "name": name})
+    return [_account(row) for row in rows.mappings()]
 
 
-async def take_slot(conn: AsyncConnection, account_id: int, cap: int) -> bool:
+def account_by_id(conn: Connection, account_id: int) -> Account | None:
+    row = conn.execute(_ACCOUNT_BY_ID, {"account": account_id}).mappings().first()
+    return None if row is None else _account(row)
+
+
+def take_slot(conn: Connection, account_id: int, cap: int) -> bool:
     """Take one slot if fewer than `cap` are taken: one atomic statement, safe under races."""
-    result = await conn.execute(
-        update(accounts)
-        .where(accounts.c.id == account_id, accounts.c.running < cap)
-        .values(running=accounts.c.running + 1)
-    )
-    return result.rowcount == 1
+    return conn.execute(_TAKE_SLOT, {"account": account_id, "cap": cap}).rowcount == 1
 
 
-async def recount_slots(conn: AsyncConnection) -> None:
+def recount_slots(conn: Connection) -> None:
     """Set every account's taken slots to the number of its unfinished jobs."""
     unfinished = (
         select(func.count())
         .select_from(jobs)
-        .where(jobs.c.account_id == accounts.c.id, jobs.c.status == Status.CREATED.value)
+        .where(jobs.c.account_id == accounts.c.id, jobs.c.status == CREATED)
         .scalar_subquery()
     )
-    await conn.execute(update(accounts).values(running=unfinished))
+    conn.execute(update(accounts).values(running=unfinished))
 
 
-async def slots_taken(conn: AsyncConnection) -> dict[str, int]:
-    rows = await conn.execute(select(accounts.c.name, accounts.c.running))
+def slots_taken(conn: Connection) -> dict[str, int]:
+    rows = conn.execute(select(accounts.c.name, accounts.c.running))
     return {name: running for name, running in rows}
 
 
 # Jobs
 
-
-async def insert_job(conn: AsyncConnection, job: Job, *, account_id: int) -> int:
-    """Insert a new job (its `id` is ignored); the id the database gave it."""
-    result = await conn.execute(
-        insert(jobs)
-        .values(
-            jobid=job.jobid,
-            type=job.type,
-            status=job.status.value,
-            user_id=job.user_id,
-            account_id=account_id,
-            account=job.account,
-            model=job.model,
-            request=dict(job.request),
-            spec=job.spec.to_json(),
-            forecast_cost=job.forecast_cost,
-            attempts=0,
-            created_at=job.created_at,
-        )
-        .returning(jobs.c.id)
+_INSERT_JOB = insert(jobs).returning(jobs.c.id)
+_JOB_BY_JOBID = select(jobs).where(
+    jobs.c.jobid == bindparam("jobid"), jobs.c.user_id == bindparam("user")
+)
+_CLAIM_JOB = (
+    update(jobs)
+    .where(jobs.c.id == bindparam("job"), jobs.c.status == CREATED)
+    .values(
+        started_at=bindparam("now"),
+        updated_at=bindparam("now"),
+        progress=0,
+        attempts=jobs.c.attempts + 1,
     )
-    return int(result.scalar_one())
+    .returning(*jobs.c)
+)
+_SET_PROGRESS = (
+    update(jobs)
+    .where(jobs.c.id == bindparam("job"), jobs.c.status == CREATED)
+    .values(progress=bindparam("new_progress"), updated_at=bindparam("now"))
+)
+_FINISH_JOB = (
+    update(jobs)
+    .where(jobs.c.id == bindparam("job"), jobs.c.status == CREATED)
+    .values(
+        status=bindparam("new_status"),
+        images=bindparam("new_images"),
+        error=bindparam("new_error"),
+        error_details=bindparam("new_error_details"),
+        progress=None,
+        updated_at=bindparam("now"),
+        finished_at=bindparam("now"),
+    )
+)
+_INSERT_ASSET = insert(assets)
 
 
-async def job_by_jobid(conn: AsyncConnection, jobid: str, user_id: int) -> Job | None:
-    query = select(jobs).where(jobs.c.jobid == jobid, jobs.c.user_id == user_id)
-    row = (await conn.execute(query)).mappings().first()
+def insert_job(conn: Connection, job: Job, *, account_id: int) -> int:
+    """Insert a new job (its `id` is ignored); the id the database gave it."""
+    values = {
+        "jobid": job.jobid,
+        "type": job.type,
+        "status": job.status.value,
+        "user_id": job.user_id,
+        "account_id": account_id,
+        "account": job.account,
+        "model": job.model,
+        "request": dict(job.request),
+        "spec": job.spec.to_json(),
+        "forecast_cost": job.forecast_cost,
+        "attempts": 0,
+        "created_at": job.created_at,
+    }
+    return int(conn.execute(_INSERT_JOB, values).scalar_one())
+
+
+def job_by_jobid(conn: Connection, jobid: str, user_id: int) -> Job | None:
+    row = conn.execute(_JOB_BY_JOBID, {"jobid": jobid, "user": user_id}).mappings().first()
     return None if row is None else _job(row)
 
 
-async def claim_job(conn: AsyncConnection, job_id: int, now: int) -> tuple[Job, int] | None:
-    """Mark an unfinished job started (one more attempt); its row and its account id, or None
-    when it is already finished."""
-    result = await conn.execute(
-        update(jobs)
-        .where(jobs.c.id == job_id, jobs.c.status == Status.CREATED.value)
-        .values(started_at=now, updated_at=now, progress=0, attempts=jobs.c.attempts + 1)
-        .returning(*jobs.c)
-    )
-    row = result.mappings().first()
+def claim_job(conn: Connection, job_id: int, now: int) -> tuple[Job, int | None] | None:
+    """Mark an unfinished job started (one more attempt): its row and its account id, or None
+    when it has finished already."""
+    row = conn.execute(_CLAIM_JOB, {"job": job_id, "now": now}).mappings().first()
     return None if row is None else (_job(row), row["account_id"])
 
 
-async def account_by_id(conn: AsyncConnection, account_id: int) -> Account | None:
-    row = (await conn.execute(select(accounts).where(accounts.c.id == account_id))).mappings()
-    first = row.first()
-    return None if first is None else _account(first)
+def set_progress(conn: Connection, job_id: int, progress: int, now: int) -> None:
+    conn.execute(_SET_PROGRESS, {"job": job_id, "new_progress": progress, "now": now})
 
 
-async def set_progress(conn: AsyncConnection, job_id: int, progress: int, now: int) -> None:
-    await conn.execute(
-        update(jobs)
-        .where(jobs.c.id == job_id, jobs.c.status == Status.CREATED.value)
-        .values(progress=progress, updated_at=now)
-    )
-
-
-async def finish_job(
-    conn: AsyncConnection,
+def finish_job(
+    conn: Connection,
     job: Job,
     account_id: int | None,
     *,
@@ -223,30 +250,24 @@ async def finish_job(
     Only the first call for a job does anything (the update is conditional on the job being
     unfinished), so a slot is released exactly once whatever path ends the job.
     """
-    result = await conn.execute(
-        update(jobs)
-        .where(jobs.c.id == job.id, jobs.c.status == Status.CREATED.value)
-        .values(
-            status=status.value,
-            images=[image.to_json() for image in images] if images else None,
-            error=error,
-            error_details=error_details,
-            progress=None,
-            updated_at=now,
-            finished_at=now,
-        )
+    finished = conn.execute(
+        _FINISH_JOB,
+        {
+            "job": job.id,
+            "new_status": status.value,
+            "new_images": [image.to_json() for image in images] if images else None,
+            "new_error": error,
+            "new_error_details": error_details,
+            "now": now,
+        },
     )
-    if result.rowcount != 1:
+    if finished.rowcount != 1:
         return False
     if account_id is not None:
-        await conn.execute(
-            update(accounts)
-            .where(accounts.c.id == account_id, accounts.c.running > 0)
-            .values(running=accounts.c.running - 1)
-        )
+        conn.execute(_RELEASE_SLOT, {"account": account_id})
     if images:
-        await conn.execute(
-            insert(assets),
+        conn.execute(
+            _INSERT_ASSET,
             [
                 {
                     "item_id": image.item_id,
@@ -270,41 +291,34 @@ async def finish_job(
     return True
 
 
-async def fail_exhausted_jobs(
-    conn: AsyncConnection, max_attempts: int, error: str, now: int
-) -> list[str]:
+def fail_exhausted_jobs(conn: Connection, max_attempts: int, error: str, now: int) -> list[str]:
     """Fail the unfinished jobs that were started `max_attempts` times already; their jobids."""
-    result = await conn.execute(
+    result = conn.execute(
         update(jobs)
-        .where(jobs.c.status == Status.CREATED.value, jobs.c.attempts >= max_attempts)
+        .where(jobs.c.status == CREATED, jobs.c.attempts >= max_attempts)
         .values(status=Status.FAILED.value, error=error, updated_at=now, finished_at=now)
         .returning(jobs.c.jobid)
     )
     return list(result.scalars())
 
 
-async def unfinished_job_ids(conn: AsyncConnection) -> list[int]:
-    query = select(jobs.c.id).where(jobs.c.status == Status.CREATED.value).order_by(jobs.c.id)
-    return list((await conn.execute(query)).scalars())
+def unfinished_job_ids(conn: Connection) -> list[int]:
+    query = select(jobs.c.id).where(jobs.c.status == CREATED).order_by(jobs.c.id)
+    return list(conn.execute(query).scalars())
 
 
 # Assets
 
 
-async def existing_assets(
-    conn: AsyncConnection, user_id: int, refs: Iterable[AssetRef]
-) -> set[AssetRef]:
+def existing_assets(conn: Connection, user_id: int, refs: Iterable[AssetRef]) -> set[AssetRef]:
     """Those of `refs` that name an image of this user, with exactly those properties."""
     wanted = set(refs)
     if not wanted:
         return set()
     query = select(
         assets.c.account, assets.c.width, assets.c.height, assets.c.size, assets.c.uri
-    ).where(
-        assets.c.user_id == user_id,
-        assets.c.uri.in_({ref.uri for ref in wanted}),
-    )
-    found = {AssetRef(*row) for row in await conn.execute(query)}
+    ).where(assets.c.user_id == user_id, assets.c.uri.in_({ref.uri for ref in wanted}))
+    found = {AssetRef(*row) for row in conn.execute(query)}
     return wanted & found
 
 
