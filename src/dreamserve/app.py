@@ -17,6 +17,7 @@ from fastapi.openapi.utils import get_openapi
 from dreamserve import __version__
 from dreamserve.admission import Admission
 from dreamserve.api import files, images, models
+from dreamserve.api.deps import BEARER_SCHEME
 from dreamserve.api.errors import install_error_handlers
 from dreamserve.catalogue import Catalogue, default_catalogue
 from dreamserve.dispatch.inprocess import InProcessDispatcher
@@ -27,7 +28,7 @@ from dreamserve.links import LinkSigner
 from dreamserve.service import Service, ServiceConfig
 from dreamserve.settings import Settings
 from dreamserve.storage.blobs import LocalBlobStore
-from dreamserve.storage.database import Database
+from dreamserve.storage.database import open_database
 from dreamserve.storage.keyfile import load_or_create_key
 from dreamserve.worker import JobRunner, RunnerConfig
 
@@ -55,7 +56,7 @@ async def open_service(
     """
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     key = load_or_create_key(settings.data_dir / "secret.key")
-    db = Database(settings.database)
+    db = open_database(settings.database)
     await db.migrate()
     executor = ThreadPoolExecutor(settings.threads, thread_name_prefix="dreamserve-render")
     signer = LinkSigner(key, settings.base_url, settings.link_ttl_seconds, clock)
@@ -136,7 +137,8 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         for path in document["paths"].values():
             for operation in path.values():
                 operation.get("responses", {}).pop("422", None)
-        schemas = document.get("components", {}).get("schemas", {})
+        document.setdefault("components", {})["securitySchemes"] = BEARER_SCHEME
+        schemas = document["components"].get("schemas", {})
         for name in ("HTTPValidationError", "ValidationError"):
             schemas.pop(name, None)
         app.openapi_schema = document

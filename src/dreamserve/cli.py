@@ -12,6 +12,7 @@ import logging
 import shlex
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from dreamserve.app import API_PREFIX, create_app, open_service
 from dreamserve.errors import DreamserveError
@@ -65,13 +66,18 @@ def serve(settings: Settings) -> None:
     token = asyncio.run(_bootstrap(settings))
     if token is not None:
         print(first_start_banner(settings, token), flush=True)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        proxy_headers=False,
-    )
+    uvicorn.run(create_app(settings), **uvicorn_options(settings))
+
+
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """How `serve` runs uvicorn (the benchmarks run their servers the same way)."""
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level,
+        "access_log": settings.access_log,
+        "proxy_headers": False,
+    }
 
 
 def first_start_banner(settings: Settings, token: str) -> str:

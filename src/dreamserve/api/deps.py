@@ -1,32 +1,34 @@
-"""Dependencies every router shares: the service and the authenticated user."""
+"""What every route starts with: the service and the user of the request's token.
+
+A plain function rather than FastAPI dependencies: resolving a dependency tree per request cost
+more than the whole database read of GET /images (docs/benchmarks.md). The routes declare the
+bearer scheme for the OpenAPI document through `SECURED`.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Any
 
-from fastapi import Depends, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi import Request
 
 from dreamserve.service import Service
 
-_bearer = HTTPBearer(auto_error=False, description="`Bearer user:<userId>-<secret>`")
+BEARER_SCHEME = {
+    "bearer": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "`Authorization: Bearer user:<userId>-<secret>`",
+    }
+}
+SECURED: dict[str, Any] = {"security": [{"bearer": []}]}
 
 
-def get_service(request: Request) -> Service:
+def service_of(request: Request) -> Service:
     service: Service = request.app.state.service
     return service
 
 
-ServiceDep = Annotated[Service, Depends(get_service)]
-
-
-async def current_user(
-    request: Request,
-    service: ServiceDep,
-    _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> int:
-    """The user id of the request's token (401 `Unauthorized` without a valid one)."""
-    return await service.authenticate(request.headers.get("authorization"))
-
-
-UserDep = Annotated[int, Depends(current_user)]
+async def authenticate(request: Request) -> tuple[Service, int]:
+    """The service and the user id of the request's token (401 `Unauthorized` without one)."""
+    service = service_of(request)
+    return service, await service.authenticate(request.headers.get("authorization"))

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse
 
-from dreamserve.api.deps import ServiceDep
+from dreamserve.api.deps import service_of
 from dreamserve.api.schemas import ERRORS
 from dreamserve.storage.blobs import CONTENT_TYPES, content_type
 
@@ -21,12 +21,12 @@ router = APIRouter(tags=["files"])
 )
 async def get_file(
     key: str,
-    service: ServiceDep,
+    request: Request,
     expires: str | None = Query(default=None),
     signature: str | None = Query(default=None),
 ) -> FileResponse:
     """The image an `imageUrl` points at. 403 when the link was altered or has expired."""
-    path = service.local_file(key, expires, signature)
+    path = service_of(request).local_file(key, expires, signature)
     return FileResponse(
         path,
         media_type=content_type(key),

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from dreamserve.api.body import read_fields
-from dreamserve.api.deps import ServiceDep, UserDep
+from dreamserve.api.deps import SECURED, authenticate
 from dreamserve.api.schemas import ERRORS, IMAGE_REQUEST_BODY, JobRecord
 
 router = APIRouter(tags=["images"])
@@ -16,12 +16,13 @@ router = APIRouter(tags=["images"])
     "/images",
     response_model=JobRecord,
     responses=ERRORS,
-    openapi_extra={"requestBody": IMAGE_REQUEST_BODY},
+    openapi_extra={"requestBody": IMAGE_REQUEST_BODY, **SECURED},
     summary="Create an image job",
 )
-async def create_image_job(request: Request, user: UserDep, service: ServiceDep) -> JSONResponse:
+async def create_image_job(request: Request) -> JSONResponse:
     """Validate the request, take a slot on an account and start the job; replies at once with
     the job record, status `created`. JSON, multipart/form-data or form-urlencoded."""
+    service, user = await authenticate(request)
     fields = await read_fields(request, request.app.state.max_body_bytes)
     return JSONResponse(await service.submit_image(user, fields))
 
@@ -30,8 +31,10 @@ async def create_image_job(request: Request, user: UserDep, service: ServiceDep)
     "/images/{jobid}",
     response_model=JobRecord,
     responses=ERRORS,
+    openapi_extra=SECURED,
     summary="Get an image job",
 )
-async def get_image_job(jobid: str, user: UserDep, service: ServiceDep) -> JSONResponse:
+async def get_image_job(jobid: str, request: Request) -> JSONResponse:
     """The job record; the job id may be given raw or percent-encoded."""
+    service, user = await authenticate(request)
     return JSONResponse(await service.get_job(user, jobid))

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
-from dreamserve.api.deps import ServiceDep, UserDep
+from dreamserve.api.deps import SECURED, authenticate
 from dreamserve.api.schemas import ERRORS
 
 router = APIRouter(tags=["models"])
 
 
-@router.get("/models", responses=ERRORS, summary="List the model catalogue")
-async def list_models(_user: UserDep, service: ServiceDep) -> dict[str, Any]:
+@router.get("/models", responses=ERRORS, openapi_extra=SECURED, summary="List the model catalogue")
+async def list_models(request: Request) -> dict[str, Any]:
+    service, _ = await authenticate(request)
     return {"models": service.models()}

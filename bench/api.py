@@ -1,0 +1,202 @@
+"""API throughput and latency against a no-op FastAPI baseline, in one run.
+
+Starts two uvicorn servers with the settings `dreamserve serve` uses (bench/serve.py): the real
+app on a fresh SQLite data dir, and a no-op FastAPI app. Eight concurrent clients (aiohttp, one
+keep-alive connection each) then drive, in alternating rounds:
+
+  POST /v1/dreamina/images   (the seed-shaped body on a 64x64 catalogue row, count 1)
+  POST /noop                 (reads the JSON body, answers a small JSON)
+  GET  /v1/dreamina/images/<jobid>   (a completed job of 4 images: 4 signed links)
+  GET  /noop/<jobid>
+
+and prints requests/s, p50/p99 latency and 429s per endpoint, and the ratios the targets are
+set on: submissions >= 50% of the no-op POST rate, GET >= 70% of the no-op GET rate. Servers are
+pinned to CPU 0 and the clients to CPU 1 where the machine has two or more.
+
+    .venv/bin/python bench/api.py [--seconds 8] [--rounds 3] [--clients 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+HERE = Path(__file__).resolve().parent
+BODY = {
+    "prompt": "A stunning aurora borealis over a frozen lake at midnight",
+    "model": "bench-tiny",
+    "ratio": "1:1",
+    "resolution": "1k",
+    "count": 1,
+}
+
+
+@dataclass
+class Result:
+    seconds: float
+    latencies: list[float] = field(default_factory=list)
+    statuses: Counter[int] = field(default_factory=Counter)
+
+    @property
+    def rate(self) -> float:
+        return len(self.latencies) / self.seconds
+
+    def percentile(self, q: float) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+
+class Server:
+    def __init__(self, app: str, data_dir: Path, cpus: set[int] | None) -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.data_dir = data_dir
+        command = [sys.executable, str(HERE / "serve.py"), app, "--port", str(self.port)]
+        self.process = subprocess.Popen(
+            [*command, "--data-dir", str(data_dir)],
+            stdout=subprocess.PIPE,
+            text=True,
+            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
+        )
+        assert self.process.stdout is not None
+        self.token = self.process.stdout.readline().strip()
+        self.url = f"http://127.0.0.1:{self.port}"
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"{app} server did not start")
+
+    def unfinished(self) -> int:
+        with sqlite3.connect(self.data_dir / "dreamserve.db") as db:
+            return int(db.execute("SELECT coalesce(sum(running), 0) FROM accounts").fetchone()[0])
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(30)
+        assert self.process.stdout is not None
+        self.process.stdout.close()
+
+
+async def load(
+    method: str, url: str, clients: int, seconds: float, headers: dict[str, str], body: dict | None
+) -> Result:
+    """`clients` loops, each sending its next request when the last answered."""
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
+        warm_until = time.perf_counter() + 1.0
+        result = Result(seconds)
+
+        async def client(until: float, record: bool) -> None:
+            while (started := time.perf_counter()) < until:
+                async with session.request(method, url, json=body) as reply:
+                    await reply.read()
+                if record:
+                    result.latencies.append(time.perf_counter() - started)
+                    result.statuses[reply.status] += 1
+
+        await asyncio.gather(*(client(warm_until, False) for _ in range(clients)))
+        until = time.perf_counter() + seconds
+        await asyncio.gather(*(client(until, True) for _ in range(clients)))
+        return result
+
+
+async def completed_job(server: Server) -> str:
+    headers = {"Authorization": f"Bearer {server.token}"}
+    async with aiohttp.ClientSession(headers=headers) as session:
+        async with session.post(f"{server.url}/v1/dreamina/images", json={**BODY, "count": 4}) as r:
+            jobid = (await r.json())["jobid"]
+        while True:
+            async with session.get(f"{server.url}/v1/dreamina/images/{jobid}") as reply:
+                if (await reply.json())["status"] == "completed":
+                    return str(jobid)
+            await asyncio.sleep(0.05)
+
+
+async def drain(server: Server) -> None:
+    """Wait for the jobs a POST round left running, so the next round starts quiet."""
+    while server.unfinished():
+        await asyncio.sleep(0.1)
+
+
+async def run(seconds: float, rounds: int, clients: int) -> None:
+    cpus = os.sched_getaffinity(0)
+    server_cpus = {min(cpus)} if len(cpus) >= 2 else None
+    if server_cpus:
+        os.sched_setaffinity(0, cpus - server_cpus)
+    with tempfile.TemporaryDirectory() as scratch:
+        real = Server("dreamserve", Path(scratch) / "dreamserve", server_cpus)
+        noop = Server("noop", Path(scratch) / "noop", server_cpus)
+        try:
+            auth = {"Authorization": f"Bearer {real.token}"}
+            jobid = await completed_job(real)
+            phases = {
+                "POST /noop": ("POST", f"{noop.url}/noop", {}, BODY),
+                "POST /images": ("POST", f"{real.url}/v1/dreamina/images", auth, BODY),
+                "GET /noop/<id>": ("GET", f"{noop.url}/noop/{jobid}", {}, None),
+                "GET /images/<id>": ("GET", f"{real.url}/v1/dreamina/images/{jobid}", auth, None),
+            }
+            results: dict[str, list[Result]] = {name: [] for name in phases}
+            for _ in range(rounds):
+                for name, (method, url, headers, body) in phases.items():
+                    results[name].append(await load(method, url, clients, seconds, headers, body))
+                    await drain(real)
+        finally:
+            real.stop()
+            noop.stop()
+    report(results, seconds, rounds, clients, server_cpus)
+
+
+def report(
+    results: dict[str, list[Result]],
+    seconds: float,
+    rounds: int,
+    clients: int,
+    server_cpus: set[int] | None,
+) -> None:
+    pinning = f"servers on CPU {min(server_cpus)}, clients on the rest" if server_cpus else "no pinning"
+    print(f"{clients} clients, {rounds} rounds of {seconds:g}s per endpoint, {pinning}")
+    print(f"{'endpoint':<18}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}  statuses")
+    rate: dict[str, float] = {}
+    for name, runs in results.items():
+        best = sorted(runs, key=lambda r: r.rate)[len(runs) // 2]  # the median round
+        rate[name] = best.rate
+        statuses = Counter[int]()
+        for one in runs:
+            statuses.update(one.statuses)
+        shown = ", ".join(f"{code}: {count}" for code, count in sorted(statuses.items()))
+        print(f"{name:<18}{best.rate:>9.0f}{best.percentile(0.5):>9.2f}{best.percentile(0.99):>9.2f}  {shown}")
+    post = rate["POST /images"] / rate["POST /noop"]
+    get = rate["GET /images/<id>"] / rate["GET /noop/<id>"]
+    print(f"submissions / no-op POST = {post:.2f} (target >= 0.50)")
+    print(f"GET /images / no-op GET  = {get:.2f} (target >= 0.70)")
+    print(f"median over rounds of the per-round ratio: POST {statistics.median(r.rate for r in results['POST /images']) / statistics.median(r.rate for r in results['POST /noop']):.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--clients", type=int, default=8)
+    args = parser.parse_args()
+    asyncio.run(run(args.seconds, args.rounds, args.clients))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Start one benchmark server: `dreamserve` (the real app) or `noop` (the baseline).
+
+Both run through `dreamserve.cli.uvicorn_options`, the settings `dreamserve serve` uses. The
+dreamserve server gets a catalogue row `bench-tiny` (64x64 images) and a cap of 100000 on its
+account, so that neither rendering nor capacity limits the submission rate; the first line on
+stdout is the API token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy import update
+
+from dreamserve.app import create_app, open_service
+from dreamserve.catalogue import Catalogue, parse_catalogue
+from dreamserve.cli import uvicorn_options
+from dreamserve.settings import Settings
+from dreamserve.storage.tables import accounts
+
+TINY = {
+    "name": "bench-tiny",
+    "resolutions": ["1k"],
+    "sizes": "tiny",
+    "max_refs": 1,
+    "prompt_required": True,
+    "auto_ratio": False,
+}
+
+
+def bench_catalogue() -> Catalogue:
+    return parse_catalogue(
+        {
+            "default_model": "bench-tiny",
+            "ratios": ["1:1"],
+            "sizes": {"tiny": {"1k": {"1:1": "64x64"}}},
+            "models": [TINY],
+        }
+    )
+
+
+def noop_app() -> FastAPI:
+    app = FastAPI()
+
+    @app.post("/noop")
+    async def create(request: Request) -> JSONResponse:
+        body = await request.json()
+        return JSONResponse({"jobid": "noop", "status": "created", "request": body})
+
+    @app.get("/noop/{jobid}")
+    async def read(jobid: str) -> JSONResponse:
+        return JSONResponse({"jobid": jobid, "status": "completed"})
+
+    return app
+
+
+async def prepare(settings: Settings) -> str:
+    async with open_service(settings) as service:
+        token = await service.bootstrap() or (await service.create_token(1))[1]
+        await service.db.write(lambda conn: conn.execute(update(accounts).values(max_jobs=100_000)))
+    return token
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("app", choices=["dreamserve", "noop"])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--data-dir", type=Path, required=True)
+    args = parser.parse_args()
+    settings = Settings(
+        data_dir=args.data_dir, port=args.port, log_level="warning", access_log=False
+    )
+    if args.app == "noop":
+        print("no-token", flush=True)
+        app = noop_app()
+    else:
+        print(asyncio.run(prepare(settings)), flush=True)
+        app = create_app(settings, catalogue=bench_catalogue())
+    uvicorn.run(app, **uvicorn_options(settings))
+
+
+if __name__ == "__main__":
+    main()
