@@ -1,15 +1,21 @@
-"""Start one benchmark server: `dreamserve` (the real app) or `noop` (the baseline).
+"""Start one benchmark server on the settings `dreamserve serve` uses (`uvicorn_options`).
 
-Both run through `dreamserve.cli.uvicorn_options`, the settings `dreamserve serve` uses. The
-dreamserve server gets a catalogue row `bench-tiny` (64x64 images) and a cap of 100000 on its
-account, so that neither rendering nor capacity limits the submission rate; the first line on
-stdout is the API token.
+    python bench/serve.py dreamserve|admission|noop --port P --data-dir D
+
+- `dreamserve`: the real app, with a catalogue row `bench-tiny` (64x64 images) and a cap of
+  100000 on its account, so that neither rendering nor capacity limits submissions; jobs run.
+- `admission`: the same, but jobs are admitted and left `created` (a dispatcher that queues and
+  never runs them): the submission path alone, and GETs that read the database.
+- `noop`: a FastAPI app whose POST parses the JSON body and whose GET answers a constant.
+
+The first line on stdout is an API token (or `no-token`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import uvicorn
@@ -20,17 +26,9 @@ from sqlalchemy import update
 from dreamserve.app import create_app, open_service
 from dreamserve.catalogue import Catalogue, parse_catalogue
 from dreamserve.cli import uvicorn_options
+from dreamserve.dispatch.inprocess import InProcessDispatcher
 from dreamserve.settings import Settings
 from dreamserve.storage.tables import accounts
-
-TINY = {
-    "name": "bench-tiny",
-    "resolutions": ["1k"],
-    "sizes": "tiny",
-    "max_refs": 1,
-    "prompt_required": True,
-    "auto_ratio": False,
-}
 
 
 def bench_catalogue() -> Catalogue:
@@ -39,9 +37,24 @@ def bench_catalogue() -> Catalogue:
             "default_model": "bench-tiny",
             "ratios": ["1:1"],
             "sizes": {"tiny": {"1k": {"1:1": "64x64"}}},
-            "models": [TINY],
+            "models": [
+                {"name": "bench-tiny", "resolutions": ["1k"], "sizes": "tiny", "max_refs": 1}
+            ],
         }
     )
+
+
+class QueueOnlyDispatcher:
+    """Takes admitted jobs and runs none of them."""
+
+    def __init__(self, run: Callable[[int], Awaitable[None]]) -> None:
+        self.queued = 0
+
+    async def dispatch(self, job_id: int) -> None:
+        self.queued += 1
+
+    async def close(self) -> None:
+        return None
 
 
 def noop_app() -> FastAPI:
@@ -62,13 +75,14 @@ def noop_app() -> FastAPI:
 async def prepare(settings: Settings) -> str:
     async with open_service(settings) as service:
         token = await service.bootstrap() or (await service.create_token(1))[1]
-        await service.db.write(lambda conn: conn.execute(update(accounts).values(max_jobs=100_000)))
+        uncapped = update(accounts).values(max_jobs=100_000)
+        await service.db.write(lambda conn: conn.execute(uncapped))
     return token
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("app", choices=["dreamserve", "noop"])
+    parser.add_argument("app", choices=["dreamserve", "admission", "noop"])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--data-dir", type=Path, required=True)
     args = parser.parse_args()
@@ -80,7 +94,8 @@ def main() -> None:
         app = noop_app()
     else:
         print(asyncio.run(prepare(settings)), flush=True)
-        app = create_app(settings, catalogue=bench_catalogue())
+        dispatcher = QueueOnlyDispatcher if args.app == "admission" else InProcessDispatcher
+        app = create_app(settings, catalogue=bench_catalogue(), dispatcher=dispatcher)
     uvicorn.run(app, **uvicorn_options(settings))
 
 

@@ -68,13 +68,16 @@ class Harness:
         return await self.service.db.read(queries.slots_taken)
 
     async def execute(self, *statements: Executable) -> None:
-        """Run SQL statements in one transaction (to set up a state the API cannot reach)."""
+        """Run SQL statements in one transaction (to set up a state the API cannot reach), as
+        another process would: this one learns of account changes when its cache expires, so
+        the cache is dropped here."""
 
         def run(conn: Connection) -> None:
             for statement in statements:
                 conn.execute(statement)
 
         await self.service.db.write(run)
+        self.service.admission.forget()
 
 
 @asynccontextmanager

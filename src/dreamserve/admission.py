@@ -5,6 +5,8 @@ Runs inside the transaction that inserts the job, so a job exists if and only if
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from random import Random
 
 from sqlalchemy import Connection
@@ -18,12 +20,43 @@ from dreamserve.storage.queries import Account
 
 class Admission:
     """Eligible accounts are the user's own and the shared ones that serve the model and are not
-    in error; one with a free slot is chosen at random."""
+    in error; one with a free slot is chosen at random.
 
-    def __init__(self, engines: EngineRegistry, rng: Random, retry_after: int) -> None:
+    Each user's list of accounts is remembered for `cache_seconds`: reading it cost more than
+    the rest of a submission (docs/benchmarks.md). Staleness is safe: the slot is taken by a
+    statement that checks the account's cap and health as they are now, so a stale list can
+    only offer an account that then refuses (deleted, in error, full) or miss a new one for a
+    moment. `forget()` drops the list at once (after this process changes an account).
+    """
+
+    def __init__(
+        self,
+        engines: EngineRegistry,
+        rng: Random,
+        retry_after: int,
+        *,
+        cache_seconds: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.engines = engines
         self.rng = rng
         self.retry_after = retry_after
+        self.cache_seconds = cache_seconds
+        self.clock = clock
+        self._accounts: dict[int, tuple[float, list[Account]]] = {}
+
+    def forget(self) -> None:
+        self._accounts.clear()
+
+    def _usable(self, conn: Connection, user_id: int, name: str | None) -> list[Account]:
+        now = self.clock()
+        cached = self._accounts.get(user_id)
+        if cached is None or cached[0] <= now:
+            cached = (now + self.cache_seconds, queries.usable_accounts(conn, user_id))
+            if len(self._accounts) >= 10_000:
+                self._accounts.clear()
+            self._accounts[user_id] = cached
+        return cached[1] if name is None else [each for each in cached[1] if each.name == name]
 
     def serves(self, account: Account, model: Model) -> bool:
         """Whether an account can run a model: its own list, else all its engine supports."""
@@ -46,7 +79,7 @@ class Admission:
         max_jobs: int | None,
     ) -> Account:
         """Take a slot and return its account, or raise the error the client gets."""
-        candidates = queries.usable_accounts(conn, user_id, account)
+        candidates = self._usable(conn, user_id, account)
         if account is not None and not candidates:
             raise AccountNotFound(account)
         serving = [each for each in candidates if self.serves(each, model)]
@@ -59,10 +92,9 @@ class Admission:
             if account is not None:
                 raise BadRequest(f"Account {account} is in error: {serving[0].error}")
             raise NoAccountForModel(model.name)
-        # Accounts full in this snapshot are skipped; the conditional UPDATE settles races.
-        free = [each for each in healthy if each.running < each.cap(max_jobs)]
-        self.rng.shuffle(free)
-        for each in free:
-            if queries.take_slot(conn, each.id, each.cap(max_jobs)):
+        order = list(healthy)
+        self.rng.shuffle(order)
+        for each in order:
+            if queries.take_slot(conn, each, max_jobs):
                 return each
         raise AtCapacity(account, self.retry_after)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -20,6 +20,7 @@ from dreamserve.api import files, images, models
 from dreamserve.api.deps import BEARER_SCHEME
 from dreamserve.api.errors import install_error_handlers
 from dreamserve.catalogue import Catalogue, default_catalogue
+from dreamserve.dispatch.base import Dispatcher
 from dreamserve.dispatch.inprocess import InProcessDispatcher
 from dreamserve.engines.base import EngineContext
 from dreamserve.engines.registry import BUILTIN, EngineRegistry, EngineSource
@@ -35,6 +36,7 @@ from dreamserve.worker import JobRunner, RunnerConfig
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
+DispatcherFactory = Callable[[Callable[[int], Awaitable[None]]], Dispatcher]
 API_PREFIX = "/v1/dreamina"
 
 
@@ -49,10 +51,11 @@ async def open_service(
     clock: Clock = utc_now,
     catalogue: Catalogue | None = None,
     engines: Mapping[str, EngineSource] = BUILTIN,
+    dispatcher: DispatcherFactory = InProcessDispatcher,
 ) -> AsyncIterator[Service]:
     """Every part of the server wired together, the schema migrated; closed on exit.
 
-    `catalogue` and `engines` replace the built-in ones (benchmarks and tests use this).
+    `catalogue`, `engines` and `dispatcher` replace the built-in ones (benchmarks and tests).
     """
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     key = load_or_create_key(settings.data_dir / "secret.key")
@@ -72,14 +75,19 @@ async def open_service(
         executor,
         RunnerConfig(settings.image_format, settings.progress_interval_seconds),
     )
-    dispatcher = InProcessDispatcher(runner.run)
+    dispatch = dispatcher(runner.run)
     service = Service(
         db=db,
         blobs=blobs,
         catalogue=catalogue or default_catalogue(),
         engines=registry,
-        admission=Admission(registry, Random(), settings.retry_after_seconds),
-        dispatcher=dispatcher,
+        admission=Admission(
+            registry,
+            Random(),
+            settings.retry_after_seconds,
+            cache_seconds=settings.account_cache_seconds,
+        ),
+        dispatcher=dispatch,
         ids=ids,
         clock=clock,
         config=ServiceConfig(token_cache_seconds=settings.token_cache_seconds),
@@ -87,7 +95,7 @@ async def open_service(
     try:
         yield service
     finally:
-        await dispatcher.close()
+        await dispatch.close()
         await registry.close()
         executor.shutdown(wait=True, cancel_futures=True)
         await db.close()
@@ -99,12 +107,15 @@ def create_app(
     clock: Clock = utc_now,
     catalogue: Catalogue | None = None,
     engines: Mapping[str, EngineSource] = BUILTIN,
+    dispatcher: DispatcherFactory = InProcessDispatcher,
 ) -> FastAPI:
     """The ASGI app. Its lifespan opens the service and resumes unfinished jobs."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        parts = open_service(settings, clock=clock, catalogue=catalogue, engines=engines)
+        parts = open_service(
+            settings, clock=clock, catalogue=catalogue, engines=engines, dispatcher=dispatcher
+        )
         async with parts as service:
             app.state.service = service
             abandoned = await service.resume()

@@ -8,6 +8,7 @@ import hmac
 import math
 from collections.abc import Callable
 from datetime import datetime
+from functools import lru_cache
 from urllib.parse import quote
 
 from dreamserve.errors import Forbidden
@@ -29,11 +30,18 @@ class LinkSigner:
         self.base_url = base_url.rstrip("/")
         self.ttl = ttl_seconds
         self.clock = clock
+        # Polling asks for the same links again and again within one expiry window.
+        self._signed = lru_cache(maxsize=8192)(self._link)
 
     def url(self, key: str) -> str:
-        now = self.clock().timestamp()
+        return self._signed(key, self.expiry())
+
+    def expiry(self) -> int:
+        """The expiry time (Unix seconds) of the links made now."""
         step = max(1, self.ttl // 8)
-        expires = math.ceil((now + self.ttl) / step) * step
+        return math.ceil((self.clock().timestamp() + self.ttl) / step) * step
+
+    def _link(self, key: str, expires: int) -> str:
         query = f"expires={expires}&signature={self.sign(key, expires)}"
         return f"{self.base_url}{FILES_PATH}{quote(key)}?{query}"
 

@@ -35,6 +35,8 @@ _REF_NAMES = tuple(f"imageRef_{n}" for n in range(1, 7))
 class ServiceConfig:
     token_cache_seconds: float = 60.0
     max_attempts: int = 3  # starts of one job before a restart gives up on it
+    finished_cache_seconds: float = 60.0  # how long a finished job is served from memory
+    finished_cache_size: int = 10_000
 
 
 class Service:
@@ -61,6 +63,9 @@ class Service:
         self.clock = clock
         self.config = config
         self._tokens: dict[str, tuple[int, float]] = {}
+        # Finished jobs never change and clients poll them: their records are kept in memory,
+        # (user, jobid) -> (until, link expiry, record); a new link window makes a new record.
+        self._finished: dict[tuple[int, str], tuple[float, int, dict[str, Any]]] = {}
 
     # Identity
 
@@ -189,10 +194,21 @@ class Service:
     async def get_job(self, user_id: int, jobid: str) -> dict[str, Any]:
         if "%" in jobid:  # percent-encoded twice on its way here
             jobid = unquote(jobid)
+        key = (user_id, jobid)
+        window = self.blobs.link_expiry()
+        cached = self._finished.get(key)
+        if cached is not None and cached[0] > time.monotonic() and cached[1] == window:
+            return cached[2]
         job = await self.db.read(lambda conn: queries.job_by_jobid(conn, jobid, user_id))
         if job is None:
             raise JobNotFound(jobid)
-        return record(job, self.blobs.link)
+        body = record(job, self.blobs.link)
+        if job.status.is_terminal:
+            if len(self._finished) >= self.config.finished_cache_size:
+                self._finished.clear()
+            until = time.monotonic() + self.config.finished_cache_seconds
+            self._finished[key] = (until, window, body)
+        return body
 
     def local_file(self, key: str, expires: str | None, signature: str | None) -> Path:
         """The file behind a signed link of the local blob store; Forbidden when the link is

@@ -32,6 +32,7 @@ class Settings(BaseSettings):
     render_threads: int = Field(default=0, ge=0)
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     token_cache_seconds: float = Field(default=60.0, ge=0)
+    account_cache_seconds: float = Field(default=2.0, ge=0)
     progress_interval_seconds: float = Field(default=0.5, gt=0)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     access_log: bool = True

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from sqlalchemy import update
 from support import SMALL, GatedEngine, open_harness, wait_started
 
 from dreamserve.settings import Settings
+from dreamserve.storage.tables import accounts
 
 pytestmark = pytest.mark.anyio
 
@@ -100,3 +102,38 @@ async def test_two_servers_on_one_database_never_over_admit(settings: Settings) 
             if reply.status_code == 200:  # either server reads the shared database
                 assert (await first.wait(reply.json()["jobid"]))["status"] == "completed"
         assert await second.slots() == {"LOCAL:procedural": 0}
+
+
+async def raw_update(harness, statement) -> None:
+    """Change the database as another process would, without this one being told."""
+    await harness.service.db.write(lambda conn: conn.execute(statement))
+
+
+async def test_a_lowered_cap_applies_at_once_despite_the_account_cache(gated) -> None:
+    harness, _ = gated
+    assert (await harness.post(SMALL)).status_code == 200  # the account list is cached now
+    await raw_update(harness, update(accounts).values(max_jobs=2))
+    assert (await harness.post(SMALL)).status_code == 200
+    reply = await harness.post(SMALL)
+    assert (reply.status_code, reply.json()) == (429, {"error": "All accounts at capacity"})
+    assert await harness.slots() == {"LOCAL:procedural": 2}
+
+
+async def test_an_account_put_in_error_takes_no_job_despite_the_account_cache(gated) -> None:
+    harness, _ = gated
+    assert (await harness.post(SMALL)).status_code == 200
+    await raw_update(harness, update(accounts).values(error="key revoked"))
+    assert (await harness.post(SMALL)).status_code == 429
+    assert await harness.slots() == {"LOCAL:procedural": 1}
+
+
+async def test_the_account_list_is_read_again_once_the_cache_expires(gated) -> None:
+    harness, _ = gated
+    now = [1000.0]
+    harness.service.admission.clock = lambda: now[0]
+    await harness.execute(update(accounts).values(models=["seedream-4.0"]))
+    assert (await harness.post(SMALL)).json() == {"error": "No account serves model nano-banana"}
+    await raw_update(harness, update(accounts).values(models=None))
+    assert (await harness.post(SMALL)).status_code == 400  # still the cached list
+    now[0] += harness.service.admission.cache_seconds + 0.1
+    assert (await harness.post(SMALL)).status_code == 200

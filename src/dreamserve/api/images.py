@@ -11,6 +11,8 @@ from dreamserve.api.schemas import ERRORS, IMAGE_REQUEST_BODY, JobRecord
 
 router = APIRouter(tags=["images"])
 
+JOBID_PARAMETER = {"name": "jobid", "in": "path", "required": True, "schema": {"type": "string"}}
+
 
 @router.post(
     "/images",
@@ -31,10 +33,10 @@ async def create_image_job(request: Request) -> JSONResponse:
     "/images/{jobid}",
     response_model=JobRecord,
     responses=ERRORS,
-    openapi_extra=SECURED,
+    openapi_extra={"parameters": [JOBID_PARAMETER], **SECURED},
     summary="Get an image job",
 )
-async def get_image_job(jobid: str, request: Request) -> JSONResponse:
+async def get_image_job(request: Request) -> JSONResponse:
     """The job record; the job id may be given raw or percent-encoded."""
-    service, user = await authenticate(request)
-    return JSONResponse(await service.get_job(user, jobid))
+    service, user = await authenticate(request)  # path_params: cheaper than a declared parameter
+    return JSONResponse(await service.get_job(user, request.path_params["jobid"]))

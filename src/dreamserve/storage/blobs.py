@@ -38,6 +38,10 @@ class BlobStore(Protocol):
     def link(self, key: str) -> str:
         """A URL that fetches the blob with a plain GET, without a token, until it expires."""
 
+    def link_expiry(self) -> int:
+        """When the links made now expire (Unix seconds); links made until it changes are the
+        same, so a record holding them can be reused."""
+
 
 class LocalBlobStore:
     """Files under a root directory, served by the API itself through signed, expiring links."""
@@ -62,6 +66,9 @@ class LocalBlobStore:
 
     def link(self, key: str) -> str:
         return self.signer.url(key)
+
+    def link_expiry(self) -> int:
+        return self.signer.expiry()
 
     def open(self, key: str, expires: str | None, signature: str | None) -> Path:
         """The file a signed link points at: Forbidden for a bad or expired link, NotFound when

@@ -89,13 +89,19 @@ class SqliteDatabase:
 
     def _transaction(self, fn: Transaction[T]) -> T:
         conn = self._conn
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        driver = conn.connection.driver_connection
+        assert driver is not None
+        driver.execute("BEGIN IMMEDIATE")  # straight to sqlite3: it is on every write path
         try:
             result = fn(conn)
         except BaseException:
             conn.rollback()
+            if driver.in_transaction:  # fn failed before SQLAlchemy saw a statement
+                driver.rollback()
             raise
         conn.commit()
+        if driver.in_transaction:  # fn ran no statement through SQLAlchemy
+            driver.commit()
         return result
 
     async def migrate(self) -> None:

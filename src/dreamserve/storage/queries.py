@@ -39,13 +39,6 @@ class Account:
     def is_shared(self) -> bool:
         return self.owner == SHARED
 
-    def cap(self, requested: int | None) -> int:
-        """The slot cap of one admission: a request's `maxJobs` replaces the account's, except
-        that on a shared account it can only lower it."""
-        if requested is None:
-            return self.max_jobs
-        return min(requested, self.max_jobs) if self.is_shared else requested
-
 
 # Users and tokens
 
@@ -78,11 +71,26 @@ def user_of_token(conn: Connection, token_hash: str) -> int | None:
 # Accounts and slots
 
 _USABLE_ACCOUNTS = select(accounts).where(accounts.c.owner.in_([SHARED, bindparam("user")]))
-_USABLE_ACCOUNT = _USABLE_ACCOUNTS.where(accounts.c.name == bindparam("name"))
 _ACCOUNT_BY_ID = select(accounts).where(accounts.c.id == bindparam("account"))
-_TAKE_SLOT = (
+# The cap is checked against the row as it is now (not as a caller last saw it), and an account
+# in error takes nothing: admission may work from a slightly stale list of accounts.
+_TAKE_SLOT_WITHIN_MAX = (
     update(accounts)
-    .where(accounts.c.id == bindparam("account"), accounts.c.running < bindparam("cap"))
+    .where(
+        accounts.c.id == bindparam("account"),
+        accounts.c.error.is_(None),
+        accounts.c.running < accounts.c.max_jobs,
+        accounts.c.running < bindparam("cap"),
+    )
+    .values(running=accounts.c.running + 1)
+)
+_TAKE_SLOT_UNDER_CAP = (
+    update(accounts)
+    .where(
+        accounts.c.id == bindparam("account"),
+        accounts.c.error.is_(None),
+        accounts.c.running < bindparam("cap"),
+    )
     .values(running=accounts.c.running + 1)
 )
 _RELEASE_SLOT = (
@@ -125,13 +133,9 @@ def insert_account(
     return int(result.scalar_one())
 
 
-def usable_accounts(conn: Connection, user_id: int, name: str | None = None) -> list[Account]:
-    """The user's own accounts and the shared ones, or only those called `name`."""
-    if name is None:
-        rows = conn.execute(_USABLE_ACCOUNTS, {"user": user_id})
-    else:
-        rows = conn.execute(_USABLE_ACCOUNT, {"user": user_id, "name": name})
-    return [_account(row) for row in rows.mappings()]
+def usable_accounts(conn: Connection, user_id: int) -> list[Account]:
+    """The user's own accounts and the shared ones."""
+    return [_account(row) for row in conn.execute(_USABLE_ACCOUNTS, {"user": user_id}).mappings()]
 
 
 def account_by_id(conn: Connection, account_id: int) -> Account | None:
@@ -139,9 +143,15 @@ def account_by_id(conn: Connection, account_id: int) -> Account | None:
     return None if row is None else _account(row)
 
 
-def take_slot(conn: Connection, account_id: int, cap: int) -> bool:
-    """Take one slot if fewer than `cap` are taken: one atomic statement, safe under races."""
-    return conn.execute(_TAKE_SLOT, {"account": account_id, "cap": cap}).rowcount == 1
+def take_slot(conn: Connection, account: Account, requested: int | None = None) -> bool:
+    """Take one slot of a healthy account if one is free: one atomic statement, safe under
+    races. A request's `maxJobs` (`requested`) replaces the account's cap, except that on a
+    shared account it can only lower it."""
+    if requested is not None and not account.is_shared:
+        statement, cap = _TAKE_SLOT_UNDER_CAP, requested
+    else:
+        statement, cap = _TAKE_SLOT_WITHIN_MAX, requested or 2**31 - 1
+    return conn.execute(statement, {"account": account.id, "cap": cap}).rowcount == 1
 
 
 def recount_slots(conn: Connection) -> None:
