@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -65,7 +66,7 @@ class Service:
         self._tokens: dict[str, tuple[int, float]] = {}
         # Finished jobs never change and clients poll them: their records are kept in memory,
         # (user, jobid) -> (until, link expiry, record); a new link window makes a new record.
-        self._finished: dict[tuple[int, str], tuple[float, int, dict[str, Any]]] = {}
+        self._finished: dict[tuple[int, str], tuple[float, int, Record]] = {}
 
     # Identity
 
@@ -135,7 +136,7 @@ class Service:
 
     # Images
 
-    async def submit_image(self, user_id: int, fields: Mapping[str, Any]) -> dict[str, Any]:
+    async def submit_image(self, user_id: int, fields: Mapping[str, Any]) -> Record:
         """Validate, admit and dispatch an image job; its record, status `created`."""
         submission = parse_image_submission(fields, self.catalogue)
         width, height = submission.size
@@ -149,7 +150,7 @@ class Service:
         )
         job = await self._admit(user_id, submission, spec)
         await self.dispatcher.dispatch(job.id)
-        return record(job, self.blobs.link)
+        return Record(record(job, self.blobs.link))
 
     async def _admit(self, user_id: int, submission: ImageSubmission, spec: Spec) -> Job:
         def admit(conn: Connection) -> Job:
@@ -191,7 +192,8 @@ class Service:
             if ref not in existing:
                 raise InvalidParameter(name, str(ref), "an assetRef of an existing image of yours")
 
-    async def get_job(self, user_id: int, jobid: str) -> dict[str, Any]:
+    async def get_job(self, user_id: int, jobid: str) -> Record:
+        """The job's record; JobNotFound when the user has no such job."""
         if "%" in jobid:  # percent-encoded twice on its way here
             jobid = unquote(jobid)
         key = (user_id, jobid)
@@ -202,7 +204,7 @@ class Service:
         job = await self.db.read(lambda conn: queries.job_by_jobid(conn, jobid, user_id))
         if job is None:
             raise JobNotFound(jobid)
-        body = record(job, self.blobs.link)
+        body = Record(record(job, self.blobs.link))
         if job.status.is_terminal:
             if len(self._finished) >= self.config.finished_cache_size:
                 self._finished.clear()
@@ -242,6 +244,19 @@ class Service:
         for job_id in pending:
             await self.dispatcher.dispatch(job_id)
         return abandoned
+
+
+class Record(dict[str, Any]):
+    """A job record as a dict, and its JSON once asked for (kept: finished records are served
+    again and again). Treat it as read-only."""
+
+    _json: bytes | None = None
+
+    @property
+    def json(self) -> bytes:
+        if self._json is None:
+            self._json = json.dumps(self, ensure_ascii=False, separators=(",", ":")).encode()
+        return self._json
 
 
 def _hash(token: str) -> str:

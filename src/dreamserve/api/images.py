@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 
 from dreamserve.api.body import read_fields
 from dreamserve.api.deps import SECURED, authenticate
@@ -21,12 +21,12 @@ JOBID_PARAMETER = {"name": "jobid", "in": "path", "required": True, "schema": {"
     openapi_extra={"requestBody": IMAGE_REQUEST_BODY, **SECURED},
     summary="Create an image job",
 )
-async def create_image_job(request: Request) -> JSONResponse:
+async def create_image_job(request: Request) -> Response:
     """Validate the request, take a slot on an account and start the job; replies at once with
     the job record, status `created`. JSON, multipart/form-data or form-urlencoded."""
     service, user = await authenticate(request)
     fields = await read_fields(request, request.app.state.max_body_bytes)
-    return JSONResponse(await service.submit_image(user, fields))
+    return _json((await service.submit_image(user, fields)).json)
 
 
 @router.get(
@@ -36,7 +36,11 @@ async def create_image_job(request: Request) -> JSONResponse:
     openapi_extra={"parameters": [JOBID_PARAMETER], **SECURED},
     summary="Get an image job",
 )
-async def get_image_job(request: Request) -> JSONResponse:
+async def get_image_job(request: Request) -> Response:
     """The job record; the job id may be given raw or percent-encoded."""
     service, user = await authenticate(request)  # path_params: cheaper than a declared parameter
-    return JSONResponse(await service.get_job(user, request.path_params["jobid"]))
+    return _json((await service.get_job(user, request.path_params["jobid"])).json)
+
+
+def _json(body: bytes) -> Response:
+    return Response(body, media_type="application/json")
