@@ -121,9 +121,12 @@ async def load(
 
 
 async def unfinished_job(server: Server) -> str:
-    async with aiohttp.ClientSession(headers=server.auth) as session:
-        async with session.post(f"{server.url}/v1/dreamina/images", json=BODY) as reply:
-            return str((await reply.json())["jobid"])
+    url = f"{server.url}/v1/dreamina/images"
+    async with (
+        aiohttp.ClientSession(headers=server.auth) as session,
+        session.post(url, json=BODY) as reply,
+    ):
+        return str((await reply.json())["jobid"])
 
 
 async def completed_job(server: Server) -> str:
@@ -139,8 +142,11 @@ async def completed_job(server: Server) -> str:
 
 async def drain(server: Server) -> None:
     """Wait for the jobs a POST round left running, so the next round starts quiet."""
-    while server.unfinished():
+    for _ in range(3000):  # at most five minutes
+        if not server.unfinished():
+            return
         await asyncio.sleep(0.1)
+    raise RuntimeError("jobs did not drain")
 
 
 async def run(seconds: float, rounds: int, clients: int) -> None:
