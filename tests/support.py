@@ -24,6 +24,23 @@ from dreamserve.service import Service
 from dreamserve.settings import Settings
 from dreamserve.storage import queries
 
+# Every field POST /images knows, and one imageRef_N beyond the six.
+IMAGE_FIELDS = [
+    "prompt",
+    "model",
+    "ratio",
+    "resolution",
+    "imageRef_1",
+    "imageRef_2",
+    "imageRef_7",
+    "imageStrength",
+    "account",
+    "replyUrl",
+    "replyRef",
+    "maxJobs",
+    "seed",
+    "count",
+]
 # A small, quick job: nano-banana renders 1024x1024 at 1:1.
 SMALL = {"prompt": "a small test picture", "model": "nano-banana", "ratio": "1:1", "count": 1}
 SEED_BODY = {
@@ -105,11 +122,21 @@ async def wait_started(engine: GatedEngine, count: int) -> None:
     raise AssertionError(f"{engine.started} of {count} jobs started")
 
 
-class GatedEngine:
-    """The procedural engine behind a gate: every job waits until the test opens it.
+class _SharedEngine:
+    """One instance serves every account (its factory returns itself), so a test can watch it."""
 
-    One instance serves every account (its factory returns itself), so a test can count jobs
-    and open the gate."""
+    def factory(self, settings: Mapping[str, Any], context: EngineContext) -> _SharedEngine:
+        return self
+
+    def serves(self, model: Model) -> bool:
+        return True
+
+    async def close(self) -> None:
+        return None
+
+
+class GatedEngine(_SharedEngine):
+    """The procedural engine behind a gate: every job waits until the test opens it."""
 
     def __init__(self) -> None:
         self.gate = asyncio.Event()
@@ -120,9 +147,6 @@ class GatedEngine:
         self.inner = ProceduralEngine(settings, context)
         return self
 
-    def serves(self, model: Model) -> bool:
-        return True
-
     async def generate(
         self, request: GenerationRequest, progress: Callable[[float], None], cancel: CancelSignal
     ) -> list[Image.Image]:
@@ -130,9 +154,6 @@ class GatedEngine:
         await self.gate.wait()
         assert self.inner is not None
         return await self.inner.generate(request, progress, cancel)
-
-    async def close(self) -> None:
-        return None
 
 
 class FakeClock:
@@ -150,22 +171,13 @@ class FakeClock:
         self.now += timedelta(seconds=seconds)
 
 
-class FailingEngine:
+class FailingEngine(_SharedEngine):
     """An engine that fails every job with the error it was built with."""
 
     def __init__(self, error: Exception) -> None:
         self.error = error
 
-    def factory(self, settings: Mapping[str, Any], context: EngineContext) -> FailingEngine:
-        return self
-
-    def serves(self, model: Model) -> bool:
-        return True
-
     async def generate(
         self, request: GenerationRequest, progress: Callable[[float], None], cancel: CancelSignal
     ) -> list[Image.Image]:
         raise self.error
-
-    async def close(self) -> None:
-        return None

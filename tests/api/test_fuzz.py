@@ -12,26 +12,11 @@ import pytest
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import IMAGE_FIELDS as FIELDS
 from support import GatedEngine, Harness, open_harness
 
 from dreamserve.settings import Settings
 
-FIELDS = [
-    "prompt",
-    "model",
-    "ratio",
-    "resolution",
-    "imageRef_1",
-    "imageRef_2",
-    "imageRef_7",
-    "imageStrength",
-    "account",
-    "replyUrl",
-    "replyRef",
-    "maxJobs",
-    "seed",
-    "count",
-]
 CONTENT_TYPES = [
     "application/json",
     "multipart/form-data",

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from support import IMAGE_FIELDS
 
 from dreamserve.catalogue import default_catalogue
 from dreamserve.errors import BadRequest
@@ -353,24 +354,7 @@ json_values = st.recursive(
     ),
     max_leaves=8,
 )
-field_names = st.sampled_from(
-    [
-        "prompt",
-        "model",
-        "ratio",
-        "resolution",
-        "imageRef_1",
-        "imageRef_2",
-        "imageRef_9",
-        "imageStrength",
-        "account",
-        "replyUrl",
-        "replyRef",
-        "maxJobs",
-        "seed",
-        "count",
-    ]
-) | st.text(max_size=10)
+field_names = st.sampled_from(IMAGE_FIELDS) | st.text(max_size=10)
 
 
 @given(
