@@ -12,11 +12,13 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI
+from hypothesis import strategies as st
 from PIL import Image
 from sqlalchemy import Connection, Executable
 
-from dreamserve.app import create_app, utc_now
+from dreamserve.app import DispatcherFactory, create_app, utc_now
 from dreamserve.catalogue import Model
+from dreamserve.dispatch.inprocess import InProcessDispatcher
 from dreamserve.engines.base import CancelSignal, EngineContext, GenerationRequest
 from dreamserve.engines.procedural import ProceduralEngine
 from dreamserve.engines.registry import BUILTIN, EngineSource
@@ -41,6 +43,15 @@ IMAGE_FIELDS = [
     "seed",
     "count",
 ]
+# assetRefs of every shape: zero, huge and non-ASCII sizes, other accounts, odd keys.
+ASSET_REFS = st.builds(
+    "{}-image:w{}:h{}:s{}-uri:{}".format,
+    st.sampled_from(["LOCAL:procedural", "US:a@b.c", "nocolon", ""]),
+    st.integers(0, 10**7) | st.text(max_size=8) | st.just("9" * 5000),
+    st.integers(0, 10**7) | st.sampled_from(["\u0663", "x"]),
+    st.integers(0, 10**13),
+    st.sampled_from(["images/a.jpg", "", "../x", "a b"]) | st.text(max_size=12),
+)
 # A small, quick job: nano-banana renders 1024x1024 at 1:1.
 SMALL = {"prompt": "a small test picture", "model": "nano-banana", "ratio": "1:1", "count": 1}
 SEED_BODY = {
@@ -103,8 +114,10 @@ async def open_harness(
     *,
     clock: Callable[[], datetime] = utc_now,
     engines: Mapping[str, EngineSource] = BUILTIN,
+    dispatcher: DispatcherFactory = InProcessDispatcher,
+    resume: bool = True,
 ) -> AsyncIterator[Harness]:
-    app = create_app(settings, clock=clock, engines=engines)
+    app = create_app(settings, clock=clock, engines=engines, dispatcher=dispatcher, resume=resume)
     async with app.router.lifespan_context(app):
         service: Service = app.state.service
         token = await service.bootstrap() or (await service.create_token(1))[1]

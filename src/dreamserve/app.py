@@ -108,8 +108,11 @@ def create_app(
     catalogue: Catalogue | None = None,
     engines: Mapping[str, EngineSource] = BUILTIN,
     dispatcher: DispatcherFactory = InProcessDispatcher,
+    resume: bool = True,
 ) -> FastAPI:
-    """The ASGI app. Its lifespan opens the service and resumes unfinished jobs."""
+    """The ASGI app. Its lifespan opens the service and, with `resume`, takes the runner lock
+    and resumes unfinished jobs (without it, as a second API process in tests, the app runs
+    only the jobs it admits)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -118,8 +121,7 @@ def create_app(
         )
         async with parts as service:
             app.state.service = service
-            abandoned = await service.resume()
-            for jobid in abandoned:
+            for jobid in await service.resume() if resume else ():
                 log.warning("job %s failed: the server stopped while it ran too often", jobid)
             yield
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from dreamserve.app import API_PREFIX, create_app, open_service
 from dreamserve.errors import DreamserveError
+from dreamserve.service import AnotherRunner
 from dreamserve.settings import Settings
 
 SEED_REQUEST = {
@@ -43,6 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # it narrates every start
     try:
         if args.command == "serve":
             serve(settings)
@@ -56,6 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(token)
     except DreamserveError as error:
         print(f"dreamserve: {error.message}", file=sys.stderr)
+        return 1
+    except AnotherRunner as error:
+        print(f"dreamserve: {error}", file=sys.stderr)
         return 1
     return 0
 
@@ -104,6 +109,8 @@ async def _migrate(settings: Settings) -> None:
 
 async def _bootstrap(settings: Settings) -> str | None:
     async with open_service(settings) as service:
+        if not await service.db.lock_runner():  # say so before uvicorn starts
+            raise AnotherRunner
         return await service.bootstrap()
 
 

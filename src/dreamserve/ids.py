@@ -16,11 +16,15 @@ from typing import Literal
 JobType = Literal["image", "upscale"]
 TYPE_LETTERS: dict[JobType, str] = {"image": "i", "upscale": "I"}
 
-_JOBID = re.compile(r"j(\d{10})(\d{3})(\d{6})([iI])-u(\d+)-(.+)-bot:dreamina")
-_ACCOUNT = re.compile(r"[A-Za-z0-9_]{1,32}:[^\s/?#%\\]{1,200}")
-_ASSET_REF = re.compile(r"(.+)-image:w(\d+):h(\d+):s(\d+)-uri:([A-Za-z0-9._/-]+)")
-_ASSET_ID = re.compile(r"(.+):(\d{19})")
-_TOKEN = re.compile(r"user:(\d{1,18})-([A-Za-z0-9_-]{20,200})")
+# ASCII: `\d` would match any Unicode digit, `\s` any Unicode space.
+_JOBID = re.compile(r"j(\d{10})(\d{3})(\d{6})([iI])-u(\d{1,18})-(.+)-bot:dreamina", re.ASCII)
+_ACCOUNT = re.compile(r"[A-Za-z0-9_]{1,32}:[^\s/?#%\\\x00-\x1f\x7f]{1,200}", re.ASCII)
+# Sizes as images can have them: sides from 1 to 999999 pixels, at most 12 digits of bytes.
+_ASSET_REF = re.compile(
+    r"(.+)-image:w([1-9]\d{0,5}):h([1-9]\d{0,5}):s(\d{1,12})-uri:([A-Za-z0-9._/-]{1,512})", re.ASCII
+)
+_ASSET_ID = re.compile(r"(.+):(\d{19})", re.ASCII)
+_TOKEN = re.compile(r"user:(\d{1,18})-([A-Za-z0-9_-]{20,200})", re.ASCII)
 
 
 @dataclass(frozen=True)

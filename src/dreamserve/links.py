@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 import math
+import re
 from collections.abc import Callable
 from datetime import datetime
 from functools import lru_cache
@@ -14,6 +15,7 @@ from urllib.parse import quote
 from dreamserve.errors import Forbidden
 
 FILES_PATH = "/v1/dreamina/files/"
+_EXPIRES = re.compile(r"[0-9]{1,12}")
 
 
 class LinkSigner:
@@ -51,7 +53,12 @@ class LinkSigner:
 
     def verify(self, key: str, expires: str | None, signature: str | None) -> None:
         """Raise Forbidden unless the link is untampered and unexpired."""
-        if not expires or not signature or not expires.isdigit():
+        if (
+            not expires
+            or not signature
+            or not _EXPIRES.fullmatch(expires)
+            or not signature.isascii()
+        ):
             raise Forbidden("Invalid link signature")
         if not hmac.compare_digest(self.sign(key, int(expires)), signature):
             raise Forbidden("Invalid link signature")

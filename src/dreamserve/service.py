@@ -20,7 +20,7 @@ from dreamserve.catalogue import Catalogue
 from dreamserve.dispatch.base import Dispatcher
 from dreamserve.engines.registry import EngineRegistry
 from dreamserve.errors import InvalidParameter, JobNotFound, NotFound, Unauthorized
-from dreamserve.ids import AssetRef, IdFactory, new_token, parse_token
+from dreamserve.ids import AssetRef, IdFactory, new_token, parse_jobid, parse_token
 from dreamserve.jobs import Job, Spec, Status, millis, record
 from dreamserve.storage import queries
 from dreamserve.storage.blobs import BlobStore, LocalBlobStore
@@ -196,6 +196,8 @@ class Service:
         """The job's record; JobNotFound when the user has no such job."""
         if "%" in jobid:  # percent-encoded twice on its way here
             jobid = unquote(jobid)
+        if parse_jobid(jobid) is None:  # no query for what cannot be a job id
+            raise JobNotFound(jobid)
         key = (user_id, jobid)
         window = self.blobs.link_expiry()
         cached = self._finished.get(key)
@@ -225,12 +227,15 @@ class Service:
     # Lifecycle
 
     async def resume(self) -> list[str]:
-        """Pick up the jobs an earlier process left unfinished; the jobids given up on.
+        """Become the process that runs this database's jobs and pick up those an earlier one
+        left unfinished; the jobids given up on. AnotherRunner when a server already runs them.
 
-        Embedded mode: this process is the only runner, so every unfinished job is orphaned and
-        every taken slot belongs to one. Jobs started `max_attempts` times fail; the others run
-        again, and slot counts are set back to the number of unfinished jobs.
+        With the runner lock held, every unfinished job is an orphan and every taken slot
+        belongs to one. Jobs started `max_attempts` times fail; the others run again, and slot
+        counts are set back to the number of unfinished jobs.
         """
+        if not await self.db.lock_runner():
+            raise AnotherRunner
         now = millis(self.clock())
 
         def recover(conn: Connection) -> tuple[list[str], list[int]]:
@@ -238,7 +243,7 @@ class Service:
                 conn, self.config.max_attempts, "Server stopped while the job was running", now
             )
             queries.recount_slots(conn)
-            return abandoned, queries.unfinished_job_ids(conn)
+            return abandoned, queries.release_unfinished_jobs(conn)
 
         abandoned, pending = await self.db.write(recover)
         for job_id in pending:
@@ -257,6 +262,14 @@ class Record(dict[str, Any]):
         if self._json is None:
             self._json = json.dumps(self, ensure_ascii=False, separators=(",", ":")).encode()
         return self._json
+
+
+class AnotherRunner(RuntimeError):
+    def __init__(self) -> None:
+        super().__init__(
+            "Another dreamserve server runs the jobs of this database: run one server per "
+            "data directory (or database)"
+        )
 
 
 def _hash(token: str) -> str:

@@ -120,3 +120,17 @@ async def test_a_signed_key_that_leaves_the_store_is_404(harness: Harness) -> No
     reply = await harness.client.get(url)
     assert reply.status_code == 404
     assert reply.json() == {"error": "File not found"}
+
+
+@pytest.mark.parametrize(
+    ("expires", "signature"),
+    [("²", "x" * 43), ("9" * 4400, "x" * 43), ("4000000000", "é" * 43), ("-1", "x"), ("", "")],
+)
+async def test_malformed_link_parameters_are_403(
+    harness: Harness, expires: str, signature: str
+) -> None:
+    image = await first_image(harness)
+    url = f"/v1/dreamina/files/{image['imageUri']}"
+    reply = await harness.client.get(url, params={"expires": expires, "signature": signature})
+    assert reply.status_code == 403
+    assert reply.json() == {"error": "Invalid link signature"}

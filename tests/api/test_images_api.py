@@ -365,3 +365,63 @@ async def test_models_lists_the_catalogue(harness: Harness) -> None:
     ]  # fmt: skip
     assert models[2]["sizes"]["2k"]["16:9"] == "2560x1440"
     assert (await harness.client.get("/v1/dreamina/models")).status_code == 401
+
+
+# Input that once reached a 500
+
+
+@pytest.mark.parametrize(
+    "ref",
+    [
+        "LOCAL:procedural-image:w0:h0:s1-uri:images/a.jpg",
+        "LOCAL:procedural-image:w0:h5:s1-uri:images/a.jpg",
+        "LOCAL:procedural-image:w" + "9" * 400 + ":h5:s1-uri:images/a.jpg",
+        "LOCAL:procedural-image:w" + "9" * 5000 + ":h5:s1-uri:images/a.jpg",
+        "LOCAL:procedural-image:w\u0661\u0662:h5:s1-uri:images/a.jpg",  # Arabic-Indic digits
+    ],
+)
+async def test_asset_refs_with_impossible_sizes_are_400(harness: Harness, ref: str) -> None:
+    reply = await harness.post({"prompt": "x", "imageRef_1": ref})  # ratio auto: uses the size
+    assert reply.status_code == 400
+    shown = ref if len(ref) <= 100 else ref[:99] + "…"
+    assert reply.json() == {
+        "error": f"Parameter imageRef_1 ({shown}) valid values: an assetRef from POST /assets "
+        "or from a completed job's images"
+    }
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"prompt": "half a pair \\ud800"}',
+        b'{"prompt": "nul \\u0000 inside"}',
+        b'{"prompt": "x", "replyRef": "\\u0000"}',
+        b'{"prompt": "x", "\\udfff": 1}',
+        b'{"prompt": "x", "seed": ["\\ud800"]}',
+    ],
+)
+async def test_text_that_cannot_be_stored_is_400(harness: Harness, body: bytes) -> None:
+    headers = {**harness.auth, "Content-Type": "application/json"}
+    reply = await harness.client.post("/v1/dreamina/images", content=body, headers=headers)
+    assert reply.status_code == 400
+    assert reply.json() == {
+        "error": "Request body has text with NUL or unpaired surrogate characters"
+    }
+    assert await harness.slots() == {"LOCAL:procedural": 0}
+
+
+async def test_a_nul_in_a_form_field_is_400(harness: Harness) -> None:
+    reply = await harness.client.post(
+        "/v1/dreamina/images", data={"prompt": "a\x00b"}, headers=harness.auth
+    )
+    assert reply.status_code == 400
+    assert reply.json() == {
+        "error": "Request body has text with NUL or unpaired surrogate characters"
+    }
+
+
+@pytest.mark.parametrize("jobid", ["ab%00cd", "%ud800", "j" * 500, "nonsense"])
+async def test_a_path_that_is_no_jobid_is_404_without_a_query(harness: Harness, jobid: str) -> None:
+    reply = await harness.get(jobid)
+    assert reply.status_code == 404
+    assert reply.json()["error"].startswith("Job ")

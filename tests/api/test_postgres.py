@@ -59,7 +59,7 @@ async def test_concurrent_submissions_never_over_admit_on_postgresql(pg_settings
     engine = GatedEngine()
     async with (
         open_harness(pg_settings, engines={"procedural": engine.factory}) as first,
-        open_harness(pg_settings, engines={"procedural": engine.factory}) as second,
+        open_harness(pg_settings, engines={"procedural": engine.factory}, resume=False) as second,
     ):
         replies = await asyncio.gather(*(h.post(SMALL) for h in (first, second) * 30))
         statuses = [reply.status_code for reply in replies]

@@ -6,6 +6,7 @@ import pytest
 from sqlalchemy import select, update
 from support import SMALL, GatedEngine, open_harness, wait_started
 
+from dreamserve.service import AnotherRunner
 from dreamserve.settings import Settings
 from dreamserve.storage.tables import accounts, jobs
 
@@ -27,17 +28,49 @@ async def test_a_job_interrupted_by_a_stop_runs_again_on_the_next_start(settings
         assert await harness.slots() == {"LOCAL:procedural": 0}
 
 
+class NeverRun:
+    """A dispatcher that takes jobs and runs none: the process 'dies' right after admission."""
+
+    def __init__(self, run: object) -> None:
+        return None
+
+    async def dispatch(self, job_id: int) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
 async def test_a_job_admitted_but_never_started_runs_on_the_next_start(settings: Settings) -> None:
-    async with open_harness(settings) as harness:
+    async with open_harness(settings, dispatcher=NeverRun) as harness:
         jobid = (await harness.post(SMALL)).json()["jobid"]
-        await harness.execute(  # as if the process died right here
-            update(jobs).values(status="created", images=None, attempts=0),
-            update(accounts).values(running=1),
-        )
-        await harness.service.dispatcher.close()
+        record = (await harness.get(jobid)).json()
+        assert (record["status"], "started" in record) == ("created", False)
+        assert await harness.slots() == {"LOCAL:procedural": 1}
     async with open_harness(settings) as harness:
         assert (await harness.wait(jobid))["status"] == "completed"
         assert await harness.slots() == {"LOCAL:procedural": 0}
+
+
+async def test_a_second_server_on_the_same_data_dir_is_refused(settings: Settings) -> None:
+    async with open_harness(settings):
+        with pytest.raises(AnotherRunner, match="run one server per data directory"):
+            async with open_harness(settings):
+                pass
+    async with open_harness(settings) as harness:  # the lock went with the first server
+        assert (await harness.post(SMALL)).status_code == 200
+
+
+async def test_a_running_job_is_not_run_twice_when_dispatched_again(settings: Settings) -> None:
+    engine = GatedEngine()
+    async with open_harness(settings, engines={"procedural": engine.factory}) as harness:
+        jobid = (await harness.post(SMALL)).json()["jobid"]
+        await wait_started(engine, 1)
+        job = await harness.service.db.read(lambda c: c.execute(select(jobs.c.id)).scalar_one())
+        await harness.service.dispatcher.dispatch(job)  # a duplicate delivery
+        engine.gate.set()
+        assert (await harness.wait(jobid))["status"] == "completed"
+        assert engine.started == 1
 
 
 async def test_a_job_interrupted_too_often_fails_with_a_clear_error(settings: Settings) -> None:

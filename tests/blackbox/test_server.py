@@ -173,3 +173,22 @@ def test_jobs_survive_a_kill(server: Server, data_dir: Path) -> None:
         again.stop()
     with sqlite3.connect(database) as connection:
         assert connection.execute("SELECT running FROM accounts").fetchone() == (0,)
+
+
+def test_a_second_server_on_the_same_data_dir_stops_at_once(server: Server, data_dir: Path) -> None:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("DREAMSERVE_")}
+    env |= {"DREAMSERVE_DATA_DIR": str(data_dir), "DREAMSERVE_PORT": str(free_port())}
+    second = subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "dreamserve"), "serve"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert second.returncode == 1
+    assert second.stderr.strip() == (
+        "dreamserve: Another dreamserve server runs the jobs of this database: run one server "
+        "per data directory (or database)"
+    )
+    with httpx.Client(base_url=server.url, timeout=30) as client:  # the first one is unharmed
+        assert client.get("/v1/dreamina/images/x").status_code == 401

@@ -79,7 +79,7 @@ def test_asset_ref_round_trips(account: str, width: int, height: int, size: int,
     assert parse_asset_ref(text) == ref
 
 
-@given(account=accounts, item=st.from_regex(r"\d{19}", fullmatch=True))
+@given(account=accounts, item=st.from_regex(r"[0-9]{19}", fullmatch=True))
 def test_asset_id_round_trips(account: str, item: str) -> None:
     assert parse_asset_id(asset_id(account, item)) == (account, item)
 
@@ -111,3 +111,20 @@ def test_tokens() -> None:
 
 def test_timestamps_are_iso_utc_with_milliseconds_and_z() -> None:
     assert iso(AT) == "2026-03-02T14:05:30.123Z"
+
+
+def test_asset_ref_sizes_are_bounded() -> None:
+    ref = "US:a-image:w{w}:h{h}:s{s}-uri:a.jpg"
+    assert parse_asset_ref(ref.format(w=999999, h=1, s=10**12 - 1)) is not None
+    arabic_three = "\u0663"
+    bad = [(0, 5, 1), (5, 0, 1), (10**6, 5, 1), (5, 5, 10**12), (arabic_three, 5, 1), ("01", 5, 1)]
+    for w, h, s in bad:
+        assert parse_asset_ref(ref.format(w=w, h=h, s=s)) is None, (w, h, s)
+
+
+def test_ids_take_ascii_digits_only() -> None:
+    arabic = "".join(chr(0x0660 + n) for n in range(10))  # the Arabic-Indic digits 0 to 9
+    assert parse_token(f"user:{arabic[1]}-" + "a" * 30) is None
+    assert parse_asset_id("US:a:" + arabic[0] * 19) is None
+    assert parse_jobid(f"j{(arabic * 2)[:19]}i-u1-US:a-bot:dreamina") is None
+    assert parse_jobid("j" + "0" * 19 + "i-u1-US:a-bot:dreamina") is not None

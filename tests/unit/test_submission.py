@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from support import IMAGE_FIELDS
+from support import ASSET_REFS, IMAGE_FIELDS
 
 from dreamserve.catalogue import default_catalogue
 from dreamserve.errors import BadRequest
@@ -358,14 +358,34 @@ field_names = st.sampled_from(IMAGE_FIELDS) | st.text(max_size=10)
 
 
 @given(
-    st.dictionaries(field_names, json_values | st.sampled_from([REF_A, "1:1", "2k", "nano-banana"]))
+    st.dictionaries(
+        field_names,
+        json_values | ASSET_REFS | st.sampled_from([REF_A, "1:1", "2k", "nano-banana"]),
+    )
 )
 def test_any_fields_give_a_submission_or_a_400(fields: dict[str, Any]) -> None:
     try:
-        parse_image_submission(fields, CATALOGUE)
+        submission = parse_image_submission(fields, CATALOGUE)
     except BadRequest as error:
         refusal = error
     else:
+        width, height = submission.size  # what admission computes next must work too
+        assert width > 0
+        assert height > 0
         return
     assert refusal.status == 400
     assert refusal.message.startswith("Parameter ")
+
+
+@given(ref=ASSET_REFS, model=st.sampled_from(CATALOGUE.names))
+def test_any_reference_gives_a_sized_submission_or_a_400(ref: str, model: str) -> None:
+    try:
+        submission = parse_image_submission(
+            {"prompt": "x", "model": model, "imageRef_1": ref}, CATALOGUE
+        )
+    except BadRequest as error:
+        assert error.message.startswith("Parameter imageRef_1 (")  # noqa: PT017
+        return
+    width, height = submission.size  # `auto` follows the reference's own numbers
+    assert width > 0
+    assert height > 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from starlette.requests import Request
@@ -24,16 +25,19 @@ async def read_fields(request: Request, limit: int) -> dict[str, Any]:
         )
     body = await read_body(request, limit)
     if media in FORM_TYPES:
-        return await _form_fields(request, body)
-    if not body.strip():
+        fields = await _form_fields(request, body)
+    elif not body.strip():
         return {}
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError):
-        raise BadRequest("Request body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise BadRequest("Request body must be a JSON object")
-    return data
+    else:
+        try:
+            fields = json.loads(body)
+        except (ValueError, RecursionError):
+            raise BadRequest("Request body is not valid JSON") from None
+        if not isinstance(fields, dict):
+            raise BadRequest("Request body must be a JSON object")
+    if not _storable(fields):
+        raise BadRequest("Request body has text with NUL or unpaired surrogate characters")
+    return fields
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -60,6 +64,22 @@ async def _form_fields(request: Request, body: bytes) -> dict[str, Any]:
                 raise BadRequest(f"Parameter {key} must be a text field, not a file")
             fields[key] = value
     return fields
+
+
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def _storable(value: Any) -> bool:
+    """Whether every string in `value` can be stored and sent back as UTF-8 text: JSON escapes
+    can spell a NUL (which PostgreSQL text refuses) or half a surrogate pair (which no UTF-8
+    encoder takes)."""
+    if isinstance(value, str):
+        return _UNSTORABLE.search(value) is None
+    if isinstance(value, dict):
+        return all(_storable(key) and _storable(item) for key, item in value.items())
+    if isinstance(value, list):
+        return all(_storable(item) for item in value)
+    return True
 
 
 def _replay(body: bytes) -> Receive:

@@ -25,7 +25,7 @@ class EngineRegistry:
     ) -> None:
         self.context = context
         self._paths = dict(engines)
-        self._instances: dict[tuple[int, int], Engine] = {}
+        self._instances: dict[int, tuple[int, Engine]] = {}  # account id -> (version, engine)
         self._retired: list[Engine] = []
         self._lock = threading.Lock()  # database threads ask too (admission)
 
@@ -43,17 +43,21 @@ class EngineRegistry:
     def engine(
         self, name: str, settings: Mapping[str, Any], *, account_id: int, version: int
     ) -> Engine:
-        """The engine of an account; `version` (its update time) tells when to rebuild it."""
-        key = (account_id, version)
+        """The engine of an account. `version` (the account's update time) tells when its
+        settings changed: a newer one builds a new engine, an older one (a caller holding a
+        stale copy of the account) gets the current engine rather than churning it."""
         with self._lock:
-            if key not in self._instances:
-                stale = [old for old in self._instances if old[0] == account_id]
-                self._retired.extend(self._instances.pop(old) for old in stale)
-                self._instances[key] = self.factory(name)(settings, self.context)
-            return self._instances[key]
+            current = self._instances.get(account_id)
+            if current is not None and current[0] >= version:
+                return current[1]
+            if current is not None:
+                self._retired.append(current[1])  # jobs may still use it: closed at shutdown
+            engine = self.factory(name)(settings, self.context)
+            self._instances[account_id] = (version, engine)
+            return engine
 
     async def close(self) -> None:
-        engines = [*self._instances.values(), *self._retired]
+        engines = [engine for _, engine in self._instances.values()] + self._retired
         self._instances, self._retired = {}, []
         for engine in engines:
             await engine.close()

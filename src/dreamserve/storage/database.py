@@ -17,6 +17,8 @@ The backend is chosen by URL, each run where it is fastest (docs/benchmarks.md h
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -27,9 +29,9 @@ from typing import Any, Protocol, TypeVar
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, create_engine, event
+from sqlalchemy import Connection, create_engine, event, text
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.pool import StaticPool
+from sqlalchemy.pool import NullPool, StaticPool
 
 T = TypeVar("T")
 Transaction = Callable[[Connection], T]
@@ -44,6 +46,11 @@ class Database(Protocol):
 
     async def migrate(self) -> None:
         """Bring the schema to the newest migration (idempotent)."""
+
+    async def lock_runner(self) -> bool:
+        """Become the one process that runs this database's jobs, until close (or death, which
+        frees it too); False when another process is. Resuming unfinished jobs is only right
+        for the holder: they are orphans of a process that is gone."""
 
     async def close(self) -> None: ...
 
@@ -72,6 +79,7 @@ class SqliteDatabase:
         self._engine = create_engine(url, poolclass=StaticPool)
         event.listen(self._engine, "connect", _configure_sqlite)
         self._conn = self._engine.connect()
+        self._runner_lock: int | None = None
         self._stop = threading.Event()
         self._checkpointer = threading.Thread(
             target=self._checkpoint_loop, name="dreamserve-checkpoint", daemon=True
@@ -94,20 +102,33 @@ class SqliteDatabase:
         driver.execute("BEGIN IMMEDIATE")  # straight to sqlite3: it is on every write path
         try:
             result = fn(conn)
+            conn.commit()
+            if driver.in_transaction:  # fn ran no statement through SQLAlchemy
+                driver.commit()
         except BaseException:
             conn.rollback()
-            if driver.in_transaction:  # fn failed before SQLAlchemy saw a statement
+            if driver.in_transaction:  # a failed commit, or no statement went through SQLAlchemy
                 driver.rollback()
             raise
-        conn.commit()
-        if driver.in_transaction:  # fn ran no statement through SQLAlchemy
-            driver.commit()
         return result
 
     async def migrate(self) -> None:
         self._transaction(_upgrade)
 
+    async def lock_runner(self) -> bool:
+        if self._runner_lock is None:
+            fd = os.open(f"{self.path}.runner", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            self._runner_lock = fd
+        return True
+
     async def close(self) -> None:
+        if self._runner_lock is not None:
+            os.close(self._runner_lock)  # closing the file releases the lock
         self._stop.set()
         self._checkpointer.join()
         self._conn.close()
@@ -142,6 +163,10 @@ def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.execute(pragma)
 
 
+# Any fixed key works; this one spells "dreamsrv".
+_TRY_RUNNER_LOCK = text("SELECT pg_try_advisory_lock(7237955865294632566)")
+
+
 class PostgresDatabase:
     """A connection pool; each transaction runs on one of as many threads as connections."""
 
@@ -153,6 +178,7 @@ class PostgresDatabase:
             driver_url, pool_size=self.POOL_SIZE, max_overflow=0, pool_pre_ping=True
         )
         self._threads = ThreadPoolExecutor(self.POOL_SIZE, thread_name_prefix="dreamserve-db")
+        self._runner_lock: Connection | None = None
 
     async def read(self, fn: Transaction[T]) -> T:
         return await self._run(self._read, fn)
@@ -163,7 +189,25 @@ class PostgresDatabase:
     async def migrate(self) -> None:
         await self.write(_upgrade)
 
+    async def lock_runner(self) -> bool:
+        if self._runner_lock is None:
+            loop = asyncio.get_running_loop()
+            self._runner_lock = await loop.run_in_executor(self._threads, self._try_runner_lock)
+        return self._runner_lock is not None
+
+    def _try_runner_lock(self) -> Connection | None:
+        # A session-level advisory lock, on a connection outside the pool, open until close.
+        conn = create_engine(self._engine.url, poolclass=NullPool).connect()
+        taken = bool(conn.scalar(_TRY_RUNNER_LOCK))
+        conn.commit()
+        if not taken:
+            conn.close()
+            return None
+        return conn
+
     async def close(self) -> None:
+        if self._runner_lock is not None:
+            self._runner_lock.close()
         self._threads.shutdown(wait=True)
         self._engine.dispose()
 

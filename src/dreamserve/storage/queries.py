@@ -178,7 +178,7 @@ _JOB_BY_JOBID = select(jobs).where(
 )
 _CLAIM_JOB = (
     update(jobs)
-    .where(jobs.c.id == bindparam("job"), jobs.c.status == CREATED)
+    .where(jobs.c.id == bindparam("job"), jobs.c.status == CREATED, jobs.c.started_at.is_(None))
     .values(
         started_at=bindparam("now"),
         updated_at=bindparam("now"),
@@ -233,8 +233,8 @@ def job_by_jobid(conn: Connection, jobid: str, user_id: int) -> Job | None:
 
 
 def claim_job(conn: Connection, job_id: int, now: int) -> tuple[Job, int | None] | None:
-    """Mark an unfinished job started (one more attempt): its row and its account id, or None
-    when it has finished already."""
+    """Mark an unfinished, unstarted job started (one more attempt): its row and its account
+    id, or None when it is finished or already running (a second delivery does nothing)."""
     row = conn.execute(_CLAIM_JOB, {"job": job_id, "now": now}).mappings().first()
     return None if row is None else (_job(row), row["account_id"])
 
@@ -312,7 +312,12 @@ def fail_exhausted_jobs(conn: Connection, max_attempts: int, error: str, now: in
     return list(result.scalars())
 
 
-def unfinished_job_ids(conn: Connection) -> list[int]:
+def release_unfinished_jobs(conn: Connection) -> list[int]:
+    """Mark every unfinished job not started, so that a runner can claim it again; their ids,
+    oldest first. Only for the process that holds the runner lock."""
+    conn.execute(
+        update(jobs).where(jobs.c.status == CREATED).values(started_at=None, progress=None)
+    )
     query = select(jobs.c.id).where(jobs.c.status == CREATED).order_by(jobs.c.id)
     return list(conn.execute(query).scalars())
 
