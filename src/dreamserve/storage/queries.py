@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, func, insert, select, update
-from sqlalchemy.engine import RowMapping
 
 from dreamserve.ids import AssetRef
 from dreamserve.jobs import Job, Spec, Status, StoredImage
+from dreamserve.storage.prepared import Prepared
 from dreamserve.storage.tables import SHARED, accounts, assets, jobs, tokens, users
 
 CREATED = Status.CREATED.value
@@ -74,7 +74,7 @@ _USABLE_ACCOUNTS = select(accounts).where(accounts.c.owner.in_([SHARED, bindpara
 _ACCOUNT_BY_ID = select(accounts).where(accounts.c.id == bindparam("account"))
 # The cap is checked against the row as it is now (not as a caller last saw it), and an account
 # in error takes nothing: admission may work from a slightly stale list of accounts.
-_TAKE_SLOT_WITHIN_MAX = (
+_TAKE_SLOT_WITHIN_MAX = Prepared(
     update(accounts)
     .where(
         accounts.c.id == bindparam("account"),
@@ -84,7 +84,7 @@ _TAKE_SLOT_WITHIN_MAX = (
     )
     .values(running=accounts.c.running + 1)
 )
-_TAKE_SLOT_UNDER_CAP = (
+_TAKE_SLOT_UNDER_CAP = Prepared(
     update(accounts)
     .where(
         accounts.c.id == bindparam("account"),
@@ -151,7 +151,7 @@ def take_slot(conn: Connection, account: Account, requested: int | None = None) 
         statement, cap = _TAKE_SLOT_UNDER_CAP, requested
     else:
         statement, cap = _TAKE_SLOT_WITHIN_MAX, requested or 2**31 - 1
-    return conn.execute(statement, {"account": account.id, "cap": cap}).rowcount == 1
+    return statement.rowcount(conn, {"account": account.id, "cap": cap}) == 1
 
 
 def recount_slots(conn: Connection) -> None:
@@ -172,9 +172,23 @@ def slots_taken(conn: Connection) -> dict[str, int]:
 
 # Jobs
 
-_INSERT_JOB = insert(jobs).returning(jobs.c.id)
-_JOB_BY_JOBID = select(jobs).where(
-    jobs.c.jobid == bindparam("jobid"), jobs.c.user_id == bindparam("user")
+_NEW_JOB_COLUMNS = [
+    "jobid",
+    "type",
+    "status",
+    "user_id",
+    "account_id",
+    "account",
+    "model",
+    "request",
+    "spec",
+    "forecast_cost",
+    "attempts",
+    "created_at",
+]
+_INSERT_JOB = Prepared(insert(jobs).returning(jobs.c.id), columns=_NEW_JOB_COLUMNS)
+_JOB_BY_JOBID = Prepared(
+    select(jobs).where(jobs.c.jobid == bindparam("jobid"), jobs.c.user_id == bindparam("user"))
 )
 _CLAIM_JOB = (
     update(jobs)
@@ -224,11 +238,14 @@ def insert_job(conn: Connection, job: Job, *, account_id: int) -> int:
         "attempts": 0,
         "created_at": job.created_at,
     }
-    return int(conn.execute(_INSERT_JOB, values).scalar_one())
+    cursor = _INSERT_JOB.execute(conn, values)
+    job_id = int(cursor.fetchone()[0])
+    cursor.close()
+    return job_id
 
 
 def job_by_jobid(conn: Connection, jobid: str, user_id: int) -> Job | None:
-    row = conn.execute(_JOB_BY_JOBID, {"jobid": jobid, "user": user_id}).mappings().first()
+    row = _JOB_BY_JOBID.first(conn, {"jobid": jobid, "user": user_id})
     return None if row is None else _job(row)
 
 
@@ -337,7 +354,7 @@ def existing_assets(conn: Connection, user_id: int, refs: Iterable[AssetRef]) ->
     return wanted & found
 
 
-def _account(row: RowMapping) -> Account:
+def _account(row: Mapping[Any, Any]) -> Account:
     return Account(
         id=row["id"],
         name=row["name"],
@@ -352,7 +369,7 @@ def _account(row: RowMapping) -> Account:
     )
 
 
-def _job(row: RowMapping) -> Job:
+def _job(row: Mapping[Any, Any]) -> Job:
     return Job(
         id=row["id"],
         jobid=row["jobid"],
