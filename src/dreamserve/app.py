@@ -80,7 +80,6 @@ async def open_service(
         db=db,
         blobs=blobs,
         catalogue=catalogue or default_catalogue(),
-        engines=registry,
         admission=Admission(
             registry,
             Random(),

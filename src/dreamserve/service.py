@@ -18,7 +18,6 @@ from sqlalchemy.exc import IntegrityError
 from dreamserve.admission import Admission
 from dreamserve.catalogue import Catalogue
 from dreamserve.dispatch.base import Dispatcher
-from dreamserve.engines.registry import EngineRegistry
 from dreamserve.errors import InvalidParameter, JobNotFound, NotFound, Unauthorized
 from dreamserve.ids import AssetRef, IdFactory, new_token, parse_jobid, parse_token
 from dreamserve.jobs import Job, Spec, Status, millis, record
@@ -26,10 +25,9 @@ from dreamserve.storage import queries
 from dreamserve.storage.blobs import BlobStore, LocalBlobStore
 from dreamserve.storage.database import Database
 from dreamserve.storage.tables import SHARED
-from dreamserve.submission import ImageSubmission, parse_image_submission
+from dreamserve.submission import REF_NAMES, ImageSubmission, parse_image_submission
 
 DEFAULT_ACCOUNT = "LOCAL:procedural"
-_REF_NAMES = tuple(f"imageRef_{n}" for n in range(1, 7))
 
 
 @dataclass(frozen=True)
@@ -47,7 +45,6 @@ class Service:
         db: Database,
         blobs: BlobStore,
         catalogue: Catalogue,
-        engines: EngineRegistry,
         admission: Admission,
         dispatcher: Dispatcher,
         ids: IdFactory,
@@ -57,7 +54,6 @@ class Service:
         self.db = db
         self.blobs = blobs
         self.catalogue = catalogue
-        self.engines = engines
         self.admission = admission
         self.dispatcher = dispatcher
         self.ids = ids
@@ -188,7 +184,7 @@ class Service:
 
     def _check_references(self, conn: Connection, user_id: int, refs: tuple[AssetRef, ...]) -> None:
         existing = queries.existing_assets(conn, user_id, refs)
-        for name, ref in zip(_REF_NAMES, refs, strict=False):
+        for name, ref in zip(REF_NAMES, refs, strict=False):
             if ref not in existing:
                 raise InvalidParameter(name, str(ref), "an assetRef of an existing image of yours")
 

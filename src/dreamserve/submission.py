@@ -24,7 +24,7 @@ MAX_REFS = 6
 MAX_COUNT = 4
 MAX_SEED = 2_147_483_647
 _REF_KEY = re.compile(r"imageRef_(.*)")
-_REF_NAMES = tuple(f"imageRef_{n}" for n in range(1, MAX_REFS + 1))
+REF_NAMES = tuple(f"imageRef_{n}" for n in range(1, MAX_REFS + 1))
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def parse_image_submission(fields: Mapping[str, Any], catalogue: Catalogue) -> I
         "resolution": resolution,
         "inputMode": "reference" if references else "generate",
     }
-    for name, ref in zip(_REF_NAMES, references, strict=False):
+    for name, ref in zip(REF_NAMES, references, strict=False):
         echo[name] = str(ref)
     if references or strength is not None:
         echo["imageStrength"] = 0.5 if strength is None else strength
@@ -134,15 +134,15 @@ def _references(fields: Mapping[str, Any], model: Model) -> tuple[AssetRef, ...]
         match = _REF_KEY.fullmatch(key)
         if match is None or _given(fields, key) is None:
             continue
-        if key not in _REF_NAMES:
+        if key not in REF_NAMES:
             raise BadRequest(
                 f"Parameter {key} is not supported. Valid values: imageRef_1 to imageRef_{MAX_REFS}"
             )
         given[key] = fields[key]
     refs: list[AssetRef] = []
-    for position, name in enumerate(_REF_NAMES, start=1):
+    for position, name in enumerate(REF_NAMES, start=1):
         if name not in given:
-            later = [key for key in _REF_NAMES[position:] if key in given]
+            later = [key for key in REF_NAMES[position:] if key in given]
             if later:
                 raise BadRequest(
                     f"Parameter {later[0]} requires {name}: references must be contiguous "
