@@ -174,13 +174,10 @@ class Service:
             )
             return replace(job, id=queries.insert_job(conn, job, account_id=account.id))
 
-        for attempt in range(3):
-            try:
-                return await self.db.write(admit)
-            except IntegrityError:  # another process made the same jobid: make another
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+        try:
+            return await self.db.write(admit)
+        except IntegrityError:  # another process made the same jobid: a new serial differs
+            return await self.db.write(admit)
 
     def _check_references(self, conn: Connection, user_id: int, refs: tuple[AssetRef, ...]) -> None:
         existing = queries.existing_assets(conn, user_id, refs)

@@ -425,3 +425,18 @@ async def test_a_path_that_is_no_jobid_is_404_without_a_query(harness: Harness, 
     reply = await harness.get(jobid)
     assert reply.status_code == 404
     assert reply.json()["error"].startswith("Job ")
+
+
+async def test_a_jobid_made_twice_is_made_again(harness: Harness) -> None:
+    """Two processes can, rarely, make the same jobid: the unique constraint refuses the second
+    and admission retries with a new one, giving back the slot of the failed attempt."""
+    first = (await harness.post(SMALL)).json()["jobid"]
+    made = harness.service.ids.jobid
+    repeats = iter([first])
+    harness.service.ids.jobid = lambda *args: next(repeats, None) or made(*args)  # type: ignore[method-assign]
+    reply = await harness.post(SMALL)
+    assert reply.status_code == 200
+    assert reply.json()["jobid"] != first
+    await harness.wait(first)
+    await harness.wait(reply.json()["jobid"])
+    assert await harness.slots() == {"LOCAL:procedural": 0}

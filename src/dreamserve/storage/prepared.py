@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy import JSON, Connection
 from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import ClauseElement
 
@@ -37,7 +38,16 @@ class Prepared:
         driver = conn.connection.driver_connection
         assert driver is not None
         cursor = driver.cursor()
-        cursor.execute(compiled.sql, compiled.arguments(params))
+        arguments = compiled.arguments(params)
+        try:
+            cursor.execute(compiled.sql, arguments)
+        except conn.dialect.loaded_dbapi.Error as error:
+            # The exceptions callers catch are SQLAlchemy's (IntegrityError...), as on
+            # SQLAlchemy's own execution path.
+            cursor.close()
+            raise DBAPIError.instance(
+                compiled.sql, arguments, error, conn.dialect.loaded_dbapi.Error
+            ) from error
         return cursor
 
     def rowcount(self, conn: Connection, params: Mapping[str, Any]) -> int:
