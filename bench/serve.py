@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import uvicorn
@@ -26,6 +25,7 @@ from sqlalchemy import update
 from dreamserve.app import create_app, open_service
 from dreamserve.catalogue import Catalogue, parse_catalogue
 from dreamserve.cli import uvicorn_options
+from dreamserve.dispatch.base import Runner
 from dreamserve.dispatch.inprocess import InProcessDispatcher
 from dreamserve.settings import Settings
 from dreamserve.storage.tables import accounts
@@ -47,11 +47,14 @@ def bench_catalogue() -> Catalogue:
 class QueueOnlyDispatcher:
     """Takes admitted jobs and runs none of them."""
 
-    def __init__(self, run: Callable[[int], Awaitable[None]]) -> None:
+    def __init__(self, runner: Runner) -> None:
         self.queued = 0
 
     async def dispatch(self, job_id: int) -> None:
         self.queued += 1
+
+    def cancel(self, job_id: int) -> None:
+        return None
 
     async def close(self) -> None:
         return None

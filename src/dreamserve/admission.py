@@ -12,6 +12,7 @@ from random import Random
 from sqlalchemy import Connection
 
 from dreamserve.catalogue import Model
+from dreamserve.engines.base import Engine
 from dreamserve.engines.registry import EngineRegistry
 from dreamserve.errors import AccountNotFound, AtCapacity, BadRequest, NoAccountForModel
 from dreamserve.storage import queries
@@ -64,10 +65,16 @@ class Admission:
             return model.name in account.models
         if account.engine not in self.engines.names:
             return False
-        engine = self.engines.engine(
-            account.engine, account.settings, account_id=account.id, version=account.updated_at
+        return self.engine_of(account).serves(model)
+
+    def engine_of(self, account: Account) -> Engine:
+        return self.engines.engine(
+            account.engine,
+            account.settings,
+            sealed=account.sealed,
+            account_id=account.id,
+            version=account.updated_at,
         )
-        return engine.serves(model)
 
     def admit(
         self,

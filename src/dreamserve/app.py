@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -16,27 +18,29 @@ from fastapi.openapi.utils import get_openapi
 
 from dreamserve import __version__
 from dreamserve.admission import Admission
-from dreamserve.api import files, images, models
+from dreamserve.api import accounts, files, images, models, scheduler
 from dreamserve.api.deps import BEARER_SCHEME
 from dreamserve.api.errors import install_error_handlers
 from dreamserve.catalogue import Catalogue, default_catalogue
-from dreamserve.dispatch.base import Dispatcher
+from dreamserve.dispatch.base import Dispatcher, Runner
 from dreamserve.dispatch.inprocess import InProcessDispatcher
 from dreamserve.engines.base import EngineContext
 from dreamserve.engines.registry import BUILTIN, EngineRegistry, EngineSource
 from dreamserve.ids import IdFactory
 from dreamserve.links import LinkSigner
+from dreamserve.reaper import Reaper, ReaperConfig
 from dreamserve.service import Service, ServiceConfig
 from dreamserve.settings import Settings
 from dreamserve.storage.blobs import LocalBlobStore
 from dreamserve.storage.database import open_database
 from dreamserve.storage.keyfile import load_or_create_key
+from dreamserve.storage.sealing import SecretBox
 from dreamserve.worker import JobRunner, RunnerConfig
 
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
-DispatcherFactory = Callable[[Callable[[int], Awaitable[None]]], Dispatcher]
+DispatcherFactory = Callable[[Runner], Dispatcher]
 API_PREFIX = "/v1/dreamina"
 
 
@@ -59,12 +63,13 @@ async def open_service(
     """
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     key = load_or_create_key(settings.data_dir / "secret.key")
+    box = SecretBox(load_or_create_key(settings.data_dir / "secrets.key"))
     db = open_database(settings.database)
     await db.migrate()
     executor = ThreadPoolExecutor(settings.threads, thread_name_prefix="dreamserve-render")
     signer = LinkSigner(key, settings.base_url, settings.link_ttl_seconds, clock)
     blobs = LocalBlobStore(settings.data_dir / "blobs", signer)
-    registry = EngineRegistry(EngineContext(executor), engines)
+    registry = EngineRegistry(EngineContext(executor), box, engines)
     ids = IdFactory()
     runner = JobRunner(
         db,
@@ -73,9 +78,11 @@ async def open_service(
         ids,
         clock,
         executor,
-        RunnerConfig(settings.image_format, settings.progress_interval_seconds),
+        RunnerConfig(
+            settings.image_format, settings.progress_interval_seconds, settings.lease_seconds
+        ),
     )
-    dispatch = dispatcher(runner.run)
+    dispatch = dispatcher(runner)
     service = Service(
         db=db,
         blobs=blobs,
@@ -120,9 +127,24 @@ def create_app(
         )
         async with parts as service:
             app.state.service = service
-            for jobid in await service.resume() if resume else ():
+            if not resume:
+                yield
+                return
+            for jobid in await service.resume():
                 log.warning("job %s failed: the server stopped while it ran too often", jobid)
-            yield
+            reaper = Reaper(
+                service.db,
+                service.dispatcher,
+                clock,
+                ReaperConfig(settings.reaper_interval_seconds, service.config.max_attempts),
+            )
+            sweeping = asyncio.create_task(reaper.run_forever(), name="reaper")
+            try:
+                yield
+            finally:
+                sweeping.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sweeping
 
     app = FastAPI(
         title="dreamserve",
@@ -133,7 +155,8 @@ def create_app(
     )
     app.state.max_body_bytes = settings.max_body_bytes
     install_error_handlers(app)
-    for router in (images.router, files.router, models.router):
+    routers = (images.router, accounts.router, scheduler.router, files.router, models.router)
+    for router in routers:
         app.include_router(router, prefix=API_PREFIX)
     app.openapi = partial(_openapi, app)  # type: ignore[method-assign]
     return app

@@ -54,6 +54,11 @@ class Forbidden(DreamserveError):
     status = 403
 
 
+class SharedAccount(Forbidden):
+    def __init__(self, account: str) -> None:
+        super().__init__(f"Account {account} is shared and managed by the operator")
+
+
 class NotFound(DreamserveError):
     status = 404
 
@@ -61,6 +66,11 @@ class NotFound(DreamserveError):
 class JobNotFound(NotFound):
     def __init__(self, jobid: str) -> None:
         super().__init__(f"Job {jobid} not found")
+
+
+class JobNotRunning(NotFound):
+    def __init__(self, jobid: str) -> None:
+        super().__init__(f"Job {jobid} is not running")
 
 
 class AccountNotFound(NotFound):
@@ -95,6 +105,12 @@ class JobFailed(Exception):
         super().__init__(error)
         self.error = error
         self.details = details
+
+
+class AccountError(JobFailed):
+    """Raised by an engine when the account itself cannot work (the upstream refused its
+    credentials, its model is missing): the job fails with `error`, and the account is put in
+    error with the same message until it is saved again. Admission skips it meanwhile."""
 
 
 class Cancelled(Exception):

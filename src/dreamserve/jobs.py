@@ -119,6 +119,7 @@ class Job:
     error: str | None = None
     error_details: str | None = None
     images: tuple[StoredImage, ...] = field(default=())
+    attempts: int = 0  # how many times a runner claimed it; fences the runner's writes
 
 
 def millis(at: datetime) -> int:

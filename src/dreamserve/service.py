@@ -15,15 +15,26 @@ from urllib.parse import unquote
 from sqlalchemy import Connection
 from sqlalchemy.exc import IntegrityError
 
+from dreamserve.accounts import check_models, models_served, parse_account, summary
 from dreamserve.admission import Admission
 from dreamserve.catalogue import Catalogue
 from dreamserve.dispatch.base import Dispatcher
-from dreamserve.errors import InvalidParameter, JobNotFound, NotFound, Unauthorized
+from dreamserve.errors import (
+    AccountNotFound,
+    BadRequest,
+    InvalidParameter,
+    JobNotFound,
+    JobNotRunning,
+    NotFound,
+    SharedAccount,
+    Unauthorized,
+)
 from dreamserve.ids import AssetRef, IdFactory, new_token, parse_jobid, parse_token
-from dreamserve.jobs import Job, Spec, Status, millis, record
+from dreamserve.jobs import CANCELLED_BY_USER, Job, Spec, Status, millis, record
 from dreamserve.storage import queries
 from dreamserve.storage.blobs import BlobStore, LocalBlobStore
 from dreamserve.storage.database import Database
+from dreamserve.storage.queries import Account
 from dreamserve.storage.tables import SHARED
 from dreamserve.submission import REF_NAMES, ImageSubmission, parse_image_submission
 
@@ -187,8 +198,7 @@ class Service:
 
     async def get_job(self, user_id: int, jobid: str) -> Record:
         """The job's record; JobNotFound when the user has no such job."""
-        if "%" in jobid:  # percent-encoded twice on its way here
-            jobid = unquote(jobid)
+        jobid = _unquoted(jobid)
         if parse_jobid(jobid) is None:  # no query for what cannot be a job id
             raise JobNotFound(jobid)
         key = (user_id, jobid)
@@ -216,6 +226,141 @@ class Service:
 
     def models(self) -> list[dict[str, Any]]:
         return [model.describe() for model in self.catalogue.models]
+
+    # Accounts
+
+    async def put_account(self, user_id: int | None, fields: Mapping[str, Any]) -> dict[str, Any]:
+        """Create or replace (upsert) an account of a user, or a shared one when `user_id` is
+        None (the operator, through the CLI); its summary. Saving an account clears its error.
+        """
+        spec = parse_account(fields, self.catalogue, self.admission.engines)
+        probe = self.admission.engines.probe(spec.engine, spec.settings, spec.sealed)
+        try:
+            check_models(spec, probe, self.catalogue)
+        finally:
+            await probe.close()
+        owner = SHARED if user_id is None else user_id
+        now = millis(self.clock())
+
+        def put(conn: Connection) -> Account:
+            others = [each for each in queries.owners_of_name(conn, spec.name) if each != owner]
+            if owner != SHARED and SHARED in others:
+                raise SharedAccount(spec.name)
+            if owner == SHARED and others:
+                raise BadRequest(
+                    f"Account {spec.name} already exists as an account of user {others[0]}"
+                )
+            values: dict[str, Any] = {
+                "email": spec.email,
+                "region": spec.region,
+                "engine": spec.engine,
+                "max_jobs": spec.max_jobs,
+                "now": now,
+                "settings": spec.settings,
+                "sealed": spec.sealed,
+                "models": spec.models,
+            }
+            existing = queries.account_named(conn, owner, spec.name)
+            if existing is None:
+                queries.insert_account(conn, name=spec.name, owner=owner, **values)
+            else:
+                queries.update_account(conn, existing.id, **values)
+            saved = queries.account_named(conn, owner, spec.name)
+            assert saved is not None
+            return saved
+
+        account = await self.db.write(put)
+        self.admission.forget()
+        return self._summary(account)
+
+    async def list_accounts(self, user_id: int | None) -> dict[str, dict[str, Any]]:
+        """The accounts a user may use (own and shared), or the shared ones for None."""
+
+        def read(conn: Connection) -> list[Account]:
+            if user_id is None:
+                return queries.shared_accounts(conn)
+            return queries.usable_accounts(conn, user_id)
+
+        return {account.name: self._summary(account) for account in await self.db.read(read)}
+
+    async def get_account(self, user_id: int | None, name: str) -> dict[str, Any]:
+        """One account the user may use; AccountNotFound otherwise."""
+        name = _unquoted(name)
+        return self._summary(await self.db.read(lambda conn: _visible(conn, user_id, name)))
+
+    async def delete_account(self, user_id: int | None, name: str) -> dict[str, Any]:
+        """Delete a user's own account (a shared one for None) and cancel its unfinished jobs."""
+        name = _unquoted(name)
+        now = millis(self.clock())
+
+        def remove(conn: Connection) -> tuple[list[int], int]:
+            account = _visible(conn, user_id, name)
+            if user_id is not None and account.is_shared:
+                raise SharedAccount(name)
+            cancelled = queries.cancel_account_jobs(
+                conn, account.id, CANCELLED_BY_USER, f"Account {name} was deleted", now
+            )
+            queries.delete_account(conn, account.id)
+            if user_id is None:
+                return cancelled, len(queries.shared_accounts(conn))
+            return cancelled, len(queries.usable_accounts(conn, user_id))
+
+        cancelled, remaining = await self.db.write(remove)
+        self.admission.forget()
+        for job_id in cancelled:
+            self.dispatcher.cancel(job_id)
+        return {"account": name, "deleted": True, "remaining": remaining}
+
+    def _summary(self, account: Account) -> dict[str, Any]:
+        if account.engine in self.admission.engines.names:
+            engine = self.admission.engine_of(account)
+            models = models_served(engine, account.models, self.catalogue)
+        else:  # an engine this server does not have (configured elsewhere)
+            models = list(account.models or ())
+        return summary(account, models)
+
+    # Scheduler
+
+    async def scheduler(self, user_id: int) -> dict[str, Any]:
+        """The user's jobs that hold a slot, by account, with the seconds since submission."""
+        jobs = await self.db.read(lambda conn: queries.unfinished_jobs_of(conn, user_id))
+        now = millis(self.clock())
+        executing: dict[str, list[dict[str, Any]]] = {}
+        for job in jobs:
+            entry: dict[str, Any] = {
+                "jobid": job.jobid,
+                "model": job.model,
+                "elapsedSeconds": max(0, (now - job.created_at) // 1000),
+            }
+            if "replyUrl" in job.request:
+                entry["replyUrl"] = job.request["replyUrl"]
+            executing.setdefault(job.account, []).append(entry)
+        return {"executing": executing, "total": len(jobs)}
+
+    async def cancel_job(self, user_id: int, jobid: str) -> Record:
+        """End an unfinished job as failed / `Cancelled by user`, free its slot at once and stop
+        its engine; its record. JobNotFound when unknown, JobNotRunning when already ended."""
+        jobid = _unquoted(jobid)
+        if parse_jobid(jobid) is None:
+            raise JobNotFound(jobid)
+        now = millis(self.clock())
+
+        def cancel(conn: Connection) -> Job:
+            job = queries.job_by_jobid(conn, jobid, user_id)
+            if job is None:
+                raise JobNotFound(jobid)
+            ended = not job.status.is_terminal and queries.finish_job(
+                conn, job, status=Status.FAILED, now=now, error=CANCELLED_BY_USER
+            )
+            if not ended:
+                raise JobNotRunning(jobid)
+            cancelled = queries.job_by_id(conn, job.id)
+            assert cancelled is not None
+            return cancelled
+
+        job = await self.db.write(cancel)
+        self.dispatcher.cancel(job.id)
+        return Record(record(job, self.blobs.link))
 
     # Lifecycle
 
@@ -263,6 +408,23 @@ class AnotherRunner(RuntimeError):
             "Another dreamserve server runs the jobs of this database: run one server per "
             "data directory (or database)"
         )
+
+
+def _unquoted(text: str) -> str:
+    """A path segment percent-encoded twice on its way here, decoded once more (job and
+    account ids never hold a `%`)."""
+    return unquote(text) if "%" in text else text
+
+
+def _visible(conn: Connection, user_id: int | None, name: str) -> Account:
+    """The account called `name` that the user may use (their own first, then a shared one),
+    or the shared one for None; AccountNotFound otherwise."""
+    owners = [SHARED] if user_id is None else [user_id, SHARED]
+    for owner in owners:
+        account = queries.account_named(conn, owner, name)
+        if account is not None:
+            return account
+    raise AccountNotFound(name)
 
 
 def _hash(token: str) -> str:

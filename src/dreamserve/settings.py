@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     token_cache_seconds: float = Field(default=60.0, ge=0)
     account_cache_seconds: float = Field(default=2.0, ge=0)
     progress_interval_seconds: float = Field(default=0.5, gt=0)
+    lease_seconds: float = Field(default=30.0, gt=0)
+    reaper_interval_seconds: float = Field(default=5.0, gt=0)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     access_log: bool = True
 

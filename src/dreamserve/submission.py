@@ -7,7 +7,6 @@ the service afterwards.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from urllib.parse import urlsplit
 
 from dreamserve.catalogue import AUTO, Catalogue, Model
 from dreamserve.errors import BadRequest, InvalidParameter, MissingParameter
+from dreamserve.fields import choice, given, integer, number, text
 from dreamserve.ids import AssetRef, is_account_id, parse_asset_ref
 
 MAX_PROMPT = 1600
@@ -69,15 +69,15 @@ def parse_image_submission(fields: Mapping[str, Any], catalogue: Catalogue) -> I
     model = _model(fields, catalogue)
     references = _references(fields, model)
     prompt = _prompt(fields, model, has_references=bool(references))
-    resolution = _choice(fields, "resolution", model.resolutions, model.default_resolution)
-    ratio = _choice(fields, "ratio", model.ratios(resolution), model.default_ratio)
-    strength = _number(fields, "imageStrength", 0.0, 1.0)
+    resolution = choice(fields, "resolution", model.resolutions, model.default_resolution)
+    ratio = choice(fields, "ratio", model.ratios(resolution), model.default_ratio)
+    strength = number(fields, "imageStrength", 0.0, 1.0)
     account = _account(fields, references)
     reply_url = _reply_url(fields)
-    reply_ref = _text(fields, "replyRef", MAX_REPLY)
-    max_jobs = _integer(fields, "maxJobs", 1, 50)
-    seed = _integer(fields, "seed", 0, MAX_SEED)
-    count = _integer(fields, "count", 1, MAX_COUNT)
+    reply_ref = text(fields, "replyRef", MAX_REPLY)
+    max_jobs = integer(fields, "maxJobs", 1, 50)
+    seed = integer(fields, "seed", 0, MAX_SEED)
+    count = integer(fields, "count", 1, MAX_COUNT)
 
     echo: dict[str, Any] = {}
     if prompt is not None:
@@ -112,14 +112,8 @@ def parse_image_submission(fields: Mapping[str, Any], catalogue: Catalogue) -> I
     )
 
 
-def _given(fields: Mapping[str, Any], name: str) -> Any:
-    """The value of an optional field, or None when absent, null or an empty form value."""
-    value = fields.get(name)
-    return None if value is None or value == "" else value
-
-
 def _model(fields: Mapping[str, Any], catalogue: Catalogue) -> Model:
-    name = _given(fields, "model")
+    name = given(fields, "model")
     if name is None:
         return catalogue[catalogue.default_model]
     model = catalogue.get(name) if isinstance(name, str) else None
@@ -129,20 +123,20 @@ def _model(fields: Mapping[str, Any], catalogue: Catalogue) -> Model:
 
 
 def _references(fields: Mapping[str, Any], model: Model) -> tuple[AssetRef, ...]:
-    given: dict[str, Any] = {}
+    present: dict[str, Any] = {}
     for key in fields:
         match = _REF_KEY.fullmatch(key)
-        if match is None or _given(fields, key) is None:
+        if match is None or given(fields, key) is None:
             continue
         if key not in REF_NAMES:
             raise BadRequest(
                 f"Parameter {key} is not supported. Valid values: imageRef_1 to imageRef_{MAX_REFS}"
             )
-        given[key] = fields[key]
+        present[key] = fields[key]
     refs: list[AssetRef] = []
     for position, name in enumerate(REF_NAMES, start=1):
-        if name not in given:
-            later = [key for key in REF_NAMES[position:] if key in given]
+        if name not in present:
+            later = [key for key in REF_NAMES[position:] if key in present]
             if later:
                 raise BadRequest(
                     f"Parameter {later[0]} requires {name}: references must be contiguous "
@@ -154,7 +148,7 @@ def _references(fields: Mapping[str, Any], model: Model) -> tuple[AssetRef, ...]
             raise BadRequest(
                 f"Parameter {name} not allowed: model {model.name} takes {most} reference images"
             )
-        value = given[name]
+        value = present[name]
         ref = parse_asset_ref(value) if isinstance(value, str) else None
         if ref is None:
             raise InvalidParameter(
@@ -183,26 +177,8 @@ def _prompt(fields: Mapping[str, Any], model: Model, *, has_references: bool) ->
     return value
 
 
-def _choice(fields: Mapping[str, Any], name: str, valid: tuple[str, ...], default: str) -> str:
-    value = _given(fields, name)
-    if value is None:
-        return default
-    if value not in valid:
-        raise InvalidParameter(name, value, ", ".join(valid))
-    return str(value)
-
-
-def _text(fields: Mapping[str, Any], name: str, limit: int) -> str | None:
-    value = _given(fields, name)
-    if value is None:
-        return None
-    if not isinstance(value, str) or len(value) > limit:
-        raise InvalidParameter(name, value, f"text of at most {limit} characters")
-    return value
-
-
 def _reply_url(fields: Mapping[str, Any]) -> str | None:
-    value = _given(fields, "replyUrl")
+    value = given(fields, "replyUrl")
     if value is None:
         return None
     valid = f"an http or https URL of at most {MAX_REPLY} characters"
@@ -219,7 +195,7 @@ def _reply_url(fields: Mapping[str, Any]) -> str | None:
 
 
 def _account(fields: Mapping[str, Any], references: tuple[AssetRef, ...]) -> str | None:
-    value = _given(fields, "account")
+    value = given(fields, "account")
     if value is None:
         return references[0].account if references else None
     if not isinstance(value, str) or not is_account_id(value):
@@ -229,39 +205,3 @@ def _account(fields: Mapping[str, Any], references: tuple[AssetRef, ...]) -> str
             "account", value, f"{references[0].account}, the account of the references"
         )
     return value
-
-
-def _integer(fields: Mapping[str, Any], name: str, low: int, high: int) -> int | None:
-    value = _given(fields, name)
-    if value is None:
-        return None
-    number = _as_number(value)
-    if number is None or number != int(number) or not low <= number <= high:
-        raise InvalidParameter(name, value, f"integer {low}-{high}")
-    return int(number)
-
-
-def _number(fields: Mapping[str, Any], name: str, low: float, high: float) -> float | None:
-    value = _given(fields, name)
-    if value is None:
-        return None
-    number = _as_number(value)
-    if number is None or not low <= number <= high:
-        raise InvalidParameter(name, value, f"number {low:g}-{high:g}")
-    return number
-
-
-def _as_number(value: Any) -> float | None:
-    """A JSON number, or a string holding one (multipart sends strings); None otherwise."""
-    if isinstance(value, bool):
-        return None
-    try:
-        if isinstance(value, int | float):
-            number = float(value)
-        elif isinstance(value, str):
-            number = float(value.strip())
-        else:
-            return None
-    except (ValueError, OverflowError):
-        return None
-    return number if math.isfinite(number) else None

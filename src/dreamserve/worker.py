@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import io
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from sqlalchemy import Connection
 
 from dreamserve.engines.base import CancelSignal, GenerationRequest
 from dreamserve.engines.registry import EngineRegistry
-from dreamserve.errors import Cancelled, JobFailed
+from dreamserve.errors import AccountError, Cancelled, JobFailed
 from dreamserve.ids import IdFactory
 from dreamserve.jobs import CANCELLED_BY_USER, Job, Status, StoredImage, millis
 from dreamserve.settings import ImageFormat
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 class RunnerConfig:
     image_format: ImageFormat = "jpeg"
     progress_interval: float = 0.5
+    lease_seconds: float = 30.0  # a runner silent this long is presumed dead (the reaper)
 
 
 class JobRunner:
@@ -58,61 +60,94 @@ class JobRunner:
         self.clock = clock
         self.executor = executor
         self.config = config
+        self._signals: dict[int, CancelSignal] = {}  # jobs running here -> their cancel signal
+
+    def cancel(self, job_id: int) -> None:
+        """Tell the engine of a job running here to stop (its final state is written by whoever
+        ended it); nothing when the job does not run here."""
+        signal = self._signals.get(job_id)
+        if signal is not None:
+            signal.set()
+
+    def _lease_until(self) -> int:
+        return millis(self.clock()) + int(self.config.lease_seconds * 1000)
 
     async def run(self, job_id: int) -> None:
         now = millis(self.clock())
+        lease = self._lease_until()
 
-        def claim(conn: Connection) -> tuple[Job, int | None, Account | None] | None:
-            claimed = queries.claim_job(conn, job_id, now)
+        def claim(conn: Connection) -> tuple[Job, Account | None] | None:
+            claimed = queries.claim_job(conn, job_id, now, lease)
             if claimed is None:
                 return None
             job, account_id = claimed
             account = queries.account_by_id(conn, account_id) if account_id else None
-            return job, account_id, account
+            return job, account
 
         claimed = await self.db.write(claim)
         if claimed is None:
             return
-        job, account_id, account = claimed
+        job, account = claimed
         if account is None:
-            await self._finish(job, account_id, Status.FAILED, error="Account no longer exists")
+            await self._finish(job, Status.FAILED, error="Account no longer exists")
             return
 
         progress = _Progress()
-        cancel = CancelSignal()
-        flusher = asyncio.create_task(self._flush_progress(job, progress))
+        cancel = self._signals[job.id] = CancelSignal()
+        heartbeat = asyncio.create_task(self._heartbeat(job, progress, cancel))
+        try:
+            await self._run_engine(job, account, progress, cancel)
+        finally:
+            self._signals.pop(job.id, None)
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+
+    async def _run_engine(
+        self, job: Job, account: Account, progress: _Progress, cancel: CancelSignal
+    ) -> None:
         try:
             stored = await self._generate(job, account, progress, cancel)
         except asyncio.CancelledError:
             cancel.set()  # the server is stopping; the job stays unfinished and runs again
             raise
         except Cancelled:
-            await self._finish(job, account.id, Status.FAILED, error=CANCELLED_BY_USER)
-        except JobFailed as failure:
+            await self._finish(job, Status.FAILED, error=CANCELLED_BY_USER)
+        except AccountError as failure:
+            log.warning("account %s put in error: %s", account.name, failure.error)
             await self._finish(
-                job, account.id, Status.FAILED, error=failure.error, details=failure.details
+                job,
+                Status.FAILED,
+                error=failure.error,
+                details=failure.details,
+                account_error=(account.id, failure.error),
             )
+        except JobFailed as failure:
+            await self._finish(job, Status.FAILED, error=failure.error, details=failure.details)
         except Exception as exc:
             log.exception("job %s failed in engine %s", job.jobid, account.engine)
             await self._finish(
                 job,
-                account.id,
                 Status.FAILED,
                 error="Image generation failed",
                 details=f"{type(exc).__name__}: {exc}",
             )
         else:
-            await self._finish(job, account.id, Status.COMPLETED, images=stored)
-        finally:
-            flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await flusher
+            if not await self._finish(job, Status.COMPLETED, images=stored):
+                # Cancelled (or taken back) while the images were being stored: nobody will
+                # ever see these files.
+                for image in stored:
+                    await self.blobs.delete(image.uri)
 
     async def _generate(
         self, job: Job, account: Account, progress: _Progress, cancel: CancelSignal
     ) -> list[StoredImage]:
         engine = self.engines.engine(
-            account.engine, account.settings, account_id=account.id, version=account.updated_at
+            account.engine,
+            account.settings,
+            sealed=account.sealed,
+            account_id=account.id,
+            version=account.updated_at,
         )
         spec = job.spec
         references = tuple([await self._reference(key) for key in spec.references])
@@ -155,38 +190,58 @@ class JobRunner:
     async def _finish(
         self,
         job: Job,
-        account_id: int | None,
         status: Status,
         *,
         images: list[StoredImage] | None = None,
         error: str | None = None,
         details: str | None = None,
-    ) -> None:
+        account_error: tuple[int, str] | None = None,
+    ) -> bool:
+        """Write the job's end (and its account's error), fenced by this attempt: False when
+        the job had already ended or was taken back."""
         now = millis(self.clock())
-        await self.db.write(
-            lambda conn: queries.finish_job(
+
+        def finish(conn: Connection) -> bool:
+            finished = queries.finish_job(
                 conn,
                 job,
-                account_id,
                 status=status,
                 now=now,
+                attempt=job.attempts,
                 images=images or (),
                 description=job.request.get("prompt"),
                 error=error,
                 error_details=details,
             )
-        )
+            if finished and account_error is not None:
+                queries.set_account_error(conn, *account_error)
+            return finished
 
-    async def _flush_progress(self, job: Job, progress: _Progress) -> None:
+        return await self.db.write(finish)
+
+    async def _heartbeat(self, job: Job, progress: _Progress, cancel: CancelSignal) -> None:
+        """Renew the job's lease and record its progress while it runs; stop the engine when
+        the job ended elsewhere (cancelled by another process, its account deleted, reaped)."""
         written = 0
+        renewed = time.monotonic()
+        every = self.config.lease_seconds / 3
         while True:
-            await asyncio.sleep(self.config.progress_interval)
+            await asyncio.sleep(min(self.config.progress_interval, every))
             percent = progress.percent
-            if percent != written:
-                now = millis(self.clock())
-                update = partial(queries.set_progress, job_id=job.id, progress=percent, now=now)
-                await self.db.write(update)
-                written = percent
+            if percent == written and time.monotonic() - renewed < every:
+                continue
+            update = partial(
+                queries.renew_lease,
+                job_id=job.id,
+                attempt=job.attempts,
+                lease_until=self._lease_until(),
+                progress=percent if percent != written else None,
+                now=millis(self.clock()),
+            )
+            if not await self.db.write(update):
+                cancel.set()
+                return
+            written, renewed = percent, time.monotonic()
 
 
 class _Progress:

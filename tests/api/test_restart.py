@@ -31,10 +31,13 @@ async def test_a_job_interrupted_by_a_stop_runs_again_on_the_next_start(settings
 class NeverRun:
     """A dispatcher that takes jobs and runs none: the process 'dies' right after admission."""
 
-    def __init__(self, run: object) -> None:
+    def __init__(self, runner: object) -> None:
         return None
 
     async def dispatch(self, job_id: int) -> None:
+        return None
+
+    def cancel(self, job_id: int) -> None:
         return None
 
     async def close(self) -> None:

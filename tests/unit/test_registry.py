@@ -1,15 +1,21 @@
-"""The engine registry: one engine per account, rebuilt only for newer settings."""
+"""The engine registry: one engine per account, rebuilt only for newer settings; account settings
+checked against the engine's model, with the secrets sealed apart."""
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import pytest
+import os
 
-from dreamserve.engines.base import EngineContext
+import pytest
+from pydantic import Field, SecretStr
+
+from dreamserve.engines.base import EngineContext, EngineSettings
 from dreamserve.engines.procedural import ProceduralEngine
 from dreamserve.engines.registry import EngineRegistry
+from dreamserve.errors import BadRequest
+from dreamserve.storage.sealing import SecretBox
 
 pytestmark = pytest.mark.anyio
 
@@ -30,10 +36,74 @@ class Recorded:
         Recorded.closed += 1
 
 
+class Keyed(Recorded):
+    """An upstream-like engine: an API key (secret), a base URL and a bounded number."""
+
+    class Settings(EngineSettings):
+        apiKey: SecretStr  # noqa: N815 (the API's spelling)
+        baseUrl: str = "https://upstream.example"  # noqa: N815
+        steps: int = Field(4, ge=1, le=50)
+
+
+BOX = SecretBox(os.urandom(32))
+
+
 @pytest.fixture
 def registry() -> EngineRegistry:
     Recorded.closed = 0
-    return EngineRegistry(EngineContext(ThreadPoolExecutor(1)), {"recorded": Recorded})
+    context = EngineContext(ThreadPoolExecutor(1))
+    return EngineRegistry(context, BOX, {"recorded": Recorded, "keyed": Keyed})
+
+
+def test_secret_settings_are_sealed_apart_and_given_back_to_the_engine(
+    registry: EngineRegistry,
+) -> None:
+    plain, sealed = registry.check_settings("keyed", {"apiKey": "sk-123456", "steps": 8})
+    assert plain == {"steps": 8}  # defaults are not frozen into the account
+    assert sealed is not None and "sk-123456" not in sealed
+    assert BOX.open(sealed) == {"apiKey": "sk-123456"}
+    engine = registry.engine("keyed", plain, sealed=sealed, account_id=1, version=1)
+    assert engine.settings == {"steps": 8, "apiKey": "sk-123456"}  # type: ignore[attr-defined]
+
+
+def test_secrets_sealed_with_another_key_do_not_open() -> None:
+    sealed = SecretBox(os.urandom(32)).seal({"apiKey": "x"})
+    with pytest.raises(ValueError, match="sealed with another key"):
+        BOX.open(sealed)
+
+
+@pytest.mark.parametrize(
+    ("engine", "settings", "message"),
+    [
+        ("keyed", {}, "Parameter settings.apiKey is required"),
+        (
+            "keyed",
+            {"apiKey": "k", "colour": "red"},
+            "Parameter settings.colour not allowed: engine keyed takes apiKey, baseUrl, steps",
+        ),
+        (
+            "keyed",
+            {"apiKey": "k", "steps": 99},
+            "Parameter settings.steps is invalid: Input should be less than or equal to 50",
+        ),
+        (
+            "keyed",
+            {"apiKey": 12345678},
+            "Parameter settings.apiKey is invalid: Input should be a valid string",
+        ),
+        (
+            "recorded",
+            {"anything": 1},
+            "Parameter settings.anything not allowed: engine recorded takes no settings",
+        ),
+    ],
+)
+def test_bad_settings_name_the_key_and_never_echo_the_value(
+    registry: EngineRegistry, engine: str, settings: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(BadRequest) as raised:
+        registry.check_settings(engine, settings)
+    assert raised.value.message == message
 
 
 def test_one_engine_per_account_and_version(registry: EngineRegistry) -> None:
@@ -59,7 +129,7 @@ async def test_close_closes_current_and_replaced_engines(registry: EngineRegistr
 
 
 def test_builtin_engines_are_imported_by_name() -> None:
-    registry = EngineRegistry(EngineContext(ThreadPoolExecutor(1)))
+    registry = EngineRegistry(EngineContext(ThreadPoolExecutor(1)), BOX)
     assert registry.names == ("procedural",)
     engine = registry.engine("procedural", {}, account_id=1, version=1)
     assert isinstance(engine, ProceduralEngine)

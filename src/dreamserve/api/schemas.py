@@ -64,6 +64,55 @@ class JobRecord(BaseModel):
     code: int
 
 
+class AccountRequest(BaseModel):
+    model_config = ConfigDict(title="AccountRequest")
+
+    account: str | None = Field(None, description="REGION:name; default `<region>:<email>`")
+    email: str | None = Field(None, max_length=200)
+    region: str | None = Field(None, max_length=32, description="Default `US`")
+    engine: str = Field(description="One of the server's engines, e.g. `procedural`")
+    maxJobs: int | None = Field(None, ge=1, le=50, description="Concurrent jobs, default 10")
+    models: list[str] | None = Field(None, description="Default: every model the engine serves")
+    settings: dict[str, Any] | None = Field(
+        None, description="The engine's settings; secrets (apiKey...) are never returned"
+    )
+
+
+class AccountModels(BaseModel):
+    image: list[str]
+
+
+class AccountSummary(BaseModel):
+    account: str
+    email: str
+    region: str
+    maxJobs: int
+    engine: str
+    models: AccountModels
+    settings: dict[str, Any] = Field(description="The engine's settings without the secrets")
+    shared: bool
+    running: int = Field(description="Slots taken now")
+    error: str | None = None
+
+
+class AccountDeleted(BaseModel):
+    account: str
+    deleted: bool
+    remaining: int
+
+
+class ExecutingJob(BaseModel):
+    jobid: str
+    model: str
+    elapsedSeconds: int
+    replyUrl: str | None = None
+
+
+class Scheduler(BaseModel):
+    executing: dict[str, list[ExecutingJob]]
+    total: int
+
+
 class ErrorBody(BaseModel):
     error: str
 
@@ -87,4 +136,9 @@ IMAGE_REQUEST_BODY: dict[str, Any] = {
         "application/json": {"schema": _REQUEST_SCHEMA},
         "multipart/form-data": {"schema": _REQUEST_SCHEMA},
     },
+}
+
+ACCOUNT_REQUEST_BODY: dict[str, Any] = {
+    "required": True,
+    "content": {"application/json": {"schema": AccountRequest.model_json_schema()}},
 }

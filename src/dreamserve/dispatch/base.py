@@ -5,10 +5,22 @@ from __future__ import annotations
 from typing import Protocol
 
 
+class Runner(Protocol):
+    """What runs one job (worker.JobRunner)."""
+
+    async def run(self, job_id: int) -> None: ...
+
+    def cancel(self, job_id: int) -> None: ...
+
+
 class Dispatcher(Protocol):
     async def dispatch(self, job_id: int) -> None:
         """Have the job run soon. Called after the job's transaction committed; running a job
         twice is harmless because runners claim jobs with a conditional update."""
+
+    def cancel(self, job_id: int) -> None:
+        """The job was ended (its final state is committed): stop its engine if it runs where
+        this dispatcher can reach. Runners elsewhere notice when they next renew the lease."""
 
     async def close(self) -> None:
         """Stop running jobs; unfinished ones stay `created` for the next start to resume."""

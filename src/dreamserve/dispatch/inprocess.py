@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+
+from dreamserve.dispatch.base import Runner
 
 log = logging.getLogger(__name__)
 
@@ -12,8 +13,8 @@ log = logging.getLogger(__name__)
 class InProcessDispatcher:
     """Runs jobs as tasks; admission already bounds how many run per account."""
 
-    def __init__(self, run: Callable[[int], Awaitable[None]]) -> None:
-        self._run = run
+    def __init__(self, runner: Runner) -> None:
+        self._runner = runner
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def dispatch(self, job_id: int) -> None:
@@ -21,12 +22,16 @@ class InProcessDispatcher:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def cancel(self, job_id: int) -> None:
+        self._runner.cancel(job_id)
+
     async def _guarded(self, job_id: int) -> None:
         try:
-            await self._run(job_id)
+            await self._runner.run(job_id)
         except asyncio.CancelledError:
             raise
         except Exception:  # the runner records job failures itself; this is a bug or an outage
+            # The job keeps its slot until the reaper sees its lease run out.
             log.exception("job %s: runner crashed", job_id)
 
     @property

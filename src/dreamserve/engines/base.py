@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from PIL import Image
+from pydantic import BaseModel, ConfigDict
 
 from dreamserve.catalogue import Model
 from dreamserve.errors import Cancelled
@@ -51,6 +52,16 @@ class CancelSignal:
             raise Cancelled
 
 
+class EngineSettings(BaseModel):
+    """The settings an account gives its engine, validated when the account is saved.
+
+    Engines subclass it as their `Settings` attribute. Unknown keys are refused; fields typed
+    `SecretStr` are secrets: stored encrypted, never returned by the API nor logged.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
 @dataclass(frozen=True)
 class EngineContext:
     """What the server lends every engine: an executor for blocking work off the event loop."""
@@ -77,5 +88,9 @@ class Engine(Protocol):
 
 
 class EngineFactory(Protocol):
+    """Builds engines. Its `Settings` attribute, when it has one, is the `EngineSettings` model
+    of the accounts it serves (none: the engine takes no settings)."""
+
     def __call__(self, settings: Mapping[str, Any], context: EngineContext) -> Engine:
-        """Build an engine from an account's settings."""
+        """Build an engine from an account's settings (secrets included). Must be cheap: load
+        models and open connections on first use, not here."""

@@ -22,7 +22,13 @@ import numpy.typing as npt
 from PIL import Image, ImageOps
 
 from dreamserve.catalogue import Model
-from dreamserve.engines.base import CancelSignal, EngineContext, GenerationRequest, ProgressCallback
+from dreamserve.engines.base import (
+    CancelSignal,
+    EngineContext,
+    EngineSettings,
+    GenerationRequest,
+    ProgressCallback,
+)
 
 Array = npt.NDArray[np.float32]
 
@@ -33,6 +39,8 @@ _WORD = re.compile(r"\w+")
 
 class ProceduralEngine:
     """Serves every catalogue model; takes no settings."""
+
+    Settings = EngineSettings
 
     def __init__(self, settings: Mapping[str, Any], context: EngineContext) -> None:
         self._executor = context.executor

@@ -1,4 +1,9 @@
-"""Engine names to implementations, imported lazily so optional dependencies stay optional."""
+"""Engine names to implementations, imported lazily so optional dependencies stay optional.
+
+The registry also owns account settings on their way to an engine: it validates them against the
+engine's `Settings` model when an account is saved, splits out the secrets (sealed before they
+are stored) and opens them again when it builds the account's engine.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,11 @@ import threading
 from collections.abc import Mapping
 from typing import Any, cast
 
-from dreamserve.engines.base import Engine, EngineContext, EngineFactory
+from pydantic import SecretStr, ValidationError
+
+from dreamserve.engines.base import Engine, EngineContext, EngineFactory, EngineSettings
+from dreamserve.errors import BadRequest, MissingParameter
+from dreamserve.storage.sealing import SecretBox
 
 # An engine is named by "module:attribute" (imported on first use) or given as its factory.
 EngineSource = str | EngineFactory
@@ -21,9 +30,13 @@ class EngineRegistry:
     """Makes one engine per account and keeps it while the account's settings stay the same."""
 
     def __init__(
-        self, context: EngineContext, engines: Mapping[str, EngineSource] = BUILTIN
+        self,
+        context: EngineContext,
+        box: SecretBox,
+        engines: Mapping[str, EngineSource] = BUILTIN,
     ) -> None:
         self.context = context
+        self.box = box
         self._paths = dict(engines)
         self._instances: dict[int, tuple[int, Engine]] = {}  # account id -> (version, engine)
         self._retired: list[Engine] = []
@@ -40,24 +53,78 @@ class EngineRegistry:
         module_name, _, attribute = source.partition(":")
         return cast(EngineFactory, getattr(importlib.import_module(module_name), attribute))
 
+    def settings_model(self, name: str) -> type[EngineSettings]:
+        model = getattr(self.factory(name), "Settings", EngineSettings)
+        return cast(type[EngineSettings], model)
+
+    def check_settings(
+        self, name: str, settings: Mapping[str, Any]
+    ) -> tuple[dict[str, Any], str | None]:
+        """An account's settings for engine `name`, validated: the plain ones as given, and the
+        secret ones sealed (None when there are none). BadRequest names the first bad key."""
+        model = self.settings_model(name)
+        try:
+            parsed = model.model_validate(dict(settings))
+        except ValidationError as error:
+            raise _settings_error(name, model, error) from None
+        values = parsed.model_dump(by_alias=True, exclude_unset=True)
+        as_json = parsed.model_dump(mode="json", by_alias=True, exclude_unset=True)
+        secrets = {
+            key: value.get_secret_value()
+            for key, value in values.items()
+            if isinstance(value, SecretStr)
+        }
+        plain = {key: value for key, value in as_json.items() if key not in secrets}
+        return plain, self.box.seal(secrets)
+
     def engine(
-        self, name: str, settings: Mapping[str, Any], *, account_id: int, version: int
+        self,
+        name: str,
+        settings: Mapping[str, Any],
+        *,
+        sealed: str | None = None,
+        account_id: int,
+        version: int,
     ) -> Engine:
-        """The engine of an account. `version` (the account's update time) tells when its
-        settings changed: a newer one builds a new engine, an older one (a caller holding a
-        stale copy of the account) gets the current engine rather than churning it."""
+        """The engine of an account, given its plain settings and its sealed secrets.
+
+        `version` (the account's update time) tells when its settings changed: a newer one
+        builds a new engine, an older one (a caller holding a stale copy of the account) gets
+        the current engine rather than churning it."""
         with self._lock:
             current = self._instances.get(account_id)
             if current is not None and current[0] >= version:
                 return current[1]
             if current is not None:
                 self._retired.append(current[1])  # jobs may still use it: closed at shutdown
-            engine = self.factory(name)(settings, self.context)
+            merged = {**settings, **self.box.open(sealed)}
+            engine = self.factory(name)(merged, self.context)
             self._instances[account_id] = (version, engine)
             return engine
+
+    def probe(self, name: str, settings: Mapping[str, Any], sealed: str | None) -> Engine:
+        """A fresh engine for settings not stored yet (to ask what it serves); the caller
+        closes it. Engines are cheap to build: they load models on first use."""
+        return self.factory(name)({**settings, **self.box.open(sealed)}, self.context)
 
     async def close(self) -> None:
         engines = [engine for _, engine in self._instances.values()] + self._retired
         self._instances, self._retired = {}, []
         for engine in engines:
             await engine.close()
+
+
+def _settings_error(name: str, model: type[EngineSettings], error: ValidationError) -> BadRequest:
+    """The first problem, naming the key and what is valid; never the value (it may be a
+    secret)."""
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in ("settings", *first["loc"]))
+    if first["type"] == "missing":
+        return MissingParameter(key)
+    if first["type"] == "extra_forbidden":
+        known = [field.alias or field_name for field_name, field in model.model_fields.items()]
+        takes = ", ".join(known) if known else "no settings"
+        return BadRequest(f"Parameter {key} not allowed: engine {name} takes {takes}")
+    if first["type"] in ("model_type", "model_attributes_type"):
+        return BadRequest("Parameter settings must be an object")
+    return BadRequest(f"Parameter {key} is invalid: {first['msg']}")

@@ -9,10 +9,10 @@ it on SQLite.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, func, insert, select, update
+from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
 
 from dreamserve.ids import AssetRef
 from dreamserve.jobs import Job, Spec, Status, StoredImage
@@ -27,8 +27,11 @@ class Account:
     id: int
     name: str
     owner: int
+    email: str
+    region: str
     engine: str
-    settings: Mapping[str, Any]
+    settings: Mapping[str, Any] = field(repr=False)
+    sealed: str | None = field(repr=False)  # the secret settings, sealed (storage/sealing.py)
     models: tuple[str, ...] | None
     max_jobs: int
     running: int
@@ -70,7 +73,11 @@ def user_of_token(conn: Connection, token_hash: str) -> int | None:
 
 # Accounts and slots
 
-_USABLE_ACCOUNTS = select(accounts).where(accounts.c.owner.in_([SHARED, bindparam("user")]))
+_USABLE_ACCOUNTS = (
+    select(accounts)
+    .where(accounts.c.owner.in_([SHARED, bindparam("user")]))
+    .order_by(accounts.c.id)
+)
 _ACCOUNT_BY_ID = select(accounts).where(accounts.c.id == bindparam("account"))
 # The cap is checked against the row as it is now (not as a caller last saw it), and an account
 # in error takes nothing: admission may work from a slightly stale list of accounts.
@@ -111,6 +118,7 @@ def insert_account(
     max_jobs: int,
     now: int,
     settings: Mapping[str, Any] | None = None,
+    sealed: str | None = None,
     models: Sequence[str] | None = None,
 ) -> int:
     result = conn.execute(
@@ -122,6 +130,7 @@ def insert_account(
             region=region,
             engine=engine,
             settings=dict(settings or {}),
+            secrets=sealed,
             models=None if models is None else list(models),
             max_jobs=max_jobs,
             running=0,
@@ -138,9 +147,67 @@ def usable_accounts(conn: Connection, user_id: int) -> list[Account]:
     return [_account(row) for row in conn.execute(_USABLE_ACCOUNTS, {"user": user_id}).mappings()]
 
 
+def shared_accounts(conn: Connection) -> list[Account]:
+    query = select(accounts).where(accounts.c.owner == SHARED).order_by(accounts.c.id)
+    return [_account(row) for row in conn.execute(query).mappings()]
+
+
 def account_by_id(conn: Connection, account_id: int) -> Account | None:
     row = conn.execute(_ACCOUNT_BY_ID, {"account": account_id}).mappings().first()
     return None if row is None else _account(row)
+
+
+def account_named(conn: Connection, owner: int, name: str) -> Account | None:
+    query = select(accounts).where(accounts.c.owner == owner, accounts.c.name == name)
+    row = conn.execute(query).mappings().first()
+    return None if row is None else _account(row)
+
+
+def owners_of_name(conn: Connection, name: str) -> list[int]:
+    """Who has an account called `name` (a user id, or SHARED)."""
+    query = select(accounts.c.owner).where(accounts.c.name == name)
+    return list(conn.execute(query).scalars())
+
+
+def update_account(
+    conn: Connection,
+    account_id: int,
+    *,
+    email: str,
+    region: str,
+    engine: str,
+    max_jobs: int,
+    now: int,
+    settings: Mapping[str, Any],
+    sealed: str | None,
+    models: Sequence[str] | None,
+) -> None:
+    """Replace an account's configuration and clear its error; its taken slots stay taken."""
+    conn.execute(
+        update(accounts)
+        .where(accounts.c.id == account_id)
+        .values(
+            email=email,
+            region=region,
+            engine=engine,
+            settings=dict(settings),
+            secrets=sealed,
+            models=None if models is None else list(models),
+            max_jobs=max_jobs,
+            error=None,
+            updated_at=now,
+        )
+    )
+
+
+def delete_account(conn: Connection, account_id: int) -> None:
+    """Delete an account; its jobs and images keep its name but lose the link to it."""
+    conn.execute(delete(accounts).where(accounts.c.id == account_id))
+
+
+def set_account_error(conn: Connection, account_id: int, error: str) -> None:
+    """Put an account in error: admission skips it until it is saved again."""
+    conn.execute(update(accounts).where(accounts.c.id == account_id).values(error=error))
 
 
 def take_slot(conn: Connection, account: Account, requested: int | None = None) -> bool:
@@ -196,28 +263,51 @@ _CLAIM_JOB = (
     .values(
         started_at=bindparam("now"),
         updated_at=bindparam("now"),
+        lease_until=bindparam("lease"),
         progress=0,
         attempts=jobs.c.attempts + 1,
     )
     .returning(*jobs.c)
 )
-_SET_PROGRESS = (
+# A runner's writes are fenced by its attempt: once the reaper gave the job to another runner
+# (or ended it), the first one's renewals and results change nothing.
+_RENEW_LEASE = (
     update(jobs)
-    .where(jobs.c.id == bindparam("job"), jobs.c.status == CREATED)
-    .values(progress=bindparam("new_progress"), updated_at=bindparam("now"))
+    .where(
+        jobs.c.id == bindparam("job"),
+        jobs.c.status == CREATED,
+        jobs.c.attempts == bindparam("attempt"),
+    )
+    .values(lease_until=bindparam("lease"))
 )
+_RENEW_LEASE_WITH_PROGRESS = _RENEW_LEASE.values(
+    progress=bindparam("new_progress"), updated_at=bindparam("now")
+)
+_FINISH_VALUES: dict[str, Any] = {
+    "status": bindparam("new_status"),
+    "images": bindparam("new_images"),
+    "error": bindparam("new_error"),
+    "error_details": bindparam("new_error_details"),
+    "progress": None,
+    "lease_until": None,
+    "updated_at": bindparam("now"),
+    "finished_at": bindparam("now"),
+}
 _FINISH_JOB = (
     update(jobs)
     .where(jobs.c.id == bindparam("job"), jobs.c.status == CREATED)
-    .values(
-        status=bindparam("new_status"),
-        images=bindparam("new_images"),
-        error=bindparam("new_error"),
-        error_details=bindparam("new_error_details"),
-        progress=None,
-        updated_at=bindparam("now"),
-        finished_at=bindparam("now"),
+    .values(**_FINISH_VALUES)
+    .returning(jobs.c.account_id)
+)
+_FINISH_JOB_OF_ATTEMPT = (
+    update(jobs)
+    .where(
+        jobs.c.id == bindparam("job"),
+        jobs.c.status == CREATED,
+        jobs.c.attempts == bindparam("attempt"),
     )
+    .values(**_FINISH_VALUES)
+    .returning(jobs.c.account_id)
 )
 _INSERT_ASSET = insert(assets)
 
@@ -249,24 +339,45 @@ def job_by_jobid(conn: Connection, jobid: str, user_id: int) -> Job | None:
     return None if row is None else _job(row)
 
 
-def claim_job(conn: Connection, job_id: int, now: int) -> tuple[Job, int | None] | None:
-    """Mark an unfinished, unstarted job started (one more attempt): its row and its account
-    id, or None when it is finished or already running (a second delivery does nothing)."""
-    row = conn.execute(_CLAIM_JOB, {"job": job_id, "now": now}).mappings().first()
+def claim_job(
+    conn: Connection, job_id: int, now: int, lease_until: int
+) -> tuple[Job, int | None] | None:
+    """Mark an unfinished, unstarted job started (one more attempt) and leased until
+    `lease_until`: its row and its account id, or None when it is finished or already running
+    (a second delivery does nothing)."""
+    row = (
+        conn.execute(_CLAIM_JOB, {"job": job_id, "now": now, "lease": lease_until})
+        .mappings()
+        .first()
+    )
     return None if row is None else (_job(row), row["account_id"])
 
 
-def set_progress(conn: Connection, job_id: int, progress: int, now: int) -> None:
-    conn.execute(_SET_PROGRESS, {"job": job_id, "new_progress": progress, "now": now})
+def renew_lease(
+    conn: Connection,
+    job_id: int,
+    attempt: int,
+    lease_until: int,
+    *,
+    progress: int | None = None,
+    now: int = 0,
+) -> bool:
+    """Extend the lease of a running job (and record its progress when given); False when the
+    job is no longer this attempt's to run: ended (cancelled, its account deleted) or reaped."""
+    params: dict[str, Any] = {"job": job_id, "attempt": attempt, "lease": lease_until}
+    if progress is None:
+        return conn.execute(_RENEW_LEASE, params).rowcount == 1
+    params.update(new_progress=progress, now=now)
+    return conn.execute(_RENEW_LEASE_WITH_PROGRESS, params).rowcount == 1
 
 
 def finish_job(
     conn: Connection,
     job: Job,
-    account_id: int | None,
     *,
     status: Status,
     now: int,
+    attempt: int | None = None,
     images: Sequence[StoredImage] = (),
     description: str | None = None,
     error: str | None = None,
@@ -275,21 +386,24 @@ def finish_job(
     """End an unfinished job: its final state, its images as assets, its slot given back.
 
     Only the first call for a job does anything (the update is conditional on the job being
-    unfinished), so a slot is released exactly once whatever path ends the job.
+    unfinished), so a slot is released exactly once whatever path ends the job. A runner
+    passes its `attempt`: a job taken back from it is not its to end.
     """
-    finished = conn.execute(
-        _FINISH_JOB,
-        {
-            "job": job.id,
-            "new_status": status.value,
-            "new_images": [image.to_json() for image in images] if images else None,
-            "new_error": error,
-            "new_error_details": error_details,
-            "now": now,
-        },
-    )
-    if finished.rowcount != 1:
+    params = {
+        "job": job.id,
+        "new_status": status.value,
+        "new_images": [image.to_json() for image in images] if images else None,
+        "new_error": error,
+        "new_error_details": error_details,
+        "now": now,
+    }
+    if attempt is None:
+        finished = conn.execute(_FINISH_JOB, params).first()
+    else:
+        finished = conn.execute(_FINISH_JOB_OF_ATTEMPT, {**params, "attempt": attempt}).first()
+    if finished is None:
         return False
+    account_id = finished[0]
     if account_id is not None:
         conn.execute(_RELEASE_SLOT, {"account": account_id})
     if images:
@@ -318,6 +432,59 @@ def finish_job(
     return True
 
 
+def cancel_account_jobs(
+    conn: Connection, account_id: int, error: str, details: str, now: int
+) -> list[int]:
+    """End every unfinished job of an account as failed (its slots go with the account); their
+    ids, for the runners to be told."""
+    result = conn.execute(
+        update(jobs)
+        .where(jobs.c.account_id == account_id, jobs.c.status == CREATED)
+        .values(
+            status=Status.FAILED.value,
+            error=error,
+            error_details=details,
+            progress=None,
+            lease_until=None,
+            updated_at=now,
+            finished_at=now,
+        )
+        .returning(jobs.c.id)
+    )
+    return list(result.scalars())
+
+
+def unfinished_jobs_of(conn: Connection, user_id: int) -> list[Job]:
+    """The user's jobs that hold a slot (queued or running), oldest first."""
+    query = (
+        select(jobs).where(jobs.c.user_id == user_id, jobs.c.status == CREATED).order_by(jobs.c.id)
+    )
+    return [_job(row) for row in conn.execute(query).mappings()]
+
+
+def expired_leases(conn: Connection, now: int) -> list[tuple[int, int]]:
+    """(id, attempt) of the running jobs whose runner stopped renewing its lease."""
+    query = select(jobs.c.id, jobs.c.attempts).where(
+        jobs.c.status == CREATED, jobs.c.lease_until < now
+    )
+    return [(job_id, attempt) for job_id, attempt in conn.execute(query)]
+
+
+def requeue_job(conn: Connection, job_id: int, attempt: int) -> bool:
+    """Take a job back from the runner of `attempt`, so that another claim runs it again."""
+    result = conn.execute(
+        update(jobs)
+        .where(jobs.c.id == job_id, jobs.c.status == CREATED, jobs.c.attempts == attempt)
+        .values(started_at=None, lease_until=None, progress=None)
+    )
+    return result.rowcount == 1
+
+
+def job_by_id(conn: Connection, job_id: int) -> Job | None:
+    row = conn.execute(select(jobs).where(jobs.c.id == job_id)).mappings().first()
+    return None if row is None else _job(row)
+
+
 def fail_exhausted_jobs(conn: Connection, max_attempts: int, error: str, now: int) -> list[str]:
     """Fail the unfinished jobs that were started `max_attempts` times already; their jobids."""
     result = conn.execute(
@@ -333,7 +500,9 @@ def release_unfinished_jobs(conn: Connection) -> list[int]:
     """Mark every unfinished job not started, so that a runner can claim it again; their ids,
     oldest first. Only for the process that holds the runner lock."""
     conn.execute(
-        update(jobs).where(jobs.c.status == CREATED).values(started_at=None, progress=None)
+        update(jobs)
+        .where(jobs.c.status == CREATED)
+        .values(started_at=None, lease_until=None, progress=None)
     )
     query = select(jobs.c.id).where(jobs.c.status == CREATED).order_by(jobs.c.id)
     return list(conn.execute(query).scalars())
@@ -359,8 +528,11 @@ def _account(row: Mapping[Any, Any]) -> Account:
         id=row["id"],
         name=row["name"],
         owner=row["owner"],
+        email=row["email"],
+        region=row["region"],
         engine=row["engine"],
         settings=row["settings"] or {},
+        sealed=row["secrets"],
         models=None if row["models"] is None else tuple(row["models"]),
         max_jobs=row["max_jobs"],
         running=row["running"],
@@ -388,4 +560,5 @@ def _job(row: Mapping[Any, Any]) -> Job:
         error=row["error"],
         error_details=row["error_details"],
         images=tuple(StoredImage.from_json(image) for image in row["images"] or ()),
+        attempts=row["attempts"],
     )

@@ -61,7 +61,8 @@ accounts = Table(
     Column("email", String(255), nullable=False),
     Column("region", String(32), nullable=False),
     Column("engine", String(64), nullable=False),
-    Column("settings", Json, nullable=False),
+    Column("settings", Json, nullable=False),  # the engine's settings, secrets left out
+    Column("secrets", Text, nullable=True),  # the secret settings, encrypted (storage/sealing.py)
     Column("models", Json, nullable=True),  # None: every catalogue model the engine serves
     Column("max_jobs", Integer, nullable=False),
     Column("running", Integer, nullable=False, default=0),
@@ -94,7 +95,10 @@ jobs = Table(
     Column("updated_at", BigInteger, nullable=True),
     Column("started_at", BigInteger, nullable=True),
     Column("finished_at", BigInteger, nullable=True),
+    # While a runner works on the job it renews this; past it, the reaper takes the job back.
+    Column("lease_until", BigInteger, nullable=True),
     Index("ix_jobs_status_account", "status", "account_id"),
+    Index("ix_jobs_status_lease", "status", "lease_until"),
 )
 
 assets = Table(

@@ -1,0 +1,73 @@
+"""POST /accounts (upsert), GET /accounts, GET and DELETE /accounts/<account>."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from dreamserve.api.body import read_fields
+from dreamserve.api.deps import SECURED, authenticate
+from dreamserve.api.schemas import ACCOUNT_REQUEST_BODY, ERRORS, AccountDeleted, AccountSummary
+
+router = APIRouter(tags=["accounts"])
+
+ACCOUNT_PARAMETER = {
+    "name": "account",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string"},
+    "description": "REGION:name, raw or percent-encoded",
+}
+
+
+@router.post(
+    "/accounts",
+    response_model=AccountSummary,
+    responses=ERRORS,
+    openapi_extra={"requestBody": ACCOUNT_REQUEST_BODY, **SECURED},
+    summary="Create or replace an account",
+)
+async def put_account(request: Request) -> JSONResponse:
+    """Creates the account, or replaces the one of the same id (its running jobs go on).
+    Secrets in `settings` are stored encrypted and never returned."""
+    service, user = await authenticate(request)
+    fields = await read_fields(request, request.app.state.max_body_bytes)
+    return JSONResponse(await service.put_account(user, fields))
+
+
+@router.get(
+    "/accounts",
+    response_model=dict[str, AccountSummary],
+    responses=ERRORS,
+    openapi_extra=SECURED,
+    summary="List the accounts you can use",
+)
+async def list_accounts(request: Request) -> JSONResponse:
+    """Your own accounts and the shared ones (`"shared": true`), keyed by account id."""
+    service, user = await authenticate(request)
+    return JSONResponse(await service.list_accounts(user))
+
+
+@router.get(
+    "/accounts/{account}",
+    response_model=AccountSummary,
+    responses=ERRORS,
+    openapi_extra={"parameters": [ACCOUNT_PARAMETER], **SECURED},
+    summary="Get an account",
+)
+async def get_account(request: Request) -> JSONResponse:
+    service, user = await authenticate(request)
+    return JSONResponse(await service.get_account(user, request.path_params["account"]))
+
+
+@router.delete(
+    "/accounts/{account}",
+    response_model=AccountDeleted,
+    responses=ERRORS,
+    openapi_extra={"parameters": [ACCOUNT_PARAMETER], **SECURED},
+    summary="Delete an account",
+)
+async def delete_account(request: Request) -> JSONResponse:
+    """Deletes one of your accounts; its unfinished jobs end as `Cancelled by user`."""
+    service, user = await authenticate(request)
+    return JSONResponse(await service.delete_account(user, request.path_params["account"]))

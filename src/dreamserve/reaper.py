@@ -1,0 +1,84 @@
+"""The reaper: takes jobs back from runners that stopped renewing their lease.
+
+A runner renews its job's lease while it works (worker.py). A lease that ran out means the runner
+is gone (a crashed worker, a task that died): the job runs again, or fails once it was started
+`max_attempts` times, and its slot is released exactly once by whichever ends it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import Connection
+
+from dreamserve.dispatch.base import Dispatcher
+from dreamserve.jobs import Status, millis
+from dreamserve.storage import queries
+from dreamserve.storage.database import Database
+
+log = logging.getLogger(__name__)
+
+RUNNER_LOST = "The job's runner stopped while the job was running"
+
+
+@dataclass(frozen=True)
+class ReaperConfig:
+    interval: float = 5.0
+    max_attempts: int = 3
+
+
+@dataclass(frozen=True)
+class Sweep:
+    requeued: list[int]  # job ids dispatched again
+    failed: list[str]  # jobids given up on
+
+
+class Reaper:
+    def __init__(
+        self,
+        db: Database,
+        dispatcher: Dispatcher,
+        clock: Callable[[], datetime],
+        config: ReaperConfig,
+    ) -> None:
+        self.db = db
+        self.dispatcher = dispatcher
+        self.clock = clock
+        self.config = config
+
+    async def sweep(self) -> Sweep:
+        """One pass over the expired leases."""
+        now = millis(self.clock())
+
+        def reap(conn: Connection) -> Sweep:
+            sweep = Sweep([], [])
+            for job_id, attempt in queries.expired_leases(conn, now):
+                if attempt < self.config.max_attempts:
+                    if queries.requeue_job(conn, job_id, attempt):
+                        sweep.requeued.append(job_id)
+                    continue
+                job = queries.job_by_id(conn, job_id)
+                if job is not None and queries.finish_job(
+                    conn, job, status=Status.FAILED, now=now, attempt=attempt, error=RUNNER_LOST
+                ):
+                    sweep.failed.append(job.jobid)
+            return sweep
+
+        sweep = await self.db.write(reap)
+        for job_id in sweep.requeued:
+            await self.dispatcher.dispatch(job_id)
+        for jobid in sweep.failed:
+            log.warning("job %s failed: its runner stopped too many times", jobid)
+        return sweep
+
+    async def run_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.interval)
+            try:
+                await self.sweep()
+            except Exception:  # an outage of the database: try again next round
+                log.exception("reaper sweep failed")
