@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,14 +63,16 @@ class Result:
 
 
 class Server:
-    def __init__(self, app: str, data_dir: Path, cpus: set[int] | None) -> None:
+    def __init__(
+        self, app: str, data_dir: Path, cpus: set[int] | None, options: Sequence[str] = ()
+    ) -> None:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
         self.data_dir = data_dir
         command = [sys.executable, str(HERE / "serve.py"), app, "--port", str(self.port)]
         self.process = subprocess.Popen(
-            [*command, "--data-dir", str(data_dir)],
+            [*command, "--data-dir", str(data_dir), *options],
             stdout=subprocess.PIPE,
             text=True,
             preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
@@ -150,10 +153,7 @@ async def drain(server: Server) -> None:
 
 
 async def run(seconds: float, rounds: int, clients: int) -> None:
-    cpus = os.sched_getaffinity(0)
-    server_cpus = {min(cpus)} if len(cpus) >= 2 else None
-    if server_cpus:
-        os.sched_setaffinity(0, cpus - server_cpus)
+    server_cpus = pin_servers()
     with tempfile.TemporaryDirectory() as scratch:
         servers = {
             name: Server(name, Path(scratch) / name, server_cpus)
@@ -192,18 +192,30 @@ async def run(seconds: float, rounds: int, clients: int) -> None:
     report(results, seconds, rounds, clients, server_cpus)
 
 
-def report(
+def pin_servers() -> set[int] | None:
+    """The CPUs for the servers (CPU 0), this process moved to the others; None (no pinning)
+    on a machine with one CPU."""
+    cpus = os.sched_getaffinity(0)
+    server_cpus = {min(cpus)} if len(cpus) >= 2 else None
+    if server_cpus:
+        os.sched_setaffinity(0, cpus - server_cpus)
+    return server_cpus
+
+
+def table(
     results: dict[str, list[Result]],
     seconds: float,
     rounds: int,
     clients: int,
     server_cpus: set[int] | None,
-) -> None:
+    width: int = 20,
+) -> dict[str, float]:
+    """Print the median round of each endpoint (status counts of all rounds); its req/s."""
     pinning = (
         f"servers on CPU {min(server_cpus)}, clients on the rest" if server_cpus else "no pinning"
     )
     print(f"{clients} clients, {rounds} rounds of {seconds:g}s per endpoint, {pinning}")
-    print(f"{'endpoint':<20}{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}  statuses (all rounds)")
+    print(f"{'endpoint':<{width}}{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}  statuses (all rounds)")
     rate: dict[str, float] = {}
     for name, runs in results.items():
         median = sorted(runs, key=lambda r: r.rate)[len(runs) // 2]
@@ -213,9 +225,20 @@ def report(
             statuses.update(one.statuses)
         shown = ", ".join(f"{code}: {count}" for code, count in sorted(statuses.items()))
         print(
-            f"{name:<20}{median.rate:>8.0f}{median.percentile(0.5):>9.2f}"
+            f"{name:<{width}}{median.rate:>8.0f}{median.percentile(0.5):>9.2f}"
             f"{median.percentile(0.99):>9.2f}  {shown}"
         )
+    return rate
+
+
+def report(
+    results: dict[str, list[Result]],
+    seconds: float,
+    rounds: int,
+    clients: int,
+    server_cpus: set[int] | None,
+) -> None:
+    rate = table(results, seconds, rounds, clients, server_cpus)
     ratios = [
         ("POST /images held", "POST /noop", 0.50, "submission path"),
         ("POST /images run", "POST /noop", 0.50, "submissions with their jobs run"),

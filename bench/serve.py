@@ -1,12 +1,17 @@
 """Start one benchmark server on the settings `dreamserve serve` uses (`uvicorn_options`).
 
     python bench/serve.py dreamserve|admission|noop --port P --data-dir D
+        [--database-url URL] [--no-shared]
 
 - `dreamserve`: the real app, with a catalogue row `bench-tiny` (64x64 images) and a cap of
   100000 on its account, so that neither rendering nor capacity limits submissions; jobs run.
 - `admission`: the same, but jobs are admitted and left `created` (a dispatcher that queues and
   never runs them): the submission path alone, and GETs that read the database.
 - `noop`: a FastAPI app whose POST parses the JSON body and whose GET answers a constant.
+
+`--database-url` puts the real app on that database (`Settings.database_url`; default: SQLite in
+the data dir). `--no-shared` deletes the shared accounts the way the operator does (`dreamserve
+accounts remove --shared`), so user 1 has only the accounts it creates itself through the API.
 
 The first line on stdout is an API token (or `no-token`).
 """
@@ -75,11 +80,14 @@ def noop_app() -> FastAPI:
     return app
 
 
-async def prepare(settings: Settings) -> str:
+async def prepare(settings: Settings, *, shared: bool = True) -> str:
     async with open_service(settings) as service:
         token = await service.bootstrap() or (await service.create_token(1))[1]
         uncapped = update(accounts).values(max_jobs=100_000)
         await service.db.write(lambda conn: conn.execute(uncapped))
+        if not shared:
+            for name in await service.list_accounts(None):
+                await service.delete_account(None, name)
     return token
 
 
@@ -88,15 +96,21 @@ def main() -> None:
     parser.add_argument("app", choices=["dreamserve", "admission", "noop"])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument("--database-url", default=None)
+    parser.add_argument("--no-shared", action="store_true")
     args = parser.parse_args()
     settings = Settings(
-        data_dir=args.data_dir, port=args.port, log_level="warning", access_log=False
+        data_dir=args.data_dir,
+        database_url=args.database_url,
+        port=args.port,
+        log_level="warning",
+        access_log=False,
     )
     if args.app == "noop":
         print("no-token", flush=True)
         app = noop_app()
     else:
-        print(asyncio.run(prepare(settings)), flush=True)
+        print(asyncio.run(prepare(settings, shared=not args.no_shared)), flush=True)
         dispatcher = QueueOnlyDispatcher if args.app == "admission" else InProcessDispatcher
         app = create_app(settings, catalogue=bench_catalogue(), dispatcher=dispatcher)
     uvicorn.run(app, **uvicorn_options(settings))

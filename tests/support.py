@@ -92,6 +92,24 @@ class Harness:
             await asyncio.sleep(0.05)
         raise AssertionError(f"job {jobid} did not finish in {seconds}s")
 
+    async def call(
+        self, method: str, path: str, body: Any = None, token: str | None = None
+    ) -> httpx.Response:
+        """Any API call, as user 1 unless another token is given."""
+        headers = {"Authorization": f"Bearer {token or self.token}"}
+        return await self.client.request(method, f"/v1/dreamina{path}", json=body, headers=headers)
+
+    async def put_account(
+        self, body: Mapping[str, Any], token: str | None = None
+    ) -> dict[str, Any]:
+        reply = await self.call("POST", "/accounts", body, token)
+        assert reply.status_code == 200, reply.text
+        return dict(reply.json())
+
+    async def new_user(self) -> str:
+        """A token of a new user."""
+        return (await self.service.create_token())[1]
+
     async def slots(self) -> dict[str, int]:
         return await self.service.db.read(queries.slots_taken)
 
@@ -126,7 +144,16 @@ async def open_harness(
             yield Harness(app, service, client, token)
 
 
-async def wait_started(engine: GatedEngine, count: int) -> None:
+async def eventually(condition: Callable[[], bool], seconds: float = 10) -> None:
+    """Wait until `condition()` holds (checked every 10 ms); fail after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition still false after {seconds}s")
+        await asyncio.sleep(0.01)
+
+
+async def wait_started(engine: GatedEngine | CancellableEngine, count: int) -> None:
     """Wait until `count` jobs reached the gated engine."""
     for _ in range(500):
         if engine.started >= count:
@@ -146,6 +173,24 @@ class _SharedEngine:
 
     async def close(self) -> None:
         return None
+
+
+class CancellableEngine(_SharedEngine):
+    """Runs until cancelled: records each job's start and the cancels it saw."""
+
+    def __init__(self) -> None:
+        self.started = 0
+        self.cancelled = 0
+
+    async def generate(
+        self, request: GenerationRequest, progress: Callable[[float], None], cancel: CancelSignal
+    ) -> list[Image.Image]:
+        self.started += 1
+        while not cancel.is_set:  # noqa: ASYNC110 (a thread event, polled as engines do)
+            await asyncio.sleep(0.01)
+        self.cancelled += 1
+        cancel.raise_if_set()
+        raise AssertionError("unreachable")
 
 
 class GatedEngine(_SharedEngine):

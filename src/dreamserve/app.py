@@ -71,6 +71,12 @@ async def open_service(
     blobs = LocalBlobStore(settings.data_dir / "blobs", signer)
     registry = EngineRegistry(EngineContext(executor), box, engines)
     ids = IdFactory()
+    admission = Admission(
+        registry,
+        Random(),
+        settings.retry_after_seconds,
+        cache_seconds=settings.account_cache_seconds,
+    )
     runner = JobRunner(
         db,
         blobs,
@@ -81,18 +87,14 @@ async def open_service(
         RunnerConfig(
             settings.image_format, settings.progress_interval_seconds, settings.lease_seconds
         ),
+        account_changed=admission.forget,
     )
     dispatch = dispatcher(runner)
     service = Service(
         db=db,
         blobs=blobs,
         catalogue=catalogue or default_catalogue(),
-        admission=Admission(
-            registry,
-            Random(),
-            settings.retry_after_seconds,
-            cache_seconds=settings.account_cache_seconds,
-        ),
+        admission=admission,
         dispatcher=dispatch,
         ids=ids,
         clock=clock,

@@ -1,6 +1,7 @@
-"""The `dreamserve` command: serve | migrate | tokens create | openapi.
+"""The `dreamserve` command: serve | migrate | tokens create | accounts add|list|remove | openapi.
 
-Every command reads the same `DREAMSERVE_*` settings as the server.
+Every command reads the same `DREAMSERVE_*` settings as the server. The `accounts` commands go
+through the same service as the API and print its JSON replies; `--shared` acts as the operator.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from dreamserve.app import API_PREFIX, create_app, open_service
-from dreamserve.errors import DreamserveError
-from dreamserve.service import AnotherRunner
+from dreamserve.errors import DreamserveError, NotFound
+from dreamserve.service import AnotherRunner, Service
 from dreamserve.settings import Settings
+from dreamserve.storage import queries
 
 SEED_REQUEST = {
     "prompt": "A stunning aurora borealis over a frozen lake at midnight",
@@ -28,6 +30,24 @@ SEED_REQUEST = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    settings = Settings()
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # it narrates every start
+    try:
+        _run(settings, args)
+    except DreamserveError as error:
+        print(f"dreamserve: {error.message}", file=sys.stderr)
+        return 1
+    except AnotherRunner as error:
+        print(f"dreamserve: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dreamserve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="migrate, then run the API server")
@@ -38,31 +58,75 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     create = tokens.add_parser("create", help="print a new token (for a new user by default)")
     create.add_argument("--user", type=int, help="an existing user id")
-    args = parser.parse_args(argv)
+    _accounts_parser(commands)
+    return parser
 
-    settings = Settings()
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+def _accounts_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    accounts = commands.add_parser(
+        "accounts", help="manage generation accounts (as POST/GET/DELETE /accounts do)"
+    ).add_subparsers(dest="action", required=True)
+    add = accounts.add_parser("add", help="create or replace an account; print its summary")
+    add.add_argument("account", help="the account id, REGION:name (e.g. LOCAL:gpu0)")
+    # Not required here: the service's message for a missing engine lists the valid ones.
+    add.add_argument("--engine", help="the engine that runs it (required), e.g. procedural")
+    add.add_argument("--max-jobs", metavar="N", help="jobs it runs at once, 1-50 (default 10)")
+    add.add_argument("--models", metavar="A,B", help="models it serves (default: all it can)")
+    add.add_argument("--email", help="its email (default: the name after the colon)")
+    add.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        type=_setting,
+        metavar="KEY=VALUE",
+        help="an engine setting, repeatable; VALUE is read as JSON when it parses (8, true, "
+        "{...}, '\"quoted\"'), else as text",
     )
-    logging.getLogger("alembic").setLevel(logging.WARNING)  # it narrates every start
+    _owner_options(add)
+    _owner_options(accounts.add_parser("list", help="print the accounts, keyed by id"))
+    remove = accounts.add_parser("remove", help="delete an account, cancelling its jobs")
+    remove.add_argument("account", help="the account id, REGION:name")
+    _owner_options(remove)
+
+
+def _owner_options(parser: argparse.ArgumentParser) -> None:
+    whose = parser.add_mutually_exclusive_group()
+    whose.add_argument(
+        "--shared", action="store_true", help="the shared accounts, declared by the operator"
+    )
+    whose.add_argument(
+        "--user", type=int, default=1, metavar="N", help="user N's accounts (default 1)"
+    )
+
+
+def _setting(text: str) -> tuple[str, Any]:
+    """`KEY=VALUE`, the value as JSON when it parses as JSON, else the text itself."""
+    key, equals, value = text.partition("=")
+    if not equals or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
     try:
-        if args.command == "serve":
-            serve(settings)
-        elif args.command == "migrate":
-            asyncio.run(_migrate(settings))
-            print(f"Database at {settings.database} is up to date")
-        elif args.command == "openapi":
-            print(json.dumps(create_app(settings).openapi(), indent=2, sort_keys=True))
-        else:
-            _, token = asyncio.run(_create_token(settings, args.user))
-            print(token)
-    except DreamserveError as error:
-        print(f"dreamserve: {error.message}", file=sys.stderr)
-        return 1
-    except AnotherRunner as error:
-        print(f"dreamserve: {error}", file=sys.stderr)
-        return 1
-    return 0
+        return key, json.loads(value, parse_constant=_not_a_number)
+    except ValueError:
+        return key, value
+
+
+def _not_a_number(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON the API would take")  # NaN, Infinity: text
+
+
+def _run(settings: Settings, args: argparse.Namespace) -> None:
+    if args.command == "serve":
+        serve(settings)
+    elif args.command == "migrate":
+        asyncio.run(_migrate(settings))
+        print(f"Database at {settings.database} is up to date")
+    elif args.command == "openapi":
+        print(json.dumps(create_app(settings).openapi(), indent=2, sort_keys=True))
+    elif args.command == "tokens":
+        _, token = asyncio.run(_create_token(settings, args.user))
+        print(token)
+    else:
+        print(json.dumps(asyncio.run(_accounts(settings, args)), indent=2))
 
 
 def serve(settings: Settings) -> None:
@@ -117,6 +181,46 @@ async def _bootstrap(settings: Settings) -> str | None:
 async def _create_token(settings: Settings, user_id: int | None) -> tuple[int, str]:
     async with open_service(settings) as service:
         return await service.create_token(user_id)
+
+
+async def _accounts(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    """`accounts add|list|remove`: the service's reply; `--shared` is the operator (None)."""
+    async with open_service(settings) as service:
+        # An empty database gets its first start here as it would from `serve`: `--user 1` (the
+        # default) and LOCAL:procedural then mean the same before and after the server first
+        # runs, and `serve` will not make them again. The token shows once, on stderr (stdout
+        # stays JSON). `tokens create` does not bootstrap: with no --user it makes a new user.
+        token = await service.bootstrap()
+        if token is not None:
+            print(first_start_banner(settings, token), file=sys.stderr, flush=True)
+        owner = None if args.shared else args.user
+        if owner is not None:
+            await _check_user(service, owner)
+        if args.action == "add":
+            return await service.put_account(owner, _account_fields(args))
+        if args.action == "list":
+            return await service.list_accounts(owner)
+        return await service.delete_account(owner, args.account)
+
+
+async def _check_user(service: Service, user_id: int) -> None:
+    # The API's callers exist (they hold a token); the CLI names users by number, and an
+    # account's owner is no foreign key: a typo would leave it to whoever gets that id later.
+    if not await service.db.read(lambda conn: queries.user_exists(conn, user_id)):
+        raise NotFound(f"User {user_id} not found")
+
+
+def _account_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The POST /accounts body the options stand for; options not given are left out."""
+    fields: dict[str, Any] = {"account": args.account, "settings": dict(args.setting)}
+    given = {
+        "engine": args.engine,
+        "maxJobs": args.max_jobs,  # as text: the service's check names the valid range
+        "models": args.models,  # "a,b": the service splits it as it does a form's
+        "email": args.email,
+    }
+    fields.update({key: value for key, value in given.items() if value is not None})
+    return fields
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ class JobRunner:
         clock: Callable[[], datetime],
         executor: Executor,
         config: RunnerConfig,
+        account_changed: Callable[[], None] = lambda: None,
     ) -> None:
         self.db = db
         self.blobs = blobs
@@ -60,6 +61,7 @@ class JobRunner:
         self.clock = clock
         self.executor = executor
         self.config = config
+        self.account_changed = account_changed  # drops admission's cached account lists
         self._signals: dict[int, CancelSignal] = {}  # jobs running here -> their cancel signal
 
     def cancel(self, job_id: int) -> None:
@@ -122,6 +124,7 @@ class JobRunner:
                 details=failure.details,
                 account_error=(account.id, failure.error),
             )
+            self.account_changed()
         except JobFailed as failure:
             await self._finish(job, Status.FAILED, error=failure.error, details=failure.details)
         except Exception as exc:

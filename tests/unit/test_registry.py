@@ -3,10 +3,9 @@ checked against the engine's model, with the secrets sealed apart."""
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-
-import os
 
 import pytest
 from pydantic import Field, SecretStr
@@ -40,8 +39,8 @@ class Keyed(Recorded):
     """An upstream-like engine: an API key (secret), a base URL and a bounded number."""
 
     class Settings(EngineSettings):
-        apiKey: SecretStr  # noqa: N815 (the API's spelling)
-        baseUrl: str = "https://upstream.example"  # noqa: N815
+        apiKey: SecretStr
+        baseUrl: str = "https://upstream.example"
         steps: int = Field(4, ge=1, le=50)
 
 
@@ -60,7 +59,8 @@ def test_secret_settings_are_sealed_apart_and_given_back_to_the_engine(
 ) -> None:
     plain, sealed = registry.check_settings("keyed", {"apiKey": "sk-123456", "steps": 8})
     assert plain == {"steps": 8}  # defaults are not frozen into the account
-    assert sealed is not None and "sk-123456" not in sealed
+    assert sealed is not None
+    assert "sk-123456" not in sealed
     assert BOX.open(sealed) == {"apiKey": "sk-123456"}
     engine = registry.engine("keyed", plain, sealed=sealed, account_id=1, version=1)
     assert engine.settings == {"steps": 8, "apiKey": "sk-123456"}  # type: ignore[attr-defined]
