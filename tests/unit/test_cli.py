@@ -1,16 +1,24 @@
-"""The CLI: tokens, migrations and the first-start banner; settings come from DREAMSERVE_*."""
+"""The CLI: tokens, accounts, migrations and the first-start banner; settings come from
+DREAMSERVE_*."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import re
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
+from pydantic import SecretStr
 
+from dreamserve import cli
 from dreamserve.app import open_service
 from dreamserve.cli import first_start_banner, main
+from dreamserve.engines.base import EngineContext, EngineSettings
+from dreamserve.engines.registry import BUILTIN
 from dreamserve.settings import Settings
 
 
@@ -114,3 +122,213 @@ def test_settings_come_from_dreamserve_variables(monkeypatch: pytest.MonkeyPatch
 def test_openapi_prints_the_document(capsys) -> None:
     assert main(["openapi"]) == 0
     assert '"/v1/dreamina/images"' in capsys.readouterr().out
+
+
+# accounts add | list | remove: the service behind POST/GET/DELETE /accounts, from the shell
+
+
+class Keyed:
+    """An upstream-like engine: an API key (secret) and plain settings of several JSON types."""
+
+    class Settings(EngineSettings):
+        apiKey: SecretStr  # the API's spelling
+        baseUrl: str = "https://upstream.example"
+        label: str = ""
+        steps: int = 4
+        extra: dict[str, Any] | None = None
+
+    def __init__(self, settings: Any, context: EngineContext) -> None:
+        pass
+
+    def serves(self, model: Any) -> bool:
+        return True
+
+    async def generate(self, request: Any, progress: Any, cancel: Any) -> list[Any]:
+        return []
+
+    async def close(self) -> None:
+        pass
+
+
+def accounts(capsys: pytest.CaptureFixture[str], *args: str) -> Any:
+    """The JSON `dreamserve accounts ...` prints (it must succeed)."""
+    assert main(["accounts", *args]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def accounts_error(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    """What a failing `dreamserve accounts ...` says on stderr (it prints nothing else)."""
+    assert main(["accounts", *args]) == 1
+    output = capsys.readouterr()
+    assert output.out == ""
+    return output.err.strip()
+
+
+@pytest.fixture
+def started(data_dir: Path, capsys: pytest.CaptureFixture[str]) -> Path:
+    """A data dir past its first start (user 1 and LOCAL:procedural), its banner read."""
+    accounts(capsys, "list")
+    return data_dir
+
+
+def test_the_first_accounts_command_makes_user_1_and_shows_its_token_once(
+    data_dir: Path, capsys
+) -> None:
+    assert main(["accounts", "list"]) == 0
+    first = capsys.readouterr()
+    assert list(json.loads(first.out)) == ["LOCAL:procedural"]  # stdout stays JSON
+    token = re.search(r"API token for user 1 \(shown only now; keep it\): (user:1-\S+)", first.err)
+    assert token is not None
+    assert main(["accounts", "list"]) == 0
+    assert capsys.readouterr().err == ""
+    assert tokens_create(capsys).startswith("user:2-")  # user 1 is the bootstrap's
+
+
+def test_accounts_add_prints_the_summary_and_list_shows_it(started: Path, capsys) -> None:
+    expected = {
+        "account": "LOCAL:gpu0",
+        "email": "me@example.com",
+        "region": "LOCAL",
+        "maxJobs": 3,
+        "engine": "procedural",
+        "models": {"image": ["seedream-4.0", "nano-banana"]},
+        "settings": {},
+        "shared": False,
+        "running": 0,
+    }
+    added = accounts(
+        capsys,
+        *("add", "LOCAL:gpu0", "--engine", "procedural", "--max-jobs", "3"),
+        *("--models", "seedream-4.0,nano-banana", "--email", "me@example.com"),
+    )
+    assert added == expected
+    listed = accounts(capsys, "list")
+    assert list(listed) == ["LOCAL:procedural", "LOCAL:gpu0"]
+    assert listed["LOCAL:gpu0"] == expected
+    assert listed == accounts(capsys, "list", "--user", "1")  # user 1 is the default
+
+
+def test_accounts_output_is_json_indented_by_2(started: Path, capsys) -> None:
+    assert main(["accounts", "add", "LOCAL:gpu0", "--engine", "procedural"]) == 0
+    out = capsys.readouterr().out
+    assert out == json.dumps(json.loads(out), indent=2) + "\n"
+
+
+def test_a_users_own_account_is_not_seen_by_another_user(started: Path, capsys) -> None:
+    accounts(capsys, "add", "LOCAL:gpu0", "--engine", "procedural")
+    assert tokens_create(capsys).startswith("user:2-")
+    assert list(accounts(capsys, "list", "--user", "2")) == ["LOCAL:procedural"]
+    assert list(accounts(capsys, "list", "--shared")) == ["LOCAL:procedural"]
+
+
+def test_a_shared_account_is_marked_shared_and_every_user_sees_it(started: Path, capsys) -> None:
+    added = accounts(capsys, "add", "LOCAL:gpu1", "--engine", "procedural", "--shared")
+    assert added["shared"] is True
+    assert tokens_create(capsys).startswith("user:2-")
+    for whose in (["--user", "1"], ["--user", "2"], ["--shared"]):
+        listed = accounts(capsys, "list", *whose)
+        assert list(listed) == ["LOCAL:procedural", "LOCAL:gpu1"]
+        assert listed["LOCAL:gpu1"] == added
+
+
+def test_accounts_remove_prints_the_reply_and_list_no_longer_has_it(started: Path, capsys) -> None:
+    accounts(capsys, "add", "LOCAL:gpu0", "--engine", "procedural")
+    removed = accounts(capsys, "remove", "LOCAL:gpu0")
+    assert removed == {"account": "LOCAL:gpu0", "deleted": True, "remaining": 1}
+    assert list(accounts(capsys, "list")) == ["LOCAL:procedural"]
+
+
+def test_the_operator_removes_a_shared_account_with_shared(started: Path, capsys) -> None:
+    removed = accounts(capsys, "remove", "LOCAL:procedural", "--shared")
+    assert removed == {"account": "LOCAL:procedural", "deleted": True, "remaining": 0}
+    assert accounts(capsys, "list") == {}
+
+
+def test_removing_a_shared_account_without_shared_fails(started: Path, capsys) -> None:
+    assert accounts_error(capsys, "remove", "LOCAL:procedural") == (
+        "dreamserve: Account LOCAL:procedural is shared and managed by the operator"
+    )
+    assert list(accounts(capsys, "list")) == ["LOCAL:procedural"]
+
+
+def test_removing_a_missing_account_fails(started: Path, capsys) -> None:
+    assert accounts_error(capsys, "remove", "LOCAL:nope") == (
+        "dreamserve: Unable to find configuration for account LOCAL:nope"
+    )
+
+
+def test_an_unknown_engine_fails_naming_the_valid_ones(started: Path, capsys) -> None:
+    assert accounts_error(capsys, "add", "LOCAL:gpu0", "--engine", "nope") == (
+        "dreamserve: Parameter engine (nope) valid values: procedural"
+    )
+    assert accounts_error(capsys, "add", "LOCAL:gpu0") == (
+        "dreamserve: Parameter engine is required, valid values: procedural"
+    )
+    assert list(accounts(capsys, "list")) == ["LOCAL:procedural"]
+
+
+def test_max_jobs_is_checked_by_the_service(started: Path, capsys) -> None:
+    for value in ("0", "abc"):
+        assert accounts_error(
+            capsys, "add", "LOCAL:gpu0", "--engine", "procedural", "--max-jobs", value
+        ) == (f"dreamserve: Parameter maxJobs ({value}) valid values: integer 1-50")
+
+
+def test_a_setting_the_engine_does_not_take_fails(started: Path, capsys) -> None:
+    assert accounts_error(
+        capsys, "add", "LOCAL:gpu0", "--engine", "procedural", "--setting", "colour=red"
+    ) == ("dreamserve: Parameter settings.colour not allowed: engine procedural takes no settings")
+
+
+def test_a_setting_without_equals_is_a_usage_error(started: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["accounts", "add", "LOCAL:gpu0", "--engine", "procedural", "--setting", "colour"])
+    assert exited.value.code == 2
+    assert "argument --setting: 'colour' is not KEY=VALUE" in capsys.readouterr().err
+
+
+def test_accounts_of_a_missing_user_fail(started: Path, capsys) -> None:
+    message = "dreamserve: User 9 not found"
+    assert accounts_error(capsys, "add", "LOCAL:gpu0", "--engine", "procedural", "--user", "9") == (
+        message
+    )
+    assert accounts_error(capsys, "list", "--user", "9") == message
+    tokens_create(capsys)  # user 2: nothing was left behind for a user to inherit
+    assert list(accounts(capsys, "list", "--user", "2")) == ["LOCAL:procedural"]
+
+
+@pytest.fixture
+def keyed(started: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI's service with one more engine, `keyed`, that takes a secret."""
+    engines = {**BUILTIN, "keyed": Keyed}
+    monkeypatch.setattr(cli, "open_service", functools.partial(open_service, engines=engines))
+
+
+def test_settings_values_are_json_when_they_parse_else_text(keyed: None, capsys) -> None:
+    added = accounts(
+        capsys,
+        *("add", "US:upstream", "--engine", "keyed", "--setting", "apiKey=sk-1"),
+        *("--setting", "steps=8", "--setting", 'extra={"a": [1, true]}'),
+        *("--setting", "baseUrl=https://up.example/v1?x=1", "--setting", "label=NaN"),
+    )
+    assert added["settings"] == {
+        "baseUrl": "https://up.example/v1?x=1",
+        "label": "NaN",  # not JSON the API would take: the text
+        "steps": 8,
+        "extra": {"a": [1, True]},
+    }
+    args = ("add", "US:upstream", "--engine", "keyed", "--setting", "apiKey=sk-1")
+    quoted = accounts(capsys, *args, "--setting", 'label="8"')
+    assert quoted["settings"] == {"label": "8"}  # a JSON string, without its quotes
+
+
+def test_secrets_are_never_printed(keyed: None, capsys) -> None:
+    secret = "sk-very-secret-0123456789"
+    args = ("--engine", "keyed", "--setting", f"apiKey={secret}", "--setting", "steps=8")
+    assert main(["accounts", "add", "US:upstream", *args]) == 0
+    added = capsys.readouterr()
+    assert json.loads(added.out)["settings"] == {"steps": 8}
+    assert main(["accounts", "list"]) == 0
+    listed = capsys.readouterr()
+    assert json.loads(listed.out)["US:upstream"]["settings"] == {"steps": 8}
+    assert secret not in added.out + added.err + listed.out + listed.err

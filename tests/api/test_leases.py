@@ -1,0 +1,160 @@
+"""Leases and the reaper: a job whose runner stops renewing its lease runs again or fails, its
+slot is released exactly once, and the runner it was taken from can change nothing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from sqlalchemy import Connection, func, select
+from support import (
+    SMALL,
+    CancellableEngine,
+    FakeClock,
+    GatedEngine,
+    Harness,
+    eventually,
+    open_harness,
+    wait_started,
+)
+
+from dreamserve.app import utc_now
+from dreamserve.dispatch.base import Runner
+from dreamserve.dispatch.inprocess import InProcessDispatcher
+from dreamserve.jobs import Status, millis
+from dreamserve.reaper import RUNNER_LOST, Reaper, ReaperConfig
+from dreamserve.settings import Settings
+from dreamserve.storage import queries
+from dreamserve.storage.tables import assets
+
+pytestmark = pytest.mark.anyio
+
+
+def now_millis() -> int:
+    return millis(utc_now())
+
+
+def reaper(harness: Harness, clock: FakeClock, max_attempts: int = 3) -> Reaper:
+    service = harness.service
+    return Reaper(service.db, service.dispatcher, clock, ReaperConfig(1.0, max_attempts))
+
+
+async def stored_files(settings: Settings) -> list[Any]:
+    return [path for path in (settings.data_dir / "blobs").rglob("*") if path.is_file()]
+
+
+async def asset_count(harness: Harness) -> int:
+    def count(conn: Connection) -> int:
+        return int(conn.execute(select(func.count()).select_from(assets)).scalar_one())
+
+    return await harness.service.db.read(count)
+
+
+async def test_an_expired_lease_runs_the_job_again_and_fences_the_first_runner(
+    settings: Settings,
+) -> None:
+    engine = GatedEngine()
+    clock = FakeClock()
+    async with open_harness(
+        settings, clock=clock, engines={"procedural": engine.factory}
+    ) as harness:
+        jobid = (await harness.post(SMALL)).json()["jobid"]
+        await wait_started(engine, 1)
+        assert (await reaper(harness, clock).sweep()).requeued == []  # lease still valid
+        clock.advance(31)  # the lease is 30 s and the gated runner reported no progress
+        sweep = await reaper(harness, clock).sweep()
+        assert len(sweep.requeued) == 1
+        await wait_started(engine, 2)  # a second runner claimed it (attempt 2)
+        assert await harness.slots() == {"LOCAL:procedural": 1}
+        engine.gate.set()  # both runners finish; only attempt 2 may write
+        record = await harness.wait(jobid)
+        dispatcher = harness.service.dispatcher
+        await eventually(lambda: dispatcher.running == 0)  # type: ignore[attr-defined]
+        assert record["status"] == "completed"
+        assert len(record["response"]["images"]) == 1
+        assert await asset_count(harness) == 1
+        assert await harness.slots() == {"LOCAL:procedural": 0}
+        assert len(await stored_files(settings)) == 1  # the fenced runner's file is deleted
+
+
+async def test_a_job_reaped_max_attempts_times_fails_and_frees_its_slot(
+    settings: Settings,
+) -> None:
+    engine = GatedEngine()
+    clock = FakeClock()
+    async with open_harness(
+        settings, clock=clock, engines={"procedural": engine.factory}
+    ) as harness:
+        jobid = (await harness.post(SMALL)).json()["jobid"]
+        await wait_started(engine, 1)
+        clock.advance(31)
+        sweep = await reaper(harness, clock, max_attempts=1).sweep()
+        assert (sweep.requeued, sweep.failed) == ([], [jobid])
+        record = (await harness.get(jobid)).json()
+        assert (record["status"], record["error"]) == ("failed", RUNNER_LOST)
+        assert await harness.slots() == {"LOCAL:procedural": 0}
+        engine.gate.set()  # the lost runner comes back: its result is thrown away
+        await harness.service.dispatcher.close()
+        assert (await harness.get(jobid)).json() == record
+        assert await harness.slots() == {"LOCAL:procedural": 0}
+        assert await stored_files(settings) == []
+
+
+async def test_a_runner_stops_when_its_job_was_ended_by_another_process(
+    settings: Settings,
+) -> None:
+    """Another process (the CLI deleting an account, another API node cancelling) can only
+    write the database: the runner sees it when it next renews its lease."""
+    engine = CancellableEngine()
+    quick = settings.model_copy(update={"lease_seconds": 0.3})
+    async with open_harness(quick, engines={"procedural": engine.factory}) as harness:
+        jobid = (await harness.post(SMALL)).json()["jobid"]
+        await wait_started(engine, 1)
+
+        def cancel_elsewhere(conn: Connection) -> bool:
+            job = queries.job_by_jobid(conn, jobid, 1)
+            assert job is not None
+            return queries.finish_job(
+                conn, job, status=Status.FAILED, now=now_millis(), error="Cancelled by user"
+            )
+
+        assert await harness.service.db.write(cancel_elsewhere)
+        await eventually(lambda: engine.cancelled == 1)
+        assert await harness.slots() == {"LOCAL:procedural": 0}
+
+
+class ClaimsThenVanishes:
+    """The first job is claimed by a runner that dies at once (its lease is never renewed);
+    later deliveries run normally."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.inner = InProcessDispatcher(runner)
+        self.runner = runner
+        self.vanished = False
+
+    async def dispatch(self, job_id: int) -> None:
+        if self.vanished:
+            await self.inner.dispatch(job_id)
+            return
+        self.vanished = True
+        now = now_millis()
+        db = self.runner.db  # type: ignore[attr-defined]
+        await db.write(lambda conn: queries.claim_job(conn, job_id, now, now + 300))
+
+    def cancel(self, job_id: int) -> None:
+        self.inner.cancel(job_id)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+async def test_the_servers_reaper_runs_again_a_job_whose_runner_died(settings: Settings) -> None:
+    quick = settings.model_copy(update={"reaper_interval_seconds": 0.1})
+    async with open_harness(quick, dispatcher=ClaimsThenVanishes) as harness:
+        jobid = (await harness.post(SMALL)).json()["jobid"]
+        record = await harness.wait(jobid)
+        assert record["status"] == "completed"
+        job = await harness.service.db.read(lambda conn: queries.job_by_jobid(conn, jobid, 1))
+        assert job is not None
+        assert job.attempts == 2
+        assert await harness.slots() == {"LOCAL:procedural": 0}
