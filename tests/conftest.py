@@ -1,13 +1,26 @@
-"""Shared fixtures: settings in a temp data dir, and an in-process API harness."""
+"""Shared fixtures: settings in a temp data dir on each database, and an in-process harness.
+
+Every test that takes `settings` (the whole database-facing suite) runs twice: on SQLite (the
+default) and on PostgreSQL at 127.0.0.1:5432 (user postgres, no password). The PostgreSQL runs
+share one database made for this test run and dropped at its end; each test starts from empty
+tables. Without a PostgreSQL server those runs are skipped, unless DREAMSERVE_TEST_POSTGRES is
+`required` (CI sets it), which makes them fail instead.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import os
+import secrets
+from collections.abc import AsyncIterator, Iterator
 
+import psycopg
 import pytest
 from support import Harness, open_harness
 
 from dreamserve.settings import Settings
+from dreamserve.storage.tables import metadata
+
+POSTGRES_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
 @pytest.fixture
@@ -15,10 +28,52 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+@pytest.fixture(scope="session")
+def postgres_database() -> Iterator[str | None]:
+    """A database of this test run (None when no server answers), dropped at the end."""
+    try:
+        admin = psycopg.connect(POSTGRES_SERVER, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError:
+        yield None
+        return
+    name = f"dreamserve_test_{os.getpid()}_{secrets.token_hex(4)}"
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+        finally:
+            admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+def _empty_tables(url: str) -> None:
+    """Remove every row a previous test left (the schema and its version stay)."""
+    tables = ", ".join(f'"{table.name}"' for table in metadata.sorted_tables)
+    with psycopg.connect(url, autocommit=True) as conn:
+        exists = conn.execute("SELECT to_regclass('public.jobs')").fetchone()
+        if exists is not None and exists[0] is not None:
+            conn.execute(f"TRUNCATE {tables} RESTART IDENTITY CASCADE")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest) -> str | None:
+    """None for the default SQLite file of the data dir; else a PostgreSQL URL."""
+    if request.param == "sqlite":
+        return None
+    url: str | None = request.getfixturevalue("postgres_database")
+    if url is None:
+        message = f"no PostgreSQL server at {POSTGRES_SERVER}"
+        if os.environ.get("DREAMSERVE_TEST_POSTGRES") == "required":
+            pytest.fail(message)
+        pytest.skip(message)
+    _empty_tables(url)
+    return url
+
+
 @pytest.fixture
-def settings(tmp_path) -> Settings:
+def settings(tmp_path, database_url: str | None) -> Settings:
     return Settings(
         data_dir=tmp_path / "data",
+        database_url=database_url,
         public_url="http://testserver",
         progress_interval_seconds=0.05,
         render_threads=2,

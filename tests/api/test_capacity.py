@@ -86,11 +86,11 @@ async def test_a_running_job_shows_started_and_progress(gated) -> None:
     assert "started" not in done
 
 
-async def test_two_processes_on_one_sqlite_file_share_the_cap(settings: Settings) -> None:
-    """Two sets of parts, each with its own connection to one SQLite file (as a second API
+async def test_two_processes_on_one_database_share_the_cap(settings: Settings) -> None:
+    """Two sets of parts, each with its own connections to one database (as a second API
     process would have): slots live in the database, not in memory, so the cap holds across
-    them. SQLite runs write transactions one at a time, so this is no race; the race is in
-    test_postgres.py."""
+    them. On PostgreSQL the transactions run on pools of threads, so the slot UPDATEs really
+    race; SQLite runs write transactions one at a time."""
     engine = GatedEngine()
     async with (
         open_harness(settings, engines={"procedural": engine.factory}) as first,
