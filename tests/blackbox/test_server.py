@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import socket
-import sqlite3
 import subprocess
 import threading
 import time
@@ -38,9 +37,11 @@ def free_port() -> int:
 class Server:
     """`make run` in its own process group, its output collected line by line."""
 
-    def __init__(self, data_dir: Path, port: int) -> None:
+    def __init__(self, data_dir: Path, port: int, database_url: str | None = None) -> None:
         env = {key: value for key, value in os.environ.items() if not key.startswith("DREAMSERVE_")}
         env |= {"DREAMSERVE_DATA_DIR": str(data_dir), "DREAMSERVE_PORT": str(port)}
+        if database_url is not None:
+            env["DREAMSERVE_DATABASE_URL"] = database_url
         self.url = f"http://127.0.0.1:{port}"
         self.lines: list[str] = []
         self.ready = threading.Event()
@@ -63,7 +64,7 @@ class Server:
         assert self.process.stdout is not None
         for line in self.process.stdout:
             self.lines.append(line)
-            if "Application startup complete" in line:
+            if "Uvicorn running on" in line:  # after startup: the socket is listening
                 self.ready.set()
 
     @property
@@ -145,34 +146,49 @@ def test_the_seed_request_end_to_end(server: Server, data_dir: Path) -> None:
         again.stop()
 
 
-def test_jobs_survive_a_kill(server: Server, data_dir: Path) -> None:
-    """SIGKILL while a 4k job renders: on the next start it runs again and frees its slot."""
-    headers = {"Authorization": f"Bearer {server.token}"}
-    body = {**SEED_BODY, "resolution": "4k", "ratio": "21:9"}
+def test_jobs_survive_a_kill(data_dir: Path, database_url: str | None) -> None:
+    """Slots filled with slow 4k jobs, SIGKILL, start again: every job reaches a terminal
+    state, none is lost, and every account's slot count is back to zero. On both databases."""
+    server = Server(data_dir, free_port(), database_url)
+    token = server.token or ""
+    headers = {"Authorization": f"Bearer {token}"}
+    slow = {**SEED_BODY, "resolution": "4k", "ratio": "21:9", "count": 1}
     with httpx.Client(base_url=server.url, headers=headers, timeout=30) as client:
-        jobids = [client.post("/v1/dreamina/images", json=body).json()["jobid"] for _ in range(2)]
+        account = {"account": "LOCAL:kill", "engine": "procedural", "maxJobs": 3}
+        assert client.post("/v1/dreamina/accounts", json=account).status_code == 200
+        jobids = []
+        for _ in range(3):
+            reply = client.post("/v1/dreamina/images", json={**slow, "account": "LOCAL:kill"})
+            jobids.append(reply.json()["jobid"])
+        full = client.post("/v1/dreamina/images", json={**slow, "account": "LOCAL:kill"})
+        assert (full.status_code, full.json()) == (429, {"error": "Account LOCAL:kill at capacity"})
+        shared = {**slow, "account": "LOCAL:procedural", "count": 2}
+        jobids += [client.post("/v1/dreamina/images", json=shared).json()["jobid"] for _ in "ab"]
         deadline = time.monotonic() + 60
         while client.get(f"/v1/dreamina/images/{jobids[0]}").json().get("progress", 0) < 5:
             assert time.monotonic() < deadline, "the job never made progress"
             time.sleep(0.2)
+        running = client.get("/v1/dreamina/accounts").json()
+        assert {name: a["running"] for name, a in running.items()} == {
+            "LOCAL:procedural": 2,
+            "LOCAL:kill": 3,
+        }
     server.stop(signal.SIGKILL)
-    database = data_dir / "dreamserve.db"
-    with sqlite3.connect(database) as connection:
-        assert connection.execute("SELECT running FROM accounts").fetchone() == (2,)
 
-    again = Server(data_dir, free_port())
+    again = Server(data_dir, free_port(), database_url)
     try:
         with httpx.Client(base_url=again.url, headers=headers, timeout=30) as client:
             for jobid in jobids:
                 record = wait_completed(client, jobid, seconds=240)
-                assert record["status"] == "completed"
-                assert [(i["width"], i["height"]) for i in record["response"]["images"]] == [
-                    (6197, 2656)
-                ] * 4
+                assert record["status"] == "completed", record
+            assert client.get("/v1/dreamina/scheduler").json() == {"executing": {}, "total": 0}
+            accounts = client.get("/v1/dreamina/accounts").json()
+            assert {name: a["running"] for name, a in accounts.items()} == {
+                "LOCAL:procedural": 0,
+                "LOCAL:kill": 0,
+            }
     finally:
         again.stop()
-    with sqlite3.connect(database) as connection:
-        assert connection.execute("SELECT running FROM accounts").fetchone() == (0,)
 
 
 def test_a_second_server_on_the_same_data_dir_stops_at_once(server: Server, data_dir: Path) -> None:
