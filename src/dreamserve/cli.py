@@ -16,10 +16,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from dreamserve.app import API_PREFIX, create_app, open_service
-from dreamserve.errors import DreamserveError, NotFound
-from dreamserve.service import AnotherRunner, Service
+from dreamserve.errors import DreamserveError
+from dreamserve.service import AnotherRunner
 from dreamserve.settings import Settings
-from dreamserve.storage import queries
 
 SEED_REQUEST = {
     "prompt": "A stunning aurora borealis over a frozen lake at midnight",
@@ -180,6 +179,12 @@ async def _bootstrap(settings: Settings) -> str | None:
 
 async def _create_token(settings: Settings, user_id: int | None) -> tuple[int, str]:
     async with open_service(settings) as service:
+        if user_id is None:
+            # On an empty database the new user is the first start's user 1, made with the
+            # shared LOCAL:procedural account as `serve` would (which then makes neither).
+            token = await service.bootstrap()
+            if token is not None:
+                return 1, token
         return await service.create_token(user_id)
 
 
@@ -189,25 +194,16 @@ async def _accounts(settings: Settings, args: argparse.Namespace) -> dict[str, A
         # An empty database gets its first start here as it would from `serve`: `--user 1` (the
         # default) and LOCAL:procedural then mean the same before and after the server first
         # runs, and `serve` will not make them again. The token shows once, on stderr (stdout
-        # stays JSON). `tokens create` does not bootstrap: with no --user it makes a new user.
+        # stays JSON).
         token = await service.bootstrap()
         if token is not None:
             print(first_start_banner(settings, token), file=sys.stderr, flush=True)
         owner = None if args.shared else args.user
-        if owner is not None:
-            await _check_user(service, owner)
         if args.action == "add":
             return await service.put_account(owner, _account_fields(args))
         if args.action == "list":
             return await service.list_accounts(owner)
         return await service.delete_account(owner, args.account)
-
-
-async def _check_user(service: Service, user_id: int) -> None:
-    # The API's callers exist (they hold a token); the CLI names users by number, and an
-    # account's owner is no foreign key: a typo would leave it to whoever gets that id later.
-    if not await service.db.read(lambda conn: queries.user_exists(conn, user_id)):
-        raise NotFound(f"User {user_id} not found")
 
 
 def _account_fields(args: argparse.Namespace) -> dict[str, Any]:

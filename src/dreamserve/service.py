@@ -243,6 +243,8 @@ class Service:
         now = millis(self.clock())
 
         def put(conn: Connection) -> Account:
+            if user_id is not None:
+                _require_user(conn, user_id)
             others = [each for each in queries.owners_of_name(conn, spec.name) if each != owner]
             if owner != SHARED and SHARED in others:
                 raise SharedAccount(spec.name)
@@ -269,7 +271,10 @@ class Service:
             assert saved is not None
             return saved
 
-        account = await self.db.write(put)
+        try:
+            account = await self.db.write(put)
+        except IntegrityError:  # the same new account saved at once by another request
+            account = await self.db.write(put)
         self.admission.forget()
         return self._summary(account)
 
@@ -279,6 +284,7 @@ class Service:
         def read(conn: Connection) -> list[Account]:
             if user_id is None:
                 return queries.shared_accounts(conn)
+            _require_user(conn, user_id)
             return queries.usable_accounts(conn, user_id)
 
         return {account.name: self._summary(account) for account in await self.db.read(read)}
@@ -414,6 +420,13 @@ def _unquoted(text: str) -> str:
     """A path segment percent-encoded twice on its way here, decoded once more (job and
     account ids never hold a `%`)."""
     return unquote(text) if "%" in text else text
+
+
+def _require_user(conn: Connection, user_id: int) -> None:
+    """API callers exist (they hold a token); the CLI names users by number, and an account's
+    owner is no foreign key: an account left to a mistyped user would go to a later one."""
+    if not queries.user_exists(conn, user_id):
+        raise NotFound(f"User {user_id} not found")
 
 
 def _visible(conn: Connection, user_id: int | None, name: str) -> Account:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import stat
 from collections.abc import Mapping
@@ -81,6 +82,15 @@ async def test_the_account_id_defaults_to_region_and_email(harness: Harness) -> 
     assert created == summary(account="EU:a@b.co", email="a@b.co", region="EU", maxJobs=10)
     created = await harness.put_account({"email": "c@d.co", "engine": "procedural"})
     assert (created["account"], created["region"]) == ("US:c@d.co", "US")
+
+
+async def test_the_same_new_account_posted_twice_at_once_is_saved_once(harness: Harness) -> None:
+    replies = await asyncio.gather(*(harness.call("POST", "/accounts", STUDIO) for _ in range(6)))
+    assert [reply.status_code for reply in replies] == [200] * 6
+    assert sorted((await harness.call("GET", "/accounts")).json()) == [
+        "LOCAL:procedural",
+        "US:studio@example.com",
+    ]
 
 
 async def test_post_again_replaces_the_account(harness: Harness) -> None:

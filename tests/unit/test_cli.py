@@ -332,3 +332,11 @@ def test_secrets_are_never_printed(keyed: None, capsys) -> None:
     listed = capsys.readouterr()
     assert json.loads(listed.out)["US:upstream"]["settings"] == {"steps": 8}
     assert secret not in added.out + added.err + listed.out + listed.err
+
+
+def test_tokens_create_on_an_empty_data_dir_is_the_first_start(data_dir: Path, capsys) -> None:
+    token = tokens_create(capsys)
+    assert token.startswith("user:1-")
+    listed = accounts(capsys, "list")
+    assert list(listed) == ["LOCAL:procedural"]
+    assert capsys.readouterr().err == ""  # no second first start (and no second token)
