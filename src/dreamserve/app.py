@@ -136,9 +136,14 @@ def create_app(
                 log.warning("job %s failed: the server stopped while it ran too often", jobid)
             reaper = Reaper(
                 service.db,
+                service.blobs,
                 service.dispatcher,
                 clock,
-                ReaperConfig(settings.reaper_interval_seconds, service.config.max_attempts),
+                ReaperConfig(
+                    settings.reaper_interval_seconds,
+                    service.config.max_attempts,
+                    settings.retention_days,
+                ),
             )
             sweeping = asyncio.create_task(reaper.run_forever(), name="reaper")
             try:

@@ -1,8 +1,10 @@
-"""The reaper: takes jobs back from runners that stopped renewing their lease.
+"""The reaper: takes jobs back from runners that stopped renewing their lease, and deletes jobs
+past retention.
 
 A runner renews its job's lease while it works (worker.py). A lease that ran out means the runner
 is gone (a crashed worker, a task that died): the job runs again, or fails once it was started
-`max_attempts` times, and its slot is released exactly once by whichever ends it.
+`max_attempts` times, and its slot is released exactly once by whichever ends it. Finished jobs
+are kept `retention_days`, then deleted with their images (the rows first, then the files).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from sqlalchemy import Connection
@@ -18,6 +20,7 @@ from sqlalchemy import Connection
 from dreamserve.dispatch.base import Dispatcher
 from dreamserve.jobs import Status, millis
 from dreamserve.storage import queries
+from dreamserve.storage.blobs import BlobStore
 from dreamserve.storage.database import Database
 
 log = logging.getLogger(__name__)
@@ -29,29 +32,34 @@ RUNNER_LOST = "The job's runner stopped while the job was running"
 class ReaperConfig:
     interval: float = 5.0
     max_attempts: int = 3
+    retention_days: float = 30.0
+    batch: int = 500  # jobs deleted per transaction
 
 
 @dataclass(frozen=True)
 class Sweep:
     requeued: list[int]  # job ids dispatched again
     failed: list[str]  # jobids given up on
+    deleted_files: int = 0  # images of jobs past retention
 
 
 class Reaper:
     def __init__(
         self,
         db: Database,
+        blobs: BlobStore,
         dispatcher: Dispatcher,
         clock: Callable[[], datetime],
         config: ReaperConfig,
     ) -> None:
         self.db = db
+        self.blobs = blobs
         self.dispatcher = dispatcher
         self.clock = clock
         self.config = config
 
     async def sweep(self) -> Sweep:
-        """One pass over the expired leases."""
+        """One pass: expired leases, then jobs past retention."""
         now = millis(self.clock())
 
         def reap(conn: Connection) -> Sweep:
@@ -73,7 +81,20 @@ class Reaper:
             await self.dispatcher.dispatch(job_id)
         for jobid in sweep.failed:
             log.warning("job %s failed: its runner stopped too many times", jobid)
-        return sweep
+        return replace(sweep, deleted_files=await self._forget_old_jobs(now))
+
+    async def _forget_old_jobs(self, now: int) -> int:
+        before = now - int(self.config.retention_days * 86_400_000)
+        deleted = 0
+        while True:
+            jobs, keys = await self.db.write(
+                lambda conn: queries.delete_finished_jobs(conn, before, self.config.batch)
+            )
+            for key in keys:  # a crash here leaves files without rows: harmless, never the reverse
+                await self.blobs.delete(key)
+            deleted += len(keys)
+            if jobs < self.config.batch:
+                return deleted
 
     async def run_forever(self) -> None:
         while True:

@@ -36,6 +36,7 @@ class Settings(BaseSettings):
     progress_interval_seconds: float = Field(default=0.5, gt=0)
     lease_seconds: float = Field(default=30.0, gt=0)
     reaper_interval_seconds: float = Field(default=5.0, gt=0)
+    retention_days: float = Field(default=30.0, gt=0)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     access_log: bool = True
 

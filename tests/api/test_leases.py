@@ -36,7 +36,8 @@ def now_millis() -> int:
 
 def reaper(harness: Harness, clock: FakeClock, max_attempts: int = 3) -> Reaper:
     service = harness.service
-    return Reaper(service.db, service.dispatcher, clock, ReaperConfig(1.0, max_attempts))
+    config = ReaperConfig(1.0, max_attempts)
+    return Reaper(service.db, service.blobs, service.dispatcher, clock, config)
 
 
 async def stored_files(settings: Settings) -> list[Any]:
@@ -121,6 +122,26 @@ async def test_a_runner_stops_when_its_job_was_ended_by_another_process(
         assert await harness.service.db.write(cancel_elsewhere)
         await eventually(lambda: engine.cancelled == 1)
         assert await harness.slots() == {"LOCAL:procedural": 0}
+
+
+async def test_jobs_past_retention_are_deleted_with_their_images(settings: Settings) -> None:
+    clock = FakeClock()
+    async with open_harness(settings, clock=clock) as harness:
+        old = (await harness.post({**SMALL, "count": 2})).json()["jobid"]
+        await harness.wait(old)
+        clock.advance(2 * 86_400)
+        kept = (await harness.post(SMALL)).json()["jobid"]
+        await harness.wait(kept)
+        assert len(await stored_files(settings)) == 3
+        clock.advance(29 * 86_400)  # `old` finished 31 days ago, `kept` 29 days ago
+        sweep = await reaper(harness, clock).sweep()
+        assert sweep.deleted_files == 2
+        harness.service._finished.clear()  # as after a restart: no record kept in memory
+        reply = await harness.get(old)
+        assert (reply.status_code, reply.json()) == (404, {"error": f"Job {old} not found"})
+        assert (await harness.get(kept)).json()["status"] == "completed"
+        assert len(await stored_files(settings)) == 1
+        assert await asset_count(harness) == 1
 
 
 class ClaimsThenVanishes:

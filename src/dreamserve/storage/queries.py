@@ -480,6 +480,20 @@ def requeue_job(conn: Connection, job_id: int, attempt: int) -> bool:
     return result.rowcount == 1
 
 
+def delete_finished_jobs(conn: Connection, before: int, limit: int) -> tuple[int, list[str]]:
+    """Delete up to `limit` jobs that finished before `before` (their assets go with them):
+    how many, and the blob keys of their images, for the caller to delete once this commits."""
+    rows = conn.execute(
+        select(jobs.c.id, jobs.c.images)
+        .where(jobs.c.finished_at < before)
+        .order_by(jobs.c.finished_at)
+        .limit(limit)
+    ).all()
+    if rows:
+        conn.execute(delete(jobs).where(jobs.c.id.in_([job_id for job_id, _ in rows])))
+    return len(rows), [image["uri"] for _, images in rows for image in images or ()]
+
+
 def job_by_id(conn: Connection, job_id: int) -> Job | None:
     row = conn.execute(select(jobs).where(jobs.c.id == job_id)).mappings().first()
     return None if row is None else _job(row)

@@ -99,6 +99,7 @@ jobs = Table(
     Column("lease_until", BigInteger, nullable=True),
     Index("ix_jobs_status_account", "status", "account_id"),
     Index("ix_jobs_status_lease", "status", "lease_until"),
+    Index("ix_jobs_finished_at", "finished_at"),  # retention
 )
 
 assets = Table(

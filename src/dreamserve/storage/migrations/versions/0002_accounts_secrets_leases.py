@@ -1,4 +1,4 @@
-"""Account secrets (encrypted) and job leases.
+"""Account secrets (encrypted), job leases, and an index for retention.
 
 Revision ID: 0002
 Revises: 0001
@@ -22,10 +22,12 @@ def upgrade() -> None:
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.add_column(sa.Column("lease_until", sa.BigInteger(), nullable=True))
         batch_op.create_index("ix_jobs_status_lease", ["status", "lease_until"], unique=False)
+        batch_op.create_index("ix_jobs_finished_at", ["finished_at"], unique=False)
 
 
 def downgrade() -> None:
     with op.batch_alter_table("jobs", schema=None) as batch_op:
+        batch_op.drop_index("ix_jobs_finished_at")
         batch_op.drop_index("ix_jobs_status_lease")
         batch_op.drop_column("lease_until")
     with op.batch_alter_table("accounts", schema=None) as batch_op:
