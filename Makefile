@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint typecheck pytest bench openapi clean
+.PHONY: run test lint typecheck pytest bench bench-admission openapi clean
 
 run: $(VENV)/.installed
 	$(BIN)/dreamserve serve
@@ -21,6 +21,9 @@ pytest: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-bench
 	$(BIN)/python bench/api.py
+
+bench-admission: $(VENV)/.installed-bench
+	$(BIN)/python bench/admission.py
 
 openapi: $(VENV)/.installed
 	$(BIN)/dreamserve openapi > openapi.json

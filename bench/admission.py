@@ -1,15 +1,17 @@
 """Admission throughput with three accounts, on SQLite and on PostgreSQL, and the 429 path alone,
 against the no-op FastAPI baseline, in one run.
 
-Starts five uvicorn servers with the settings `dreamserve serve` uses (bench/serve.py):
+Starts six uvicorn servers with the settings `dreamserve serve` uses (bench/serve.py):
 
   noop                  the no-op FastAPI app of bench/api.py
-  3 accounts sqlite     `admission` (jobs admitted, never run) on SQLite: user 1 has three
-                        accounts of its own, LOCAL:a, LOCAL:b and LOCAL:c (procedural), created
-                        with POST /accounts; the shared LOCAL:procedural is deleted before the
-                        start (`--no-shared`), so admission chooses among exactly these three.
-                        Their caps are then raised with SQL (the API allows 50 at most) so
-                        that capacity never limits: every POST takes a slot at its first try.
+  1 account sqlite      `admission` (jobs admitted, never run) with the shared LOCAL:procedural
+                        alone, uncapped: the `held` server of bench/api.py, for reference
+  3 accounts sqlite     `admission` on SQLite where user 1 has three accounts of its own,
+                        LOCAL:a, LOCAL:b and LOCAL:c (procedural), created with POST /accounts;
+                        the shared LOCAL:procedural is deleted before the start (`--no-shared`),
+                        so admission chooses among exactly these three. Their caps are then
+                        raised with SQL (the API allows 50 at most) so that capacity never
+                        limits: every POST takes a slot at its first try.
   3 accounts postgres   the same on a fresh PostgreSQL database
   429 sqlite            the same three accounts created with maxJobs 1, each then holding one
                         job: every POST tries the three slots and gets 429 `All accounts at
@@ -38,6 +40,7 @@ import secrets
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import psycopg
@@ -57,8 +60,12 @@ POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
 @contextlib.contextmanager
-def fresh_databases(admin_url: str, count: int) -> Iterator[list[str]]:
-    """`count` new, empty databases on the server of `admin_url`; dropped on exit."""
+def fresh_databases(admin_url: str | None, count: int) -> Iterator[list[str]]:
+    """`count` new, empty databases on the server of `admin_url` (none without one); dropped
+    on exit."""
+    if admin_url is None:
+        yield []
+        return
     names = [f"dreamserve_bench_{secrets.token_hex(4)}" for _ in range(count)]
     made: list[str] = []
     try:
@@ -69,24 +76,42 @@ def fresh_databases(admin_url: str, count: int) -> Iterator[list[str]]:
         url = make_url(admin_url)
         yield [url.set(database=name).render_as_string(hide_password=False) for name in names]
     finally:
-        with psycopg.connect(admin_url, autocommit=True) as conn:
-            for name in made:
-                drop = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
-                conn.execute(drop.format(sql.Identifier(name)))
+        if made:
+            with psycopg.connect(admin_url, autocommit=True) as conn:
+                for name in made:
+                    drop = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
+                    conn.execute(drop.format(sql.Identifier(name)))
 
 
 class Admission:
-    """An `admission` server whose user 1 has the three accounts of ACCOUNTS only."""
+    """An `admission` server set up for one case:
+
+    - `1 account`: the shared LOCAL:procedural alone, uncapped by bench/serve.py (the `held`
+      server of bench/api.py), for reference;
+    - `3 accounts`: LOCAL:procedural deleted, ACCOUNTS created through the API, then uncapped;
+    - `429`: LOCAL:procedural deleted, ACCOUNTS created with maxJobs 1 and each given a job.
+    """
 
     def __init__(
-        self, data_dir: Path, cpus: set[int] | None, database_url: str | None = None
+        self, case: str, data_dir: Path, cpus: set[int] | None, database_url: str | None = None
     ) -> None:
-        options = ["--no-shared"]
+        self.case = case
+        options = [] if case == "1 account" else ["--no-shared"]
         if database_url:
             options += ["--database-url", database_url]
         self.database = Settings(data_dir=data_dir, database_url=database_url).database
         self.server = Server("admission", data_dir, cpus, options)
         self.images = f"{self.server.url}/v1/dreamina/images"
+
+    async def setup(self) -> None:
+        if self.case == "429":
+            await self.full()
+        elif self.case == "3 accounts":
+            await self.uncapped()
+        else:
+            status, record = await self.submit()
+            if status != 200:
+                raise RuntimeError(f"a submission was refused: {status} {record}")
 
     async def create_accounts(self, max_jobs: int) -> None:
         url = f"{self.server.url}/v1/dreamina/accounts"
@@ -103,7 +128,7 @@ class Admission:
         if listed != list(ACCOUNTS):
             raise RuntimeError(f"user 1 can use {listed}, not just {list(ACCOUNTS)}")
 
-    async def submit(self) -> tuple[int, dict]:
+    async def submit(self) -> tuple[int, dict[str, Any]]:
         async with (
             aiohttp.ClientSession(headers=self.server.auth) as session,
             session.post(self.images, json=BODY) as reply,
@@ -148,20 +173,26 @@ async def run(seconds: float, rounds: int, clients: int, postgres: str | None) -
     server_cpus = pin_servers()
     with (
         tempfile.TemporaryDirectory() as scratch,
-        fresh_databases(postgres, 2) if postgres else contextlib.nullcontext([]) as urls,
+        fresh_databases(postgres, 2) as urls,
     ):
         noop = Server("noop", Path(scratch) / "noop", server_cpus)
         servers: dict[str, Admission] = {}
         try:
-            plan = [("3 accounts", "sqlite", None), ("429", "sqlite", None)]
+            plan: list[tuple[str, str, str | None]] = [
+                ("1 account", "sqlite", None),
+                ("3 accounts", "sqlite", None),
+            ]
             if urls:
-                plan += [("3 accounts", "postgres", urls[0]), ("429", "postgres", urls[1])]
-            for case, backend, url in sorted(plan, key=lambda each: each[0] == "429"):
+                plan.append(("3 accounts", "postgres", urls[0]))
+            plan.append(("429", "sqlite", None))
+            if urls:
+                plan.append(("429", "postgres", urls[1]))
+            for case, backend, url in plan:
                 data_dir = Path(scratch) / f"{case}-{backend}".replace(" ", "-")
-                servers[f"{case} {backend}"] = Admission(data_dir, server_cpus, url)
-            for name, server in servers.items():
-                await (server.full() if name.startswith("429") else server.uncapped())
-            phases = {"POST /noop": (f"{noop.url}/noop", {})}
+                servers[f"{case} {backend}"] = Admission(case, data_dir, server_cpus, url)
+            for server in servers.values():
+                await server.setup()
+            phases: dict[str, tuple[str, dict[str, str]]] = {"POST /noop": (f"{noop.url}/noop", {})}
             for name, server in servers.items():
                 phases[f"POST /images {name}"] = (server.images, server.server.auth)
             results: dict[str, list[Result]] = {name: [] for name in phases}
@@ -192,10 +223,12 @@ def report(
         ratio = rate[name] / rate["POST /noop"]
         what = name.removeprefix("POST /images ")
         if what.startswith("429"):
-            print(f"{what + ' (every POST refused)':<40}{ratio:6.2f} of the no-op POST")
+            print(f"{what + ' (every POST refused)':<44}{ratio:6.2f} of the no-op POST")
+        elif what.startswith("1 account"):
+            print(f"{what + ' (admitted, reference)':<44}{ratio:6.2f} of the no-op POST")
         else:
             verdict = "meets" if ratio >= 0.5 else "below"
-            print(f"{what + ' (admitted)':<40}{ratio:6.2f} of the no-op POST ({verdict} 0.50)")
+            print(f"{what + ' (admitted)':<44}{ratio:6.2f} of the no-op POST ({verdict} 0.50)")
     for name, taken in slots.items():
         shown = ", ".join(f"{account} {count}" for account, count in sorted(taken.items()))
         print(f"slots taken, {name}: {shown}")
