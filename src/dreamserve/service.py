@@ -290,9 +290,16 @@ class Service:
         return {account.name: self._summary(account) for account in await self.db.read(read)}
 
     async def get_account(self, user_id: int | None, name: str) -> dict[str, Any]:
-        """One account the user may use; AccountNotFound otherwise."""
+        """One account the user may use, with what its engine says of itself (`details`);
+        AccountNotFound otherwise."""
         name = _unquoted(name)
-        return self._summary(await self.db.read(lambda conn: _visible(conn, user_id, name)))
+        account = await self.db.read(lambda conn: _visible(conn, user_id, name))
+        body = self._summary(account)
+        if account.engine in self.admission.engines.names:
+            describe = getattr(self.admission.engine_of(account), "describe", None)
+            if describe is not None:
+                body["details"] = describe()
+        return body
 
     async def delete_account(self, user_id: int | None, name: str) -> dict[str, Any]:
         """Delete a user's own account (a shared one for None) and cancel its unfinished jobs."""

@@ -193,7 +193,16 @@ async def test_get_one_accepts_the_id_raw_or_percent_encoded(harness: Harness, p
     await harness.put_account(STUDIO)
     reply = await harness.call("GET", f"/accounts/{path}")
     assert reply.status_code == 200
-    assert reply.json() == summary()
+    assert {**reply.json(), "details": None} == {**summary(), "details": None}
+
+
+async def test_get_one_shows_what_the_engine_says_of_itself(harness: Harness) -> None:
+    reply = await harness.call("GET", "/accounts/LOCAL:procedural")
+    assert reply.json()["details"] == {
+        "kind": "procedural",
+        "note": "dreamserve procedural engine: an abstract composition, not a model's output",
+    }
+    assert "details" not in (await harness.call("GET", "/accounts")).json()["LOCAL:procedural"]
 
 
 async def test_an_unknown_account_is_404(harness: Harness) -> None:

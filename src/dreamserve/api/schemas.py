@@ -93,6 +93,9 @@ class AccountSummary(BaseModel):
     shared: bool
     running: int = Field(description="Slots taken now")
     error: str | None = None
+    details: dict[str, Any] | None = Field(
+        None, description="GET /accounts/<account> only: what the engine says of itself"
+    )
 
 
 class AccountDeleted(BaseModel):

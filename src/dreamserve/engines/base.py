@@ -86,6 +86,9 @@ class Engine(Protocol):
     async def close(self) -> None:
         """Release what the engine holds (models, connections); it is not used afterwards."""
 
+    # Optional: `def describe(self) -> dict[str, Any]`, live details of the engine (what it is,
+    # what it has loaded) for GET /accounts/<account>. Never secrets.
+
 
 class EngineFactory(Protocol):
     """Builds engines. Its `Settings` attribute, when it has one, is the `EngineSettings` model

@@ -68,6 +68,9 @@ class ProceduralEngine:
             cancel.set()  # stop the images still rendering
             raise
 
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "procedural", "note": LABEL}
+
     async def close(self) -> None:
         return None
 
