@@ -18,7 +18,7 @@ from fastapi.openapi.utils import get_openapi
 
 from dreamserve import __version__
 from dreamserve.admission import Admission
-from dreamserve.api import accounts, files, images, models, scheduler
+from dreamserve.api import accounts, assets, files, images, models, scheduler
 from dreamserve.api.deps import BEARER_SCHEME
 from dreamserve.api.errors import install_error_handlers
 from dreamserve.catalogue import Catalogue, default_catalogue
@@ -98,7 +98,11 @@ async def open_service(
         dispatcher=dispatch,
         ids=ids,
         clock=clock,
-        config=ServiceConfig(token_cache_seconds=settings.token_cache_seconds),
+        config=ServiceConfig(
+            token_cache_seconds=settings.token_cache_seconds,
+            max_upload_bytes=settings.max_upload_bytes,
+            max_image_pixels=settings.max_image_pixels,
+        ),
     )
     try:
         yield service
@@ -162,7 +166,14 @@ def create_app(
     )
     app.state.max_body_bytes = settings.max_body_bytes
     install_error_handlers(app)
-    routers = (images.router, accounts.router, scheduler.router, files.router, models.router)
+    routers = (
+        images.router,
+        assets.router,
+        accounts.router,
+        scheduler.router,
+        files.router,
+        models.router,
+    )
     for router in routers:
         app.include_router(router, prefix=API_PREFIX)
     app.openapi = partial(_openapi, app)  # type: ignore[method-assign]

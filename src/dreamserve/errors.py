@@ -73,6 +73,11 @@ class JobNotRunning(NotFound):
         super().__init__(f"Job {jobid} is not running")
 
 
+class AssetNotFound(NotFound):
+    def __init__(self, asset: str) -> None:
+        super().__init__(f"Asset {asset} not found")
+
+
 class AccountNotFound(NotFound):
     def __init__(self, account: str) -> None:
         super().__init__(f"Unable to find configuration for account {account}")

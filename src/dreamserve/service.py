@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import time
@@ -17,10 +18,12 @@ from sqlalchemy.exc import IntegrityError
 
 from dreamserve.accounts import check_models, models_served, parse_account, summary
 from dreamserve.admission import Admission
+from dreamserve.assets import check_image
 from dreamserve.catalogue import Catalogue
 from dreamserve.dispatch.base import Dispatcher
 from dreamserve.errors import (
     AccountNotFound,
+    AssetNotFound,
     BadRequest,
     InvalidParameter,
     JobNotFound,
@@ -29,10 +32,20 @@ from dreamserve.errors import (
     SharedAccount,
     Unauthorized,
 )
-from dreamserve.ids import AssetRef, IdFactory, new_token, parse_jobid, parse_token
-from dreamserve.jobs import CANCELLED_BY_USER, Job, Spec, Status, millis, record
-from dreamserve.storage import queries
-from dreamserve.storage.blobs import BlobStore, LocalBlobStore
+from dreamserve.fields import integer
+from dreamserve.ids import (
+    AssetRef,
+    IdFactory,
+    asset_id,
+    iso,
+    new_token,
+    parse_asset_id,
+    parse_jobid,
+    parse_token,
+)
+from dreamserve.jobs import CANCELLED_BY_USER, Job, Spec, Status, from_millis, millis, record
+from dreamserve.storage import asset_queries, queries
+from dreamserve.storage.blobs import EXTENSIONS, BlobStore, LocalBlobStore
 from dreamserve.storage.database import Database
 from dreamserve.storage.queries import Account
 from dreamserve.storage.tables import SHARED
@@ -47,6 +60,8 @@ class ServiceConfig:
     max_attempts: int = 3  # starts of one job before a restart gives up on it
     finished_cache_seconds: float = 60.0  # how long a finished job is served from memory
     finished_cache_size: int = 10_000
+    max_upload_bytes: int = 10 * 1024 * 1024
+    max_image_pixels: int = 70_000_000
 
 
 class Service:
@@ -374,6 +389,107 @@ class Service:
         job = await self.db.write(cancel)
         self.dispatcher.cancel(job.id)
         return Record(record(job, self.blobs.link))
+
+    # Assets
+
+    async def upload_asset(
+        self, user_id: int, account_name: str, media: str, data: bytes
+    ) -> dict[str, Any]:
+        """Store an uploaded image on an account the user may use; its assetRef. The bytes
+        must be a complete image of `media` (BadRequest saying what is wrong otherwise)."""
+        account_name = _unquoted(account_name)
+        account = await self.db.read(lambda conn: _visible(conn, user_id, account_name))
+        loop = asyncio.get_running_loop()
+        checked = await loop.run_in_executor(
+            None, check_image, data, media, self.config.max_image_pixels
+        )
+        at = self.clock()
+        item_id = self.ids.item_id(at)
+        key = f"uploads/{at:%Y/%m/%d}/{item_id}.{EXTENSIONS[checked.format]}"
+        await self.blobs.put(key, data)
+
+        def insert(conn: Connection) -> None:
+            asset_queries.insert_upload(
+                conn,
+                item_id=item_id,
+                user_id=user_id,
+                account_id=account.id,
+                account=account.name,
+                uri=key,
+                width=checked.width,
+                height=checked.height,
+                image_format=checked.format,
+                size=len(data),
+                now=millis(at),
+            )
+
+        try:
+            await self.db.write(insert)
+        except BaseException:
+            await self.blobs.delete(key)  # no file without its row
+            raise
+        ref = AssetRef(account.name, checked.width, checked.height, len(data), key)
+        return {
+            "assetRef": str(ref),
+            "account": account.name,
+            "width": checked.width,
+            "height": checked.height,
+            "size": len(data),
+        }
+
+    async def list_assets(
+        self, user_id: int, account_name: str, fields: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """The user's generated images on an account, newest first, a page at a time."""
+        account_name = _unquoted(account_name)
+        count = integer(fields, "count", 1, 100) or 20
+        offset = integer(fields, "offset", 0, 2**31 - 1) or 0
+
+        def page(conn: Connection) -> list[asset_queries.Asset]:
+            _visible(conn, user_id, account_name)
+            return asset_queries.generated_page(conn, user_id, account_name, count + 1, offset)
+
+        found = await self.db.read(page)
+        more = len(found) > count
+        return {
+            "assets": [self._listed(asset) for asset in found[:count]],
+            "hasMore": more,
+            "nextOffset": offset + count if more else None,
+            "account": account_name,
+        }
+
+    def _listed(self, asset: asset_queries.Asset) -> dict[str, Any]:
+        ref = AssetRef(asset.account, asset.width, asset.height, asset.size, asset.uri)
+        return {
+            "assetId": asset_id(asset.account, asset.item_id),
+            "itemId": asset.item_id,
+            "type": "image",
+            "description": asset.description,
+            "assetRef": str(ref),
+            "imageUrl": self.blobs.link(asset.uri),
+            "width": asset.width,
+            "height": asset.height,
+            "format": asset.format,
+            "createdAt": iso(from_millis(asset.created_at)),
+        }
+
+    async def delete_asset(self, user_id: int, text: str) -> dict[str, Any]:
+        """Delete one of the user's assets and its file; AssetNotFound otherwise."""
+        text = _unquoted(text)
+        parsed = parse_asset_id(text)
+        if parsed is None:
+            raise AssetNotFound(text)
+        account, item_id = parsed
+
+        def remove(conn: Connection) -> str:
+            asset = asset_queries.asset_by_item(conn, user_id, account, item_id)
+            if asset is None:
+                raise AssetNotFound(text)
+            asset_queries.delete_asset(conn, asset.id)
+            return asset.uri
+
+        await self.blobs.delete(await self.db.write(remove))
+        return {"deleted": True, "assetId": text, "account": account}
 
     # Lifecycle
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterator
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -12,12 +14,13 @@ import pytest
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import update
+from PIL import Image
+from sqlalchemy import Connection, func, select, update
 from support import ASSET_REFS, GatedEngine, Harness, open_harness
 from support import IMAGE_FIELDS as FIELDS
 
 from dreamserve.settings import Settings
-from dreamserve.storage.tables import accounts
+from dreamserve.storage.tables import accounts, assets
 
 CONTENT_TYPES = [
     "application/json",
@@ -63,6 +66,19 @@ class Client:
             assert set(reply.json()) == {"error"}
         return reply
 
+    def stored(self) -> tuple[int, int]:
+        """(asset rows, files under blobs/) as they are now."""
+
+        def count(conn: Connection) -> int:
+            return int(conn.execute(select(func.count()).select_from(assets)).scalar_one())
+
+        files = [path for path in self.data_dir.joinpath("blobs").rglob("*") if path.is_file()]
+        return self.portal.call(self.harness.service.db.read, count), len(files)
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.harness.app.state.data_dir)
+
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Client]:
@@ -71,6 +87,7 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Client]:
     with start_blocking_portal() as portal:
         opened = open_harness(settings, engines={"procedural": engine.factory})
         with portal.wrap_async_context_manager(opened) as harness:
+            harness.app.state.data_dir = settings.data_dir
             # room for every admitted example, so that valid bodies keep reaching the 200 path
             portal.call(harness.execute, update(accounts).values(max_jobs=1_000_000))
             yield Client(portal, harness)
@@ -93,3 +110,42 @@ def test_random_multipart_forms_never_give_a_500(client: Client, body: dict[str,
 @given(raw=st.binary(max_size=300), content_type=st.sampled_from(CONTENT_TYPES))
 def test_random_bytes_never_give_a_500(client: Client, raw: bytes, content_type: str) -> None:
     client.post(content=raw, headers={"Content-Type": content_type})
+
+
+def _picture(image_format: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.radial_gradient("L").convert("RGB").resize((32, 32)).save(buffer, image_format)
+    return buffer.getvalue()
+
+
+PNG = _picture("PNG")
+WEBP = _picture("WEBP")
+
+
+@examples(max_examples=150)
+@given(
+    data=st.binary(max_size=2048)
+    | st.builds(lambda cut: PNG[:cut], st.integers(0, len(PNG)))
+    | st.builds(lambda cut: WEBP[:cut], st.integers(0, len(WEBP))),
+    media=st.sampled_from(["image/png", "image/jpeg", "image/webp", "image/gif", "", "x/y"])
+    | st.text(st.characters(codec="ascii", exclude_categories=["Cc"]), max_size=20),
+)
+def test_random_uploads_never_give_a_500_nor_leave_a_file(
+    client: Client, data: bytes, media: str
+) -> None:
+    before = client.stored()
+    headers = {**client.harness.auth, "Content-Type": media}
+    upload = partial(
+        client.harness.client.post,
+        "/v1/dreamina/assets/LOCAL:procedural",
+        content=data,
+        headers=headers,
+    )
+    reply = client.portal.call(upload)
+    assert reply.status_code in (200, 400), reply.text
+    rows, files = client.stored()
+    if reply.status_code == 400:
+        assert set(reply.json()) == {"error"}
+        assert (rows, files) == before
+    else:
+        assert (rows, files) == (before[0] + 1, before[1] + 1)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from typing import Any
 
 from starlette.requests import Request
 from starlette.types import Message, Receive
 
-from dreamserve.errors import BadRequest, PayloadTooLarge
+from dreamserve.errors import BadRequest, DreamserveError, PayloadTooLarge
 
 JSON_TYPES = ("", "application/json")
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
@@ -40,17 +41,21 @@ async def read_fields(request: Request, limit: int) -> dict[str, Any]:
     return fields
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refusing (413) as soon as it passes `limit` bytes."""
+async def read_body(
+    request: Request, limit: int, too_large: Callable[[int], DreamserveError] | None = None
+) -> bytes:
+    """The whole body, refusing as soon as it passes `limit` bytes (before reading any of it
+    when Content-Length says so): 413, or the error `too_large` makes."""
+    refuse = too_large or _too_large
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise _too_large(limit)
+        raise refuse(limit)
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise _too_large(limit)
+            raise refuse(limit)
         chunks.append(chunk)
     return b"".join(chunks)
 

@@ -116,6 +116,40 @@ class Scheduler(BaseModel):
     total: int
 
 
+class AssetUploaded(BaseModel):
+    assetRef: str
+    account: str
+    width: int
+    height: int
+    size: int
+
+
+class AssetListed(BaseModel):
+    assetId: str
+    itemId: str
+    type: Literal["image"]
+    description: str | None
+    assetRef: str
+    imageUrl: str
+    width: int
+    height: int
+    format: Literal["jpeg", "png", "webp"]
+    createdAt: str
+
+
+class AssetPage(BaseModel):
+    assets: list[AssetListed]
+    hasMore: bool
+    nextOffset: int | None
+    account: str
+
+
+class AssetDeleted(BaseModel):
+    deleted: bool
+    assetId: str
+    account: str
+
+
 class ErrorBody(BaseModel):
     error: str
 

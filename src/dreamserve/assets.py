@@ -1,0 +1,75 @@
+"""Assets: uploaded images checked before anything is stored, and assets as GET /assets lists them.
+
+An upload must be what its Content-Type says, decode completely, and stay within the pixel limit;
+every refusal is a 400 that says which rule it broke. Decoding runs Pillow on untrusted bytes, so
+any failure of the decoder counts as a bad image, never as a server error.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+from PIL import Image, UnidentifiedImageError
+
+from dreamserve.errors import BadRequest
+
+# Content-Type -> (Pillow format, the contract's format name)
+ACCEPTED = {
+    "image/jpeg": ("JPEG", "jpeg"),
+    "image/png": ("PNG", "png"),
+    "image/webp": ("WEBP", "webp"),
+}
+_MEDIA_OF_PILLOW = {pillow: media for media, (pillow, _) in ACCEPTED.items()}
+
+
+@dataclass(frozen=True)
+class CheckedImage:
+    format: str  # jpeg, png or webp
+    width: int
+    height: int
+
+
+def content_type_of(header: str | None) -> str:
+    """The upload's media type, or the contract's 400 when it is not one we take."""
+    media = (header or "").partition(";")[0].strip().lower()
+    if media not in ACCEPTED:
+        raise BadRequest(
+            f"Content-Type ({media}) not supported. Valid values: {', '.join(ACCEPTED)}"
+        )
+    return media
+
+
+def check_image(data: bytes, media: str, max_pixels: int) -> CheckedImage:
+    """Decode `data` fully as `media`; BadRequest saying what is wrong with it otherwise."""
+    if not data:
+        raise BadRequest("Image is empty")
+    pillow, name = ACCEPTED[media]
+    try:
+        with Image.open(io.BytesIO(data), formats=[each for each, _ in ACCEPTED.values()]) as image:
+            if image.format != pillow:
+                found = _MEDIA_OF_PILLOW.get(str(image.format), str(image.format))
+                raise BadRequest(f"Image data is {found}, not {media}")
+            width, height = image.size
+            if width * height > max_pixels:
+                raise _too_many_pixels(f"{width}x{height} pixels", max_pixels)
+            image.load()
+    except BadRequest:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise _too_many_pixels("a decompression bomb", max_pixels) from None
+    except UnidentifiedImageError:
+        raise BadRequest(f"Image data is not a valid {media} image") from None
+    except Exception:  # whatever the decoder trips on in hostile bytes: truncated, corrupt
+        raise BadRequest(
+            f"Image data is truncated or corrupt (not a complete {media} image)"
+        ) from None
+    return CheckedImage(name, width, height)
+
+
+def _too_many_pixels(what: str, limit: int) -> BadRequest:
+    return BadRequest(f"Image has too many pixels: {what} (limit {limit} pixels)")
+
+
+def too_large(limit: int) -> BadRequest:
+    return BadRequest(f"Image is too large (limit {limit} bytes)")

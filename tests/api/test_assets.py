@@ -1,0 +1,279 @@
+"""Assets: uploads (checked before anything is stored), the generated-image list, deletion, and
+uploads as references."""
+
+from __future__ import annotations
+
+import io
+import re
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+from sqlalchemy import Connection, func, select
+from support import SMALL, Harness, open_harness
+
+from dreamserve.settings import Settings
+from dreamserve.storage.tables import assets
+
+pytestmark = pytest.mark.anyio
+
+ACCOUNT = "LOCAL:procedural"
+UNSUPPORTED = "Content-Type ({}) not supported. Valid values: image/jpeg, image/png, image/webp"
+
+
+def picture(width: int, height: int, image_format: str = "PNG") -> bytes:
+    """A real, non-flat picture: gradients in each channel."""
+    x = np.linspace(0, 255, width, dtype=np.float32)
+    y = np.linspace(0, 255, height, dtype=np.float32)[:, np.newaxis]
+    pixels = np.stack([x + 0 * y, y + 0 * x, (x + y) / 2], axis=-1).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buffer, image_format)
+    return buffer.getvalue()
+
+
+async def upload(
+    harness: Harness,
+    data: bytes,
+    media: str | None = "image/png",
+    account: str = ACCOUNT,
+    token: str | None = None,
+) -> Any:
+    headers = {"Authorization": f"Bearer {token or harness.token}"}
+    if media is not None:
+        headers["Content-Type"] = media
+    return await harness.client.post(
+        f"/v1/dreamina/assets/{account}", content=data, headers=headers
+    )
+
+
+async def stored(harness: Harness, settings: Settings) -> tuple[int, list[Any]]:
+    """(asset rows, upload files) as they are now."""
+
+    def count(conn: Connection) -> int:
+        return int(conn.execute(select(func.count()).select_from(assets)).scalar_one())
+
+    files = [path for path in (settings.data_dir / "blobs").rglob("*") if path.is_file()]
+    return await harness.service.db.read(count), files
+
+
+# POST /assets/<account>
+
+
+@pytest.mark.parametrize(
+    ("media", "image_format", "extension"),
+    [("image/png", "PNG", "png"), ("image/jpeg", "JPEG", "jpg"), ("image/webp", "WEBP", "webp")],
+)
+async def test_an_upload_replies_with_its_asset_ref(
+    harness: Harness, media: str, image_format: str, extension: str
+) -> None:
+    data = picture(160, 90, image_format)
+    reply = await upload(harness, data, media)
+    assert reply.status_code == 200
+    body = reply.json()
+    assert body == {
+        "assetRef": body["assetRef"],
+        "account": ACCOUNT,
+        "width": 160,
+        "height": 90,
+        "size": len(data),
+    }
+    assert re.fullmatch(
+        rf"LOCAL:procedural-image:w160:h90:s{len(data)}-uri:uploads/\d{{4}}/\d\d/\d\d/\d{{19}}\.{extension}",
+        body["assetRef"],
+    )
+
+
+async def test_an_upload_is_a_reference_that_shapes_the_job(harness: Harness) -> None:
+    ref = (await upload(harness, picture(1600, 900))).json()["assetRef"]
+    reply = await harness.post({"model": "seedream-4.0", "imageRef_1": ref, "count": 1})
+    assert reply.status_code == 200, reply.text
+    request = reply.json()["request"]
+    assert (request["inputMode"], request["imageRef_1"], request["imageStrength"]) == (
+        "reference",
+        ref,
+        0.5,
+    )
+    record = await harness.wait(reply.json()["jobid"])
+    image = record["response"]["images"][0]
+    assert (image["width"], image["height"]) == (2560, 1440)  # auto: nearest to 16:9
+
+
+async def test_an_upload_to_an_account_the_user_cannot_use_is_404(harness: Harness) -> None:
+    await harness.put_account({"account": "US:mine@example.com", "engine": "procedural"})
+    other = await harness.new_user()
+    for account, token in (("US:nobody@example.com", None), ("US:mine@example.com", other)):
+        reply = await upload(harness, picture(8, 8), account=account, token=token)
+        assert (reply.status_code, reply.json()) == (
+            404,
+            {"error": f"Unable to find configuration for account {account}"},
+        )
+
+
+@pytest.mark.parametrize(
+    ("data", "media", "message"),
+    [
+        (picture(8, 8), "text/plain", UNSUPPORTED.format("text/plain")),
+        (picture(8, 8), None, UNSUPPORTED.format("")),
+        (picture(8, 8), "image/gif", UNSUPPORTED.format("image/gif")),
+        (b"", "image/png", "Image is empty"),
+        (b"hello, not an image", "image/png", "Image data is not a valid image/png image"),
+        (picture(8, 8, "JPEG"), "image/png", "Image data is image/jpeg, not image/png"),
+        (picture(8, 8, "PNG"), "image/webp", "Image data is image/png, not image/webp"),
+        (
+            picture(64, 64, "PNG")[:300],
+            "image/png",
+            "Image data is truncated or corrupt (not a complete image/png image)",
+        ),
+        (
+            picture(64, 64, "JPEG")[:400],
+            "image/jpeg",
+            "Image data is truncated or corrupt (not a complete image/jpeg image)",
+        ),
+    ],
+)
+async def test_a_bad_upload_is_400_saying_why_and_stores_nothing(
+    harness: Harness, settings: Settings, data: bytes, media: str | None, message: str
+) -> None:
+    reply = await upload(harness, data, media)
+    assert (reply.status_code, reply.json()) == (400, {"error": message})
+    assert await stored(harness, settings) == (0, [])
+
+
+async def test_too_many_pixels_is_400(settings: Settings) -> None:
+    small = settings.model_copy(update={"max_image_pixels": 1000})
+    async with open_harness(small) as harness:
+        reply = await upload(harness, picture(40, 30))
+        assert (reply.status_code, reply.json()) == (
+            400,
+            {"error": "Image has too many pixels: 40x30 pixels (limit 1000 pixels)"},
+        )
+        assert (await upload(harness, picture(40, 25))).status_code == 200
+
+
+async def test_a_body_over_the_limit_is_400_declared_or_streamed(settings: Settings) -> None:
+    small = settings.model_copy(update={"max_upload_bytes": 4096})
+    message = {"error": "Image is too large (limit 4096 bytes)"}
+    async with open_harness(small) as harness:
+        buffer = io.BytesIO()
+        noise = np.random.default_rng(1).integers(0, 255, (100, 100, 3), dtype=np.uint8)
+        Image.fromarray(noise, "RGB").save(buffer, "PNG")
+        big = buffer.getvalue()
+        assert len(big) > 4096
+        reply = await upload(harness, big)
+        assert (reply.status_code, reply.json()) == (400, message)
+
+        async def chunks():  # no Content-Length: refused once 4096 bytes have arrived
+            for start in range(0, len(big), 1000):
+                yield big[start : start + 1000]
+
+        headers = {**harness.auth, "Content-Type": "image/png"}
+        reply = await harness.client.post(
+            f"/v1/dreamina/assets/{ACCOUNT}", content=chunks(), headers=headers
+        )
+        assert (reply.status_code, reply.json()) == (400, message)
+        assert await stored(harness, small) == (0, [])
+
+
+# GET /assets/<account>
+
+
+async def test_the_list_has_generated_images_newest_first(harness: Harness) -> None:
+    await upload(harness, picture(16, 16))  # uploads are not listed
+    first = await harness.wait((await harness.post({**SMALL, "count": 2})).json()["jobid"])
+    second = await harness.wait((await harness.post({**SMALL, "prompt": "later"})).json()["jobid"])
+    reply = await harness.call("GET", f"/assets/{ACCOUNT}")
+    assert reply.status_code == 200
+    page = reply.json()
+    assert (page["hasMore"], page["nextOffset"], page["account"]) == (False, None, ACCOUNT)
+    images = second["response"]["images"] + first["response"]["images"][::-1]
+    listed = page["assets"]
+    assert [item["itemId"] for item in listed] == [image["itemId"] for image in images]
+    top, image = listed[0], images[0]
+    assert top == {
+        "assetId": image["assetId"],
+        "itemId": image["itemId"],
+        "type": "image",
+        "description": "later",
+        "assetRef": image["assetRef"],
+        "imageUrl": top["imageUrl"],
+        "width": 1024,
+        "height": 1024,
+        "format": "jpeg",
+        "createdAt": second["updated"],
+    }
+    assert (await harness.client.get(top["imageUrl"])).status_code == 200
+
+
+async def test_the_list_pages_with_count_and_offset(harness: Harness) -> None:
+    await harness.wait((await harness.post({**SMALL, "count": 3})).json()["jobid"])
+    page = (await harness.call("GET", f"/assets/{ACCOUNT}?count=2")).json()
+    assert (len(page["assets"]), page["hasMore"], page["nextOffset"]) == (2, True, 2)
+    rest = (await harness.call("GET", f"/assets/{ACCOUNT}?count=2&offset=2")).json()
+    assert (len(rest["assets"]), rest["hasMore"], rest["nextOffset"]) == (1, False, None)
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ("count=0", "Parameter count (0) valid values: integer 1-100"),
+        ("count=101", "Parameter count (101) valid values: integer 1-100"),
+        ("count=x", "Parameter count (x) valid values: integer 1-100"),
+        ("offset=-1", "Parameter offset (-1) valid values: integer 0-2147483647"),
+    ],
+)
+async def test_bad_paging_is_400(harness: Harness, query: str, message: str) -> None:
+    reply = await harness.call("GET", f"/assets/{ACCOUNT}?{query}")
+    assert (reply.status_code, reply.json()) == (400, {"error": message})
+
+
+async def test_another_users_images_are_not_listed(harness: Harness) -> None:
+    await harness.wait((await harness.post(SMALL)).json()["jobid"])
+    other = await harness.new_user()
+    page = (await harness.call("GET", f"/assets/{ACCOUNT}", token=other)).json()
+    assert page == {"assets": [], "hasMore": False, "nextOffset": None, "account": ACCOUNT}
+
+
+# DELETE /assets/<assetId>
+
+
+async def test_delete_removes_the_image_and_a_later_job_naming_it_is_400(
+    harness: Harness, settings: Settings
+) -> None:
+    record = await harness.wait((await harness.post(SMALL)).json()["jobid"])
+    image = record["response"]["images"][0]
+    other = await harness.new_user()
+    foreign = await harness.call("DELETE", f"/assets/{image['assetId']}", token=other)
+    assert (foreign.status_code, foreign.json()) == (
+        404,
+        {"error": f"Asset {image['assetId']} not found"},
+    )
+    reply = await harness.call("DELETE", f"/assets/{image['assetId']}")
+    assert reply.status_code == 200
+    assert reply.json() == {"deleted": True, "assetId": image["assetId"], "account": ACCOUNT}
+    assert not (settings.data_dir / "blobs" / image["imageUri"]).exists()
+    again = await harness.call("DELETE", f"/assets/{image['assetId']}")
+    assert again.status_code == 404
+    reply = await harness.post({**SMALL, "imageRef_1": image["assetRef"]})
+    assert (reply.status_code, reply.json()) == (
+        400,
+        {
+            "error": f"Parameter imageRef_1 ({image['assetRef']}) valid values: an assetRef of "
+            "an existing image of yours"
+        },
+    )
+
+
+async def test_deleting_an_upload_removes_its_file(harness: Harness, settings: Settings) -> None:
+    body = (await upload(harness, picture(10, 10))).json()
+    key = body["assetRef"].partition("-uri:")[2]
+    item = key.rpartition("/")[2].partition(".")[0]
+    reply = await harness.call("DELETE", f"/assets/{ACCOUNT}:{item}")
+    assert reply.json() == {"deleted": True, "assetId": f"{ACCOUNT}:{item}", "account": ACCOUNT}
+    assert await stored(harness, settings) == (0, [])
+
+
+@pytest.mark.parametrize("asset", ["nothing", "LOCAL:procedural:123", "a:b:1234567890123456789"])
+async def test_unknown_asset_ids_are_404(harness: Harness, asset: str) -> None:
+    reply = await harness.call("DELETE", f"/assets/{asset}")
+    assert (reply.status_code, reply.json()) == (404, {"error": f"Asset {asset} not found"})
