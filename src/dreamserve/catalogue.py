@@ -76,10 +76,15 @@ class Model:
         }
 
 
+UPSCALE_TIERS = ("2k", "4k", "8k")
+
+
 @dataclass(frozen=True)
 class Catalogue:
     models: tuple[Model, ...]
     default_model: str
+    # Upscale targets: tier -> {ratio: (width, height)}; 8k is twice 4k on each side.
+    upscale_sizes: Mapping[str, Mapping[str, tuple[int, int]]] = field(default_factory=dict)
     _by_name: dict[str, Model] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -103,6 +108,16 @@ class Catalogue:
     def __contains__(self, name: object) -> bool:
         return name in self._by_name
 
+    def upscale_size(self, tier: str, aspect: float) -> tuple[int, int]:
+        """The upscale target at `tier` for the ratio nearest `aspect` (width / height)."""
+        sizes = self.upscale_sizes[tier]
+
+        def distance(ratio: str) -> float:
+            width, height = sizes[ratio]
+            return abs(math.log(width / height) - math.log(aspect))
+
+        return sizes[min(sizes, key=distance)]
+
 
 def default_catalogue() -> Catalogue:
     """The catalogue of the contract (`catalogue.toml` in this package)."""
@@ -118,7 +133,24 @@ def parse_catalogue(data: Mapping[str, Any]) -> Catalogue:
         for name, table in dict(data.get("sizes", {})).items()
     }
     models = tuple(_parse_model(row, tables) for row in data.get("models", []))
-    return Catalogue(models=models, default_model=str(data.get("default_model", "")))
+    return Catalogue(
+        models=models,
+        default_model=str(data.get("default_model", "")),
+        upscale_sizes=_upscale_sizes(data.get("upscale_sizes"), tables),
+    )
+
+
+def _upscale_sizes(
+    name: Any, tables: Mapping[str, Mapping[str, Mapping[str, tuple[int, int]]]]
+) -> dict[str, dict[str, tuple[int, int]]]:
+    """2k and 4k from the named size table, 8k twice 4k; empty when no table is named."""
+    if name is None:
+        return {}
+    table = tables.get(str(name))
+    if table is None or "2k" not in table or "4k" not in table:
+        raise CatalogueError(f"upscale_sizes: {name!r} must name a size table with 2k and 4k")
+    eight = {ratio: (2 * w, 2 * h) for ratio, (w, h) in table["4k"].items()}
+    return {"2k": dict(table["2k"]), "4k": dict(table["4k"]), "8k": eight}
 
 
 def _parse_size_table(

@@ -73,8 +73,10 @@ class Spec:
     height: int
     count: int
     seed: int | None = None
+    # imageStrength; for an upscale, originalImageStrength (the blend with a plain resample)
     strength: float = 0.5
-    references: tuple[str, ...] = ()  # blob keys of the reference images, in order
+    references: tuple[str, ...] = ()  # blob keys of the reference images (the upscale source)
+    detail: float = 0.5  # an upscale's detailStrength
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -84,6 +86,7 @@ class Spec:
             "seed": self.seed,
             "strength": self.strength,
             "references": list(self.references),
+            "detail": self.detail,
         }
 
     @classmethod
@@ -95,6 +98,7 @@ class Spec:
             seed=data.get("seed"),
             strength=data.get("strength", 0.5),
             references=tuple(data.get("references", ())),
+            detail=data.get("detail", 0.5),
         )
 
 

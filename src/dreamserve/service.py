@@ -19,8 +19,9 @@ from sqlalchemy.exc import IntegrityError
 from dreamserve.accounts import check_models, models_served, parse_account, summary
 from dreamserve.admission import Admission
 from dreamserve.assets import check_image
-from dreamserve.catalogue import Catalogue
+from dreamserve.catalogue import UPSCALE_TIERS, Catalogue
 from dreamserve.dispatch.base import Dispatcher
+from dreamserve.engines.base import Upscaler
 from dreamserve.errors import (
     AccountNotFound,
     AssetNotFound,
@@ -49,7 +50,12 @@ from dreamserve.storage.blobs import EXTENSIONS, BlobStore, LocalBlobStore
 from dreamserve.storage.database import Database
 from dreamserve.storage.queries import Account
 from dreamserve.storage.tables import SHARED
-from dreamserve.submission import REF_NAMES, ImageSubmission, parse_image_submission
+from dreamserve.submission import (
+    REF_NAMES,
+    ImageSubmission,
+    parse_image_submission,
+    parse_upscale_submission,
+)
 
 DEFAULT_ACCOUNT = "LOCAL:procedural"
 
@@ -204,6 +210,83 @@ class Service:
             return await self.db.write(admit)
         except IntegrityError:  # another process made the same jobid: a new serial differs
             return await self.db.write(admit)
+
+    async def submit_upscale(self, user_id: int, fields: Mapping[str, Any]) -> Record:
+        """Validate an upscale of a completed image job's image, admit it on that job's account
+        and dispatch it; its record, status `created`, type `upscale`."""
+        submission = parse_upscale_submission(fields)
+        jobid = _unquoted(submission.jobid)
+
+        def admit(conn: Connection) -> Job:
+            source = queries.job_by_jobid(conn, jobid, user_id)
+            if source is None or source.type != "image":
+                raise NotFound("Source image job not found")
+            if source.status is not Status.COMPLETED:
+                raise BadRequest(f"Source image job is {source.status.value}, must be completed")
+            if submission.image_index >= len(source.images):
+                valid = f"integer 0-{len(source.images) - 1}, the images of job {jobid}"
+                raise InvalidParameter("imageIndex", submission.image_index, valid)
+            model = self.catalogue.get(source.model)
+            if model is None:
+                raise BadRequest(f"Model {source.model} of the source job is no longer served")
+            image = source.images[submission.image_index]
+            width, height = self._upscale_size(submission.resolution, image.width / image.height)
+            account = self.admission.admit(
+                conn,
+                user_id=user_id,
+                model=model,
+                account=source.account,
+                max_jobs=submission.max_jobs,
+            )
+            if not isinstance(self.admission.engine_of(account), Upscaler):
+                raise BadRequest(
+                    f"Account {account.name} cannot upscale: engine {account.engine} does not"
+                )
+            at = self.clock()
+            job = Job(
+                id=0,
+                jobid=self.ids.jobid("upscale", user_id, account.name, at),
+                type="upscale",
+                status=Status.CREATED,
+                model=source.model,
+                account=account.name,
+                user_id=user_id,
+                request=submission.echo,
+                spec=Spec(
+                    width=width,
+                    height=height,
+                    count=1,
+                    strength=submission.original_strength,
+                    references=(image.uri,),
+                    detail=submission.detail_strength,
+                ),
+                forecast_cost=0,
+                created_at=millis(at),
+            )
+            return replace(job, id=queries.insert_job(conn, job, account_id=account.id))
+
+        try:
+            job = await self.db.write(admit)
+        except IntegrityError:  # another process made the same jobid: a new serial differs
+            job = await self.db.write(admit)
+        await self.dispatcher.dispatch(job.id)
+        return Record(record(job, self.blobs.link))
+
+    def _upscale_size(self, tier: str, aspect: float) -> tuple[int, int]:
+        width, height = self.catalogue.upscale_size(tier, aspect)
+        limit = self.config.max_image_pixels
+        if width * height > limit:
+            valid = ", ".join(
+                name
+                for name in UPSCALE_TIERS
+                if (size := self.catalogue.upscale_size(name, aspect))[0] * size[1] <= limit
+            )
+            raise InvalidParameter(
+                "upscaleResolution",
+                tier,
+                f"{valid or 'none'} ({tier} is {width}x{height}, over the limit of {limit} pixels)",
+            )
+        return width, height
 
     def _check_references(self, conn: Connection, user_id: int, refs: tuple[AssetRef, ...]) -> None:
         existing = queries.existing_assets(conn, user_id, refs)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from dreamserve.catalogue import AUTO, Catalogue, Model
+from dreamserve.catalogue import AUTO, UPSCALE_TIERS, Catalogue, Model
 from dreamserve.errors import BadRequest, InvalidParameter, MissingParameter
 from dreamserve.fields import choice, given, integer, number, text
 from dreamserve.ids import AssetRef, is_account_id, parse_asset_ref
@@ -108,6 +108,52 @@ def parse_image_submission(fields: Mapping[str, Any], catalogue: Catalogue) -> I
         max_jobs=max_jobs,
         seed=seed,
         count=MAX_COUNT if count is None else count,
+        echo=echo,
+    )
+
+
+@dataclass(frozen=True)
+class UpscaleSubmission:
+    """A POST /images/upscale request that passed every stateless rule, with defaults applied.
+    Whether the source job exists, is completed and has that image is the service's check."""
+
+    jobid: str
+    image_index: int
+    resolution: str
+    original_strength: float
+    detail_strength: float
+    max_jobs: int | None
+    echo: Mapping[str, Any]
+
+
+def parse_upscale_submission(fields: Mapping[str, Any]) -> UpscaleSubmission:
+    """Check `fields` against the contract's POST /images/upscale rules."""
+    jobid = given(fields, "jobid")
+    if jobid is None:
+        raise MissingParameter("jobid")
+    if not isinstance(jobid, str):
+        raise InvalidParameter("jobid", jobid, "the jobid of a completed image job")
+    index = integer(fields, "imageIndex", 0, MAX_COUNT - 1)
+    resolution = choice(fields, "upscaleResolution", UPSCALE_TIERS, "4k")
+    original = number(fields, "originalImageStrength", 0.0, 1.0)
+    detail = number(fields, "detailStrength", 0.0, 1.0)
+    reply_url = _reply_url(fields)
+    reply_ref = text(fields, "replyRef", MAX_REPLY)
+    max_jobs = integer(fields, "maxJobs", 1, 50)
+    echo: dict[str, Any] = {
+        "jobid": jobid,
+        "imageIndex": 0 if index is None else index,
+        "resolution": resolution,
+    }
+    optional = {"replyUrl": reply_url, "replyRef": reply_ref}
+    echo |= {name: value for name, value in optional.items() if value is not None}
+    return UpscaleSubmission(
+        jobid=jobid,
+        image_index=0 if index is None else index,
+        resolution=resolution,
+        original_strength=0.65 if original is None else original,
+        detail_strength=0.5 if detail is None else detail,
+        max_jobs=max_jobs,
         echo=echo,
     )
 

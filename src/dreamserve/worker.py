@@ -21,7 +21,7 @@ from functools import partial
 from PIL import Image, PngImagePlugin
 from sqlalchemy import Connection
 
-from dreamserve.engines.base import CancelSignal, GenerationRequest
+from dreamserve.engines.base import CancelSignal, GenerationRequest, Upscaler, UpscaleRequest
 from dreamserve.engines.registry import EngineRegistry
 from dreamserve.errors import AccountError, Cancelled, JobFailed
 from dreamserve.ids import IdFactory
@@ -154,21 +154,31 @@ class JobRunner:
         )
         spec = job.spec
         references = tuple([await self._reference(key) for key in spec.references])
-        request = GenerationRequest(
-            prompt=job.request.get("prompt") or "",
-            model=job.model,
-            width=spec.width,
-            height=spec.height,
-            count=spec.count,
-            references=references,
-            strength=spec.strength,
-            seed=spec.seed,
-        )
-        images = await engine.generate(request, progress.report, cancel)
-        if len(images) != spec.count:
+        if job.type == "upscale":
+            if not isinstance(engine, Upscaler):  # the account changed engine since admission
+                raise JobFailed("Image upscale failed", f"engine {account.engine} cannot upscale")
+            upscale = UpscaleRequest(
+                references[0], spec.width, spec.height, spec.strength, spec.detail
+            )
+            images = [await engine.upscale(upscale, progress.report, cancel)]
+        else:
+            request = GenerationRequest(
+                prompt=job.request.get("prompt") or "",
+                model=job.model,
+                width=spec.width,
+                height=spec.height,
+                count=spec.count,
+                references=references,
+                strength=spec.strength,
+                seed=spec.seed,
+            )
+            images = await engine.generate(request, progress.report, cancel)
+        sizes = [image.size for image in images]
+        if sizes != [(spec.width, spec.height)] * spec.count:
             raise JobFailed(
                 "Image generation failed",
-                f"engine {account.engine} returned {len(images)} images, expected {spec.count}",
+                f"engine {account.engine} returned images of {sizes}, expected "
+                f"{spec.count} of {spec.width}x{spec.height}",
             )
         return [await self._store(job, image) for image in images]
 

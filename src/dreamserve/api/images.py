@@ -7,7 +7,7 @@ from fastapi.responses import Response
 
 from dreamserve.api.body import read_fields
 from dreamserve.api.deps import SECURED, authenticate
-from dreamserve.api.schemas import ERRORS, IMAGE_REQUEST_BODY, JobRecord
+from dreamserve.api.schemas import ERRORS, IMAGE_REQUEST_BODY, UPSCALE_REQUEST_BODY, JobRecord
 
 router = APIRouter(tags=["images"])
 
@@ -27,6 +27,21 @@ async def create_image_job(request: Request) -> Response:
     service, user = await authenticate(request)
     fields = await read_fields(request, request.app.state.max_body_bytes)
     return _json((await service.submit_image(user, fields)).json)
+
+
+@router.post(
+    "/images/upscale",
+    response_model=JobRecord,
+    responses=ERRORS,
+    openapi_extra={"requestBody": UPSCALE_REQUEST_BODY, **SECURED},
+    summary="Upscale an image of a completed job",
+)
+async def create_upscale_job(request: Request) -> Response:
+    """One image of a completed image job, upscaled to `upscaleResolution` on that job's
+    account; replies at once with the job record, type `upscale`, status `created`."""
+    service, user = await authenticate(request)
+    fields = await read_fields(request, request.app.state.max_body_bytes)
+    return _json((await service.submit_upscale(user, fields)).json)
 
 
 @router.get(

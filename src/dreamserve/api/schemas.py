@@ -32,6 +32,19 @@ class ImageJobRequest(BaseModel):
     count: int | None = Field(None, ge=1, le=4, description="Images per job, default 4")
 
 
+class UpscaleRequest(BaseModel):
+    model_config = ConfigDict(title="UpscaleRequest")
+
+    jobid: str = Field(description="A completed image job of yours")
+    imageIndex: int | None = Field(None, ge=0, le=3, description="Default 0")
+    upscaleResolution: Literal["2k", "4k", "8k"] | None = Field(None, description="Default 4k")
+    originalImageStrength: float | None = Field(None, ge=0, le=1, description="Default 0.65")
+    detailStrength: float | None = Field(None, ge=0, le=1, description="Default 0.5")
+    replyUrl: str | None = Field(None, max_length=1024)
+    replyRef: str | None = Field(None, max_length=1024)
+    maxJobs: int | None = Field(None, ge=1, le=50)
+
+
 class ImageOut(BaseModel):
     imageUrl: str
     imageUri: str
@@ -178,4 +191,13 @@ IMAGE_REQUEST_BODY: dict[str, Any] = {
 ACCOUNT_REQUEST_BODY: dict[str, Any] = {
     "required": True,
     "content": {"application/json": {"schema": AccountRequest.model_json_schema()}},
+}
+
+_UPSCALE_SCHEMA = UpscaleRequest.model_json_schema()
+UPSCALE_REQUEST_BODY: dict[str, Any] = {
+    "required": True,
+    "content": {
+        "application/json": {"schema": _UPSCALE_SCHEMA},
+        "multipart/form-data": {"schema": _UPSCALE_SCHEMA},
+    },
 }

@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from PIL import Image
 from pydantic import BaseModel, ConfigDict
@@ -32,6 +32,15 @@ class GenerationRequest:
     references: tuple[Image.Image, ...] = ()
     strength: float = 0.5
     seed: int | None = None
+
+
+@dataclass(frozen=True)
+class UpscaleRequest:
+    image: Image.Image  # the source image, decoded
+    width: int  # the target size
+    height: int
+    original_strength: float = 0.65  # how much of a plain resample the result keeps
+    detail_strength: float = 0.5  # how much detail the engine adds
 
 
 class CancelSignal:
@@ -97,3 +106,14 @@ class EngineFactory(Protocol):
     def __call__(self, settings: Mapping[str, Any], context: EngineContext) -> Engine:
         """Build an engine from an account's settings (secrets included). Must be cheap: load
         models and open connections on first use, not here."""
+
+
+@runtime_checkable
+class Upscaler(Protocol):
+    """An engine that can also upscale (POST /images/upscale runs only on such accounts)."""
+
+    async def upscale(
+        self, request: UpscaleRequest, progress: ProgressCallback, cancel: CancelSignal
+    ) -> Image.Image:
+        """One image of exactly `request.width` x `request.height` made from `request.image`.
+        Raises `Cancelled` soon after `cancel` is set; must not block the event loop."""
