@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -43,6 +44,7 @@ class Server:
         if database_url is not None:
             env["DREAMSERVE_DATABASE_URL"] = database_url
         self.url = f"http://127.0.0.1:{port}"
+        self.data_dir = data_dir
         self.lines: list[str] = []
         self.ready = threading.Event()
         self.process = subprocess.Popen(
@@ -208,3 +210,105 @@ def test_a_second_server_on_the_same_data_dir_stops_at_once(server: Server, data
     )
     with httpx.Client(base_url=server.url, timeout=30) as client:  # the first one is unharmed
         assert client.get("/v1/dreamina/images/x").status_code == 401
+
+
+def peak_rss_kib(pid: int) -> int:
+    """The process's peak resident set (VmHWM), in KiB."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    found = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
+    assert found is not None
+    return int(found.group(1))
+
+
+def server_pid(server: Server) -> int:
+    """The Python process `make run` started (make's only child)."""
+    children = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children").read_text()
+    return int(children.split()[0])
+
+
+def post_huge(port: int, token: str, total: int, chunked: bool) -> tuple[int, bytes]:
+    """POST `total` bytes to the upload endpoint a megabyte at a time, stopping as soon as the
+    server answers; the status and body of its answer."""
+    head = (
+        "POST /v1/dreamina/assets/LOCAL:procedural HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Bearer {token}\r\nContent-Type: image/png\r\n"
+        + ("Transfer-Encoding: chunked\r\n\r\n" if chunked else f"Content-Length: {total}\r\n\r\n")
+    )
+    chunk = os.urandom(1 << 20)
+    framed = f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n" if chunked else chunk
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(head.encode())
+        sent = 0
+        while sent < total:
+            readable, _, _ = select.select([sock], [], [], 0)
+            if readable:
+                break
+            try:
+                sock.sendall(framed)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += len(chunk)
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer.partition(b"\r\n\r\n")[2]) < 20:
+            part = sock.recv(65536)
+            if not part:
+                break
+            answer += part
+    status = int(answer.split(b" ", 2)[1])
+    return status, answer.partition(b"\r\n\r\n")[2]
+
+
+def test_a_200_mb_upload_is_refused_with_flat_memory(server: Server) -> None:
+    """Declared or streamed, 200 MB never enter memory: the upload stops at the 10 MB limit."""
+    token = server.token or ""
+    port = int(server.url.rpartition(":")[2])
+    pid = server_pid(server)
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        assert client.get("/v1/dreamina/models", headers={"Authorization": f"Bearer {token}"})
+    before = peak_rss_kib(pid)
+    expected = b'{"error":"Image is too large (limit 10485760 bytes)"}'
+    for chunked in (False, True):
+        status, body = post_huge(port, token, 200 * 1024 * 1024, chunked)
+        assert (status, body) == (400, expected)
+    grown_mib = (peak_rss_kib(pid) - before) / 1024
+    print(f"peak RSS grew {grown_mib:.1f} MiB over two 200 MB uploads")
+    assert grown_mib < 64  # a 10 MB buffer and change; holding the body would be 200+
+    assert not (Path(server.data_dir) / "blobs" / "uploads").exists()
+
+
+def test_upload_generate_with_the_reference_upscale_and_download(server: Server) -> None:
+    headers = {"Authorization": f"Bearer {server.token}"}
+    buffer = io.BytesIO()
+    gradient = Image.linear_gradient("L").resize((640, 360)).convert("RGB")
+    gradient.save(buffer, "JPEG")
+    with httpx.Client(base_url=server.url, headers=headers, timeout=30) as client:
+        uploaded = client.post(
+            "/v1/dreamina/assets/LOCAL:procedural",
+            content=buffer.getvalue(),
+            headers={"Content-Type": "image/jpeg"},
+        )
+        assert uploaded.status_code == 200, uploaded.text
+        ref = uploaded.json()["assetRef"]
+        body = {"prompt": "from my picture", "imageRef_1": ref, "imageStrength": 0.8, "count": 1}
+        created = client.post("/v1/dreamina/images", json=body)
+        assert created.status_code == 200, created.text
+        assert created.json()["request"]["inputMode"] == "reference"
+        record = wait_completed(client, created.json()["jobid"])
+        assert record["status"] == "completed", record
+        image = record["response"]["images"][0]
+        assert (image["width"], image["height"]) == (2560, 1440)  # auto: nearest 16:9
+        upscale = client.post(
+            "/v1/dreamina/images/upscale",
+            json={"jobid": record["jobid"], "upscaleResolution": "4k"},
+        )
+        assert upscale.status_code == 200, upscale.text
+        assert upscale.json()["type"] == "upscale"
+        done = wait_completed(client, upscale.json()["jobid"])
+    assert done["status"] == "completed", done
+    [large] = done["response"]["images"]
+    with httpx.Client(timeout=30) as anonymous:
+        reply = anonymous.get(large["imageUrl"])
+    assert reply.status_code == 200
+    decoded = Image.open(io.BytesIO(reply.content))
+    decoded.load()
+    assert (decoded.format, decoded.size) == ("JPEG", (5404, 3040))
