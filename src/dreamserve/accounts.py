@@ -15,7 +15,7 @@ from dreamserve.engines.base import Engine
 from dreamserve.engines.registry import EngineRegistry
 from dreamserve.errors import BadRequest, InvalidParameter
 from dreamserve.fields import given, integer, text
-from dreamserve.ids import is_account_id
+from dreamserve.ids import is_account_id, is_region
 from dreamserve.storage.queries import Account
 
 DEFAULT_REGION = "US"
@@ -68,6 +68,8 @@ def _identity(fields: Mapping[str, Any]) -> tuple[str, str, str]:
     """(account id, region, email): the id given, or made as `<region>:<email>`."""
     email = text(fields, "email", 200)
     region = text(fields, "region", 32)
+    if region is not None and not is_region(region):
+        raise InvalidParameter("region", region, "letters, digits or _ (at most 32)")
     name = given(fields, "account")
     if name is None:
         if email is None:

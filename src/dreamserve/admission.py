@@ -5,6 +5,7 @@ Runs inside the transaction that inserts the job, so a job exists if and only if
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from random import Random
@@ -17,6 +18,8 @@ from dreamserve.engines.registry import EngineRegistry
 from dreamserve.errors import AccountNotFound, AtCapacity, BadRequest, NoAccountForModel
 from dreamserve.storage import queries
 from dreamserve.storage.queries import Account
+
+log = logging.getLogger(__name__)
 
 
 class Admission:
@@ -49,10 +52,12 @@ class Admission:
     def forget(self) -> None:
         self._accounts.clear()
 
-    def _usable(self, conn: Connection, user_id: int, name: str | None) -> list[Account]:
+    def _usable(
+        self, conn: Connection, user_id: int, name: str | None, *, fresh: bool = False
+    ) -> list[Account]:
         now = self.clock()
         cached = self._accounts.get(user_id)
-        if cached is None or cached[0] <= now:
+        if fresh or cached is None or cached[0] <= now:
             cached = (now + self.cache_seconds, queries.usable_accounts(conn, user_id))
             if len(self._accounts) >= 10_000:
                 self._accounts.clear()
@@ -61,11 +66,15 @@ class Admission:
 
     def serves(self, account: Account, model: Model) -> bool:
         """Whether an account can run a model: its own list, else all its engine supports."""
+        if account.engine not in self.engines.names:  # configured for another server
+            return False
         if account.models is not None:
             return model.name in account.models
-        if account.engine not in self.engines.names:
+        try:
+            return self.engine_of(account).serves(model)
+        except ValueError:  # its secrets cannot be opened (secrets.key lost or replaced)
+            log.exception("account %s cannot be used", account.name)
             return False
-        return self.engine_of(account).serves(model)
 
     def engine_of(self, account: Account) -> Engine:
         return self.engines.engine(
@@ -73,7 +82,7 @@ class Admission:
             account.settings,
             sealed=account.sealed,
             account_id=account.id,
-            version=account.updated_at,
+            version=account.version,
         )
 
     def admit(
@@ -86,7 +95,26 @@ class Admission:
         max_jobs: int | None,
     ) -> Account:
         """Take a slot and return its account, or raise the error the client gets."""
-        candidates = self._usable(conn, user_id, account)
+        try:
+            return self._admit(conn, user_id, model, account, max_jobs)
+        except AtCapacity:
+            if account is None:
+                raise
+            # A named account that refused may be gone or changed since the list was read
+            # (deleted, put in error): read it again, once, so the client gets the right error.
+            return self._admit(conn, user_id, model, account, max_jobs, fresh=True)
+
+    def _admit(
+        self,
+        conn: Connection,
+        user_id: int,
+        model: Model,
+        account: str | None,
+        max_jobs: int | None,
+        *,
+        fresh: bool = False,
+    ) -> Account:
+        candidates = self._usable(conn, user_id, account, fresh=fresh)
         if account is not None and not candidates:
             raise AccountNotFound(account)
         serving = [each for each in candidates if self.serves(each, model)]

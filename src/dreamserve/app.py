@@ -100,6 +100,7 @@ async def open_service(
         clock=clock,
         config=ServiceConfig(
             token_cache_seconds=settings.token_cache_seconds,
+            lease_seconds=settings.lease_seconds,
             max_upload_bytes=settings.max_upload_bytes,
             max_image_pixels=settings.max_image_pixels,
         ),
@@ -147,6 +148,7 @@ def create_app(
                     settings.reaper_interval_seconds,
                     service.config.max_attempts,
                     settings.retention_days,
+                    settings.lease_seconds,
                 ),
             )
             sweeping = asyncio.create_task(reaper.run_forever(), name="reaper")

@@ -62,6 +62,8 @@ def as_number(value: Any) -> float | None:
         if isinstance(value, int | float):
             number = float(value)
         elif isinstance(value, str):
+            if "_" in value:  # float() takes "1_0"; no client means 10 by it
+                return None
             number = float(value.strip())
         else:
             return None

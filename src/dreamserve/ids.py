@@ -19,6 +19,7 @@ TYPE_LETTERS: dict[JobType, str] = {"image": "i", "upscale": "I"}
 # ASCII: `\d` would match any Unicode digit, `\s` any Unicode space.
 _JOBID = re.compile(r"j(\d{10})(\d{3})(\d{6})([iI])-u(\d{1,18})-(.+)-bot:dreamina", re.ASCII)
 _ACCOUNT = re.compile(r"[A-Za-z0-9_]{1,32}:[^\s/?#%\\\x00-\x1f\x7f]{1,200}", re.ASCII)
+_REGION = re.compile(r"[A-Za-z0-9_]{1,32}", re.ASCII)
 # Sizes as images can have them: sides from 1 to 999999 pixels, at most 12 digits of bytes.
 _ASSET_REF = re.compile(
     r"(.+)-image:w([1-9]\d{0,5}):h([1-9]\d{0,5}):s(\d{1,12})-uri:([A-Za-z0-9._/-]{1,512})", re.ASCII
@@ -82,8 +83,15 @@ def parse_jobid(text: str) -> JobId | None:
 
 
 def is_account_id(text: str) -> bool:
-    """`REGION:name`: a region of letters, digits or `_`, then a name without spaces or `/`."""
-    return _ACCOUNT.fullmatch(text) is not None
+    """`REGION:name`: a region of letters, digits or `_`, then a name without spaces (of any
+    script), control characters or `/`."""
+    return _ACCOUNT.fullmatch(text) is not None and all(
+        ch.isprintable() and not ch.isspace() for ch in text
+    )
+
+
+def is_region(text: str) -> bool:
+    return _REGION.fullmatch(text) is not None
 
 
 def parse_asset_ref(text: str) -> AssetRef | None:

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
+from functools import partial
 
 from sqlalchemy import Connection
 
@@ -33,6 +34,7 @@ class ReaperConfig:
     interval: float = 5.0
     max_attempts: int = 3
     retention_days: float = 30.0
+    lease_seconds: float = 30.0  # a requeued job's lease until a runner claims it
     batch: int = 500  # jobs deleted per transaction
 
 
@@ -62,21 +64,39 @@ class Reaper:
         """One pass: expired leases, then jobs past retention."""
         now = millis(self.clock())
 
-        def reap(conn: Connection) -> Sweep:
-            sweep = Sweep([], [])
-            for job_id, attempt in queries.expired_leases(conn, now):
-                if attempt < self.config.max_attempts:
-                    if queries.requeue_job(conn, job_id, attempt):
-                        sweep.requeued.append(job_id)
-                    continue
-                job = queries.job_by_id(conn, job_id)
-                if job is not None and queries.finish_job(
-                    conn, job, status=Status.FAILED, now=now, attempt=attempt, error=RUNNER_LOST
+        lease = now + int(self.config.lease_seconds * 1000)
+        expired = await self.db.read(lambda conn: queries.expired_leases(conn, now))
+        sweep = Sweep([], [])
+        for job_id, attempt in expired:  # one transaction each: no job waits on another
+            if attempt < self.config.max_attempts:
+                if await self.db.write(
+                    partial(
+                        queries.requeue_job,
+                        job_id=job_id,
+                        attempt=attempt,
+                        now=now,
+                        lease_until=lease,
+                    )
                 ):
-                    sweep.failed.append(job.jobid)
-            return sweep
+                    sweep.requeued.append(job_id)
+                continue
 
-        sweep = await self.db.write(reap)
+            def fail(conn: Connection, job_id: int = job_id, attempt: int = attempt) -> str | None:
+                job = queries.job_by_id(conn, job_id)
+                ended = job is not None and queries.finish_job(
+                    conn,
+                    job,
+                    status=Status.FAILED,
+                    now=now,
+                    attempt=attempt,
+                    expired_before=now,
+                    error=RUNNER_LOST,
+                )
+                return job.jobid if ended and job is not None else None
+
+            jobid = await self.db.write(fail)
+            if jobid is not None:
+                sweep.failed.append(jobid)
         for job_id in sweep.requeued:
             await self.dispatcher.dispatch(job_id)
         for jobid in sweep.failed:

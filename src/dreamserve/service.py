@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import time
@@ -38,6 +39,7 @@ from dreamserve.ids import (
     AssetRef,
     IdFactory,
     asset_id,
+    is_account_id,
     iso,
     new_token,
     parse_asset_id,
@@ -66,6 +68,7 @@ class ServiceConfig:
     max_attempts: int = 3  # starts of one job before a restart gives up on it
     finished_cache_seconds: float = 60.0  # how long a finished job is served from memory
     finished_cache_size: int = 10_000
+    lease_seconds: float = 30.0  # an unclaimed job's lease, as a runner's (RunnerConfig)
     max_upload_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 70_000_000
 
@@ -95,6 +98,10 @@ class Service:
         # Finished jobs never change and clients poll them: their records are kept in memory,
         # (user, jobid) -> (until, link expiry, record); a new link window makes a new record.
         self._finished: dict[tuple[int, str], tuple[float, int, Record]] = {}
+
+    @property
+    def _lease_ms(self) -> int:
+        return int(self.config.lease_seconds * 1000)
 
     # Identity
 
@@ -204,7 +211,9 @@ class Service:
                 forecast_cost=submission.model.forecast_cost,
                 created_at=millis(at),
             )
-            return replace(job, id=queries.insert_job(conn, job, account_id=account.id))
+            lease = job.created_at + self._lease_ms
+            job_id = queries.insert_job(conn, job, account_id=account.id, lease_until=lease)
+            return replace(job, id=job_id)
 
         try:
             return await self.db.write(admit)
@@ -263,7 +272,9 @@ class Service:
                 forecast_cost=0,
                 created_at=millis(at),
             )
-            return replace(job, id=queries.insert_job(conn, job, account_id=account.id))
+            lease = job.created_at + self._lease_ms
+            job_id = queries.insert_job(conn, job, account_id=account.id, lease_until=lease)
+            return replace(job, id=job_id)
 
         try:
             job = await self.db.write(admit)
@@ -394,9 +405,10 @@ class Service:
         account = await self.db.read(lambda conn: _visible(conn, user_id, name))
         body = self._summary(account)
         if account.engine in self.admission.engines.names:
-            describe = getattr(self.admission.engine_of(account), "describe", None)
-            if describe is not None:
-                body["details"] = describe()
+            with contextlib.suppress(ValueError):  # secrets it cannot open: no details
+                describe = getattr(self.admission.engine_of(account), "describe", None)
+                if describe is not None:
+                    body["details"] = describe()
         return body
 
     async def delete_account(self, user_id: int | None, name: str) -> dict[str, Any]:
@@ -404,30 +416,35 @@ class Service:
         name = _unquoted(name)
         now = millis(self.clock())
 
-        def remove(conn: Connection) -> tuple[list[int], int]:
+        def remove(conn: Connection) -> tuple[int, list[int], int]:
             account = _visible(conn, user_id, name)
             if user_id is not None and account.is_shared:
                 raise SharedAccount(name)
+            # Lock the row first: an admission on it either committed before (its job is
+            # cancelled below) or waits and then finds no account.
+            queries.lock_account(conn, account.id)
             cancelled = queries.cancel_account_jobs(
                 conn, account.id, CANCELLED_BY_USER, f"Account {name} was deleted", now
             )
             queries.delete_account(conn, account.id)
             if user_id is None:
-                return cancelled, len(queries.shared_accounts(conn))
-            return cancelled, len(queries.usable_accounts(conn, user_id))
+                return account.id, cancelled, len(queries.shared_accounts(conn))
+            return account.id, cancelled, len(queries.usable_accounts(conn, user_id))
 
-        cancelled, remaining = await self.db.write(remove)
+        account_id, cancelled, remaining = await self.db.write(remove)
         self.admission.forget()
+        self.admission.engines.retire(account_id)
         for job_id in cancelled:
             self.dispatcher.cancel(job_id)
         return {"account": name, "deleted": True, "remaining": remaining}
 
     def _summary(self, account: Account) -> dict[str, Any]:
-        if account.engine in self.admission.engines.names:
+        try:
             engine = self.admission.engine_of(account)
-            models = models_served(engine, account.models, self.catalogue)
-        else:  # an engine this server does not have (configured elsewhere)
+        except (KeyError, ValueError):  # an engine this server lacks; secrets it cannot open
             models = list(account.models or ())
+        else:
+            models = models_served(engine, account.models, self.catalogue)
         return summary(account, models)
 
     # Scheduler
@@ -593,7 +610,7 @@ class Service:
                 conn, self.config.max_attempts, "Server stopped while the job was running", now
             )
             queries.recount_slots(conn)
-            return abandoned, queries.release_unfinished_jobs(conn)
+            return abandoned, queries.release_unfinished_jobs(conn, now + self._lease_ms)
 
         abandoned, pending = await self.db.write(recover)
         for job_id in pending:
@@ -638,6 +655,8 @@ def _require_user(conn: Connection, user_id: int) -> None:
 def _visible(conn: Connection, user_id: int | None, name: str) -> Account:
     """The account called `name` that the user may use (their own first, then a shared one),
     or the shared one for None; AccountNotFound otherwise."""
+    if not is_account_id(name):  # no query for what cannot be an account id
+        raise AccountNotFound(name)
     owners = [SHARED] if user_id is None else [user_id, SHARED]
     for owner in owners:
         account = queries.account_named(conn, owner, name)

@@ -100,7 +100,8 @@ class JobRunner:
         try:
             await self._run_engine(job, account, progress, cancel)
         finally:
-            self._signals.pop(job.id, None)
+            if self._signals.get(job.id) is cancel:  # not a later attempt's (after a requeue)
+                del self._signals[job.id]
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
@@ -122,18 +123,20 @@ class JobRunner:
                 Status.FAILED,
                 error=failure.error,
                 details=failure.details,
-                account_error=(account.id, failure.error),
+                account_error=(account, failure.error),
             )
             self.account_changed()
         except JobFailed as failure:
             await self._finish(job, Status.FAILED, error=failure.error, details=failure.details)
         except Exception as exc:
+            # The message may hold what the user must not see (a URL, a host, a key in a
+            # shared account's settings): the record names the error, the log has it whole.
             log.exception("job %s failed in engine %s", job.jobid, account.engine)
             await self._finish(
                 job,
                 Status.FAILED,
                 error="Image generation failed",
-                details=f"{type(exc).__name__}: {exc}",
+                details=f"{type(exc).__name__} (see the server log)",
             )
         else:
             if not await self._finish(job, Status.COMPLETED, images=stored):
@@ -150,7 +153,7 @@ class JobRunner:
             account.settings,
             sealed=account.sealed,
             account_id=account.id,
-            version=account.updated_at,
+            version=account.version,
         )
         spec = job.spec
         references = tuple([await self._reference(key) for key in spec.references])
@@ -208,7 +211,7 @@ class JobRunner:
         images: list[StoredImage] | None = None,
         error: str | None = None,
         details: str | None = None,
-        account_error: tuple[int, str] | None = None,
+        account_error: tuple[Account, str] | None = None,
     ) -> bool:
         """Write the job's end (and its account's error), fenced by this attempt: False when
         the job had already ended or was taken back."""

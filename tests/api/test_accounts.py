@@ -11,7 +11,15 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 from sqlalchemy import Connection, select, update
-from support import SMALL, CancellableEngine, Harness, eventually, open_harness, wait_started
+from support import (
+    SMALL,
+    CancellableEngine,
+    FakeClock,
+    Harness,
+    eventually,
+    open_harness,
+    wait_started,
+)
 
 from dreamserve.engines.base import CancelSignal, EngineContext, EngineSettings, GenerationRequest
 from dreamserve.engines.procedural import ProceduralEngine
@@ -392,3 +400,125 @@ async def test_an_account_error_puts_the_account_in_error_until_saved_again(
     assert "error" not in fixed
     posted = await keyed.post({**SMALL, "account": STUDIO["account"]})
     assert (await keyed.wait(posted.json()["jobid"]))["status"] == "completed"
+
+
+# Found in review: odd ids, stale engines, races
+
+
+@pytest.mark.parametrize("path", ["%00", "US:a%00b", "US:a%2500b", "US:a%E2%80%A8b", "US:a%C2%A0b"])
+async def test_a_path_that_cannot_be_an_account_id_is_404(harness: Harness, path: str) -> None:
+    for method in ("GET", "DELETE"):
+        reply = await harness.call(method, f"/accounts/{path}")
+        assert reply.status_code == 404
+        assert reply.json()["error"].startswith("Unable to find configuration for account")
+
+
+async def test_a_region_is_letters_digits_or_underscore(harness: Harness) -> None:
+    for region in ("EU:x", "E U"):
+        reply = await harness.call(
+            "POST", "/accounts", {"email": "a@b.co", "region": region, "engine": "procedural"}
+        )
+        assert (reply.status_code, reply.json()) == (
+            400,
+            {
+                "error": f"Parameter region ({region}) valid values: letters, digits or _ "
+                "(at most 32)"
+            },
+        )
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"account": "US:a@b.co", "engine": "procedural", "maxJobs": NaN}',
+        b'{"account": "US:a@b.co", "engine": "procedural", "settings": {"x": Infinity}}',
+        b'{"account": "US:a@b.co", "engine": "procedural", "maxJobs": 1e400}',
+        b'{"settings": ' + b"[" * 3000 + b"]" * 3000 + b"}",
+    ],
+)
+async def test_json_python_takes_but_json_does_not_is_400(harness: Harness, body: bytes) -> None:
+    headers = {**harness.auth, "Content-Type": "application/json"}
+    for path in ("/accounts", "/images"):
+        reply = await harness.client.post(f"/v1/dreamina{path}", content=body, headers=headers)
+        assert reply.status_code == 400
+        assert reply.json() == {"error": "Request body is not valid JSON"}
+
+
+async def test_max_jobs_in_a_request_can_raise_the_cap_of_ones_own_account(
+    settings: Settings,
+) -> None:
+    engine = CancellableEngine()
+    async with open_harness(settings, engines={"procedural": engine.factory}) as harness:
+        await harness.put_account({**STUDIO, "maxJobs": 1})
+        named = {**SMALL, "account": STUDIO["account"]}
+        assert (await harness.post(named)).status_code == 200
+        assert (await harness.post(named)).status_code == 429
+        assert (await harness.post({**named, "maxJobs": 2})).status_code == 200
+        assert (await harness.post({**named, "maxJobs": 2})).status_code == 429
+
+
+async def test_a_save_in_the_same_millisecond_still_gives_the_engine_the_new_key(
+    settings: Settings,
+) -> None:
+    KeyedEngine.seen_keys = []
+    clock = FakeClock()  # frozen: every save happens at the same instant
+    async with open_harness(settings, clock=clock, engines=ENGINES) as harness:
+        body = {**STUDIO, "engine": "keyed"}
+        await harness.put_account({**body, "settings": {"apiKey": "sk-wrong"}})
+        failed = await harness.wait(
+            (await harness.post({**SMALL, "account": STUDIO["account"]})).json()["jobid"]
+        )
+        assert failed["status"] == "failed"
+        await harness.put_account({**body, "settings": {"apiKey": KEY}})
+        done = await harness.wait(
+            (await harness.post({**SMALL, "account": STUDIO["account"]})).json()["jobid"]
+        )
+        assert done["status"] == "completed"
+        assert KeyedEngine.seen_keys == ["sk-wrong", KEY]
+
+
+async def test_an_account_fixed_while_a_failing_job_runs_stays_fixed(settings: Settings) -> None:
+    gate, entered = asyncio.Event(), asyncio.Event()
+
+    class SlowKeyed(KeyedEngine):
+        async def generate(self, request, progress, cancel):  # type: ignore[no-untyped-def]
+            entered.set()
+            await gate.wait()
+            return await super().generate(request, progress, cancel)
+
+    KeyedEngine.seen_keys = []
+    async with open_harness(settings, engines={**BUILTIN, "keyed": SlowKeyed}) as harness:
+        body = {**STUDIO, "engine": "keyed"}
+        await harness.put_account({**body, "settings": {"apiKey": "sk-wrong"}})
+        jobid = (await harness.post({**SMALL, "account": STUDIO["account"]})).json()["jobid"]
+        await entered.wait()  # the job runs with the wrong key
+        await harness.put_account({**body, "settings": {"apiKey": KEY}})
+        gate.set()
+        assert (await harness.wait(jobid))["error"] == "Upstream refused the API key"
+        shown = (await harness.call("GET", f"/accounts/{STUDIO['account']}")).json()
+        assert "error" not in shown
+        again = await harness.post({**SMALL, "account": STUDIO["account"]})
+        assert (await harness.wait(again.json()["jobid"]))["status"] == "completed"
+
+
+async def test_jobs_admitted_while_their_account_is_deleted_are_all_cancelled(
+    settings: Settings,
+) -> None:
+    """On PostgreSQL admissions and the delete really race: each admission commits before the
+    delete (its job is cancelled by it) or finds no account."""
+    engine = CancellableEngine()
+    async with open_harness(settings, engines={"procedural": engine.factory}) as harness:
+        for _ in range(5):
+            await harness.put_account({**STUDIO, "maxJobs": 50})
+            named = {**SMALL, "account": STUDIO["account"]}
+            posts = [harness.post(named) for _ in range(12)]
+            delete = harness.call("DELETE", f"/accounts/{STUDIO['account']}")
+            replies = await asyncio.gather(*posts[:6], delete, *posts[6:])
+            for reply in replies[:6] + replies[7:]:
+                assert reply.status_code in (200, 404), reply.text
+                if reply.status_code == 200:
+                    record = await harness.wait(reply.json()["jobid"])
+                    assert (record["error"], record["errorDetails"]) == (
+                        "Cancelled by user",
+                        "Account US:studio@example.com was deleted",
+                    )

@@ -144,6 +144,37 @@ async def test_jobs_past_retention_are_deleted_with_their_images(settings: Setti
         assert await asset_count(harness) == 1
 
 
+class LosesTheFirst:
+    """The first delivery is lost before any runner claims the job (a claim that failed on a
+    database blip, a broker that dropped it); later deliveries run normally."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.inner = InProcessDispatcher(runner)
+        self.lost = False
+
+    async def dispatch(self, job_id: int) -> None:
+        if self.lost:
+            await self.inner.dispatch(job_id)
+        self.lost = True
+
+    def cancel(self, job_id: int) -> None:
+        self.inner.cancel(job_id)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+async def test_a_job_no_runner_ever_claimed_is_delivered_again(settings: Settings) -> None:
+    clock = FakeClock()
+    async with open_harness(settings, clock=clock, dispatcher=LosesTheFirst) as harness:
+        jobid = (await harness.post(SMALL)).json()["jobid"]
+        assert (await reaper(harness, clock).sweep()).requeued == []  # not due yet
+        clock.advance(31)  # an unclaimed job is leased as long as a running one
+        assert len((await reaper(harness, clock).sweep()).requeued) == 1
+        assert (await harness.wait(jobid))["status"] == "completed"
+        assert await harness.slots() == {"LOCAL:procedural": 0}
+
+
 class ClaimsThenVanishes:
     """The first job is claimed by a runner that dies at once (its lease is never renewed);
     later deliveries run normally."""

@@ -62,7 +62,7 @@ def test_secret_settings_are_sealed_apart_and_given_back_to_the_engine(
     assert sealed is not None
     assert "sk-123456" not in sealed
     assert BOX.open(sealed) == {"apiKey": "sk-123456"}
-    engine = registry.engine("keyed", plain, sealed=sealed, account_id=1, version=1)
+    engine = registry.engine("keyed", plain, sealed=sealed, account_id=1, version=(1, 1))
     assert engine.settings == {"steps": 8, "apiKey": "sk-123456"}  # type: ignore[attr-defined]
 
 
@@ -107,23 +107,40 @@ def test_bad_settings_name_the_key_and_never_echo_the_value(
 
 
 def test_one_engine_per_account_and_version(registry: EngineRegistry) -> None:
-    first = registry.engine("recorded", {"a": 1}, account_id=1, version=10)
-    assert registry.engine("recorded", {"a": 1}, account_id=1, version=10) is first
-    assert registry.engine("recorded", {"a": 1}, account_id=2, version=10) is not first
+    first = registry.engine("recorded", {"a": 1}, account_id=1, version=(1, 10))
+    assert registry.engine("recorded", {"a": 1}, account_id=1, version=(1, 10)) is first
+    assert registry.engine("recorded", {"a": 1}, account_id=2, version=(1, 10)) is not first
 
 
 def test_newer_settings_build_a_new_engine_and_older_ones_do_not(registry: EngineRegistry) -> None:
-    first = registry.engine("recorded", {"a": 1}, account_id=1, version=10)
-    newer = registry.engine("recorded", {"a": 2}, account_id=1, version=11)
+    first = registry.engine("recorded", {"a": 1}, account_id=1, version=(1, 10))
+    newer = registry.engine("recorded", {"a": 2}, account_id=1, version=(1, 11))
     assert newer is not first
     assert newer.settings == {"a": 2}  # type: ignore[attr-defined]
-    assert registry.engine("recorded", {"a": 1}, account_id=1, version=10) is newer
+    assert registry.engine("recorded", {"a": 1}, account_id=1, version=(1, 10)) is newer
+
+
+def test_an_account_made_again_under_the_same_id_gets_a_new_engine(
+    registry: EngineRegistry,
+) -> None:
+    """SQLite may give a new account the id of a deleted one: another creation time is
+    another account, even when its times are older (a clock that stepped back)."""
+    first = registry.engine("recorded", {"a": "user A"}, account_id=1, version=(100, 200))
+    other = registry.engine("recorded", {"a": "user B"}, account_id=1, version=(50, 60))
+    assert other is not first
+    assert other.settings == {"a": "user B"}  # type: ignore[attr-defined]
+
+
+def test_a_retired_account_builds_a_new_engine(registry: EngineRegistry) -> None:
+    first = registry.engine("recorded", {}, account_id=1, version=(1, 1))
+    registry.retire(1)
+    assert registry.engine("recorded", {}, account_id=1, version=(1, 1)) is not first
 
 
 async def test_close_closes_current_and_replaced_engines(registry: EngineRegistry) -> None:
-    registry.engine("recorded", {}, account_id=1, version=1)
-    registry.engine("recorded", {}, account_id=1, version=2)
-    registry.engine("recorded", {}, account_id=2, version=1)
+    registry.engine("recorded", {}, account_id=1, version=(1, 1))
+    registry.engine("recorded", {}, account_id=1, version=(1, 2))
+    registry.engine("recorded", {}, account_id=2, version=(1, 1))
     await registry.close()
     assert Recorded.closed == 3
 
@@ -131,5 +148,5 @@ async def test_close_closes_current_and_replaced_engines(registry: EngineRegistr
 def test_builtin_engines_are_imported_by_name() -> None:
     registry = EngineRegistry(EngineContext(ThreadPoolExecutor(1)), BOX)
     assert registry.names == ("procedural",)
-    engine = registry.engine("procedural", {}, account_id=1, version=1)
+    engine = registry.engine("procedural", {}, account_id=1, version=(1, 1))
     assert isinstance(engine, ProceduralEngine)

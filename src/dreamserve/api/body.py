@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable
 from typing import Any
@@ -31,7 +32,7 @@ async def read_fields(request: Request, limit: int) -> dict[str, Any]:
         return {}
     else:
         try:
-            fields = json.loads(body)
+            fields = json.loads(body, parse_constant=_no_constant, parse_float=_finite)
         except (ValueError, RecursionError):
             raise BadRequest("Request body is not valid JSON") from None
         if not isinstance(fields, dict):
@@ -77,14 +78,30 @@ _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 def _storable(value: Any) -> bool:
     """Whether every string in `value` can be stored and sent back as UTF-8 text: JSON escapes
     can spell a NUL (which PostgreSQL text refuses) or half a surrogate pair (which no UTF-8
-    encoder takes)."""
-    if isinstance(value, str):
-        return _UNSTORABLE.search(value) is None
-    if isinstance(value, dict):
-        return all(_storable(key) and _storable(item) for key, item in value.items())
-    if isinstance(value, list):
-        return all(_storable(item) for item in value)
+    encoder takes). Iterative: JSON nests deeper than Python recurses."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if _UNSTORABLE.search(item) is not None:
+                return False
+        elif isinstance(item, dict):
+            pending.extend(item)
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
     return True
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # NaN, Infinity: Python's json takes them
+
+
+def _finite(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):  # 1e400
+        raise ValueError(f"{text} is out of range")
+    return number
 
 
 def _replay(body: bytes) -> Receive:

@@ -68,7 +68,7 @@ class EngineSettings(BaseModel):
     `SecretStr` are secrets: stored encrypted, never returned by the API nor logged.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 @dataclass(frozen=True)

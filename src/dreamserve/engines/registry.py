@@ -38,7 +38,8 @@ class EngineRegistry:
         self.context = context
         self.box = box
         self._paths = dict(engines)
-        self._instances: dict[int, tuple[int, Engine]] = {}  # account id -> (version, engine)
+        # account id -> ((created, updated), engine)
+        self._instances: dict[int, tuple[tuple[int, int], Engine]] = {}
         self._retired: list[Engine] = []
         self._lock = threading.Lock()  # database threads ask too (admission)
 
@@ -84,23 +85,32 @@ class EngineRegistry:
         *,
         sealed: str | None = None,
         account_id: int,
-        version: int,
+        version: tuple[int, int],
     ) -> Engine:
         """The engine of an account, given its plain settings and its sealed secrets.
 
-        `version` (the account's update time) tells when its settings changed: a newer one
-        builds a new engine, an older one (a caller holding a stale copy of the account) gets
-        the current engine rather than churning it."""
+        `version` is the account's (creation, update) time. Another creation time is another
+        account (ids can be reused after a delete): a new engine. Within one account a newer
+        update builds a new engine, an older one (a caller holding a stale copy of the account)
+        gets the current engine rather than churning it."""
         with self._lock:
             current = self._instances.get(account_id)
-            if current is not None and current[0] >= version:
-                return current[1]
             if current is not None:
-                self._retired.append(current[1])  # jobs may still use it: closed at shutdown
+                (created, updated), engine = current
+                if created == version[0] and updated >= version[1]:
+                    return engine
+                self._retired.append(engine)  # jobs may still use it: closed at shutdown
             merged = {**settings, **self.box.open(sealed)}
             engine = self.factory(name)(merged, self.context)
             self._instances[account_id] = (version, engine)
             return engine
+
+    def retire(self, account_id: int) -> None:
+        """The account is gone: its engine is built no more (closed at shutdown)."""
+        with self._lock:
+            current = self._instances.pop(account_id, None)
+            if current is not None:
+                self._retired.append(current[1])
 
     def probe(self, name: str, settings: Mapping[str, Any], sealed: str | None) -> Engine:
         """A fresh engine for settings not stored yet (to ask what it serves); the caller

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
+from sqlalchemy import Connection, bindparam, case, delete, func, insert, select, update
 
 from dreamserve.ids import AssetRef
 from dreamserve.jobs import Job, Spec, Status, StoredImage
@@ -36,11 +36,17 @@ class Account:
     max_jobs: int
     running: int
     error: str | None
+    created_at: int
     updated_at: int
 
     @property
     def is_shared(self) -> bool:
         return self.owner == SHARED
+
+    @property
+    def version(self) -> tuple[int, int]:
+        """Which account and which of its saves: engines are rebuilt when it changes."""
+        return self.created_at, self.updated_at
 
 
 # Users and tokens
@@ -195,8 +201,18 @@ def update_account(
             models=None if models is None else list(models),
             max_jobs=max_jobs,
             error=None,
-            updated_at=now,
+            # Strictly later than the last save, even within a millisecond or after the
+            # clock stepped back: engines are rebuilt for a newer version only.
+            updated_at=case((accounts.c.updated_at < now, now), else_=accounts.c.updated_at + 1),
         )
+    )
+
+
+def lock_account(conn: Connection, account_id: int) -> None:
+    """Hold the account's row until the transaction ends (an update that changes nothing:
+    SQLite locks the whole database for a write anyway)."""
+    conn.execute(
+        update(accounts).where(accounts.c.id == account_id).values(running=accounts.c.running)
     )
 
 
@@ -205,9 +221,14 @@ def delete_account(conn: Connection, account_id: int) -> None:
     conn.execute(delete(accounts).where(accounts.c.id == account_id))
 
 
-def set_account_error(conn: Connection, account_id: int, error: str) -> None:
-    """Put an account in error: admission skips it until it is saved again."""
-    conn.execute(update(accounts).where(accounts.c.id == account_id).values(error=error))
+def set_account_error(conn: Connection, account: Account, error: str) -> None:
+    """Put an account in error, unless it was saved since (the error was about settings that
+    are gone): admission skips it until it is saved again."""
+    conn.execute(
+        update(accounts)
+        .where(accounts.c.id == account.id, accounts.c.updated_at == account.updated_at)
+        .values(error=error)
+    )
 
 
 def take_slot(conn: Connection, account: Account, requested: int | None = None) -> bool:
@@ -252,6 +273,7 @@ _NEW_JOB_COLUMNS = [
     "forecast_cost",
     "attempts",
     "created_at",
+    "lease_until",
 ]
 _INSERT_JOB = Prepared(insert(jobs).returning(jobs.c.id), columns=_NEW_JOB_COLUMNS)
 _JOB_BY_JOBID = Prepared(
@@ -312,8 +334,9 @@ _FINISH_JOB_OF_ATTEMPT = (
 _INSERT_ASSET = insert(assets)
 
 
-def insert_job(conn: Connection, job: Job, *, account_id: int) -> int:
-    """Insert a new job (its `id` is ignored); the id the database gave it."""
+def insert_job(conn: Connection, job: Job, *, account_id: int, lease_until: int) -> int:
+    """Insert a new job (its `id` is ignored); the id the database gave it. The job is leased
+    until its runner claims it: a job whose dispatch was lost is found by the reaper too."""
     values = {
         "jobid": job.jobid,
         "type": job.type,
@@ -327,6 +350,7 @@ def insert_job(conn: Connection, job: Job, *, account_id: int) -> int:
         "forecast_cost": job.forecast_cost,
         "attempts": 0,
         "created_at": job.created_at,
+        "lease_until": lease_until,
     }
     cursor = _INSERT_JOB.execute(conn, values)
     job_id = int(cursor.fetchone()[0])
@@ -378,6 +402,7 @@ def finish_job(
     status: Status,
     now: int,
     attempt: int | None = None,
+    expired_before: int | None = None,
     images: Sequence[StoredImage] = (),
     description: str | None = None,
     error: str | None = None,
@@ -387,7 +412,8 @@ def finish_job(
 
     Only the first call for a job does anything (the update is conditional on the job being
     unfinished), so a slot is released exactly once whatever path ends the job. A runner
-    passes its `attempt`: a job taken back from it is not its to end.
+    passes its `attempt`: a job taken back from it is not its to end. The reaper also passes
+    `expired_before`: a lease renewed meanwhile keeps the job running.
     """
     params = {
         "job": job.id,
@@ -399,8 +425,11 @@ def finish_job(
     }
     if attempt is None:
         finished = conn.execute(_FINISH_JOB, params).first()
-    else:
+    elif expired_before is None:
         finished = conn.execute(_FINISH_JOB_OF_ATTEMPT, {**params, "attempt": attempt}).first()
+    else:
+        statement = _FINISH_JOB_OF_ATTEMPT.where(jobs.c.lease_until < expired_before)
+        finished = conn.execute(statement, {**params, "attempt": attempt}).first()
     if finished is None:
         return False
     account_id = finished[0]
@@ -470,12 +499,19 @@ def expired_leases(conn: Connection, now: int) -> list[tuple[int, int]]:
     return [(job_id, attempt) for job_id, attempt in conn.execute(query)]
 
 
-def requeue_job(conn: Connection, job_id: int, attempt: int) -> bool:
-    """Take a job back from the runner of `attempt`, so that another claim runs it again."""
+def requeue_job(conn: Connection, job_id: int, attempt: int, now: int, lease_until: int) -> bool:
+    """Take a job whose lease ran out (at `now`) back from the runner of `attempt`, so that
+    another claim runs it again; leased anew until then. False when it was renewed or ended
+    meanwhile."""
     result = conn.execute(
         update(jobs)
-        .where(jobs.c.id == job_id, jobs.c.status == CREATED, jobs.c.attempts == attempt)
-        .values(started_at=None, lease_until=None, progress=None)
+        .where(
+            jobs.c.id == job_id,
+            jobs.c.status == CREATED,
+            jobs.c.attempts == attempt,
+            jobs.c.lease_until < now,
+        )
+        .values(started_at=None, lease_until=lease_until, progress=None)
     )
     return result.rowcount == 1
 
@@ -510,13 +546,14 @@ def fail_exhausted_jobs(conn: Connection, max_attempts: int, error: str, now: in
     return list(result.scalars())
 
 
-def release_unfinished_jobs(conn: Connection) -> list[int]:
-    """Mark every unfinished job not started, so that a runner can claim it again; their ids,
-    oldest first. Only for the process that holds the runner lock."""
+def release_unfinished_jobs(conn: Connection, lease_until: int) -> list[int]:
+    """Mark every unfinished job not started (leased until a runner claims it), so that a
+    runner can claim it again; their ids, oldest first. Only for the process that holds the
+    runner lock."""
     conn.execute(
         update(jobs)
         .where(jobs.c.status == CREATED)
-        .values(started_at=None, lease_until=None, progress=None)
+        .values(started_at=None, lease_until=lease_until, progress=None)
     )
     query = select(jobs.c.id).where(jobs.c.status == CREATED).order_by(jobs.c.id)
     return list(conn.execute(query).scalars())
@@ -551,6 +588,7 @@ def _account(row: Mapping[Any, Any]) -> Account:
         max_jobs=row["max_jobs"],
         running=row["running"],
         error=row["error"],
+        created_at=row["created_at"],
         updated_at=row["updated_at"],
     )
 
