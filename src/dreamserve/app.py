@@ -103,6 +103,7 @@ async def open_service(
             lease_seconds=settings.lease_seconds,
             max_upload_bytes=settings.max_upload_bytes,
             max_image_pixels=settings.max_image_pixels,
+            max_upload_pixels=settings.max_upload_pixels,
         ),
     )
     try:

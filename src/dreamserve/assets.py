@@ -20,7 +20,16 @@ ACCEPTED = {
     "image/png": ("PNG", "png"),
     "image/webp": ("WEBP", "webp"),
 }
-_MEDIA_OF_PILLOW = {pillow: media for media, (pillow, _) in ACCEPTED.items()}
+# What Pillow calls each accepted image: MPO is a JPEG with more pictures after the first (from
+# cameras and phones); Pillow opens it as MPO.
+_PILLOW_FORMATS = {
+    "JPEG": "image/jpeg",
+    "MPO": "image/jpeg",
+    "PNG": "image/png",
+    "WEBP": "image/webp",
+}
+_ORIENTATION = 0x0112  # the EXIF tag
+_QUARTER_TURNS = (5, 6, 7, 8)
 
 
 @dataclass(frozen=True)
@@ -44,16 +53,18 @@ def check_image(data: bytes, media: str, max_pixels: int) -> CheckedImage:
     """Decode `data` fully as `media`; BadRequest saying what is wrong with it otherwise."""
     if not data:
         raise BadRequest("Image is empty")
-    pillow, name = ACCEPTED[media]
+    name = ACCEPTED[media][1]
     try:
-        with Image.open(io.BytesIO(data), formats=[each for each, _ in ACCEPTED.values()]) as image:
-            if image.format != pillow:
-                found = _MEDIA_OF_PILLOW.get(str(image.format), str(image.format))
+        with Image.open(io.BytesIO(data), formats=["JPEG", "PNG", "WEBP"]) as image:
+            found = _PILLOW_FORMATS.get(str(image.format), str(image.format))
+            if found != media:
                 raise BadRequest(f"Image data is {found}, not {media}")
             width, height = image.size
             if width * height > max_pixels:
                 raise _too_many_pixels(f"{width}x{height} pixels", max_pixels)
             image.load()
+            if image.getexif().get(_ORIENTATION, 1) in _QUARTER_TURNS:
+                width, height = height, width  # as it is shown, and as engines get it
     except BadRequest:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):

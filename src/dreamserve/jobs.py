@@ -40,8 +40,11 @@ class StoredImage:
     format: str
     size: int
 
+    def ref(self, account: str) -> AssetRef:
+        return AssetRef(account, self.width, self.height, self.size, self.uri)
+
     def asset_ref(self, account: str) -> str:
-        return str(AssetRef(account, self.width, self.height, self.size, self.uri))
+        return str(self.ref(account))
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -70,7 +70,9 @@ class ServiceConfig:
     finished_cache_size: int = 10_000
     lease_seconds: float = 30.0  # an unclaimed job's lease, as a runner's (RunnerConfig)
     max_upload_bytes: int = 10 * 1024 * 1024
-    max_image_pixels: int = 70_000_000
+    max_image_pixels: int = 70_000_000  # of an upscale's output
+    max_upload_pixels: int = 36_000_000
+    upload_decodes: int = 2  # uploads decoded at once
 
 
 class Service:
@@ -95,6 +97,7 @@ class Service:
         self.clock = clock
         self.config = config
         self._tokens: dict[str, tuple[int, float]] = {}
+        self._decoding = asyncio.Semaphore(config.upload_decodes)
         # Finished jobs never change and clients poll them: their records are kept in memory,
         # (user, jobid) -> (until, link expiry, record); a new link window makes a new record.
         self._finished: dict[tuple[int, str], tuple[float, int, Record]] = {}
@@ -239,6 +242,9 @@ class Service:
             if model is None:
                 raise BadRequest(f"Model {source.model} of the source job is no longer served")
             image = source.images[submission.image_index]
+            if not queries.existing_assets(conn, user_id, [image.ref(source.account)]):
+                valid = f"an image of job {jobid} that was not deleted"
+                raise InvalidParameter("imageIndex", submission.image_index, valid)
             width, height = self._upscale_size(submission.resolution, image.width / image.height)
             account = self.admission.admit(
                 conn,
@@ -247,7 +253,13 @@ class Service:
                 account=source.account,
                 max_jobs=submission.max_jobs,
             )
-            if not isinstance(self.admission.engine_of(account), Upscaler):
+            try:
+                engine = self.admission.engine_of(account)
+            except ValueError:  # its secrets cannot be opened (secrets.key lost or replaced)
+                raise BadRequest(
+                    f"Account {account.name} cannot be used: its secrets cannot be read"
+                ) from None
+            if not isinstance(engine, Upscaler):
                 raise BadRequest(
                     f"Account {account.name} cannot upscale: engine {account.engine} does not"
                 )
@@ -260,7 +272,7 @@ class Service:
                 model=source.model,
                 account=account.name,
                 user_id=user_id,
-                request=submission.echo,
+                request={**submission.echo, "jobid": jobid},
                 spec=Spec(
                     width=width,
                     height=height,
@@ -284,6 +296,8 @@ class Service:
         return Record(record(job, self.blobs.link))
 
     def _upscale_size(self, tier: str, aspect: float) -> tuple[int, int]:
+        if not self.catalogue.upscale_sizes:
+            raise BadRequest("Upscale is not available: the model catalogue has no upscale sizes")
         width, height = self.catalogue.upscale_size(tier, aspect)
         limit = self.config.max_image_pixels
         if width * height > limit:
@@ -500,9 +514,10 @@ class Service:
         account_name = _unquoted(account_name)
         account = await self.db.read(lambda conn: _visible(conn, user_id, account_name))
         loop = asyncio.get_running_loop()
-        checked = await loop.run_in_executor(
-            None, check_image, data, media, self.config.max_image_pixels
-        )
+        async with self._decoding:  # a small file can decode to a large image: few at a time
+            checked = await loop.run_in_executor(
+                None, check_image, data, media, self.config.max_upload_pixels
+            )
         at = self.clock()
         item_id = self.ids.item_id(at)
         key = f"uploads/{at:%Y/%m/%d}/{item_id}.{EXTENSIONS[checked.format]}"
@@ -581,6 +596,8 @@ class Service:
             raise AssetNotFound(text)
         account, item_id = parsed
 
+        # The job's record keeps listing the image (so that imageIndex keeps meaning the same
+        # image): its link answers 404 and it is no reference or upscale source any more.
         def remove(conn: Connection) -> str:
             asset = asset_queries.asset_by_item(conn, user_id, account, item_id)
             if asset is None:

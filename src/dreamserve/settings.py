@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     max_upload_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(default=70_000_000, ge=1)
+    max_upload_pixels: int = Field(default=36_000_000, ge=1)
     token_cache_seconds: float = Field(default=60.0, ge=0)
     account_cache_seconds: float = Field(default=2.0, ge=0)
     progress_interval_seconds: float = Field(default=0.5, gt=0)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageOps, PngImagePlugin
 from sqlalchemy import Connection
 
 from dreamserve.engines.base import CancelSignal, GenerationRequest, Upscaler, UpscaleRequest
@@ -156,7 +156,8 @@ class JobRunner:
             version=account.version,
         )
         spec = job.spec
-        references = tuple([await self._reference(key) for key in spec.references])
+        bound = max(spec.width, spec.height)  # references are never needed larger than this
+        references = tuple([await self._reference(key, bound) for key in spec.references])
         if job.type == "upscale":
             if not isinstance(engine, Upscaler):  # the account changed engine since admission
                 raise JobFailed("Image upscale failed", f"engine {account.engine} cannot upscale")
@@ -185,13 +186,13 @@ class JobRunner:
             )
         return [await self._store(job, image) for image in images]
 
-    async def _reference(self, key: str) -> Image.Image:
+    async def _reference(self, key: str, bound: int) -> Image.Image:
         try:
             data = await self.blobs.get(key)
         except FileNotFoundError:
             raise JobFailed("A reference image is no longer available", key) from None
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, _decode, data)
+        return await loop.run_in_executor(self.executor, _decode, data, bound)
 
     async def _store(self, job: Job, image: Image.Image) -> StoredImage:
         now = self.clock()
@@ -292,7 +293,13 @@ def encode(image: Image.Image, image_format: ImageFormat) -> bytes:
     return buffer.getvalue()
 
 
-def _decode(data: bytes) -> Image.Image:
+def _decode(data: bytes, bound: int) -> Image.Image:
+    """The image upright (EXIF orientation applied), in RGB, its longer side at most `bound`:
+    a JPEG is decoded at a reduced scale where it can be, so memory follows the output."""
     with Image.open(io.BytesIO(data)) as image:
+        image.draft("RGB", (bound, bound))  # JPEG only: decode at 1/2, 1/4 or 1/8 scale
         image.load()
-        return image.convert("RGB")
+        upright = ImageOps.exif_transpose(image).convert("RGB")
+    if max(upright.size) > bound:
+        upright.thumbnail((bound, bound), Image.Resampling.LANCZOS)
+    return upright

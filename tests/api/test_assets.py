@@ -84,6 +84,70 @@ async def test_an_upload_replies_with_its_asset_ref(
     )
 
 
+async def test_a_jpeg_with_more_pictures_mpo_is_a_jpeg(harness: Harness) -> None:
+    """Cameras and phones write JPEGs with extra pictures after the first (MPO)."""
+    first = Image.open(io.BytesIO(picture(64, 48, "JPEG")))
+    buffer = io.BytesIO()
+    first.save(buffer, "MPO", save_all=True, append_images=[first.copy()])
+    reply = await upload(harness, buffer.getvalue(), "image/jpeg")
+    assert reply.status_code == 200, reply.text
+    assert (reply.json()["width"], reply.json()["height"]) == (64, 48)
+
+
+async def test_an_upload_is_measured_as_shown_after_its_exif_rotation(harness: Harness) -> None:
+    image = Image.open(io.BytesIO(picture(160, 90, "JPEG")))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned a quarter: portrait
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", exif=exif)
+    body = (await upload(harness, buffer.getvalue(), "image/jpeg")).json()
+    assert (body["width"], body["height"]) == (90, 160)
+    reply = await harness.post(
+        {"model": "seedream-4.0", "imageRef_1": body["assetRef"], "count": 1}
+    )
+    image_out = (await harness.wait(reply.json()["jobid"]))["response"]["images"][0]
+    assert (image_out["width"], image_out["height"]) == (1440, 2560)  # auto: nearest 9:16
+
+
+async def test_a_declared_length_over_the_limit_is_refused_before_reading(
+    harness: Harness,
+) -> None:
+    """Content-Length alone decides: the body is never read (raw ASGI, as no client lies)."""
+    received: list[str] = []
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        received.append("body")
+        return {"type": "http.request", "body": b"x", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": f"/v1/dreamina/assets/{ACCOUNT}",
+        "raw_path": f"/v1/dreamina/assets/{ACCOUNT}".encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"host", b"testserver"),
+            (b"authorization", f"Bearer {harness.token}".encode()),
+            (b"content-type", b"image/png"),
+            (b"content-length", str(200 * 1024 * 1024).encode()),
+        ],
+        "client": ("127.0.0.1", 1),
+        "server": ("testserver", 80),
+    }
+    await harness.app(scope, receive, send)
+    assert sent[0]["status"] == 400
+    assert sent[1]["body"] == b'{"error":"Image is too large (limit 10485760 bytes)"}'
+    assert received == []
+
+
 async def test_an_upload_is_a_reference_that_shapes_the_job(harness: Harness) -> None:
     ref = (await upload(harness, picture(1600, 900))).json()["assetRef"]
     reply = await harness.post({"model": "seedream-4.0", "imageRef_1": ref, "count": 1})
@@ -141,7 +205,7 @@ async def test_a_bad_upload_is_400_saying_why_and_stores_nothing(
 
 
 async def test_too_many_pixels_is_400(settings: Settings) -> None:
-    small = settings.model_copy(update={"max_image_pixels": 1000})
+    small = settings.model_copy(update={"max_upload_pixels": 1000})
     async with open_harness(small) as harness:
         reply = await upload(harness, picture(40, 30))
         assert (reply.status_code, reply.json()) == (

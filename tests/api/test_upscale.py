@@ -72,10 +72,12 @@ async def test_the_target_is_the_tier_size_of_the_source_ratio(
     assert (image["width"], image["height"]) == size
 
 
-async def test_detail_and_original_strength_shape_the_result(harness: Harness) -> None:
+async def test_detail_sharpens_and_original_strength_blends_in_a_plain_resample(
+    harness: Harness,
+) -> None:
     source = await completed(harness, {**SMALL, "count": 1})
-    results = {}
-    for detail, original in ((0.0, 1.0), (1.0, 0.0)):
+
+    async def result(detail: float, original: float) -> Any:
         body = {
             "jobid": source["jobid"],
             "upscaleResolution": "2k",
@@ -84,12 +86,16 @@ async def test_detail_and_original_strength_shape_the_result(harness: Harness) -
         }
         done = await harness.wait((await upscale(harness, body)).json()["jobid"])
         image = await download(harness, done["response"]["images"][0]["imageUrl"])
-        results[detail] = np.asarray(image.convert("L"), dtype=np.float32)
-    # The sharpened result has more local contrast than the plain resample.
-    assert (
-        np.abs(np.diff(results[1.0], axis=1)).mean()
-        > np.abs(np.diff(results[0.0], axis=1)).mean() * 1.2
-    )
+        return np.asarray(image.convert("L"), dtype=np.float32)
+
+    def contrast(pixels: Any) -> float:
+        return float(np.abs(np.diff(pixels, axis=1)).mean())
+
+    soft, sharp = await result(0.0, 0.0), await result(1.0, 0.0)
+    assert contrast(sharp) > contrast(soft) * 1.2  # detail sharpens
+    plain, plain_too = await result(0.0, 1.0), await result(1.0, 1.0)
+    assert np.abs(plain - plain_too).mean() < 1.0  # all original: the detail is blended away
+    assert np.abs(plain - soft).mean() > 0.05  # the plain resample is another filter
 
 
 async def test_an_upscaled_image_is_usable_as_a_reference(harness: Harness) -> None:
@@ -201,6 +207,31 @@ async def test_a_target_over_the_pixel_limit_is_400(settings: Settings) -> None:
                 "8192x8192, over the limit of 20000000 pixels)"
             },
         )
+
+
+async def test_an_image_deleted_from_the_source_is_400(harness: Harness) -> None:
+    source = await completed(harness)  # two images
+    first = source["response"]["images"][0]
+    assert (await harness.call("DELETE", f"/assets/{first['assetId']}")).status_code == 200
+    listed = (await harness.get(source["jobid"])).json()["response"]["images"]
+    assert listed == source["response"]["images"]  # imageIndex keeps its meaning
+    assert (await harness.client.get(first["imageUrl"])).status_code == 404
+    reply = await upscale(harness, {"jobid": source["jobid"], "imageIndex": 0})
+    assert (reply.status_code, reply.json()) == (
+        400,
+        {
+            "error": f"Parameter imageIndex (0) valid values: an image of job {source['jobid']} "
+            "that was not deleted"
+        },
+    )
+
+
+async def test_the_echo_holds_the_jobid_decoded(harness: Harness) -> None:
+    source = await completed(harness, {**SMALL, "count": 1})
+    encoded = source["jobid"].replace(":", "%3A")
+    reply = await upscale(harness, {"jobid": encoded, "upscaleResolution": "2k"})
+    assert reply.json()["request"]["jobid"] == source["jobid"]
+    await harness.wait(reply.json()["jobid"])
 
 
 class GenerateOnly:

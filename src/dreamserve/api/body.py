@@ -49,7 +49,7 @@ async def read_body(
     when Content-Length says so): 413, or the error `too_large` makes."""
     refuse = too_large or _too_large
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    if declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise refuse(limit)
     chunks: list[bytes] = []
     size = 0
