@@ -38,6 +38,7 @@ from dreamserve.fields import integer
 from dreamserve.ids import (
     AssetRef,
     IdFactory,
+    JobType,
     asset_id,
     is_account_id,
     iso,
@@ -200,28 +201,18 @@ class Service:
                 account=submission.account,
                 max_jobs=submission.max_jobs,
             )
-            at = self.clock()
-            job = Job(
-                id=0,
-                jobid=self.ids.jobid("image", user_id, account.name, at),
-                type="image",
-                status=Status.CREATED,
-                model=submission.model.name,
-                account=account.name,
+            return self._insert_job(
+                conn,
+                account,
+                kind="image",
                 user_id=user_id,
+                model=submission.model.name,
                 request=submission.echo,
                 spec=spec,
                 forecast_cost=submission.model.forecast_cost,
-                created_at=millis(at),
             )
-            lease = job.created_at + self._lease_ms
-            job_id = queries.insert_job(conn, job, account_id=account.id, lease_until=lease)
-            return replace(job, id=job_id)
 
-        try:
-            return await self.db.write(admit)
-        except IntegrityError:  # another process made the same jobid: a new serial differs
-            return await self.db.write(admit)
+        return await self._admitted(admit)
 
     async def submit_upscale(self, user_id: int, fields: Mapping[str, Any]) -> Record:
         """Validate an upscale of a completed image job's image, admit it on that job's account
@@ -263,15 +254,12 @@ class Service:
                 raise BadRequest(
                     f"Account {account.name} cannot upscale: engine {account.engine} does not"
                 )
-            at = self.clock()
-            job = Job(
-                id=0,
-                jobid=self.ids.jobid("upscale", user_id, account.name, at),
-                type="upscale",
-                status=Status.CREATED,
-                model=source.model,
-                account=account.name,
+            return self._insert_job(
+                conn,
+                account,
+                kind="upscale",
                 user_id=user_id,
+                model=source.model,
                 request={**submission.echo, "jobid": jobid},
                 spec=Spec(
                     width=width,
@@ -282,18 +270,48 @@ class Service:
                     detail=submission.detail_strength,
                 ),
                 forecast_cost=0,
-                created_at=millis(at),
             )
-            lease = job.created_at + self._lease_ms
-            job_id = queries.insert_job(conn, job, account_id=account.id, lease_until=lease)
-            return replace(job, id=job_id)
 
-        try:
-            job = await self.db.write(admit)
-        except IntegrityError:  # another process made the same jobid: a new serial differs
-            job = await self.db.write(admit)
+        job = await self._admitted(admit)
         await self.dispatcher.dispatch(job.id)
         return Record(record(job, self.blobs.link))
+
+    def _insert_job(
+        self,
+        conn: Connection,
+        account: Account,
+        *,
+        kind: JobType,
+        user_id: int,
+        model: str,
+        request: Mapping[str, Any],
+        spec: Spec,
+        forecast_cost: float,
+    ) -> Job:
+        """A new job on the account it was admitted to, leased until a runner claims it."""
+        at = self.clock()
+        job = Job(
+            id=0,
+            jobid=self.ids.jobid(kind, user_id, account.name, at),
+            type=kind,
+            status=Status.CREATED,
+            model=model,
+            account=account.name,
+            user_id=user_id,
+            request=request,
+            spec=spec,
+            forecast_cost=forecast_cost,
+            created_at=millis(at),
+        )
+        lease = job.created_at + self._lease_ms
+        job_id = queries.insert_job(conn, job, account_id=account.id, lease_until=lease)
+        return replace(job, id=job_id)
+
+    async def _admitted(self, admit: Callable[[Connection], Job]) -> Job:
+        try:
+            return await self.db.write(admit)
+        except IntegrityError:  # another process made the same jobid: a new serial differs
+            return await self.db.write(admit)
 
     def _upscale_size(self, tier: str, aspect: float) -> tuple[int, int]:
         if not self.catalogue.upscale_sizes:
