@@ -50,7 +50,7 @@ from sqlalchemy import Update, update
 from sqlalchemy.engine import make_url
 
 from dreamserve.settings import Settings
-from dreamserve.storage import queries
+from dreamserve.storage import account_queries
 from dreamserve.storage.database import open_database
 from dreamserve.storage.tables import accounts
 
@@ -157,7 +157,7 @@ class Admission:
     async def slots(self) -> dict[str, int]:
         db = open_database(self.database)
         try:
-            return await db.read(queries.slots_taken)
+            return await db.read(account_queries.slots_taken)
         finally:
             await db.close()
 

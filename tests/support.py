@@ -24,7 +24,7 @@ from dreamserve.engines.procedural import ProceduralEngine
 from dreamserve.engines.registry import BUILTIN, EngineSource
 from dreamserve.service import Service
 from dreamserve.settings import Settings
-from dreamserve.storage import queries
+from dreamserve.storage import account_queries
 
 # Every field POST /images knows, and one imageRef_N beyond the six.
 IMAGE_FIELDS = [
@@ -111,7 +111,7 @@ class Harness:
         return (await self.service.create_token())[1]
 
     async def slots(self) -> dict[str, int]:
-        return await self.service.db.read(queries.slots_taken)
+        return await self.service.db.read(account_queries.slots_taken)
 
     async def execute(self, *statements: Executable) -> None:
         """Run SQL statements in one transaction (to set up a state the API cannot reach), as

@@ -16,7 +16,7 @@ from dreamserve.engines.registry import EngineRegistry
 from dreamserve.errors import BadRequest, InvalidParameter
 from dreamserve.fields import given, integer, text
 from dreamserve.ids import is_account_id, is_region
-from dreamserve.storage.queries import Account
+from dreamserve.storage.account_queries import Account
 
 DEFAULT_REGION = "US"
 DEFAULT_MAX_JOBS = 10

@@ -16,8 +16,8 @@ from dreamserve.catalogue import Model
 from dreamserve.engines.base import Engine
 from dreamserve.engines.registry import EngineRegistry
 from dreamserve.errors import AccountNotFound, AtCapacity, BadRequest, NoAccountForModel
-from dreamserve.storage import queries
-from dreamserve.storage.queries import Account
+from dreamserve.storage import account_queries
+from dreamserve.storage.account_queries import Account
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class Admission:
         now = self.clock()
         cached = self._accounts.get(user_id)
         if fresh or cached is None or cached[0] <= now:
-            cached = (now + self.cache_seconds, queries.usable_accounts(conn, user_id))
+            cached = (now + self.cache_seconds, account_queries.usable_accounts(conn, user_id))
             if len(self._accounts) >= 10_000:
                 self._accounts.clear()
             self._accounts[user_id] = cached
@@ -130,6 +130,6 @@ class Admission:
         order = list(healthy)
         self.rng.shuffle(order)
         for each in order:
-            if queries.take_slot(conn, each, max_jobs):
+            if account_queries.take_slot(conn, each, max_jobs):
                 return each
         raise AtCapacity(account, self.retry_after)

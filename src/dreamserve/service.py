@@ -48,10 +48,10 @@ from dreamserve.ids import (
     parse_token,
 )
 from dreamserve.jobs import CANCELLED_BY_USER, Job, Spec, Status, from_millis, millis, record
-from dreamserve.storage import asset_queries, queries
+from dreamserve.storage import account_queries, asset_queries, queries
+from dreamserve.storage.account_queries import Account
 from dreamserve.storage.blobs import EXTENSIONS, BlobStore, LocalBlobStore
 from dreamserve.storage.database import Database
-from dreamserve.storage.queries import Account
 from dreamserve.storage.tables import SHARED
 from dreamserve.submission import (
     REF_NAMES,
@@ -159,7 +159,7 @@ class Service:
             token = new_token(user_id)
             queries.insert_token(conn, user_id, _hash(token), now)
             region, _, email = DEFAULT_ACCOUNT.partition(":")
-            queries.insert_account(
+            account_queries.insert_account(
                 conn,
                 name=DEFAULT_ACCOUNT,
                 owner=SHARED,
@@ -233,7 +233,7 @@ class Service:
             if model is None:
                 raise BadRequest(f"Model {source.model} of the source job is no longer served")
             image = source.images[submission.image_index]
-            if not queries.existing_assets(conn, user_id, [image.ref(source.account)]):
+            if not asset_queries.existing_assets(conn, user_id, [image.ref(source.account)]):
                 valid = f"an image of job {jobid} that was not deleted"
                 raise InvalidParameter("imageIndex", submission.image_index, valid)
             width, height = self._upscale_size(submission.resolution, image.width / image.height)
@@ -332,7 +332,7 @@ class Service:
         return width, height
 
     def _check_references(self, conn: Connection, user_id: int, refs: tuple[AssetRef, ...]) -> None:
-        existing = queries.existing_assets(conn, user_id, refs)
+        existing = asset_queries.existing_assets(conn, user_id, refs)
         for name, ref in zip(REF_NAMES, refs, strict=False):
             if ref not in existing:
                 raise InvalidParameter(name, str(ref), "an assetRef of an existing image of yours")
@@ -386,7 +386,9 @@ class Service:
         def put(conn: Connection) -> Account:
             if user_id is not None:
                 _require_user(conn, user_id)
-            others = [each for each in queries.owners_of_name(conn, spec.name) if each != owner]
+            others = [
+                each for each in account_queries.owners_of_name(conn, spec.name) if each != owner
+            ]
             if owner != SHARED and SHARED in others:
                 raise SharedAccount(spec.name)
             if owner == SHARED and others:
@@ -403,12 +405,12 @@ class Service:
                 "sealed": spec.sealed,
                 "models": spec.models,
             }
-            existing = queries.account_named(conn, owner, spec.name)
+            existing = account_queries.account_named(conn, owner, spec.name)
             if existing is None:
-                queries.insert_account(conn, name=spec.name, owner=owner, **values)
+                account_queries.insert_account(conn, name=spec.name, owner=owner, **values)
             else:
-                queries.update_account(conn, existing.id, **values)
-            saved = queries.account_named(conn, owner, spec.name)
+                account_queries.update_account(conn, existing.id, **values)
+            saved = account_queries.account_named(conn, owner, spec.name)
             assert saved is not None
             return saved
 
@@ -424,9 +426,9 @@ class Service:
 
         def read(conn: Connection) -> list[Account]:
             if user_id is None:
-                return queries.shared_accounts(conn)
+                return account_queries.shared_accounts(conn)
             _require_user(conn, user_id)
-            return queries.usable_accounts(conn, user_id)
+            return account_queries.usable_accounts(conn, user_id)
 
         return {account.name: self._summary(account) for account in await self.db.read(read)}
 
@@ -454,14 +456,14 @@ class Service:
                 raise SharedAccount(name)
             # Lock the row first: an admission on it either committed before (its job is
             # cancelled below) or waits and then finds no account.
-            queries.lock_account(conn, account.id)
+            account_queries.lock_account(conn, account.id)
             cancelled = queries.cancel_account_jobs(
                 conn, account.id, CANCELLED_BY_USER, f"Account {name} was deleted", now
             )
-            queries.delete_account(conn, account.id)
+            account_queries.delete_account(conn, account.id)
             if user_id is None:
-                return account.id, cancelled, len(queries.shared_accounts(conn))
-            return account.id, cancelled, len(queries.usable_accounts(conn, user_id))
+                return account.id, cancelled, len(account_queries.shared_accounts(conn))
+            return account.id, cancelled, len(account_queries.usable_accounts(conn, user_id))
 
         account_id, cancelled, remaining = await self.db.write(remove)
         self.admission.forget()
@@ -644,7 +646,7 @@ class Service:
             abandoned = queries.fail_exhausted_jobs(
                 conn, self.config.max_attempts, "Server stopped while the job was running", now
             )
-            queries.recount_slots(conn)
+            account_queries.recount_slots(conn)
             return abandoned, queries.release_unfinished_jobs(conn, now + self._lease_ms)
 
         abandoned, pending = await self.db.write(recover)
@@ -694,7 +696,7 @@ def _visible(conn: Connection, user_id: int | None, name: str) -> Account:
         raise AccountNotFound(name)
     owners = [SHARED] if user_id is None else [user_id, SHARED]
     for owner in owners:
-        account = queries.account_named(conn, owner, name)
+        account = account_queries.account_named(conn, owner, name)
         if account is not None:
             return account
     raise AccountNotFound(name)

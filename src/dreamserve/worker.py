@@ -27,10 +27,10 @@ from dreamserve.errors import AccountError, Cancelled, JobFailed
 from dreamserve.ids import IdFactory
 from dreamserve.jobs import CANCELLED_BY_USER, Job, Status, StoredImage, millis
 from dreamserve.settings import ImageFormat
-from dreamserve.storage import queries
+from dreamserve.storage import account_queries, queries
+from dreamserve.storage.account_queries import Account
 from dreamserve.storage.blobs import EXTENSIONS, BlobStore
 from dreamserve.storage.database import Database
-from dreamserve.storage.queries import Account
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class JobRunner:
             if claimed is None:
                 return None
             job, account_id = claimed
-            account = queries.account_by_id(conn, account_id) if account_id else None
+            account = account_queries.account_by_id(conn, account_id) if account_id else None
             return job, account
 
         claimed = await self.db.write(claim)
@@ -231,7 +231,7 @@ class JobRunner:
                 error_details=details,
             )
             if finished and account_error is not None:
-                queries.set_account_error(conn, *account_error)
+                account_queries.set_account_error(conn, *account_error)
             return finished
 
         return await self.db.write(finish)

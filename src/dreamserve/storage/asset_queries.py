@@ -1,17 +1,18 @@
-"""The SQL of assets: uploads, the generated images a user lists and deletes.
+"""The SQL of assets: uploads, the generated images a user lists and deletes, reference checks.
 
-Generated images are inserted with their job (queries.finish_job); reference checks live there
-too. Every query here is scoped to one user: another user's asset does not exist for them.
+Generated images are inserted with their job (queries.finish_job). Every query here is scoped
+to one user: another user's asset does not exist for them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, delete, insert, select
 
+from dreamserve.ids import AssetRef
 from dreamserve.storage.tables import assets
 
 GENERATED = "generated"
@@ -31,6 +32,18 @@ class Asset:
     size: int
     description: str | None
     created_at: int
+
+
+def existing_assets(conn: Connection, user_id: int, refs: Iterable[AssetRef]) -> set[AssetRef]:
+    """Those of `refs` that name an image of this user, with exactly those properties."""
+    wanted = set(refs)
+    if not wanted:
+        return set()
+    query = select(
+        assets.c.account, assets.c.width, assets.c.height, assets.c.size, assets.c.uri
+    ).where(assets.c.user_id == user_id, assets.c.uri.in_({ref.uri for ref in wanted}))
+    found = {AssetRef(*row) for row in conn.execute(query)}
+    return wanted & found
 
 
 def insert_upload(
