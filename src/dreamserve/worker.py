@@ -27,7 +27,7 @@ from dreamserve.errors import AccountError, Cancelled, JobFailed
 from dreamserve.ids import IdFactory
 from dreamserve.jobs import CANCELLED_BY_USER, Job, Status, StoredImage, millis
 from dreamserve.settings import ImageFormat
-from dreamserve.storage import account_queries, queries
+from dreamserve.storage import account_queries, asset_queries, queries
 from dreamserve.storage.account_queries import Account
 from dreamserve.storage.blobs import EXTENSIONS, BlobStore
 from dreamserve.storage.database import Database
@@ -226,7 +226,7 @@ class JobRunner:
                 now=now,
                 attempt=job.attempts,
                 images=images or (),
-                description=job.request.get("prompt"),
+                description=_description(conn, job) if images else None,
                 error=error,
                 error_details=details,
             )
@@ -259,6 +259,14 @@ class JobRunner:
                 cancel.set()
                 return
             written, renewed = percent, time.monotonic()
+
+
+def _description(conn: Connection, job: Job) -> str | None:
+    """What GET /assets says of the job's images: the prompt, or an upscale's source's."""
+    if job.type == "upscale" and job.spec.references:
+        return asset_queries.description_of(conn, job.user_id, job.spec.references[0])
+    prompt = job.request.get("prompt")
+    return None if prompt is None else str(prompt)
 
 
 class _Progress:

@@ -100,6 +100,12 @@ def asset_by_item(conn: Connection, user_id: int, account: str, item_id: str) ->
     return None if row is None else _asset(row)
 
 
+def description_of(conn: Connection, user_id: int, uri: str) -> str | None:
+    query = select(assets.c.description).where(assets.c.user_id == user_id, assets.c.uri == uri)
+    description: str | None = conn.execute(query).scalar_one_or_none()
+    return description
+
+
 def delete_asset(conn: Connection, asset_id: int) -> None:
     conn.execute(delete(assets).where(assets.c.id == asset_id))
 
