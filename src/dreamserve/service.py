@@ -526,13 +526,17 @@ class Service:
 
     # Assets
 
+    async def usable_account(self, user_id: int, name: str) -> Account:
+        """The account called `name` that the user may use; AccountNotFound otherwise."""
+        name = _unquoted(name)
+        return await self.db.read(lambda conn: _visible(conn, user_id, name))
+
     async def upload_asset(
-        self, user_id: int, account_name: str, media: str, data: bytes
+        self, user_id: int, account: Account, media: str, data: bytes
     ) -> dict[str, Any]:
-        """Store an uploaded image on an account the user may use; its assetRef. The bytes
-        must be a complete image of `media` (BadRequest saying what is wrong otherwise)."""
-        account_name = _unquoted(account_name)
-        account = await self.db.read(lambda conn: _visible(conn, user_id, account_name))
+        """Store an uploaded image on an account the user may use (`usable_account`); its
+        assetRef. The bytes must be a complete image of `media` (BadRequest saying what is
+        wrong otherwise)."""
         loop = asyncio.get_running_loop()
         async with self._decoding:  # a small file can decode to a large image: few at a time
             checked = await loop.run_in_executor(

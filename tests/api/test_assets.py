@@ -109,10 +109,9 @@ async def test_an_upload_is_measured_as_shown_after_its_exif_rotation(harness: H
     assert (image_out["width"], image_out["height"]) == (1440, 2560)  # auto: nearest 9:16
 
 
-async def test_a_declared_length_over_the_limit_is_refused_before_reading(
-    harness: Harness,
-) -> None:
-    """Content-Length alone decides: the body is never read (raw ASGI, as no client lies)."""
+async def raw_upload(harness: Harness, account: str, length: int) -> tuple[list[Any], bool]:
+    """POST through raw ASGI with a declared Content-Length (no client lies about it): the
+    messages the app sent, and whether it read any of the body."""
     received: list[str] = []
     sent: list[dict[str, Any]] = []
 
@@ -123,29 +122,46 @@ async def test_a_declared_length_over_the_limit_is_refused_before_reading(
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
+    path = f"/v1/dreamina/assets/{account}"
     scope = {
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
         "method": "POST",
         "scheme": "http",
-        "path": f"/v1/dreamina/assets/{ACCOUNT}",
-        "raw_path": f"/v1/dreamina/assets/{ACCOUNT}".encode(),
+        "path": path,
+        "raw_path": path.encode(),
         "query_string": b"",
         "root_path": "",
         "headers": [
             (b"host", b"testserver"),
             (b"authorization", f"Bearer {harness.token}".encode()),
             (b"content-type", b"image/png"),
-            (b"content-length", str(200 * 1024 * 1024).encode()),
+            (b"content-length", str(length).encode()),
         ],
         "client": ("127.0.0.1", 1),
         "server": ("testserver", 80),
     }
     await harness.app(scope, receive, send)
+    return sent, bool(received)
+
+
+async def test_a_declared_length_over_the_limit_is_refused_before_reading(
+    harness: Harness,
+) -> None:
+    sent, read = await raw_upload(harness, ACCOUNT, 200 * 1024 * 1024)
     assert sent[0]["status"] == 400
     assert sent[1]["body"] == b'{"error":"Image is too large (limit 10485760 bytes)"}'
-    assert received == []
+    assert not read
+
+
+async def test_an_unknown_account_is_404_before_the_body_is_read(harness: Harness) -> None:
+    sent, read = await raw_upload(harness, "US:nobody@example.com", 5 * 1024 * 1024)
+    assert sent[0]["status"] == 404
+    assert sent[1]["body"] == (
+        b'{"error":"Unable to find configuration for account US:nobody@example.com"}'
+    )
+    assert not read
 
 
 async def test_an_upload_is_a_reference_that_shapes_the_job(harness: Harness) -> None:

@@ -42,9 +42,9 @@ async def upload_asset(request: Request) -> JSONResponse:
     given as `imageRef_N`."""
     service, user = await authenticate(request)
     media = content_type_of(request.headers.get("content-type"))
-    limit = service.config.max_upload_bytes
-    data = await read_body(request, limit, too_large)
-    account = request.path_params["account"]
+    # Before the body: no client sends megabytes to an account that is not there.
+    account = await service.usable_account(user, request.path_params["account"])
+    data = await read_body(request, service.config.max_upload_bytes, too_large)
     return JSONResponse(await service.upload_asset(user, account, media, data))
 
 
