@@ -70,20 +70,25 @@ class Admission:
             return False
         if account.models is not None:
             return model.name in account.models
-        try:
-            return self.engine_of(account).serves(model)
-        except ValueError:  # its secrets cannot be opened (secrets.key lost or replaced)
-            log.exception("account %s cannot be used", account.name)
-            return False
+        engine = self.usable_engine(account)
+        return engine is not None and engine.serves(model)
 
-    def engine_of(self, account: Account) -> Engine:
-        return self.engines.engine(
-            account.engine,
-            account.settings,
-            sealed=account.sealed,
-            account_id=account.id,
-            version=account.version,
-        )
+    def usable_engine(self, account: Account) -> Engine | None:
+        """The account's engine, or None when this server cannot build it: an engine it does
+        not have, or secrets it cannot open (secrets.key lost or replaced)."""
+        if account.engine not in self.engines.names:
+            return None
+        try:
+            return self.engines.engine(
+                account.engine,
+                account.settings,
+                sealed=account.sealed,
+                account_id=account.id,
+                version=account.version,
+            )
+        except ValueError:
+            log.exception("account %s cannot be used", account.name)
+            return None
 
     def admit(
         self,

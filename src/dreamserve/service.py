@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import time
@@ -244,12 +243,11 @@ class Service:
                 account=source.account,
                 max_jobs=submission.max_jobs,
             )
-            try:
-                engine = self.admission.engine_of(account)
-            except ValueError:  # its secrets cannot be opened (secrets.key lost or replaced)
+            engine = self.admission.usable_engine(account)
+            if engine is None:  # admitted on its own model list, but its secrets are unreadable
                 raise BadRequest(
                     f"Account {account.name} cannot be used: its secrets cannot be read"
-                ) from None
+                )
             if not isinstance(engine, Upscaler):
                 raise BadRequest(
                     f"Account {account.name} cannot upscale: engine {account.engine} does not"
@@ -438,11 +436,9 @@ class Service:
         name = _unquoted(name)
         account = await self.db.read(lambda conn: _visible(conn, user_id, name))
         body = self._summary(account)
-        if account.engine in self.admission.engines.names:
-            with contextlib.suppress(ValueError):  # secrets it cannot open: no details
-                describe = getattr(self.admission.engine_of(account), "describe", None)
-                if describe is not None:
-                    body["details"] = describe()
+        describe = getattr(self.admission.usable_engine(account), "describe", None)
+        if describe is not None:
+            body["details"] = describe()
         return body
 
     async def delete_account(self, user_id: int | None, name: str) -> dict[str, Any]:
@@ -473,13 +469,10 @@ class Service:
         return {"account": name, "deleted": True, "remaining": remaining}
 
     def _summary(self, account: Account) -> dict[str, Any]:
-        try:
-            engine = self.admission.engine_of(account)
-        except (KeyError, ValueError):  # an engine this server lacks; secrets it cannot open
-            models = list(account.models or ())
-        else:
-            models = models_served(engine, account.models, self.catalogue)
-        return summary(account, models)
+        engine = self.admission.usable_engine(account)
+        if engine is None:  # an engine this server lacks, or secrets it cannot open
+            return summary(account, list(account.models or ()))
+        return summary(account, models_served(engine, account.models, self.catalogue))
 
     # Scheduler
 

@@ -144,24 +144,31 @@ async def test_jobs_past_retention_are_deleted_with_their_images(settings: Setti
         assert await asset_count(harness) == 1
 
 
-class LosesTheFirst:
+class FirstDeliveryFails(InProcessDispatcher):
+    """Runs jobs in process, except that the first delivery goes wrong (`first`)."""
+
+    def __init__(self, runner: Runner) -> None:
+        super().__init__(runner)
+        self.runner = runner
+        self.failed = False
+
+    async def dispatch(self, job_id: int) -> None:
+        if self.failed:
+            await super().dispatch(job_id)
+            return
+        self.failed = True
+        await self.first(job_id)
+
+    async def first(self, job_id: int) -> None:
+        raise NotImplementedError
+
+
+class LosesTheFirst(FirstDeliveryFails):
     """The first delivery is lost before any runner claims the job (a claim that failed on a
     database blip, a broker that dropped it); later deliveries run normally."""
 
-    def __init__(self, runner: Runner) -> None:
-        self.inner = InProcessDispatcher(runner)
-        self.lost = False
-
-    async def dispatch(self, job_id: int) -> None:
-        if self.lost:
-            await self.inner.dispatch(job_id)
-        self.lost = True
-
-    def cancel(self, job_id: int) -> None:
-        self.inner.cancel(job_id)
-
-    async def close(self) -> None:
-        await self.inner.close()
+    async def first(self, job_id: int) -> None:
+        return None
 
 
 async def test_a_job_no_runner_ever_claimed_is_delivered_again(settings: Settings) -> None:
@@ -175,29 +182,14 @@ async def test_a_job_no_runner_ever_claimed_is_delivered_again(settings: Setting
         assert await harness.slots() == {"LOCAL:procedural": 0}
 
 
-class ClaimsThenVanishes:
+class ClaimsThenVanishes(FirstDeliveryFails):
     """The first job is claimed by a runner that dies at once (its lease is never renewed);
     later deliveries run normally."""
 
-    def __init__(self, runner: Runner) -> None:
-        self.inner = InProcessDispatcher(runner)
-        self.runner = runner
-        self.vanished = False
-
-    async def dispatch(self, job_id: int) -> None:
-        if self.vanished:
-            await self.inner.dispatch(job_id)
-            return
-        self.vanished = True
+    async def first(self, job_id: int) -> None:
         now = now_millis()
         db = self.runner.db  # type: ignore[attr-defined]
         await db.write(lambda conn: queries.claim_job(conn, job_id, now, now + 300))
-
-    def cancel(self, job_id: int) -> None:
-        self.inner.cancel(job_id)
-
-    async def close(self) -> None:
-        await self.inner.close()
 
 
 async def test_the_servers_reaper_runs_again_a_job_whose_runner_died(settings: Settings) -> None:

@@ -7,7 +7,7 @@ to one user: another user's asset does not exist for them.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from sqlalchemy import Connection, delete, insert, select
@@ -111,16 +111,4 @@ def delete_asset(conn: Connection, asset_id: int) -> None:
 
 
 def _asset(mapping: Mapping[Any, Any]) -> Asset:
-    return Asset(
-        id=mapping["id"],
-        item_id=mapping["item_id"],
-        account=mapping["account"],
-        kind=mapping["kind"],
-        uri=mapping["uri"],
-        width=mapping["width"],
-        height=mapping["height"],
-        format=mapping["format"],
-        size=mapping["size"],
-        description=mapping["description"],
-        created_at=mapping["created_at"],
-    )
+    return Asset(**{each.name: mapping[each.name] for each in fields(Asset)})

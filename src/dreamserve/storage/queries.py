@@ -96,15 +96,29 @@ _RENEW_LEASE = (
 _RENEW_LEASE_WITH_PROGRESS = _RENEW_LEASE.values(
     progress=bindparam("new_progress"), updated_at=bindparam("now")
 )
-_FINISH_VALUES: dict[str, Any] = {
-    "status": bindparam("new_status"),
+
+
+def _ended(status: Any, error: Any, details: Any, now: Any) -> dict[str, Any]:
+    """The values every path that ends a job writes (literals or bound parameters)."""
+    return {
+        "status": status,
+        "error": error,
+        "error_details": details,
+        "progress": None,
+        "lease_until": None,
+        "updated_at": now,
+        "finished_at": now,
+    }
+
+
+_FINISH_VALUES = {
+    **_ended(
+        bindparam("new_status"),
+        bindparam("new_error"),
+        bindparam("new_error_details"),
+        bindparam("now"),
+    ),
     "images": bindparam("new_images"),
-    "error": bindparam("new_error"),
-    "error_details": bindparam("new_error_details"),
-    "progress": None,
-    "lease_until": None,
-    "updated_at": bindparam("now"),
-    "finished_at": bindparam("now"),
 }
 _FINISH_JOB = (
     update(jobs)
@@ -260,15 +274,7 @@ def cancel_account_jobs(
     result = conn.execute(
         update(jobs)
         .where(jobs.c.account_id == account_id, jobs.c.status == CREATED)
-        .values(
-            status=Status.FAILED.value,
-            error=error,
-            error_details=details,
-            progress=None,
-            lease_until=None,
-            updated_at=now,
-            finished_at=now,
-        )
+        .values(**_ended(Status.FAILED.value, error, details, now))
         .returning(jobs.c.id)
     )
     return list(result.scalars())
@@ -331,7 +337,7 @@ def fail_exhausted_jobs(conn: Connection, max_attempts: int, error: str, now: in
     result = conn.execute(
         update(jobs)
         .where(jobs.c.status == CREATED, jobs.c.attempts >= max_attempts)
-        .values(status=Status.FAILED.value, error=error, updated_at=now, finished_at=now)
+        .values(**_ended(Status.FAILED.value, error, None, now))
         .returning(jobs.c.jobid)
     )
     return list(result.scalars())
