@@ -18,16 +18,19 @@ from fastapi.openapi.utils import get_openapi
 
 from dreamserve import __version__
 from dreamserve.admission import Admission
-from dreamserve.api import accounts, assets, files, images, models, scheduler
+from dreamserve.api import accounts, assets, files, images, models, scheduler, webhooks
 from dreamserve.api.deps import BEARER_SCHEME
 from dreamserve.api.errors import install_error_handlers
 from dreamserve.catalogue import Catalogue, default_catalogue
+from dreamserve.delivery import Deliverer, DeliveryConfig
 from dreamserve.dispatch.base import Dispatcher, Runner
 from dreamserve.dispatch.inprocess import InProcessDispatcher
 from dreamserve.engines.base import EngineContext
 from dreamserve.engines.registry import BUILTIN, EngineRegistry, EngineSource
+from dreamserve.events import JobEvents, PostgresFeed
 from dreamserve.ids import IdFactory
 from dreamserve.links import LinkSigner
+from dreamserve.outbox import Webhooks
 from dreamserve.reaper import Reaper, ReaperConfig
 from dreamserve.service import Service, ServiceConfig
 from dreamserve.settings import Settings
@@ -35,6 +38,7 @@ from dreamserve.storage.blobs import LocalBlobStore
 from dreamserve.storage.database import open_database
 from dreamserve.storage.keyfile import load_or_create_key
 from dreamserve.storage.sealing import SecretBox
+from dreamserve.webhook_secrets import WebhookSecrets
 from dreamserve.worker import JobRunner, RunnerConfig
 
 log = logging.getLogger(__name__)
@@ -71,6 +75,19 @@ async def open_service(
     blobs = LocalBlobStore(settings.data_dir / "blobs", signer)
     registry = EngineRegistry(EngineContext(executor), box, engines)
     ids = IdFactory()
+    events = JobEvents()
+    secrets = WebhookSecrets(db, box, clock)
+    deliverer = Deliverer(
+        db,
+        blobs,
+        secrets,
+        events,
+        clock,
+        DeliveryConfig(
+            timeout=settings.webhook_timeout_seconds,
+            allow_private=settings.webhook_allow_private,
+        ),
+    )
     admission = Admission(
         registry,
         Random(),
@@ -88,6 +105,7 @@ async def open_service(
             settings.image_format, settings.progress_interval_seconds, settings.lease_seconds
         ),
         account_changed=admission.forget,
+        events=events,
     )
     dispatch = dispatcher(runner)
     service = Service(
@@ -104,12 +122,16 @@ async def open_service(
             max_upload_bytes=settings.max_upload_bytes,
             max_image_pixels=settings.max_image_pixels,
             max_upload_pixels=settings.max_upload_pixels,
+            webhook_allow_private=settings.webhook_allow_private,
         ),
+        webhooks=Webhooks(db, secrets, deliverer, clock),
+        events=events,
     )
     try:
         yield service
     finally:
         await dispatch.close()
+        await deliverer.close()
         await registry.close()
         executor.shutdown(wait=True, cancel_futures=True)
         await db.close()
@@ -133,11 +155,48 @@ def create_app(
         parts = open_service(
             settings, clock=clock, catalogue=catalogue, engines=engines, dispatcher=dispatcher
         )
-        async with parts as service:
+        async with parts as service, _background(service, settings, clock, resume):
             app.state.service = service
-            if not resume:
-                yield
-                return
+            yield
+
+    app = FastAPI(
+        title="dreamserve",
+        version=__version__,
+        summary="Self-hosted server for the Dreamina image-generation API",
+        lifespan=lifespan,
+        redoc_url=None,
+    )
+    app.state.max_body_bytes = settings.max_body_bytes
+    install_error_handlers(app)
+    routers = (
+        images.router,
+        webhooks.router,
+        assets.router,
+        accounts.router,
+        scheduler.router,
+        files.router,
+        models.router,
+    )
+    for router in routers:
+        app.include_router(router, prefix=API_PREFIX)
+    app.openapi = partial(_openapi, app)  # type: ignore[method-assign]
+    return app
+
+
+@asynccontextmanager
+async def _background(
+    service: Service, settings: Settings, clock: Clock, resume: bool
+) -> AsyncIterator[None]:
+    """The server's background tasks, for as long as it serves: the webhook deliverer and, on
+    PostgreSQL, the listener for other processes' job changes; with `resume`, the runner lock,
+    the jobs an earlier process left, and the reaper (without it, as a second API process in
+    tests, the app runs only the jobs it admits)."""
+    tasks = [asyncio.create_task(service.webhooks.deliverer.run_forever(), name="webhooks")]
+    if settings.database.startswith("postgresql"):
+        feed = PostgresFeed(settings.database, service.events)
+        tasks.append(asyncio.create_task(feed.run_forever(), name="job-notifications"))
+    try:
+        if resume:
             for jobid in await service.resume():
                 log.warning("job %s failed: the server stopped while it ran too often", jobid)
             reaper = Reaper(
@@ -151,36 +210,16 @@ def create_app(
                     settings.retention_days,
                     settings.lease_seconds,
                 ),
+                service.events,
             )
-            sweeping = asyncio.create_task(reaper.run_forever(), name="reaper")
-            try:
-                yield
-            finally:
-                sweeping.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await sweeping
-
-    app = FastAPI(
-        title="dreamserve",
-        version=__version__,
-        summary="Self-hosted server for the Dreamina image-generation API",
-        lifespan=lifespan,
-        redoc_url=None,
-    )
-    app.state.max_body_bytes = settings.max_body_bytes
-    install_error_handlers(app)
-    routers = (
-        images.router,
-        assets.router,
-        accounts.router,
-        scheduler.router,
-        files.router,
-        models.router,
-    )
-    for router in routers:
-        app.include_router(router, prefix=API_PREFIX)
-    app.openapi = partial(_openapi, app)  # type: ignore[method-assign]
-    return app
+            tasks.append(asyncio.create_task(reaper.run_forever(), name="reaper"))
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:

@@ -87,6 +87,18 @@ class PayloadTooLarge(DreamserveError):
     status = 413
 
 
+class IdempotencyConflict(DreamserveError):
+    """An Idempotency-Key used again, within its lifetime, with another request."""
+
+    status = 422
+
+    def __init__(self, key: str) -> None:
+        super().__init__(
+            f"Idempotency-Key {_show(key)} was already used with a different request: "
+            "use a new key for a new request"
+        )
+
+
 class AtCapacity(DreamserveError):
     """No slot is free: the client should retry after `retry_after` seconds."""
 

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from itertools import count
 from random import Random
 from typing import Literal
+from urllib.parse import unquote
 
 JobType = Literal["image", "upscale"]
 TYPE_LETTERS: dict[JobType, str] = {"image": "i", "upscale": "I"}
@@ -128,3 +129,9 @@ def iso(at: datetime) -> str:
     """ISO 8601 in UTC with milliseconds and `Z`, as every timestamp of the contract."""
     at = at.astimezone(UTC)
     return at.strftime("%Y-%m-%dT%H:%M:%S.") + f"{at.microsecond // 1000:03d}Z"
+
+
+def unquoted(text: str) -> str:
+    """A path segment percent-encoded twice on its way here, decoded once more (job and
+    account ids never hold a `%`)."""
+    return unquote(text) if "%" in text else text

@@ -19,8 +19,9 @@ from functools import partial
 from sqlalchemy import Connection
 
 from dreamserve.dispatch.base import Dispatcher
+from dreamserve.events import JobEvents
 from dreamserve.jobs import Status, millis
-from dreamserve.storage import queries
+from dreamserve.storage import queries, webhook_queries
 from dreamserve.storage.blobs import BlobStore
 from dreamserve.storage.database import Database
 
@@ -36,6 +37,7 @@ class ReaperConfig:
     retention_days: float = 30.0
     lease_seconds: float = 30.0  # a requeued job's lease until a runner claims it
     batch: int = 500  # jobs deleted per transaction
+    idempotency_seconds: float = 86_400.0  # Idempotency-Keys older than this are deleted
 
 
 @dataclass(frozen=True)
@@ -53,12 +55,14 @@ class Reaper:
         dispatcher: Dispatcher,
         clock: Callable[[], datetime],
         config: ReaperConfig,
+        events: JobEvents | None = None,
     ) -> None:
         self.db = db
         self.blobs = blobs
         self.dispatcher = dispatcher
         self.clock = clock
         self.config = config
+        self.events = events or JobEvents()
 
     async def sweep(self) -> Sweep:
         """One pass: expired leases, then jobs past retention."""
@@ -92,15 +96,21 @@ class Reaper:
                     expired_before=now,
                     error=RUNNER_LOST,
                 )
-                return job.jobid if ended and job is not None else None
+                if not ended or job is None:
+                    return None
+                self.events.announce(conn, [job.jobid], ended=True)
+                return job.jobid
 
             jobid = await self.db.write(fail)
             if jobid is not None:
                 sweep.failed.append(jobid)
         for job_id in sweep.requeued:
             await self.dispatcher.dispatch(job_id)
+        self.events.publish(sweep.failed, ended=True)
         for jobid in sweep.failed:
             log.warning("job %s failed: its runner stopped too many times", jobid)
+        keys_before = now - int(self.config.idempotency_seconds * 1000)
+        await self.db.write(lambda conn: webhook_queries.forget_keys_before(conn, keys_before))
         return replace(sweep, deleted_files=await self._forget_old_jobs(now))
 
     async def _forget_old_jobs(self, now: int) -> int:

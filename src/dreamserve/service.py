@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any
-from urllib.parse import unquote
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection
 from sqlalchemy.exc import IntegrityError
@@ -26,6 +26,7 @@ from dreamserve.errors import (
     AccountNotFound,
     AssetNotFound,
     BadRequest,
+    IdempotencyConflict,
     InvalidParameter,
     JobNotFound,
     JobNotRunning,
@@ -33,6 +34,7 @@ from dreamserve.errors import (
     SharedAccount,
     Unauthorized,
 )
+from dreamserve.events import JobEvents
 from dreamserve.fields import integer
 from dreamserve.ids import (
     AssetRef,
@@ -45,21 +47,25 @@ from dreamserve.ids import (
     parse_asset_id,
     parse_jobid,
     parse_token,
+    unquoted,
 )
 from dreamserve.jobs import CANCELLED_BY_USER, Job, Spec, Status, from_millis, millis, record
-from dreamserve.storage import account_queries, asset_queries, queries
+from dreamserve.outbox import Webhooks
+from dreamserve.storage import account_queries, asset_queries, queries, webhook_queries
 from dreamserve.storage.account_queries import Account
 from dreamserve.storage.blobs import EXTENSIONS, BlobStore, LocalBlobStore
 from dreamserve.storage.database import Database
 from dreamserve.storage.tables import SHARED
 from dreamserve.submission import (
     REF_NAMES,
-    ImageSubmission,
     parse_image_submission,
     parse_upscale_submission,
 )
+from dreamserve.webhooks import ReplyUrlRefused, Resolver, check_reply_url, resolve
 
 DEFAULT_ACCOUNT = "LOCAL:procedural"
+T = TypeVar("T")
+_IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,255}")
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,10 @@ class ServiceConfig:
     max_image_pixels: int = 70_000_000  # of an upscale's output
     max_upload_pixels: int = 36_000_000
     upload_decodes: int = 2  # uploads decoded at once
+    webhook_allow_private: bool = False  # replyUrls on loopback, private, link-local hosts
+    idempotency_seconds: float = 86_400.0  # how long an Idempotency-Key names its job
+    max_wait_seconds: int = 60  # of GET /images/<jobid>?wait=
+    keepalive_seconds: float = 15.0  # between comments on a quiet event stream
 
 
 class Service:
@@ -87,6 +97,9 @@ class Service:
         ids: IdFactory,
         clock: Callable[[], datetime],
         config: ServiceConfig,
+        webhooks: Webhooks,
+        events: JobEvents,
+        resolver: Resolver = resolve,
     ) -> None:
         self.db = db
         self.blobs = blobs
@@ -96,6 +109,9 @@ class Service:
         self.ids = ids
         self.clock = clock
         self.config = config
+        self.webhooks = webhooks  # signing secrets, deliveries, redelivery
+        self.events = events
+        self.resolver = resolver
         self._tokens: dict[str, tuple[int, float]] = {}
         self._decoding = asyncio.Semaphore(config.upload_decodes)
         # Finished jobs never change and clients poll them: their records are kept in memory,
@@ -174,9 +190,13 @@ class Service:
 
     # Images
 
-    async def submit_image(self, user_id: int, fields: Mapping[str, Any]) -> Record:
-        """Validate, admit and dispatch an image job; its record, status `created`."""
+    async def submit_image(
+        self, user_id: int, fields: Mapping[str, Any], idempotency_key: str | None = None
+    ) -> Submitted:
+        """Validate, admit and dispatch an image job; its record, status `created`. With an
+        Idempotency-Key used before (24 h) with the same fields: the job it made, unchanged."""
         submission = parse_image_submission(fields, self.catalogue)
+        await self._check_reply_url(submission.reply_url)
         width, height = submission.size
         spec = Spec(
             width=width,
@@ -186,11 +206,7 @@ class Service:
             strength=submission.image_strength,
             references=tuple(ref.uri for ref in submission.references),
         )
-        job = await self._admit(user_id, submission, spec)
-        await self.dispatcher.dispatch(job.id)
-        return Record(record(job, self.blobs.link))
 
-    async def _admit(self, user_id: int, submission: ImageSubmission, spec: Spec) -> Job:
         def admit(conn: Connection) -> Job:
             self._check_references(conn, user_id, submission.references)
             account = self.admission.admit(
@@ -211,13 +227,16 @@ class Service:
                 forecast_cost=submission.model.forecast_cost,
             )
 
-        return await self._admitted(admit)
+        return await self._submit(user_id, "image", fields, idempotency_key, admit)
 
-    async def submit_upscale(self, user_id: int, fields: Mapping[str, Any]) -> Record:
+    async def submit_upscale(
+        self, user_id: int, fields: Mapping[str, Any], idempotency_key: str | None = None
+    ) -> Submitted:
         """Validate an upscale of a completed image job's image, admit it on that job's account
         and dispatch it; its record, status `created`, type `upscale`."""
         submission = parse_upscale_submission(fields)
-        jobid = _unquoted(submission.jobid)
+        await self._check_reply_url(submission.reply_url)
+        jobid = unquoted(submission.jobid)
 
         def admit(conn: Connection) -> Job:
             source = queries.job_by_jobid(conn, jobid, user_id)
@@ -270,9 +289,65 @@ class Service:
                 forecast_cost=0,
             )
 
-        job = await self._admitted(admit)
-        await self.dispatcher.dispatch(job.id)
-        return Record(record(job, self.blobs.link))
+        return await self._submit(user_id, "upscale", fields, idempotency_key, admit)
+
+    async def _submit(
+        self,
+        user_id: int,
+        kind: JobType,
+        fields: Mapping[str, Any],
+        idempotency_key: str | None,
+        admit: Callable[[Connection], Job],
+    ) -> Submitted:
+        """Run `admit` (slot and job in one transaction) and dispatch the job; or, for a key
+        already used, the job the key made (no slot, no job, no dispatch)."""
+        if idempotency_key is None:
+            job = await self._admitted(admit)
+            await self.dispatcher.dispatch(job.id)
+            return Submitted(record(job, self.blobs.link))
+        if not _IDEMPOTENCY_KEY.fullmatch(idempotency_key):
+            raise BadRequest("Header Idempotency-Key must be 1-255 printable ASCII characters")
+        fingerprint = _fingerprint(kind, fields)
+        now = millis(self.clock())
+        fresh_since = now - int(self.config.idempotency_seconds * 1000)
+
+        def admit_once(conn: Connection) -> tuple[Job, bool]:
+            used = webhook_queries.key_use(conn, user_id, idempotency_key)
+            if used is not None and used.created_at >= fresh_since:
+                if used.fingerprint != fingerprint:
+                    raise IdempotencyConflict(idempotency_key)
+                made = queries.job_by_id(conn, used.job_id)
+                assert made is not None  # the key goes with its job
+                return made, True
+            job = admit(conn)
+            webhook_queries.remember_key(
+                conn,
+                user_id,
+                idempotency_key,
+                fingerprint,
+                job.id,
+                now=now,
+                stale_before=fresh_since,
+            )
+            return job, False
+
+        try:
+            job, replayed = await self.db.write(admit_once)
+        except IntegrityError:  # the same key (or jobid) at once elsewhere: that one stands
+            job, replayed = await self.db.write(admit_once)
+        if not replayed:
+            await self.dispatcher.dispatch(job.id)
+        return Submitted(record(job, self.blobs.link), replayed=replayed)
+
+    async def _check_reply_url(self, url: str | None) -> None:
+        if url is None or self.config.webhook_allow_private:
+            return
+        try:
+            await check_reply_url(url, self.resolver)
+        except ReplyUrlRefused as refused:
+            raise InvalidParameter(
+                "replyUrl", url, f"an http or https URL of a public host ({refused})"
+            ) from None
 
     def _insert_job(
         self,
@@ -305,7 +380,7 @@ class Service:
         job_id = queries.insert_job(conn, job, account_id=account.id, lease_until=lease)
         return replace(job, id=job_id)
 
-    async def _admitted(self, admit: Callable[[Connection], Job]) -> Job:
+    async def _admitted(self, admit: Callable[[Connection], T]) -> T:
         try:
             return await self.db.write(admit)
         except IntegrityError:  # another process made the same jobid: a new serial differs
@@ -335,9 +410,47 @@ class Service:
             if ref not in existing:
                 raise InvalidParameter(name, str(ref), "an assetRef of an existing image of yours")
 
-    async def get_job(self, user_id: int, jobid: str) -> Record:
-        """The job's record; JobNotFound when the user has no such job."""
-        jobid = _unquoted(jobid)
+    async def get_job(self, user_id: int, jobid: str, wait: float = 0) -> Record:
+        """The job's record; JobNotFound when the user has no such job. With `wait` seconds,
+        an unfinished job's record once it ends or the time is up, whichever comes first: the
+        request waits on the job's notifications, holding no database connection."""
+        jobid = unquoted(jobid)
+        if wait <= 0:
+            return await self._record(user_id, jobid)
+        deadline = time.monotonic() + wait
+        with self.events.watch(jobid) as watch:
+            body = await self._record(user_id, jobid)
+            while body["status"] == Status.CREATED:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                if await watch.changed(remaining) and not watch.ended:
+                    continue  # progress: an end is all a waiter wants
+                body = await self._record(user_id, jobid)
+            return body
+
+    def wait_seconds(self, text: str) -> int:
+        """The `wait` query parameter of GET /images/<jobid>: whole seconds, at most 60."""
+        return integer({"wait": text}, "wait", 0, self.config.max_wait_seconds) or 0
+
+    async def job_events(self, user_id: int, jobid: str) -> AsyncIterator[Record | None]:
+        """The job's record now, then again on each change, until it ended (the last one is
+        the final record); None after `keepalive_seconds` without a change. JobNotFound first
+        when the user has no such job."""
+        jobid = unquoted(jobid)
+        with self.events.watch(jobid) as watch:
+            body = await self._record(user_id, jobid)
+            yield body
+            while body["status"] == Status.CREATED:
+                if not await watch.changed(self.config.keepalive_seconds):
+                    yield None
+                    continue
+                latest = await self._record(user_id, jobid)
+                if latest != body:
+                    body = latest
+                    yield body
+
+    async def _record(self, user_id: int, jobid: str) -> Record:
         if parse_jobid(jobid) is None:  # no query for what cannot be a job id
             raise JobNotFound(jobid)
         key = (user_id, jobid)
@@ -433,7 +546,7 @@ class Service:
     async def get_account(self, user_id: int | None, name: str) -> dict[str, Any]:
         """One account the user may use, with what its engine says of itself (`details`);
         AccountNotFound otherwise."""
-        name = _unquoted(name)
+        name = unquoted(name)
         account = await self.db.read(lambda conn: _visible(conn, user_id, name))
         body = self._summary(account)
         describe = getattr(self.admission.usable_engine(account), "describe", None)
@@ -443,10 +556,10 @@ class Service:
 
     async def delete_account(self, user_id: int | None, name: str) -> dict[str, Any]:
         """Delete a user's own account (a shared one for None) and cancel its unfinished jobs."""
-        name = _unquoted(name)
+        name = unquoted(name)
         now = millis(self.clock())
 
-        def remove(conn: Connection) -> tuple[int, list[int], int]:
+        def remove(conn: Connection) -> tuple[int, list[tuple[int, str]], int]:
             account = _visible(conn, user_id, name)
             if user_id is not None and account.is_shared:
                 raise SharedAccount(name)
@@ -456,6 +569,7 @@ class Service:
             cancelled = queries.cancel_account_jobs(
                 conn, account.id, CANCELLED_BY_USER, f"Account {name} was deleted", now
             )
+            self.events.announce(conn, [jobid for _, jobid in cancelled], ended=True)
             account_queries.delete_account(conn, account.id)
             if user_id is None:
                 return account.id, cancelled, len(account_queries.shared_accounts(conn))
@@ -464,7 +578,8 @@ class Service:
         account_id, cancelled, remaining = await self.db.write(remove)
         self.admission.forget()
         self.admission.engines.retire(account_id)
-        for job_id in cancelled:
+        self.events.publish([jobid for _, jobid in cancelled], ended=True)
+        for job_id, _ in cancelled:
             self.dispatcher.cancel(job_id)
         return {"account": name, "deleted": True, "remaining": remaining}
 
@@ -495,7 +610,7 @@ class Service:
     async def cancel_job(self, user_id: int, jobid: str) -> Record:
         """End an unfinished job as failed / `Cancelled by user`, free its slot at once and stop
         its engine; its record. JobNotFound when unknown, JobNotRunning when already ended."""
-        jobid = _unquoted(jobid)
+        jobid = unquoted(jobid)
         if parse_jobid(jobid) is None:
             raise JobNotFound(jobid)
         now = millis(self.clock())
@@ -509,11 +624,13 @@ class Service:
             )
             if not ended:
                 raise JobNotRunning(jobid)
+            self.events.announce(conn, [jobid], ended=True)
             cancelled = queries.job_by_id(conn, job.id)
             assert cancelled is not None
             return cancelled
 
         job = await self.db.write(cancel)
+        self.events.publish([jobid], ended=True)
         self.dispatcher.cancel(job.id)
         return Record(record(job, self.blobs.link))
 
@@ -521,7 +638,7 @@ class Service:
 
     async def usable_account(self, user_id: int, name: str) -> Account:
         """The account called `name` that the user may use; AccountNotFound otherwise."""
-        name = _unquoted(name)
+        name = unquoted(name)
         return await self.db.read(lambda conn: _visible(conn, user_id, name))
 
     async def upload_asset(
@@ -573,7 +690,7 @@ class Service:
         self, user_id: int, account_name: str, fields: Mapping[str, Any]
     ) -> dict[str, Any]:
         """The user's generated images on an account, newest first, a page at a time."""
-        account_name = _unquoted(account_name)
+        account_name = unquoted(account_name)
         count = integer(fields, "count", 1, 100) or 20
         offset = integer(fields, "offset", 0, 2**31 - 1) or 0
 
@@ -607,7 +724,7 @@ class Service:
 
     async def delete_asset(self, user_id: int, text: str) -> dict[str, Any]:
         """Delete one of the user's assets and its file; AssetNotFound otherwise."""
-        text = _unquoted(text)
+        text = unquoted(text)
         parsed = parse_asset_id(text)
         if parsed is None:
             raise AssetNotFound(text)
@@ -665,18 +782,20 @@ class Record(dict[str, Any]):
         return self._json
 
 
+class Submitted(Record):
+    """The record of a submission, and whether it is the job an Idempotency-Key made before."""
+
+    def __init__(self, body: Mapping[str, Any], *, replayed: bool = False) -> None:
+        super().__init__(body)
+        self.replayed = replayed
+
+
 class AnotherRunner(RuntimeError):
     def __init__(self) -> None:
         super().__init__(
             "Another dreamserve server runs the jobs of this database: run one server per "
             "data directory (or database)"
         )
-
-
-def _unquoted(text: str) -> str:
-    """A path segment percent-encoded twice on its way here, decoded once more (job and
-    account ids never hold a `%`)."""
-    return unquote(text) if "%" in text else text
 
 
 def _require_user(conn: Connection, user_id: int) -> None:
@@ -697,6 +816,14 @@ def _visible(conn: Connection, user_id: int | None, name: str) -> Account:
         if account is not None:
             return account
     raise AccountNotFound(name)
+
+
+def _fingerprint(kind: str, fields: Mapping[str, Any]) -> str:
+    """What makes two submissions the same request: the endpoint and every field's value."""
+    canonical = json.dumps(
+        [kind, fields], sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str
+    )
+    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _hash(token: str) -> str:

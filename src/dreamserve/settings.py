@@ -40,6 +40,8 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(default=30.0, gt=0)
     reaper_interval_seconds: float = Field(default=5.0, gt=0)
     retention_days: float = Field(default=30.0, gt=0)
+    webhook_allow_private: bool = False
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     access_log: bool = True
 

@@ -123,6 +123,7 @@ class UpscaleSubmission:
     original_strength: float
     detail_strength: float
     max_jobs: int | None
+    reply_url: str | None
     echo: Mapping[str, Any]
 
 
@@ -154,6 +155,7 @@ def parse_upscale_submission(fields: Mapping[str, Any]) -> UpscaleSubmission:
         original_strength=0.65 if original is None else original,
         detail_strength=0.5 if detail is None else detail,
         max_jobs=max_jobs,
+        reply_url=reply_url,
         echo=echo,
     )
 

@@ -24,6 +24,7 @@ from sqlalchemy import Connection
 from dreamserve.engines.base import CancelSignal, GenerationRequest, Upscaler, UpscaleRequest
 from dreamserve.engines.registry import EngineRegistry
 from dreamserve.errors import AccountError, Cancelled, JobFailed
+from dreamserve.events import JobEvents
 from dreamserve.ids import IdFactory
 from dreamserve.jobs import CANCELLED_BY_USER, Job, Status, StoredImage, millis
 from dreamserve.settings import ImageFormat
@@ -53,6 +54,7 @@ class JobRunner:
         executor: Executor,
         config: RunnerConfig,
         account_changed: Callable[[], None] = lambda: None,
+        events: JobEvents | None = None,
     ) -> None:
         self.db = db
         self.blobs = blobs
@@ -62,6 +64,7 @@ class JobRunner:
         self.executor = executor
         self.config = config
         self.account_changed = account_changed  # drops admission's cached account lists
+        self.events = events or JobEvents()  # told of every progress and end written here
         self._signals: dict[int, CancelSignal] = {}  # jobs running here -> their cancel signal
 
     def cancel(self, job_id: int) -> None:
@@ -232,9 +235,14 @@ class JobRunner:
             )
             if finished and account_error is not None:
                 account_queries.set_account_error(conn, *account_error)
+            if finished:
+                self.events.announce(conn, [job.jobid], ended=True)
             return finished
 
-        return await self.db.write(finish)
+        finished = await self.db.write(finish)
+        if finished:
+            self.events.publish([job.jobid], ended=True)
+        return finished
 
     async def _heartbeat(self, job: Job, progress: _Progress, cancel: CancelSignal) -> None:
         """Renew the job's lease and record its progress while it runs; stop the engine when
@@ -248,17 +256,29 @@ class JobRunner:
             if percent == written and time.monotonic() - renewed < every:
                 continue
             update = partial(
-                queries.renew_lease,
-                job_id=job.id,
-                attempt=job.attempts,
+                self._renew,
+                job=job,
                 lease_until=self._lease_until(),
                 progress=percent if percent != written else None,
                 now=millis(self.clock()),
             )
             if not await self.db.write(update):
                 cancel.set()
+                self.events.publish([job.jobid], ended=True)  # ended elsewhere: wake its waiters
                 return
+            if percent != written:
+                self.events.publish([job.jobid], ended=False)
             written, renewed = percent, time.monotonic()
+
+    def _renew(
+        self, conn: Connection, *, job: Job, lease_until: int, progress: int | None, now: int
+    ) -> bool:
+        renewed = queries.renew_lease(
+            conn, job.id, job.attempts, lease_until, progress=progress, now=now
+        )
+        if renewed and progress is not None:
+            self.events.announce(conn, [job.jobid], ended=False)
+        return renewed
 
 
 def _description(conn: Connection, job: Job) -> str | None:

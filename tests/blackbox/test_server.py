@@ -17,6 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image
+from receiver import Answer, receiving
+from standardwebhooks import Webhook
 
 pytestmark = [pytest.mark.blackbox, pytest.mark.timeout(300)]
 
@@ -38,9 +40,16 @@ def free_port() -> int:
 class Server:
     """`make run` in its own process group, its output collected line by line."""
 
-    def __init__(self, data_dir: Path, port: int, database_url: str | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int,
+        database_url: str | None = None,
+        extra: dict[str, str] | None = None,
+    ) -> None:
         env = {key: value for key, value in os.environ.items() if not key.startswith("DREAMSERVE_")}
         env |= {"DREAMSERVE_DATA_DIR": str(data_dir), "DREAMSERVE_PORT": str(port)}
+        env |= extra or {}
         if database_url is not None:
             env["DREAMSERVE_DATABASE_URL"] = database_url
         self.url = f"http://127.0.0.1:{port}"
@@ -191,6 +200,57 @@ def test_jobs_survive_a_kill(data_dir: Path, database_url: str | None) -> None:
             }
     finally:
         again.stop()
+
+
+def test_pending_webhooks_are_delivered_after_a_kill(
+    data_dir: Path, database_url: str | None
+) -> None:
+    """A receiver down (503) while jobs end; the server is SIGKILLed with the deliveries
+    pending; the receiver comes back; the restarted server delivers each, signed, once."""
+    allow = {"DREAMSERVE_WEBHOOK_ALLOW_PRIVATE": "true"}
+    server = Server(data_dir, free_port(), database_url, allow)
+    headers = {"Authorization": f"Bearer {server.token}"}
+    with receiving(Answer(503, b"deploying")) as receiver:
+        with httpx.Client(base_url=server.url, headers=headers, timeout=30) as client:
+            secret = client.get("/v1/dreamina/webhooks/secret").json()["secret"]
+            body = {"prompt": "a quick one", "model": "nano-banana", "ratio": "1:1", "count": 1}
+            jobids = [
+                client.post(
+                    "/v1/dreamina/images", json={**body, "replyUrl": f"{receiver.url}/{n}"}
+                ).json()["jobid"]
+                for n in range(3)
+            ]
+            for jobid in jobids:
+                wait_completed(client, jobid)
+            deadline = time.monotonic() + 30
+            while receiver.count() < 3:
+                assert time.monotonic() < deadline, "the first tries never came"
+                time.sleep(0.1)
+        server.stop(signal.SIGKILL)
+        receiver.default = Answer(200)
+
+        again = Server(data_dir, free_port(), database_url, allow)
+        try:
+            deadline = time.monotonic() + 60  # the second try is due 5 s (+-20%) after the first
+            while receiver.count() < 6:
+                assert time.monotonic() < deadline, f"{receiver.count()} tries arrived"
+                time.sleep(0.2)
+            time.sleep(1.5)  # nothing more comes: each delivery ended with its 200
+            assert receiver.count() == 6
+            for n, jobid in enumerate(jobids):
+                tries = [each for each in receiver.received if each.path == f"/{n}"]
+                assert len(tries) == 2
+                assert tries[0].headers["webhook-id"] == tries[1].headers["webhook-id"]
+                payload = Webhook(secret).verify(tries[1].body, tries[1].headers)
+                assert payload["jobid"] == jobid
+                assert payload["status"] == "completed"
+            with httpx.Client(base_url=again.url, headers=headers, timeout=30) as client:
+                listed = client.get(f"/v1/dreamina/images/{jobids[0]}/webhooks").json()
+                [delivery] = listed["deliveries"]
+                assert delivery["status"] == "delivered"
+                assert [t["statusCode"] for t in delivery["tries"]] == [503, 200]
+        finally:
+            again.stop()
 
 
 def test_a_second_server_on_the_same_data_dir_stops_at_once(server: Server, data_dir: Path) -> None:

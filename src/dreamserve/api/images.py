@@ -1,24 +1,52 @@
-"""POST /images and GET /images/<jobid>."""
+"""POST /images, GET /images/<jobid> (with ?wait=), its event stream and its webhooks."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 from fastapi import APIRouter, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
+from fastapi.sse import EventSourceResponse, format_sse_event
 
 from dreamserve.api.body import read_fields
 from dreamserve.api.deps import SECURED, authenticate
-from dreamserve.api.schemas import ERRORS, IMAGE_REQUEST_BODY, UPSCALE_REQUEST_BODY, JobRecord
+from dreamserve.api.schemas import (
+    ERRORS,
+    IMAGE_REQUEST_BODY,
+    UPSCALE_REQUEST_BODY,
+    JobRecord,
+    WebhookDeliveries,
+)
+from dreamserve.service import Record, Submitted
 
 router = APIRouter(tags=["images"])
 
 JOBID_PARAMETER = {"name": "jobid", "in": "path", "required": True, "schema": {"type": "string"}}
+IDEMPOTENCY_PARAMETER = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string", "maxLength": 255},
+    "description": "The same key and body within 24 hours return the job the first made",
+}
+WAIT_PARAMETER = {
+    "name": "wait",
+    "in": "query",
+    "required": False,
+    "schema": {"type": "integer", "minimum": 0, "maximum": 60},
+    "description": "Seconds to hold the request until the job ends",
+}
 
 
 @router.post(
     "/images",
     response_model=JobRecord,
     responses=ERRORS,
-    openapi_extra={"requestBody": IMAGE_REQUEST_BODY, **SECURED},
+    openapi_extra={
+        "requestBody": IMAGE_REQUEST_BODY,
+        "parameters": [IDEMPOTENCY_PARAMETER],
+        **SECURED,
+    },
     summary="Create an image job",
 )
 async def create_image_job(request: Request) -> Response:
@@ -26,14 +54,19 @@ async def create_image_job(request: Request) -> Response:
     the job record, status `created`. JSON, multipart/form-data or form-urlencoded."""
     service, user = await authenticate(request)
     fields = await read_fields(request, request.app.state.max_body_bytes)
-    return _json((await service.submit_image(user, fields)).json)
+    key = request.headers.get("idempotency-key")
+    return _submitted(await service.submit_image(user, fields, key))
 
 
 @router.post(
     "/images/upscale",
     response_model=JobRecord,
     responses=ERRORS,
-    openapi_extra={"requestBody": UPSCALE_REQUEST_BODY, **SECURED},
+    openapi_extra={
+        "requestBody": UPSCALE_REQUEST_BODY,
+        "parameters": [IDEMPOTENCY_PARAMETER],
+        **SECURED,
+    },
     summary="Upscale an image of a completed job",
 )
 async def create_upscale_job(request: Request) -> Response:
@@ -41,20 +74,97 @@ async def create_upscale_job(request: Request) -> Response:
     account; replies at once with the job record, type `upscale`, status `created`."""
     service, user = await authenticate(request)
     fields = await read_fields(request, request.app.state.max_body_bytes)
-    return _json((await service.submit_upscale(user, fields)).json)
+    key = request.headers.get("idempotency-key")
+    return _submitted(await service.submit_upscale(user, fields, key))
 
 
 @router.get(
     "/images/{jobid}",
     response_model=JobRecord,
     responses=ERRORS,
-    openapi_extra={"parameters": [JOBID_PARAMETER], **SECURED},
+    openapi_extra={"parameters": [JOBID_PARAMETER, WAIT_PARAMETER], **SECURED},
     summary="Get an image job",
 )
 async def get_image_job(request: Request) -> Response:
-    """The job record; the job id may be given raw or percent-encoded."""
+    """The job record; the job id may be given raw or percent-encoded. With `?wait=N` (at most
+    60), an unfinished job's record is returned when it ends or after N seconds."""
     service, user = await authenticate(request)  # path_params: cheaper than a declared parameter
-    return _json((await service.get_job(user, request.path_params["jobid"])).json)
+    jobid = request.path_params["jobid"]
+    if "wait" not in request.query_params:
+        return _json((await service.get_job(user, jobid)).json)
+    wait = service.wait_seconds(request.query_params["wait"])
+    return _json((await service.get_job(user, jobid, wait)).json)
+
+
+@router.get(
+    "/images/{jobid}/events",
+    responses={
+        **ERRORS,
+        200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events"},
+    },
+    openapi_extra={"parameters": [JOBID_PARAMETER], **SECURED},
+    summary="Stream a job's progress",
+)
+async def stream_image_job(request: Request) -> Response:
+    """Server-Sent Events: `progress` with the record now and on every change while the job
+    runs, then `done` with the final record, and the stream ends. A comment keeps a quiet
+    stream open every 15 seconds."""
+    service, user = await authenticate(request)
+    events = service.job_events(user, request.path_params["jobid"])
+    first = await anext(events)  # a missing job is a 404, before the stream starts
+    assert first is not None
+    return EventSourceResponse(
+        _sse(first, events), headers={"cache-control": "no-cache", "x-accel-buffering": "no"}
+    )
+
+
+async def _sse(first: Record, rest: AsyncIterator[Record | None]) -> AsyncIterator[bytes]:
+    try:
+        yield _event(first)
+        async for body in rest:
+            yield format_sse_event(comment="keep-alive") if body is None else _event(body)
+    finally:
+        await rest.aclose()  # type: ignore[attr-defined]
+
+
+def _event(body: Record) -> bytes:
+    name = "progress" if body["status"] == "created" else "done"
+    return format_sse_event(event=name, data_str=body.json.decode())
+
+
+@router.get(
+    "/images/{jobid}/webhooks",
+    response_model=WebhookDeliveries,
+    responses=ERRORS,
+    openapi_extra={"parameters": [JOBID_PARAMETER], **SECURED},
+    summary="List a job's webhook deliveries",
+)
+async def list_webhooks(request: Request) -> JSONResponse:
+    """Every delivery of the job's record to its `replyUrl`, with each try: the receiver's
+    status code or the error, when, and when the next try is due."""
+    service, user = await authenticate(request)
+    return JSONResponse(await service.webhooks.deliveries(user, request.path_params["jobid"]))
+
+
+@router.post(
+    "/images/{jobid}/webhooks",
+    response_model=WebhookDeliveries,
+    responses=ERRORS,
+    openapi_extra={"parameters": [JOBID_PARAMETER], **SECURED},
+    summary="Redeliver a job's webhook now",
+)
+async def redeliver_webhook(request: Request) -> JSONResponse:
+    """Send the ended job's record to its `replyUrl` again, now (a pending delivery is made due
+    now instead); the job's deliveries. 400 when the job has no replyUrl or has not ended."""
+    service, user = await authenticate(request)
+    return JSONResponse(await service.webhooks.redeliver(user, request.path_params["jobid"]))
+
+
+def _submitted(submitted: Submitted) -> Response:
+    response = _json(submitted.json)
+    if submitted.replayed:
+        response.headers["idempotent-replayed"] = "true"
+    return response
 
 
 def _json(body: bytes) -> Response:

@@ -163,6 +163,34 @@ class AssetDeleted(BaseModel):
     account: str
 
 
+class WebhookSecret(BaseModel):
+    secret: str = Field(description="`whsec_…`: verify deliveries with it (Standard Webhooks)")
+    previousSecretExpires: str | None = Field(
+        None, description="After a rotation: until when the previous secret still signs"
+    )
+
+
+class WebhookTry(BaseModel):
+    at: str
+    statusCode: int | None = Field(description="The receiver's answer; null when none came")
+    error: str | None
+    durationMs: int
+
+
+class WebhookDelivery(BaseModel):
+    webhookId: str = Field(description="The `webhook-id` header, the same on every try")
+    url: str
+    status: Literal["pending", "delivered", "stopped", "failed", "refused"]
+    created: str
+    nextTry: str | None
+    tries: list[WebhookTry]
+
+
+class WebhookDeliveries(BaseModel):
+    jobid: str
+    deliveries: list[WebhookDelivery]
+
+
 class ErrorBody(BaseModel):
     error: str
 
@@ -175,6 +203,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         (403, "Forbidden"),
         (404, "Not found"),
         (413, "Body too large"),
+        (422, "Idempotency-Key used with another request"),
         (429, "No free slot; see Retry-After"),
     )
 }

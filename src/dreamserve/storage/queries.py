@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
 
 from dreamserve.jobs import Job, Spec, Status, StoredImage
+from dreamserve.storage import webhook_queries
 from dreamserve.storage.account_queries import release_slot
 from dreamserve.storage.prepared import Prepared
 from dreamserve.storage.tables import assets, jobs, tokens, users
@@ -213,7 +214,8 @@ def finish_job(
     error: str | None = None,
     error_details: str | None = None,
 ) -> bool:
-    """End an unfinished job: its final state, its images as assets, its slot given back.
+    """End an unfinished job: its final state, its images as assets, its slot given back, and
+    its webhook queued when it has a replyUrl.
 
     Only the first call for a job does anything (the update is conditional on the job being
     unfinished), so a slot is released exactly once whatever path ends the job. A runner
@@ -240,6 +242,7 @@ def finish_job(
     account_id = finished[0]
     if account_id is not None:
         release_slot(conn, account_id)
+    webhook_queries.queue(conn, job.id, job.user_id, job.request, now)
     if images:
         conn.execute(
             _INSERT_ASSET,
@@ -268,16 +271,20 @@ def finish_job(
 
 def cancel_account_jobs(
     conn: Connection, account_id: int, error: str, details: str, now: int
-) -> list[int]:
-    """End every unfinished job of an account as failed (its slots go with the account); their
-    ids, for the runners to be told."""
+) -> list[tuple[int, str]]:
+    """End every unfinished job of an account as failed (its slots go with the account) and
+    queue their webhooks; their ids and jobids, for the runners and waiters to be told."""
     result = conn.execute(
         update(jobs)
         .where(jobs.c.account_id == account_id, jobs.c.status == CREATED)
         .values(**_ended(Status.FAILED.value, error, details, now))
-        .returning(jobs.c.id)
+        .returning(jobs.c.id, jobs.c.jobid, jobs.c.user_id, jobs.c.request)
     )
-    return list(result.scalars())
+    ended = []
+    for job_id, jobid, user_id, request in result.all():
+        webhook_queries.queue(conn, job_id, user_id, request, now)
+        ended.append((job_id, jobid))
+    return ended
 
 
 def unfinished_jobs_of(conn: Connection, user_id: int) -> list[Job]:
@@ -333,14 +340,19 @@ def job_by_id(conn: Connection, job_id: int) -> Job | None:
 
 
 def fail_exhausted_jobs(conn: Connection, max_attempts: int, error: str, now: int) -> list[str]:
-    """Fail the unfinished jobs that were started `max_attempts` times already; their jobids."""
+    """Fail the unfinished jobs that were started `max_attempts` times already (queueing their
+    webhooks); their jobids."""
     result = conn.execute(
         update(jobs)
         .where(jobs.c.status == CREATED, jobs.c.attempts >= max_attempts)
         .values(**_ended(Status.FAILED.value, error, None, now))
-        .returning(jobs.c.jobid)
+        .returning(jobs.c.id, jobs.c.jobid, jobs.c.user_id, jobs.c.request)
     )
-    return list(result.scalars())
+    jobids = []
+    for job_id, jobid, user_id, request in result.all():
+        webhook_queries.queue(conn, job_id, user_id, request, now)
+        jobids.append(jobid)
+    return jobids
 
 
 def release_unfinished_jobs(conn: Connection, lease_until: int) -> list[int]:

@@ -122,3 +122,65 @@ assets = Table(
     Column("created_at", BigInteger, nullable=False),
     Index("ix_assets_account_user_created", "account", "user_id", "created_at"),
 )
+
+# The webhook outbox: one row per delivery of a job's record to its replyUrl, written in the
+# transaction that ends the job; the deliverer (delivery.py) claims due rows and records each try.
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("job_id", Integer, ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+    Column("user_id", Integer, ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    Column("message_id", String(64), nullable=False),  # `webhook-id`, the same on every try
+    Column("url", String(1024), nullable=False),
+    Column("status", String(16), nullable=False),  # pending, delivered, stopped, failed, refused
+    Column("tries", Integer, nullable=False, default=0),
+    Column("next_at", BigInteger, nullable=True),  # when pending: the next try (or claim) is due
+    Column("created_at", BigInteger, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+    Index("ix_webhook_deliveries_status_next_at", "status", "next_at"),
+    Index("ix_webhook_deliveries_job_id", "job_id"),
+)
+
+webhook_tries = Table(
+    "webhook_tries",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column(
+        "delivery_id",
+        Integer,
+        ForeignKey("webhook_deliveries.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("at", BigInteger, nullable=False),
+    Column("status_code", Integer, nullable=True),  # None: no HTTP answer (network, timeout)
+    Column("error", Text, nullable=True),
+    Column("duration_ms", Integer, nullable=False),
+    Index("ix_webhook_tries_delivery_id", "delivery_id"),
+)
+
+# Per-user signing secrets, sealed like account secrets; a rotated-out one keeps signing beside
+# the new one until `previous_until`.
+webhook_secrets = Table(
+    "webhook_secrets",
+    metadata,
+    Column("user_id", Integer, ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
+    Column("secret", Text, nullable=False),
+    Column("previous", Text, nullable=True),
+    Column("previous_until", BigInteger, nullable=True),
+    Column("updated_at", BigInteger, nullable=False),
+)
+
+# Idempotency-Key of POST /images and /images/upscale: the job a key made, for 24 hours.
+idempotency_keys = Table(
+    "idempotency_keys",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("user_id", Integer, ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    Column("key", String(255), nullable=False),
+    Column("fingerprint", String(64), nullable=False),  # sha256 of the endpoint and the body
+    Column("job_id", Integer, ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    UniqueConstraint("user_id", "key", name="uq_idempotency_keys_user_id_key"),
+    Index("ix_idempotency_keys_created_at", "created_at"),
+)

@@ -1,0 +1,220 @@
+"""The webhook deliverer: sends the outbox, signed, and retries on the schedule of webhooks.py.
+
+A background task of every server. It claims due deliveries (conditional UPDATEs, so servers
+sharing a database never send one twice at once), POSTs the job record as GET returns it at the
+time of the try (fresh image links on every try), signs it the Standard Webhooks way with the
+user's secrets, and records every try. It wakes when a job of this process ends, when another
+process announces an end, and every `poll_seconds` for whatever else came due.
+
+The receiver's address is checked again here, on the connection itself (httpx-secure): the
+host is resolved, every address checked with `webhooks.refusal`, and the data goes to that
+checked address, so a DNS change after submission cannot reach a private address. Redirects
+are not followed (a 3xx is retried), and at most `max_response_bytes` of an answer are read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from ipaddress import IPv4Address, IPv6Address
+from random import Random
+
+import httpx
+from httpx_secure import SSRFProtectionError, httpx_ssrf_protection
+from sqlalchemy import Connection
+
+from dreamserve import __version__
+from dreamserve.events import JobEvents
+from dreamserve.jobs import Job, millis, record
+from dreamserve.storage import queries, webhook_queries
+from dreamserve.storage.blobs import BlobStore
+from dreamserve.storage.database import Database
+from dreamserve.storage.webhook_queries import PENDING, Delivery, Try
+from dreamserve.webhook_secrets import WebhookSecrets
+from dreamserve.webhooks import refusal, retry_delay, should_retry, signature
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    timeout: float = 10.0  # per try: connect, send, answer
+    allow_private: bool = False  # DREAMSERVE_WEBHOOK_ALLOW_PRIVATE
+    concurrency: int = 32  # tries in flight at once
+    poll_seconds: float = 1.0
+    max_response_bytes: int = 1024  # of a receiver's answer, kept for the try's error
+
+
+class Deliverer:
+    def __init__(
+        self,
+        db: Database,
+        blobs: BlobStore,
+        secrets: WebhookSecrets,
+        events: JobEvents,
+        clock: Callable[[], datetime],
+        config: DeliveryConfig,
+        rng: Random | None = None,
+    ) -> None:
+        self.db = db
+        self.blobs = blobs
+        self.secrets = secrets
+        self.events = events
+        self.clock = clock
+        self.config = config
+        self.rng = rng or Random()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._wake = events.endings()
+        self._backlog = False  # the last round filled every free place: more may be due
+        client = httpx.AsyncClient(
+            timeout=config.timeout,
+            follow_redirects=False,
+            trust_env=False,
+            # identity: the bytes read of an answer are bounded before any decompression
+            headers={
+                "user-agent": f"dreamserve/{__version__} (webhooks)",
+                "accept-encoding": "identity",
+            },
+        )
+        if not config.allow_private:
+            httpx_ssrf_protection(client, custom_validator=_allowed, dns_cache_ttl=60)
+        self.client = client
+
+    def wake(self) -> None:
+        """Look for due deliveries now (tests that move the clock, redeliveries)."""
+        self._wake.set()
+
+    async def run_forever(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                await self.deliver_due()
+            except Exception:  # the database is away: try again at the next round
+                log.exception("webhook delivery round failed")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.config.poll_seconds):
+                    await self._wake.wait()
+
+    async def deliver_due(self) -> int:
+        """Start a try of every due delivery (as many as there is room for); how many."""
+        room = self.config.concurrency - len(self._tasks)
+        if room <= 0:
+            return 0
+        now = millis(self.clock())
+        hold = now + int((self.config.timeout + 20) * 1000)  # past the try, whatever happens
+        claimed = await self.db.write(lambda conn: webhook_queries.claim_due(conn, now, hold, room))
+        self._backlog = len(claimed) == room
+        for delivery in claimed:
+            task = asyncio.create_task(self._deliver(delivery))
+            self._tasks.add(task)
+            task.add_done_callback(self._done)
+        return len(claimed)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if self._backlog:  # a place came free and more is due: claim it now, not at the poll
+            self._wake.set()
+
+    async def drain(self) -> None:
+        """Wait for the tries in flight."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self.client.aclose()
+
+    async def _deliver(self, delivery: Delivery) -> None:
+        try:
+            await self._try(delivery)
+        except Exception:  # never lose the loop to one delivery; the claim expires and it retries
+            log.exception("webhook delivery %s failed", delivery.message_id)
+
+    async def _try(self, delivery: Delivery) -> None:
+        def read(conn: Connection) -> Job | None:
+            return queries.job_by_id(conn, delivery.job_id)
+
+        job = await self.db.read(read)
+        if job is None:  # deleted past retention meanwhile: nothing left to send
+            return
+        keys = await self.secrets.signing_keys(delivery.user_id)
+        body = json.dumps(record(job, self.blobs.link), ensure_ascii=False, separators=(",", ":"))
+        sent_at = self.clock()
+        headers = {
+            "content-type": "application/json",
+            "webhook-id": delivery.message_id,
+            "webhook-timestamp": str(int(sent_at.timestamp())),
+            "webhook-signature": signature(keys, delivery.message_id, sent_at, body),
+        }
+        started = time.monotonic()
+        status_code: int | None = None
+        refused: str | None = None
+        try:
+            async with self.client.stream(
+                "POST", delivery.url, content=body.encode(), headers=headers
+            ) as response:
+                status_code = response.status_code
+                answer = await _read_some(response, self.config.max_response_bytes)
+            error = None if 200 <= status_code < 300 else _answer_error(status_code, answer)
+        except SSRFProtectionError as denied:
+            refused = _refused(denied)
+            error = refused
+        except httpx.TimeoutException:
+            error = f"No answer within {self.config.timeout:g} s"
+        except httpx.HTTPError as failure:
+            error = type(failure).__name__ + (f": {failure}" if str(failure) else "")
+        duration = int((time.monotonic() - started) * 1000)
+        attempt = Try(millis(sent_at), status_code, error, duration)
+        status, next_at = self._next(delivery, status_code, refused, attempt)
+        await self.db.write(
+            lambda conn: webhook_queries.record_try(
+                conn, delivery, attempt, status=status, next_at=next_at
+            )
+        )
+
+    def _next(
+        self, delivery: Delivery, status_code: int | None, refused: str | None, attempt: Try
+    ) -> tuple[str, int | None]:
+        if refused is not None:
+            return "refused", None
+        if status_code is not None and not should_retry(status_code):
+            return ("delivered" if status_code != 410 else "stopped"), None
+        delay = retry_delay(delivery.tries, self.rng)
+        if delay is None:
+            return "failed", None
+        return PENDING, attempt.at + int(delay * 1000)
+
+
+def _allowed(hostname: str, address: IPv4Address | IPv6Address, port: int) -> bool:
+    return refusal(address) is None
+
+
+def _refused(denied: SSRFProtectionError) -> str:
+    address = denied.ip_addr
+    reason = (refusal(address) if address is not None else None) or "not a public address"
+    if denied.hostname.strip("[]") == str(address):
+        return f"Refused: {address} is {reason}"
+    return f"Refused: {denied.hostname} resolves to {address}, {reason}"
+
+
+async def _read_some(response: httpx.Response, limit: int) -> bytes:
+    """At most `limit` bytes of an answer; the rest is never read."""
+    data = b""
+    async for chunk in response.aiter_raw():
+        data += chunk
+        if len(data) >= limit:
+            break
+    return data[:limit]
+
+
+def _answer_error(status_code: int, answer: bytes) -> str:
+    text = answer.decode("utf-8", "replace").strip()
+    return f"HTTP {status_code}" + (f": {text}" if text else "")

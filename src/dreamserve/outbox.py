@@ -1,0 +1,104 @@
+"""What a client can do with webhooks (part of the service façade, `Service.webhooks`): read
+and rotate its signing secret, see a job's deliveries and their tries, redeliver."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection
+
+from dreamserve.delivery import Deliverer
+from dreamserve.errors import BadRequest, JobNotFound
+from dreamserve.ids import iso, parse_jobid, unquoted
+from dreamserve.jobs import from_millis, millis
+from dreamserve.storage import queries, webhook_queries
+from dreamserve.storage.database import Database
+from dreamserve.storage.webhook_queries import Delivery, Try
+from dreamserve.webhook_secrets import Secrets, WebhookSecrets
+
+
+class Webhooks:
+    def __init__(
+        self,
+        db: Database,
+        secrets: WebhookSecrets,
+        deliverer: Deliverer,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self.db = db
+        self.secrets = secrets
+        self.deliverer = deliverer
+        self.clock = clock
+
+    async def secret(self, user_id: int) -> dict[str, Any]:
+        """The user's signing secret (made on first ask)."""
+        return _secret_body(await self.secrets.get(user_id))
+
+    async def rotate(self, user_id: int) -> dict[str, Any]:
+        """A new signing secret; the previous one signs beside it for 24 hours."""
+        return _secret_body(await self.secrets.rotate(user_id))
+
+    async def deliveries(self, user_id: int, jobid: str) -> dict[str, Any]:
+        """The deliveries of a job's record to its replyUrl, each with its tries."""
+        jobid = unquoted(jobid)
+        job_id = await self._job_id(user_id, jobid)
+        found = await self.db.read(lambda conn: webhook_queries.deliveries_of(conn, job_id))
+        return {"jobid": jobid, "deliveries": [_delivery_body(d, tries) for d, tries in found]}
+
+    async def redeliver(self, user_id: int, jobid: str) -> dict[str, Any]:
+        """Send an ended job's record to its replyUrl again, now; its deliveries."""
+        jobid = unquoted(jobid)
+        await self._job_id(user_id, jobid)
+        now = millis(self.clock())
+
+        def redeliver(conn: Connection) -> int:
+            job = queries.job_by_jobid(conn, jobid, user_id)
+            if job is None:
+                raise JobNotFound(jobid)
+            url = job.request.get("replyUrl")
+            if not url:
+                raise BadRequest(f"Job {jobid} has no replyUrl")
+            if not job.status.is_terminal:
+                raise BadRequest(f"Job {jobid} has not ended: its record is sent when it does")
+            webhook_queries.redeliver(conn, job.id, user_id, url, now)
+            return job.id
+
+        await self.db.write(redeliver)
+        self.deliverer.wake()
+        return await self.deliveries(user_id, jobid)
+
+    async def _job_id(self, user_id: int, jobid: str) -> int:
+        if parse_jobid(jobid) is None:  # no query for what cannot be a job id
+            raise JobNotFound(jobid)
+        job = await self.db.read(lambda conn: queries.job_by_jobid(conn, jobid, user_id))
+        if job is None:
+            raise JobNotFound(jobid)
+        return job.id
+
+
+def _secret_body(secrets: Secrets) -> dict[str, Any]:
+    body: dict[str, Any] = {"secret": secrets.current}
+    if secrets.previous_until is not None:
+        body["previousSecretExpires"] = iso(from_millis(secrets.previous_until))
+    return body
+
+
+def _delivery_body(delivery: Delivery, tries: list[Try]) -> dict[str, Any]:
+    return {
+        "webhookId": delivery.message_id,
+        "url": delivery.url,
+        "status": delivery.status,
+        "created": iso(from_millis(delivery.created_at)),
+        "nextTry": None if delivery.next_at is None else iso(from_millis(delivery.next_at)),
+        "tries": [
+            {
+                "at": iso(from_millis(attempt.at)),
+                "statusCode": attempt.status_code,
+                "error": attempt.error,
+                "durationMs": attempt.duration_ms,
+            }
+            for attempt in tries
+        ],
+    }
