@@ -151,24 +151,30 @@ def record_try(
 
 
 def deliveries_of(conn: Connection, job_id: int) -> list[tuple[Delivery, list[Try]]]:
-    """A job's deliveries, oldest first, each with its tries."""
+    """A job's deliveries, oldest first, each with its tries: one statement, so that a
+    delivery's state and its tries are read as of one moment."""
     rows = conn.execute(
-        select(webhook_deliveries)
-        .where(webhook_deliveries.c.job_id == job_id)
-        .order_by(webhook_deliveries.c.id)
-    ).mappings()
-    found = [_delivery(row) for row in rows]
-    tries: dict[int, list[Try]] = {delivery.id: [] for delivery in found}
-    if found:
-        for row in conn.execute(
-            select(webhook_tries)
-            .where(webhook_tries.c.delivery_id.in_(list(tries)))
-            .order_by(webhook_tries.c.id)
-        ).mappings():
-            tries[row["delivery_id"]].append(
-                Try(row["at"], row["status_code"], row["error"], row["duration_ms"])
+        select(
+            webhook_deliveries,
+            webhook_tries.c.at,
+            webhook_tries.c.status_code,
+            webhook_tries.c.error,
+            webhook_tries.c.duration_ms,
+        )
+        .select_from(
+            webhook_deliveries.outerjoin(
+                webhook_tries, webhook_tries.c.delivery_id == webhook_deliveries.c.id
             )
-    return [(delivery, tries[delivery.id]) for delivery in found]
+        )
+        .where(webhook_deliveries.c.job_id == job_id)
+        .order_by(webhook_deliveries.c.id, webhook_tries.c.id)
+    ).mappings()
+    found: dict[int, tuple[Delivery, list[Try]]] = {}
+    for row in rows:
+        _, tries = found.setdefault(row["id"], (_delivery(row), []))
+        if row["at"] is not None:
+            tries.append(Try(row["at"], row["status_code"], row["error"], row["duration_ms"]))
+    return list(found.values())
 
 
 def redeliver(conn: Connection, job_id: int, user_id: int, url: str, now: int) -> None:
