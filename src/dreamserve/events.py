@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import psycopg
 from sqlalchemy import Connection, text
@@ -55,7 +55,9 @@ class JobEvents:
     def __init__(self) -> None:
         self._watches: dict[str, set[Watch]] = {}
         self._endings: set[asyncio.Event] = set()
+        self._listeners: list[Callable[[str], None]] = []
         self.origin = secrets.token_hex(8)  # this process, in its NOTIFY payloads
+        self.generation = 0  # counts publications: a read that saw none is not stale
 
     @contextlib.contextmanager
     def watch(self, jobid: str) -> Iterator[Watch]:
@@ -72,6 +74,10 @@ class JobEvents:
                 if not watches:
                     del self._watches[jobid]
 
+    def on_change(self, listener: Callable[[str], None]) -> None:
+        """Call `listener(jobid)` for every job published as changed (caches drop it)."""
+        self._listeners.append(listener)
+
     def endings(self) -> asyncio.Event:
         """An event set whenever any job ends (the webhook deliverer waits on it)."""
         event = asyncio.Event()
@@ -81,9 +87,12 @@ class JobEvents:
     def publish(self, jobids: Iterable[str], *, ended: bool) -> None:
         """Jobs changed (progress, or their end with `ended`): wake their waiters. Call it on
         the event loop, after the change committed."""
+        self.generation += 1
         any_job = False
         for jobid in jobids:
             any_job = True
+            for listener in self._listeners:
+                listener(jobid)
             for watch in self._watches.get(jobid, ()):
                 watch._set(ended)
         if ended and any_job:
@@ -92,6 +101,7 @@ class JobEvents:
 
     def wake_all(self) -> None:
         """Wake every waiter to read its job again (notifications may have been missed)."""
+        self.generation += 1
         for watches in self._watches.values():
             for watch in watches:
                 watch._set(False)

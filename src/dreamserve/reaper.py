@@ -71,7 +71,7 @@ class Reaper:
         lease = now + int(self.config.lease_seconds * 1000)
         expired = await self.db.read(lambda conn: queries.expired_leases(conn, now))
         sweep = Sweep([], [])
-        for job_id, attempt in expired:  # one transaction each: no job waits on another
+        for job_id, attempt, jobid in expired:  # one transaction each: no job waits on another
             if attempt < self.config.max_attempts:
                 if await self.db.write(
                     partial(
@@ -83,6 +83,7 @@ class Reaper:
                     )
                 ):
                     sweep.requeued.append(job_id)
+                    self.events.publish([jobid], ended=False)  # no longer started
                 continue
 
             def fail(conn: Connection, job_id: int = job_id, attempt: int = attempt) -> str | None:
@@ -101,9 +102,9 @@ class Reaper:
                 self.events.announce(conn, [job.jobid], ended=True)
                 return job.jobid
 
-            jobid = await self.db.write(fail)
-            if jobid is not None:
-                sweep.failed.append(jobid)
+            failed = await self.db.write(fail)
+            if failed is not None:
+                sweep.failed.append(failed)
         for job_id in sweep.requeued:
             await self.dispatcher.dispatch(job_id)
         self.events.publish(sweep.failed, ended=True)

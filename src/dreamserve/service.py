@@ -74,6 +74,10 @@ class ServiceConfig:
     max_attempts: int = 3  # starts of one job before a restart gives up on it
     finished_cache_seconds: float = 60.0  # how long a finished job is served from memory
     finished_cache_size: int = 10_000
+    # An unfinished job's record is served from memory too, until its next change, in the
+    # server that makes every change of its jobs (SQLite); this bounds how long a change from
+    # another process (a CLI `accounts remove`) goes unseen.
+    unfinished_cache_seconds: float = 1.0
     lease_seconds: float = 30.0  # an unclaimed job's lease, as a runner's (RunnerConfig)
     max_upload_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 70_000_000  # of an upscale's output
@@ -117,6 +121,11 @@ class Service:
         # Finished jobs never change and clients poll them: their records are kept in memory,
         # (user, jobid) -> (until, link expiry, record); a new link window makes a new record.
         self._finished: dict[tuple[int, str], tuple[float, int, Record]] = {}
+        # jobid -> (user, until, link expiry, record), dropped when the job changes; only in
+        # the process that runs the jobs of a database no other server writes (`resume`).
+        self._unfinished: dict[str, tuple[int, float, int, Record]] = {}
+        self._sees_every_change = False
+        self.events.on_change(self._changed)
 
     @property
     def _lease_ms(self) -> int:
@@ -455,9 +464,16 @@ class Service:
             raise JobNotFound(jobid)
         key = (user_id, jobid)
         window = self.blobs.link_expiry()
+        now = time.monotonic()
         cached = self._finished.get(key)
-        if cached is not None and cached[0] > time.monotonic() and cached[1] == window:
+        if cached is not None and cached[0] > now and cached[1] == window:
             return cached[2]
+        running = self._unfinished.get(jobid)
+        if running is not None:
+            owner, fresh_until, link_window, kept = running
+            if owner == user_id and fresh_until > now and link_window == window:
+                return kept
+        generation = self.events.generation
         job = await self.db.read(lambda conn: queries.job_by_jobid(conn, jobid, user_id))
         if job is None:
             raise JobNotFound(jobid)
@@ -465,9 +481,19 @@ class Service:
         if job.status.is_terminal:
             if len(self._finished) >= self.config.finished_cache_size:
                 self._finished.clear()
-            until = time.monotonic() + self.config.finished_cache_seconds
+            until = now + self.config.finished_cache_seconds
             self._finished[key] = (until, window, body)
+        elif self._sees_every_change and self.events.generation == generation:
+            # No change was published while the job was read: the record is current until
+            # the next one, which drops it (`_changed`).
+            if len(self._unfinished) >= self.config.finished_cache_size:
+                self._unfinished.clear()
+            until = now + self.config.unfinished_cache_seconds
+            self._unfinished[jobid] = (user_id, until, window, body)
         return body
+
+    def _changed(self, jobid: str) -> None:
+        self._unfinished.pop(jobid, None)
 
     def local_file(self, key: str, expires: str | None, signature: str | None) -> Path:
         """The file behind a signed link of the local blob store; Forbidden when the link is
@@ -754,6 +780,7 @@ class Service:
         """
         if not await self.db.lock_runner():
             raise AnotherRunner
+        self._sees_every_change = not self.db.shared
         now = millis(self.clock())
 
         def recover(conn: Connection) -> tuple[list[str], list[int]]:

@@ -87,12 +87,14 @@ class JobRunner:
                 return None
             job, account_id = claimed
             account = account_queries.account_by_id(conn, account_id) if account_id else None
+            self.events.announce(conn, [job.jobid], ended=False)
             return job, account
 
         claimed = await self.db.write(claim)
         if claimed is None:
             return
         job, account = claimed
+        self.events.publish([job.jobid], ended=False)  # started, at 0 %
         if account is None:
             await self._finish(job, Status.FAILED, error="Account no longer exists")
             return

@@ -18,6 +18,7 @@ from support import SMALL, GatedEngine, Harness, open_harness, wait_started
 
 from dreamserve.engines.registry import BUILTIN
 from dreamserve.settings import Settings
+from dreamserve.storage.tables import jobs
 
 pytestmark = pytest.mark.anyio
 
@@ -215,3 +216,66 @@ async def test_progress_reaches_the_stream(settings: Settings) -> None:
         assert events[-1][0] == "done"
         assert progress == sorted(progress)
         assert any(value > 0 for value in progress), events
+
+
+async def test_polling_an_unfinished_job_reads_it_once_per_change(
+    held: Harness, gated: GatedEngine, database_url: str | None
+) -> None:
+    """On SQLite the server makes every change of its jobs, so it serves an unfinished job's
+    record from memory until the job changes; on PostgreSQL other servers may change it."""
+    jobid = (await held.post(SMALL)).json()["jobid"]
+    await wait_started(gated, 1)
+    first = (await held.get(jobid)).json()
+    counter = ReadCounter(held)
+    for _ in range(20):
+        assert (await held.get(jobid)).json() == first
+    assert counter.reads == (0 if database_url is None else 20)
+    cancelled = await held.call("DELETE", f"/scheduler/{jobid}")
+    assert cancelled.status_code == 200
+    after = (await held.get(jobid)).json()  # the change dropped the kept record at once
+    assert after["status"] == "failed"
+    assert after == cancelled.json()
+
+
+async def test_a_change_by_another_process_is_seen_within_a_second(
+    held: Harness, gated: GatedEngine
+) -> None:
+    jobid = (await held.post(SMALL)).json()["jobid"]
+    await wait_started(gated, 1)
+    assert (await held.get(jobid)).json()["status"] == "created"
+    # As the CLI would: straight to the database, no notification to this process.
+    await held.execute(jobs.update().where(jobs.c.jobid == jobid).values(progress=42))
+    started = time.monotonic()
+    while (await held.get(jobid)).json().get("progress") != 42:
+        assert time.monotonic() - started < 3, "the change was never seen"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_waiter_on_another_server_wakes_through_postgresql(
+    settings: Settings, database_url: str | None
+) -> None:
+    """Two servers on one PostgreSQL database: the job runs on the first, the client waits on
+    the second, which learns of the end through LISTEN/NOTIFY (no reads in a loop)."""
+    if database_url is None:
+        pytest.skip("one SQLite database has one server")
+    gated = GatedEngine()
+    engines = {**BUILTIN, "procedural": gated.factory}
+    async with (
+        open_harness(settings, engines=engines) as runner,
+        open_harness(settings, engines=engines, resume=False) as other,
+    ):
+        jobid = (await runner.post(SMALL)).json()["jobid"]
+        await wait_started(gated, 1)
+        counter = ReadCounter(other)
+        waiting = asyncio.create_task(
+            other.client.get(f"/v1/dreamina/images/{jobid}?wait=30", headers=runner.auth)
+        )
+        await asyncio.sleep(0.5)  # the waiter is listening
+        assert not waiting.done()
+        opened = time.monotonic()
+        gated.gate.set()
+        reply = await asyncio.wait_for(waiting, 20)
+        assert reply.json()["status"] == "completed"
+        print(f"woke {time.monotonic() - opened:.3f} s after the gate opened")
+        assert time.monotonic() - opened < 10  # far from the 30 s deadline
+        assert counter.reads <= 4  # the start, the end, and a progress or two

@@ -211,22 +211,24 @@ def test_pending_webhooks_are_delivered_after_a_kill(
     server = Server(data_dir, free_port(), database_url, allow)
     headers = {"Authorization": f"Bearer {server.token}"}
     with receiving(Answer(503, b"deploying")) as receiver:
-        with httpx.Client(base_url=server.url, headers=headers, timeout=30) as client:
-            secret = client.get("/v1/dreamina/webhooks/secret").json()["secret"]
-            body = {"prompt": "a quick one", "model": "nano-banana", "ratio": "1:1", "count": 1}
-            jobids = [
-                client.post(
-                    "/v1/dreamina/images", json={**body, "replyUrl": f"{receiver.url}/{n}"}
-                ).json()["jobid"]
-                for n in range(3)
-            ]
-            for jobid in jobids:
-                wait_completed(client, jobid)
-            deadline = time.monotonic() + 30
-            while receiver.count() < 3:
-                assert time.monotonic() < deadline, "the first tries never came"
-                time.sleep(0.1)
-        server.stop(signal.SIGKILL)
+        try:  # killed in the end, as a crash would; also when a check fails
+            with httpx.Client(base_url=server.url, headers=headers, timeout=30) as client:
+                secret = client.get("/v1/dreamina/webhooks/secret").json()["secret"]
+                body = {"prompt": "a quick one", "model": "nano-banana", "ratio": "1:1", "count": 1}
+                jobids = [
+                    client.post(
+                        "/v1/dreamina/images", json={**body, "replyUrl": f"{receiver.url}/{n}"}
+                    ).json()["jobid"]
+                    for n in range(3)
+                ]
+                for jobid in jobids:
+                    wait_completed(client, jobid)
+                deadline = time.monotonic() + 30
+                while receiver.count() < 3:
+                    assert time.monotonic() < deadline, "the first tries never came"
+                    time.sleep(0.1)
+        finally:
+            server.stop(signal.SIGKILL)
         receiver.default = Answer(200)
 
         again = Server(data_dir, free_port(), database_url, allow)

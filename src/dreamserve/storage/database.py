@@ -38,6 +38,10 @@ Transaction = Callable[[Connection], T]
 
 
 class Database(Protocol):
+    # Whether other servers may run jobs of this database (PostgreSQL), so that a process does
+    # not see every job change made (SQLite: one server, and the CLI now and then).
+    shared: bool
+
     async def read(self, fn: Transaction[T]) -> T:
         """Run `fn` on a connection for reads; each statement sees the latest committed state."""
 
@@ -69,6 +73,7 @@ class SqliteDatabase:
     """One connection on the event loop thread; WAL, with checkpoints on a thread of their own."""
 
     CHECKPOINT_SECONDS = 1.0
+    shared = False
 
     def __init__(self, url: str) -> None:
         path = make_url(url).database
@@ -171,6 +176,7 @@ class PostgresDatabase:
     """A connection pool; each transaction runs on one of as many threads as connections."""
 
     POOL_SIZE = 10
+    shared = True
 
     def __init__(self, url: str) -> None:
         driver_url = make_url(url).set(drivername="postgresql+psycopg")

@@ -295,12 +295,12 @@ def unfinished_jobs_of(conn: Connection, user_id: int) -> list[Job]:
     return [_job(row) for row in conn.execute(query).mappings()]
 
 
-def expired_leases(conn: Connection, now: int) -> list[tuple[int, int]]:
-    """(id, attempt) of the running jobs whose runner stopped renewing its lease."""
-    query = select(jobs.c.id, jobs.c.attempts).where(
+def expired_leases(conn: Connection, now: int) -> list[tuple[int, int, str]]:
+    """(id, attempt, jobid) of the running jobs whose runner stopped renewing its lease."""
+    query = select(jobs.c.id, jobs.c.attempts, jobs.c.jobid).where(
         jobs.c.status == CREATED, jobs.c.lease_until < now
     )
-    return [(job_id, attempt) for job_id, attempt in conn.execute(query)]
+    return [(job_id, attempt, jobid) for job_id, attempt, jobid in conn.execute(query)]
 
 
 def requeue_job(conn: Connection, job_id: int, attempt: int, now: int, lease_until: int) -> bool:
