@@ -23,6 +23,7 @@ class Answer:
     body: bytes = b"ok"
     delay: float = 0.0
     location: str | None = None
+    trickle: float = 0.0  # seconds between the body's bytes, sent one at a time
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,13 @@ class Receiver:
                         self.send_header("location", answer.location)
                     self.send_header("content-length", str(len(answer.body)))
                     self.end_headers()
-                    self.wfile.write(answer.body)
+                    if answer.trickle:
+                        for byte in answer.body:
+                            self.wfile.write(bytes([byte]))
+                            self.wfile.flush()
+                            time.sleep(answer.trickle)
+                    else:
+                        self.wfile.write(answer.body)
                 except OSError:  # the deliverer gave up waiting and closed the connection
                     pass
 

@@ -35,6 +35,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("alembic").setLevel(logging.WARNING)  # it narrates every start
+    # httpx logs every request's URL at info: a replyUrl may hold a receiver's credentials.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         _run(settings, args)
     except DreamserveError as error:

@@ -37,7 +37,7 @@ from dreamserve.storage.blobs import BlobStore
 from dreamserve.storage.database import Database
 from dreamserve.storage.webhook_queries import PENDING, Delivery, Try
 from dreamserve.webhook_secrets import WebhookSecrets
-from dreamserve.webhooks import refusal, retry_delay, should_retry, signature
+from dreamserve.webhooks import TRIES, refusal, retry_delay, should_retry, signature
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,9 @@ class Deliverer:
             return 0
         now = millis(self.clock())
         hold = now + int((self.config.timeout + 20) * 1000)  # past the try, whatever happens
-        claimed = await self.db.write(lambda conn: webhook_queries.claim_due(conn, now, hold, room))
+        claimed = await self.db.write(
+            lambda conn: webhook_queries.claim_due(conn, now, hold, room, TRIES)
+        )
         self._backlog = len(claimed) == room
         for delivery in claimed:
             task = asyncio.create_task(self._deliver(delivery))
@@ -135,8 +137,15 @@ class Deliverer:
     async def _deliver(self, delivery: Delivery) -> None:
         try:
             await self._try(delivery)
-        except Exception:  # never lose the loop to one delivery; the claim expires and it retries
+        except Exception as failure:  # never lose the loop to one delivery
             log.exception("webhook delivery %s failed", delivery.message_id)
+            # Recorded as a failed try, so that the schedule goes on (and ends) as for any other.
+            error = f"Delivery failed in the server: {type(failure).__name__}"
+            attempt = Try(millis(self.clock()), None, error, 0)
+            try:
+                await self._record(delivery, attempt, refused=False)
+            except Exception:  # the database is away: the claim expires and the row is due again
+                log.exception("webhook delivery %s: try not recorded", delivery.message_id)
 
     async def _try(self, delivery: Delivery) -> None:
         def read(conn: Connection) -> Job | None:
@@ -156,37 +165,50 @@ class Deliverer:
         }
         started = time.monotonic()
         status_code: int | None = None
-        refused: str | None = None
+        answer = bytearray()
+        refused = False
         try:
-            async with self.client.stream(
-                "POST", delivery.url, content=body.encode(), headers=headers
-            ) as response:
+            # The whole try, answer included, within the timeout: httpx's own timeout bounds
+            # each read, and a receiver could trickle its answer for ever.
+            async with (
+                asyncio.timeout(self.config.timeout),
+                self.client.stream(
+                    "POST", delivery.url, content=body.encode(), headers=headers
+                ) as response,
+            ):
                 status_code = response.status_code
-                answer = await _read_some(response, self.config.max_response_bytes)
+                await _read_some(response, self.config.max_response_bytes, answer)
             error = None if 200 <= status_code < 300 else _answer_error(status_code, answer)
         except SSRFProtectionError as denied:
-            refused = _refused(denied)
-            error = refused
-        except httpx.TimeoutException:
-            error = f"No answer within {self.config.timeout:g} s"
+            refused, error = True, _refused(denied)
+        except (TimeoutError, httpx.TimeoutException):
+            late = f"No answer within {self.config.timeout:g} s"
+            if status_code is None:
+                error = late
+            elif 200 <= status_code < 300:
+                error = None  # a 2xx is a 2xx, however slowly its body comes
+            else:
+                error = f"{_answer_error(status_code, answer)} ({late.lower()} in full)"
         except httpx.HTTPError as failure:
             error = type(failure).__name__ + (f": {failure}" if str(failure) else "")
         duration = int((time.monotonic() - started) * 1000)
-        attempt = Try(millis(sent_at), status_code, error, duration)
-        status, next_at = self._next(delivery, status_code, refused, attempt)
+        attempt = Try(millis(sent_at), status_code, _printable(error), duration)
+        await self._record(delivery, attempt, refused=refused)
+
+    async def _record(self, delivery: Delivery, attempt: Try, *, refused: bool) -> None:
+        status, next_at = self._next(delivery, attempt, refused)
         await self.db.write(
             lambda conn: webhook_queries.record_try(
                 conn, delivery, attempt, status=status, next_at=next_at
             )
         )
 
-    def _next(
-        self, delivery: Delivery, status_code: int | None, refused: str | None, attempt: Try
-    ) -> tuple[str, int | None]:
-        if refused is not None:
+    def _next(self, delivery: Delivery, attempt: Try, refused: bool) -> tuple[str, int | None]:
+        if refused:
             return "refused", None
-        if status_code is not None and not should_retry(status_code):
-            return ("delivered" if status_code != 410 else "stopped"), None
+        code = attempt.status_code
+        if code is not None and not should_retry(code):
+            return ("stopped" if code == 410 else "delivered"), None
         delay = retry_delay(delivery.tries, self.rng)
         if delay is None:
             return "failed", None
@@ -205,16 +227,22 @@ def _refused(denied: SSRFProtectionError) -> str:
     return f"Refused: {denied.hostname} resolves to {address}, {reason}"
 
 
-async def _read_some(response: httpx.Response, limit: int) -> bytes:
-    """At most `limit` bytes of an answer; the rest is never read."""
-    data = b""
+async def _read_some(response: httpx.Response, limit: int, into: bytearray) -> None:
+    """At most `limit` bytes of an answer, into `into` as they come; the rest is never read."""
     async for chunk in response.aiter_raw():
-        data += chunk
-        if len(data) >= limit:
-            break
-    return data[:limit]
+        into += chunk[: limit - len(into)]
+        if len(into) >= limit:
+            return
 
 
-def _answer_error(status_code: int, answer: bytes) -> str:
-    text = answer.decode("utf-8", "replace").strip()
+def _answer_error(status_code: int, answer: bytes | bytearray) -> str:
+    text = bytes(answer).decode("utf-8", "replace").strip()
     return f"HTTP {status_code}" + (f": {text}" if text else "")
+
+
+def _printable(text: str | None) -> str | None:
+    """A receiver's words as the database can keep and a listing can show them: control
+    characters (NUL above all, which PostgreSQL refuses) become U+FFFD."""
+    if text is None:
+        return None
+    return "".join(ch if ch.isprintable() or ch in "\t\n" else "\ufffd" for ch in text)

@@ -75,8 +75,9 @@ class Reaper:
             if attempt < self.config.max_attempts:
                 if await self.db.write(
                     partial(
-                        queries.requeue_job,
+                        self._requeue,
                         job_id=job_id,
+                        jobid=jobid,
                         attempt=attempt,
                         now=now,
                         lease_until=lease,
@@ -113,6 +114,14 @@ class Reaper:
         keys_before = now - int(self.config.idempotency_seconds * 1000)
         await self.db.write(lambda conn: webhook_queries.forget_keys_before(conn, keys_before))
         return replace(sweep, deleted_files=await self._forget_old_jobs(now))
+
+    def _requeue(
+        self, conn: Connection, *, job_id: int, jobid: str, attempt: int, now: int, lease_until: int
+    ) -> bool:
+        requeued = queries.requeue_job(conn, job_id, attempt, now, lease_until)
+        if requeued:
+            self.events.announce(conn, [jobid], ended=False)
+        return requeued
 
     async def _forget_old_jobs(self, now: int) -> int:
         before = now - int(self.config.retention_days * 86_400_000)

@@ -205,7 +205,6 @@ class Service:
         """Validate, admit and dispatch an image job; its record, status `created`. With an
         Idempotency-Key used before (24 h) with the same fields: the job it made, unchanged."""
         submission = parse_image_submission(fields, self.catalogue)
-        await self._check_reply_url(submission.reply_url)
         width, height = submission.size
         spec = Spec(
             width=width,
@@ -236,7 +235,9 @@ class Service:
                 forecast_cost=submission.model.forecast_cost,
             )
 
-        return await self._submit(user_id, "image", fields, idempotency_key, admit)
+        return await self._submit(
+            user_id, "image", fields, idempotency_key, submission.reply_url, admit
+        )
 
     async def submit_upscale(
         self, user_id: int, fields: Mapping[str, Any], idempotency_key: str | None = None
@@ -244,7 +245,6 @@ class Service:
         """Validate an upscale of a completed image job's image, admit it on that job's account
         and dispatch it; its record, status `created`, type `upscale`."""
         submission = parse_upscale_submission(fields)
-        await self._check_reply_url(submission.reply_url)
         jobid = unquoted(submission.jobid)
 
         def admit(conn: Connection) -> Job:
@@ -298,7 +298,9 @@ class Service:
                 forecast_cost=0,
             )
 
-        return await self._submit(user_id, "upscale", fields, idempotency_key, admit)
+        return await self._submit(
+            user_id, "upscale", fields, idempotency_key, submission.reply_url, admit
+        )
 
     async def _submit(
         self,
@@ -306,43 +308,54 @@ class Service:
         kind: JobType,
         fields: Mapping[str, Any],
         idempotency_key: str | None,
+        reply_url: str | None,
         admit: Callable[[Connection], Job],
     ) -> Submitted:
-        """Run `admit` (slot and job in one transaction) and dispatch the job; or, for a key
-        already used, the job the key made (no slot, no job, no dispatch)."""
+        """Check the replyUrl's host, run `admit` (slot and job in one transaction) and
+        dispatch the job; or, for a key already used, the job the key made (no slot, no job,
+        no dispatch)."""
         if idempotency_key is None:
+            await self._check_reply_url(reply_url)
             job = await self._admitted(admit)
             await self.dispatcher.dispatch(job.id)
             return Submitted(record(job, self.blobs.link))
         if not _IDEMPOTENCY_KEY.fullmatch(idempotency_key):
             raise BadRequest("Header Idempotency-Key must be 1-255 printable ASCII characters")
+        key = idempotency_key
         fingerprint = _fingerprint(kind, fields)
         now = millis(self.clock())
         fresh_since = now - int(self.config.idempotency_seconds * 1000)
 
+        def made_by_key(conn: Connection) -> Job | None:
+            used = webhook_queries.key_use(conn, user_id, key)
+            if used is None or used.created_at < fresh_since:
+                return None
+            if used.fingerprint != fingerprint:
+                raise IdempotencyConflict(key)
+            return queries.job_by_id(conn, used.job_id)  # the key goes with its job
+
+        # A replay needs no slot and no DNS: a retry during a resolver outage gets its job.
+        made = await self.db.read(made_by_key)
+        if made is not None:
+            return Submitted(record(made, self.blobs.link), replayed=True)
+        await self._check_reply_url(reply_url)
+
         def admit_once(conn: Connection) -> tuple[Job, bool]:
-            used = webhook_queries.key_use(conn, user_id, idempotency_key)
-            if used is not None and used.created_at >= fresh_since:
-                if used.fingerprint != fingerprint:
-                    raise IdempotencyConflict(idempotency_key)
-                made = queries.job_by_id(conn, used.job_id)
-                assert made is not None  # the key goes with its job
+            # One request per key at a time (PostgreSQL): a duplicate waits here for the first
+            # to commit and then finds its job, instead of competing for the last free slot.
+            webhook_queries.lock_key(conn, user_id, key)
+            made = made_by_key(conn)
+            if made is not None:
                 return made, True
             job = admit(conn)
             webhook_queries.remember_key(
-                conn,
-                user_id,
-                idempotency_key,
-                fingerprint,
-                job.id,
-                now=now,
-                stale_before=fresh_since,
+                conn, user_id, key, fingerprint, job.id, now=now, stale_before=fresh_since
             )
             return job, False
 
         try:
             job, replayed = await self.db.write(admit_once)
-        except IntegrityError:  # the same key (or jobid) at once elsewhere: that one stands
+        except IntegrityError:  # the same jobid made at once elsewhere: a new serial differs
             job, replayed = await self.db.write(admit_once)
         if not replayed:
             await self.dispatcher.dispatch(job.id)
@@ -787,6 +800,7 @@ class Service:
             abandoned = queries.fail_exhausted_jobs(
                 conn, self.config.max_attempts, "Server stopped while the job was running", now
             )
+            self.events.announce(conn, abandoned, ended=True)  # waiters on other servers
             account_queries.recount_slots(conn)
             return abandoned, queries.release_unfinished_jobs(conn, now + self._lease_ms)
 

@@ -21,7 +21,7 @@ from standardwebhooks import Webhook
 # The whole retry schedule, in one place: the delay before each try after the first, in
 # seconds. Each is stretched or shrunk by up to JITTER, so that receivers coming back from an
 # outage are not hit by every delivery at once. Even with every delay shrunk, the last try
-# comes more than 24 hours after the first (tests/unit/test_webhooks.py checks it).
+# comes more than 24 hours after the first (tests/unit/test_webhook_rules.py checks it).
 RETRY_DELAYS: tuple[int, ...] = (
     5,
     60,
@@ -58,15 +58,23 @@ _METADATA = {
     ip_address("fd00:ec2::254"),  # AWS over IPv6
     ip_address("100.100.100.200"),  # Alibaba Cloud
 }
-_NAT64 = IPv6Network("64:ff9b::/96")
+_NAT64 = IPv6Network("64:ff9b::/96")  # IPv4 in the last 32 bits (RFC 6052)
+_NAT64_LOCAL = IPv6Network("64:ff9b:1::/48")  # local-use translation, any layout (RFC 8215)
+_COMPATIBLE = IPv6Network("::/96")  # deprecated IPv4-compatible addresses
+_TRANSLATED = IPv6Network("::ffff:0:0:0/96")  # IPv4-translated (SIIT)
 
 
 def refusal(address: IPv4Address | IPv6Address | str) -> str | None:
     """Why a webhook may not go to `address` ("a loopback address", ...), or None."""
     ip = ip_address(address) if isinstance(address, str) else address
     if isinstance(ip, IPv6Address):
+        if ip in _NAT64_LOCAL:
+            return "not a public address"
+        if ip.is_site_local:
+            return "a private address"
         embedded = ip.ipv4_mapped or ip.sixtofour
-        if embedded is None and ip in _NAT64:
+        wraps_ipv4 = ip in _NAT64 or ip in _TRANSLATED
+        if embedded is None and (wraps_ipv4 or (ip in _COMPATIBLE and int(ip) > 1)):
             embedded = IPv4Address(ip.packed[-4:])
         if embedded is not None and (reason := refusal(embedded)) is not None:
             return reason
@@ -107,7 +115,7 @@ async def check_reply_url(url: str, resolver: Resolver = resolve) -> None:
     port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
         addresses = await resolver(host, port)
-    except OSError:
+    except (OSError, UnicodeError, ValueError):  # unknown, or no valid name (empty labels)
         addresses = []
     if not addresses:
         raise ReplyUrlRefused(f"host {host} does not resolve")

@@ -7,8 +7,9 @@ import asyncio
 import httpx
 import pytest
 from sqlalchemy import func, select
-from support import SMALL, FakeClock, Harness, open_harness
+from support import SMALL, FakeClock, GatedEngine, Harness, open_harness, public_dns
 
+from dreamserve.engines.registry import BUILTIN
 from dreamserve.settings import Settings
 from dreamserve.storage.tables import jobs
 
@@ -152,3 +153,37 @@ async def test_upscale_is_idempotent_too(harness: Harness) -> None:
     image = await post(harness, SMALL, "up-1")
     assert image.status_code == 422
     await harness.wait(first.json()["jobid"])
+
+
+async def test_concurrent_duplicates_for_the_last_free_slot_all_get_the_job(
+    harness: Harness,
+) -> None:
+    """A duplicate must not compete with its original for a slot: with one slot left, every
+    copy gets the one job, none a 429 (on PostgreSQL the key is locked first)."""
+    body = {**SMALL, "maxJobs": 1}
+    replies = await asyncio.gather(*[post(harness, body, "last-slot") for _ in range(20)])
+    assert [reply.status_code for reply in replies] == [200] * 20
+    assert len({reply.json()["jobid"] for reply in replies}) == 1
+    await harness.wait(replies[0].json()["jobid"])
+
+
+async def test_a_replay_needs_no_dns(settings: Settings) -> None:
+    """The replyUrl's host is looked up for a new job only: a retried submit gets its job
+    even while the resolver is down."""
+    gated = GatedEngine()  # the job never ends here: nothing is sent to the public address
+    async with open_harness(settings, engines={**BUILTIN, "procedural": gated.factory}) as harness:
+        harness.service.resolver = public_dns
+        body = {**SMALL, "replyUrl": "https://hooks.example/dreamina"}
+        first = await post(harness, body, "dns")
+        assert first.status_code == 200
+
+        async def down(host: str, port: int) -> list[str]:
+            raise OSError("Temporary failure in name resolution")
+
+        harness.service.resolver = down
+        again = await post(harness, body, "dns")
+        assert again.status_code == 200
+        assert again.json()["jobid"] == first.json()["jobid"]
+        fresh = await post(harness, body, "dns-2")
+        assert fresh.status_code == 400
+        assert "host hooks.example does not resolve" in fresh.json()["error"]

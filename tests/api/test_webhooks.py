@@ -401,13 +401,23 @@ async def test_upscale_reply_urls_are_checked_too(harness: Harness) -> None:
     assert "10.0.0.1 is a private address" in reply.json()["error"]
 
 
-async def test_the_address_is_checked_again_at_delivery(private: Settings) -> None:
+@pytest.mark.parametrize(
+    ("host", "error"),
+    [
+        ("127.0.0.1", "Refused: 127.0.0.1 is a loopback address"),
+        ("localhost", "Refused: localhost resolves to 127.0.0.1, a loopback address"),
+    ],
+)
+async def test_the_address_is_checked_again_at_delivery(
+    private: Settings, host: str, error: str
+) -> None:
     """A replyUrl accepted at submit (here: while the operator allowed private addresses) is
-    refused when the delivery finds it private: as after a DNS change."""
+    refused when the delivery finds it private, after resolving it: as after a DNS change."""
     with receiving() as receiver:
         receiver.default = Answer(503)
+        url = receiver.url.replace("127.0.0.1", host)
         async with open_harness(private) as harness:
-            jobid = await submit(harness, receiver.url)
+            jobid = await submit(harness, url)
             await harness.wait(jobid)
             await settled(harness, jobid, 1)
         guarded = replace_settings(private, webhook_allow_private=False)
@@ -418,9 +428,7 @@ async def test_the_address_is_checked_again_at_delivery(private: Settings) -> No
             harness.service.webhooks.deliverer.wake()
             delivery = await settled(harness, jobid, 2)
             assert delivery["status"] == "refused"
-            assert delivery["tries"][1]["error"] == (  # type: ignore[index]
-                "Refused: 127.0.0.1 is a loopback address"
-            )
+            assert delivery["tries"][1]["error"] == error  # type: ignore[index]
             assert delivery["tries"][1]["statusCode"] is None  # type: ignore[index]
         assert receiver.count() == 1
 
@@ -483,3 +491,98 @@ async def test_a_redelivery_during_a_try_sends_again(private: Settings) -> None:
             delivery = await settled(harness, jobid, 2)
             assert delivery["status"] == "delivered"
             assert receiver.count() == 2
+
+
+async def test_a_trickling_answer_is_bounded_by_the_timeout_and_sent_once(hooks: Harness) -> None:
+    """httpx's timeout bounds each read; the try as a whole is bounded too, so a receiver
+    sending its answer a byte at a time neither holds a place for ever nor gets a second
+    copy when the claim runs out."""
+    with receiving() as receiver:
+        receiver.plan = [Answer(503, b"x" * 20, trickle=0.25)]  # 5 s of answer, 1 s timeout
+        jobid = await submit(hooks, receiver.url)
+        await hooks.wait(jobid)
+        delivery = await settled(hooks, jobid, 1)
+        [attempt] = delivery["tries"]  # type: ignore[misc]
+        assert attempt["statusCode"] == 503
+        assert str(attempt["error"]).startswith("HTTP 503: x")
+        assert str(attempt["error"]).endswith(" (no answer within 1 s in full)")
+        assert attempt["durationMs"] < 2500
+        assert delivery["status"] == "pending"
+        await asyncio.sleep(1.5)
+        assert receiver.count() == 1
+
+
+async def test_a_slow_body_after_a_2xx_is_delivered(hooks: Harness) -> None:
+    with receiving(Answer(200, b"thanks!", trickle=0.4)) as receiver:
+        jobid = await submit(hooks, receiver.url)
+        await hooks.wait(jobid)
+        delivery = await settled(hooks, jobid, 1)
+        assert delivery["status"] == "delivered"
+        assert receiver.count() == 1
+
+
+async def test_an_answer_the_database_cannot_keep_is_recorded_cleaned(hooks: Harness) -> None:
+    with receiving(Answer(500, b"bad\x00answer\x07")) as receiver:
+        jobid = await submit(hooks, receiver.url)
+        await hooks.wait(jobid)
+        delivery = await settled(hooks, jobid, 1)
+        assert delivery["tries"][0]["error"] == "HTTP 500: bad\ufffdanswer\ufffd"  # type: ignore[index]
+        assert delivery["status"] == "pending"
+        assert receiver.count() == 1
+
+
+async def test_a_try_that_fails_in_the_server_is_recorded_and_retried(
+    hooks: Harness, clock: FakeClock
+) -> None:
+    deliverer = hooks.service.webhooks.deliverer
+    signing_keys = deliverer.secrets.signing_keys
+
+    async def broken(user_id: int) -> list[str]:
+        raise RuntimeError("the secrets are away")
+
+    deliverer.secrets.signing_keys = broken  # type: ignore[method-assign]
+    with receiving() as receiver:
+        jobid = await submit(hooks, receiver.url)
+        await hooks.wait(jobid)
+        delivery = await settled(hooks, jobid, 1)
+        assert delivery["status"] == "pending"
+        assert delivery["tries"][0]["error"] == (  # type: ignore[index]
+            "Delivery failed in the server: RuntimeError"
+        )
+        deliverer.secrets.signing_keys = signing_keys  # type: ignore[method-assign]
+        clock.advance(RETRY_DELAYS[0] * (1 + JITTER) + 1)
+        deliverer.wake()
+        delivery = await settled(hooks, jobid, 2)
+        assert delivery["status"] == "delivered"
+        assert receiver.count() == 1
+
+
+async def test_a_delivery_whose_tries_all_died_unrecorded_is_given_up(hooks: Harness) -> None:
+    with receiving() as receiver:
+        jobid = await submit(hooks, receiver.url)
+        await hooks.wait(jobid)
+        await settled(hooks, jobid, 1)
+        # As after TRIES crashes mid-try: every try claimed, the last one never recorded.
+        await hooks.execute(
+            webhook_deliveries.update().values(status="pending", tries=TRIES, next_at=0)
+        )
+        await hooks.service.webhooks.deliverer.deliver_due()
+        [delivery] = await deliveries(hooks, jobid)
+        assert delivery["status"] == "failed"
+        assert receiver.count() == 1
+
+
+async def test_a_replayed_submit_sends_no_second_webhook(hooks: Harness) -> None:
+    with receiving() as receiver:
+        body = {**SMALL, "replyUrl": receiver.url}
+        headers = {**hooks.auth, "Idempotency-Key": "once"}
+        first = await hooks.client.post("/v1/dreamina/images", json=body, headers=headers)
+        jobid = first.json()["jobid"]
+        await hooks.wait(jobid)
+        await settled(hooks, jobid, 1)
+        again = await hooks.client.post("/v1/dreamina/images", json=body, headers=headers)
+        assert again.headers["idempotent-replayed"] == "true"
+        await hooks.service.webhooks.deliverer.deliver_due()
+        await hooks.service.webhooks.deliverer.drain()
+        assert len(await deliveries(hooks, jobid)) == 1
+        assert receiver.count() == 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import re
 import sqlite3
 from pathlib import Path
@@ -340,3 +341,9 @@ def test_tokens_create_on_an_empty_data_dir_is_the_first_start(data_dir: Path, c
     listed = accounts(capsys, "list")
     assert list(listed) == ["LOCAL:procedural"]
     assert capsys.readouterr().err == ""  # no second first start (and no second token)
+
+
+def test_request_urls_stay_out_of_the_log(data_dir: Path) -> None:
+    """httpx logs each request's URL at info; a replyUrl may carry a receiver's credentials."""
+    assert main(["migrate"]) == 0
+    assert logging.getLogger("httpx").getEffectiveLevel() == logging.WARNING

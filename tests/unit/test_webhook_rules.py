@@ -106,6 +106,11 @@ def test_which_answers_are_retried(status: int, retry: bool) -> None:
         ("0.0.0.0", "a private address"),
         ("100.64.0.1", "not a public address"),
         ("2001:db8::1", "a private address"),
+        ("::7f00:1", "a loopback address"),
+        ("::169.254.169.254", "a cloud metadata address"),
+        ("::ffff:0:7f00:1", "a loopback address"),
+        ("64:ff9b:1::a00:1", "not a public address"),
+        ("fec0::1", "a private address"),
         ("8.8.8.8", None),
         ("93.184.216.34", None),
         ("2606:4700:4700::1111", None),
@@ -140,6 +145,8 @@ def resolver_of(table: dict[str, list[str]]):  # type: ignore[no-untyped-def]
         ("https://split.example/x", "split.example resolves to 10.9.9.9, a private address"),
         ("https://nowhere.example/x", "host nowhere.example does not resolve"),
         ("https://empty.example/x", "host empty.example does not resolve"),
+        ("https://a..b/x", "host a..b does not resolve"),
+        ("https://" + "x" * 64 + ".example/x", f"host {'x' * 64}.example does not resolve"),
     ],
 )
 async def test_reply_urls_refused_at_submit(url: str, message: str) -> None:
@@ -172,6 +179,9 @@ async def test_the_default_resolver_resolves_literal_addresses_without_dns() -> 
         await check_reply_url("http://127.0.0.1/hook")
     with pytest.raises(ReplyUrlRefused, match=r"^localhost resolves to .*a loopback address$"):
         await check_reply_url("http://localhost:9/hook")
+    for bad in ("http://a..b/", "http://.example.com/", "http://" + "y" * 64 + ".com/"):
+        with pytest.raises(ReplyUrlRefused, match=r"does not resolve$"):  # the codec's error
+            await check_reply_url(bad)
 
 
 def test_signatures_verify_with_standardwebhooks_by_either_key() -> None:

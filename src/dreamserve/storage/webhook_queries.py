@@ -8,11 +8,12 @@ pushes `next_at` past the try's timeout: a node that dies mid-try leaves the row
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, delete, insert, select, update
+from sqlalchemy import Connection, delete, insert, select, text, update
 
 from dreamserve.storage.tables import (
     idempotency_keys,
@@ -73,9 +74,19 @@ def _insert_delivery(
     )
 
 
-def claim_due(conn: Connection, now: int, until: int, limit: int) -> list[Delivery]:
+def claim_due(conn: Connection, now: int, until: int, limit: int, max_tries: int) -> list[Delivery]:
     """Take up to `limit` pending deliveries due at `now`, each counted one more try and held
-    until `until` (another deliverer skips them meanwhile)."""
+    until `until` (another deliverer skips them meanwhile). A delivery due again after
+    `max_tries` claims (its last tries died before they were recorded) is failed instead."""
+    conn.execute(
+        update(webhook_deliveries)
+        .where(
+            webhook_deliveries.c.status == PENDING,
+            webhook_deliveries.c.next_at <= now,
+            webhook_deliveries.c.tries >= max_tries,
+        )
+        .values(status="failed", next_at=None, updated_at=now)
+    )
     due = conn.execute(
         select(webhook_deliveries.c.id)
         .where(webhook_deliveries.c.status == PENDING, webhook_deliveries.c.next_at <= now)
@@ -242,6 +253,17 @@ class KeyUse:
     fingerprint: str
     job_id: int
     created_at: int
+
+
+_LOCK = text("SELECT pg_advisory_xact_lock(:lock)")
+
+
+def lock_key(conn: Connection, user_id: int, key: str) -> None:
+    """Hold a user's key until the transaction ends, so that requests with the same key run
+    one after the other (PostgreSQL; SQLite runs every write transaction alone anyway)."""
+    if conn.dialect.name == "postgresql":
+        digest = hashlib.sha256(f"idempotency:{user_id}:{key}".encode()).digest()
+        conn.execute(_LOCK, {"lock": int.from_bytes(digest[:8], "big", signed=True)})
 
 
 def key_use(conn: Connection, user_id: int, key: str) -> KeyUse | None:
