@@ -17,6 +17,7 @@ from support import (
     wait_started,
 )
 
+from dreamserve.dispatch.inprocess import InProcessDispatcher
 from dreamserve.engines.procedural import ProceduralEngine
 from dreamserve.errors import Cancelled
 from dreamserve.settings import Settings
@@ -100,13 +101,34 @@ async def test_cancel_accepts_the_jobid_percent_encoded(running) -> None:
     assert (await harness.call("DELETE", f"/scheduler/{encoded}")).status_code == 200
 
 
+class HeldDispatcher(InProcessDispatcher):
+    """Hands jobs to the runner only once the test opens the gate."""
+
+    gate = asyncio.Event()
+
+    async def dispatch(self, job_id: int) -> None:
+        async def later() -> None:
+            await self.gate.wait()
+            await InProcessDispatcher.dispatch(self, job_id)
+
+        task = asyncio.create_task(later())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
 async def test_a_job_not_started_yet_is_cancelled_before_it_runs(settings: Settings) -> None:
     engine = CancellableEngine()
-    async with open_harness(settings, engines={"procedural": engine.factory}) as harness:
+    HeldDispatcher.gate = asyncio.Event()
+    async with open_harness(
+        settings, engines={"procedural": engine.factory}, dispatcher=HeldDispatcher
+    ) as harness:
         jobid = (await harness.post(SMALL)).json()["jobid"]
-        reply = await harness.call("DELETE", f"/scheduler/{jobid}")  # in the same loop turn
+        reply = await harness.call("DELETE", f"/scheduler/{jobid}")  # before any runner has it
         assert reply.json()["error"] == "Cancelled by user"
+        HeldDispatcher.gate.set()  # the runner gets the job now, and must not run it
+        await eventually(lambda: harness.service.dispatcher.running == 0)  # claim refused
         assert engine.started == 0
+        assert (await harness.get(jobid)).json()["error"] == "Cancelled by user"
 
 
 async def test_cancelling_an_ended_job_is_404(harness: Harness) -> None:
