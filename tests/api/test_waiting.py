@@ -229,7 +229,10 @@ async def test_polling_an_unfinished_job_reads_it_once_per_change(
     counter = ReadCounter(held)
     for _ in range(20):
         assert (await held.get(jobid)).json() == first
-    assert counter.reads == (0 if database_url is None else 20)
+    if database_url is None:
+        assert counter.reads <= 1  # none, or one if a slow machine let the second run out
+    else:
+        assert counter.reads == 20
     cancelled = await held.call("DELETE", f"/scheduler/{jobid}")
     assert cancelled.status_code == 200
     after = (await held.get(jobid)).json()  # the change dropped the kept record at once
