@@ -21,12 +21,14 @@ from dreamserve.admission import Admission
 from dreamserve.api import accounts, assets, files, images, models, scheduler, webhooks
 from dreamserve.api.deps import BEARER_SCHEME
 from dreamserve.api.errors import install_error_handlers
-from dreamserve.catalogue import Catalogue, default_catalogue
+from dreamserve.catalogue import Catalogue
+from dreamserve.config import ConfigError, OperatorConfig, load_config
 from dreamserve.delivery import Deliverer, DeliveryConfig
 from dreamserve.dispatch.base import Dispatcher, Runner
 from dreamserve.dispatch.inprocess import InProcessDispatcher
 from dreamserve.engines.base import EngineContext
 from dreamserve.engines.registry import BUILTIN, EngineRegistry, EngineSource
+from dreamserve.errors import DreamserveError
 from dreamserve.events import JobEvents, PostgresFeed
 from dreamserve.ids import IdFactory
 from dreamserve.links import LinkSigner
@@ -111,7 +113,8 @@ async def open_service(
     service = Service(
         db=db,
         blobs=blobs,
-        catalogue=catalogue or default_catalogue(),
+        # The built-in catalogue, with the models of the operator's configuration file.
+        catalogue=catalogue or load_config(settings.config).catalogue,
         admission=admission,
         dispatcher=dispatch,
         ids=ids,
@@ -181,6 +184,17 @@ def create_app(
         app.include_router(router, prefix=API_PREFIX)
     app.openapi = partial(_openapi, app)  # type: ignore[method-assign]
     return app
+
+
+async def apply_config(service: Service, config: OperatorConfig) -> None:
+    """Save the accounts of the operator's configuration file (an upsert: the same file gives
+    the same accounts at every start). A bad account stops the start, naming it."""
+    for configured in config.accounts:
+        try:
+            await service.put_account(configured.user, configured.fields)
+        except DreamserveError as error:
+            name = configured.fields.get("account") or configured.fields.get("email") or "?"
+            raise ConfigError(f"account {name}: {error.message}") from None
 
 
 @asynccontextmanager

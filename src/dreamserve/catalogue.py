@@ -121,8 +121,13 @@ class Catalogue:
 
 def default_catalogue() -> Catalogue:
     """The catalogue of the contract (`catalogue.toml` in this package)."""
+    return parse_catalogue(builtin_catalogue_data())
+
+
+def builtin_catalogue_data() -> dict[str, Any]:
+    """`catalogue.toml` of this package, as TOML data (config.py adds the operator's rows)."""
     text = resources.files("dreamserve").joinpath("catalogue.toml").read_text("utf-8")
-    return parse_catalogue(tomllib.loads(text))
+    return tomllib.loads(text)
 
 
 def parse_catalogue(data: Mapping[str, Any]) -> Catalogue:

@@ -15,7 +15,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from dreamserve.app import API_PREFIX, create_app, open_service
+from dreamserve.app import API_PREFIX, apply_config, create_app, open_service
+from dreamserve.config import ConfigError, load_config
 from dreamserve.errors import DreamserveError
 from dreamserve.service import AnotherRunner
 from dreamserve.settings import Settings
@@ -42,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DreamserveError as error:
         print(f"dreamserve: {error.message}", file=sys.stderr)
         return 1
-    except AnotherRunner as error:
+    except (AnotherRunner, ConfigError) as error:
         print(f"dreamserve: {error}", file=sys.stderr)
         return 1
     return 0
@@ -173,10 +174,15 @@ async def _migrate(settings: Settings) -> None:
 
 
 async def _bootstrap(settings: Settings) -> str | None:
-    async with open_service(settings) as service:
+    """The first start's token (None on later starts), and the accounts of the operator's
+    configuration file saved; errors here stop `serve` before uvicorn starts."""
+    config = load_config(settings.config)
+    async with open_service(settings, catalogue=config.catalogue) as service:
         if not await service.db.lock_runner():  # say so before uvicorn starts
             raise AnotherRunner
-        return await service.bootstrap()
+        token = await service.bootstrap()
+        await apply_config(service, config)
+        return token
 
 
 async def _create_token(settings: Settings, user_id: int | None) -> tuple[int, str]:

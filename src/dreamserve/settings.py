@@ -25,6 +25,7 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     data_dir: Path = Path("./data")
     public_url: str | None = None
+    config: Path | None = None  # the operator's TOML file: models and accounts (config.py)
     database_url: str | None = None
     link_ttl_seconds: int = Field(default=86_400, ge=1)
     retry_after_seconds: int = Field(default=5, ge=1)

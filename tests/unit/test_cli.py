@@ -347,3 +347,86 @@ def test_request_urls_stay_out_of_the_log(data_dir: Path) -> None:
     """httpx logs each request's URL at info; a replyUrl may carry a receiver's credentials."""
     assert main(["migrate"]) == 0
     assert logging.getLogger("httpx").getEffectiveLevel() == logging.WARNING
+
+
+CONFIG = """
+[sizes.sdxl.1k]
+"1:1" = "1024x1024"
+"16:9" = "1344x768"
+
+[[models]]
+name = "sdxl-turbo"
+resolutions = ["1k"]
+sizes = "sdxl"
+max_refs = 1
+
+[[accounts]]
+account = "LOCAL:gpu0"
+engine = "procedural"
+maxJobs = 2
+models = ["sdxl-turbo"]
+"""
+
+
+def test_serve_applies_the_config_file_at_every_start(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    path = tmp_path / "dreamserve.toml"
+    path.write_text(CONFIG)
+    monkeypatch.setenv("DREAMSERVE_CONFIG", str(path))
+    settings = Settings()
+    assert asyncio.run(cli._bootstrap(settings)) is not None  # the first start
+    assert asyncio.run(cli._bootstrap(settings)) is None  # a later one: the same accounts
+    assert main(["accounts", "list", "--shared"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert sorted(listed) == ["LOCAL:gpu0", "LOCAL:procedural"]
+    assert listed["LOCAL:gpu0"]["models"] == {"image": ["sdxl-turbo"]}
+    assert listed["LOCAL:gpu0"]["maxJobs"] == 2
+
+    async def generate() -> dict[str, Any]:
+        async with open_service(settings) as service:
+            assert "sdxl-turbo" in [model["model"] for model in service.models()]
+            body = {
+                "prompt": "a turbo",
+                "model": "sdxl-turbo",
+                "ratio": "16:9",
+                "account": "LOCAL:gpu0",
+            }
+            submitted = await service.submit_image(1, {**body, "count": 1})
+            for _ in range(600):
+                record = await service.get_job(1, submitted["jobid"])
+                if record["status"] != "created":
+                    return dict(record)
+                await asyncio.sleep(0.05)
+            raise AssertionError("the job did not end")
+
+    record = asyncio.run(generate())
+    assert record["status"] == "completed"
+    [image] = record["response"]["images"]
+    assert (image["width"], image["height"]) == (1344, 768)
+    assert image["assetId"].startswith("LOCAL:gpu0:")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[oops", "not valid TOML"),
+        (
+            '[[accounts]]\naccount = "LOCAL:bad"\nengine = "nope"',
+            "dreamserve: account LOCAL:bad: Parameter engine (nope) valid values: procedural",
+        ),
+    ],
+)
+def test_serve_stops_at_once_on_a_bad_config_file(
+    data_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys,
+    text: str,
+    message: str,
+) -> None:
+    path = tmp_path / "dreamserve.toml"
+    path.write_text(text)
+    monkeypatch.setenv("DREAMSERVE_CONFIG", str(path))
+    assert main(["serve"]) == 1
+    assert message in capsys.readouterr().err
