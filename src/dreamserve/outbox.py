@@ -50,7 +50,8 @@ class Webhooks:
     async def redeliver(self, user_id: int, jobid: str) -> dict[str, Any]:
         """Send an ended job's record to its replyUrl again, now; its deliveries."""
         jobid = unquoted(jobid)
-        await self._job_id(user_id, jobid)
+        if parse_jobid(jobid) is None:  # no query for what cannot be a job id
+            raise JobNotFound(jobid)
         now = millis(self.clock())
 
         def redeliver(conn: Connection) -> int:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -17,7 +18,7 @@ from dreamserve.api.schemas import (
     JobRecord,
     WebhookDeliveries,
 )
-from dreamserve.service import Record, Submitted
+from dreamserve.service import Record, Service, Submitted
 
 router = APIRouter(tags=["images"])
 
@@ -52,10 +53,7 @@ WAIT_PARAMETER = {
 async def create_image_job(request: Request) -> Response:
     """Validate the request, take a slot on an account and start the job; replies at once with
     the job record, status `created`. JSON, multipart/form-data or form-urlencoded."""
-    service, user = await authenticate(request)
-    fields = await read_fields(request, request.app.state.max_body_bytes)
-    key = request.headers.get("idempotency-key")
-    return _submitted(await service.submit_image(user, fields, key))
+    return await _submit(request, Service.submit_image)
 
 
 @router.post(
@@ -72,10 +70,7 @@ async def create_image_job(request: Request) -> Response:
 async def create_upscale_job(request: Request) -> Response:
     """One image of a completed image job, upscaled to `upscaleResolution` on that job's
     account; replies at once with the job record, type `upscale`, status `created`."""
-    service, user = await authenticate(request)
-    fields = await read_fields(request, request.app.state.max_body_bytes)
-    key = request.headers.get("idempotency-key")
-    return _submitted(await service.submit_upscale(user, fields, key))
+    return await _submit(request, Service.submit_upscale)
 
 
 @router.get(
@@ -160,7 +155,14 @@ async def redeliver_webhook(request: Request) -> JSONResponse:
     return JSONResponse(await service.webhooks.redeliver(user, request.path_params["jobid"]))
 
 
-def _submitted(submitted: Submitted) -> Response:
+async def _submit(
+    request: Request,
+    submit: Callable[[Service, int, dict[str, Any], str | None], Awaitable[Submitted]],
+) -> Response:
+    """The body and Idempotency-Key of a POST, submitted as the user of its token."""
+    service, user = await authenticate(request)
+    fields = await read_fields(request, request.app.state.max_body_bytes)
+    submitted = await submit(service, user, fields, request.headers.get("idempotency-key"))
     response = _json(submitted.json)
     if submitted.replayed:
         response.headers["idempotent-replayed"] = "true"

@@ -274,17 +274,8 @@ def cancel_account_jobs(
 ) -> list[tuple[int, str]]:
     """End every unfinished job of an account as failed (its slots go with the account) and
     queue their webhooks; their ids and jobids, for the runners and waiters to be told."""
-    result = conn.execute(
-        update(jobs)
-        .where(jobs.c.account_id == account_id, jobs.c.status == CREATED)
-        .values(**_ended(Status.FAILED.value, error, details, now))
-        .returning(jobs.c.id, jobs.c.jobid, jobs.c.user_id, jobs.c.request)
-    )
-    ended = []
-    for job_id, jobid, user_id, request in result.all():
-        webhook_queries.queue(conn, job_id, user_id, request, now)
-        ended.append((job_id, jobid))
-    return ended
+    condition = (jobs.c.account_id == account_id, jobs.c.status == CREATED)
+    return _fail_all(conn, condition, error, details, now)
 
 
 def unfinished_jobs_of(conn: Connection, user_id: int) -> list[Job]:
@@ -342,17 +333,26 @@ def job_by_id(conn: Connection, job_id: int) -> Job | None:
 def fail_exhausted_jobs(conn: Connection, max_attempts: int, error: str, now: int) -> list[str]:
     """Fail the unfinished jobs that were started `max_attempts` times already (queueing their
     webhooks); their jobids."""
+    condition = (jobs.c.status == CREATED, jobs.c.attempts >= max_attempts)
+    return [jobid for _, jobid in _fail_all(conn, condition, error, None, now)]
+
+
+def _fail_all(
+    conn: Connection, condition: tuple[Any, ...], error: str, details: str | None, now: int
+) -> list[tuple[int, str]]:
+    """End every job matching `condition` as failed and queue their webhooks, as finish_job
+    does for one; their ids and jobids."""
     result = conn.execute(
         update(jobs)
-        .where(jobs.c.status == CREATED, jobs.c.attempts >= max_attempts)
-        .values(**_ended(Status.FAILED.value, error, None, now))
+        .where(*condition)
+        .values(**_ended(Status.FAILED.value, error, details, now))
         .returning(jobs.c.id, jobs.c.jobid, jobs.c.user_id, jobs.c.request)
     )
-    jobids = []
+    ended = []
     for job_id, jobid, user_id, request in result.all():
         webhook_queries.queue(conn, job_id, user_id, request, now)
-        jobids.append(jobid)
-    return jobids
+        ended.append((job_id, jobid))
+    return ended
 
 
 def release_unfinished_jobs(conn: Connection, lease_until: int) -> list[int]:
