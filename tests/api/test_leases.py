@@ -25,7 +25,7 @@ from dreamserve.jobs import Status, millis
 from dreamserve.reaper import RUNNER_LOST, Reaper, ReaperConfig
 from dreamserve.settings import Settings
 from dreamserve.storage import queries
-from dreamserve.storage.tables import assets
+from dreamserve.storage.tables import assets, idempotency_keys
 
 pytestmark = pytest.mark.anyio
 
@@ -202,3 +202,21 @@ async def test_the_servers_reaper_runs_again_a_job_whose_runner_died(settings: S
         assert job is not None
         assert job.attempts == 2
         assert await harness.slots() == {"LOCAL:procedural": 0}
+
+
+async def test_the_reaper_deletes_idempotency_keys_after_a_day(settings: Settings) -> None:
+    clock = FakeClock()
+    async with open_harness(settings, clock=clock) as harness:
+        headers = {**harness.auth, "Idempotency-Key": "old-key"}
+        reply = await harness.client.post("/v1/dreamina/images", json=SMALL, headers=headers)
+        await harness.wait(reply.json()["jobid"])
+
+        def keys(conn: Connection) -> int:
+            return int(conn.execute(select(func.count()).select_from(idempotency_keys)).scalar())
+
+        clock.advance(86_400 - 60)
+        await reaper(harness, clock).sweep()
+        assert await harness.service.db.read(keys) == 1  # a day not yet over: kept
+        clock.advance(120)
+        await reaper(harness, clock).sweep()
+        assert await harness.service.db.read(keys) == 0
