@@ -15,7 +15,13 @@ from sqlalchemy import Connection
 from dreamserve.catalogue import Model
 from dreamserve.engines.base import Engine
 from dreamserve.engines.registry import EngineRegistry
-from dreamserve.errors import AccountNotFound, AtCapacity, BadRequest, NoAccountForModel
+from dreamserve.errors import (
+    AccountNotFound,
+    AtCapacity,
+    BadRequest,
+    EngineUnavailable,
+    NoAccountForModel,
+)
 from dreamserve.storage import account_queries
 from dreamserve.storage.account_queries import Account
 
@@ -85,8 +91,9 @@ class Admission:
                 sealed=account.sealed,
                 account_id=account.id,
                 version=account.version,
+                shared=account.is_shared,
             )
-        except ValueError:
+        except (ValueError, EngineUnavailable):
             log.exception("account %s cannot be used", account.name)
             return None
 

@@ -43,6 +43,16 @@ class NoAccountForModel(BadRequest):
         super().__init__(f"No account serves model {model}")
 
 
+class EngineUnavailable(BadRequest):
+    """An engine whose optional dependencies are not installed on this server."""
+
+    def __init__(self, engine: str, missing: str, extra: str | None) -> None:
+        install = f"pip install '{extra}'" if extra else f"pip install {missing}"
+        super().__init__(
+            f"Engine {engine} needs {missing}, which is not installed on this server: {install}"
+        )
+
+
 class Unauthorized(DreamserveError):
     status = 401
 

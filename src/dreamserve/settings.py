@@ -43,6 +43,7 @@ class Settings(BaseSettings):
     retention_days: float = Field(default=30.0, gt=0)
     webhook_allow_private: bool = False
     webhook_timeout_seconds: float = Field(default=10.0, gt=0)
+    upstream_allow_private: bool = False
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     access_log: bool = True
 

@@ -23,7 +23,7 @@ from sqlalchemy import Connection
 
 from dreamserve.engines.base import CancelSignal, GenerationRequest, Upscaler, UpscaleRequest
 from dreamserve.engines.registry import EngineRegistry
-from dreamserve.errors import AccountError, Cancelled, JobFailed
+from dreamserve.errors import AccountError, Cancelled, EngineUnavailable, JobFailed
 from dreamserve.events import JobEvents
 from dreamserve.ids import IdFactory
 from dreamserve.jobs import CANCELLED_BY_USER, Job, Status, StoredImage, millis
@@ -153,13 +153,17 @@ class JobRunner:
     async def _generate(
         self, job: Job, account: Account, progress: _Progress, cancel: CancelSignal
     ) -> list[StoredImage]:
-        engine = self.engines.engine(
-            account.engine,
-            account.settings,
-            sealed=account.sealed,
-            account_id=account.id,
-            version=account.version,
-        )
+        try:
+            engine = self.engines.engine(
+                account.engine,
+                account.settings,
+                sealed=account.sealed,
+                account_id=account.id,
+                version=account.version,
+                shared=account.is_shared,
+            )
+        except EngineUnavailable as missing:  # uninstalled since the account was saved
+            raise AccountError("Engine unavailable", missing.message) from None
         spec = job.spec
         bound = max(spec.width, spec.height)  # references are never needed larger than this
         references = tuple([await self._reference(key, bound) for key in spec.references])

@@ -28,6 +28,8 @@ from dreamserve.errors import AccountError, BadRequest
 from dreamserve.settings import Settings
 from dreamserve.storage.tables import accounts
 
+BUILTIN_NAMES = "procedural, diffusers, ark, gemini, openai"  # in the registry's order
+
 pytestmark = pytest.mark.anyio
 
 ALL_MODELS = ["seedream-4.5", "seedream-4.1", "seedream-4.0", "nano-banana", "seedream-3.0"]
@@ -114,9 +116,12 @@ async def test_post_again_replaces_the_account(harness: Harness) -> None:
     [
         (
             {"email": "me@example.com", "password": "hunter2"},
-            "Parameter engine is required, valid values: procedural",
+            f"Parameter engine is required, valid values: {BUILTIN_NAMES}",
         ),
-        ({**STUDIO, "engine": "nope"}, "Parameter engine (nope) valid values: procedural"),
+        (
+            {**STUDIO, "engine": "nope"},
+            f"Parameter engine (nope) valid values: {BUILTIN_NAMES}",
+        ),
         ({**STUDIO, "maxJobs": 0}, "Parameter maxJobs (0) valid values: integer 1-50"),
         ({**STUDIO, "maxJobs": 51}, "Parameter maxJobs (51) valid values: integer 1-50"),
         ({**STUDIO, "maxJobs": "many"}, "Parameter maxJobs (many) valid values: integer 1-50"),

@@ -22,6 +22,8 @@ from dreamserve.engines.base import EngineContext, EngineSettings
 from dreamserve.engines.registry import BUILTIN
 from dreamserve.settings import Settings
 
+ENGINES = "procedural, diffusers, ark, gemini, openai"  # the built-in engines, in order
+
 
 @pytest.fixture
 def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
@@ -260,10 +262,10 @@ def test_removing_a_missing_account_fails(started: Path, capsys) -> None:
 
 def test_an_unknown_engine_fails_naming_the_valid_ones(started: Path, capsys) -> None:
     assert accounts_error(capsys, "add", "LOCAL:gpu0", "--engine", "nope") == (
-        "dreamserve: Parameter engine (nope) valid values: procedural"
+        f"dreamserve: Parameter engine (nope) valid values: {ENGINES}"
     )
     assert accounts_error(capsys, "add", "LOCAL:gpu0") == (
-        "dreamserve: Parameter engine is required, valid values: procedural"
+        f"dreamserve: Parameter engine is required, valid values: {ENGINES}"
     )
     assert list(accounts(capsys, "list")) == ["LOCAL:procedural"]
 
@@ -413,7 +415,7 @@ def test_serve_applies_the_config_file_at_every_start(
         ("[oops", "not valid TOML"),
         (
             '[[accounts]]\naccount = "LOCAL:bad"\nengine = "nope"',
-            "dreamserve: account LOCAL:bad: Parameter engine (nope) valid values: procedural",
+            f"dreamserve: account LOCAL:bad: Parameter engine (nope) valid values: {ENGINES}",
         ),
     ],
 )

@@ -147,6 +147,6 @@ async def test_close_closes_current_and_replaced_engines(registry: EngineRegistr
 
 def test_builtin_engines_are_imported_by_name() -> None:
     registry = EngineRegistry(EngineContext(ThreadPoolExecutor(1)), BOX)
-    assert registry.names == ("procedural",)
+    assert registry.names == ("procedural", "diffusers", "ark", "gemini", "openai")
     engine = registry.engine("procedural", {}, account_id=1, version=(1, 1))
     assert isinstance(engine, ProceduralEngine)

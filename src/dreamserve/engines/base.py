@@ -6,17 +6,20 @@ a cancel signal, and return images.
 
 from __future__ import annotations
 
+import asyncio
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from PIL import Image
+from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict
 
 from dreamserve.catalogue import Model
 from dreamserve.errors import Cancelled
+
+T = TypeVar("T")
 
 # Called with the fraction done (0 to 1); safe to call from any thread.
 ProgressCallback = Callable[[float], None]
@@ -73,10 +76,12 @@ class EngineSettings(BaseModel):
 
 @dataclass(frozen=True)
 class EngineContext:
-    """What the server lends every engine: an executor for blocking work off the event loop."""
+    """What the server lends every engine: an executor for blocking work off the event loop,
+    and whether the engine may connect to private addresses (an operator's shared account, or
+    a server that allows it: DREAMSERVE_UPSTREAM_ALLOW_PRIVATE)."""
 
     executor: Executor
-    options: Mapping[str, Any] = field(default_factory=dict)
+    allow_private: bool = False
 
 
 class Engine(Protocol):
@@ -117,3 +122,35 @@ class Upscaler(Protocol):
     ) -> Image.Image:
         """One image of exactly `request.width` x `request.height` made from `request.image`.
         Raises `Cancelled` soon after `cancel` is set; must not block the event loop."""
+
+
+CANCEL_POLL_SECONDS = 0.1
+
+
+async def until_cancelled(work: Awaitable[T], cancel: CancelSignal) -> T:
+    """The result of `work`, or `Cancelled` soon after `cancel` is set (the work is then
+    cancelled): for engines that wait on the network rather than compute."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=CANCEL_POLL_SECONDS)
+            if done:
+                return task.result()
+            cancel.raise_if_set()
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+
+
+def to_size(image: Image.Image, width: int, height: int) -> Image.Image:
+    """`image` at exactly `width` x `height`, the size the catalogue promises the job.
+
+    Engines whose model renders at other sizes (a pipeline's multiple of 8, an upstream's own
+    size table) hand their image here: a different aspect is cropped around the centre first,
+    so nothing is stretched."""
+    if image.size == (width, height):
+        return image
+    fitted = ImageOps.fit(image, (width, height), Image.Resampling.LANCZOS)
+    fitted.info.update(image.info)
+    return fitted

@@ -10,12 +10,13 @@ from __future__ import annotations
 import importlib
 import threading
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any, cast
 
 from pydantic import SecretStr, ValidationError
 
 from dreamserve.engines.base import Engine, EngineContext, EngineFactory, EngineSettings
-from dreamserve.errors import BadRequest, MissingParameter
+from dreamserve.errors import BadRequest, EngineUnavailable, MissingParameter
 from dreamserve.storage.sealing import SecretBox
 
 # An engine is named by "module:attribute" (imported on first use) or given as its factory.
@@ -23,7 +24,14 @@ EngineSource = str | EngineFactory
 
 BUILTIN: Mapping[str, EngineSource] = {
     "procedural": "dreamserve.engines.procedural:ProceduralEngine",
+    "diffusers": "dreamserve.engines.diffusers:DiffusersEngine",
+    "ark": "dreamserve.engines.ark:ArkEngine",
+    "gemini": "dreamserve.engines.gemini:GeminiEngine",
+    "openai": "dreamserve.engines.openai:OpenAIEngine",
 }
+
+# What to install for an engine whose module needs an optional dependency.
+EXTRAS: Mapping[str, str] = {"diffusers": "dreamserve[diffusers]"}
 
 
 class EngineRegistry:
@@ -52,7 +60,11 @@ class EngineRegistry:
         if not isinstance(source, str):
             return source
         module_name, _, attribute = source.partition(":")
-        return cast(EngineFactory, getattr(importlib.import_module(module_name), attribute))
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as error:
+            raise EngineUnavailable(name, error.name or str(error), EXTRAS.get(name)) from error
+        return cast(EngineFactory, getattr(module, attribute))
 
     def settings_model(self, name: str) -> type[EngineSettings]:
         model = getattr(self.factory(name), "Settings", EngineSettings)
@@ -86,13 +98,18 @@ class EngineRegistry:
         sealed: str | None = None,
         account_id: int,
         version: tuple[int, int],
+        shared: bool = False,
     ) -> Engine:
         """The engine of an account, given its plain settings and its sealed secrets.
 
         `version` is the account's (creation, update) time. Another creation time is another
         account (ids can be reused after a delete): a new engine. Within one account a newer
         update builds a new engine, an older one (a caller holding a stale copy of the account)
-        gets the current engine rather than churning it."""
+        gets the current engine rather than churning it.
+
+        A `shared` account is the operator's: its engine may connect to private addresses (a
+        model server on the same host or network). A user's own account may only where the
+        server allows it, so that a user cannot point an engine at the server's neighbours."""
         with self._lock:
             current = self._instances.get(account_id)
             if current is not None:
@@ -101,7 +118,8 @@ class EngineRegistry:
                     return engine
                 self._retired.append(engine)  # jobs may still use it: closed at shutdown
             merged = {**settings, **self.box.open(sealed)}
-            engine = self.factory(name)(merged, self.context)
+            context = replace(self.context, allow_private=True) if shared else self.context
+            engine = self.factory(name)(merged, context)
             self._instances[account_id] = (version, engine)
             return engine
 

@@ -1,0 +1,153 @@
+"""The `ark` engine: Seedream through BytePlus ModelArk or Volcengine Ark.
+
+`POST {baseUrl}/api/v3/images/generations`, synchronous. The size is the catalogue's pixel size
+(`<W>x<H>`), references go as `data:` URLs, the watermark is off unless the account asks for it,
+and `count` > 1 uses Seedream's own batching (`sequential_image_generation`), with single calls
+for whatever it did not return. Which catalogue model is which upstream model id is the
+account's `models` map, so new model revisions need no code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from PIL import Image
+from pydantic import Field
+
+from dreamserve.catalogue import Model
+from dreamserve.engines.base import CancelSignal, EngineContext, GenerationRequest, ProgressCallback
+from dreamserve.engines.upstream import (
+    Upstream,
+    UpstreamSettings,
+    data_url,
+    decode_image,
+    first_failure_cancels,
+)
+from dreamserve.errors import JobFailed
+
+BYTEPLUS = "https://ark.ap-southeast.bytepluses.com"
+SEED_LIMIT = 2147483647  # the API takes -1 (random) to this
+
+
+class ArkSettings(UpstreamSettings):
+    baseUrl: str = BYTEPLUS  # Volcengine: https://ark.cn-beijing.volces.com
+    # catalogue model -> upstream model id (or an endpoint id, ep-...)
+    models: dict[str, str] = Field(
+        default_factory=lambda: {
+            "seedream-4.5": "seedream-4-5-251128",
+            "seedream-4.0": "seedream-4-0-250828",
+            "seedream-3.0": "seedream-3-0-t2i-250415",
+        },
+        min_length=1,
+    )
+    watermark: bool = False
+    responseFormat: Literal["url", "b64_json"] = "url"
+    # Models that cannot batch (Seedream 3.0) get one call per image.
+    batching: Literal["sequential", "calls"] = "sequential"
+
+
+class ArkEngine:
+    Settings = ArkSettings
+
+    def __init__(self, settings: Mapping[str, Any], context: EngineContext) -> None:
+        self.settings = ArkSettings.model_validate(dict(settings))
+        self.context = context
+        key = self.settings.apiKey.get_secret_value()
+        self.upstream = Upstream("ark", self.settings, context, {"authorization": f"Bearer {key}"})
+
+    def serves(self, model: Model) -> bool:
+        return model.name in self.settings.models
+
+    async def generate(
+        self, request: GenerationRequest, progress: ProgressCallback, cancel: CancelSignal
+    ) -> list[Image.Image]:
+        deadline = self.upstream.deadline()
+        loop = asyncio.get_running_loop()
+        references = await loop.run_in_executor(
+            self.context.executor, lambda: [data_url(image) for image in request.references]
+        )
+        done = 0
+
+        async def call(count: int) -> list[Image.Image]:
+            nonlocal done
+            body = self._body(request, references, count)
+            answer = await self.upstream.call(
+                "POST", "/api/v3/images/generations", cancel, deadline, json=body
+            )
+            items = _data(answer)
+            made = [item for item in items if not _refused(item)]
+            if items and not made:  # every image refused: the first says why
+                error = items[0]["error"]
+                raise JobFailed(
+                    "Upstream refused the request",
+                    f"ark: {error.get('code', 'error')}: {error.get('message', '')}",
+                )
+            images = [await self._image(item, request, cancel, deadline) for item in made]
+            done += len(images)
+            progress(min(1.0, done / request.count))
+            return images
+
+        images: list[Image.Image] = []
+        if request.count > 1 and self.settings.batching == "sequential":
+            images = (await call(request.count))[: request.count]
+        missing = request.count - len(images)
+        for batch in await first_failure_cancels([call(1) for _ in range(missing)]):
+            if not batch:
+                raise JobFailed("Upstream returned no image", "ark answered without an image")
+            images.append(batch[0])
+        return images
+
+    def _body(self, request: GenerationRequest, references: list[str], count: int) -> Any:
+        body: dict[str, Any] = {
+            "model": self.settings.models[request.model],
+            "prompt": request.prompt,
+            "size": f"{request.width}x{request.height}",
+            "response_format": self.settings.responseFormat,
+            "watermark": self.settings.watermark,
+        }
+        if references:
+            body["image"] = references[0] if len(references) == 1 else references
+        if request.seed is not None:
+            body["seed"] = request.seed % (SEED_LIMIT + 1)
+        if count > 1:
+            body["sequential_image_generation"] = "auto"
+            body["sequential_image_generation_options"] = {"max_images": count}
+        else:
+            body["sequential_image_generation"] = "disabled"
+        return body
+
+    async def _image(
+        self, item: Any, request: GenerationRequest, cancel: CancelSignal, deadline: float
+    ) -> Image.Image:
+        if not isinstance(item, dict):
+            raise JobFailed("Upstream answered in an unknown shape", "ark: data item")
+        if isinstance(item.get("b64_json"), str):
+            data = self.upstream.decode_inline(item["b64_json"])
+        elif isinstance(item.get("url"), str):
+            data = await self.upstream.download(item["url"], cancel, deadline)
+        else:
+            raise JobFailed("Upstream answered in an unknown shape", "ark: no url nor b64_json")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self.context.executor, decode_image, data, request.width, request.height
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "ark", "baseUrl": self.settings.baseUrl, "models": self.settings.models}
+
+    async def close(self) -> None:
+        await self.upstream.close()
+
+
+def _refused(item: Any) -> bool:
+    """A batch item that carries an error in place of an image (one refused image)."""
+    return isinstance(item, dict) and isinstance(item.get("error"), dict)
+
+
+def _data(answer: Any) -> list[Any]:
+    data = answer.get("data") if isinstance(answer, dict) else None
+    if not isinstance(data, list):
+        raise JobFailed("Upstream answered in an unknown shape", "ark: no data list")
+    return data

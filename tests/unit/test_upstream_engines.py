@@ -1,0 +1,445 @@
+"""The engines that call official model APIs (ark, gemini, openai), against fake upstreams on
+127.0.0.1 that check every request the way the vendor does (tests/upstreams.py): the request
+shapes of shared/upstreams.md, batching, downloads, and the error mapping."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+from PIL import Image
+from upstreams import KEY, FakeUpstream, Scripted, fake_upstream
+
+from dreamserve.catalogue import default_catalogue
+from dreamserve.engines.ark import ArkEngine
+from dreamserve.engines.base import CancelSignal, EngineContext, GenerationRequest
+from dreamserve.engines.gemini import GeminiEngine
+from dreamserve.engines.openai import OpenAIEngine
+from dreamserve.engines.registry import EngineRegistry
+from dreamserve.errors import AccountError, BadRequest, Cancelled, JobFailed
+from dreamserve.storage.sealing import SecretBox
+
+pytestmark = pytest.mark.anyio
+
+EXECUTOR = ThreadPoolExecutor(2)
+CONTEXT = EngineContext(EXECUTOR, allow_private=True)  # the fakes listen on 127.0.0.1
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeUpstream]:
+    with fake_upstream() as upstream:
+        yield upstream
+
+
+def ark(fake: FakeUpstream, **settings: Any) -> ArkEngine:
+    return ArkEngine({"apiKey": KEY, "baseUrl": fake.url, **settings}, CONTEXT)
+
+
+def gemini(fake: FakeUpstream, **settings: Any) -> GeminiEngine:
+    return GeminiEngine({"apiKey": KEY, "baseUrl": fake.url, **settings}, CONTEXT)
+
+
+def openai(fake: FakeUpstream, **settings: Any) -> OpenAIEngine:
+    base = {"apiKey": KEY, "baseUrl": fake.url, "model": "gpt-image-1"}
+    return OpenAIEngine({**base, **settings}, CONTEXT)
+
+
+def request(model: str = "seedream-4.0", **fields: Any) -> GenerationRequest:
+    values: dict[str, Any] = {
+        "prompt": "a lighthouse at dawn",
+        "model": model,
+        "width": 2048,
+        "height": 2048,
+        "count": 1,
+        **fields,
+    }
+    return GenerationRequest(**values)
+
+
+async def run(engine: Any, job: GenerationRequest, cancel: CancelSignal | None = None) -> Any:
+    seen: list[float] = []
+    try:
+        images = await engine.generate(job, seen.append, cancel or CancelSignal())
+    finally:
+        await engine.close()
+    assert seen
+    assert seen[-1] == 1.0
+    return images
+
+
+def picture(width: int = 300, height: int = 200) -> Image.Image:
+    return Image.linear_gradient("L").resize((width, height)).convert("RGB")
+
+
+# -- ark ---------------------------------------------------------------------------------------
+
+
+async def test_ark_sends_the_catalogue_size_the_model_id_and_no_watermark(
+    fake: FakeUpstream,
+) -> None:
+    images = await run(ark(fake), request(seed=7))
+    (call,) = fake.calls("/api/v3/images/generations")
+    assert call.headers["authorization"] == f"Bearer {KEY}"
+    assert call.body == {
+        "model": "seedream-4-0-250828",
+        "prompt": "a lighthouse at dawn",
+        "size": "2048x2048",
+        "response_format": "url",
+        "watermark": False,
+        "seed": 7,
+        "sequential_image_generation": "disabled",
+    }
+    assert [image.size for image in images] == [(2048, 2048)]
+
+
+async def test_ark_downloads_its_links_without_the_api_key(fake: FakeUpstream) -> None:
+    await run(ark(fake), request())
+    (download,) = fake.downloads
+    assert "authorization" not in download.headers
+
+
+async def test_ark_batches_count_through_sequential_generation(fake: FakeUpstream) -> None:
+    images = await run(ark(fake), request(count=4))
+    (call,) = fake.calls("generations")
+    assert call.body["sequential_image_generation"] == "auto"
+    assert call.body["sequential_image_generation_options"] == {"max_images": 4}
+    assert len(images) == 4
+    assert len({image.tobytes() for image in images}) == 4
+
+
+async def test_ark_asks_again_for_images_a_batch_did_not_return(fake: FakeUpstream) -> None:
+    fake.ark_max_images = 2  # "the model may return fewer"
+    images = await run(ark(fake), request(count=4))
+    calls = fake.calls("generations")
+    assert [c.body["sequential_image_generation"] for c in calls] == ["auto", *["disabled"] * 2]
+    assert len(images) == 4
+
+
+async def test_ark_without_batching_makes_one_call_per_image(fake: FakeUpstream) -> None:
+    images = await run(ark(fake, batching="calls"), request(count=3))
+    assert len(fake.calls("generations")) == 3
+    assert len(images) == 3
+
+
+async def test_ark_sends_references_as_data_urls(fake: FakeUpstream) -> None:
+    await run(ark(fake), request(references=(picture(),)))
+    await run(ark(fake), request(references=(picture(), picture(120, 90))))
+    one, two = fake.calls("generations")
+    assert one.body["image"].startswith("data:image/jpeg;base64,")
+    assert isinstance(two.body["image"], list)
+    assert len(two.body["image"]) == 2
+
+
+async def test_ark_inline_images_are_decoded(fake: FakeUpstream) -> None:
+    images = await run(ark(fake, responseFormat="b64_json"), request(width=1664, height=936))
+    assert fake.downloads == []
+    assert [image.size for image in images] == [(1664, 936)]
+
+
+async def test_ark_maps_catalogue_models_through_the_account_settings(
+    fake: FakeUpstream,
+) -> None:
+    catalogue = default_catalogue()
+    engine = ark(fake, models={"seedream-4.5": "seedream-4-5-251128"})
+    assert [m.name for m in catalogue.models if engine.serves(m)] == ["seedream-4.5"]
+    default = ark(fake)
+    assert [m.name for m in catalogue.models if default.serves(m)] == [
+        "seedream-4.5",
+        "seedream-4.0",
+        "seedream-3.0",
+    ]
+
+
+async def test_ark_seed_is_brought_into_the_range_the_api_takes(fake: FakeUpstream) -> None:
+    await run(ark(fake), request(seed=2**40 + 5))
+    (call,) = fake.calls("generations")
+    assert 0 <= call.body["seed"] <= 2147483647
+
+
+# -- the error mapping, shared by the three ---------------------------------------------------
+
+
+async def test_a_refused_key_puts_the_account_in_error(fake: FakeUpstream) -> None:
+    engine = ArkEngine({"apiKey": "sk-wrong", "baseUrl": fake.url}, CONTEXT)
+    with pytest.raises(AccountError) as failure:
+        await run(engine, request())
+    assert failure.value.error == "Upstream refused the account's credentials"
+    assert failure.value.details == "ark answered 401: Invalid API key"
+
+
+async def test_a_forbidden_answer_puts_the_account_in_error_too(fake: FakeUpstream) -> None:
+    fake.script.append(Scripted(403, {"error": {"code": 403, "message": "API key expired"}}))
+    with pytest.raises(AccountError) as failure:
+        await run(gemini(fake), request("nano-banana", width=1024, height=1024))
+    assert failure.value.details == "gemini answered 403: API key expired"
+
+
+async def test_a_content_refusal_fails_the_job_with_the_upstream_message(
+    fake: FakeUpstream,
+) -> None:
+    with pytest.raises(JobFailed) as failure:
+        await run(ark(fake), request(prompt="something forbidden"))
+    assert not isinstance(failure.value, AccountError)
+    assert failure.value.error == "Upstream refused the request"
+    assert failure.value.details == (
+        "ark answered 400: The request failed because the input text may contain sensitive "
+        "information."
+    )
+
+
+async def test_429_and_5xx_are_retried_honouring_retry_after(fake: FakeUpstream) -> None:
+    fake.script.extend([Scripted(429, headers={"retry-after": "0"}), Scripted(503)])
+    engine = ark(fake)
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    engine.upstream.sleep = sleep
+    images = await run(engine, request())
+    assert len(fake.calls("generations")) == 3
+    assert waits == [0.0, 2.0]  # Retry-After, then the backoff of a second retry
+    assert len(images) == 1
+
+
+async def test_retries_are_bounded(fake: FakeUpstream) -> None:
+    fake.script.extend([Scripted(500)] * 5)
+    engine = openai(fake, retries=2)
+    engine.upstream.sleep = lambda seconds: asyncio.sleep(0)
+    with pytest.raises(JobFailed) as failure:
+        await run(engine, request())
+    assert failure.value.error == "Upstream unavailable"
+    assert failure.value.details == "openai answered 500: fake openai error 500 after 3 tries"
+    assert len(fake.calls("generations")) == 3
+
+
+async def test_a_retry_after_past_the_job_budget_fails_at_once(fake: FakeUpstream) -> None:
+    fake.script.append(Scripted(429, headers={"retry-after": "120"}))
+    started = time.monotonic()
+    with pytest.raises(JobFailed) as failure:
+        await run(ark(fake, budgetSeconds=30), request())
+    assert time.monotonic() - started < 5
+    assert failure.value.details == ("ark answered 429: fake ark error 429; the job's time ran out")
+
+
+async def test_a_slow_upstream_fails_the_job_when_its_budget_is_spent(fake: FakeUpstream) -> None:
+    fake.delay = 3
+    started = time.monotonic()
+    with pytest.raises(JobFailed) as failure:
+        await run(gemini(fake, budgetSeconds=0.5), request("nano-banana", width=1024, height=1024))
+    assert time.monotonic() - started < 2.5
+    assert failure.value.error == "Upstream did not answer in time"
+    assert failure.value.details == "gemini: no answer within the job's 0.5 s"
+
+
+async def test_a_cancel_stops_a_call_in_flight(fake: FakeUpstream) -> None:
+    fake.delay = 3
+    cancel = CancelSignal()
+    engine = openai(fake)
+    started = time.monotonic()
+    task = asyncio.ensure_future(engine.generate(request(), lambda f: None, cancel))
+    await asyncio.sleep(0.3)
+    cancel.set()
+    with pytest.raises(Cancelled):
+        await task
+    await engine.close()
+    assert time.monotonic() - started < 2
+
+
+async def test_expired_links_fail_the_job_with_a_clear_error(fake: FakeUpstream) -> None:
+    fake.links_expired = True
+    with pytest.raises(JobFailed) as failure:
+        await run(ark(fake), request())
+    assert failure.value.error == "Upstream image could not be downloaded (link expired?)"
+    assert failure.value.details == "the image link answered 403"
+
+
+async def test_a_private_upstream_is_refused_unless_allowed(fake: FakeUpstream) -> None:
+    engine = ArkEngine({"apiKey": KEY, "baseUrl": fake.url}, EngineContext(EXECUTOR))
+    with pytest.raises(JobFailed) as failure:
+        await run(engine, request())
+    assert failure.value.error == "Upstream address refused"
+    assert failure.value.details == "127.0.0.1 is not a public address"
+    assert fake.seen == []
+
+
+async def test_an_answer_that_is_not_an_image_fails_the_job(fake: FakeUpstream) -> None:
+    fake.script.append(Scripted(200, {"data": [{"b64_json": "aGVsbG8="}]}))
+    with pytest.raises(JobFailed) as failure:
+        await run(ark(fake), request())
+    assert failure.value.error == "Upstream returned an image that cannot be decoded"
+
+
+# -- gemini ------------------------------------------------------------------------------------
+
+
+async def test_gemini_asks_for_the_nearest_aspect_ratio_once_per_image(
+    fake: FakeUpstream,
+) -> None:
+    images = await run(gemini(fake), request("nano-banana", width=1344, height=768, count=3))
+    calls = fake.calls(":generateContent")
+    assert [call.path for call in calls] == [
+        "/v1beta/models/gemini-2.5-flash-image:generateContent"
+    ] * 3
+    assert calls[0].headers["x-goog-api-key"] == KEY
+    assert "authorization" not in calls[0].headers
+    assert calls[0].body == {
+        "contents": [{"parts": [{"text": "a lighthouse at dawn"}]}],
+        "generationConfig": {
+            "responseModalities": ["IMAGE"],
+            "imageConfig": {"aspectRatio": "16:9"},
+        },
+    }
+    assert [image.size for image in images] == [(1344, 768)] * 3
+
+
+async def test_gemini_sends_references_as_inline_parts(fake: FakeUpstream) -> None:
+    job = request("nano-banana", width=1024, height=1024, references=(picture(), picture()))
+    await run(gemini(fake), job)
+    (call,) = fake.calls(":generateContent")
+    parts = call.body["contents"][0]["parts"]
+    assert parts[0] == {"text": "a lighthouse at dawn"}
+    assert [part["inline_data"]["mime_type"] for part in parts[1:]] == ["image/jpeg"] * 2
+
+
+async def test_gemini_refuses_more_references_than_the_account_allows(
+    fake: FakeUpstream,
+) -> None:
+    job = request("nano-banana", width=1024, height=1024, references=(picture(),) * 4)
+    with pytest.raises(JobFailed) as failure:
+        await run(gemini(fake), job)
+    assert failure.value.details == "gemini takes at most 3"
+    assert fake.seen == []
+
+
+async def test_a_blocked_gemini_prompt_fails_with_its_reason(fake: FakeUpstream) -> None:
+    job = request("nano-banana", width=1024, height=1024, prompt="forbidden")
+    with pytest.raises(JobFailed) as failure:
+        await run(gemini(fake), job)
+    assert failure.value.error == "Upstream refused the prompt"
+    assert failure.value.details == "gemini: PROHIBITED_CONTENT"
+
+
+async def test_a_gemini_answer_without_an_image_fails_with_its_text(fake: FakeUpstream) -> None:
+    job = request("nano-banana", width=1024, height=1024, prompt="no picture please")
+    with pytest.raises(JobFailed) as failure:
+        await run(gemini(fake), job)
+    assert failure.value.error == "Upstream returned no image"
+    assert failure.value.details == "gemini: I cannot draw that."
+
+
+async def test_gemini_finish_reasons_fail_the_job(fake: FakeUpstream) -> None:
+    blocked = {"candidates": [{"finishReason": "IMAGE_PROHIBITED_CONTENT", "content": {}}]}
+    fake.script.append(Scripted(200, blocked))
+    with pytest.raises(JobFailed) as failure:
+        await run(gemini(fake), request("nano-banana", width=1024, height=1024))
+    assert failure.value.details == "gemini: IMAGE_PROHIBITED_CONTENT"
+
+
+# -- openai ------------------------------------------------------------------------------------
+
+
+async def test_openai_generates_count_images_in_one_call(fake: FakeUpstream) -> None:
+    images = await run(openai(fake), request(count=4, width=1024, height=1024))
+    (call,) = fake.calls("/v1/images/generations")
+    assert call.headers["authorization"] == f"Bearer {KEY}"
+    assert call.body == {
+        "model": "gpt-image-1",
+        "prompt": "a lighthouse at dawn",
+        "n": 4,
+        "size": "1024x1024",
+    }
+    assert [image.size for image in images] == [(1024, 1024)] * 4
+
+
+async def test_openai_splits_count_by_the_images_one_call_may_make(fake: FakeUpstream) -> None:
+    images = await run(openai(fake, maxImagesPerCall=1), request(count=3))
+    assert [call.body["n"] for call in fake.calls("generations")] == [1, 1, 1]
+    assert len(images) == 3
+
+
+async def test_openai_asks_for_the_nearest_size_it_makes_and_fits_the_result(
+    fake: FakeUpstream,
+) -> None:
+    sizes = ["1024x1024", "1536x1024", "1024x1536"]
+    images = await run(openai(fake, sizes=sizes), request(width=2560, height=1440))
+    (call,) = fake.calls("generations")
+    assert call.body["size"] == "1536x1024"
+    assert [image.size for image in images] == [(2560, 1440)]
+
+
+async def test_openai_references_go_to_edits_as_multipart(fake: FakeUpstream) -> None:
+    job = request(count=2, references=(picture(), picture(64, 64)))
+    images = await run(openai(fake, responseFormat="url"), job)
+    (call,) = fake.calls("/v1/images/edits")
+    assert call.body["fields"] == {
+        "model": "gpt-image-1",
+        "prompt": "a lighthouse at dawn",
+        "n": "2",
+        "size": "2048x2048",
+        "response_format": "url",
+    }
+    assert [image.size for image in call.body["images"]] == [(300, 200), (64, 64)]
+    assert len(fake.downloads) == 2
+    assert len(images) == 2
+
+
+async def test_openai_content_refusal(fake: FakeUpstream) -> None:
+    with pytest.raises(JobFailed) as failure:
+        await run(openai(fake), request(prompt="forbidden"))
+    assert failure.value.details == (
+        "openai answered 400: Your request was rejected as a result of our safety system."
+    )
+
+
+# -- settings ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def registry() -> EngineRegistry:
+    return EngineRegistry(CONTEXT, SecretBox(os.urandom(32)))
+
+
+@pytest.mark.parametrize("engine", ["ark", "gemini", "openai"])
+def test_the_api_key_is_required_and_sealed(registry: EngineRegistry, engine: str) -> None:
+    with pytest.raises(BadRequest) as missing:
+        registry.check_settings(engine, {"model": "m"} if engine == "openai" else {})
+    assert missing.value.message == "Parameter settings.apiKey is required"
+    extra = {"model": "m"} if engine == "openai" else {}
+    plain, sealed = registry.check_settings(engine, {"apiKey": "sk-secret", **extra})
+    assert "apiKey" not in plain
+    assert sealed is not None
+    assert "sk-secret" not in sealed
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("ftp://example.com", "must be an http or https URL with a host"),
+        ("https://", "must be an http or https URL with a host"),
+        ("https://example.com/?a=1", "must not have a query or a fragment"),
+    ],
+)
+def test_a_bad_base_url_is_a_400(registry: EngineRegistry, url: str, message: str) -> None:
+    with pytest.raises(BadRequest) as bad:
+        registry.check_settings("ark", {"apiKey": "k", "baseUrl": url})
+    assert bad.value.message == f"Parameter settings.baseUrl is invalid: Value error, {message}"
+
+
+def test_openai_needs_its_upstream_model(registry: EngineRegistry) -> None:
+    with pytest.raises(BadRequest) as missing:
+        registry.check_settings("openai", {"apiKey": "k"})
+    assert missing.value.message == "Parameter settings.model is required"
+
+
+def test_openai_sizes_must_be_width_x_height(registry: EngineRegistry) -> None:
+    with pytest.raises(BadRequest) as bad:
+        registry.check_settings("openai", {"apiKey": "k", "model": "m", "sizes": ["big"]})
+    assert bad.value.message == (
+        "Parameter settings.sizes is invalid: Value error, 'big' is not WIDTHxHEIGHT"
+    )

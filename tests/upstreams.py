@@ -1,0 +1,434 @@
+"""Fake model APIs for the engine tests: a real HTTP server on 127.0.0.1 that speaks the shapes
+of shared/upstreams.md for Ark (Seedream), Gemini (nano-banana) and OpenAI-compatible images.
+
+It checks what it is sent the way the vendors do (credentials, known fields, sizes, reference
+counts, data URLs that decode) and answers 400 in the vendor's error shape when something is
+wrong, so an engine that builds a bad request fails its tests. It answers with real PNGs of the
+size the vendor would make, as inline base64 or as links to itself that can be made to expire.
+A test can put scripted answers in front (`Scripted`): errors, `Retry-After`, slow answers.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import email.parser
+import email.policy
+import hashlib
+import io
+import json
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from PIL import Image
+
+KEY = "sk-fake-upstream-key"
+
+ARK_MODELS = {"seedream-4-5-251128", "seedream-4-0-250828", "seedream-3-0-t2i-250415"}
+ARK_FIELDS = {
+    "model",
+    "prompt",
+    "image",
+    "size",
+    "seed",
+    "guidance_scale",
+    "sequential_image_generation",
+    "sequential_image_generation_options",
+    "response_format",
+    "watermark",
+    "stream",
+}
+GEMINI_MODELS = {"gemini-2.5-flash-image"}
+# The sizes Gemini answers with for each aspect ratio (its 1k table).
+GEMINI_SIZES = {
+    "1:1": (1024, 1024),
+    "2:3": (832, 1248),
+    "3:2": (1248, 832),
+    "3:4": (864, 1184),
+    "4:3": (1184, 864),
+    "4:5": (896, 1152),
+    "5:4": (1152, 896),
+    "9:16": (768, 1344),
+    "16:9": (1344, 768),
+    "21:9": (1536, 672),
+}
+OPENAI_FIELDS = {"model", "prompt", "n", "size", "response_format", "output_format", "quality"}
+REFUSED_WORD = "forbidden"  # a prompt with it is refused as a content-policy violation
+
+
+@dataclass(frozen=True)
+class Scripted:
+    """An answer given instead of the normal one (then the next, then normal answers)."""
+
+    status: int
+    body: Any = None  # JSON; None: the vendor's error shape for the status
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0  # seconds before answering
+
+
+@dataclass(frozen=True)
+class Seen:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: Any  # parsed JSON, or for multipart {"fields": {...}, "images": [PIL images]}
+
+
+class FakeUpstream:
+    def __init__(self) -> None:
+        self.seen: list[Seen] = []  # API calls
+        self.downloads: list[Seen] = []  # output links fetched
+        self.script: deque[Scripted] = deque()
+        self.delay = 0.0  # before every normal answer
+        self.links_expired = False  # output links answer 403, as a signed link past its time
+        self.ark_max_images: int | None = None  # Seedream may return fewer than asked
+        self._files: dict[str, bytes] = {}
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.05,), daemon=True
+        )
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def calls(self, fragment: str) -> list[Seen]:
+        return [seen for seen in self.seen if fragment in seen.path and seen.method == "POST"]
+
+    # -- answers --------------------------------------------------------------------------
+
+    def _answer(self, method: str, path: str, headers: dict[str, str], raw: bytes) -> Any:
+        if method == "GET" and path.startswith("/files/"):
+            with self._lock:
+                self.downloads.append(Seen(method, path, headers, None))
+            return self._file(path.removeprefix("/files/"))
+        vendor = _vendor(path)
+        if vendor is None:
+            return 404, {"error": {"message": f"no route {path}"}}, {}
+        try:
+            body = _parse(headers, raw)
+        except Invalid as invalid:
+            return 400, _error(vendor, Scripted(400), str(invalid)), {}
+        with self._lock:
+            self.seen.append(Seen(method, path, headers, body))
+            scripted = self.script.popleft() if self.script else None
+        if scripted is not None:
+            time.sleep(scripted.delay)
+            answer = scripted.body if scripted.body is not None else _error(vendor, scripted)
+            return scripted.status, answer, scripted.headers
+        time.sleep(self.delay)
+        if not _authorised(vendor, headers):
+            return 401, _error(vendor, Scripted(401), "Invalid API key"), {}
+        try:
+            if vendor == "ark":
+                return 200, self._ark(body), {}
+            if vendor == "gemini":
+                return 200, self._gemini(path, body), {}
+            return 200, self._openai(path, body), {}
+        except Invalid as invalid:
+            return 400, _error(vendor, Scripted(400), str(invalid)), {}
+
+    def _ark(self, body: Any) -> Any:
+        _require(isinstance(body, dict), "body must be a JSON object")
+        unknown = set(body) - ARK_FIELDS
+        _require(not unknown, f"unknown parameter {sorted(unknown)}")
+        _require(body.get("model") in ARK_MODELS, f"The model {body.get('model')} does not exist")
+        prompt = body.get("prompt")
+        _require(isinstance(prompt, str) and bool(prompt), "prompt is required")
+        width, height = _size(body.get("size"))
+        if body["model"] == "seedream-4-0-250828":
+            _require(921_600 <= width * height <= 16_777_216, "size out of range")
+        _require(isinstance(body.get("watermark", True), bool), "watermark must be a boolean")
+        images = body.get("image", [])
+        images = [images] if isinstance(images, str) else images
+        _require(isinstance(images, list) and len(images) <= 10, "at most 10 images")
+        for url in images:
+            _data_url(url)
+        seed = body.get("seed", -1)
+        _require(isinstance(seed, int) and -1 <= seed <= 2147483647, "seed out of range")
+        count = 1
+        if body.get("sequential_image_generation", "disabled") == "auto":
+            options = body.get("sequential_image_generation_options", {})
+            count = options.get("max_images", 15)
+            _require(1 <= count <= 15 and count + len(images) <= 15, "max_images out of range")
+        else:
+            _require(body.get("sequential_image_generation") == "disabled", "bad sequential")
+        if self.ark_max_images is not None:
+            count = min(count, self.ark_max_images)
+        _require(body.get("response_format", "url") in ("url", "b64_json"), "response_format")
+        if REFUSED_WORD in prompt:
+            raise Invalid(
+                "The request failed because the input text may contain sensitive information."
+            )
+        data = [
+            self._output((width, height), f"{prompt}|{seed}|{n}", body.get("response_format"))
+            for n in range(count)
+        ]
+        return {
+            "model": body["model"],
+            "created": int(time.time()),
+            "data": data,
+            "usage": {"generated_images": len(data), "output_tokens": 0, "total_tokens": 0},
+        }
+
+    def _gemini(self, path: str, body: Any) -> Any:
+        model = re.fullmatch(r"/v1beta/models/([^/:]+):generateContent", path)
+        _require(model is not None and model.group(1) in GEMINI_MODELS, "model not found")
+        _require(isinstance(body, dict), "body must be a JSON object")
+        contents = body.get("contents")
+        _require(isinstance(contents, list) and len(contents) == 1, "one content")
+        parts = contents[0].get("parts")
+        _require(isinstance(parts, list) and bool(parts), "parts required")
+        for part in parts:
+            _require(isinstance(part, dict) and len(part) == 1, "a part has one field")
+            _require(set(part) <= {"text", "inline_data"}, f"unknown part {sorted(part)}")
+        text = " ".join(part["text"] for part in parts if "text" in part)
+        inline = [part["inline_data"] for part in parts if "inline_data" in part]
+        _require(len(inline) <= 3, "at most 3 input images")
+        for image in inline:
+            _require(image.get("mime_type") in ("image/jpeg", "image/png"), "mime_type")
+            _decode_image(image.get("data"))
+        config = body.get("generationConfig", {})
+        _require(config.get("responseModalities") == ["IMAGE"], "responseModalities")
+        ratio = config.get("imageConfig", {}).get("aspectRatio", "1:1")
+        _require(ratio in GEMINI_SIZES, f"aspectRatio {ratio} not supported")
+        if REFUSED_WORD in text:
+            return {"promptFeedback": {"blockReason": "PROHIBITED_CONTENT"}}
+        if "no picture" in text:
+            return {
+                "candidates": [
+                    {
+                        "content": {"parts": [{"text": "I cannot draw that."}], "role": "model"},
+                        "finishReason": "STOP",
+                    }
+                ]
+            }
+        png = _png(GEMINI_SIZES[ratio], text)
+        return {
+            "candidates": [
+                {
+                    "content": {
+                        "role": "model",
+                        "parts": [
+                            {"text": "Here is your image."},
+                            {"inlineData": {"mimeType": "image/png", "data": _b64(png)}},
+                        ],
+                    },
+                    "finishReason": "STOP",
+                }
+            ],
+            "usageMetadata": {"promptTokenCount": 10},
+        }
+
+    def _openai(self, path: str, body: Any) -> Any:
+        if path == "/v1/images/edits":
+            _require(isinstance(body, dict) and "fields" in body, "multipart/form-data required")
+            fields, images = body["fields"], body["images"]
+            _require(bool(images), "image is required")
+            _require(set(fields) <= OPENAI_FIELDS, f"unknown parameter {sorted(fields)}")
+            n = int(fields.get("n", "1"))
+        else:
+            _require(isinstance(body, dict), "body must be a JSON object")
+            fields = body
+            _require(set(fields) <= OPENAI_FIELDS, f"unknown parameter {sorted(fields)}")
+            n = fields.get("n", 1)
+            _require(isinstance(n, int), "n must be an integer")
+        prompt = fields.get("prompt")
+        _require(isinstance(prompt, str) and bool(prompt), "prompt is required")
+        _require(bool(fields.get("model")), "model is required")
+        _require(1 <= n <= 10, "n must be 1 to 10")
+        size = _size(fields.get("size", "1024x1024"))
+        if REFUSED_WORD in prompt:
+            raise Invalid("Your request was rejected as a result of our safety system.")
+        data = [
+            self._output(size, f"{prompt}|{i}", fields.get("response_format") or "b64_json")
+            for i in range(n)
+        ]
+        return {"created": int(time.time()), "data": data}
+
+    def _output(self, size: tuple[int, int], seed: str, response_format: str | None) -> Any:
+        png = _png(size, seed)
+        if response_format == "b64_json":
+            return {"b64_json": _b64(png), "size": f"{size[0]}x{size[1]}"}
+        name = hashlib.sha256(png).hexdigest()[:16] + ".png"
+        with self._lock:
+            self._files[name] = png
+        return {"url": f"{self.url}/files/{name}?X-Signature=abc", "size": f"{size[0]}x{size[1]}"}
+
+    def _file(self, name: str) -> Any:
+        name = name.split("?")[0]
+        with self._lock:
+            data = self._files.get(name)
+        if self.links_expired:
+            return (
+                403,
+                b"<Error><Code>AccessDenied</Code><Message>Request has expired</Message>",
+                {},
+            )
+        if data is None:
+            return 404, b"not found", {}
+        return 200, data, {"content-type": "image/png"}
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _serve(self) -> None:
+                length = int(self.headers.get("content-length") or 0)
+                raw = self.rfile.read(length)
+                headers = {key.lower(): value for key, value in self.headers.items()}
+                status, body, extra = fake._answer(self.command, self.path, headers, raw)
+                data = body if isinstance(body, bytes) else json.dumps(body).encode()
+                self.send_response(status)
+                if "content-type" not in extra:
+                    kind = "application/json" if not isinstance(body, bytes) else "text/plain"
+                    self.send_header("content-type", kind)
+                for key, value in extra.items():
+                    self.send_header(key, value)
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                # the client may have given up (a cancelled or timed-out call)
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    self.wfile.write(data)
+
+            do_GET = _serve
+            do_POST = _serve
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        return Handler
+
+
+@contextmanager
+def fake_upstream() -> Iterator[FakeUpstream]:
+    fake = FakeUpstream()
+    try:
+        yield fake
+    finally:
+        fake.close()
+
+
+class Invalid(Exception):
+    """A request the real service would refuse with a 400."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise Invalid(message)
+
+
+def _vendor(path: str) -> str | None:
+    if path == "/api/v3/images/generations":
+        return "ark"
+    if path.startswith("/v1beta/models/"):
+        return "gemini"
+    if path in ("/v1/images/generations", "/v1/images/edits"):
+        return "openai"
+    return None
+
+
+def _authorised(vendor: str, headers: dict[str, str]) -> bool:
+    if vendor == "gemini":
+        return headers.get("x-goog-api-key") == KEY
+    return headers.get("authorization") == f"Bearer {KEY}"
+
+
+def _error(vendor: str, scripted: Scripted, message: str | None = None) -> Any:
+    text = message or f"fake {vendor} error {scripted.status}"
+    if vendor == "ark":
+        return {"error": {"code": "InvalidParameter", "message": text, "type": "BadRequest"}}
+    if vendor == "gemini":
+        return {"error": {"code": scripted.status, "message": text, "status": "INVALID_ARGUMENT"}}
+    return {"error": {"message": text, "type": "invalid_request_error", "code": None}}
+
+
+def _parse(headers: dict[str, str], raw: bytes) -> Any:
+    kind = headers.get("content-type", "")
+    if kind.startswith("multipart/form-data"):
+        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+            b"content-type: " + kind.encode() + b"\r\n\r\n" + raw
+        )
+        fields: dict[str, str] = {}
+        images: list[Image.Image] = []
+        for part in message.iter_parts():
+            name = part.get_param("name", header="content-disposition")
+            payload = part.get_payload(decode=True)
+            if name == "image[]":
+                images.append(_open(payload))
+            else:
+                fields[str(name)] = payload.decode()
+        return {"fields": fields, "images": images}
+    try:
+        return json.loads(raw) if raw else None
+    except ValueError:
+        return None
+
+
+def _size(value: Any) -> tuple[int, int]:
+    match = re.fullmatch(r"(\d+)x(\d+)", value) if isinstance(value, str) else None
+    _require(match is not None, f"size {value!r} is not WIDTHxHEIGHT")
+    assert match is not None
+    width, height = int(match.group(1)), int(match.group(2))
+    _require(64 <= width <= 8192 and 64 <= height <= 8192, "size out of range")
+    return width, height
+
+
+def _data_url(url: Any) -> Image.Image:
+    _require(isinstance(url, str), "image must be a string")
+    match = re.fullmatch(r"data:image/(jpeg|png|webp);base64,(.+)", url, re.DOTALL)
+    _require(match is not None, "image must be a URL or a data:image/<fmt>;base64 URL")
+    assert match is not None
+    return _decode_image(match.group(2))
+
+
+def _decode_image(data: Any) -> Image.Image:
+    _require(isinstance(data, str), "image data must be base64")
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise Invalid("image data is not base64") from None
+    _require(len(raw) <= 10 << 20, "image larger than 10 MB")
+    return _open(raw)
+
+
+def _open(raw: bytes) -> Image.Image:
+    try:
+        with Image.open(io.BytesIO(raw)) as image:
+            image.load()
+            return image.copy()
+    except OSError:
+        raise Invalid("image cannot be decoded") from None
+
+
+def _png(size: tuple[int, int], seed: str) -> bytes:
+    """A real PNG of `size`: a gradient whose colours come from `seed`."""
+    digest = hashlib.sha256(seed.encode()).digest()
+    start, end = digest[:3], digest[3:6]
+    strip = Image.linear_gradient("L").resize(size)
+    image = Image.merge(
+        "RGB",
+        [
+            strip.point(lambda v, a=a, b=b: a + (b - a) * v // 255)
+            for a, b in zip(start, end, strict=True)
+        ],
+    )
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
