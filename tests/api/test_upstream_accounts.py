@@ -1,0 +1,133 @@
+"""Accounts on the official model APIs, end to end through the API: a job on an `ark`, `gemini`
+or `openai` account runs against a fake upstream on 127.0.0.1, and its images are stored and
+served by dreamserve, never handed out as upstream links."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+from support import Harness, open_harness
+from upstreams import KEY, FakeUpstream, fake_upstream
+
+from dreamserve.settings import Settings
+
+pytestmark = pytest.mark.anyio
+
+ACCOUNT = "US:vendor@example.com"
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeUpstream]:
+    with fake_upstream() as upstream:
+        yield upstream
+
+
+@pytest.fixture
+async def trusting(settings: Settings) -> AsyncIterator[Harness]:
+    """A server that lets users' accounts reach private addresses (the fakes' 127.0.0.1)."""
+    allowed = settings.model_copy(update={"upstream_allow_private": True})
+    async with open_harness(allowed) as opened:
+        yield opened
+
+
+def account(engine: str, fake: FakeUpstream, **settings: Any) -> dict[str, Any]:
+    values = {"apiKey": KEY, "baseUrl": fake.url, **settings}
+    return {"account": ACCOUNT, "engine": engine, "maxJobs": 4, "settings": values}
+
+
+@pytest.mark.parametrize(
+    ("engine", "extra", "body", "size"),
+    [
+        ("ark", {}, {"model": "seedream-4.0", "ratio": "16:9", "resolution": "2k"}, (2560, 1440)),
+        ("gemini", {}, {"model": "nano-banana", "ratio": "21:9"}, (1536, 672)),
+        (
+            "openai",
+            {"model": "gpt-image-1", "sizes": ["1024x1024", "1536x1024", "1024x1536"]},
+            {"model": "seedream-4.0", "ratio": "3:4", "resolution": "2k"},
+            (1728, 2304),
+        ),
+    ],
+)
+async def test_a_job_on_an_upstream_account_is_stored_and_served_by_us(
+    trusting: Harness,
+    fake: FakeUpstream,
+    engine: str,
+    extra: dict[str, Any],
+    body: dict[str, Any],
+    size: tuple[int, int],
+) -> None:
+    summary = await trusting.put_account(account(engine, fake, **extra))
+    assert "apiKey" not in str(summary)
+    posted = await trusting.post({**body, "prompt": "a red kite", "count": 2, "account": ACCOUNT})
+    assert posted.status_code == 200, posted.text
+    record = await trusting.wait(posted.json()["jobid"])
+    assert record["status"] == "completed", record
+    images = record["response"]["images"]
+    assert [(image["width"], image["height"]) for image in images] == [size] * 2
+    for image in images:
+        assert image["imageUrl"].startswith("http://testserver/")
+        assert fake.url not in image["imageUrl"]
+        served = await trusting.client.get(image["imageUrl"])
+        assert served.status_code == 200
+        assert served.headers["content-type"] == "image/jpeg"
+    assert fake.seen
+
+
+async def test_a_refused_api_key_puts_the_account_in_error(
+    trusting: Harness, fake: FakeUpstream
+) -> None:
+    await trusting.put_account(
+        {**account("ark", fake), "settings": {"apiKey": "sk-wrong", "baseUrl": fake.url}}
+    )
+    posted = await trusting.post({"prompt": "a kite", "count": 1, "account": ACCOUNT})
+    record = await trusting.wait(posted.json()["jobid"])
+    assert (record["status"], record["error"], record["errorDetails"]) == (
+        "failed",
+        "Upstream refused the account's credentials",
+        "ark answered 401: Invalid API key",
+    )
+    shown = (await trusting.call("GET", f"/accounts/{ACCOUNT}")).json()
+    assert shown["error"] == "Upstream refused the account's credentials"
+
+
+async def test_a_users_account_may_not_reach_a_private_address(
+    harness: Harness, fake: FakeUpstream
+) -> None:
+    await harness.put_account(account("gemini", fake))
+    posted = await harness.post({"prompt": "a kite", "model": "nano-banana", "account": ACCOUNT})
+    record = await harness.wait(posted.json()["jobid"])
+    assert (record["status"], record["error"], record["errorDetails"]) == (
+        "failed",
+        "Upstream address refused",
+        "127.0.0.1 is not a public address",
+    )
+    assert fake.seen == []
+
+
+async def test_a_shared_account_may_reach_the_operators_own_network(
+    harness: Harness, fake: FakeUpstream
+) -> None:
+    await harness.service.put_account(None, account("openai", fake, model="local-model"))
+    posted = await harness.post({"prompt": "a kite", "count": 1, "account": ACCOUNT})
+    record = await harness.wait(posted.json()["jobid"])
+    assert record["status"] == "completed", record
+    assert [call.body["model"] for call in fake.calls("generations")] == ["local-model"]
+
+
+async def test_an_account_lists_the_models_its_upstream_serves(
+    trusting: Harness, fake: FakeUpstream
+) -> None:
+    summary = await trusting.put_account(account("gemini", fake))
+    assert summary["models"] == {"image": ["nano-banana"]}
+    reply = await trusting.call(
+        "POST", "/accounts", {**account("ark", fake), "models": ["nano-banana"]}
+    )
+    assert (reply.status_code, reply.json()) == (
+        400,
+        {
+            "error": "Parameter models (nano-banana) valid values: seedream-4.5, seedream-4.0, "
+            "seedream-3.0 (what engine ark serves)"
+        },
+    )
