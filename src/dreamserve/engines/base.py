@@ -132,6 +132,7 @@ async def until_cancelled(work: Awaitable[T], cancel: CancelSignal) -> T:
     cancelled): for engines that wait on the network rather than compute."""
     task = asyncio.ensure_future(work)
     try:
+        cancel.raise_if_set()
         while True:
             done, _ = await asyncio.wait({task}, timeout=CANCEL_POLL_SECONDS)
             if done:
