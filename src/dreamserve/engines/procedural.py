@@ -14,6 +14,7 @@ import asyncio
 import colorsys
 import hashlib
 import re
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -55,10 +56,16 @@ class ProceduralEngine:
         loop = asyncio.get_running_loop()
         references = await loop.run_in_executor(self._executor, fit_reference, request)
         count = request.count
+        # The images render side by side: progress is the sum of theirs, reported under a
+        # lock so that it never goes back.
+        done = [0.0] * count
+        lock = threading.Lock()
 
         def image(index: int) -> Image.Image:
             def report(fraction: float) -> None:
-                progress((index + fraction) / count)
+                with lock:
+                    done[index] = fraction
+                    progress(sum(done) / count)
 
             return render(request, index, references, report, cancel)
 
