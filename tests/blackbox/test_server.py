@@ -375,3 +375,62 @@ def test_upload_generate_with_the_reference_upscale_and_download(server: Server)
     decoded = Image.open(io.BytesIO(reply.content))
     decoded.load()
     assert (decoded.format, decoded.size) == ("JPEG", (5404, 3040))
+
+
+TINY_CONFIG = """
+[sizes.tiny.1k]
+"1:1" = "64x64"
+"16:9" = "112x64"
+
+[[models]]
+name = "tiny-sd"
+resolutions = ["1k"]
+sizes = "tiny"
+max_refs = 1
+prompt_required = true
+auto_ratio = false
+
+[[accounts]]
+account = "LOCAL:gpu0"
+engine = "diffusers"
+maxJobs = 1
+settings = {{ model = "{model}", models = ["tiny-sd"], device = "cpu", steps = 2 }}
+"""
+
+
+def test_a_diffusers_model_from_the_config_file_serves_jobs(data_dir: Path, tmp_path: Path) -> None:
+    """An operator's open model, end to end: the config file declares the model and a shared
+    diffusers account; the server loads the pipeline from disk on the first job."""
+    pytest.importorskip("diffusers")
+    from tiny_pipeline import build_tiny_pipeline
+
+    model = tmp_path / "tiny-sd"
+    build_tiny_pipeline(model)
+    config = tmp_path / "dreamserve.toml"
+    config.write_text(TINY_CONFIG.format(model=model))
+    server = Server(data_dir, free_port(), extra={"DREAMSERVE_CONFIG": str(config)})
+    try:
+        headers = {"Authorization": f"Bearer {server.token}"}
+        with httpx.Client(base_url=server.url, headers=headers, timeout=30) as client:
+            body = {"prompt": "a lighthouse", "model": "tiny-sd", "ratio": "16:9", "count": 2}
+            created = client.post("/v1/dreamina/images", json={**body, "seed": 3})
+            assert created.status_code == 200, created.text
+            record = wait_completed(client, created.json()["jobid"])
+            assert record["status"] == "completed", record
+            shown = client.get("/v1/dreamina/accounts/LOCAL:gpu0").json()
+        assert shown["engine"] == "diffusers"
+        assert shown["models"] == {"image": ["tiny-sd"]}
+        assert shown["details"] == {
+            "kind": "diffusers",
+            "model": str(model),
+            "device": "cpu",
+            "dtype": "float32",
+            "loaded": "StableDiffusionPipeline",
+        }
+        with httpx.Client(timeout=30) as anonymous:
+            for image in record["response"]["images"]:
+                reply = anonymous.get(image["imageUrl"])
+                decoded = Image.open(io.BytesIO(reply.content))
+                assert (decoded.format, decoded.size) == ("JPEG", (112, 64))
+    finally:
+        server.stop()
