@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint typecheck pytest bench bench-admission openapi clean
+.PHONY: run test lint typecheck pytest bench bench-admission bench-engine openapi clean
 
 run: $(VENV)/.installed
 	$(BIN)/dreamserve serve
@@ -24,6 +24,9 @@ bench: $(VENV)/.installed-bench
 
 bench-admission: $(VENV)/.installed-bench
 	$(BIN)/python bench/admission.py
+
+bench-engine: $(VENV)/.installed-bench
+	$(BIN)/python bench/engine.py
 
 openapi: $(VENV)/.installed
 	$(BIN)/dreamserve openapi > openapi.json

@@ -193,7 +193,8 @@ class JobRunner:
                 f"engine {account.engine} returned images of {sizes}, expected "
                 f"{spec.count} of {spec.width}x{spec.height}",
             )
-        return [await self._store(job, image) for image in images]
+        # Encoded side by side (in the executor): a 4k JPEG takes a tenth of a second.
+        return list(await asyncio.gather(*(self._store(job, image) for image in images)))
 
     async def _reference(self, key: str, bound: int) -> Image.Image:
         try:
@@ -205,10 +206,10 @@ class JobRunner:
 
     async def _store(self, job: Job, image: Image.Image) -> StoredImage:
         now = self.clock()
+        item_id = self.ids.item_id(now)  # before any await: a job's images keep their order
         image_format = self.config.image_format
         loop = asyncio.get_running_loop()
         data = await loop.run_in_executor(self.executor, encode, image, image_format)
-        item_id = self.ids.item_id(now)
         key = f"images/{now:%Y/%m/%d}/{item_id}.{EXTENSIONS[image_format]}"
         await self.blobs.put(key, data)
         return StoredImage(item_id, key, image.width, image.height, image_format, len(data))
