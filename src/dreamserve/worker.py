@@ -21,7 +21,13 @@ from functools import partial
 from PIL import Image, ImageOps, PngImagePlugin
 from sqlalchemy import Connection
 
-from dreamserve.engines.base import CancelSignal, GenerationRequest, Upscaler, UpscaleRequest
+from dreamserve.engines.base import (
+    CancelSignal,
+    Engine,
+    GenerationRequest,
+    Upscaler,
+    UpscaleRequest,
+)
 from dreamserve.engines.registry import EngineRegistry
 from dreamserve.errors import AccountError, Cancelled, EngineUnavailable, JobFailed
 from dreamserve.events import JobEvents
@@ -154,7 +160,7 @@ class JobRunner:
         self, job: Job, account: Account, progress: _Progress, cancel: CancelSignal
     ) -> list[StoredImage]:
         try:
-            engine = self.engines.engine(
+            engine = self.engines.acquire(
                 account.engine,
                 account.settings,
                 sealed=account.sealed,
@@ -164,6 +170,16 @@ class JobRunner:
             )
         except EngineUnavailable as missing:  # uninstalled since the account was saved
             raise AccountError("Engine unavailable", missing.message) from None
+        try:
+            images = await self._images(job, account, engine, progress, cancel)
+        finally:
+            await self.engines.release(engine)
+        # Encoded side by side (in the executor): a 4k JPEG takes a tenth of a second.
+        return list(await asyncio.gather(*(self._store(job, image) for image in images)))
+
+    async def _images(
+        self, job: Job, account: Account, engine: Engine, progress: _Progress, cancel: CancelSignal
+    ) -> list[Image.Image]:
         spec = job.spec
         bound = max(spec.width, spec.height)  # references are never needed larger than this
         references = tuple([await self._reference(key, bound) for key in spec.references])
@@ -193,8 +209,7 @@ class JobRunner:
                 f"engine {account.engine} returned images of {sizes}, expected "
                 f"{spec.count} of {spec.width}x{spec.height}",
             )
-        # Encoded side by side (in the executor): a 4k JPEG takes a tenth of a second.
-        return list(await asyncio.gather(*(self._store(job, image) for image in images)))
+        return images
 
     async def _reference(self, key: str, bound: int) -> Image.Image:
         try:

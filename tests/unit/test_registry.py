@@ -137,6 +137,35 @@ def test_a_retired_account_builds_a_new_engine(registry: EngineRegistry) -> None
     assert registry.engine("recorded", {}, account_id=1, version=(1, 1)) is not first
 
 
+async def test_a_replaced_engine_is_closed_when_its_last_job_ends(
+    registry: EngineRegistry,
+) -> None:
+    """A new save of an account must not leave its old engine (a model on a GPU) open until
+    shutdown, nor close it under a job that still runs on it."""
+    old = registry.acquire("recorded", {"a": 1}, account_id=1, version=(1, 1))
+    second_job = registry.acquire("recorded", {"a": 1}, account_id=1, version=(1, 1))
+    assert second_job is old
+    new = registry.acquire("recorded", {"a": 2}, account_id=1, version=(1, 2))
+    await registry.release(old)
+    assert Recorded.closed == 0  # a job still runs on it
+    await registry.release(second_job)
+    assert Recorded.closed == 1  # the old one, not the current one
+    await registry.release(new)
+    assert Recorded.closed == 1
+    await registry.close()
+    assert Recorded.closed == 2
+
+
+async def test_an_unused_retired_engine_is_closed_at_the_next_release(
+    registry: EngineRegistry,
+) -> None:
+    registry.engine("recorded", {}, account_id=1, version=(1, 1))  # built by admission only
+    registry.retire(1)  # the account was deleted
+    other = registry.acquire("recorded", {}, account_id=2, version=(1, 1))
+    await registry.release(other)
+    assert Recorded.closed == 1
+
+
 async def test_close_closes_current_and_replaced_engines(registry: EngineRegistry) -> None:
     registry.engine("recorded", {}, account_id=1, version=(1, 1))
     registry.engine("recorded", {}, account_id=1, version=(1, 2))

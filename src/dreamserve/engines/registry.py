@@ -8,6 +8,7 @@ are stored) and opens them again when it builds the account's engine.
 from __future__ import annotations
 
 import importlib
+import logging
 import threading
 from collections.abc import Mapping
 from dataclasses import replace
@@ -18,6 +19,8 @@ from pydantic import SecretStr, ValidationError
 from dreamserve.engines.base import Engine, EngineContext, EngineFactory, EngineSettings
 from dreamserve.errors import BadRequest, EngineUnavailable, MissingParameter
 from dreamserve.storage.sealing import SecretBox
+
+log = logging.getLogger(__name__)
 
 # An engine is named by "module:attribute" (imported on first use) or given as its factory.
 EngineSource = str | EngineFactory
@@ -48,7 +51,8 @@ class EngineRegistry:
         self._paths = dict(engines)
         # account id -> ((created, updated), engine)
         self._instances: dict[int, tuple[tuple[int, int], Engine]] = {}
-        self._retired: list[Engine] = []
+        self._retired: list[Engine] = []  # replaced or deleted, closed once unused
+        self._uses: dict[int, int] = {}  # id(engine) -> jobs running on it (acquire/release)
         self._lock = threading.Lock()  # database threads ask too (admission)
 
     @property
@@ -116,15 +120,50 @@ class EngineRegistry:
                 (created, updated), engine = current
                 if created == version[0] and updated >= version[1]:
                     return engine
-                self._retired.append(engine)  # jobs may still use it: closed at shutdown
+                self._retired.append(engine)  # closed once no job runs on it (release)
             merged = {**settings, **self.box.open(sealed)}
             context = replace(self.context, allow_private=True) if shared else self.context
             engine = self.factory(name)(merged, context)
             self._instances[account_id] = (version, engine)
             return engine
 
+    def acquire(
+        self,
+        name: str,
+        settings: Mapping[str, Any],
+        *,
+        sealed: str | None = None,
+        account_id: int,
+        version: tuple[int, int],
+        shared: bool = False,
+    ) -> Engine:
+        """The account's engine for one job, which must `release` it when it ends: an engine
+        retired meanwhile (its account saved with new settings, or deleted) stays open until
+        its last job is over, then is closed (a GPU model is not kept twice)."""
+        engine = self.engine(
+            name, settings, sealed=sealed, account_id=account_id, version=version, shared=shared
+        )
+        with self._lock:
+            self._uses[id(engine)] = self._uses.get(id(engine), 0) + 1
+        return engine
+
+    async def release(self, engine: Engine) -> None:
+        """A job acquired `engine` and is over; close the retired engines no job runs on."""
+        with self._lock:
+            left = self._uses.pop(id(engine)) - 1
+            if left:
+                self._uses[id(engine)] = left
+            idle = [old for old in self._retired if id(old) not in self._uses]
+            self._retired = [old for old in self._retired if id(old) in self._uses]
+        for old in idle:
+            try:
+                await old.close()
+            except Exception:
+                log.exception("closing a retired engine failed")
+
     def retire(self, account_id: int) -> None:
-        """The account is gone: its engine is built no more (closed at shutdown)."""
+        """The account is gone: its engine is built no more (closed when no job runs on it:
+        at the next release, or at shutdown)."""
         with self._lock:
             current = self._instances.pop(account_id, None)
             if current is not None:
