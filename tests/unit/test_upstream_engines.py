@@ -5,6 +5,7 @@ shapes of shared/upstreams.md, batching, downloads, and the error mapping."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import time
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from upstreams import KEY, FakeUpstream, Scripted, fake_upstream
 
 from dreamserve.catalogue import default_catalogue
 from dreamserve.engines.ark import ArkEngine
-from dreamserve.engines.base import CancelSignal, EngineContext, GenerationRequest
+from dreamserve.engines.base import CancelSignal, EngineContext, GenerationRequest, until_cancelled
 from dreamserve.engines.gemini import GeminiEngine
 from dreamserve.engines.openai import OpenAIEngine
 from dreamserve.engines.registry import EngineRegistry
@@ -443,3 +444,33 @@ def test_openai_sizes_must_be_width_x_height(registry: EngineRegistry) -> None:
     assert bad.value.message == (
         "Parameter settings.sizes is invalid: Value error, 'big' is not WIDTHxHEIGHT"
     )
+
+
+# -- the cancel plumbing -----------------------------------------------------------------------
+
+
+async def test_work_that_fails_after_a_cancel_leaves_no_unretrieved_exception() -> None:
+    """A call that fails as it is cancelled (a sibling image's call failed first, or the job
+    was cancelled) must not leave 'Task exception was never retrieved' behind: the server's
+    loop reported it as an error of its own."""
+    reported: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda loop, context: reported.append(context))
+
+    async def work() -> None:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            raise ValueError("failed while being cancelled") from None
+
+    cancel = CancelSignal()
+    running = asyncio.ensure_future(until_cancelled(work(), cancel))
+    await asyncio.sleep(0.05)
+    cancel.set()
+    with pytest.raises(Cancelled):
+        await running
+    del running
+    gc.collect()
+    await asyncio.sleep(0)
+    loop.set_exception_handler(None)
+    assert reported == []

@@ -142,6 +142,8 @@ async def until_cancelled(work: Awaitable[T], cancel: CancelSignal) -> T:
         if not task.done():
             task.cancel()
             await asyncio.wait({task})
+        if not task.cancelled():
+            task.exception()  # retrieved: a failure after we stopped waiting is not reported
 
 
 def to_size(image: Image.Image, width: int, height: int) -> Image.Image:
