@@ -4,6 +4,7 @@ served by dreamserve, never handed out as upstream links."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -131,3 +132,24 @@ async def test_an_account_lists_the_models_its_upstream_serves(
             "seedream-3.0 (what engine ark serves)"
         },
     )
+
+
+async def test_choosing_diffusers_without_torch_is_a_400_naming_what_to_install(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch now raises ImportError
+    monkeypatch.delitem(sys.modules, "dreamserve.engines.diffusers", raising=False)
+    body = {
+        "account": "LOCAL:gpu",
+        "engine": "diffusers",
+        "settings": {"model": "stabilityai/sdxl-turbo", "models": ["seedream-4.0"]},
+    }
+    reply = await harness.call("POST", "/accounts", body)
+    assert (reply.status_code, reply.json()) == (
+        400,
+        {
+            "error": "Engine diffusers needs torch, which is not installed on this server: "
+            "pip install 'dreamserve[diffusers]'"
+        },
+    )
+    assert (await harness.call("GET", "/accounts/LOCAL:gpu")).status_code == 404
