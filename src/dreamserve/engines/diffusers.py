@@ -196,13 +196,18 @@ def _device_thread(device: torch.device) -> ThreadPoolExecutor:
 
 
 def _device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        # "cuda" and "cuda:0" are one GPU: one thread (and one queue) for both
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _dtype(name: str, device: torch.device) -> torch.dtype:
