@@ -61,6 +61,20 @@ GEMINI_SIZES = {
     "21:9": (1536, 672),
 }
 OPENAI_FIELDS = {"model", "prompt", "n", "size", "response_format", "output_format", "quality"}
+GEMINI_BAD_KEY = {
+    "error": {
+        "code": 400,
+        "message": "API key not valid. Please pass a valid API key.",
+        "status": "INVALID_ARGUMENT",
+        "details": [
+            {
+                "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                "reason": "API_KEY_INVALID",
+                "domain": "googleapis.com",
+            }
+        ],
+    }
+}
 REFUSED_WORD = "forbidden"  # a prompt with it is refused as a content-policy violation
 
 
@@ -89,6 +103,7 @@ class FakeUpstream:
         self.script: deque[Scripted] = deque()
         self.delay = 0.0  # before every normal answer
         self.links_expired = False  # output links answer 403, as a signed link past its time
+        self.links_redirect = False  # output links answer 302 to where the file is
         self.ark_max_images: int | None = None  # Seedream may return fewer than asked
         self._files: dict[str, bytes] = {}
         self._lock = threading.Lock()
@@ -110,6 +125,10 @@ class FakeUpstream:
     # -- answers --------------------------------------------------------------------------
 
     def _answer(self, method: str, path: str, headers: dict[str, str], raw: bytes) -> Any:
+        if method == "GET" and path.startswith("/redirect/"):  # to storage, as CDNs do
+            with self._lock:
+                self.downloads.append(Seen(method, path, headers, None))
+            return 302, b"", {"location": path.replace("/redirect/", "/files/", 1)}
         if method == "GET" and path.startswith("/files/"):
             with self._lock:
                 self.downloads.append(Seen(method, path, headers, None))
@@ -130,6 +149,8 @@ class FakeUpstream:
             return scripted.status, answer, scripted.headers
         time.sleep(self.delay)
         if not _authorised(vendor, headers):
+            if vendor == "gemini":  # Gemini answers a bad key with a 400, not a 401
+                return 400, GEMINI_BAD_KEY, {}
             return 401, _error(vendor, Scripted(401), "Invalid API key"), {}
         try:
             if vendor == "ark":
@@ -148,8 +169,15 @@ class FakeUpstream:
         prompt = body.get("prompt")
         _require(isinstance(prompt, str) and bool(prompt), "prompt is required")
         width, height = _size(body.get("size"))
-        if body["model"] == "seedream-4-0-250828":
+        model = body["model"]
+        if model == "seedream-4-0-250828":
             _require(921_600 <= width * height <= 16_777_216, "size out of range")
+        if model == "seedream-4-5-251128":
+            _require(3_686_400 <= width * height <= 16_777_216, "size out of range")
+        if model == "seedream-3-0-t2i-250415":
+            _require(min(width, height) >= 512 and max(width, height) <= 2048, "size out of range")
+            sequential = {"sequential_image_generation", "sequential_image_generation_options"}
+            _require(not sequential & set(body), "sequential_image_generation not supported")
         _require(isinstance(body.get("watermark", True), bool), "watermark must be a boolean")
         images = body.get("image", [])
         images = [images] if isinstance(images, str) else images
@@ -159,12 +187,15 @@ class FakeUpstream:
         seed = body.get("seed", -1)
         _require(isinstance(seed, int) and -1 <= seed <= 2147483647, "seed out of range")
         count = 1
-        if body.get("sequential_image_generation", "disabled") == "auto":
+        if model == "seedream-3-0-t2i-250415":
+            pass
+        elif body.get("sequential_image_generation", "disabled") == "auto":
             options = body.get("sequential_image_generation_options", {})
             count = options.get("max_images", 15)
             _require(1 <= count <= 15 and count + len(images) <= 15, "max_images out of range")
         else:
-            _require(body.get("sequential_image_generation") == "disabled", "bad sequential")
+            sequential = body.get("sequential_image_generation", "disabled")
+            _require(sequential == "disabled", "bad sequential")
         if self.ark_max_images is not None:
             count = min(count, self.ark_max_images)
         _require(body.get("response_format", "url") in ("url", "b64_json"), "response_format")
@@ -265,7 +296,8 @@ class FakeUpstream:
         name = hashlib.sha256(png).hexdigest()[:16] + ".png"
         with self._lock:
             self._files[name] = png
-        return {"url": f"{self.url}/files/{name}?X-Signature=abc", "size": f"{size[0]}x{size[1]}"}
+        route = "redirect" if self.links_redirect else "files"
+        return {"url": f"{self.url}/{route}/{name}?X-Signature=abc", "size": f"{size[0]}x{size[1]}"}
 
     def _file(self, name: str) -> Any:
         name = name.split("?")[0]

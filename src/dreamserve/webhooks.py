@@ -110,6 +110,15 @@ class ReplyUrlRefused(ValueError):
 async def check_reply_url(url: str, resolver: Resolver = resolve) -> None:
     """Refuse (ReplyUrlRefused, saying why) a replyUrl whose host resolves to no address or to
     any address `refusal` names. The URL's form was checked by submission.py."""
+    reason = await host_refusal(url, resolver)
+    if reason is not None:
+        raise ReplyUrlRefused(reason)
+
+
+async def host_refusal(url: str, resolver: Resolver = resolve) -> str | None:
+    """Why the host of `url` may not be reached (it resolves to no address, or to an address
+    `refusal` names), or None. Checked before connecting, so that nothing, not even a
+    connection attempt, reaches a refused address."""
     parts = urlsplit(url)
     host = parts.hostname or ""
     port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -118,13 +127,14 @@ async def check_reply_url(url: str, resolver: Resolver = resolve) -> None:
     except (OSError, UnicodeError, ValueError):  # unknown, or no valid name (empty labels)
         addresses = []
     if not addresses:
-        raise ReplyUrlRefused(f"host {host} does not resolve")
+        return f"host {host} does not resolve"
     for address in addresses:
         reason = refusal(address)
         if reason is not None:
             if host.strip("[]") == address:
-                raise ReplyUrlRefused(f"{address} is {reason}")
-            raise ReplyUrlRefused(f"{host} resolves to {address}, {reason}")
+                return f"{address} is {reason}"
+            return f"{host} resolves to {address}, {reason}"
+    return None
 
 
 def new_secret() -> str:

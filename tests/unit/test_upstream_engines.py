@@ -5,8 +5,11 @@ shapes of shared/upstreams.md, batching, downloads, and the error mapping."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import gc
+import io
 import os
+import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -17,11 +20,12 @@ from PIL import Image
 from upstreams import KEY, FakeUpstream, Scripted, fake_upstream
 
 from dreamserve.catalogue import default_catalogue
-from dreamserve.engines.ark import ArkEngine
+from dreamserve.engines.ark import ArkEngine, SizeLimit
 from dreamserve.engines.base import CancelSignal, EngineContext, GenerationRequest, until_cancelled
 from dreamserve.engines.gemini import GeminiEngine
 from dreamserve.engines.openai import OpenAIEngine
 from dreamserve.engines.registry import EngineRegistry
+from dreamserve.engines.upstream import encode_reference
 from dreamserve.errors import AccountError, BadRequest, Cancelled, JobFailed
 from dreamserve.storage.sealing import SecretBox
 
@@ -121,10 +125,33 @@ async def test_ark_asks_again_for_images_a_batch_did_not_return(fake: FakeUpstre
     assert len(images) == 4
 
 
-async def test_ark_without_batching_makes_one_call_per_image(fake: FakeUpstream) -> None:
-    images = await run(ark(fake, batching="calls"), request(count=3))
-    assert len(fake.calls("generations")) == 3
+async def test_ark_models_that_cannot_batch_get_one_call_per_image(fake: FakeUpstream) -> None:
+    images = await run(ark(fake, sequentialModels=[]), request(count=3))
+    calls = fake.calls("generations")
+    assert len(calls) == 3
+    assert all("sequential_image_generation" not in call.body for call in calls)
     assert len(images) == 3
+
+
+async def test_seedream_3_is_asked_for_sizes_it_takes_one_image_a_call(
+    fake: FakeUpstream,
+) -> None:
+    """3.0 takes sides of 512-2048 and no batching: 2k 16:9 is asked as 2048x1152 and the
+    result brought to 2560x1440."""
+    job = request("seedream-3.0", width=2560, height=1440, count=2)
+    images = await run(ark(fake), job)
+    calls = fake.calls("generations")
+    assert [call.body["size"] for call in calls] == ["2048x1152"] * 2
+    assert all("sequential_image_generation" not in call.body for call in calls)
+    assert [image.size for image in images] == [(2560, 1440)] * 2
+
+
+def test_size_limits_keep_the_aspect_within_bounds() -> None:
+    assert SizeLimit(minSide=512, maxSide=2048).fit(3024, 1296) == (2048, 877)
+    assert SizeLimit(minSide=512, maxSide=2048).fit(1328, 1328) == (1328, 1328)
+    assert SizeLimit(minPixels=3_686_400).fit(1664, 936) == (2560, 1440)
+    assert SizeLimit(maxPixels=16_777_216).fit(6197, 2656) == (6197, 2656)
+    assert SizeLimit(maxPixels=1_000_000).fit(2000, 2000) == (1000, 1000)
 
 
 async def test_ark_sends_references_as_data_urls(fake: FakeUpstream) -> None:
@@ -265,7 +292,7 @@ async def test_a_private_upstream_is_refused_unless_allowed(fake: FakeUpstream) 
     with pytest.raises(JobFailed) as failure:
         await run(engine, request())
     assert failure.value.error == "Upstream address refused"
-    assert failure.value.details == "127.0.0.1 is not a public address"
+    assert failure.value.details == "127.0.0.1 does not resolve to a public address"
     assert fake.seen == []
 
 
@@ -274,6 +301,135 @@ async def test_an_answer_that_is_not_an_image_fails_the_job(fake: FakeUpstream) 
     with pytest.raises(JobFailed) as failure:
         await run(ark(fake), request())
     assert failure.value.error == "Upstream returned an image that cannot be decoded"
+
+
+async def test_an_api_redirect_is_not_followed_with_the_key(fake: FakeUpstream) -> None:
+    """httpx would strip Authorization on a cross-origin redirect, not x-goog-api-key."""
+    fake.script.append(Scripted(307, {}, {"location": f"{fake.url}/v1beta/models/x:collect"}))
+    with pytest.raises(JobFailed) as failure:
+        await run(gemini(fake), request("nano-banana", width=1024, height=1024))
+    assert failure.value.details == "gemini answered 307"
+    assert [call.path for call in fake.seen] == [
+        "/v1beta/models/gemini-2.5-flash-image:generateContent"
+    ]
+
+
+async def test_output_links_are_followed_through_their_redirects(fake: FakeUpstream) -> None:
+    fake.links_redirect = True
+    images = await run(ark(fake), request())
+    assert [seen.path.split("/")[1] for seen in fake.downloads] == ["redirect", "files"]
+    assert [image.size for image in images] == [(2048, 2048)]
+
+
+async def test_a_gemini_key_refused_with_a_400_puts_the_account_in_error(
+    fake: FakeUpstream,
+) -> None:
+    engine = GeminiEngine({"apiKey": "AIza-wrong", "baseUrl": fake.url}, CONTEXT)
+    with pytest.raises(AccountError) as failure:
+        await run(engine, request("nano-banana", width=1024, height=1024))
+    assert failure.value.details == (
+        "gemini answered 400: API key not valid. Please pass a valid API key."
+    )
+
+
+async def test_the_api_key_never_appears_in_error_details(fake: FakeUpstream) -> None:
+    echo = {"error": {"message": f"bad request for key {KEY} (echoed by a proxy)"}}
+    fake.script.append(Scripted(400, echo))
+    with pytest.raises(JobFailed) as failure:
+        await run(openai(fake), request())
+    assert (
+        failure.value.details == "openai answered 400: bad request for key *** (echoed by a proxy)"
+    )
+
+
+async def test_only_the_images_asked_for_are_downloaded(fake: FakeUpstream) -> None:
+    first = await run(ark(fake, responseFormat="url", sequentialModels=[]), request())
+    assert len(first) == 1
+    link = {"url": f"{fake.url}/files/none.png"}
+    fake.script.append(Scripted(200, {"data": [first_link(fake)] + [link] * 40}))
+    images = await run(ark(fake), request())
+    assert len(images) == 1
+    assert len(fake.downloads) == 2  # one per job
+
+
+def first_link(fake: FakeUpstream) -> dict[str, str]:
+    return {"url": f"{fake.url}{fake.downloads[0].path}"}
+
+
+async def test_an_answer_larger_than_its_bound_fails_the_job(fake: FakeUpstream) -> None:
+    fake.script.append(Scripted(200, {"data": [{"b64_json": "A" * (3 << 20)}]}))
+    with pytest.raises(JobFailed) as failure:
+        await run(ark(fake, maxImageBytes=1024), request())
+    assert failure.value.error == "Upstream answer is too large"
+
+
+async def test_an_image_of_far_more_pixels_than_the_job_is_refused_before_decoding(
+    fake: FakeUpstream,
+) -> None:
+    buffer = io.BytesIO()
+    Image.new("L", (5000, 5000)).save(buffer, "PNG")  # 25 MP in a small file
+    data = base64.b64encode(buffer.getvalue()).decode()
+    fake.script.append(Scripted(200, {"data": [{"b64_json": data}]}))
+    with pytest.raises(JobFailed) as failure:
+        await run(ark(fake), request(width=1024, height=1024))
+    assert (failure.value.error, failure.value.details) == (
+        "Upstream image is too large",
+        "5000x5000 pixels",
+    )
+
+
+@pytest.mark.parametrize("link", ["http://[::1/x.png", "file:///etc/passwd", "gopher://a/b"])
+async def test_a_link_that_cannot_be_fetched_fails_the_job(fake: FakeUpstream, link: str) -> None:
+    fake.script.append(Scripted(200, {"data": [{"url": link}]}))
+    with pytest.raises(JobFailed) as failure:
+        await run(ark(fake), request())
+    assert (failure.value.error, failure.value.details) == (
+        "Upstream returned a link that cannot be fetched",
+        "ark",
+    )
+
+
+async def test_json_nested_past_what_python_parses_is_not_json(fake: FakeUpstream) -> None:
+    fake.script.append(Scripted(200, b"[" * 100_000))
+    with pytest.raises(JobFailed) as failure:
+        await run(ark(fake), request())
+    assert failure.value.error == "Upstream answered with something that is not JSON"
+
+
+async def test_a_private_host_is_refused_before_any_connection() -> None:
+    """Refused by name before connecting, with one message whatever listens there: an
+    answer must not tell a user's account which private ports are open."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.settimeout(0.3)
+        port = listener.getsockname()[1]
+        for base in (f"http://localhost:{port}", f"http://localhost:{free_port()}"):
+            engine = OpenAIEngine(
+                {"apiKey": KEY, "baseUrl": base, "model": "m"}, EngineContext(EXECUTOR)
+            )
+            with pytest.raises(JobFailed) as failure:
+                await run(engine, request())
+            assert (failure.value.error, failure.value.details) == (
+                "Upstream address refused",
+                "localhost does not resolve to a public address",
+            )
+        with pytest.raises(TimeoutError):
+            listener.accept()  # nothing ever connected
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_a_reference_is_made_to_fit_its_bound() -> None:
+    noise = Image.effect_noise((1200, 1200), 90).convert("RGB")
+    data = encode_reference(noise, max_bytes=150_000)
+    assert len(data) <= 150_000
+    with Image.open(io.BytesIO(data)) as decoded:
+        assert decoded.format == "JPEG"
 
 
 # -- gemini ------------------------------------------------------------------------------------
@@ -436,6 +592,25 @@ def test_openai_needs_its_upstream_model(registry: EngineRegistry) -> None:
     with pytest.raises(BadRequest) as missing:
         registry.check_settings("openai", {"apiKey": "k"})
     assert missing.value.message == "Parameter settings.model is required"
+
+
+def test_gemini_aspect_ratios_must_be_w_colon_h(registry: EngineRegistry) -> None:
+    for ratio in ("16/9", "1:0"):
+        with pytest.raises(BadRequest) as bad:
+            registry.check_settings("gemini", {"apiKey": "k", "aspectRatios": [ratio]})
+        assert bad.value.message == (
+            f"Parameter settings.aspectRatios is invalid: Value error, {ratio!r} is not W:H "
+            "with whole numbers above 0"
+        )
+
+
+def test_a_base_url_may_not_carry_credentials(registry: EngineRegistry) -> None:
+    with pytest.raises(BadRequest) as bad:
+        registry.check_settings("ark", {"apiKey": "k", "baseUrl": "https://u:p@example.com"})
+    assert bad.value.message == (
+        "Parameter settings.baseUrl is invalid: Value error, must not carry credentials "
+        "(the key goes in apiKey)"
+    )
 
 
 def test_openai_sizes_must_be_width_x_height(registry: EngineRegistry) -> None:

@@ -10,11 +10,12 @@ account's `models` map, so new model revisions need no code.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
 from PIL import Image
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from dreamserve.catalogue import Model
 from dreamserve.engines.base import CancelSignal, EngineContext, GenerationRequest, ProgressCallback
@@ -31,6 +32,33 @@ BYTEPLUS = "https://ark.ap-southeast.bytepluses.com"
 SEED_LIMIT = 2147483647  # the API takes -1 (random) to this
 
 
+class SizeLimit(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    minSide: int | None = Field(None, ge=1)
+    maxSide: int | None = Field(None, ge=1)
+    minPixels: int | None = Field(None, ge=1)
+    maxPixels: int | None = Field(None, ge=1)
+
+    def fit(self, width: int, height: int) -> tuple[int, int]:
+        """`width` x `height`, scaled at the same aspect into these limits (as near as whole
+        pixels allow)."""
+        scale = 1.0
+        if self.maxPixels and width * height > self.maxPixels:
+            scale = math.sqrt(self.maxPixels / (width * height))
+        if self.minPixels and width * height < self.minPixels:
+            scale = math.sqrt(self.minPixels / (width * height))
+        if self.maxSide and max(width, height) * scale > self.maxSide:
+            scale = self.maxSide / max(width, height)
+        if self.minSide and min(width, height) * scale < self.minSide:
+            scale = self.minSide / min(width, height)
+        if scale == 1.0:
+            return width, height
+        # Rounded inwards when shrinking, outwards when growing, so the limits hold.
+        rounding = math.floor if scale < 1 else math.ceil
+        return rounding(width * scale), rounding(height * scale)
+
+
 class ArkSettings(UpstreamSettings):
     baseUrl: str = BYTEPLUS  # Volcengine: https://ark.cn-beijing.volces.com
     # catalogue model -> upstream model id (or an endpoint id, ep-...)
@@ -44,8 +72,20 @@ class ArkSettings(UpstreamSettings):
     )
     watermark: bool = False
     responseFormat: Literal["url", "b64_json"] = "url"
-    # Models that cannot batch (Seedream 3.0) get one call per image.
-    batching: Literal["sequential", "calls"] = "sequential"
+    # Upstream models that batch (sequential_image_generation); others get one call per image.
+    sequentialModels: list[str] = Field(
+        default_factory=lambda: ["seedream-4-5-251128", "seedream-4-0-250828"]
+    )
+    # Upstream model -> the sizes it takes (shared/upstreams.md); a catalogue size outside is
+    # asked for at the same aspect within them, and the result resampled to the catalogue's.
+    sizeLimits: dict[str, SizeLimit] = Field(
+        default_factory=lambda: {
+            "seedream-3-0-t2i-250415": SizeLimit(minSide=512, maxSide=2048),
+            "seedream-4-0-250828": SizeLimit(minPixels=921_600, maxPixels=16_777_216),
+            "seedream-4-5-251128": SizeLimit(minPixels=3_686_400, maxPixels=16_777_216),
+        }
+    )
+    maxReferenceBytes: int = Field(10 << 20, ge=1024)  # one reference, as Ark takes it
 
 
 class ArkEngine:
@@ -65,8 +105,9 @@ class ArkEngine:
     ) -> list[Image.Image]:
         deadline = self.upstream.deadline()
         loop = asyncio.get_running_loop()
+        limit = self.settings.maxReferenceBytes
         references = await loop.run_in_executor(
-            self.context.executor, lambda: [data_url(image) for image in request.references]
+            self.context.executor, lambda: [data_url(ref, limit) for ref in request.references]
         )
         done = 0
 
@@ -84,14 +125,16 @@ class ArkEngine:
                     "Upstream refused the request",
                     f"ark: {error.get('code', 'error')}: {error.get('message', '')}",
                 )
+            # Never more than asked for: each extra would be downloaded and decoded for nothing.
+            made = made[:count]
             images = [await self._image(item, request, cancel, deadline) for item in made]
             done += len(images)
             progress(min(1.0, done / request.count))
             return images
 
         images: list[Image.Image] = []
-        if request.count > 1 and self.settings.batching == "sequential":
-            images = (await call(request.count))[: request.count]
+        if request.count > 1 and self._upstream_model(request) in self.settings.sequentialModels:
+            images = await call(request.count)
         missing = request.count - len(images)
         for batch in await first_failure_cancels([call(1) for _ in range(missing)]):
             if not batch:
@@ -100,10 +143,15 @@ class ArkEngine:
         return images
 
     def _body(self, request: GenerationRequest, references: list[str], count: int) -> Any:
+        model = self._upstream_model(request)
+        limit = self.settings.sizeLimits.get(model)
+        width, height = (request.width, request.height)
+        if limit is not None:
+            width, height = limit.fit(width, height)
         body: dict[str, Any] = {
-            "model": self.settings.models[request.model],
+            "model": model,
             "prompt": request.prompt,
-            "size": f"{request.width}x{request.height}",
+            "size": f"{width}x{height}",
             "response_format": self.settings.responseFormat,
             "watermark": self.settings.watermark,
         }
@@ -111,12 +159,16 @@ class ArkEngine:
             body["image"] = references[0] if len(references) == 1 else references
         if request.seed is not None:
             body["seed"] = request.seed % (SEED_LIMIT + 1)
-        if count > 1:
-            body["sequential_image_generation"] = "auto"
-            body["sequential_image_generation_options"] = {"max_images": count}
-        else:
-            body["sequential_image_generation"] = "disabled"
+        if model in self.settings.sequentialModels:
+            if count > 1:
+                body["sequential_image_generation"] = "auto"
+                body["sequential_image_generation_options"] = {"max_images": count}
+            else:
+                body["sequential_image_generation"] = "disabled"
         return body
+
+    def _upstream_model(self, request: GenerationRequest) -> str:
+        return self.settings.models[request.model]
 
     async def _image(
         self, item: Any, request: GenerationRequest, cancel: CancelSignal, deadline: float

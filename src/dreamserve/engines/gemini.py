@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from PIL import Image
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from dreamserve.catalogue import Model
 from dreamserve.engines.base import CancelSignal, EngineContext, GenerationRequest, ProgressCallback
@@ -44,6 +44,15 @@ class GeminiSettings(UpstreamSettings):
         min_length=1,
     )
     maxReferences: int = Field(3, ge=0)
+
+    @field_validator("aspectRatios")
+    @classmethod
+    def _ratios(cls, value: list[str]) -> list[str]:
+        for ratio in value:
+            across, _, down = ratio.partition(":")
+            if not (across.isdigit() and down.isdigit() and int(across) and int(down)):
+                raise ValueError(f"{ratio!r} is not W:H with whole numbers above 0")
+        return value
 
 
 class GeminiEngine:

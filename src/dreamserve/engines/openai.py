@@ -76,7 +76,8 @@ class OpenAIEngine:
         async def call(count: int) -> list[Image.Image]:
             nonlocal done
             answer = await self._call(request, references, count, cancel, deadline)
-            images = [await self._image(item, request, cancel, deadline) for item in answer]
+            # Never more than asked for: each extra would be downloaded and decoded for nothing.
+            images = [await self._image(item, request, cancel, deadline) for item in answer[:count]]
             done += len(images)
             progress(min(1.0, done / request.count))
             return images

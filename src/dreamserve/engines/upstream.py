@@ -14,9 +14,13 @@ import base64
 import binascii
 import email.utils
 import io
+import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any, TypeVar
 
@@ -34,7 +38,7 @@ from dreamserve.engines.base import (
     until_cancelled,
 )
 from dreamserve.errors import AccountError, JobFailed
-from dreamserve.webhooks import refusal
+from dreamserve.webhooks import Resolver, host_refusal, refusal, resolve
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +46,11 @@ T = TypeVar("T")
 
 MAX_BACKOFF_SECONDS = 30.0
 MAX_MESSAGE_CHARS = 500
-REFERENCE_QUALITY = 95  # references are sent as JPEG: a tenth of the PNG, well under 10 MB
+MAX_REDIRECTS = 5  # of an output link (to its storage)
+ANSWER_IMAGES = 4  # inline images one answer may carry: its size is bounded by that many
+ERROR_BODY_BYTES = 64 << 10  # of an error answer, enough for its message
+GUARD_CACHE_SECONDS = 60.0  # how long a host's address check holds
+REFERENCE_QUALITIES = (95, 85, 75, 60)  # JPEG qualities tried to fit a reference in its bound
 
 
 class UpstreamSettings(EngineSettings):
@@ -54,7 +62,7 @@ class UpstreamSettings(EngineSettings):
     timeoutSeconds: float = Field(300, gt=0, le=3600)  # one call: these APIs answer slowly
     retries: int = Field(3, ge=0, le=10)  # after a 429, a 5xx or a network error
     budgetSeconds: float = Field(900, gt=0, le=86400)  # the whole job, retries included
-    maxImageBytes: int = Field(64 << 20, ge=1024)  # one downloaded or inline image
+    maxImageBytes: int = Field(32 << 20, ge=1024)  # one downloaded or inline image
 
     @field_validator("baseUrl")
     @classmethod
@@ -67,7 +75,20 @@ class UpstreamSettings(EngineSettings):
             raise ValueError("must be an http or https URL with a host")
         if url.query or url.fragment:
             raise ValueError("must not have a query or a fragment")
+        if url.userinfo:
+            raise ValueError("must not carry credentials (the key goes in apiKey)")
         return value.rstrip("/")
+
+
+@dataclass(frozen=True)
+class _Answer:
+    status: int
+    headers: httpx.Headers
+    content: bytes  # the body, or its first ERROR_BODY_BYTES for an error
+
+    @property
+    def is_success(self) -> bool:
+        return 200 <= self.status < 300
 
 
 class Upstream:
@@ -84,19 +105,24 @@ class Upstream:
         self.settings = settings
         self.context = context
         self._credentials = dict(credentials)  # headers sent to the API, never to downloads
+        self._secrets = [settings.apiKey.get_secret_value()]  # never shown in a message
         self._client: httpx.AsyncClient | None = None
+        self._refusals: dict[str, tuple[float, str | None]] = {}  # host -> (until, refusal)
         self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+        self.resolver: Resolver = resolve
 
     @property
     def client(self) -> httpx.AsyncClient:
         if self._client is None:
             client = httpx.AsyncClient(
                 timeout=self.settings.timeoutSeconds,
-                follow_redirects=True,  # download links redirect to storage
+                follow_redirects=False,  # never: a redirect would carry the API key elsewhere
                 trust_env=False,
                 headers={"user-agent": f"dreamserve/{__version__}"},
             )
             if not self.context.allow_private:
+                # Checked again on the connection itself: a DNS answer that changed since
+                # the check below still cannot reach a private address.
                 httpx_ssrf_protection(client, custom_validator=_public, dns_cache_ttl=60)
             self._client = client
         return self._client
@@ -104,52 +130,47 @@ class Upstream:
     def url(self, path: str) -> str:
         return f"{self.settings.baseUrl}{path}"
 
+    def deadline(self) -> float:
+        return time.monotonic() + self.settings.budgetSeconds
+
     async def call(
         self, method: str, path: str, cancel: CancelSignal, deadline: float, **kwargs: Any
     ) -> Any:
         """The parsed JSON answer of the API, after retries; raises what the job ends with."""
-        response = await self._send(
-            lambda: self.client.request(
-                method, self.url(path), headers=self._credentials, **kwargs
-            ),
-            cancel,
-            deadline,
-            download=False,
-        )
-        try:
-            return response.json()
-        except ValueError:
+        url = self.url(path)
+        limit = self.settings.maxImageBytes * 4 // 3 * ANSWER_IMAGES + (1 << 20)
+
+        async def send() -> _Answer:
+            return await self._fetch(method, url, limit, headers=self._credentials, **kwargs)
+
+        answer = await self._send(send, cancel, deadline, download=False)
+        body = _json(answer.content)
+        if body is _NOT_JSON:
             raise JobFailed(
                 "Upstream answered with something that is not JSON",
-                f"{self.vendor} answered {response.status_code} with "
-                f"{response.headers.get('content-type', 'no content type')}",
-            ) from None
+                f"{self.vendor} answered {answer.status} with "
+                f"{answer.headers.get('content-type', 'no content type')}",
+            )
+        return body
 
     async def download(self, url: str, cancel: CancelSignal, deadline: float) -> bytes:
-        """The bytes behind an output link (without the API's credentials: links are
-        signed, and they may lead to another host)."""
-        if httpx.URL(url).scheme not in ("http", "https"):
-            raise JobFailed("Upstream returned an image link that cannot be fetched", url[:100])
+        """The bytes behind an output link, following its redirects (to storage), each hop
+        checked, and without the API's credentials: links are signed, and lead elsewhere."""
 
-        async def get() -> httpx.Response:
-            async with self.client.stream("GET", url) as response:
-                data = bytearray()
-                if response.is_success:
-                    async for chunk in response.aiter_bytes():
-                        data += chunk
-                        if len(data) > self.settings.maxImageBytes:
-                            raise JobFailed(
-                                "Upstream image is too large",
-                                f"more than {self.settings.maxImageBytes} bytes",
-                            )
-                else:
-                    await response.aread()
-                return httpx.Response(
-                    response.status_code, headers=response.headers, content=bytes(data)
-                )
+        async def get() -> _Answer:
+            location = url
+            for _ in range(MAX_REDIRECTS + 1):
+                answer = await self._fetch("GET", location, self.settings.maxImageBytes)
+                if answer.status not in (301, 302, 303, 307, 308):
+                    return answer
+                target = answer.headers.get("location")
+                if not target:
+                    return answer
+                location = str(httpx.URL(location).join(target))
+            raise JobFailed("Upstream image could not be downloaded", "too many redirects")
 
-        response = await self._send(get, cancel, deadline, download=True)
-        return response.content
+        answer = await self._send(get, cancel, deadline, download=True)
+        return answer.content
 
     def decode_inline(self, data: str) -> bytes:
         """The bytes of a base64 image in an answer."""
@@ -162,14 +183,46 @@ class Upstream:
         except (binascii.Error, ValueError):
             raise JobFailed("Upstream returned an image that is not valid base64") from None
 
+    async def _fetch(self, method: str, url: str, limit: int, **kwargs: Any) -> _Answer:
+        """One request, its body read up to `limit` bytes (decompressed: what is counted is
+        what is kept), an error's to ERROR_BODY_BYTES."""
+        await self._guard(url)
+        async with self.client.stream(method, url, **kwargs) as response:
+            data = bytearray()
+            keep = limit if response.is_success else ERROR_BODY_BYTES
+            async for chunk in response.aiter_bytes():
+                data += chunk
+                if len(data) > keep:
+                    if response.is_success:
+                        raise JobFailed("Upstream answer is too large", f"more than {limit} bytes")
+                    break  # enough of an error to read its message
+            return _Answer(response.status_code, response.headers, bytes(data[:keep]))
+
+    async def _guard(self, url: str) -> None:
+        """Refuse a private address before connecting (when the account may not reach one),
+        with one message whatever the reason, so that a refusal says nothing of what listens
+        there."""
+        if self.context.allow_private:
+            return
+        host = httpx.URL(url).host
+        now = time.monotonic()
+        cached = self._refusals.get(host)
+        if cached is None or cached[0] < now:
+            reason = await host_refusal(url, self.resolver)
+            cached = self._refusals[host] = (now + GUARD_CACHE_SECONDS, reason)
+        if cached[1] is not None:
+            raise JobFailed(
+                "Upstream address refused", f"{host} does not resolve to a public address"
+            )
+
     async def _send(
         self,
-        request: Callable[[], Awaitable[httpx.Response]],
+        request: Callable[[], Awaitable[_Answer]],
         cancel: CancelSignal,
         deadline: float,
         *,
         download: bool,
-    ) -> httpx.Response:
+    ) -> _Answer:
         tries = self.settings.retries + 1
         for attempt in range(tries):
             left = deadline - time.monotonic()
@@ -177,23 +230,28 @@ class Upstream:
                 raise JobFailed("Upstream did not answer in time", self._budget_spent())
             try:
                 async with asyncio.timeout(left):
-                    response = await until_cancelled(request(), cancel)
+                    answer = await until_cancelled(request(), cancel)
             except TimeoutError:
                 raise JobFailed("Upstream did not answer in time", self._budget_spent()) from None
             except SSRFProtectionError as denied:
                 raise JobFailed(
-                    "Upstream address refused", f"{denied.hostname} is not a public address"
+                    "Upstream address refused",
+                    f"{denied.hostname} does not resolve to a public address",
+                ) from None
+            except (httpx.InvalidURL, httpx.UnsupportedProtocol):
+                raise JobFailed(
+                    "Upstream returned a link that cannot be fetched", self.vendor
                 ) from None
             except httpx.HTTPError as error:
                 failure = f"{type(error).__name__} from {self.vendor}"
                 delay = _backoff(attempt)
             else:
-                if response.is_success:
-                    return response
-                failure = self._failure(response, download)
-                if response.status_code != 429 and response.status_code < 500:
-                    raise self._refusal(response, failure, download)
-                asked = _retry_after(response)
+                if answer.is_success:
+                    return answer
+                failure, refused = self._failure(answer, download)
+                if refused is not None:
+                    raise refused
+                asked = _retry_after(answer.headers)
                 delay = _backoff(attempt) if asked is None else asked
             if attempt + 1 == tries:
                 break
@@ -203,30 +261,39 @@ class Upstream:
             await until_cancelled(self.sleep(delay), cancel)
         raise JobFailed("Upstream unavailable", f"{failure} after {tries} tries")
 
-    def _failure(self, response: httpx.Response, download: bool) -> str:
+    def _failure(self, answer: _Answer, download: bool) -> tuple[str, JobFailed | None]:
+        """What went wrong, as errorDetails say it, and the failure to end the job with now
+        (None: 429 and 5xx, worth another try)."""
+        status = answer.status
+        body = None if download else _json(answer.content)
+        message = error_message(body)
         where = "the image link" if download else self.vendor
-        message = None
-        if not download:
-            try:
-                message = error_message(response.json())
-            except ValueError:
-                message = None
-        text = f"{where} answered {response.status_code}"
-        return f"{text}: {_short(message)}" if message else text
-
-    def _refusal(self, response: httpx.Response, failure: str, download: bool) -> JobFailed:
-        status = response.status_code
+        failure = f"{where} answered {status}"
+        if message:
+            failure = f"{failure}: {self._short(message)}"
+        if status == 429 or status >= 500:
+            return failure, None
         if download:
-            return JobFailed("Upstream image could not be downloaded (link expired?)", failure)
-        if status in (401, 403):
-            return AccountError("Upstream refused the account's credentials", failure)
-        return JobFailed("Upstream refused the request", failure)
+            return failure, JobFailed(
+                "Upstream image could not be downloaded (link expired?)", failure
+            )
+        if status in (401, 403) or _credentials_refused(body):
+            return failure, AccountError("Upstream refused the account's credentials", failure)
+        return failure, JobFailed("Upstream refused the request", failure)
+
+    def _short(self, message: str) -> str:
+        """An upstream's message made fit for errorDetails: printable, bounded, and without
+        the account's key (a proxy may echo it; a shared account's users must not see it)."""
+        for secret in self._secrets:
+            if secret:
+                message = message.replace(secret, "***")
+        cleaned = "".join(ch if ch.isprintable() else " " for ch in message).strip()
+        if len(cleaned) <= MAX_MESSAGE_CHARS:
+            return cleaned
+        return cleaned[: MAX_MESSAGE_CHARS - 1] + "…"
 
     def _budget_spent(self) -> str:
         return f"{self.vendor}: no answer within the job's {self.settings.budgetSeconds:g} s"
-
-    def deadline(self) -> float:
-        return time.monotonic() + self.settings.budgetSeconds
 
     async def close(self) -> None:
         if self._client is not None:
@@ -236,9 +303,15 @@ class Upstream:
 
 def decode_image(data: bytes, width: int, height: int) -> Image.Image:
     """An upstream's image file, decoded and brought to the job's size (blocking: call it in
-    the executor)."""
+    the executor). An image of far more pixels than the job's is refused before it is
+    decoded: a small file can hold a huge picture."""
+    limit = max(4 * width * height, 4096 * 4096)
     try:
         with Image.open(io.BytesIO(data)) as image:
+            if image.width * image.height > limit:
+                raise JobFailed(
+                    "Upstream image is too large", f"{image.width}x{image.height} pixels"
+                )
             image.load()
             decoded = image.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
@@ -246,15 +319,22 @@ def decode_image(data: bytes, width: int, height: int) -> Image.Image:
     return to_size(decoded, width, height)
 
 
-def encode_reference(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, "JPEG", quality=REFERENCE_QUALITY)
-    return buffer.getvalue()
+def encode_reference(image: Image.Image, max_bytes: int = 10 << 20) -> bytes:
+    """A reference as the JPEG sent upstream, within `max_bytes` (Ark takes 10 MB a
+    reference): lower qualities first, then half the size, until it fits."""
+    picture = image.convert("RGB")
+    while True:
+        for quality in REFERENCE_QUALITIES:
+            buffer = io.BytesIO()
+            picture.save(buffer, "JPEG", quality=quality)
+            if buffer.tell() <= max_bytes:
+                return buffer.getvalue()
+        picture = picture.resize((max(1, picture.width // 2), max(1, picture.height // 2)))
 
 
-def data_url(image: Image.Image) -> str:
+def data_url(image: Image.Image, max_bytes: int = 10 << 20) -> str:
     """A reference as the `data:` URL the APIs take."""
-    return "data:image/jpeg;base64," + base64.b64encode(encode_reference(image)).decode()
+    return "data:image/jpeg;base64," + base64.b64encode(encode_reference(image, max_bytes)).decode()
 
 
 def error_message(body: Any) -> str | None:
@@ -276,9 +356,9 @@ def _backoff(attempt: int) -> float:
     return float(min(MAX_BACKOFF_SECONDS, 2**attempt))
 
 
-def _retry_after(response: httpx.Response) -> float | None:
+def _retry_after(headers: httpx.Headers) -> float | None:
     """Seconds from a `Retry-After` header (seconds or an HTTP date), bounded."""
-    value = response.headers.get("retry-after")
+    value = headers.get("retry-after")
     if value is None:
         return None
     try:
@@ -288,15 +368,36 @@ def _retry_after(response: httpx.Response) -> float | None:
             when = email.utils.parsedate_to_datetime(value)
         except (TypeError, ValueError):
             return None
+        if when.tzinfo is None:  # "-0000": UTC, as HTTP dates are
+            when = when.replace(tzinfo=UTC)
         seconds = when.timestamp() - time.time()
+    if math.isnan(seconds):
+        return None
     return max(0.0, min(seconds, 3600.0))
 
 
-def _short(message: str) -> str:
-    cleaned = "".join(ch if ch.isprintable() else " " for ch in message).strip()
-    if len(cleaned) <= MAX_MESSAGE_CHARS:
-        return cleaned
-    return cleaned[: MAX_MESSAGE_CHARS - 1] + "…"
+_NOT_JSON = object()
+
+
+def _json(content: bytes) -> Any:
+    try:
+        return json.loads(content)
+    except (ValueError, RecursionError):  # not JSON, or nested past what Python parses
+        return _NOT_JSON
+
+
+def _credentials_refused(body: Any) -> bool:
+    """An error body that says the key itself is bad, whatever its status: Gemini answers an
+    invalid key with 400 INVALID_ARGUMENT and the reason API_KEY_INVALID."""
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict):
+        return False
+    if error.get("status") in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+        return True
+    details = error.get("details")
+    return isinstance(details, list) and any(
+        isinstance(detail, dict) and detail.get("reason") == "API_KEY_INVALID" for detail in details
+    )
 
 
 async def first_failure_cancels(works: list[Awaitable[T]]) -> list[T]:
