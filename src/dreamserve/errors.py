@@ -69,6 +69,16 @@ class SharedAccount(Forbidden):
         super().__init__(f"Account {account} is shared and managed by the operator")
 
 
+class OperatorOnlyEngine(Forbidden):
+    """An engine that runs on the server's own hardware and files, for shared accounts only."""
+
+    def __init__(self, engine: str) -> None:
+        super().__init__(
+            f"Engine {engine} runs on the server's own hardware: only the operator declares "
+            "its accounts (the config file, or dreamserve accounts add --shared)"
+        )
+
+
 class NotFound(DreamserveError):
     status = 404
 

@@ -31,6 +31,7 @@ from dreamserve.errors import (
     JobNotFound,
     JobNotRunning,
     NotFound,
+    OperatorOnlyEngine,
     SharedAccount,
     Unauthorized,
 )
@@ -525,6 +526,8 @@ class Service:
         None (the operator, through the CLI); its summary. Saving an account clears its error.
         """
         spec = parse_account(fields, self.catalogue, self.admission.engines)
+        if user_id is not None and self.admission.engines.operator_only(spec.engine):
+            raise OperatorOnlyEngine(spec.engine)
         probe = self.admission.engines.probe(spec.engine, spec.settings, spec.sealed)
         try:
             check_models(spec, probe, self.catalogue)

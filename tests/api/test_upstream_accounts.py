@@ -102,7 +102,7 @@ async def test_a_users_account_may_not_reach_a_private_address(
     assert (record["status"], record["error"], record["errorDetails"]) == (
         "failed",
         "Upstream address refused",
-        "127.0.0.1 is not a public address",
+        "127.0.0.1 does not resolve to a public address",
     )
     assert fake.seen == []
 
@@ -137,6 +137,9 @@ async def test_an_account_lists_the_models_its_upstream_serves(
 async def test_choosing_diffusers_without_torch_is_a_400_naming_what_to_install(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # diffusers initialised first, with torch: hidden at its first import, it would remember
+    # torch as missing for the rest of the run
+    pytest.importorskip("diffusers")
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch now raises ImportError
     monkeypatch.delitem(sys.modules, "dreamserve.engines.diffusers", raising=False)
     body = {
@@ -153,3 +156,24 @@ async def test_choosing_diffusers_without_torch_is_a_400_naming_what_to_install(
         },
     )
     assert (await harness.call("GET", "/accounts/LOCAL:gpu")).status_code == 404
+
+
+async def test_a_users_own_account_may_not_use_the_diffusers_engine(harness: Harness) -> None:
+    """It would let a user choose what the server downloads and reads from its disk, and take
+    its GPUs: diffusers accounts are the operator's (shared)."""
+    pytest.importorskip("diffusers")
+    body = {
+        "account": "LOCAL:mine",
+        "engine": "diffusers",
+        "settings": {"model": "/etc", "models": ["seedream-4.0"]},
+    }
+    reply = await harness.call("POST", "/accounts", body)
+    assert (reply.status_code, reply.json()) == (
+        403,
+        {
+            "error": "Engine diffusers runs on the server's own hardware: only the operator "
+            "declares its accounts (the config file, or dreamserve accounts add --shared)"
+        },
+    )
+    shared = await harness.service.put_account(None, body)
+    assert shared["engine"] == "diffusers"

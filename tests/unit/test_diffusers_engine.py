@@ -14,16 +14,17 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
-
-pytest.importorskip("diffusers")  # the `diffusers` extra; `make test` installs it
-
 from tiny_pipeline import build_tiny_pipeline
 
 from dreamserve.engines.base import CancelSignal, EngineContext, GenerationRequest
-from dreamserve.engines.diffusers import DiffusersEngine
 from dreamserve.engines.registry import EngineRegistry
-from dreamserve.errors import AccountError, BadRequest, Cancelled
+from dreamserve.errors import AccountError, BadRequest, Cancelled, JobFailed
 from dreamserve.storage.sealing import SecretBox
+
+diffusers = pytest.importorskip("diffusers")  # the `diffusers` extra; `make test` installs it
+torch = pytest.importorskip("torch")
+
+from dreamserve.engines.diffusers import DiffusersEngine  # noqa: E402
 
 pytestmark = pytest.mark.anyio
 
@@ -97,6 +98,9 @@ def test_the_render_size_keeps_the_aspect_within_max_pixels(tiny_model: Path) ->
     big = make(Path("unused"), maxPixels=1024 * 1024)
     assert big.render_size(2560, 1440, 16) == (1360, 768)
     assert big.render_size(1024, 1024, 16) == (1024, 1024)
+    assert big.render_size(1328, 1328, 16) == (1024, 1024)  # not 1008: no float lost a pixel
+    turbo = make(Path("unused"), maxPixels=512 * 512)
+    assert turbo.render_size(2048, 2048, 16) == (512, 512)
 
 
 async def test_a_batch_of_4_is_one_pipeline_call(engine: DiffusersEngine) -> None:
@@ -182,6 +186,36 @@ async def test_a_model_that_cannot_be_loaded_puts_the_account_in_error(tmp_path:
         await generate(engine, request())
     assert failure.value.error == "Model could not be loaded"
     assert failure.value.details == f"{tmp_path / 'nothing-here'}: OSError (see the server log)"
+
+
+async def test_a_model_without_image_to_image_fails_a_job_with_references(
+    engine: DiffusersEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_sibling(pipeline: Any) -> Any:
+        raise ValueError("AutoPipeline can't find a pipeline linked to PixArtAlphaPipeline")
+
+    monkeypatch.setattr(diffusers.AutoPipelineForImage2Image, "from_pipe", no_sibling)
+    reference = Image.new("RGB", (64, 64), "navy")
+    with pytest.raises(JobFailed) as failure:
+        await generate(engine, request(references=(reference,)))
+    assert (failure.value.error, failure.value.details) == (
+        "This model takes no reference image",
+        "StableDiffusionPipeline has no image-to-image pipeline",
+    )
+    (image,), _ = await generate(engine, request())  # text-to-image still works
+    assert image.size == (64, 64)
+
+
+async def test_a_device_the_server_lacks_puts_the_account_in_error(tiny_model: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    engine = make(tiny_model, device="cuda:0")
+    with pytest.raises(AccountError) as failure:
+        await generate(engine, request())
+    assert (failure.value.error, failure.value.details) == (
+        "Model could not be loaded on its device",
+        "cuda:0: AssertionError (see the server log)",
+    )
 
 
 # -- settings and the optional dependency ------------------------------------------------------

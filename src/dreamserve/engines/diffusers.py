@@ -63,6 +63,9 @@ class DiffusersSettings(EngineSettings):
 
 class DiffusersEngine:
     Settings = DiffusersSettings
+    # Only the operator's shared accounts: a user's own account would choose what the server
+    # downloads and reads from its disk, and take its GPUs.
+    operator_only = True
 
     def __init__(self, settings: Mapping[str, Any], context: EngineContext) -> None:
         self.settings = DiffusersSettings.model_validate(dict(settings))
@@ -132,12 +135,14 @@ class DiffusersEngine:
 
     def render_size(self, width: int, height: int, multiple: int) -> tuple[int, int]:
         """The job's aspect within `maxPixels`, each side a multiple the pipeline accepts."""
-        scale = min(1.0, math.sqrt(self.settings.maxPixels / (width * height)))
+        most = self.settings.maxPixels
 
-        def side(length: int) -> int:
-            return max(multiple, int(length * scale) // multiple * multiple)
+        def side(length: int, other: int) -> int:
+            # length * sqrt(most / (width * height)) in whole numbers: no float lost a pixel
+            fitted = length if width * height <= most else math.isqrt(length * most // other)
+            return max(multiple, fitted // multiple * multiple)
 
-        return side(width), side(height)
+        return side(width, height), side(height, width)
 
     def _pipeline(self, references: bool) -> Any:
         with self._load_lock:
@@ -146,7 +151,13 @@ class DiffusersEngine:
             if not references:
                 return self._text
             if self._image is None:
-                self._image = diffusers.AutoPipelineForImage2Image.from_pipe(self._text)
+                try:
+                    self._image = diffusers.AutoPipelineForImage2Image.from_pipe(self._text)
+                except ValueError:  # PixArt, Sana...: no image-to-image pipeline
+                    raise JobFailed(
+                        "This model takes no reference image",
+                        f"{type(self._text).__name__} has no image-to-image pipeline",
+                    ) from None
                 self._image.set_progress_bar_config(disable=True)
             return self._image
 
@@ -165,7 +176,16 @@ class DiffusersEngine:
                 f"{self.settings.model}: {type(error).__name__} (see the server log)",
             ) from None
         pipeline.set_progress_bar_config(disable=True)
-        return pipeline.to(self.device)
+        try:
+            return pipeline.to(self.device)
+        except (RuntimeError, AssertionError, ValueError) as error:
+            # No such device (torch without CUDA says so with an AssertionError), or too
+            # little memory on it: the account's fault too.
+            log.exception("model %s could not be moved to %s", self.settings.model, self.device)
+            raise AccountError(
+                "Model could not be loaded on its device",
+                f"{self.device}: {type(error).__name__} (see the server log)",
+            ) from None
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -204,9 +224,10 @@ def _device(name: str) -> torch.device:
         else:
             name = "cpu"
     device = torch.device(name)
-    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+    backend: Any = getattr(torch, device.type, None)  # torch.cuda, torch.xpu
+    if device.index is None and device.type in ("cuda", "xpu") and backend.is_available():
         # "cuda" and "cuda:0" are one GPU: one thread (and one queue) for both
-        device = torch.device("cuda", torch.cuda.current_device())
+        device = torch.device(device.type, backend.current_device())
     return device
 
 

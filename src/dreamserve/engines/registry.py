@@ -70,6 +70,11 @@ class EngineRegistry:
             raise EngineUnavailable(name, error.name or str(error), EXTRAS.get(name)) from error
         return cast(EngineFactory, getattr(module, attribute))
 
+    def operator_only(self, name: str) -> bool:
+        """Whether only the operator's shared accounts may use engine `name` (its factory says
+        `operator_only = True`: it runs on the server's own hardware and files)."""
+        return bool(getattr(self.factory(name), "operator_only", False))
+
     def settings_model(self, name: str) -> type[EngineSettings]:
         model = getattr(self.factory(name), "Settings", EngineSettings)
         return cast(type[EngineSettings], model)
