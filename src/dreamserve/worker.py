@@ -175,7 +175,16 @@ class JobRunner:
         finally:
             await self.engines.release(engine)
         # Encoded side by side (in the executor): a 4k JPEG takes a tenth of a second.
-        return list(await asyncio.gather(*(self._store(job, image) for image in images)))
+        results = await asyncio.gather(
+            *(self._store(job, image) for image in images), return_exceptions=True
+        )
+        stored = [result for result in results if isinstance(result, StoredImage)]
+        failures = [result for result in results if isinstance(result, BaseException)]
+        if failures:
+            for image in stored:  # nobody will ever see them
+                await self.blobs.delete(image.uri)
+            raise failures[0]
+        return stored
 
     async def _images(
         self, job: Job, account: Account, engine: Engine, progress: _Progress, cancel: CancelSignal
