@@ -440,3 +440,31 @@ async def test_a_jobid_made_twice_is_made_again(harness: Harness) -> None:
     await harness.wait(first)
     await harness.wait(reply.json()["jobid"])
     assert await harness.slots() == {"LOCAL:procedural": 0}
+
+
+async def test_a_job_whose_images_fail_to_store_leaves_none_behind(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The images of a job are stored side by side; when one cannot be, the job fails and the
+    ones already written are deleted (nobody could ever fetch them)."""
+    blobs = harness.service.blobs
+    put = blobs.put
+    written: list[str] = []
+
+    async def second_fails(key: str, data: bytes) -> None:
+        if len(written) == 1:
+            written.append(key)
+            raise OSError("No space left on device")
+        written.append(key)
+        await put(key, data)
+
+    monkeypatch.setattr(blobs, "put", second_fails)
+    posted = await harness.post({**SMALL, "count": 3})
+    record = await harness.wait(posted.json()["jobid"])
+    assert (record["status"], record["error"], record["errorDetails"]) == (
+        "failed",
+        "Image generation failed",
+        "OSError (see the server log)",
+    )
+    assert len(written) == 3
+    assert not any(blobs.path(key).exists() for key in written)  # type: ignore[attr-defined]
