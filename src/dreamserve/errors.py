@@ -53,6 +53,15 @@ class EngineUnavailable(BadRequest):
         )
 
 
+class EngineBroken(EngineUnavailable):
+    """An engine whose dependencies are installed but fail to import."""
+
+    def __init__(self, engine: str, error: str) -> None:
+        BadRequest.__init__(
+            self, f"Engine {engine} cannot be loaded on this server ({error}: see the server log)"
+        )
+
+
 class Unauthorized(DreamserveError):
     status = 401
 

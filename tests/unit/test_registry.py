@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -179,3 +180,20 @@ def test_builtin_engines_are_imported_by_name() -> None:
     assert registry.names == ("procedural", "diffusers", "ark", "gemini", "openai")
     engine = registry.engine("procedural", {}, account_id=1, version=(1, 1))
     assert isinstance(engine, ProceduralEngine)
+
+
+def test_an_engine_whose_module_fails_to_import_is_a_400(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Installed but broken (torch with CUDA libraries it cannot open raises OSError): a clear
+    400 when an account chooses it, not a 500."""
+    (tmp_path / "broken_engine.py").write_text("raise OSError('libcudart.so.12: not found')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry = EngineRegistry(
+        EngineContext(ThreadPoolExecutor(1)), BOX, {"broken": "broken_engine:Engine"}
+    )
+    with pytest.raises(BadRequest) as broken:
+        registry.check_settings("broken", {})
+    assert broken.value.message == (
+        "Engine broken cannot be loaded on this server (OSError: see the server log)"
+    )

@@ -118,8 +118,11 @@ class DiffusersEngine:
             arguments["width"], arguments["height"] = width, height
             runs = steps
 
+        reported = [0.0]
+
         def step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> Any:
-            progress(min(1.0, (step + 1) / runs))
+            reported[0] = min(1.0, (step + 1) / runs)
+            progress(reported[0])
             if cancel.is_set:
                 pipe._interrupt = True  # diffusers stops before the next step
             return tensors
@@ -129,6 +132,8 @@ class DiffusersEngine:
                 num_inference_steps=steps, callback_on_step_end=step_end, **arguments
             ).images
         cancel.raise_if_set()
+        if reported[0] < 1.0:  # a pipeline may run other steps than counted above (FLUX)
+            progress(1.0)
         if len(images) != request.count:
             raise JobFailed("Model returned too few images", f"{len(images)} of {request.count}")
         return [to_size(image, request.width, request.height) for image in images]

@@ -17,7 +17,7 @@ from typing import Any, cast
 from pydantic import SecretStr, ValidationError
 
 from dreamserve.engines.base import Engine, EngineContext, EngineFactory, EngineSettings
-from dreamserve.errors import BadRequest, EngineUnavailable, MissingParameter
+from dreamserve.errors import BadRequest, EngineBroken, EngineUnavailable, MissingParameter
 from dreamserve.storage.sealing import SecretBox
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,9 @@ class EngineRegistry:
             module = importlib.import_module(module_name)
         except ImportError as error:
             raise EngineUnavailable(name, error.name or str(error), EXTRAS.get(name)) from error
+        except Exception as error:  # installed but broken (torch's CUDA libraries, say)
+            log.exception("engine %s cannot be imported", name)
+            raise EngineBroken(name, type(error).__name__) from error
         return cast(EngineFactory, getattr(module, attribute))
 
     def operator_only(self, name: str) -> bool:
