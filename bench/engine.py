@@ -12,7 +12,9 @@ generator per image).
    off). After one warm-up each (the server loads the model on its first job), `--rounds`
    rounds for count 1 and for count 4. Prints the medians and the overhead: server / direct - 1
    (target: at most 5 %), and the difference in milliseconds (what a job pays whatever its
-   length: HTTP, admission, the database, encoding and storing the images).
+   length: HTTP, admission, the database, encoding and storing the images). Also the median
+   of each round's own difference (job - call, measured a second apart), which a slow spell of
+   the machine moves less than the difference of the medians.
 2. Batching. Direct calls only: 4 images in one call (num_images_per_prompt=4) against 4 calls
    of one image, alternating, medians and their ratio.
 
@@ -223,9 +225,11 @@ def main() -> None:
                     )
                     base = show(f"count {count}: direct pipeline call", calls)
                     through = show(f"count {count}: job through dreamserve", jobs)
+                    paired = statistics.median(j - c for j, c in zip(jobs, calls, strict=True))
                     print(
                         f"  count {count}: overhead {(through / base - 1) * 100:+.1f} % "
-                        f"({(through - base) * 1000:+.0f} ms)\n"
+                        f"({(through - base) * 1000:+.0f} ms); median of the rounds' own "
+                        f"differences {paired * 1000:+.0f} ms ({paired / base * 100:+.1f} %)\n"
                     )
         finally:
             server.stop()
