@@ -23,7 +23,6 @@ from dreamserve.engines.upstream import (
     Upstream,
     UpstreamSettings,
     data_url,
-    decode_image,
     first_failure_cancels,
 )
 from dreamserve.errors import JobFailed
@@ -127,7 +126,10 @@ class ArkEngine:
                 )
             # Never more than asked for: each extra would be downloaded and decoded for nothing.
             made = made[:count]
-            images = [await self._image(item, request, cancel, deadline) for item in made]
+            images = [
+                await self.upstream.image(item, request.width, request.height, cancel, deadline)
+                for item in made
+            ]
             done += len(images)
             progress(min(1.0, done / request.count))
             return images
@@ -169,22 +171,6 @@ class ArkEngine:
 
     def _upstream_model(self, request: GenerationRequest) -> str:
         return self.settings.models[request.model]
-
-    async def _image(
-        self, item: Any, request: GenerationRequest, cancel: CancelSignal, deadline: float
-    ) -> Image.Image:
-        if not isinstance(item, dict):
-            raise JobFailed("Upstream answered in an unknown shape", "ark: data item")
-        if isinstance(item.get("b64_json"), str):
-            data = self.upstream.decode_inline(item["b64_json"])
-        elif isinstance(item.get("url"), str):
-            data = await self.upstream.download(item["url"], cancel, deadline)
-        else:
-            raise JobFailed("Upstream answered in an unknown shape", "ark: no url nor b64_json")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self.context.executor, decode_image, data, request.width, request.height
-        )
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "ark", "baseUrl": self.settings.baseUrl, "models": self.settings.models}

@@ -22,7 +22,6 @@ from dreamserve.engines.base import CancelSignal, EngineContext, GenerationReque
 from dreamserve.engines.upstream import (
     Upstream,
     UpstreamSettings,
-    decode_image,
     encode_reference,
     first_failure_cancels,
 )
@@ -92,9 +91,7 @@ class GeminiEngine:
             nonlocal done
             answer = await self.upstream.call("POST", path, cancel, deadline, json=body)
             data = self.upstream.decode_inline(_inline_image(answer))
-            image = await loop.run_in_executor(
-                self.context.executor, decode_image, data, request.width, request.height
-            )
+            image = await self.upstream.decode(data, request.width, request.height)
             done += 1
             progress(done / request.count)
             return image

@@ -22,7 +22,6 @@ from dreamserve.engines.base import CancelSignal, EngineContext, GenerationReque
 from dreamserve.engines.upstream import (
     Upstream,
     UpstreamSettings,
-    decode_image,
     encode_reference,
     first_failure_cancels,
 )
@@ -77,7 +76,10 @@ class OpenAIEngine:
             nonlocal done
             answer = await self._call(request, references, count, cancel, deadline)
             # Never more than asked for: each extra would be downloaded and decoded for nothing.
-            images = [await self._image(item, request, cancel, deadline) for item in answer[:count]]
+            images = [
+                await self.upstream.image(item, request.width, request.height, cancel, deadline)
+                for item in answer[:count]
+            ]
             done += len(images)
             progress(min(1.0, done / request.count))
             return images
@@ -136,20 +138,6 @@ class OpenAIEngine:
             return abs(math.log(int(across) / int(down)) - math.log(width / height))
 
         return min(self.settings.sizes, key=distance)
-
-    async def _image(
-        self, item: Any, request: GenerationRequest, cancel: CancelSignal, deadline: float
-    ) -> Image.Image:
-        if isinstance(item, dict) and isinstance(item.get("b64_json"), str):
-            data = self.upstream.decode_inline(item["b64_json"])
-        elif isinstance(item, dict) and isinstance(item.get("url"), str):
-            data = await self.upstream.download(item["url"], cancel, deadline)
-        else:
-            raise JobFailed("Upstream answered in an unknown shape", "openai: no url nor b64_json")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self.context.executor, decode_image, data, request.width, request.height
-        )
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "openai", "baseUrl": self.settings.baseUrl, "model": self.settings.model}

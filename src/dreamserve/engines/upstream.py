@@ -172,6 +172,26 @@ class Upstream:
         answer = await self._send(get, cancel, deadline, download=True)
         return answer.content
 
+    async def image(
+        self, item: Any, width: int, height: int, cancel: CancelSignal, deadline: float
+    ) -> Image.Image:
+        """The image a `data` item of an answer stands for (`b64_json` or `url`: the shape Ark
+        and OpenAI share), decoded at the job's size."""
+        if isinstance(item, dict) and isinstance(item.get("b64_json"), str):
+            data = self.decode_inline(item["b64_json"])
+        elif isinstance(item, dict) and isinstance(item.get("url"), str):
+            data = await self.download(item["url"], cancel, deadline)
+        else:
+            raise JobFailed(
+                "Upstream answered in an unknown shape", f"{self.vendor}: no url nor b64_json"
+            )
+        return await self.decode(data, width, height)
+
+    async def decode(self, data: bytes, width: int, height: int) -> Image.Image:
+        """`decode_image` in the executor."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.context.executor, decode_image, data, width, height)
+
     def decode_inline(self, data: str) -> bytes:
         """The bytes of a base64 image in an answer."""
         if len(data) > self.settings.maxImageBytes * 4 // 3 + 4:
