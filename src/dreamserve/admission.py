@@ -85,14 +85,7 @@ class Admission:
         if account.engine not in self.engines.names:
             return None
         try:
-            return self.engines.engine(
-                account.engine,
-                account.settings,
-                sealed=account.sealed,
-                account_id=account.id,
-                version=account.version,
-                shared=account.is_shared,
-            )
+            return self.engines.for_account(account)
         except (ValueError, EngineUnavailable):
             log.exception("account %s cannot be used", account.name)
             return None

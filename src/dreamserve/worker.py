@@ -160,14 +160,7 @@ class JobRunner:
         self, job: Job, account: Account, progress: _Progress, cancel: CancelSignal
     ) -> list[StoredImage]:
         try:
-            engine = self.engines.acquire(
-                account.engine,
-                account.settings,
-                sealed=account.sealed,
-                account_id=account.id,
-                version=account.version,
-                shared=account.is_shared,
-            )
+            engine = self.engines.hold(self.engines.for_account(account))
         except EngineUnavailable as missing:  # uninstalled since the account was saved
             raise AccountError("Engine unavailable", missing.message) from None
         try:

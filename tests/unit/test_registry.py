@@ -143,10 +143,10 @@ async def test_a_replaced_engine_is_closed_when_its_last_job_ends(
 ) -> None:
     """A new save of an account must not leave its old engine (a model on a GPU) open until
     shutdown, nor close it under a job that still runs on it."""
-    old = registry.acquire("recorded", {"a": 1}, account_id=1, version=(1, 1))
-    second_job = registry.acquire("recorded", {"a": 1}, account_id=1, version=(1, 1))
+    old = registry.hold(registry.engine("recorded", {"a": 1}, account_id=1, version=(1, 1)))
+    second_job = registry.hold(registry.engine("recorded", {"a": 1}, account_id=1, version=(1, 1)))
     assert second_job is old
-    new = registry.acquire("recorded", {"a": 2}, account_id=1, version=(1, 2))
+    new = registry.hold(registry.engine("recorded", {"a": 2}, account_id=1, version=(1, 2)))
     await registry.release(old)
     assert Recorded.closed == 0  # a job still runs on it
     await registry.release(second_job)
@@ -162,7 +162,7 @@ async def test_an_unused_retired_engine_is_closed_at_the_next_release(
 ) -> None:
     registry.engine("recorded", {}, account_id=1, version=(1, 1))  # built by admission only
     registry.retire(1)  # the account was deleted
-    other = registry.acquire("recorded", {}, account_id=2, version=(1, 1))
+    other = registry.hold(registry.engine("recorded", {}, account_id=2, version=(1, 1)))
     await registry.release(other)
     assert Recorded.closed == 1
 

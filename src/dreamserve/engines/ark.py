@@ -23,7 +23,6 @@ from dreamserve.engines.upstream import (
     Upstream,
     UpstreamSettings,
     data_url,
-    first_failure_cancels,
 )
 from dreamserve.errors import JobFailed
 
@@ -137,12 +136,7 @@ class ArkEngine:
         images: list[Image.Image] = []
         if request.count > 1 and self._upstream_model(request) in self.settings.sequentialModels:
             images = await call(request.count)
-        missing = request.count - len(images)
-        for batch in await first_failure_cancels([call(1) for _ in range(missing)]):
-            if not batch:
-                raise JobFailed("Upstream returned no image", "ark answered without an image")
-            images.append(batch[0])
-        return images
+        return await self.upstream.top_up(images, request.count, call)
 
     def _body(self, request: GenerationRequest, references: list[str], count: int) -> Any:
         model = self._upstream_model(request)

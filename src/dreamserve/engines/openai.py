@@ -88,12 +88,7 @@ class OpenAIEngine:
         sizes = [min(per_call, count - start) for start in range(0, count, per_call)]
         batches = await first_failure_cancels([call(n) for n in sizes])
         images = [image for batch in batches for image in batch]
-        missing = request.count - len(images)
-        for batch in await first_failure_cancels([call(1) for _ in range(missing)]):
-            if not batch:
-                raise JobFailed("Upstream returned no image", "openai answered without an image")
-            images.append(batch[0])
-        return images[: request.count]
+        return await self.upstream.top_up(images, request.count, call)
 
     async def _call(
         self,

@@ -12,7 +12,7 @@ import logging
 import threading
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from pydantic import SecretStr, ValidationError
 
@@ -37,6 +37,23 @@ BUILTIN: Mapping[str, EngineSource] = {
 EXTRAS: Mapping[str, str] = {"diffusers": "dreamserve[diffusers]"}
 
 
+class EngineAccount(Protocol):
+    """What the registry needs of a stored account (storage's `Account` has it)."""
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def engine(self) -> str: ...
+    @property
+    def settings(self) -> Mapping[str, Any]: ...
+    @property
+    def sealed(self) -> str | None: ...
+    @property
+    def version(self) -> tuple[int, int]: ...
+    @property
+    def is_shared(self) -> bool: ...
+
+
 class EngineRegistry:
     """Makes one engine per account and keeps it while the account's settings stay the same."""
 
@@ -52,7 +69,7 @@ class EngineRegistry:
         # account id -> ((created, updated), engine)
         self._instances: dict[int, tuple[tuple[int, int], Engine]] = {}
         self._retired: list[Engine] = []  # replaced or deleted, closed once unused
-        self._uses: dict[int, int] = {}  # id(engine) -> jobs running on it (acquire/release)
+        self._uses: dict[int, int] = {}  # id(engine) -> jobs running on it (hold/release)
         self._lock = threading.Lock()  # database threads ask too (admission)
 
     @property
@@ -135,28 +152,27 @@ class EngineRegistry:
             self._instances[account_id] = (version, engine)
             return engine
 
-    def acquire(
-        self,
-        name: str,
-        settings: Mapping[str, Any],
-        *,
-        sealed: str | None = None,
-        account_id: int,
-        version: tuple[int, int],
-        shared: bool = False,
-    ) -> Engine:
-        """The account's engine for one job, which must `release` it when it ends: an engine
-        retired meanwhile (its account saved with new settings, or deleted) stays open until
-        its last job is over, then is closed (a GPU model is not kept twice)."""
-        engine = self.engine(
-            name, settings, sealed=sealed, account_id=account_id, version=version, shared=shared
+    def for_account(self, account: EngineAccount) -> Engine:
+        """`engine` for a stored account."""
+        return self.engine(
+            account.engine,
+            account.settings,
+            sealed=account.sealed,
+            account_id=account.id,
+            version=account.version,
+            shared=account.is_shared,
         )
+
+    def hold(self, engine: Engine) -> Engine:
+        """`engine`, for one job, which must `release` it when it ends: an engine retired
+        meanwhile (its account saved with new settings, or deleted) stays open until its last
+        job is over, then is closed (a GPU model is not kept twice)."""
         with self._lock:
             self._uses[id(engine)] = self._uses.get(id(engine), 0) + 1
         return engine
 
     async def release(self, engine: Engine) -> None:
-        """A job acquired `engine` and is over; close the retired engines no job runs on."""
+        """A job held `engine` and is over; close the retired engines no job runs on."""
         with self._lock:
             left = self._uses.pop(id(engine)) - 1
             if left:

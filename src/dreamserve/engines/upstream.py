@@ -187,6 +187,23 @@ class Upstream:
             )
         return await self.decode(data, width, height)
 
+    async def top_up(
+        self,
+        images: list[Image.Image],
+        count: int,
+        call: Callable[[int], Awaitable[list[Image.Image]]],
+    ) -> list[Image.Image]:
+        """`images` made up to `count` (a batch may bring fewer than asked): one call of one
+        image for each missing one, side by side."""
+        missing = count - len(images)
+        for batch in await first_failure_cancels([call(1) for _ in range(missing)]):
+            if not batch:
+                raise JobFailed(
+                    "Upstream returned no image", f"{self.vendor} answered without an image"
+                )
+            images.append(batch[0])
+        return images[:count]
+
     async def decode(self, data: bytes, width: int, height: int) -> Image.Image:
         """`decode_image` in the executor."""
         loop = asyncio.get_running_loop()
