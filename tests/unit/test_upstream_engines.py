@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import email.utils
 import gc
 import io
 import os
@@ -13,6 +14,7 @@ import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -649,3 +651,33 @@ async def test_work_that_fails_after_a_cancel_leaves_no_unretrieved_exception() 
     await asyncio.sleep(0)
     loop.set_exception_handler(None)
     assert reported == []
+
+
+@pytest.mark.parametrize("zone", ["GMT", "-0000"])
+async def test_a_retry_after_date_is_read_as_utc(
+    fake: FakeUpstream, zone: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An HTTP date in Retry-After; "-0000" (no zone given) is UTC too, never local time."""
+    monkeypatch.setenv("TZ", "Asia/Tokyo")  # a local time 9 hours off UTC
+    time.tzset()
+    moment = datetime.fromtimestamp(time.time() + 20, UTC)
+    if zone == "GMT":
+        when = email.utils.format_datetime(moment, usegmt=True)
+    else:
+        when = email.utils.format_datetime(moment.replace(tzinfo=None))
+    assert when.endswith(zone)
+    fake.script.append(Scripted(429, headers={"retry-after": when}))
+    engine = ark(fake)
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    engine.upstream.sleep = sleep
+    try:
+        await run(engine, request())
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert len(waits) == 1
+    assert 17 <= waits[0] <= 20
