@@ -8,9 +8,12 @@ The backend is chosen by URL, each run where it is fastest (docs/benchmarks.md h
 
 - SQLite (the default): one connection, used on the event loop thread itself. A point query takes
   tens of microseconds, less than handing it to a thread and back, and since a transaction never
-  awaits, transactions of one process never interleave. Writes begin IMMEDIATE, so a second
-  process (the CLI) waits for the lock instead of failing. WAL checkpoints (the only step that
-  waits on the disk) run on a background thread instead of inside a request.
+  awaits, transactions of one process never interleave. Writes are committed in groups: those
+  asked for within two turns of the event loop run one after the other, each in a savepoint of
+  its own, and commit together (the commit is most of a small write's cost). Writes begin
+  IMMEDIATE, so a second process (the CLI) waits for the lock instead of failing. WAL
+  checkpoints (the only step that waits on the disk) run on a background thread instead of
+  inside a request.
 - PostgreSQL: a pool of psycopg connections, each transaction run on a worker thread.
 """
 
@@ -21,7 +24,7 @@ import fcntl
 import os
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
@@ -46,7 +49,9 @@ class Database(Protocol):
         """Run `fn` on a connection for reads; each statement sees the latest committed state."""
 
     async def write(self, fn: Transaction[T]) -> T:
-        """Run `fn` in one transaction: committed when it returns, rolled back if it raises."""
+        """Run `fn` in one transaction: committed when this returns, rolled back if it raises.
+        A caller cancelled while it waits may find its transaction committed all the same
+        (on PostgreSQL it runs on a thread; on SQLite it may be committing with others)."""
 
     async def migrate(self) -> None:
         """Bring the schema to the newest migration (idempotent)."""
@@ -70,7 +75,8 @@ def open_database(url: str) -> Database:
 
 
 class SqliteDatabase:
-    """One connection on the event loop thread; WAL, with checkpoints on a thread of their own."""
+    """One connection on the event loop thread; writes committed in groups; WAL, with
+    checkpoints on a thread of their own."""
 
     CHECKPOINT_SECONDS = 1.0
     shared = False
@@ -85,6 +91,9 @@ class SqliteDatabase:
         event.listen(self._engine, "connect", _configure_sqlite)
         self._conn = self._engine.connect()
         self._runner_lock: int | None = None
+        # The writes asked for since the last group commit, with the futures their callers
+        # wait on; the group runs two turns of the loop after the first (`_commit_soon`).
+        self._queued: list[tuple[Transaction[Any], asyncio.Future[Any]]] = []
         self._stop = threading.Event()
         self._checkpointer = threading.Thread(
             target=self._checkpoint_loop, name="dreamserve-checkpoint", daemon=True
@@ -98,7 +107,71 @@ class SqliteDatabase:
             self._conn.rollback()
 
     async def write(self, fn: Transaction[T]) -> T:
-        return self._transaction(fn)
+        loop = asyncio.get_running_loop()
+        committed: asyncio.Future[T] = loop.create_future()
+        if not self._queued:
+            loop.call_soon(self._commit_soon, loop)
+        self._queued.append((fn, committed))
+        return await committed
+
+    def _commit_soon(self, loop: asyncio.AbstractEventLoop) -> None:
+        # One more turn: the requests read from the sockets in between reach their write
+        # before the group runs, and join it (in a busy server groups about double).
+        loop.call_soon(self._commit_queued)
+
+    def _commit_queued(self) -> None:
+        """Run the queued writes in one transaction, each in its own savepoint: one that
+        raises is rolled back alone and gets its error; the others commit together and get
+        their results. A caller that was cancelled before its turn is skipped."""
+        queued, self._queued = self._queued, []
+        while queued:
+            queued = self._commit_group(queued)
+
+    def _commit_group(
+        self, queued: list[tuple[Transaction[Any], asyncio.Future[Any]]]
+    ) -> list[tuple[Transaction[Any], asyncio.Future[Any]]]:
+        """Commit as many of `queued` as one transaction can hold; those left for another
+        (after one whose error ended the transaction: SQLite rolls some errors back whole)."""
+        conn = self._conn
+        driver = conn.connection.driver_connection
+        assert driver is not None
+        try:
+            driver.execute("BEGIN IMMEDIATE")
+        except Exception as error:  # locked past busy_timeout by another process, say
+            _fail((committed for _, committed in queued), error)
+            return []
+        ran: list[tuple[asyncio.Future[Any], Any]] = []
+        for position, (fn, committed) in enumerate(queued):
+            if committed.cancelled():
+                continue
+            driver.execute("SAVEPOINT write")
+            try:
+                result = fn(conn)
+            except BaseException as error:
+                if not driver.in_transaction:  # the error rolled the whole transaction back
+                    conn.rollback()
+                    committed.set_exception(error)
+                    _fail((done for done, _ in ran), error)
+                    return queued[position + 1 :]
+                driver.execute("ROLLBACK TO write")
+                driver.execute("RELEASE write")
+                committed.set_exception(error)
+                continue
+            driver.execute("RELEASE write")
+            ran.append((committed, result))
+        try:
+            conn.commit()
+            if driver.in_transaction:  # no statement went through SQLAlchemy
+                driver.commit()
+        except Exception as error:
+            conn.rollback()
+            if driver.in_transaction:
+                driver.rollback()
+            _fail((done for done, _ in ran), error)
+            return []
+        for committed, result in ran:
+            committed.set_result(result)
+        return []
 
     def _transaction(self, fn: Transaction[T]) -> T:
         conn = self._conn
@@ -132,6 +205,7 @@ class SqliteDatabase:
         return True
 
     async def close(self) -> None:
+        self._commit_queued()  # writes asked for just before: before the connection goes
         if self._runner_lock is not None:
             os.close(self._runner_lock)  # closing the file releases the lock
         self._stop.set()
@@ -152,6 +226,13 @@ class SqliteDatabase:
                 conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
         finally:
             conn.close()
+
+
+def _fail(waiting: Iterable[asyncio.Future[Any]], error: BaseException) -> None:
+    """Give `error` to each caller still waiting: the transaction of its write is gone."""
+    for committed in waiting:
+        if not committed.done():
+            committed.set_exception(error)
 
 
 def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:

@@ -1,0 +1,158 @@
+"""SQLite's group commit: the writes asked for in one turn of the event loop run one after the
+other, each in a savepoint of its own, and commit together."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Connection, func, select, text
+from sqlalchemy.exc import IntegrityError
+
+from dreamserve.storage import queries
+from dreamserve.storage.database import SqliteDatabase
+from dreamserve.storage.tables import users
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def db(tmp_path: Path) -> AsyncIterator[SqliteDatabase]:
+    database = SqliteDatabase(f"sqlite:///{tmp_path / 'g.db'}")
+    await database.migrate()
+    yield database
+    await database.close()
+
+
+def add_user(created_at: int):
+    return lambda conn: queries.insert_user(conn, created_at)
+
+
+def fail_after_adding(created_at: int):
+    def write(conn: Connection) -> None:
+        queries.insert_user(conn, created_at)
+        raise ValueError(f"no user {created_at}")
+
+    return write
+
+
+async def stored(db: SqliteDatabase) -> list[int]:
+    """The users' created_at values, as another connection sees them: committed only."""
+    with sqlite3.connect(db.path) as other:
+        return [row[0] for row in other.execute("SELECT created_at FROM users ORDER BY id")]
+
+
+def statements(db: SqliteDatabase) -> list[str]:
+    """Every statement the server's connection runs from now on."""
+    seen: list[str] = []
+    driver = db._conn.connection.driver_connection
+    assert driver is not None
+    driver.set_trace_callback(seen.append)
+    return seen
+
+
+async def test_the_writes_of_one_turn_commit_once(db: SqliteDatabase) -> None:
+    seen = statements(db)
+    ids = await asyncio.gather(*(db.write(add_user(n)) for n in range(5)))
+    assert len(set(ids)) == 5
+    assert seen.count("BEGIN IMMEDIATE") == 1
+    assert seen.count("COMMIT") == 1
+    assert await stored(db) == [0, 1, 2, 3, 4]
+
+
+async def test_writes_a_turn_apart_commit_apart(db: SqliteDatabase) -> None:
+    seen = statements(db)
+    await db.write(add_user(1))
+    await db.write(add_user(2))
+    assert seen.count("COMMIT") == 2
+    assert await stored(db) == [1, 2]
+
+
+async def test_a_write_sees_the_writes_queued_before_it(db: SqliteDatabase) -> None:
+    def count(conn: Connection) -> int:
+        return int(conn.execute(select(func.count()).select_from(users)).scalar_one())
+
+    results = await asyncio.gather(db.write(add_user(1)), db.write(count), db.write(add_user(2)))
+    assert results[1] == 1
+
+
+async def test_a_write_that_raises_is_rolled_back_alone(db: SqliteDatabase) -> None:
+    results = await asyncio.gather(
+        db.write(add_user(1)),
+        db.write(fail_after_adding(2)),
+        db.write(add_user(3)),
+        return_exceptions=True,
+    )
+    assert isinstance(results[1], ValueError)
+    assert str(results[1]) == "no user 2"
+    assert await stored(db) == [1, 3]
+
+
+async def test_a_write_cancelled_before_its_turn_does_not_run(db: SqliteDatabase) -> None:
+    ran: list[int] = []
+
+    def tracked(conn: Connection) -> int:
+        ran.append(1)
+        return queries.insert_user(conn, 2)
+
+    first = asyncio.ensure_future(db.write(add_user(1)))
+    cancelled = asyncio.ensure_future(db.write(tracked))
+    await asyncio.sleep(0)  # both are queued, the group not yet run
+    cancelled.cancel()
+    await first
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    assert ran == []
+    assert await stored(db) == [1]
+
+
+async def test_an_error_that_rolls_back_the_transaction_fails_the_writes_before_it(
+    db: SqliteDatabase,
+) -> None:
+    """ON CONFLICT ROLLBACK ends the whole transaction: the writes already run in it are lost
+    and told so; the writes after it run in a transaction of their own."""
+    await db.write(add_user(0))
+
+    def conflict(conn: Connection) -> None:
+        conn.execute(text("INSERT OR ROLLBACK INTO users (id, created_at) VALUES (1, 99)"))
+
+    results = await asyncio.gather(
+        db.write(add_user(1)),
+        db.write(conflict),
+        db.write(add_user(3)),
+        return_exceptions=True,
+    )
+    assert isinstance(results[1], IntegrityError)
+    assert results[0] is results[1]  # lost with the transaction it ran in
+    assert isinstance(results[2], int)
+    assert await stored(db) == [0, 3]
+
+
+async def test_a_commit_that_fails_fails_every_write_of_its_group(db: SqliteDatabase) -> None:
+    """A deferred foreign key is checked at COMMIT: the group's commit fails, and so does
+    every write in it; nothing of theirs is stored."""
+
+    def orphan_token(conn: Connection) -> None:
+        conn.execute(text("PRAGMA defer_foreign_keys = ON"))
+        queries.insert_token(conn, 12345, "0" * 64, 0)
+
+    results = await asyncio.gather(
+        db.write(add_user(1)), db.write(orphan_token), return_exceptions=True
+    )
+    assert all(isinstance(result, IntegrityError) for result in results)
+    assert await stored(db) == []
+    assert await db.write(add_user(2)) > 0  # the connection works on
+    assert await stored(db) == [2]
+
+
+async def test_writes_queued_when_the_database_closes_are_committed(tmp_path: Path) -> None:
+    database = SqliteDatabase(f"sqlite:///{tmp_path / 'c.db'}")
+    await database.migrate()
+    pending = asyncio.ensure_future(database.write(add_user(7)))
+    await asyncio.sleep(0)  # queued, not yet run
+    await database.close()
+    assert await pending > 0
+    assert await stored(database) == [7]
