@@ -8,7 +8,7 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -386,9 +386,25 @@ class Service:
     ) -> Job:
         """A new job on the account it was admitted to, leased until a runner claims it."""
         at = self.clock()
-        job = Job(
-            id=0,
-            jobid=self.ids.jobid(kind, user_id, account.name, at),
+        created_at = millis(at)
+        jobid = self.ids.jobid(kind, user_id, account.name, at)
+        job_id = queries.insert_job(
+            conn,
+            jobid=jobid,
+            kind=kind,
+            user_id=user_id,
+            account_id=account.id,
+            account=account.name,
+            model=model,
+            request=request,
+            spec=spec,
+            forecast_cost=forecast_cost,
+            created_at=created_at,
+            lease_until=created_at + self._lease_ms,
+        )
+        return Job(
+            id=job_id,
+            jobid=jobid,
             type=kind,
             status=Status.CREATED,
             model=model,
@@ -397,11 +413,8 @@ class Service:
             request=request,
             spec=spec,
             forecast_cost=forecast_cost,
-            created_at=millis(at),
+            created_at=created_at,
         )
-        lease = job.created_at + self._lease_ms
-        job_id = queries.insert_job(conn, job, account_id=account.id, lease_until=lease)
-        return replace(job, id=job_id)
 
     async def _admitted(self, admit: Callable[[Connection], T]) -> T:
         try:

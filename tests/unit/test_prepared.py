@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import bindparam, insert, select
+from sqlalchemy.exc import InvalidRequestError
 
 from dreamserve.storage.database import SqliteDatabase
 from dreamserve.storage.prepared import Prepared
@@ -76,3 +77,30 @@ async def test_literals_in_the_statement_are_bound_too(db: SqliteDatabase) -> No
 
 async def test_no_row_is_none(db: SqliteDatabase) -> None:
     assert await db.read(lambda conn: BY_NAME.first(conn, {"name": "nobody"})) is None
+
+
+INSERTING = Prepared.inserting(
+    insert(accounts),
+    accounts.c.id,
+    [
+        "name", "owner", "email", "region", "engine", "settings", "models", "max_jobs",
+        "running", "created_at", "updated_at",
+    ],
+)  # fmt: skip
+
+
+async def test_insert_id_is_the_id_of_the_row_made(db: SqliteDatabase) -> None:
+    first = await db.write(lambda conn: INSERTING.insert_id(conn, row("US:c")))
+    second = await db.write(lambda conn: INSERTING.insert_id(conn, row("US:d")))
+    assert second == first + 1
+    found = await db.read(lambda conn: BY_NAME.first(conn, {"name": "US:d"}))
+    assert found is not None
+    assert found["id"] == second
+
+
+async def test_a_missing_parameter_is_an_error_naming_it(db: SqliteDatabase) -> None:
+    values = row("US:e")
+    del values["email"]
+    with pytest.raises(InvalidRequestError, match="A value is required for bind parameter 'email'"):
+        await db.write(lambda conn: INSERT.rowcount(conn, values))
+    assert await db.read(lambda conn: BY_NAME.first(conn, {"name": "US:e"})) is None

@@ -13,11 +13,12 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import orjson
 from sqlalchemy import JSON, Connection
 from sqlalchemy.engine import Dialect
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, InvalidRequestError
 from sqlalchemy.sql.compiler import SQLCompiler
-from sqlalchemy.sql.expression import ClauseElement
+from sqlalchemy.sql.expression import ClauseElement, ColumnElement, Insert
 
 Row = dict[str, Any]
 
@@ -31,6 +32,30 @@ class Prepared:
         self.statement = statement
         self.columns = list(columns) if columns is not None else None
         self._compiled: dict[str, _Compiled] = {}
+        self._plain_insert: Prepared | None = None  # the INSERT without RETURNING, for SQLite
+
+    @classmethod
+    def inserting(
+        cls, statement: Insert, key: ColumnElement[Any], columns: Sequence[str]
+    ) -> Prepared:
+        """An INSERT whose `insert_id` is the new row's `key` (an integer primary key): taken
+        with RETURNING, except on SQLite, where the driver's lastrowid is the same number for
+        a statement with a row less to step through and fetch."""
+        prepared = cls(statement.returning(key), columns)
+        prepared._plain_insert = cls(statement, columns)
+        return prepared
+
+    def insert_id(self, conn: Connection, params: Mapping[str, Any]) -> int:
+        """Run an INSERT made by `inserting`: the id of the row it made."""
+        assert self._plain_insert is not None, "not an INSERT made by Prepared.inserting"
+        if conn.dialect.name == "sqlite":
+            cursor = self._plain_insert.execute(conn, params)
+            new_id = cursor.lastrowid
+        else:
+            cursor = self.execute(conn, params)
+            (new_id,) = cursor.fetchone()
+        cursor.close()
+        return int(new_id)
 
     def execute(self, conn: Connection, params: Mapping[str, Any]) -> Any:
         """Run with `params`; the DBAPI cursor, for `rowcount` or rows."""
@@ -85,23 +110,49 @@ class Prepared:
 
 
 class _Compiled:
+    """The SQL, and how to lay the parameters out for the driver: the compiled statement's
+    bind names in their order, with the statement's own literals, worked out once."""
+
     def __init__(self, compiled: SQLCompiler, json_results: set[str]) -> None:
         self.compiled = compiled
         self.sql = str(compiled)
-        self.positions = compiled.positiontup  # None for named parameter styles
-        self.json_params = {
-            name for name, bind in compiled.binds.items() if isinstance(bind.type, JSON)
-        }
+        self.positional = compiled.positiontup is not None  # else named (psycopg)
         self.json_results = json_results
+        literals = compiled.construct_params(_check=False)
+        self.names = list(compiled.positiontup or literals)
+        # Names missing from `binds` are the items of an IN list, rendered one by one.
+        binds = {name: compiled.binds[name] for name in self.names if name in compiled.binds}
+        self.literals = {
+            name: literals[name]
+            for name in self.names
+            if name not in binds or not binds[name].required
+        }
+        # A bind whose value is computed per execution needs SQLAlchemy's own assembly.
+        self.dynamic = any(bind.callable is not None for bind in binds.values())
+        self.json_at = [
+            position
+            for position, name in enumerate(self.names)
+            if name in binds and isinstance(binds[name].type, JSON)
+        ]
 
     def arguments(self, params: Mapping[str, Any]) -> Sequence[Any] | Mapping[str, Any]:
-        values = self.compiled.construct_params(params)  # adds the statement's own literals
-        for name in self.json_params.intersection(values):
-            if values[name] is not None:
-                values[name] = json.dumps(values[name], separators=(",", ":"))
-        if self.positions is None:
-            return values
-        return tuple(values[name] for name in self.positions)
+        if self.dynamic:
+            values = self.compiled.construct_params(params)
+            ordered = [values[name] for name in self.names]
+        else:
+            literals = self.literals
+            try:
+                ordered = [
+                    params[name] if name in params else literals[name] for name in self.names
+                ]
+            except KeyError as missing:
+                raise InvalidRequestError(
+                    f"A value is required for bind parameter {missing}"
+                ) from None
+        for position in self.json_at:
+            if ordered[position] is not None:
+                ordered[position] = orjson.dumps(ordered[position]).decode()
+        return tuple(ordered) if self.positional else dict(zip(self.names, ordered, strict=True))
 
 
 def _json_columns(statement: ClauseElement) -> set[str]:

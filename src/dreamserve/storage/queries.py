@@ -67,7 +67,7 @@ _NEW_JOB_COLUMNS = [
     "created_at",
     "lease_until",
 ]
-_INSERT_JOB = Prepared(insert(jobs).returning(jobs.c.id), columns=_NEW_JOB_COLUMNS)
+_INSERT_JOB = Prepared.inserting(insert(jobs), jobs.c.id, _NEW_JOB_COLUMNS)
 _JOB_BY_JOBID = Prepared(
     select(jobs).where(jobs.c.jobid == bindparam("jobid"), jobs.c.user_id == bindparam("user"))
 )
@@ -140,28 +140,39 @@ _FINISH_JOB_OF_ATTEMPT = (
 _INSERT_ASSET = insert(assets)
 
 
-def insert_job(conn: Connection, job: Job, *, account_id: int, lease_until: int) -> int:
-    """Insert a new job (its `id` is ignored); the id the database gave it. The job is leased
+def insert_job(
+    conn: Connection,
+    *,
+    jobid: str,
+    kind: str,
+    user_id: int,
+    account_id: int,
+    account: str,
+    model: str,
+    request: Mapping[str, Any],
+    spec: Spec,
+    forecast_cost: float,
+    created_at: int,
+    lease_until: int,
+) -> int:
+    """Insert a new job, status `created`; the id the database gave it. The job is leased
     until its runner claims it: a job whose dispatch was lost is found by the reaper too."""
     values = {
-        "jobid": job.jobid,
-        "type": job.type,
-        "status": job.status.value,
-        "user_id": job.user_id,
+        "jobid": jobid,
+        "type": kind,
+        "status": CREATED,
+        "user_id": user_id,
         "account_id": account_id,
-        "account": job.account,
-        "model": job.model,
-        "request": dict(job.request),
-        "spec": job.spec.to_json(),
-        "forecast_cost": job.forecast_cost,
+        "account": account,
+        "model": model,
+        "request": request,
+        "spec": spec.to_json(),
+        "forecast_cost": forecast_cost,
         "attempts": 0,
-        "created_at": job.created_at,
+        "created_at": created_at,
         "lease_until": lease_until,
     }
-    cursor = _INSERT_JOB.execute(conn, values)
-    job_id = int(cursor.fetchone()[0])
-    cursor.close()
-    return job_id
+    return _INSERT_JOB.insert_id(conn, values)
 
 
 def job_by_jobid(conn: Connection, jobid: str, user_id: int) -> Job | None:
