@@ -13,6 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+import orjson
 from sqlalchemy import Connection
 from sqlalchemy.exc import IntegrityError
 
@@ -835,7 +836,7 @@ class Record(dict[str, Any]):
     @property
     def json(self) -> bytes:
         if self._json is None:
-            self._json = json.dumps(self, ensure_ascii=False, separators=(",", ":")).encode()
+            self._json = orjson.dumps(self)
         return self._json
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import re
 from urllib.parse import quote
 
@@ -398,6 +399,8 @@ async def test_asset_refs_with_impossible_sizes_are_400(harness: Harness, ref: s
         b'{"prompt": "x", "replyRef": "\\u0000"}',
         b'{"prompt": "x", "\\udfff": 1}',
         b'{"prompt": "x", "seed": ["\\ud800"]}',
+        '{"prompt": "raw \ud800 bytes"}'.encode("utf-8", "surrogatepass"),  # CESU-8, decoded
+        '{"prompt": "in UTF-16 \\ud800"}'.encode("utf-16"),
     ],
 )
 async def test_text_that_cannot_be_stored_is_400(harness: Harness, body: bytes) -> None:
@@ -407,6 +410,40 @@ async def test_text_that_cannot_be_stored_is_400(harness: Harness, body: bytes) 
     assert reply.json() == {
         "error": "Request body has text with NUL or unpaired surrogate characters"
     }
+    assert await harness.slots() == {"LOCAL:procedural": 0}
+
+
+async def test_a_body_in_utf_16_is_read_as_json(harness: Harness) -> None:
+    body = json.dumps({"prompt": "ünïcode ✓", "count": 1}).encode("utf-16")
+    headers = {**harness.auth, "Content-Type": "application/json"}
+    reply = await harness.client.post("/v1/dreamina/images", content=body, headers=headers)
+    assert reply.status_code == 200
+    assert reply.json()["request"]["prompt"] == "ünïcode ✓"
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (
+            b'{"prompt": "x", "seed": 123456789012345678901234567890}',
+            "Parameter seed (123456789012345678901234567890) valid values: integer 0-2147483647",
+        ),
+        (
+            b'{"prompt": "x", "count": -98765432109876543210}',
+            "Parameter count (-98765432109876543210) valid values: integer 1-4",
+        ),
+        (b'{"prompt": "x", "imageStrength": NaN}', "Request body is not valid JSON"),
+        (b'{"prompt": "x", "imageStrength": -Infinity}', "Request body is not valid JSON"),
+        (b'{"prompt": "x", "imageStrength": 1e400}', "Request body is not valid JSON"),
+    ],
+)
+async def test_numbers_are_read_exactly_and_never_as_nan_or_infinity(
+    harness: Harness, body: bytes, message: str
+) -> None:
+    headers = {**harness.auth, "Content-Type": "application/json"}
+    reply = await harness.client.post("/v1/dreamina/images", content=body, headers=headers)
+    assert reply.status_code == 400
+    assert reply.json() == {"error": message}
     assert await harness.slots() == {"LOCAL:procedural": 0}
 
 
