@@ -8,7 +8,8 @@ from __future__ import annotations
 import re
 import secrets
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from itertools import count
 from random import Random
 from typing import Literal
@@ -63,14 +64,16 @@ class IdFactory:
         return next(self._serials) % 1_000_000
 
     def jobid(self, job_type: JobType, user_id: int, account: str, at: datetime) -> str:
-        at = at.astimezone(UTC)
-        stamp = at.strftime("%m%d%H%M%S") + f"{at.microsecond // 1000:03d}"
+        seconds, millis = divmod(epoch_millis(at), 1000)
         letter = TYPE_LETTERS[job_type]
-        return f"j{stamp}{self._serial():06d}{letter}-u{user_id}-{account}-bot:dreamina"
+        return (
+            f"j{_jobid_second(seconds)}{millis:03d}{self._serial():06d}{letter}"
+            f"-u{user_id}-{account}-bot:dreamina"
+        )
 
     def item_id(self, at: datetime) -> str:
         """19 digits: milliseconds since the epoch (13) and the serial (6)."""
-        millis = int(at.timestamp() * 1000)
+        millis = epoch_millis(at)
         return f"{millis:013d}{self._serial():06d}"
 
 
@@ -125,10 +128,39 @@ def parse_token(text: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def epoch_millis(at: datetime) -> int:
+    """Whole milliseconds since the epoch, rounded down, exactly (a float timestamp loses
+    microseconds far from 1970). A naive time is local time, as for `astimezone`."""
+    return (at.astimezone(UTC) - _EPOCH) // _MILLISECOND
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MILLISECOND = timedelta(milliseconds=1)
+
+
 def iso(at: datetime) -> str:
     """ISO 8601 in UTC with milliseconds and `Z`, as every timestamp of the contract."""
-    at = at.astimezone(UTC)
-    return at.strftime("%Y-%m-%dT%H:%M:%S.") + f"{at.microsecond // 1000:03d}Z"
+    return iso_millis(epoch_millis(at))
+
+
+def iso_millis(value: int) -> str:
+    """`iso` of a time in milliseconds since the epoch."""
+    seconds, millis = divmod(value, 1000)
+    return f"{_utc_second(seconds)}.{millis:03d}Z"
+
+
+# A second's text is remembered: formatting a date costs more than the rest of a job id or a
+# record, and most of the times formatted at once fall in a few seconds.
+
+
+@lru_cache(maxsize=64)
+def _utc_second(seconds: int) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+
+@lru_cache(maxsize=64)
+def _jobid_second(seconds: int) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%m%d%H%M%S")
 
 
 def unquoted(text: str) -> str:

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from dreamserve.ids import AssetRef, JobType, asset_id, iso
+from dreamserve.ids import AssetRef, JobType, asset_id, epoch_millis, iso_millis
 
 
 class Status(StrEnum):
@@ -130,7 +130,7 @@ class Job:
 
 
 def millis(at: datetime) -> int:
-    return int(at.timestamp() * 1000)
+    return epoch_millis(at)
 
 
 def from_millis(value: int) -> datetime:
@@ -147,12 +147,12 @@ def record(job: Job, link: Callable[[str], str]) -> dict[str, Any]:
         "type": job.type,
         "status": job.status.value,
         "model": job.model,
-        "created": iso(from_millis(job.created_at)),
+        "created": iso_millis(job.created_at),
     }
     if job.updated_at is not None:
-        body["updated"] = iso(from_millis(job.updated_at))
+        body["updated"] = iso_millis(job.updated_at)
     if job.status is Status.CREATED and job.started_at is not None:
-        body["started"] = iso(from_millis(job.started_at))
+        body["started"] = iso_millis(job.started_at)
         body["progress"] = job.progress or 0
     body["request"] = dict(job.request)
     cost = job.forecast_cost

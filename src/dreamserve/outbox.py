@@ -11,8 +11,8 @@ from sqlalchemy import Connection
 
 from dreamserve.delivery import Deliverer
 from dreamserve.errors import BadRequest, JobNotFound
-from dreamserve.ids import iso, parse_jobid, unquoted
-from dreamserve.jobs import from_millis, millis
+from dreamserve.ids import iso_millis, parse_jobid, unquoted
+from dreamserve.jobs import millis
 from dreamserve.storage import queries, webhook_queries
 from dreamserve.storage.database import Database
 from dreamserve.storage.webhook_queries import Delivery, Try
@@ -82,7 +82,7 @@ class Webhooks:
 def _secret_body(secrets: Secrets) -> dict[str, Any]:
     body: dict[str, Any] = {"secret": secrets.current}
     if secrets.previous_until is not None:
-        body["previousSecretExpires"] = iso(from_millis(secrets.previous_until))
+        body["previousSecretExpires"] = iso_millis(secrets.previous_until)
     return body
 
 
@@ -91,11 +91,11 @@ def _delivery_body(delivery: Delivery, tries: list[Try]) -> dict[str, Any]:
         "webhookId": delivery.message_id,
         "url": delivery.url,
         "status": delivery.status,
-        "created": iso(from_millis(delivery.created_at)),
-        "nextTry": None if delivery.next_at is None else iso(from_millis(delivery.next_at)),
+        "created": iso_millis(delivery.created_at),
+        "nextTry": None if delivery.next_at is None else iso_millis(delivery.next_at),
         "tries": [
             {
-                "at": iso(from_millis(attempt.at)),
+                "at": iso_millis(attempt.at),
                 "statusCode": attempt.status_code,
                 "error": attempt.error,
                 "durationMs": attempt.duration_ms,

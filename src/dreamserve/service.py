@@ -44,14 +44,14 @@ from dreamserve.ids import (
     JobType,
     asset_id,
     is_account_id,
-    iso,
+    iso_millis,
     new_token,
     parse_asset_id,
     parse_jobid,
     parse_token,
     unquoted,
 )
-from dreamserve.jobs import CANCELLED_BY_USER, Job, Spec, Status, from_millis, millis, record
+from dreamserve.jobs import CANCELLED_BY_USER, Job, Spec, Status, millis, record
 from dreamserve.outbox import Webhooks
 from dreamserve.storage import account_queries, asset_queries, queries, webhook_queries
 from dreamserve.storage.account_queries import Account
@@ -775,7 +775,7 @@ class Service:
             "width": asset.width,
             "height": asset.height,
             "format": asset.format,
-            "createdAt": iso(from_millis(asset.created_at)),
+            "createdAt": iso_millis(asset.created_at),
         }
 
     async def delete_asset(self, user_id: int, text: str) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from random import Random
 
 from hypothesis import given
@@ -13,8 +13,10 @@ from dreamserve.ids import (
     AssetRef,
     IdFactory,
     asset_id,
+    epoch_millis,
     is_account_id,
     iso,
+    iso_millis,
     new_token,
     parse_asset_id,
     parse_asset_ref,
@@ -111,6 +113,20 @@ def test_tokens() -> None:
 
 def test_timestamps_are_iso_utc_with_milliseconds_and_z() -> None:
     assert iso(AT) == "2026-03-02T14:05:30.123Z"
+    assert iso_millis(1772460330123) == "2026-03-02T14:05:30.123Z"
+    assert iso(datetime(2026, 3, 2, 23, 5, 30, 7000, tzinfo=timezone(timedelta(hours=9)))) == (
+        "2026-03-02T14:05:30.007Z"
+    )
+
+
+@given(st.datetimes(min_value=datetime(1971, 1, 1), timezones=st.just(UTC)))
+def test_timestamps_and_jobids_tell_the_same_time(at: datetime) -> None:
+    expected = at.strftime("%Y-%m-%dT%H:%M:%S.") + f"{at.microsecond // 1000:03d}Z"
+    assert iso(at) == expected
+    assert iso_millis(epoch_millis(at)) == expected
+    parsed = parse_jobid(IdFactory().jobid("image", 1, "US:a", at))
+    assert parsed is not None
+    assert parsed.created == at.strftime("%m%d%H%M%S") + expected[20:23]
 
 
 def test_asset_ref_sizes_are_bounded() -> None:
