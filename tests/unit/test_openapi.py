@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fastapi.routing import APIRoute
+
+from dreamserve.api import accounts, assets, files, images, models, scheduler, webhooks
 from dreamserve.app import create_app
 from dreamserve.settings import Settings
 
@@ -23,3 +26,31 @@ def test_the_document_describes_the_image_endpoints(tmp_path: Path) -> None:
     body = paths["/v1/dreamina/images"]["post"]["requestBody"]["content"]
     assert set(body) == {"application/json", "multipart/form-data"}
     assert "prompt" in body["application/json"]["schema"]["properties"]
+
+
+def test_endpoints_of_the_request_alone_are_called_directly() -> None:
+    """FastAPI's per-request handler is skipped where it has nothing to solve; the files and
+    models endpoints (query parameters, a dict to serialize) keep it."""
+    modules = (accounts, assets, files, images, models, scheduler, webhooks)
+    routes = [route for module in modules for route in module.router.routes]
+    assert all(isinstance(route, APIRoute) for route in routes)
+    direct = {
+        (method, route.path)
+        for route in routes
+        if isinstance(route, APIRoute) and route.get_route_handler() is route.endpoint
+        for method in route.methods
+    }
+    assert ("POST", "/images") in direct
+    assert ("GET", "/images/{jobid}") in direct
+    assert ("DELETE", "/accounts/{account}") in direct
+    called_by_fastapi = {
+        (method, route.path)
+        for route in routes
+        if isinstance(route, APIRoute)
+        for method in route.methods
+    } - direct
+    assert called_by_fastapi == {
+        ("GET", "/models"),
+        ("GET", "/files/{key:path}"),
+        ("HEAD", "/files/{key:path}"),
+    }

@@ -6,10 +6,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from dreamserve.api.body import read_fields
-from dreamserve.api.deps import SECURED, authenticate
+from dreamserve.api.deps import SECURED, RequestRoute, authenticate
 from dreamserve.api.schemas import ACCOUNT_REQUEST_BODY, ERRORS, AccountDeleted, AccountSummary
 
-router = APIRouter(tags=["accounts"])
+router = APIRouter(tags=["accounts"], route_class=RequestRoute)
 
 ACCOUNT_PARAMETER = {
     "name": "account",

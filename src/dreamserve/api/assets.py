@@ -7,11 +7,11 @@ from fastapi.responses import JSONResponse
 
 from dreamserve.api.accounts import ACCOUNT_PARAMETER
 from dreamserve.api.body import read_body
-from dreamserve.api.deps import SECURED, authenticate
+from dreamserve.api.deps import SECURED, RequestRoute, authenticate
 from dreamserve.api.schemas import ERRORS, AssetDeleted, AssetPage, AssetUploaded
 from dreamserve.assets import ACCEPTED, content_type_of, too_large
 
-router = APIRouter(tags=["assets"])
+router = APIRouter(tags=["assets"], route_class=RequestRoute)
 
 UPLOAD_BODY = {
     "required": True,

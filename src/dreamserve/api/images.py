@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.sse import EventSourceResponse, format_sse_event
 
 from dreamserve.api.body import read_fields
-from dreamserve.api.deps import SECURED, authenticate
+from dreamserve.api.deps import SECURED, RequestRoute, authenticate
 from dreamserve.api.schemas import (
     ERRORS,
     IMAGE_REQUEST_BODY,
@@ -20,7 +20,7 @@ from dreamserve.api.schemas import (
 )
 from dreamserve.service import Record, Service, Submitted
 
-router = APIRouter(tags=["images"])
+router = APIRouter(tags=["images"], route_class=RequestRoute)
 
 JOBID_PARAMETER = {"name": "jobid", "in": "path", "required": True, "schema": {"type": "string"}}
 IDEMPOTENCY_PARAMETER = {

@@ -5,11 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from dreamserve.api.deps import SECURED, authenticate
+from dreamserve.api.deps import SECURED, RequestRoute, authenticate
 from dreamserve.api.images import JOBID_PARAMETER
 from dreamserve.api.schemas import ERRORS, JobRecord, Scheduler
 
-router = APIRouter(tags=["scheduler"])
+router = APIRouter(tags=["scheduler"], route_class=RequestRoute)
 
 
 @router.get(

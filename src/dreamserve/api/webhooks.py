@@ -5,10 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from dreamserve.api.deps import SECURED, authenticate
+from dreamserve.api.deps import SECURED, RequestRoute, authenticate
 from dreamserve.api.schemas import ERRORS, WebhookSecret
 
-router = APIRouter(tags=["webhooks"])
+router = APIRouter(tags=["webhooks"], route_class=RequestRoute)
 
 
 @router.get(
