@@ -107,6 +107,10 @@ class Deliverer:
         if room <= 0:
             return 0
         now = millis(self.clock())
+        due = await self.db.read(webhook_queries.next_due)
+        if due is None or due > now:  # a read, not a write: most jobs that end have no webhook
+            self._backlog = False
+            return 0
         hold = now + int((self.config.timeout + 20) * 1000)  # past the try, whatever happens
         claimed = await self.db.write(
             lambda conn: webhook_queries.claim_due(conn, now, hold, room, TRIES)

@@ -18,6 +18,7 @@ from support import SMALL, GatedEngine, Harness, open_harness, wait_started
 
 from dreamserve.engines.registry import BUILTIN
 from dreamserve.settings import Settings
+from dreamserve.storage import webhook_queries
 from dreamserve.storage.tables import jobs
 
 pytestmark = pytest.mark.anyio
@@ -38,7 +39,8 @@ async def held(settings: Settings, gated: GatedEngine) -> AsyncIterator[Harness]
 
 
 class ReadCounter:
-    """Counts the service's database reads."""
+    """Counts the service's database reads, but for the webhook deliverer's look for due
+    deliveries (once a second, whatever the clients do)."""
 
     def __init__(self, harness: Harness) -> None:
         self.reads = 0
@@ -46,7 +48,8 @@ class ReadCounter:
         inner = db.read
 
         async def read(fn: Any) -> Any:
-            self.reads += 1
+            if fn is not webhook_queries.next_due:
+                self.reads += 1
             return await inner(fn)
 
         db.read = read  # type: ignore[method-assign]

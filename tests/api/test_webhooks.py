@@ -8,6 +8,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import datetime
+from typing import Any
 
 import pytest
 from receiver import Answer, receiving
@@ -305,6 +306,33 @@ async def test_a_job_without_reply_url_queues_nothing(hooks: Harness) -> None:
         lambda conn: conn.execute(select(func.count()).select_from(webhook_deliveries)).scalar()
     )
     assert count == 0
+
+
+async def test_with_nothing_due_the_deliverer_only_reads(hooks: Harness) -> None:
+    """Every job's end wakes the deliverer; most jobs have no webhook, and a look that finds
+    nothing due must cost a read, not a write transaction."""
+    writes = 0
+    db = hooks.service.db
+    inner = db.write
+
+    async def write(fn: Any) -> Any:
+        nonlocal writes
+        writes += 1
+        return await inner(fn)
+
+    db.write = write  # type: ignore[method-assign]
+    try:
+        assert await hooks.service.webhooks.deliverer.deliver_due() == 0
+        assert writes == 0
+        with receiving() as receiver:
+            jobid = await submit(hooks, receiver.url)
+            await hooks.wait(jobid)
+            await settled(hooks, jobid, 1)
+        writes = 0
+        assert await hooks.service.webhooks.deliverer.deliver_due() == 0  # delivered already
+        assert writes == 0
+    finally:
+        db.write = inner  # type: ignore[method-assign]
 
 
 async def test_redelivery_resends_the_same_event_now(hooks: Harness) -> None:

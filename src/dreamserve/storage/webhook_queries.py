@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy import Connection, delete, insert, select, text, update
 
+from dreamserve.storage.prepared import Prepared
 from dreamserve.storage.tables import (
     idempotency_keys,
     webhook_deliveries,
@@ -114,14 +115,19 @@ def claim_due(conn: Connection, now: int, until: int, limit: int, max_tries: int
     return claimed
 
 
+_NEXT_DUE = Prepared(
+    select(webhook_deliveries.c.next_at)
+    .where(webhook_deliveries.c.status == PENDING)
+    .order_by(webhook_deliveries.c.next_at)
+    .limit(1)
+)
+
+
 def next_due(conn: Connection) -> int | None:
-    """When the earliest pending delivery is due (ms), or None when none is pending."""
-    return conn.execute(
-        select(webhook_deliveries.c.next_at)
-        .where(webhook_deliveries.c.status == PENDING)
-        .order_by(webhook_deliveries.c.next_at)
-        .limit(1)
-    ).scalar_one_or_none()
+    """When the earliest pending delivery is due (ms), or None when none is pending. One
+    index lookup, read on every job's end: most jobs have no webhook."""
+    row = _NEXT_DUE.first(conn, {})
+    return None if row is None else int(row["next_at"])
 
 
 def record_try(
