@@ -20,8 +20,9 @@ Starts six uvicorn servers with the settings `dreamserve serve` uses (bench/serv
 
 Eight concurrent clients (aiohttp, one keep-alive connection each, bench/api.py's `load`) POST
 the seed-shaped body (`bench-tiny`, count 1) to one server at a time, for several rounds. It
-prints req/s, p50/p99 latency and the status counts of the median round, the ratios against the
-no-op POST, and how the admitted jobs spread over the three accounts. Servers are pinned to CPU 0
+prints req/s, p50/p99 latency and the status counts of the median round, the server's CPU per
+request, the ratios against the no-op POST (paired by round, as bench/api.py does), and how the
+admitted jobs spread over the three accounts. Servers are pinned to CPU 0
 and the clients to the other CPUs (PostgreSQL's own processes are not pinned).
 
 The PostgreSQL databases are made with CREATE DATABASE on the server `--postgres` names (a URL
@@ -44,7 +45,7 @@ from typing import Any
 
 import aiohttp
 import psycopg
-from api import BODY, Result, Server, load, pin_servers, table
+from api import BODY, Result, Server, load, paired, pin_servers, table, verdict
 from psycopg import sql
 from sqlalchemy import Update, update
 from sqlalchemy.engine import make_url
@@ -192,13 +193,20 @@ async def run(seconds: float, rounds: int, clients: int, postgres: str | None) -
                 servers[f"{case} {backend}"] = Admission(case, data_dir, server_cpus, url)
             for server in servers.values():
                 await server.setup()
-            phases: dict[str, tuple[str, dict[str, str]]] = {"POST /noop": (f"{noop.url}/noop", {})}
+            phases: dict[str, tuple[str, dict[str, str], int]] = {
+                "POST /noop": (f"{noop.url}/noop", {}, noop.process.pid)
+            }
             for name, server in servers.items():
-                phases[f"POST /images {name}"] = (server.images, server.server.auth)
+                phases[f"POST /images {name}"] = (
+                    server.images,
+                    server.server.auth,
+                    server.server.process.pid,
+                )
             results: dict[str, list[Result]] = {name: [] for name in phases}
             for _ in range(rounds):
-                for name, (url, headers) in phases.items():
-                    results[name].append(await load("POST", url, clients, seconds, headers, BODY))
+                for name, (url, headers, pid) in phases.items():
+                    measured = await load("POST", url, clients, seconds, headers, BODY, pid)
+                    results[name].append(measured)
         finally:
             noop.stop()
             for server in servers.values():
@@ -216,19 +224,19 @@ def report(
     server_cpus: set[int] | None,
 ) -> None:
     width = max(map(len, results)) + 2
-    rate = table(results, seconds, rounds, clients, server_cpus, width)
+    table(results, seconds, rounds, clients, server_cpus, width)
+    print("paired ratios, the median round:")
     for name in results:
         if name == "POST /noop":
             continue
-        ratio = rate[name] / rate["POST /noop"]
+        ratios = paired(results, name, "POST /noop")
         what = name.removeprefix("POST /images ")
         if what.startswith("429"):
-            print(f"{what + ' (every POST refused)':<44}{ratio:6.2f} of the no-op POST")
+            verdict(f"{what} (every POST refused)", ratios, None, 44)
         elif what.startswith("1 account"):
-            print(f"{what + ' (admitted, reference)':<44}{ratio:6.2f} of the no-op POST")
+            verdict(f"{what} (admitted, reference)", ratios, None, 44)
         else:
-            verdict = "meets" if ratio >= 0.5 else "below"
-            print(f"{what + ' (admitted)':<44}{ratio:6.2f} of the no-op POST ({verdict} 0.50)")
+            verdict(f"{what} (admitted)", ratios, 0.50, 44)
     for name, taken in slots.items():
         shown = ", ".join(f"{account} {count}" for account, count in sorted(taken.items()))
         print(f"slots taken, {name}: {shown}")

@@ -6,7 +6,10 @@
 - `dreamserve`: the real app, with a catalogue row `bench-tiny` (64x64 images) and a cap of
   100000 on its account, so that neither rendering nor capacity limits submissions; jobs run.
 - `admission`: the same, but jobs are admitted and left `created` (a dispatcher that queues and
-  never runs them): the submission path alone, and GETs that read the database.
+  never runs them): the submission path alone, and GETs of an unfinished job. Their lease is a
+  day long: no runner ever claims them, and with the default 30 s the reaper would take back
+  every job of the run half a minute after its admission (one write each, a third of the
+  server's core at 1500 submissions a second), which no server with runners does.
 - `noop`: a FastAPI app whose POST parses the JSON body and whose GET answers a constant.
 
 `--database-url` puts the real app on that database (`Settings.database_url`; default: SQLite in
@@ -99,12 +102,14 @@ def main() -> None:
     parser.add_argument("--database-url", default=None)
     parser.add_argument("--no-shared", action="store_true")
     args = parser.parse_args()
+    unclaimed = {"lease_seconds": 86_400.0} if args.app == "admission" else {}
     settings = Settings(
         data_dir=args.data_dir,
         database_url=args.database_url,
         port=args.port,
         log_level="warning",
         access_log=False,
+        **unclaimed,
     )
     if args.app == "noop":
         print("no-token", flush=True)
