@@ -32,7 +32,7 @@ from sqlalchemy import update
 
 from dreamserve.app import create_app, open_service
 from dreamserve.catalogue import Catalogue, parse_catalogue
-from dreamserve.cli import uvicorn_options
+from dreamserve.cli import settle_heap, uvicorn_options
 from dreamserve.dispatch.base import Runner
 from dreamserve.dispatch.inprocess import InProcessDispatcher
 from dreamserve.settings import Settings
@@ -118,6 +118,7 @@ def main() -> None:
         print(asyncio.run(prepare(settings, shared=not args.no_shared)), flush=True)
         dispatcher = QueueOnlyDispatcher if args.app == "admission" else InProcessDispatcher
         app = create_app(settings, catalogue=bench_catalogue(), dispatcher=dispatcher)
+    settle_heap()
     uvicorn.run(app, **uvicorn_options(settings))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import json
 import logging
 import re
@@ -432,3 +433,14 @@ def test_serve_stops_at_once_on_a_bad_config_file(
     monkeypatch.setenv("DREAMSERVE_CONFIG", str(path))
     assert main(["serve"]) == 1
     assert message in capsys.readouterr().err
+
+
+def test_serve_freezes_the_startup_heap_and_collects_young_objects_less_often() -> None:
+    threshold = gc.get_threshold()
+    try:
+        cli.settle_heap()
+        assert gc.get_freeze_count() > 10_000  # the modules and app objects made so far
+        assert gc.get_threshold() == (10_000, 20, 20)
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
