@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from random import Random
 
 from sqlalchemy import Connection
@@ -33,10 +34,12 @@ class Admission:
     in error; one with a free slot is chosen at random.
 
     Each user's list of accounts is remembered for `cache_seconds`: reading it cost more than
-    the rest of a submission (docs/benchmarks.md). Staleness is safe: the slot is taken by a
-    statement that checks the account's cap and health as they are now, so a stale list can
-    only offer an account that then refuses (deleted, in error, full) or miss a new one for a
-    moment. `forget()` drops the list at once (after this process changes an account).
+    the rest of a submission (docs/benchmarks.md), and so are, with it, the accounts of that
+    list that can take each model (asking each account's engine). Staleness is safe: the slot
+    is taken by a statement that checks the account's cap and health as they are now, so a
+    stale list can only offer an account that then refuses (deleted, in error, full) or miss a
+    new one for a moment. `forget()` drops the lists at once (after this process changes an
+    account).
     """
 
     def __init__(
@@ -53,22 +56,21 @@ class Admission:
         self.retry_after = retry_after
         self.cache_seconds = cache_seconds
         self.clock = clock
-        self._accounts: dict[int, tuple[float, list[Account]]] = {}
+        self._accounts: dict[int, _Usable] = {}
 
     def forget(self) -> None:
         self._accounts.clear()
 
-    def _usable(
-        self, conn: Connection, user_id: int, name: str | None, *, fresh: bool = False
-    ) -> list[Account]:
+    def _usable(self, conn: Connection, user_id: int, *, fresh: bool = False) -> _Usable:
         now = self.clock()
         cached = self._accounts.get(user_id)
-        if fresh or cached is None or cached[0] <= now:
-            cached = (now + self.cache_seconds, account_queries.usable_accounts(conn, user_id))
+        if fresh or cached is None or cached.until <= now:
+            accounts = account_queries.usable_accounts(conn, user_id)
+            cached = _Usable(now + self.cache_seconds, accounts)
             if len(self._accounts) >= 10_000:
                 self._accounts.clear()
             self._accounts[user_id] = cached
-        return cached[1] if name is None else [each for each in cached[1] if each.name == name]
+        return cached
 
     def serves(self, account: Account, model: Model) -> bool:
         """Whether an account can run a model: its own list, else all its engine supports."""
@@ -119,9 +121,26 @@ class Admission:
         *,
         fresh: bool = False,
     ) -> Account:
-        candidates = self._usable(conn, user_id, account, fresh=fresh)
-        if account is not None and not candidates:
-            raise AccountNotFound(account)
+        usable = self._usable(conn, user_id, fresh=fresh)
+        healthy = usable.healthy.get((model.name, account))
+        if healthy is None:
+            healthy = usable.healthy[model.name, account] = self._healthy(usable, model, account)
+        if len(healthy) > 1:
+            healthy = list(healthy)
+            self.rng.shuffle(healthy)
+        for each in healthy:
+            if account_queries.take_slot(conn, each, max_jobs):
+                return each
+        raise AtCapacity(account, self.retry_after)
+
+    def _healthy(self, usable: _Usable, model: Model, account: str | None) -> list[Account]:
+        """The accounts of the list (only the one named `account`, if given) that serve the
+        model and are not in error; or the error the client gets when there are none."""
+        candidates = usable.accounts
+        if account is not None:
+            candidates = [each for each in candidates if each.name == account]
+            if not candidates:
+                raise AccountNotFound(account)
         serving = [each for each in candidates if self.serves(each, model)]
         if not serving:
             if account is not None:
@@ -132,9 +151,14 @@ class Admission:
             if account is not None:
                 raise BadRequest(f"Account {account} is in error: {serving[0].error}")
             raise NoAccountForModel(model.name)
-        order = list(healthy)
-        self.rng.shuffle(order)
-        for each in order:
-            if account_queries.take_slot(conn, each, max_jobs):
-                return each
-        raise AtCapacity(account, self.retry_after)
+        return healthy
+
+
+@dataclass
+class _Usable:
+    """A user's accounts as read at one time, valid `until`, and for each (model, named
+    account or None) the accounts among them that can take it."""
+
+    until: float
+    accounts: list[Account]
+    healthy: dict[tuple[str, str | None], list[Account]] = field(default_factory=dict)

@@ -139,3 +139,24 @@ async def test_the_account_list_is_read_again_once_the_cache_expires(gated) -> N
     assert (await harness.post(SMALL)).status_code == 400  # still the cached list
     now[0] += harness.service.admission.cache_seconds + 0.1
     assert (await harness.post(SMALL)).status_code == 200
+
+
+async def test_which_accounts_serve_a_model_is_worked_out_once_per_cached_list(gated) -> None:
+    harness, _ = gated
+    admission = harness.service.admission
+    asked: list[str] = []
+    serves = admission.serves
+
+    def counted(account, model) -> bool:
+        asked.append(f"{account.name} {model.name}")
+        return serves(account, model)
+
+    admission.serves = counted  # type: ignore[method-assign]
+    for _ in range(3):
+        assert (await harness.post(SMALL)).status_code == 200
+    assert asked == ["LOCAL:procedural nano-banana"]
+    assert (await harness.post({**SMALL, "account": "LOCAL:procedural"})).status_code == 200
+    assert len(asked) == 2  # a named account is a choice of its own
+    admission.forget()
+    assert (await harness.post(SMALL)).status_code == 200
+    assert len(asked) == 3
