@@ -142,12 +142,14 @@ class Service:
         """
         scheme, _, token = (authorization or "").partition(" ")
         token = token.strip()
-        if scheme.lower() != "bearer" or parse_token(token) is None:
+        if scheme.lower() != "bearer":
             raise Unauthorized
         digest = _hash(token)
-        cached = self._tokens.get(digest)
+        cached = self._tokens.get(digest)  # only well-formed tokens are ever remembered
         if cached is not None and cached[1] > time.monotonic():
             return cached[0]
+        if parse_token(token) is None:
+            raise Unauthorized
         user_id = await self.db.read(lambda conn: queries.user_of_token(conn, digest))
         if user_id is None or user_id != parse_token(token):
             raise Unauthorized
