@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import Connection, func, select, text
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, ResourceClosedError
 
 from dreamserve.storage import queries
 from dreamserve.storage.database import SqliteDatabase
@@ -156,3 +156,58 @@ async def test_writes_queued_when_the_database_closes_are_committed(tmp_path: Pa
     await database.close()
     assert await pending > 0
     assert await stored(database) == [7]
+
+
+async def test_a_write_that_raises_stopiteration_fails_alone(db: SqliteDatabase) -> None:
+    """No future takes StopIteration: like a coroutine, its caller gets a RuntimeError, and
+    the group and the writes after it carry on."""
+
+    def first_of_nothing(conn: Connection) -> int:
+        queries.insert_user(conn, 2)
+        return next(iter([]))
+
+    async with asyncio.timeout(5):
+        results = await asyncio.gather(
+            db.write(add_user(1)),
+            db.write(first_of_nothing),
+            db.write(add_user(3)),
+            return_exceptions=True,
+        )
+        assert isinstance(results[1], RuntimeError)
+        assert str(results[1]) == "transaction raised StopIteration"
+        assert await db.write(add_user(4)) > 0
+    assert await stored(db) == [1, 3, 4]
+
+
+async def test_a_group_that_cannot_begin_fails_every_write_and_the_next_one_works(
+    db: SqliteDatabase,
+) -> None:
+    """Another process holds the write lock past the busy timeout: the whole group gets the
+    error, no transaction is left open, and writes work again once the lock is free."""
+    driver = db._conn.connection.driver_connection
+    assert driver is not None
+    driver.execute("PRAGMA busy_timeout = 50")
+    other = sqlite3.connect(db.path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        results = await asyncio.gather(
+            db.write(add_user(1)), db.write(add_user(2)), return_exceptions=True
+        )
+    finally:
+        other.rollback()
+        other.close()
+    # BEGIN runs on the driver itself, as before group commit: sqlite3's own error
+    assert all(isinstance(result, sqlite3.OperationalError) for result in results)
+    assert "database is locked" in str(results[0])
+    assert not driver.in_transaction
+    assert await db.write(add_user(3)) > 0
+    assert await stored(db) == [3]
+
+
+async def test_a_write_after_close_fails_instead_of_waiting_for_ever(tmp_path: Path) -> None:
+    database = SqliteDatabase(f"sqlite:///{tmp_path / 'closed.db'}")
+    await database.migrate()
+    await database.close()
+    async with asyncio.timeout(5):
+        with pytest.raises(ResourceClosedError):
+            await database.write(add_user(1))

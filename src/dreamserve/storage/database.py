@@ -20,6 +20,7 @@ The backend is chosen by URL, each run where it is fastest (docs/benchmarks.md h
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import os
 import sqlite3
@@ -131,47 +132,51 @@ class SqliteDatabase:
         self, queued: list[tuple[Transaction[Any], asyncio.Future[Any]]]
     ) -> list[tuple[Transaction[Any], asyncio.Future[Any]]]:
         """Commit as many of `queued` as one transaction can hold; those left for another
-        (after one whose error ended the transaction: SQLite rolls some errors back whole)."""
+        (after one whose error ended the transaction: SQLite rolls some errors back whole).
+        Whatever fails, every caller of the group gets a result or an error, and no
+        transaction is left open."""
         conn = self._conn
-        driver = conn.connection.driver_connection
-        assert driver is not None
-        try:
-            driver.execute("BEGIN IMMEDIATE")
-        except Exception as error:  # locked past busy_timeout by another process, say
-            _fail((committed for _, committed in queued), error)
-            return []
         ran: list[tuple[asyncio.Future[Any], Any]] = []
-        for position, (fn, committed) in enumerate(queued):
-            if committed.cancelled():
-                continue
-            driver.execute("SAVEPOINT write")
-            try:
-                result = fn(conn)
-            except BaseException as error:
-                if not driver.in_transaction:  # the error rolled the whole transaction back
-                    conn.rollback()
-                    committed.set_exception(error)
-                    _fail((done for done, _ in ran), error)
-                    return queued[position + 1 :]
-                driver.execute("ROLLBACK TO write")
-                driver.execute("RELEASE write")
-                committed.set_exception(error)
-                continue
-            driver.execute("RELEASE write")
-            ran.append((committed, result))
         try:
+            driver = conn.connection.driver_connection  # raises once the database is closed
+            assert driver is not None
+            driver.execute("BEGIN IMMEDIATE")  # may wait out another process's lock, then fail
+            for position, (fn, committed) in enumerate(queued):
+                if committed.cancelled():
+                    continue
+                driver.execute("SAVEPOINT write")
+                try:
+                    result = fn(conn)
+                except BaseException as error:
+                    if not driver.in_transaction:  # the error rolled the whole transaction back
+                        conn.rollback()
+                        _fail([committed, *(done for done, _ in ran)], error)
+                        return queued[position + 1 :]
+                    driver.execute("ROLLBACK TO write")
+                    driver.execute("RELEASE write")
+                    _fail([committed], error)
+                    continue
+                driver.execute("RELEASE write")
+                ran.append((committed, result))
             conn.commit()
             if driver.in_transaction:  # no statement went through SQLAlchemy
                 driver.commit()
-        except Exception as error:
-            conn.rollback()
-            if driver.in_transaction:
-                driver.rollback()
-            _fail((done for done, _ in ran), error)
+        except BaseException as error:  # BEGIN, a savepoint or the COMMIT failed
+            self._roll_back()
+            _fail((committed for _, committed in queued), error)
+            if not isinstance(error, Exception):
+                raise
             return []
         for committed, result in ran:
             committed.set_result(result)
         return []
+
+    def _roll_back(self) -> None:
+        with contextlib.suppress(Exception):  # a closed connection has nothing to undo
+            self._conn.rollback()
+            driver = self._conn.connection.driver_connection
+            if driver is not None and driver.in_transaction:
+                driver.rollback()
 
     def _transaction(self, fn: Transaction[T]) -> T:
         conn = self._conn
@@ -230,6 +235,10 @@ class SqliteDatabase:
 
 def _fail(waiting: Iterable[asyncio.Future[Any]], error: BaseException) -> None:
     """Give `error` to each caller still waiting: the transaction of its write is gone."""
+    if isinstance(error, StopIteration):  # no future takes it: as a coroutine would (PEP 479)
+        stopped = RuntimeError("transaction raised StopIteration")
+        stopped.__cause__ = error
+        error = stopped
     for committed in waiting:
         if not committed.done():
             committed.set_exception(error)
