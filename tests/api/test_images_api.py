@@ -432,12 +432,24 @@ async def test_a_body_in_utf_16_is_read_as_json(harness: Harness) -> None:
             b'{"prompt": "x", "count": -98765432109876543210}',
             "Parameter count (-98765432109876543210) valid values: integer 1-4",
         ),
+        (
+            b'{"prompt": "x", "seed": -9223372036854775809}',  # 19 digits, below 64 bits
+            "Parameter seed (-9223372036854775809) valid values: integer 0-2147483647",
+        ),
+        (  # deeper than the standard library reads, not than orjson does
+            b'{"prompt": "x", "extra": ' + b"[" * 1000 + b"]" * 1000 + b"}",
+            "Request body is not valid JSON",
+        ),
+        (
+            b'{"prompt": "x", "model": ' + b"[" * 1020 + b"]" * 1020 + b"}",
+            "Request body is not valid JSON",
+        ),
         (b'{"prompt": "x", "imageStrength": NaN}', "Request body is not valid JSON"),
         (b'{"prompt": "x", "imageStrength": -Infinity}', "Request body is not valid JSON"),
         (b'{"prompt": "x", "imageStrength": 1e400}', "Request body is not valid JSON"),
     ],
 )
-async def test_numbers_are_read_exactly_and_never_as_nan_or_infinity(
+async def test_bodies_are_read_as_the_standard_library_reads_them(
     harness: Harness, body: bytes, message: str
 ) -> None:
     headers = {**harness.auth, "Content-Type": "application/json"}

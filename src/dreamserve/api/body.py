@@ -75,10 +75,11 @@ async def _form_fields(request: Request, body: bytes) -> dict[str, Any]:
 def _json(body: bytes) -> Any:
     """The body parsed as the standard library parses it (UTF-16 and -32 too), without NaN,
     Infinity or numbers out of a float's range. orjson parses the common case several times
-    faster to the same values; what it refuses (those, a BOM, lone surrogates, deep nesting)
-    and integers of 20 digits or more (which it turns into floats) go to the standard library,
-    which decides."""
-    if _LONG_INTEGER.search(body) is None:
+    faster to the same values. The standard library decides the rest: what orjson refuses
+    (those, a BOM, lone surrogates), integers of 19 digits or more (orjson makes floats of
+    those outside 64 bits, as -9223372036854775809), and bodies with many brackets (orjson
+    takes nesting 1024 deep, the standard library stops short of its recursion limit)."""
+    if _LONG_INTEGER.search(body) is None and body.count(b"[") + body.count(b"{") < _FEW_BRACKETS:
         try:
             return orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -89,7 +90,8 @@ def _json(body: bytes) -> Any:
         raise BadRequest("Request body is not valid JSON") from None
 
 
-_LONG_INTEGER = re.compile(rb"\d{20}")
+_LONG_INTEGER = re.compile(rb"\d{19}")
+_FEW_BRACKETS = 256  # nested no deeper than this, which both parsers read alike
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 # What a JSON body holds when its text may have such characters: an escape (\u0000, \ud800),
 # a surrogate's UTF-8 lead byte (the parser decodes them: U+D000-U+D7FF share it), or NUL bytes
