@@ -58,7 +58,7 @@ async def read_body(
         if size > limit:
             raise refuse(limit)
         chunks.append(chunk)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    return b"".join(chunks)
 
 
 async def _form_fields(request: Request, body: bytes) -> dict[str, Any]:
