@@ -102,6 +102,9 @@ class FakeUpstream:
         self.downloads: list[Seen] = []  # output links fetched
         self.script: deque[Scripted] = deque()
         self.delay = 0.0  # before every normal answer
+        # Cleared, normal answers wait until it is set again (30 s at most): jobs held running.
+        self.answering = threading.Event()
+        self.answering.set()
         self.links_expired = False  # output links answer 403, as a signed link past its time
         self.links_redirect = False  # output links answer 302 to where the file is
         self.ark_max_images: int | None = None  # Seedream may return fewer than asked
@@ -148,6 +151,7 @@ class FakeUpstream:
             answer = scripted.body if scripted.body is not None else _error(vendor, scripted)
             return scripted.status, answer, scripted.headers
         time.sleep(self.delay)
+        self.answering.wait(30)
         if not _authorised(vendor, headers):
             if vendor == "gemini":  # Gemini answers a bad key with a 400, not a 401
                 return 400, GEMINI_BAD_KEY, {}

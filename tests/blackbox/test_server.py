@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 from receiver import Answer, receiving
 from standardwebhooks import Webhook
+from upstreams import KEY, fake_upstream
 
 pytestmark = [pytest.mark.blackbox, pytest.mark.timeout(300)]
 
@@ -157,51 +158,65 @@ def test_the_seed_request_end_to_end(server: Server, data_dir: Path) -> None:
         again.stop()
 
 
+@pytest.mark.both_databases
 def test_jobs_survive_a_kill(data_dir: Path, database_url: str | None) -> None:
-    """Slots filled with slow 4k jobs, SIGKILL, start again: every job reaches a terminal
-    state, none is lost, and every account's slot count is back to zero. On both databases."""
-    server = Server(data_dir, free_port(), database_url)
-    token = server.token or ""
-    headers = {"Authorization": f"Bearer {token}"}
-    slow = {**SEED_BODY, "resolution": "4k", "ratio": "21:9", "count": 1}
-    with httpx.Client(base_url=server.url, headers=headers, timeout=30) as client:
-        account = {"account": "LOCAL:kill", "engine": "procedural", "maxJobs": 3}
-        assert client.post("/v1/dreamina/accounts", json=account).status_code == 200
-        jobids = []
-        for _ in range(3):
-            reply = client.post("/v1/dreamina/images", json={**slow, "account": "LOCAL:kill"})
-            jobids.append(reply.json()["jobid"])
-        full = client.post("/v1/dreamina/images", json={**slow, "account": "LOCAL:kill"})
-        assert (full.status_code, full.json()) == (429, {"error": "Account LOCAL:kill at capacity"})
-        shared = {**slow, "account": "LOCAL:procedural", "count": 2}
-        jobids += [client.post("/v1/dreamina/images", json=shared).json()["jobid"] for _ in "ab"]
-        deadline = time.monotonic() + 60
-        while client.get(f"/v1/dreamina/images/{jobids[0]}").json().get("progress", 0) < 5:
-            assert time.monotonic() < deadline, "the job never made progress"
-            time.sleep(0.2)
-        running = client.get("/v1/dreamina/accounts").json()
-        assert {name: a["running"] for name, a in running.items()} == {
-            "LOCAL:procedural": 2,
-            "LOCAL:kill": 3,
-        }
-    server.stop(signal.SIGKILL)
-
-    again = Server(data_dir, free_port(), database_url)
-    try:
-        with httpx.Client(base_url=again.url, headers=headers, timeout=30) as client:
-            for jobid in jobids:
-                record = wait_completed(client, jobid, seconds=240)
-                assert record["status"] == "completed", record
-            assert client.get("/v1/dreamina/scheduler").json() == {"executing": {}, "total": 0}
-            accounts = client.get("/v1/dreamina/accounts").json()
-            assert {name: a["running"] for name, a in accounts.items()} == {
+    """Slots filled with jobs held running (their upstream does not answer yet), SIGKILL, start
+    again: every job reaches a terminal state, none is lost, and every account's slot count is
+    back to zero. On both databases."""
+    allow = {"DREAMSERVE_UPSTREAM_ALLOW_PRIVATE": "true"}
+    with fake_upstream() as fake:
+        fake.answering.clear()
+        server = Server(data_dir, free_port(), database_url, allow)
+        headers = {"Authorization": f"Bearer {server.token}"}
+        body = {**SEED_BODY, "count": 1}
+        with httpx.Client(base_url=server.url, headers=headers, timeout=30) as client:
+            for name, cap in (("LOCAL:kill", 3), ("LOCAL:other", 2)):
+                account = {"account": name, "engine": "openai", "maxJobs": cap}
+                settings = {"apiKey": KEY, "baseUrl": fake.url, "model": "gpt-image-1"}
+                reply = client.post("/v1/dreamina/accounts", json={**account, "settings": settings})
+                assert reply.status_code == 200, reply.text
+            jobids = []
+            for _ in range(3):
+                reply = client.post("/v1/dreamina/images", json={**body, "account": "LOCAL:kill"})
+                jobids.append(reply.json()["jobid"])
+            full = client.post("/v1/dreamina/images", json={**body, "account": "LOCAL:kill"})
+            assert (full.status_code, full.json()) == (
+                429,
+                {"error": "Account LOCAL:kill at capacity"},
+            )
+            other = {**body, "account": "LOCAL:other", "count": 2}
+            jobids += [client.post("/v1/dreamina/images", json=other).json()["jobid"] for _ in "ab"]
+            deadline = time.monotonic() + 60
+            while len(fake.calls("/images/generations")) < 5:  # every job is in its engine
+                assert time.monotonic() < deadline, "the jobs never reached their engine"
+                time.sleep(0.1)
+            running = client.get("/v1/dreamina/accounts").json()
+            assert {name: a["running"] for name, a in running.items()} == {
                 "LOCAL:procedural": 0,
-                "LOCAL:kill": 0,
+                "LOCAL:kill": 3,
+                "LOCAL:other": 2,
             }
-    finally:
-        again.stop()
+        server.stop(signal.SIGKILL)
+        fake.answering.set()
+
+        again = Server(data_dir, free_port(), database_url, allow)
+        try:
+            with httpx.Client(base_url=again.url, headers=headers, timeout=30) as client:
+                for jobid in jobids:
+                    record = wait_completed(client, jobid, seconds=240)
+                    assert record["status"] == "completed", record
+                assert client.get("/v1/dreamina/scheduler").json() == {"executing": {}, "total": 0}
+                accounts = client.get("/v1/dreamina/accounts").json()
+                assert {name: a["running"] for name, a in accounts.items()} == {
+                    "LOCAL:procedural": 0,
+                    "LOCAL:kill": 0,
+                    "LOCAL:other": 0,
+                }
+        finally:
+            again.stop()
 
 
+@pytest.mark.both_databases
 def test_pending_webhooks_are_delivered_after_a_kill(
     data_dir: Path, database_url: str | None
 ) -> None:

@@ -4,8 +4,8 @@ It is what it says: no weights, no network, no pretence of being a model. Every 
 deterministic function of (prompt, model, size, image index, seed): a palette drawn from the
 prompt's words, soft colour fields, interference ripples and rings, blended with the reference
 images by `strength`. It makes the server useful out of the box and the tests fast and real.
-Images are rendered in horizontal stripes so progress is reported and a cancel is seen within a
-stripe (well under a second even at 4k).
+The composition is computed on a coarse grid and resampled to the full size in horizontal stripes,
+so progress is reported and a cancel is seen within a stripe (a few milliseconds even at 8k).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import colorsys
 import hashlib
+import math
 import re
 import threading
 from collections.abc import Mapping
@@ -36,6 +37,8 @@ Array = npt.NDArray[np.float32]
 
 LABEL = "dreamserve procedural engine: an abstract composition, not a model's output"
 STRIPE_PIXELS = 1 << 19  # about half a megapixel per stripe
+# The composition is computed on at most this many points, then resampled to the full size.
+COMPOSITION_PIXELS = 1 << 17
 _WORD = re.compile(r"\w+")
 
 
@@ -92,27 +95,45 @@ class ProceduralEngine:
 def render(
     request: GenerationRequest,
     index: int,
-    reference: Array | None,
+    reference: Image.Image | None,
     progress: ProgressCallback,
     cancel: CancelSignal,
 ) -> Image.Image:
-    """Image number `index` of the request, rendered stripe by stripe."""
+    """Image number `index` of the request.
+
+    The composition is smooth, so it is computed on a coarse grid of at most
+    `COMPOSITION_PIXELS` (the numpy work, which costs per pixel) and resampled to the full size
+    in horizontal stripes (Pillow's bicubic resize, in C), each blended with the reference by
+    `strength`: a 2k image costs tens of milliseconds instead of most of a second. Progress is
+    reported and a cancel seen at every stripe.
+    """
     width, height = request.width, request.height
+    cancel.raise_if_set()
+    grid = _grid_size(width, height)
     scene = _Scene.from_request(request, index)
-    pixels = np.empty((height, width, 3), dtype=np.uint8)
+    colour = scene.colour(grid[0], grid[1], 0, grid[1])
+    coarse = Image.fromarray(np.clip(colour * 255 + 0.5, 0, 255).astype(np.uint8), "RGB")
+    scale_y = grid[1] / height
+    result = Image.new("RGB", (width, height))
     rows = max(8, STRIPE_PIXELS // width)
     for top in range(0, height, rows):
         cancel.raise_if_set()
         bottom = min(height, top + rows)
-        stripe = scene.colour(width, height, top, bottom)
+        box = (0.0, top * scale_y, float(grid[0]), bottom * scale_y)
+        stripe = coarse.resize((width, bottom - top), Image.Resampling.BICUBIC, box=box)
         if reference is not None:
-            strength = np.float32(request.strength)
-            stripe = stripe * (1 - strength) + reference[top:bottom] * strength
-        pixels[top:bottom] = np.clip(stripe * 255 + 0.5, 0, 255).astype(np.uint8)
+            stripe = Image.blend(stripe, reference.crop((0, top, width, bottom)), request.strength)
+        result.paste(stripe, (0, top))
         progress(bottom / height)
-    result = Image.fromarray(pixels, "RGB")
     result.info["comment"] = LABEL
     return result
+
+
+def _grid_size(width: int, height: int) -> tuple[int, int]:
+    """The coarse grid of a `width` x `height` image: the same shape, at most
+    `COMPOSITION_PIXELS` (the full size when it is that small)."""
+    factor = max(1.0, math.sqrt(width * height / COMPOSITION_PIXELS))
+    return max(1, math.ceil(width / factor)), max(1, math.ceil(height / factor))
 
 
 UPSCALE_LABEL = (
@@ -158,13 +179,12 @@ def resample(
     return output
 
 
-def fit_reference(request: GenerationRequest) -> Array | None:
-    """The first reference scaled and cropped to the output size, as floats in 0..1."""
+def fit_reference(request: GenerationRequest) -> Image.Image | None:
+    """The first reference as RGB, scaled and cropped to the output size."""
     if not request.references:
         return None
     first = request.references[0].convert("RGB")
-    fitted = ImageOps.fit(first, (request.width, request.height), Image.Resampling.LANCZOS)
-    return np.asarray(fitted, dtype=np.float32) * np.float32(1 / 255)
+    return ImageOps.fit(first, (request.width, request.height), Image.Resampling.LANCZOS)
 
 
 class _Scene:
