@@ -1,10 +1,15 @@
-"""Shared fixtures: settings in a temp data dir on each database, and an in-process harness.
+"""Shared fixtures: settings in a temp data dir, and an in-process harness.
 
-Every test that takes `settings` (the whole database-facing suite) runs twice: on SQLite (the
-default) and on PostgreSQL at 127.0.0.1:5432 (user postgres, no password). The PostgreSQL runs
-share one database made for this test run and dropped at its end; each test starts from empty
-tables. Without a PostgreSQL server those runs are skipped, unless DREAMSERVE_TEST_POSTGRES is
-`required` (CI sets it), which makes them fail instead.
+A test that takes `settings` (or `database_url`) runs on SQLite, the embedded default. A test
+marked `both_databases` (the storage contract, the job lifecycle, and the end-to-end tests of
+what the two databases do differently: slots, leases, restarts, locks, notifications) runs on
+PostgreSQL at 127.0.0.1:5432 too (user postgres, no password). Validation and the rest run
+once: what they check is above the database.
+
+The PostgreSQL runs of one test process (one pytest-xdist worker) share one database made for
+it and dropped at its end; each test starts from empty tables. Without a PostgreSQL server
+those runs are skipped, unless DREAMSERVE_TEST_POSTGRES is `required` (CI sets it), which
+makes them fail instead.
 """
 
 from __future__ import annotations
@@ -54,7 +59,14 @@ def _empty_tables(url: str) -> None:
             conn.execute(f"TRUNCATE {tables} RESTART IDENTITY CASCADE")
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "database_url" in metafunc.fixturenames:
+        both = metafunc.definition.get_closest_marker("both_databases") is not None
+        kinds = ["sqlite", "postgresql"] if both else ["sqlite"]
+        metafunc.parametrize("database_url", kinds, indirect=True)
+
+
+@pytest.fixture
 def database_url(request: pytest.FixtureRequest) -> str | None:
     """None for the default SQLite file of the data dir; else a PostgreSQL URL."""
     if request.param == "sqlite":

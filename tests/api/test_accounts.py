@@ -94,6 +94,7 @@ async def test_the_account_id_defaults_to_region_and_email(harness: Harness) -> 
     assert (created["account"], created["region"]) == ("US:c@d.co", "US")
 
 
+@pytest.mark.both_databases
 async def test_the_same_new_account_posted_twice_at_once_is_saved_once(harness: Harness) -> None:
     replies = await asyncio.gather(*(harness.call("POST", "/accounts", STUDIO) for _ in range(6)))
     assert [reply.status_code for reply in replies] == [200] * 6
@@ -103,6 +104,7 @@ async def test_the_same_new_account_posted_twice_at_once_is_saved_once(harness: 
     ]
 
 
+@pytest.mark.both_databases
 async def test_post_again_replaces_the_account(harness: Harness) -> None:
     await harness.put_account(STUDIO)
     replaced = await harness.put_account({**STUDIO, "maxJobs": 7, "models": ["seedream-4.0"]})
@@ -250,6 +252,7 @@ async def test_delete_replies_with_the_remaining_count(harness: Harness) -> None
     ]
 
 
+@pytest.mark.both_databases
 async def test_deleting_an_account_cancels_its_running_jobs(settings: Settings) -> None:
     engine = CancellableEngine()
     async with open_harness(settings, engines={"procedural": engine.factory}) as harness:
@@ -324,6 +327,7 @@ async def test_another_users_account_is_invisible_and_unusable(harness: Harness)
     assert (await harness.call("GET", "/accounts/US:studio@example.com")).status_code == 200
 
 
+@pytest.mark.both_databases
 async def test_two_users_may_have_accounts_of_the_same_id(harness: Harness) -> None:
     await harness.put_account(STUDIO)
     other = await harness.new_user()
@@ -349,6 +353,7 @@ async def test_a_missing_api_key_is_400_naming_it(keyed: Harness) -> None:
     assert reply.json() == {"error": "Parameter settings.apiKey is required"}
 
 
+@pytest.mark.both_databases
 async def test_secrets_are_never_returned_and_stored_encrypted(
     keyed: Harness, settings: Settings
 ) -> None:
@@ -506,6 +511,7 @@ async def test_an_account_fixed_while_a_failing_job_runs_stays_fixed(settings: S
         assert (await harness.wait(again.json()["jobid"]))["status"] == "completed"
 
 
+@pytest.mark.both_databases
 async def test_jobs_admitted_while_their_account_is_deleted_are_all_cancelled(
     settings: Settings,
 ) -> None:

@@ -19,7 +19,7 @@ from dreamserve.engines.registry import BUILTIN
 from dreamserve.settings import Settings
 from dreamserve.storage.tables import SHARED, accounts
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.both_databases]
 
 CAPS = {"LOCAL:a": 2, "LOCAL:b": 3, "LOCAL:c": 5}
 

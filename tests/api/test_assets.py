@@ -258,6 +258,7 @@ async def test_a_body_over_the_limit_is_400_declared_or_streamed(settings: Setti
 # GET /assets/<account>
 
 
+@pytest.mark.both_databases
 async def test_the_list_has_generated_images_newest_first(harness: Harness) -> None:
     await upload(harness, picture(16, 16))  # uploads are not listed
     first = await harness.wait((await harness.post({**SMALL, "count": 2})).json()["jobid"])
@@ -285,6 +286,7 @@ async def test_the_list_has_generated_images_newest_first(harness: Harness) -> N
     assert (await harness.client.get(top["imageUrl"])).status_code == 200
 
 
+@pytest.mark.both_databases
 async def test_the_list_pages_with_count_and_offset(harness: Harness) -> None:
     await harness.wait((await harness.post({**SMALL, "count": 3})).json()["jobid"])
     page = (await harness.call("GET", f"/assets/{ACCOUNT}?count=2")).json()
@@ -317,6 +319,7 @@ async def test_another_users_images_are_not_listed(harness: Harness) -> None:
 # DELETE /assets/<assetId>
 
 
+@pytest.mark.both_databases
 async def test_delete_removes_the_image_and_a_later_job_naming_it_is_400(
     harness: Harness, settings: Settings
 ) -> None:

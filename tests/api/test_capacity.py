@@ -11,7 +11,7 @@ from support import SMALL, GatedEngine, open_harness, wait_started
 from dreamserve.settings import Settings
 from dreamserve.storage.tables import accounts
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.both_databases]
 
 CAP = 10  # LOCAL:procedural's maxJobs
 

@@ -103,6 +103,7 @@ async def test_bad_keys_are_refused(harness: Harness, key: str) -> None:
     assert await job_count(harness) == 0
 
 
+@pytest.mark.both_databases
 async def test_a_key_names_its_job_for_24_hours(settings: Settings) -> None:
     clock = FakeClock()
     async with open_harness(settings, clock=clock) as harness:
@@ -121,6 +122,7 @@ async def test_a_key_names_its_job_for_24_hours(settings: Settings) -> None:
         assert replayed.json()["jobid"] == new.json()["jobid"]
 
 
+@pytest.mark.both_databases
 async def test_concurrent_duplicates_make_one_job(harness: Harness) -> None:
     replies = await asyncio.gather(*[post(harness, SMALL, "burst") for _ in range(20)])
     assert {reply.status_code for reply in replies} == {200}
@@ -155,6 +157,7 @@ async def test_upscale_is_idempotent_too(harness: Harness) -> None:
     await harness.wait(first.json()["jobid"])
 
 
+@pytest.mark.both_databases
 async def test_concurrent_duplicates_for_the_last_free_slot_all_get_the_job(
     harness: Harness,
 ) -> None:

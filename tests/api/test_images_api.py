@@ -211,6 +211,7 @@ async def test_an_account_in_error_is_skipped(harness: Harness) -> None:
 # GET /images/<jobid> and the finished record
 
 
+@pytest.mark.both_databases
 async def test_a_job_runs_to_completed_with_the_contracts_image_fields(harness: Harness) -> None:
     created = (await harness.post({**SMALL, "count": 2})).json()
     record = await harness.wait(created["jobid"])
@@ -307,6 +308,7 @@ async def test_a_completed_image_is_usable_as_a_reference(harness: Harness) -> N
     assert (image["width"], image["height"]) == (2048, 2048)  # auto: nearest to a square reference
 
 
+@pytest.mark.both_databases
 async def test_a_reference_that_is_not_an_image_of_the_user_is_400(harness: Harness) -> None:
     source = await harness.wait((await harness.post(SMALL)).json()["jobid"])
     ref = source["response"]["images"][0]["assetRef"]
@@ -324,6 +326,7 @@ async def test_a_reference_that_is_not_an_image_of_the_user_is_400(harness: Harn
         }
 
 
+@pytest.mark.both_databases
 @pytest.mark.parametrize(
     ("error", "message", "details"),
     [
@@ -391,6 +394,7 @@ async def test_asset_refs_with_impossible_sizes_are_400(harness: Harness, ref: s
     }
 
 
+@pytest.mark.both_databases
 @pytest.mark.parametrize(
     "body",
     [
@@ -476,6 +480,7 @@ async def test_a_path_that_is_no_jobid_is_404_without_a_query(harness: Harness, 
     assert reply.json()["error"].startswith("Job ")
 
 
+@pytest.mark.both_databases
 async def test_a_jobid_made_twice_is_made_again(harness: Harness) -> None:
     """Two processes can, rarely, make the same jobid: the unique constraint refuses the second
     and admission retries with a new one, giving back the slot of the failed attempt."""
@@ -491,6 +496,7 @@ async def test_a_jobid_made_twice_is_made_again(harness: Harness) -> None:
     assert await harness.slots() == {"LOCAL:procedural": 0}
 
 
+@pytest.mark.both_databases
 async def test_a_job_whose_images_fail_to_store_leaves_none_behind(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -27,7 +27,7 @@ from dreamserve.settings import Settings
 from dreamserve.storage import queries
 from dreamserve.storage.tables import assets, idempotency_keys
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.both_databases]
 
 
 def now_millis() -> int:

@@ -10,7 +10,7 @@ from dreamserve.service import AnotherRunner
 from dreamserve.settings import Settings
 from dreamserve.storage.tables import accounts, jobs
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.both_databases]
 
 
 async def test_a_job_interrupted_by_a_stop_runs_again_on_the_next_start(settings: Settings) -> None:

@@ -34,6 +34,7 @@ async def running(settings: Settings):
         yield harness, engine
 
 
+@pytest.mark.both_databases
 async def test_get_lists_running_jobs_by_account(settings: Settings) -> None:
     engine = CancellableEngine()
     clock = FakeClock()
@@ -76,6 +77,7 @@ async def test_get_lists_only_the_users_own_jobs(running) -> None:
     }
 
 
+@pytest.mark.both_databases
 async def test_cancel_frees_the_slot_at_once_and_stops_the_engine(running) -> None:
     harness, engine = running
     jobid = (await harness.post(SMALL)).json()["jobid"]

@@ -35,6 +35,7 @@ async def download(harness: Harness, url: str) -> Image.Image:
     return image
 
 
+@pytest.mark.both_databases
 async def test_an_upscale_job_runs_on_the_source_account_at_the_tier_size(
     harness: Harness,
 ) -> None:

@@ -55,6 +55,7 @@ class ReadCounter:
         db.read = read  # type: ignore[method-assign]
 
 
+@pytest.mark.both_databases
 async def test_wait_returns_when_the_job_ends(held: Harness, gated: GatedEngine) -> None:
     jobid = (await held.post(SMALL)).json()["jobid"]
     await wait_started(gated, 1)
@@ -221,6 +222,7 @@ async def test_progress_reaches_the_stream(settings: Settings) -> None:
         assert any(value > 0 for value in progress), events
 
 
+@pytest.mark.both_databases
 async def test_polling_an_unfinished_job_reads_it_once_per_change(
     held: Harness, gated: GatedEngine, database_url: str | None
 ) -> None:
@@ -243,6 +245,7 @@ async def test_polling_an_unfinished_job_reads_it_once_per_change(
     assert after == cancelled.json()
 
 
+@pytest.mark.both_databases
 async def test_a_change_by_another_process_is_seen_within_a_second(
     held: Harness, gated: GatedEngine
 ) -> None:
@@ -257,6 +260,7 @@ async def test_a_change_by_another_process_is_seen_within_a_second(
         await asyncio.sleep(0.05)
 
 
+@pytest.mark.both_databases
 async def test_a_waiter_on_another_server_wakes_through_postgresql(
     settings: Settings, database_url: str | None
 ) -> None:

@@ -81,6 +81,7 @@ async def settled(harness: Harness, jobid: str, tries: int) -> dict[str, object]
     raise AssertionError(f"deliveries of {jobid}: {found}")
 
 
+@pytest.mark.both_databases
 async def test_a_completed_job_is_posted_once_with_its_record(hooks: Harness) -> None:
     with receiving() as receiver:
         jobid = await submit(hooks, f"{receiver.url}/hook")
@@ -149,6 +150,7 @@ async def test_a_rotated_secret_signs_beside_the_new_one_for_a_day(
         assert len(signatures) == 1
 
 
+@pytest.mark.both_databases
 async def test_failures_are_retried_on_the_schedule_until_a_2xx(
     hooks: Harness, clock: FakeClock
 ) -> None:
@@ -282,6 +284,7 @@ async def test_failed_and_cancelled_jobs_are_delivered_too(private: Settings) ->
             gated.gate.set()
 
 
+@pytest.mark.both_databases
 async def test_jobs_ended_by_deleting_their_account_are_delivered(private: Settings) -> None:
     gated = GatedEngine()
     engines = {**BUILTIN, "procedural": gated.factory}
@@ -308,6 +311,7 @@ async def test_a_job_without_reply_url_queues_nothing(hooks: Harness) -> None:
     assert count == 0
 
 
+@pytest.mark.both_databases
 async def test_with_nothing_due_the_deliverer_only_reads(hooks: Harness) -> None:
     """Every job's end wakes the deliverer; most jobs have no webhook, and a look that finds
     nothing due must cost a read, not a write transaction."""
@@ -465,6 +469,7 @@ def replace_settings(settings: Settings, **changes: object) -> Settings:
     return settings.model_copy(update=changes)
 
 
+@pytest.mark.both_databases
 async def test_pending_deliveries_are_sent_after_a_restart(
     private: Settings, clock: FakeClock
 ) -> None:
@@ -493,6 +498,7 @@ async def test_a_slow_receiver_does_not_hold_up_the_others(private: Settings) ->
             assert slow.count() == 3
 
 
+@pytest.mark.both_databases
 async def test_a_backlog_is_sent_as_places_free_up_not_at_each_poll(private: Settings) -> None:
     """More deliveries due than tries allowed at once: each finished try makes room for the
     next at once (with a 30 s poll, waiting for it would take minutes)."""
@@ -507,6 +513,7 @@ async def test_a_backlog_is_sent_as_places_free_up_not_at_each_poll(private: Set
             await eventually(lambda: receiver.count() == 8, 10)
 
 
+@pytest.mark.both_databases
 async def test_a_redelivery_during_a_try_sends_again(private: Settings) -> None:
     """The try in flight answers 200, but the redelivery asked for another: it is sent."""
     with receiving(Answer(200, delay=0.5)) as receiver:
@@ -549,6 +556,7 @@ async def test_a_slow_body_after_a_2xx_is_delivered(hooks: Harness) -> None:
         assert receiver.count() == 1
 
 
+@pytest.mark.both_databases
 async def test_an_answer_the_database_cannot_keep_is_recorded_cleaned(hooks: Harness) -> None:
     with receiving(Answer(500, b"bad\x00answer\x07")) as receiver:
         jobid = await submit(hooks, receiver.url)
@@ -559,6 +567,7 @@ async def test_an_answer_the_database_cannot_keep_is_recorded_cleaned(hooks: Har
         assert receiver.count() == 1
 
 
+@pytest.mark.both_databases
 async def test_a_try_that_fails_in_the_server_is_recorded_and_retried(
     hooks: Harness, clock: FakeClock
 ) -> None:
@@ -585,6 +594,7 @@ async def test_a_try_that_fails_in_the_server_is_recorded_and_retried(
         assert receiver.count() == 1
 
 
+@pytest.mark.both_databases
 async def test_a_delivery_whose_tries_all_died_unrecorded_is_given_up(hooks: Harness) -> None:
     with receiving() as receiver:
         jobid = await submit(hooks, receiver.url)
