@@ -30,7 +30,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import update
 
-from dreamserve.app import create_app, open_service
+from dreamserve.app import create_app, open_server
 from dreamserve.catalogue import Catalogue, parse_catalogue
 from dreamserve.cli import settle_heap, uvicorn_options
 from dreamserve.dispatch.base import Runner
@@ -84,13 +84,14 @@ def noop_app() -> FastAPI:
 
 
 async def prepare(settings: Settings, *, shared: bool = True) -> str:
-    async with open_service(settings) as service:
-        token = await service.bootstrap() or (await service.create_token(1))[1]
+    async with open_server(settings) as server:
+        service = server.service
+        token = await service.tokens.bootstrap() or (await service.tokens.create(1))[1]
         uncapped = update(accounts).values(max_jobs=100_000)
-        await service.db.write(lambda conn: conn.execute(uncapped))
+        await server.db.write(lambda conn: conn.execute(uncapped))
         if not shared:
-            for name in await service.list_accounts(None):
-                await service.delete_account(None, name)
+            for name in await service.accounts.listing(None):
+                await service.accounts.delete(None, name)
     return token
 
 

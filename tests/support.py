@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from sqlalchemy import Connection, Executable
 
-from dreamserve.app import DispatcherFactory, create_app, utc_now
+from dreamserve.app import DispatcherFactory, Server, create_app, utc_now
 from dreamserve.catalogue import Model
 from dreamserve.dispatch.inprocess import InProcessDispatcher
 from dreamserve.engines.base import CancelSignal, EngineContext, GenerationRequest
@@ -65,6 +65,7 @@ SEED_BODY = {
 @dataclass
 class Harness:
     app: FastAPI
+    server: Server  # every part, for tests that set up or watch what the API cannot reach
     service: Service
     client: httpx.AsyncClient
     token: str
@@ -108,10 +109,10 @@ class Harness:
 
     async def new_user(self) -> str:
         """A token of a new user."""
-        return (await self.service.create_token())[1]
+        return (await self.service.tokens.create())[1]
 
     async def slots(self) -> dict[str, int]:
-        return await self.service.db.read(account_queries.slots_taken)
+        return await self.server.db.read(account_queries.slots_taken)
 
     async def execute(self, *statements: Executable) -> None:
         """Run SQL statements in one transaction (to set up a state the API cannot reach), as
@@ -122,8 +123,8 @@ class Harness:
             for statement in statements:
                 conn.execute(statement)
 
-        await self.service.db.write(run)
-        self.service.admission.forget()
+        await self.server.db.write(run)
+        self.server.admission.forget()
 
 
 @asynccontextmanager
@@ -137,11 +138,12 @@ async def open_harness(
 ) -> AsyncIterator[Harness]:
     app = create_app(settings, clock=clock, engines=engines, dispatcher=dispatcher, resume=resume)
     async with app.router.lifespan_context(app):
-        service: Service = app.state.service
-        token = await service.bootstrap() or (await service.create_token(1))[1]
+        server: Server = app.state.server
+        service = server.service
+        token = await service.tokens.bootstrap() or (await service.tokens.create(1))[1]
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
-            yield Harness(app, service, client, token)
+            yield Harness(app, server, service, client, token)
 
 
 async def eventually(condition: Callable[[], bool], seconds: float = 10) -> None:

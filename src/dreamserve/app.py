@@ -8,6 +8,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from random import Random
@@ -35,9 +36,15 @@ from dreamserve.links import LinkSigner
 from dreamserve.outbox import Webhooks
 from dreamserve.reaper import Reaper, ReaperConfig
 from dreamserve.service import Service, ServiceConfig
+from dreamserve.service.accounts import Accounts
+from dreamserve.service.assets import Assets
+from dreamserve.service.records import Records
+from dreamserve.service.scheduler import Scheduler
+from dreamserve.service.submissions import Submissions
+from dreamserve.service.tokens import Tokens
 from dreamserve.settings import Settings
-from dreamserve.storage.blobs import LocalBlobStore
-from dreamserve.storage.database import open_database
+from dreamserve.storage.blobs import BlobStore, LocalBlobStore
+from dreamserve.storage.database import Database, open_database
 from dreamserve.storage.keyfile import load_or_create_key
 from dreamserve.storage.sealing import SecretBox
 from dreamserve.webhook_secrets import WebhookSecrets
@@ -54,15 +61,30 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+@dataclass(frozen=True)
+class Server:
+    """Every part of a server, built once: the service the API and the CLI call, and what the
+    background tasks (and tests) work with beside it."""
+
+    service: Service
+    db: Database
+    blobs: BlobStore
+    dispatcher: Dispatcher
+    deliverer: Deliverer
+    events: JobEvents
+    admission: Admission
+    ids: IdFactory
+
+
 @asynccontextmanager
-async def open_service(
+async def open_server(
     settings: Settings,
     *,
     clock: Clock = utc_now,
     catalogue: Catalogue | None = None,
     engines: Mapping[str, EngineSource] = BUILTIN,
     dispatcher: DispatcherFactory = InProcessDispatcher,
-) -> AsyncIterator[Service]:
+) -> AsyncIterator[Server]:
     """Every part of the server wired together, the schema migrated; closed on exit.
 
     `catalogue`, `engines` and `dispatcher` replace the built-in ones (benchmarks and tests).
@@ -111,28 +133,53 @@ async def open_service(
         events=events,
     )
     dispatch = dispatcher(runner)
+    config = ServiceConfig(
+        token_cache_seconds=settings.token_cache_seconds,
+        lease_seconds=settings.lease_seconds,
+        max_upload_bytes=settings.max_upload_bytes,
+        max_image_pixels=settings.max_image_pixels,
+        max_upload_pixels=settings.max_upload_pixels,
+        webhook_allow_private=settings.webhook_allow_private,
+    )
+    # The built-in catalogue, with the models of the operator's configuration file.
+    models = catalogue or load_config(settings.config).catalogue
+    records = Records(db, blobs, events, config)
     service = Service(
-        db=db,
-        blobs=blobs,
-        # The built-in catalogue, with the models of the operator's configuration file.
-        catalogue=catalogue or load_config(settings.config).catalogue,
-        admission=admission,
-        dispatcher=dispatch,
-        ids=ids,
-        clock=clock,
-        config=ServiceConfig(
-            token_cache_seconds=settings.token_cache_seconds,
-            lease_seconds=settings.lease_seconds,
-            max_upload_bytes=settings.max_upload_bytes,
-            max_image_pixels=settings.max_image_pixels,
-            max_upload_pixels=settings.max_upload_pixels,
-            webhook_allow_private=settings.webhook_allow_private,
+        tokens=Tokens(db, clock, config),
+        submissions=Submissions(
+            db=db,
+            blobs=blobs,
+            catalogue=models,
+            admission=admission,
+            dispatcher=dispatch,
+            ids=ids,
+            clock=clock,
+            config=config,
         ),
+        records=records,
+        scheduler=Scheduler(
+            db=db,
+            blobs=blobs,
+            dispatcher=dispatch,
+            events=events,
+            records=records,
+            clock=clock,
+            config=config,
+        ),
+        accounts=Accounts(
+            db=db,
+            catalogue=models,
+            admission=admission,
+            dispatcher=dispatch,
+            events=events,
+            clock=clock,
+        ),
+        assets=Assets(db=db, blobs=blobs, ids=ids, clock=clock, config=config),
         webhooks=Webhooks(db, secrets, deliverer, clock),
-        events=events,
+        config=config,
     )
     try:
-        yield service
+        yield Server(service, db, blobs, dispatch, deliverer, events, admission, ids)
     finally:
         await dispatch.close()
         await deliverer.close()
@@ -156,11 +203,12 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        parts = open_service(
+        parts = open_server(
             settings, clock=clock, catalogue=catalogue, engines=engines, dispatcher=dispatcher
         )
-        async with parts as service, _background(service, settings, clock, resume):
-            app.state.service = service
+        async with parts as server, _background(server, settings, clock, resume):
+            app.state.server = server
+            app.state.service = server.service
             yield
 
     app = FastAPI(
@@ -192,7 +240,7 @@ async def apply_config(service: Service, config: OperatorConfig) -> None:
     the same accounts at every start). A bad account stops the start, naming it."""
     for configured in config.accounts:
         try:
-            await service.put_account(configured.user, configured.fields)
+            await service.accounts.put(configured.user, configured.fields)
         except DreamserveError as error:
             name = configured.fields.get("account") or configured.fields.get("email") or "?"
             raise ConfigError(f"account {name}: {error.message}") from None
@@ -200,32 +248,32 @@ async def apply_config(service: Service, config: OperatorConfig) -> None:
 
 @asynccontextmanager
 async def _background(
-    service: Service, settings: Settings, clock: Clock, resume: bool
+    server: Server, settings: Settings, clock: Clock, resume: bool
 ) -> AsyncIterator[None]:
     """The server's background tasks, for as long as it serves: the webhook deliverer and, on
     PostgreSQL, the listener for other processes' job changes; with `resume`, the runner lock,
     the jobs an earlier process left, and the reaper (without it, as a second API process in
     tests, the app runs only the jobs it admits)."""
-    tasks = [asyncio.create_task(service.webhooks.deliverer.run_forever(), name="webhooks")]
+    tasks = [asyncio.create_task(server.deliverer.run_forever(), name="webhooks")]
     if settings.database.startswith("postgresql"):
-        feed = PostgresFeed(settings.database, service.events)
+        feed = PostgresFeed(settings.database, server.events)
         tasks.append(asyncio.create_task(feed.run_forever(), name="job-notifications"))
     try:
         if resume:
-            for jobid in await service.resume():
+            for jobid in await server.service.scheduler.resume():
                 log.warning("job %s failed: the server stopped while it ran too often", jobid)
             reaper = Reaper(
-                service.db,
-                service.blobs,
-                service.dispatcher,
+                server.db,
+                server.blobs,
+                server.dispatcher,
                 clock,
                 ReaperConfig(
                     settings.reaper_interval_seconds,
-                    service.config.max_attempts,
+                    server.service.config.max_attempts,
                     settings.retention_days,
                     settings.lease_seconds,
                 ),
-                service.events,
+                server.events,
             )
             tasks.append(asyncio.create_task(reaper.run_forever(), name="reaper"))
         yield

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from dreamserve.app import API_PREFIX, apply_config, create_app, open_service
+from dreamserve.app import API_PREFIX, apply_config, create_app, open_server
 from dreamserve.config import ConfigError, load_config
 from dreamserve.errors import DreamserveError
 from dreamserve.service import AnotherRunner
@@ -186,7 +186,7 @@ def first_start_banner(settings: Settings, token: str) -> str:
 
 
 async def _migrate(settings: Settings) -> None:
-    async with open_service(settings):
+    async with open_server(settings):
         pass
 
 
@@ -194,41 +194,43 @@ async def _bootstrap(settings: Settings) -> str | None:
     """The first start's token (None on later starts), and the accounts of the operator's
     configuration file saved; errors here stop `serve` before uvicorn starts."""
     config = load_config(settings.config)
-    async with open_service(settings, catalogue=config.catalogue) as service:
-        if not await service.db.lock_runner():  # say so before uvicorn starts
+    async with open_server(settings, catalogue=config.catalogue) as server:
+        if not await server.db.lock_runner():  # say so before uvicorn starts
             raise AnotherRunner
-        token = await service.bootstrap()
-        await apply_config(service, config)
+        token = await server.service.tokens.bootstrap()
+        await apply_config(server.service, config)
         return token
 
 
 async def _create_token(settings: Settings, user_id: int | None) -> tuple[int, str]:
-    async with open_service(settings) as service:
+    async with open_server(settings) as server:
+        service = server.service
         if user_id is None:
             # On an empty database the new user is the first start's user 1, made with the
             # shared LOCAL:procedural account as `serve` would (which then makes neither).
-            token = await service.bootstrap()
+            token = await service.tokens.bootstrap()
             if token is not None:
                 return 1, token
-        return await service.create_token(user_id)
+        return await service.tokens.create(user_id)
 
 
 async def _accounts(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
     """`accounts add|list|remove`: the service's reply; `--shared` is the operator (None)."""
-    async with open_service(settings) as service:
+    async with open_server(settings) as server:
+        service = server.service
         # An empty database gets its first start here as it would from `serve`: `--user 1` (the
         # default) and LOCAL:procedural then mean the same before and after the server first
         # runs, and `serve` will not make them again. The token shows once, on stderr (stdout
         # stays JSON).
-        token = await service.bootstrap()
+        token = await service.tokens.bootstrap()
         if token is not None:
             print(first_start_banner(settings, token), file=sys.stderr, flush=True)
         owner = None if args.shared else args.user
         if args.action == "add":
-            return await service.put_account(owner, _account_fields(args))
+            return await service.accounts.put(owner, _account_fields(args))
         if args.action == "list":
-            return await service.list_accounts(owner)
-        return await service.delete_account(owner, args.account)
+            return await service.accounts.listing(owner)
+        return await service.accounts.delete(owner, args.account)
 
 
 def _account_fields(args: argparse.Namespace) -> dict[str, Any]:

@@ -290,14 +290,14 @@ async def test_a_shared_account_cannot_be_changed_through_the_api(
 
 
 async def test_the_operator_manages_shared_accounts_through_the_service(harness: Harness) -> None:
-    shared = await harness.service.put_account(None, {**STUDIO, "account": "LOCAL:gpu0"})
+    shared = await harness.service.accounts.put(None, {**STUDIO, "account": "LOCAL:gpu0"})
     assert shared["shared"] is True
     other = await harness.new_user()
     listed = (await harness.call("GET", "/accounts", token=other)).json()
     assert sorted(listed) == ["LOCAL:gpu0", "LOCAL:procedural"]
     posted = await harness.post({**SMALL, "account": "LOCAL:gpu0"}, token=other)
     assert posted.status_code == 200
-    removed = await harness.service.delete_account(None, "LOCAL:gpu0")
+    removed = await harness.service.accounts.delete(None, "LOCAL:gpu0")
     assert removed == {"account": "LOCAL:gpu0", "deleted": True, "remaining": 1}
 
 
@@ -306,7 +306,7 @@ async def test_a_user_account_named_like_a_shared_one_is_refused_to_the_operator
 ) -> None:
     await harness.put_account(STUDIO)
     with pytest.raises(BadRequest, match=r"^Account US:studio@example.com already exists as an"):
-        await harness.service.put_account(None, STUDIO)
+        await harness.service.accounts.put(None, STUDIO)
 
 
 # Isolation: another user's account is answered as if it did not exist
@@ -367,7 +367,7 @@ async def test_secrets_are_never_returned_and_stored_encrypted(
     def stored(conn: Connection) -> list[Any]:
         return list(conn.execute(select(accounts)).all())
 
-    rows = await keyed.service.db.read(stored)
+    rows = await keyed.server.db.read(stored)
     assert KEY not in repr(rows)
     key_file = settings.data_dir / "secrets.key"
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600

@@ -54,7 +54,7 @@ async def stored(harness: Harness, settings: Settings) -> tuple[int, list[Any]]:
         return int(conn.execute(select(func.count()).select_from(assets)).scalar_one())
 
     files = [path for path in (settings.data_dir / "blobs").rglob("*") if path.is_file()]
-    return await harness.service.db.read(count), files
+    return await harness.server.db.read(count), files
 
 
 # POST /assets/<account>

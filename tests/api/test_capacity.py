@@ -108,7 +108,7 @@ async def test_two_processes_on_one_database_share_the_cap(settings: Settings) -
 
 async def raw_update(harness, statement) -> None:
     """Change the database as another process would, without this one being told."""
-    await harness.service.db.write(lambda conn: conn.execute(statement))
+    await harness.server.db.write(lambda conn: conn.execute(statement))
 
 
 async def test_a_lowered_cap_applies_at_once_despite_the_account_cache(gated) -> None:
@@ -132,18 +132,18 @@ async def test_an_account_put_in_error_takes_no_job_despite_the_account_cache(ga
 async def test_the_account_list_is_read_again_once_the_cache_expires(gated) -> None:
     harness, _ = gated
     now = [1000.0]
-    harness.service.admission.clock = lambda: now[0]
+    harness.server.admission.clock = lambda: now[0]
     await harness.execute(update(accounts).values(models=["seedream-4.0"]))
     assert (await harness.post(SMALL)).json() == {"error": "No account serves model nano-banana"}
     await raw_update(harness, update(accounts).values(models=None))
     assert (await harness.post(SMALL)).status_code == 400  # still the cached list
-    now[0] += harness.service.admission.cache_seconds + 0.1
+    now[0] += harness.server.admission.cache_seconds + 0.1
     assert (await harness.post(SMALL)).status_code == 200
 
 
 async def test_which_accounts_serve_a_model_is_worked_out_once_per_cached_list(gated) -> None:
     harness, _ = gated
-    admission = harness.service.admission
+    admission = harness.server.admission
     asked: list[str] = []
     serves = admission.serves
 

@@ -104,7 +104,7 @@ async def test_a_later_get_hands_out_a_fresh_link(settings: Settings) -> None:
 
 async def test_a_valid_link_to_a_missing_file_is_404(harness: Harness) -> None:
     image = await first_image(harness)
-    (harness.service.blobs.root / image["imageUri"]).unlink()  # type: ignore[attr-defined]
+    (harness.server.blobs.root / image["imageUri"]).unlink()  # type: ignore[attr-defined]
     reply = await harness.client.get(image["imageUrl"])
     assert reply.status_code == 404
     assert reply.json() == {"error": "File not found"}
@@ -112,7 +112,7 @@ async def test_a_valid_link_to_a_missing_file_is_404(harness: Harness) -> None:
 
 async def test_a_signed_key_that_leaves_the_store_is_404(harness: Harness) -> None:
     """Even a correctly signed link cannot reach outside the blob directory."""
-    signer = harness.service.blobs.signer  # type: ignore[attr-defined]
+    signer = harness.server.blobs.signer  # type: ignore[attr-defined]
     key = "../secret.key"
     expires = 4_000_000_000
     query = f"expires={expires}&signature={signer.sign(key, expires)}"

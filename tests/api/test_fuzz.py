@@ -73,7 +73,7 @@ class Client:
             return int(conn.execute(select(func.count()).select_from(assets)).scalar_one())
 
         files = [path for path in self.data_dir.joinpath("blobs").rglob("*") if path.is_file()]
-        return self.portal.call(self.harness.service.db.read, count), len(files)
+        return self.portal.call(self.harness.server.db.read, count), len(files)
 
     @property
     def data_dir(self) -> Path:
@@ -89,7 +89,7 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Client]:
         with portal.wrap_async_context_manager(opened) as harness:
             harness.app.state.data_dir = settings.data_dir
             # replyUrls pass at a public address; no job ends, so none is ever sent
-            harness.service.resolver = public_dns
+            harness.service.submissions.resolver = public_dns
             # room for every admitted example, so that valid bodies keep reaching the 200 path
             portal.call(harness.execute, update(accounts).values(max_jobs=1_000_000))
             yield Client(portal, harness)

@@ -25,7 +25,7 @@ async def post(
 
 async def job_count(harness: Harness) -> int:
     return int(
-        await harness.service.db.read(
+        await harness.server.db.read(
             lambda conn: conn.execute(select(func.count()).select_from(jobs)).scalar_one()
         )
     )
@@ -175,7 +175,7 @@ async def test_a_replay_needs_no_dns(settings: Settings) -> None:
     even while the resolver is down."""
     gated = GatedEngine()  # the job never ends here: nothing is sent to the public address
     async with open_harness(settings, engines={**BUILTIN, "procedural": gated.factory}) as harness:
-        harness.service.resolver = public_dns
+        harness.service.submissions.resolver = public_dns
         body = {**SMALL, "replyUrl": "https://hooks.example/dreamina"}
         first = await post(harness, body, "dns")
         assert first.status_code == 200
@@ -183,7 +183,7 @@ async def test_a_replay_needs_no_dns(settings: Settings) -> None:
         async def down(host: str, port: int) -> list[str]:
             raise OSError("Temporary failure in name resolution")
 
-        harness.service.resolver = down
+        harness.service.submissions.resolver = down
         again = await post(harness, body, "dns")
         assert again.status_code == 200
         assert again.json()["jobid"] == first.json()["jobid"]

@@ -50,7 +50,7 @@ async def test_missing_or_wrong_token_is_401(harness: Harness, header: str | Non
 
 
 async def test_a_token_with_another_users_id_is_401(harness: Harness) -> None:
-    _, token = await harness.service.create_token()
+    _, token = await harness.service.tokens.create()
     secret = token.split("-", 1)[1]
     reply = await harness.post(SMALL, token=f"user:1-{secret}")
     assert reply.status_code == 401
@@ -264,7 +264,7 @@ async def test_an_unknown_job_is_404(harness: Harness) -> None:
 
 async def test_another_users_job_is_404_as_if_it_did_not_exist(harness: Harness) -> None:
     jobid = (await harness.post(SMALL)).json()["jobid"]
-    _, other = await harness.service.create_token()
+    _, other = await harness.service.tokens.create()
     reply = await harness.get(jobid, token=other)
     assert reply.status_code == 404
     assert reply.json() == {"error": f"Job {jobid} not found"}
@@ -313,7 +313,7 @@ async def test_a_reference_that_is_not_an_image_of_the_user_is_400(harness: Harn
     source = await harness.wait((await harness.post(SMALL)).json()["jobid"])
     ref = source["response"]["images"][0]["assetRef"]
     forged = ref.replace("-image:w1024:", "-image:w1025:")
-    _, other = await harness.service.create_token()
+    _, other = await harness.service.tokens.create()
     for token, value in ((harness.token, forged), (other, ref)):
         reply = await harness.post({"prompt": "x", "imageRef_1": value}, token=token)
         assert reply.status_code == 400
@@ -485,9 +485,9 @@ async def test_a_jobid_made_twice_is_made_again(harness: Harness) -> None:
     """Two processes can, rarely, make the same jobid: the unique constraint refuses the second
     and admission retries with a new one, giving back the slot of the failed attempt."""
     first = (await harness.post(SMALL)).json()["jobid"]
-    made = harness.service.ids.jobid
+    made = harness.server.ids.jobid
     repeats = iter([first])
-    harness.service.ids.jobid = lambda *args: next(repeats, None) or made(*args)  # type: ignore[method-assign]
+    harness.server.ids.jobid = lambda *args: next(repeats, None) or made(*args)  # type: ignore[method-assign]
     reply = await harness.post(SMALL)
     assert reply.status_code == 200
     assert reply.json()["jobid"] != first
@@ -502,7 +502,7 @@ async def test_a_job_whose_images_fail_to_store_leaves_none_behind(
 ) -> None:
     """The images of a job are stored side by side; when one cannot be, the job fails and the
     ones already written are deleted (nobody could ever fetch them)."""
-    blobs = harness.service.blobs
+    blobs = harness.server.blobs
     put = blobs.put
     written: list[str] = []
 

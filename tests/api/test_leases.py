@@ -35,9 +35,9 @@ def now_millis() -> int:
 
 
 def reaper(harness: Harness, clock: FakeClock, max_attempts: int = 3) -> Reaper:
-    service = harness.service
+    server = harness.server
     config = ReaperConfig(1.0, max_attempts)
-    return Reaper(service.db, service.blobs, service.dispatcher, clock, config)
+    return Reaper(server.db, server.blobs, server.dispatcher, clock, config)
 
 
 async def stored_files(settings: Settings) -> list[Any]:
@@ -48,7 +48,7 @@ async def asset_count(harness: Harness) -> int:
     def count(conn: Connection) -> int:
         return int(conn.execute(select(func.count()).select_from(assets)).scalar_one())
 
-    return await harness.service.db.read(count)
+    return await harness.server.db.read(count)
 
 
 async def test_an_expired_lease_runs_the_job_again_and_fences_the_first_runner(
@@ -69,7 +69,7 @@ async def test_an_expired_lease_runs_the_job_again_and_fences_the_first_runner(
         assert await harness.slots() == {"LOCAL:procedural": 1}
         engine.gate.set()  # both runners finish; only attempt 2 may write
         record = await harness.wait(jobid)
-        dispatcher = harness.service.dispatcher
+        dispatcher = harness.server.dispatcher
         await eventually(lambda: dispatcher.running == 0)  # type: ignore[attr-defined]
         assert record["status"] == "completed"
         assert len(record["response"]["images"]) == 1
@@ -95,7 +95,7 @@ async def test_a_job_reaped_max_attempts_times_fails_and_frees_its_slot(
         assert (record["status"], record["error"]) == ("failed", RUNNER_LOST)
         assert await harness.slots() == {"LOCAL:procedural": 0}
         engine.gate.set()  # the lost runner comes back: its result is thrown away
-        await harness.service.dispatcher.close()
+        await harness.server.dispatcher.close()
         assert (await harness.get(jobid)).json() == record
         assert await harness.slots() == {"LOCAL:procedural": 0}
         assert await stored_files(settings) == []
@@ -119,7 +119,7 @@ async def test_a_runner_stops_when_its_job_was_ended_by_another_process(
                 conn, job, status=Status.FAILED, now=now_millis(), error="Cancelled by user"
             )
 
-        assert await harness.service.db.write(cancel_elsewhere)
+        assert await harness.server.db.write(cancel_elsewhere)
         await eventually(lambda: engine.cancelled == 1)
         assert await harness.slots() == {"LOCAL:procedural": 0}
 
@@ -136,7 +136,7 @@ async def test_jobs_past_retention_are_deleted_with_their_images(settings: Setti
         clock.advance(29 * 86_400)  # `old` finished 31 days ago, `kept` 29 days ago
         sweep = await reaper(harness, clock).sweep()
         assert sweep.deleted_files == 2
-        harness.service._finished.clear()  # as after a restart: no record kept in memory
+        harness.service.records.forget()  # as after a restart: no record kept in memory
         reply = await harness.get(old)
         assert (reply.status_code, reply.json()) == (404, {"error": f"Job {old} not found"})
         assert (await harness.get(kept)).json()["status"] == "completed"
@@ -198,7 +198,7 @@ async def test_the_servers_reaper_runs_again_a_job_whose_runner_died(settings: S
         jobid = (await harness.post(SMALL)).json()["jobid"]
         record = await harness.wait(jobid)
         assert record["status"] == "completed"
-        job = await harness.service.db.read(lambda conn: queries.job_by_jobid(conn, jobid, 1))
+        job = await harness.server.db.read(lambda conn: queries.job_by_jobid(conn, jobid, 1))
         assert job is not None
         assert job.attempts == 2
         assert await harness.slots() == {"LOCAL:procedural": 0}
@@ -216,7 +216,7 @@ async def test_the_reaper_deletes_idempotency_keys_after_a_day(settings: Setting
 
         clock.advance(86_400 - 60)
         await reaper(harness, clock).sweep()
-        assert await harness.service.db.read(keys) == 1  # a day not yet over: kept
+        assert await harness.server.db.read(keys) == 1  # a day not yet over: kept
         clock.advance(120)
         await reaper(harness, clock).sweep()
-        assert await harness.service.db.read(keys) == 0
+        assert await harness.server.db.read(keys) == 0

@@ -69,8 +69,8 @@ async def test_a_running_job_is_not_run_twice_when_dispatched_again(settings: Se
     async with open_harness(settings, engines={"procedural": engine.factory}) as harness:
         jobid = (await harness.post(SMALL)).json()["jobid"]
         await wait_started(engine, 1)
-        job = await harness.service.db.read(lambda c: c.execute(select(jobs.c.id)).scalar_one())
-        await harness.service.dispatcher.dispatch(job)  # a duplicate delivery
+        job = await harness.server.db.read(lambda c: c.execute(select(jobs.c.id)).scalar_one())
+        await harness.server.dispatcher.dispatch(job)  # a duplicate delivery
         engine.gate.set()
         assert (await harness.wait(jobid))["status"] == "completed"
         assert engine.started == 1
@@ -94,5 +94,5 @@ async def test_slot_counts_are_repaired_on_start(settings: Settings) -> None:
         await harness.execute(update(accounts).values(running=7))
     async with open_harness(settings) as harness:
         assert await harness.slots() == {"LOCAL:procedural": 0}
-        no_jobs = await harness.service.db.read(lambda c: c.execute(select(jobs.c.id)).first())
+        no_jobs = await harness.server.db.read(lambda c: c.execute(select(jobs.c.id)).first())
         assert no_jobs is None

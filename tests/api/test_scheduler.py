@@ -41,7 +41,9 @@ async def test_get_lists_running_jobs_by_account(settings: Settings) -> None:
     async with open_harness(
         settings, clock=clock, engines={"procedural": engine.factory}
     ) as harness:
-        harness.service.resolver = public_dns  # the job never ends here: nothing is sent
+        harness.service.submissions.resolver = (
+            public_dns  # the job never ends here: nothing is sent
+        )
         assert (await harness.call("GET", "/scheduler")).json() == {"executing": {}, "total": 0}
         first = (await harness.post(SMALL)).json()["jobid"]
         clock.advance(2.5)
@@ -128,7 +130,7 @@ async def test_a_job_not_started_yet_is_cancelled_before_it_runs(settings: Setti
         reply = await harness.call("DELETE", f"/scheduler/{jobid}")  # before any runner has it
         assert reply.json()["error"] == "Cancelled by user"
         HeldDispatcher.gate.set()  # the runner gets the job now, and must not run it
-        await eventually(lambda: harness.service.dispatcher.running == 0)  # claim refused
+        await eventually(lambda: harness.server.dispatcher.running == 0)  # claim refused
         assert engine.started == 0
         assert (await harness.get(jobid)).json()["error"] == "Cancelled by user"
 

@@ -20,4 +20,4 @@ async def test_the_migrated_schema_is_the_declared_one(harness: Harness) -> None
         context = MigrationContext.configure(conn, opts={"compare_type": True})
         return list(compare_metadata(context, metadata))
 
-    assert await harness.service.db.read(differences) == []
+    assert await harness.server.db.read(differences) == []

@@ -110,7 +110,7 @@ async def test_a_users_account_may_not_reach_a_private_address(
 async def test_a_shared_account_may_reach_the_operators_own_network(
     harness: Harness, fake: FakeUpstream
 ) -> None:
-    await harness.service.put_account(None, account("openai", fake, model="local-model"))
+    await harness.service.accounts.put(None, account("openai", fake, model="local-model"))
     posted = await harness.post({"prompt": "a kite", "count": 1, "account": ACCOUNT})
     record = await harness.wait(posted.json()["jobid"])
     assert record["status"] == "completed", record
@@ -175,5 +175,5 @@ async def test_a_users_own_account_may_not_use_the_diffusers_engine(harness: Har
             "declares its accounts (the config file, or dreamserve accounts add --shared)"
         },
     )
-    shared = await harness.service.put_account(None, body)
+    shared = await harness.service.accounts.put(None, body)
     assert shared["engine"] == "diffusers"

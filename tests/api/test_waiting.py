@@ -44,7 +44,7 @@ class ReadCounter:
 
     def __init__(self, harness: Harness) -> None:
         self.reads = 0
-        db = harness.service.db
+        db = harness.server.db
         inner = db.read
 
         async def read(fn: Any) -> Any:
@@ -153,7 +153,7 @@ def events_of(text: str) -> list[tuple[str, dict[str, Any] | None]]:
 
 
 async def test_the_event_stream_follows_a_job_to_its_end(held: Harness, gated: GatedEngine) -> None:
-    held.service.config = replace(held.service.config, keepalive_seconds=0.2)
+    held.service.records.config = replace(held.service.records.config, keepalive_seconds=0.2)
     jobid = (await held.post(SMALL)).json()["jobid"]
     await wait_started(gated, 1)
     counter = ReadCounter(held)

@@ -76,7 +76,7 @@ async def settled(harness: Harness, jobid: str, tries: int) -> dict[str, object]
     for _ in range(500):
         if await check():
             return found[0]
-        await harness.service.webhooks.deliverer.drain()
+        await harness.server.deliverer.drain()
         await asyncio.sleep(0.01)
     raise AssertionError(f"deliveries of {jobid}: {found}")
 
@@ -167,11 +167,11 @@ async def test_failures_are_retried_on_the_schedule_until_a_2xx(
             waited = (next_try - first_try).total_seconds()
             assert delay * (1 - JITTER) - 0.01 <= waited <= delay * (1 + JITTER) + 0.01
             clock.advance(delay * (1 - JITTER) - 1)  # not due yet: nothing is sent
-            hooks.service.webhooks.deliverer.wake()
-            await hooks.service.webhooks.deliverer.deliver_due()
+            hooks.server.deliverer.wake()
+            await hooks.server.deliverer.deliver_due()
             assert receiver.count() == tries
             clock.advance(delay * 2 * JITTER + 2)
-            hooks.service.webhooks.deliverer.wake()
+            hooks.server.deliverer.wake()
         delivery = await settled(hooks, jobid, 4)
         assert delivery["status"] == "delivered"
         errors = [attempt["error"] for attempt in delivery["tries"]]  # type: ignore[attr-defined]
@@ -195,7 +195,7 @@ async def test_a_receiver_that_never_answers_2xx_is_given_up_after_the_whole_sch
             if tries < TRIES:
                 assert delivery["status"] == "pending"
                 clock.now = datetime.fromisoformat(str(delivery["nextTry"]))
-                hooks.service.webhooks.deliverer.wake()
+                hooks.server.deliverer.wake()
         assert delivery["status"] == "failed"
         assert delivery["nextTry"] is None
         assert receiver.count() == TRIES
@@ -210,8 +210,8 @@ async def test_410_stops_delivery(hooks: Harness, clock: FakeClock) -> None:
         assert delivery["status"] == "stopped"
         assert delivery["nextTry"] is None
         clock.advance(3600)
-        hooks.service.webhooks.deliverer.wake()
-        await hooks.service.webhooks.deliverer.deliver_due()
+        hooks.server.deliverer.wake()
+        await hooks.server.deliverer.deliver_due()
         assert receiver.count() == 1
 
 
@@ -305,7 +305,7 @@ async def test_a_job_without_reply_url_queues_nothing(hooks: Harness) -> None:
     jobid = reply.json()["jobid"]
     await hooks.wait(jobid)
     assert await deliveries(hooks, jobid) == []
-    count = await hooks.service.db.read(
+    count = await hooks.server.db.read(
         lambda conn: conn.execute(select(func.count()).select_from(webhook_deliveries)).scalar()
     )
     assert count == 0
@@ -316,7 +316,7 @@ async def test_with_nothing_due_the_deliverer_only_reads(hooks: Harness) -> None
     """Every job's end wakes the deliverer; most jobs have no webhook, and a look that finds
     nothing due must cost a read, not a write transaction."""
     writes = 0
-    db = hooks.service.db
+    db = hooks.server.db
     inner = db.write
 
     async def write(fn: Any) -> Any:
@@ -326,14 +326,14 @@ async def test_with_nothing_due_the_deliverer_only_reads(hooks: Harness) -> None
 
     db.write = write  # type: ignore[method-assign]
     try:
-        assert await hooks.service.webhooks.deliverer.deliver_due() == 0
+        assert await hooks.server.deliverer.deliver_due() == 0
         assert writes == 0
         with receiving() as receiver:
             jobid = await submit(hooks, receiver.url)
             await hooks.wait(jobid)
             await settled(hooks, jobid, 1)
         writes = 0
-        assert await hooks.service.webhooks.deliverer.deliver_due() == 0  # delivered already
+        assert await hooks.server.deliverer.deliver_due() == 0  # delivered already
         assert writes == 0
     finally:
         db.write = inner  # type: ignore[method-assign]
@@ -351,7 +351,7 @@ async def test_redelivery_resends_the_same_event_now(hooks: Harness) -> None:
         first, second = receiver.received
         assert first.headers["webhook-id"] == second.headers["webhook-id"]
         assert second.json["jobid"] == jobid
-        await hooks.service.webhooks.deliverer.drain()
+        await hooks.server.deliverer.drain()
         found = await deliveries(hooks, jobid)
         assert [each["status"] for each in found] == ["delivered", "delivered"]
 
@@ -418,7 +418,7 @@ async def test_a_public_address_is_accepted_at_submit(settings: Settings) -> Non
     async with open_harness(settings, engines={**BUILTIN, "procedural": gated.factory}) as harness:
         literal = await harness.post({**SMALL, "replyUrl": "http://93.184.216.34/hook"})
         assert literal.status_code == 200
-        harness.service.resolver = public_dns
+        harness.service.submissions.resolver = public_dns
         named = await harness.post({**SMALL, "replyUrl": "https://hooks.example/dreamina"})
         assert named.status_code == 200
         assert named.json()["request"]["replyUrl"] == "https://hooks.example/dreamina"
@@ -457,7 +457,7 @@ async def test_the_address_is_checked_again_at_delivery(
             await harness.execute(
                 webhook_deliveries.update().values(next_at=0)  # due now
             )
-            harness.service.webhooks.deliverer.wake()
+            harness.server.deliverer.wake()
             delivery = await settled(harness, jobid, 2)
             assert delivery["status"] == "refused"
             assert delivery["tries"][1]["error"] == error  # type: ignore[index]
@@ -504,7 +504,7 @@ async def test_a_backlog_is_sent_as_places_free_up_not_at_each_poll(private: Set
     next at once (with a 30 s poll, waiting for it would take minutes)."""
     with receiving(Answer(200, delay=0.1)) as receiver:
         async with open_harness(private) as harness:
-            deliverer = harness.service.webhooks.deliverer
+            deliverer = harness.server.deliverer
             deliverer.config = replace(deliverer.config, concurrency=2, poll_seconds=30)
             deliverer.wake()  # the loop takes the new poll
             jobids = [await submit(harness, receiver.url) for _ in range(8)]
@@ -571,7 +571,7 @@ async def test_an_answer_the_database_cannot_keep_is_recorded_cleaned(hooks: Har
 async def test_a_try_that_fails_in_the_server_is_recorded_and_retried(
     hooks: Harness, clock: FakeClock
 ) -> None:
-    deliverer = hooks.service.webhooks.deliverer
+    deliverer = hooks.server.deliverer
     signing_keys = deliverer.secrets.signing_keys
 
     async def broken(user_id: int) -> list[str]:
@@ -604,7 +604,7 @@ async def test_a_delivery_whose_tries_all_died_unrecorded_is_given_up(hooks: Har
         await hooks.execute(
             webhook_deliveries.update().values(status="pending", tries=TRIES, next_at=0)
         )
-        await hooks.service.webhooks.deliverer.deliver_due()
+        await hooks.server.deliverer.deliver_due()
         [delivery] = await deliveries(hooks, jobid)
         assert delivery["status"] == "failed"
         assert receiver.count() == 1
@@ -620,7 +620,7 @@ async def test_a_replayed_submit_sends_no_second_webhook(hooks: Harness) -> None
         await settled(hooks, jobid, 1)
         again = await hooks.client.post("/v1/dreamina/images", json=body, headers=headers)
         assert again.headers["idempotent-replayed"] == "true"
-        await hooks.service.webhooks.deliverer.deliver_due()
-        await hooks.service.webhooks.deliverer.drain()
+        await hooks.server.deliverer.deliver_due()
+        await hooks.server.deliverer.drain()
         assert len(await deliveries(hooks, jobid)) == 1
         assert receiver.count() == 1

@@ -17,7 +17,7 @@ import pytest
 from pydantic import SecretStr
 
 from dreamserve import cli
-from dreamserve.app import open_service
+from dreamserve.app import open_server
 from dreamserve.cli import first_start_banner, main
 from dreamserve.engines.base import EngineContext, EngineSettings
 from dreamserve.engines.registry import BUILTIN
@@ -83,10 +83,10 @@ def test_first_start_creates_user_1_and_the_procedural_account_once(data_dir: Pa
     settings = Settings()
 
     async def bootstrap_twice() -> tuple[str | None, str | None]:
-        async with open_service(settings) as service:
-            first = await service.bootstrap()
-        async with open_service(settings) as service:
-            return first, await service.bootstrap()
+        async with open_server(settings) as server:
+            first = await server.service.tokens.bootstrap()
+        async with open_server(settings) as server:
+            return first, await server.service.tokens.bootstrap()
 
     first, second = asyncio.run(bootstrap_twice())
     assert first is not None
@@ -305,7 +305,7 @@ def test_accounts_of_a_missing_user_fail(started: Path, capsys) -> None:
 def keyed(started: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The CLI's service with one more engine, `keyed`, that takes a secret."""
     engines = {**BUILTIN, "keyed": Keyed}
-    monkeypatch.setattr(cli, "open_service", functools.partial(open_service, engines=engines))
+    monkeypatch.setattr(cli, "open_server", functools.partial(open_server, engines=engines))
 
 
 def test_settings_values_are_json_when_they_parse_else_text(keyed: None, capsys) -> None:
@@ -387,17 +387,18 @@ def test_serve_applies_the_config_file_at_every_start(
     assert listed["LOCAL:gpu0"]["maxJobs"] == 2
 
     async def generate() -> dict[str, Any]:
-        async with open_service(settings) as service:
-            assert "sdxl-turbo" in [model["model"] for model in service.models()]
+        async with open_server(settings) as server:
+            service = server.service
+            assert "sdxl-turbo" in [model["model"] for model in service.submissions.models()]
             body = {
                 "prompt": "a turbo",
                 "model": "sdxl-turbo",
                 "ratio": "16:9",
                 "account": "LOCAL:gpu0",
             }
-            submitted = await service.submit_image(1, {**body, "count": 1})
+            submitted = await service.submissions.image(1, {**body, "count": 1})
             for _ in range(600):
-                record = await service.get_job(1, submitted["jobid"])
+                record = await service.records.get(1, submitted["jobid"])
                 if record["status"] != "created":
                     return dict(record)
                 await asyncio.sleep(0.05)

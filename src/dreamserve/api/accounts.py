@@ -32,7 +32,7 @@ async def put_account(request: Request) -> JSONResponse:
     Secrets in `settings` are stored encrypted and never returned."""
     service, user = await authenticate(request)
     fields = await read_fields(request, request.app.state.max_body_bytes)
-    return JSONResponse(await service.put_account(user, fields))
+    return JSONResponse(await service.accounts.put(user, fields))
 
 
 @router.get(
@@ -45,7 +45,7 @@ async def put_account(request: Request) -> JSONResponse:
 async def list_accounts(request: Request) -> JSONResponse:
     """Your own accounts and the shared ones (`"shared": true`), keyed by account id."""
     service, user = await authenticate(request)
-    return JSONResponse(await service.list_accounts(user))
+    return JSONResponse(await service.accounts.listing(user))
 
 
 @router.get(
@@ -57,7 +57,7 @@ async def list_accounts(request: Request) -> JSONResponse:
 )
 async def get_account(request: Request) -> JSONResponse:
     service, user = await authenticate(request)
-    return JSONResponse(await service.get_account(user, request.path_params["account"]))
+    return JSONResponse(await service.accounts.get(user, request.path_params["account"]))
 
 
 @router.delete(
@@ -70,4 +70,4 @@ async def get_account(request: Request) -> JSONResponse:
 async def delete_account(request: Request) -> JSONResponse:
     """Deletes one of your accounts; its unfinished jobs end as `Cancelled by user`."""
     service, user = await authenticate(request)
-    return JSONResponse(await service.delete_account(user, request.path_params["account"]))
+    return JSONResponse(await service.accounts.delete(user, request.path_params["account"]))

@@ -43,9 +43,9 @@ async def upload_asset(request: Request) -> JSONResponse:
     service, user = await authenticate(request)
     media = content_type_of(request.headers.get("content-type"))
     # Before the body: no client sends megabytes to an account that is not there.
-    account = await service.usable_account(user, request.path_params["account"])
+    account = await service.accounts.usable(user, request.path_params["account"])
     data = await read_body(request, service.config.max_upload_bytes, too_large)
-    return JSONResponse(await service.upload_asset(user, account, media, data))
+    return JSONResponse(await service.assets.upload(user, account, media, data))
 
 
 @router.get(
@@ -59,7 +59,7 @@ async def list_assets(request: Request) -> JSONResponse:
     """Your generated images on the account, newest first (`count` 1-100, default 20)."""
     service, user = await authenticate(request)
     fields = dict(request.query_params)
-    return JSONResponse(await service.list_assets(user, request.path_params["account"], fields))
+    return JSONResponse(await service.assets.page(user, request.path_params["account"], fields))
 
 
 @router.delete(
@@ -71,4 +71,4 @@ async def list_assets(request: Request) -> JSONResponse:
 )
 async def delete_asset(request: Request) -> JSONResponse:
     service, user = await authenticate(request)
-    return JSONResponse(await service.delete_asset(user, request.path_params["assetId"]))
+    return JSONResponse(await service.assets.delete(user, request.path_params["assetId"]))

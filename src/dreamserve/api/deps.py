@@ -34,7 +34,7 @@ def service_of(request: Request) -> Service:
 async def authenticate(request: Request) -> tuple[Service, int]:
     """The service and the user id of the request's token (401 `Unauthorized` without one)."""
     service = service_of(request)
-    return service, await service.authenticate(request.headers.get("authorization"))
+    return service, await service.tokens.authenticate(request.headers.get("authorization"))
 
 
 class RequestRoute(APIRoute):

@@ -26,7 +26,7 @@ async def get_file(
     signature: str | None = Query(default=None),
 ) -> FileResponse:
     """The image an `imageUrl` points at. 403 when the link was altered or has expired."""
-    path = service_of(request).local_file(key, expires, signature)
+    path = service_of(request).assets.local_file(key, expires, signature)
     return FileResponse(
         path,
         media_type=content_type(key),

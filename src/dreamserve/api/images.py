@@ -18,7 +18,8 @@ from dreamserve.api.schemas import (
     JobRecord,
     WebhookDeliveries,
 )
-from dreamserve.service import Record, Service, Submitted
+from dreamserve.service import Record, Submitted
+from dreamserve.service.submissions import Submissions
 
 router = APIRouter(tags=["images"], route_class=RequestRoute)
 
@@ -53,7 +54,7 @@ WAIT_PARAMETER = {
 async def create_image_job(request: Request) -> Response:
     """Validate the request, take a slot on an account and start the job; replies at once with
     the job record, status `created`. JSON, multipart/form-data or form-urlencoded."""
-    return await _submit(request, Service.submit_image)
+    return await _submit(request, Submissions.image)
 
 
 @router.post(
@@ -70,7 +71,7 @@ async def create_image_job(request: Request) -> Response:
 async def create_upscale_job(request: Request) -> Response:
     """One image of a completed image job, upscaled to `upscaleResolution` on that job's
     account; replies at once with the job record, type `upscale`, status `created`."""
-    return await _submit(request, Service.submit_upscale)
+    return await _submit(request, Submissions.upscale)
 
 
 @router.get(
@@ -86,9 +87,9 @@ async def get_image_job(request: Request) -> Response:
     service, user = await authenticate(request)  # path_params: cheaper than a declared parameter
     jobid = request.path_params["jobid"]
     if "wait" not in request.query_params:
-        return _json((await service.get_job(user, jobid)).json)
-    wait = service.wait_seconds(request.query_params["wait"])
-    return _json((await service.get_job(user, jobid, wait)).json)
+        return _json((await service.records.get(user, jobid)).json)
+    wait = service.records.wait_seconds(request.query_params["wait"])
+    return _json((await service.records.get(user, jobid, wait)).json)
 
 
 @router.get(
@@ -105,7 +106,7 @@ async def stream_image_job(request: Request) -> Response:
     runs, then `done` with the final record, and the stream ends. A comment keeps a quiet
     stream open every 15 seconds."""
     service, user = await authenticate(request)
-    events = service.job_events(user, request.path_params["jobid"])
+    events = service.records.follow(user, request.path_params["jobid"])
     first = await anext(events)  # a missing job is a 404, before the stream starts
     assert first is not None
     return EventSourceResponse(
@@ -157,12 +158,13 @@ async def redeliver_webhook(request: Request) -> JSONResponse:
 
 async def _submit(
     request: Request,
-    submit: Callable[[Service, int, dict[str, Any], str | None], Awaitable[Submitted]],
+    submit: Callable[[Submissions, int, dict[str, Any], str | None], Awaitable[Submitted]],
 ) -> Response:
     """The body and Idempotency-Key of a POST, submitted as the user of its token."""
     service, user = await authenticate(request)
     fields = await read_fields(request, request.app.state.max_body_bytes)
-    submitted = await submit(service, user, fields, request.headers.get("idempotency-key"))
+    key = request.headers.get("idempotency-key")
+    submitted = await submit(service.submissions, user, fields, key)
     response = _json(submitted.json)
     if submitted.replayed:
         response.headers["idempotent-replayed"] = "true"

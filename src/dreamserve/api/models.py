@@ -15,4 +15,4 @@ router = APIRouter(tags=["models"])
 @router.get("/models", responses=ERRORS, openapi_extra=SECURED, summary="List the model catalogue")
 async def list_models(request: Request) -> dict[str, Any]:
     service, _ = await authenticate(request)
-    return {"models": service.models()}
+    return {"models": service.submissions.models()}

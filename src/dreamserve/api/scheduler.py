@@ -22,7 +22,7 @@ router = APIRouter(tags=["scheduler"], route_class=RequestRoute)
 async def get_scheduler(request: Request) -> JSONResponse:
     """Your unfinished jobs (each holds a slot of its account), by account."""
     service, user = await authenticate(request)
-    return JSONResponse(await service.scheduler(user))
+    return JSONResponse(await service.scheduler.running(user))
 
 
 @router.delete(
@@ -36,5 +36,5 @@ async def cancel_job(request: Request) -> Response:
     """Frees the job's slot at once, stops its engine and ends it `failed` with
     `Cancelled by user`; the job record. 404 when the job is not running."""
     service, user = await authenticate(request)
-    record = await service.cancel_job(user, request.path_params["jobid"])
+    record = await service.scheduler.cancel(user, request.path_params["jobid"])
     return Response(record.json, media_type="application/json")

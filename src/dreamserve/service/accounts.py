@@ -1,0 +1,184 @@
+"""Accounts: a user's own and the shared ones, saved through their engine's settings, listed,
+described and deleted (their unfinished jobs cancelled)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection
+from sqlalchemy.exc import IntegrityError
+
+from dreamserve.accounts import check_models, models_served, parse_account, summary
+from dreamserve.admission import Admission
+from dreamserve.catalogue import Catalogue
+from dreamserve.dispatch.base import Dispatcher
+from dreamserve.errors import (
+    AccountNotFound,
+    BadRequest,
+    NotFound,
+    OperatorOnlyEngine,
+    SharedAccount,
+)
+from dreamserve.events import JobEvents
+from dreamserve.ids import is_account_id, unquoted
+from dreamserve.jobs import CANCELLED_BY_USER, millis
+from dreamserve.storage import account_queries, queries
+from dreamserve.storage.account_queries import Account
+from dreamserve.storage.database import Database
+from dreamserve.storage.tables import SHARED
+
+
+class Accounts:
+    def __init__(
+        self,
+        *,
+        db: Database,
+        catalogue: Catalogue,
+        admission: Admission,
+        dispatcher: Dispatcher,
+        events: JobEvents,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self.db = db
+        self.catalogue = catalogue
+        self.admission = admission
+        self.dispatcher = dispatcher
+        self.events = events
+        self.clock = clock
+
+    async def put(self, user_id: int | None, fields: Mapping[str, Any]) -> dict[str, Any]:
+        """Create or replace (upsert) an account of a user, or a shared one when `user_id` is
+        None (the operator, through the CLI); its summary. Saving an account clears its error.
+        """
+        spec = parse_account(fields, self.catalogue, self.admission.engines)
+        if user_id is not None and self.admission.engines.operator_only(spec.engine):
+            raise OperatorOnlyEngine(spec.engine)
+        probe = self.admission.engines.probe(spec.engine, spec.settings, spec.sealed)
+        try:
+            check_models(spec, probe, self.catalogue)
+        finally:
+            await probe.close()
+        owner = SHARED if user_id is None else user_id
+        now = millis(self.clock())
+
+        def put(conn: Connection) -> Account:
+            if user_id is not None:
+                require_user(conn, user_id)
+            others = [
+                each for each in account_queries.owners_of_name(conn, spec.name) if each != owner
+            ]
+            if owner != SHARED and SHARED in others:
+                raise SharedAccount(spec.name)
+            if owner == SHARED and others:
+                raise BadRequest(
+                    f"Account {spec.name} already exists as an account of user {others[0]}"
+                )
+            values: dict[str, Any] = {
+                "email": spec.email,
+                "region": spec.region,
+                "engine": spec.engine,
+                "max_jobs": spec.max_jobs,
+                "now": now,
+                "settings": spec.settings,
+                "sealed": spec.sealed,
+                "models": spec.models,
+            }
+            existing = account_queries.account_named(conn, owner, spec.name)
+            if existing is None:
+                account_queries.insert_account(conn, name=spec.name, owner=owner, **values)
+            else:
+                account_queries.update_account(conn, existing.id, **values)
+            saved = account_queries.account_named(conn, owner, spec.name)
+            assert saved is not None
+            return saved
+
+        try:
+            account = await self.db.write(put)
+        except IntegrityError:  # the same new account saved at once by another request
+            account = await self.db.write(put)
+        self.admission.forget()
+        return self._summary(account)
+
+    async def listing(self, user_id: int | None) -> dict[str, dict[str, Any]]:
+        """The accounts a user may use (own and shared), or the shared ones for None."""
+
+        def read(conn: Connection) -> list[Account]:
+            if user_id is None:
+                return account_queries.shared_accounts(conn)
+            require_user(conn, user_id)
+            return account_queries.usable_accounts(conn, user_id)
+
+        return {account.name: self._summary(account) for account in await self.db.read(read)}
+
+    async def get(self, user_id: int | None, name: str) -> dict[str, Any]:
+        """One account the user may use, with what its engine says of itself (`details`);
+        AccountNotFound otherwise."""
+        name = unquoted(name)
+        account = await self.db.read(lambda conn: visible(conn, user_id, name))
+        body = self._summary(account)
+        describe = getattr(self.admission.usable_engine(account), "describe", None)
+        if describe is not None:
+            body["details"] = describe()
+        return body
+
+    async def usable(self, user_id: int, name: str) -> Account:
+        """The account called `name` that the user may use; AccountNotFound otherwise."""
+        name = unquoted(name)
+        return await self.db.read(lambda conn: visible(conn, user_id, name))
+
+    async def delete(self, user_id: int | None, name: str) -> dict[str, Any]:
+        """Delete a user's own account (a shared one for None) and cancel its unfinished jobs."""
+        name = unquoted(name)
+        now = millis(self.clock())
+
+        def remove(conn: Connection) -> tuple[int, list[tuple[int, str]], int]:
+            account = visible(conn, user_id, name)
+            if user_id is not None and account.is_shared:
+                raise SharedAccount(name)
+            # Lock the row first: an admission on it either committed before (its job is
+            # cancelled below) or waits and then finds no account.
+            account_queries.lock_account(conn, account.id)
+            cancelled = queries.cancel_account_jobs(
+                conn, account.id, CANCELLED_BY_USER, f"Account {name} was deleted", now
+            )
+            self.events.announce(conn, [jobid for _, jobid in cancelled], ended=True)
+            account_queries.delete_account(conn, account.id)
+            if user_id is None:
+                return account.id, cancelled, len(account_queries.shared_accounts(conn))
+            return account.id, cancelled, len(account_queries.usable_accounts(conn, user_id))
+
+        account_id, cancelled, remaining = await self.db.write(remove)
+        self.admission.forget()
+        self.admission.engines.retire(account_id)
+        self.events.publish([jobid for _, jobid in cancelled], ended=True)
+        for job_id, _ in cancelled:
+            self.dispatcher.cancel(job_id)
+        return {"account": name, "deleted": True, "remaining": remaining}
+
+    def _summary(self, account: Account) -> dict[str, Any]:
+        engine = self.admission.usable_engine(account)
+        if engine is None:  # an engine this server lacks, or secrets it cannot open
+            return summary(account, list(account.models or ()))
+        return summary(account, models_served(engine, account.models, self.catalogue))
+
+
+def require_user(conn: Connection, user_id: int) -> None:
+    """API callers exist (they hold a token); the CLI names users by number, and an account's
+    owner is no foreign key: an account left to a mistyped user would go to a later one."""
+    if not queries.user_exists(conn, user_id):
+        raise NotFound(f"User {user_id} not found")
+
+
+def visible(conn: Connection, user_id: int | None, name: str) -> Account:
+    """The account called `name` that the user may use (their own first, then a shared one),
+    or the shared one for None; AccountNotFound otherwise."""
+    if not is_account_id(name):  # no query for what cannot be an account id
+        raise AccountNotFound(name)
+    owners = [SHARED] if user_id is None else [user_id, SHARED]
+    for owner in owners:
+        account = account_queries.account_named(conn, owner, name)
+        if account is not None:
+            return account
+    raise AccountNotFound(name)

@@ -1,0 +1,146 @@
+"""Job records as clients read them: one now, one once the job ends (`?wait=`), or one per
+change (the event stream); finished records, and in a lone server unfinished ones, served from
+memory."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import orjson
+
+from dreamserve.errors import JobNotFound
+from dreamserve.events import JobEvents
+from dreamserve.fields import integer
+from dreamserve.ids import parse_jobid, unquoted
+from dreamserve.jobs import Status, record
+from dreamserve.service.config import ServiceConfig
+from dreamserve.storage import queries
+from dreamserve.storage.blobs import BlobStore
+from dreamserve.storage.database import Database
+
+
+class Record(dict[str, Any]):
+    """A job record as a dict, and its JSON once asked for (kept: finished records are served
+    again and again). Treat it as read-only."""
+
+    _json: bytes | None = None
+
+    @property
+    def json(self) -> bytes:
+        if self._json is None:
+            self._json = orjson.dumps(self)
+        return self._json
+
+
+class Submitted(Record):
+    """The record of a submission, and whether it is the job an Idempotency-Key made before."""
+
+    def __init__(self, body: Mapping[str, Any], *, replayed: bool = False) -> None:
+        super().__init__(body)
+        self.replayed = replayed
+
+
+class Records:
+    def __init__(
+        self, db: Database, blobs: BlobStore, events: JobEvents, config: ServiceConfig
+    ) -> None:
+        self.db = db
+        self.blobs = blobs
+        self.events = events
+        self.config = config
+        # Finished jobs never change and clients poll them: their records are kept in memory,
+        # (user, jobid) -> (until, link expiry, record); a new link window makes a new record.
+        self._finished: dict[tuple[int, str], tuple[float, int, Record]] = {}
+        # jobid -> (user, until, link expiry, record), dropped when the job changes; only in
+        # the process that runs the jobs of a database no other server writes (`resume`).
+        self._unfinished: dict[str, tuple[int, float, int, Record]] = {}
+        self._sees_every_change = False
+        self.events.on_change(self._changed)
+
+    def sees_every_change(self) -> None:
+        """This process makes every change of its jobs (it runs them, and no other server
+        writes the database): an unfinished record may be served from memory until it changes."""
+        self._sees_every_change = True
+
+    def forget(self) -> None:
+        """Drop every record kept in memory, as a restart does."""
+        self._finished.clear()
+        self._unfinished.clear()
+
+    async def get(self, user_id: int, jobid: str, wait: float = 0) -> Record:
+        """The job's record; JobNotFound when the user has no such job. With `wait` seconds,
+        an unfinished job's record once it ends or the time is up, whichever comes first: the
+        request waits on the job's notifications, holding no database connection."""
+        jobid = unquoted(jobid)
+        if wait <= 0:
+            return await self._record(user_id, jobid)
+        deadline = time.monotonic() + wait
+        with self.events.watch(jobid) as watch:
+            body = await self._record(user_id, jobid)
+            while body["status"] == Status.CREATED:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                if await watch.changed(remaining) and not watch.ended:
+                    continue  # progress: an end is all a waiter wants
+                body = await self._record(user_id, jobid)
+            return body
+
+    def wait_seconds(self, text: str) -> int:
+        """The `wait` query parameter of GET /images/<jobid>: whole seconds, at most 60."""
+        return integer({"wait": text}, "wait", 0, self.config.max_wait_seconds) or 0
+
+    async def follow(self, user_id: int, jobid: str) -> AsyncIterator[Record | None]:
+        """The job's record now, then again on each change, until it ended (the last one is
+        the final record); None after `keepalive_seconds` without a change. JobNotFound first
+        when the user has no such job."""
+        jobid = unquoted(jobid)
+        with self.events.watch(jobid) as watch:
+            body = await self._record(user_id, jobid)
+            yield body
+            while body["status"] == Status.CREATED:
+                if not await watch.changed(self.config.keepalive_seconds):
+                    yield None
+                    continue
+                latest = await self._record(user_id, jobid)
+                if latest != body:
+                    body = latest
+                    yield body
+
+    async def _record(self, user_id: int, jobid: str) -> Record:
+        if parse_jobid(jobid) is None:  # no query for what cannot be a job id
+            raise JobNotFound(jobid)
+        key = (user_id, jobid)
+        window = self.blobs.link_expiry()
+        now = time.monotonic()
+        cached = self._finished.get(key)
+        if cached is not None and cached[0] > now and cached[1] == window:
+            return cached[2]
+        running = self._unfinished.get(jobid)
+        if running is not None:
+            owner, fresh_until, link_window, kept = running
+            if owner == user_id and fresh_until > now and link_window == window:
+                return kept
+        generation = self.events.generation
+        job = await self.db.read(lambda conn: queries.job_by_jobid(conn, jobid, user_id))
+        if job is None:
+            raise JobNotFound(jobid)
+        body = Record(record(job, self.blobs.link))
+        if job.status.is_terminal:
+            if len(self._finished) >= self.config.finished_cache_size:
+                self._finished.clear()
+            until = now + self.config.finished_cache_seconds
+            self._finished[key] = (until, window, body)
+        elif self._sees_every_change and self.events.generation == generation:
+            # No change was published while the job was read: the record is current until
+            # the next one, which drops it (`_changed`).
+            if len(self._unfinished) >= self.config.finished_cache_size:
+                self._unfinished.clear()
+            until = now + self.config.unfinished_cache_seconds
+            self._unfinished[jobid] = (user_id, until, window, body)
+        return body
+
+    def _changed(self, jobid: str) -> None:
+        self._unfinished.pop(jobid, None)

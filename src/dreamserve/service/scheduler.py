@@ -1,0 +1,120 @@
+"""The jobs that hold slots: a user's list, cancelling one, and taking over the running of a
+database's jobs when a server starts."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection
+
+from dreamserve.dispatch.base import Dispatcher
+from dreamserve.errors import JobNotFound, JobNotRunning
+from dreamserve.events import JobEvents
+from dreamserve.ids import parse_jobid, unquoted
+from dreamserve.jobs import CANCELLED_BY_USER, Job, Status, millis, record
+from dreamserve.service.config import ServiceConfig
+from dreamserve.service.records import Record, Records
+from dreamserve.storage import account_queries, queries
+from dreamserve.storage.blobs import BlobStore
+from dreamserve.storage.database import Database
+
+
+class Scheduler:
+    def __init__(
+        self,
+        *,
+        db: Database,
+        blobs: BlobStore,
+        dispatcher: Dispatcher,
+        events: JobEvents,
+        records: Records,
+        clock: Callable[[], datetime],
+        config: ServiceConfig,
+    ) -> None:
+        self.db = db
+        self.blobs = blobs
+        self.dispatcher = dispatcher
+        self.events = events
+        self.records = records
+        self.clock = clock
+        self.config = config
+
+    async def running(self, user_id: int) -> dict[str, Any]:
+        """The user's jobs that hold a slot, by account, with the seconds since submission."""
+        jobs = await self.db.read(lambda conn: queries.unfinished_jobs_of(conn, user_id))
+        now = millis(self.clock())
+        executing: dict[str, list[dict[str, Any]]] = {}
+        for job in jobs:
+            entry: dict[str, Any] = {
+                "jobid": job.jobid,
+                "model": job.model,
+                "elapsedSeconds": max(0, (now - job.created_at) // 1000),
+            }
+            if "replyUrl" in job.request:
+                entry["replyUrl"] = job.request["replyUrl"]
+            executing.setdefault(job.account, []).append(entry)
+        return {"executing": executing, "total": len(jobs)}
+
+    async def cancel(self, user_id: int, jobid: str) -> Record:
+        """End an unfinished job as failed / `Cancelled by user`, free its slot at once and stop
+        its engine; its record. JobNotFound when unknown, JobNotRunning when already ended."""
+        jobid = unquoted(jobid)
+        if parse_jobid(jobid) is None:
+            raise JobNotFound(jobid)
+        now = millis(self.clock())
+
+        def cancel(conn: Connection) -> Job:
+            job = queries.job_by_jobid(conn, jobid, user_id)
+            if job is None:
+                raise JobNotFound(jobid)
+            ended = not job.status.is_terminal and queries.finish_job(
+                conn, job, status=Status.FAILED, now=now, error=CANCELLED_BY_USER
+            )
+            if not ended:
+                raise JobNotRunning(jobid)
+            self.events.announce(conn, [jobid], ended=True)
+            cancelled = queries.job_by_id(conn, job.id)
+            assert cancelled is not None
+            return cancelled
+
+        job = await self.db.write(cancel)
+        self.events.publish([jobid], ended=True)
+        self.dispatcher.cancel(job.id)
+        return Record(record(job, self.blobs.link))
+
+    async def resume(self) -> list[str]:
+        """Become the process that runs this database's jobs and pick up those an earlier one
+        left unfinished; the jobids given up on. AnotherRunner when a server already runs them.
+
+        With the runner lock held, every unfinished job is an orphan and every taken slot
+        belongs to one. Jobs started `max_attempts` times fail; the others run again, and slot
+        counts are set back to the number of unfinished jobs.
+        """
+        if not await self.db.lock_runner():
+            raise AnotherRunner
+        if not self.db.shared:
+            self.records.sees_every_change()
+        now = millis(self.clock())
+
+        def recover(conn: Connection) -> tuple[list[str], list[int]]:
+            abandoned = queries.fail_exhausted_jobs(
+                conn, self.config.max_attempts, "Server stopped while the job was running", now
+            )
+            self.events.announce(conn, abandoned, ended=True)  # waiters on other servers
+            account_queries.recount_slots(conn)
+            return abandoned, queries.release_unfinished_jobs(conn, now + self.config.lease_ms)
+
+        abandoned, pending = await self.db.write(recover)
+        for job_id in pending:
+            await self.dispatcher.dispatch(job_id)
+        return abandoned
+
+
+class AnotherRunner(RuntimeError):
+    def __init__(self) -> None:
+        super().__init__(
+            "Another dreamserve server runs the jobs of this database: run one server per "
+            "data directory (or database)"
+        )

@@ -1,0 +1,315 @@
+"""Submissions: an image or upscale request validated, admitted on an account (a slot and the
+job in one transaction) and dispatched; Idempotency-Keys; the catalogue as clients see it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import Any, TypeVar
+
+from sqlalchemy import Connection
+from sqlalchemy.exc import IntegrityError
+
+from dreamserve.admission import Admission
+from dreamserve.catalogue import UPSCALE_TIERS, Catalogue
+from dreamserve.dispatch.base import Dispatcher
+from dreamserve.engines.base import Upscaler
+from dreamserve.errors import BadRequest, IdempotencyConflict, InvalidParameter, NotFound
+from dreamserve.ids import AssetRef, IdFactory, JobType, unquoted
+from dreamserve.jobs import Job, Spec, Status, millis, record
+from dreamserve.service.config import ServiceConfig
+from dreamserve.service.records import Submitted
+from dreamserve.storage import asset_queries, queries, webhook_queries
+from dreamserve.storage.account_queries import Account
+from dreamserve.storage.blobs import BlobStore
+from dreamserve.storage.database import Database
+from dreamserve.submission import REF_NAMES, parse_image_submission, parse_upscale_submission
+from dreamserve.webhooks import ReplyUrlRefused, Resolver, check_reply_url, resolve
+
+T = TypeVar("T")
+_IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,255}")
+
+
+class Submissions:
+    def __init__(
+        self,
+        *,
+        db: Database,
+        blobs: BlobStore,
+        catalogue: Catalogue,
+        admission: Admission,
+        dispatcher: Dispatcher,
+        ids: IdFactory,
+        clock: Callable[[], datetime],
+        config: ServiceConfig,
+        resolver: Resolver = resolve,
+    ) -> None:
+        self.db = db
+        self.blobs = blobs
+        self.catalogue = catalogue
+        self.admission = admission
+        self.dispatcher = dispatcher
+        self.ids = ids
+        self.clock = clock
+        self.config = config
+        self.resolver = resolver  # replyUrl hosts; tests put a fake one here
+
+    def models(self) -> list[dict[str, Any]]:
+        return [model.describe() for model in self.catalogue.models]
+
+    async def image(
+        self, user_id: int, fields: Mapping[str, Any], idempotency_key: str | None = None
+    ) -> Submitted:
+        """Validate, admit and dispatch an image job; its record, status `created`. With an
+        Idempotency-Key used before (24 h) with the same fields: the job it made, unchanged."""
+        submission = parse_image_submission(fields, self.catalogue)
+        width, height = submission.size
+        spec = Spec(
+            width=width,
+            height=height,
+            count=submission.count,
+            seed=submission.seed,
+            strength=submission.image_strength,
+            references=tuple(ref.uri for ref in submission.references),
+        )
+
+        def admit(conn: Connection) -> Job:
+            self._check_references(conn, user_id, submission.references)
+            account = self.admission.admit(
+                conn,
+                user_id=user_id,
+                model=submission.model,
+                account=submission.account,
+                max_jobs=submission.max_jobs,
+            )
+            return self._insert_job(
+                conn,
+                account,
+                kind="image",
+                user_id=user_id,
+                model=submission.model.name,
+                request=submission.echo,
+                spec=spec,
+                forecast_cost=submission.model.forecast_cost,
+            )
+
+        return await self._submit(
+            user_id, "image", fields, idempotency_key, submission.reply_url, admit
+        )
+
+    async def upscale(
+        self, user_id: int, fields: Mapping[str, Any], idempotency_key: str | None = None
+    ) -> Submitted:
+        """Validate an upscale of a completed image job's image, admit it on that job's account
+        and dispatch it; its record, status `created`, type `upscale`."""
+        submission = parse_upscale_submission(fields)
+        jobid = unquoted(submission.jobid)
+
+        def admit(conn: Connection) -> Job:
+            source = queries.job_by_jobid(conn, jobid, user_id)
+            if source is None or source.type != "image":
+                raise NotFound("Source image job not found")
+            if source.status is not Status.COMPLETED:
+                raise BadRequest(f"Source image job is {source.status.value}, must be completed")
+            if submission.image_index >= len(source.images):
+                valid = f"integer 0-{len(source.images) - 1}, the images of job {jobid}"
+                raise InvalidParameter("imageIndex", submission.image_index, valid)
+            model = self.catalogue.get(source.model)
+            if model is None:
+                raise BadRequest(f"Model {source.model} of the source job is no longer served")
+            image = source.images[submission.image_index]
+            if not asset_queries.existing_assets(conn, user_id, [image.ref(source.account)]):
+                valid = f"an image of job {jobid} that was not deleted"
+                raise InvalidParameter("imageIndex", submission.image_index, valid)
+            width, height = self._upscale_size(submission.resolution, image.width / image.height)
+            account = self.admission.admit(
+                conn,
+                user_id=user_id,
+                model=model,
+                account=source.account,
+                max_jobs=submission.max_jobs,
+            )
+            engine = self.admission.usable_engine(account)
+            if engine is None:  # admitted on its own model list, but its secrets are unreadable
+                raise BadRequest(
+                    f"Account {account.name} cannot be used: its secrets cannot be read"
+                )
+            if not isinstance(engine, Upscaler):
+                raise BadRequest(
+                    f"Account {account.name} cannot upscale: engine {account.engine} does not"
+                )
+            return self._insert_job(
+                conn,
+                account,
+                kind="upscale",
+                user_id=user_id,
+                model=source.model,
+                request={**submission.echo, "jobid": jobid},
+                spec=Spec(
+                    width=width,
+                    height=height,
+                    count=1,
+                    strength=submission.original_strength,
+                    references=(image.uri,),
+                    detail=submission.detail_strength,
+                ),
+                forecast_cost=0,
+            )
+
+        return await self._submit(
+            user_id, "upscale", fields, idempotency_key, submission.reply_url, admit
+        )
+
+    async def _submit(
+        self,
+        user_id: int,
+        kind: JobType,
+        fields: Mapping[str, Any],
+        idempotency_key: str | None,
+        reply_url: str | None,
+        admit: Callable[[Connection], Job],
+    ) -> Submitted:
+        """Check the replyUrl's host, run `admit` (slot and job in one transaction) and
+        dispatch the job; or, for a key already used, the job the key made (no slot, no job,
+        no dispatch)."""
+        if idempotency_key is None:
+            await self._check_reply_url(reply_url)
+            job = await self._admitted(admit)
+            await self.dispatcher.dispatch(job.id)
+            return Submitted(record(job, self.blobs.link))
+        if not _IDEMPOTENCY_KEY.fullmatch(idempotency_key):
+            raise BadRequest("Header Idempotency-Key must be 1-255 printable ASCII characters")
+        key = idempotency_key
+        request_fingerprint = fingerprint(kind, fields)
+        now = millis(self.clock())
+        fresh_since = now - int(self.config.idempotency_seconds * 1000)
+
+        def made_by_key(conn: Connection) -> Job | None:
+            used = webhook_queries.key_use(conn, user_id, key)
+            if used is None or used.created_at < fresh_since:
+                return None
+            if used.fingerprint != request_fingerprint:
+                raise IdempotencyConflict(key)
+            return queries.job_by_id(conn, used.job_id)  # the key goes with its job
+
+        # A replay needs no slot and no DNS: a retry during a resolver outage gets its job.
+        made = await self.db.read(made_by_key)
+        if made is not None:
+            return Submitted(record(made, self.blobs.link), replayed=True)
+        await self._check_reply_url(reply_url)
+
+        def admit_once(conn: Connection) -> tuple[Job, bool]:
+            # One request per key at a time (PostgreSQL): a duplicate waits here for the first
+            # to commit and then finds its job, instead of competing for the last free slot.
+            webhook_queries.lock_key(conn, user_id, key)
+            made = made_by_key(conn)
+            if made is not None:
+                return made, True
+            job = admit(conn)
+            webhook_queries.remember_key(
+                conn, user_id, key, request_fingerprint, job.id, now=now, stale_before=fresh_since
+            )
+            return job, False
+
+        try:
+            job, replayed = await self.db.write(admit_once)
+        except IntegrityError:  # the same jobid made at once elsewhere: a new serial differs
+            job, replayed = await self.db.write(admit_once)
+        if not replayed:
+            await self.dispatcher.dispatch(job.id)
+        return Submitted(record(job, self.blobs.link), replayed=replayed)
+
+    async def _check_reply_url(self, url: str | None) -> None:
+        if url is None or self.config.webhook_allow_private:
+            return
+        try:
+            await check_reply_url(url, self.resolver)
+        except ReplyUrlRefused as refused:
+            raise InvalidParameter(
+                "replyUrl", url, f"an http or https URL of a public host ({refused})"
+            ) from None
+
+    def _insert_job(
+        self,
+        conn: Connection,
+        account: Account,
+        *,
+        kind: JobType,
+        user_id: int,
+        model: str,
+        request: Mapping[str, Any],
+        spec: Spec,
+        forecast_cost: float,
+    ) -> Job:
+        """A new job on the account it was admitted to, leased until a runner claims it."""
+        at = self.clock()
+        created_at = millis(at)
+        jobid = self.ids.jobid(kind, user_id, account.name, at)
+        job_id = queries.insert_job(
+            conn,
+            jobid=jobid,
+            kind=kind,
+            user_id=user_id,
+            account_id=account.id,
+            account=account.name,
+            model=model,
+            request=request,
+            spec=spec,
+            forecast_cost=forecast_cost,
+            created_at=created_at,
+            lease_until=created_at + self.config.lease_ms,
+        )
+        return Job(
+            id=job_id,
+            jobid=jobid,
+            type=kind,
+            status=Status.CREATED,
+            model=model,
+            account=account.name,
+            user_id=user_id,
+            request=request,
+            spec=spec,
+            forecast_cost=forecast_cost,
+            created_at=created_at,
+        )
+
+    async def _admitted(self, admit: Callable[[Connection], T]) -> T:
+        try:
+            return await self.db.write(admit)
+        except IntegrityError:  # another process made the same jobid: a new serial differs
+            return await self.db.write(admit)
+
+    def _upscale_size(self, tier: str, aspect: float) -> tuple[int, int]:
+        if not self.catalogue.upscale_sizes:
+            raise BadRequest("Upscale is not available: the model catalogue has no upscale sizes")
+        width, height = self.catalogue.upscale_size(tier, aspect)
+        limit = self.config.max_image_pixels
+        if width * height > limit:
+            valid = ", ".join(
+                name
+                for name in UPSCALE_TIERS
+                if (size := self.catalogue.upscale_size(name, aspect))[0] * size[1] <= limit
+            )
+            raise InvalidParameter(
+                "upscaleResolution",
+                tier,
+                f"{valid or 'none'} ({tier} is {width}x{height}, over the limit of {limit} pixels)",
+            )
+        return width, height
+
+    def _check_references(self, conn: Connection, user_id: int, refs: tuple[AssetRef, ...]) -> None:
+        existing = asset_queries.existing_assets(conn, user_id, refs)
+        for name, ref in zip(REF_NAMES, refs, strict=False):
+            if ref not in existing:
+                raise InvalidParameter(name, str(ref), "an assetRef of an existing image of yours")
+
+
+def fingerprint(kind: str, fields: Mapping[str, Any]) -> str:
+    """What makes two submissions the same request: the endpoint and every field's value."""
+    canonical = json.dumps(
+        [kind, fields], sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str
+    )
+    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
