@@ -24,7 +24,6 @@ from dreamserve.api.deps import BEARER_SCHEME
 from dreamserve.api.errors import install_error_handlers
 from dreamserve.catalogue import Catalogue
 from dreamserve.config import ConfigError, OperatorConfig, load_config
-from dreamserve.delivery import Deliverer, DeliveryConfig
 from dreamserve.dispatch.base import Dispatcher, Runner
 from dreamserve.dispatch.inprocess import InProcessDispatcher
 from dreamserve.engines.base import EngineContext
@@ -33,8 +32,8 @@ from dreamserve.errors import DreamserveError
 from dreamserve.events import JobEvents, PostgresFeed
 from dreamserve.ids import IdFactory
 from dreamserve.links import LinkSigner
-from dreamserve.outbox import Webhooks
 from dreamserve.reaper import Reaper, ReaperConfig
+from dreamserve.sealing import SecretBox
 from dreamserve.service import Service, ServiceConfig
 from dreamserve.service.accounts import Accounts
 from dreamserve.service.assets import Assets
@@ -46,8 +45,9 @@ from dreamserve.settings import Settings
 from dreamserve.storage.blobs import BlobStore, LocalBlobStore
 from dreamserve.storage.database import Database, open_database
 from dreamserve.storage.keyfile import load_or_create_key
-from dreamserve.storage.sealing import SecretBox
-from dreamserve.webhook_secrets import WebhookSecrets
+from dreamserve.webhooks.delivery import Deliverer, DeliveryConfig
+from dreamserve.webhooks.keys import WebhookSecrets
+from dreamserve.webhooks.outbox import Webhooks
 from dreamserve.worker import JobRunner, RunnerConfig
 
 log = logging.getLogger(__name__)

@@ -167,3 +167,8 @@ def unquoted(text: str) -> str:
     """A path segment percent-encoded twice on its way here, decoded once more (job and
     account ids never hold a `%`)."""
     return unquote(text) if "%" in text else text
+
+
+def new_message_id() -> str:
+    """A `webhook-id`: unique per delivery, the same on each of its tries."""
+    return "msg_" + secrets.token_urlsafe(18)

@@ -21,7 +21,7 @@ from sqlalchemy import Connection
 from dreamserve.dispatch.base import Dispatcher
 from dreamserve.events import JobEvents
 from dreamserve.jobs import Status, millis
-from dreamserve.storage import queries, webhook_queries
+from dreamserve.storage import job_queries, webhook_queries
 from dreamserve.storage.blobs import BlobStore
 from dreamserve.storage.database import Database
 
@@ -69,7 +69,7 @@ class Reaper:
         now = millis(self.clock())
 
         lease = now + int(self.config.lease_seconds * 1000)
-        expired = await self.db.read(lambda conn: queries.expired_leases(conn, now))
+        expired = await self.db.read(lambda conn: job_queries.expired_leases(conn, now))
         sweep = Sweep([], [])
         for job_id, attempt, jobid in expired:  # one transaction each: no job waits on another
             if attempt < self.config.max_attempts:
@@ -88,8 +88,8 @@ class Reaper:
                 continue
 
             def fail(conn: Connection, job_id: int = job_id, attempt: int = attempt) -> str | None:
-                job = queries.job_by_id(conn, job_id)
-                ended = job is not None and queries.finish_job(
+                job = job_queries.job_by_id(conn, job_id)
+                ended = job is not None and job_queries.finish_job(
                     conn,
                     job,
                     status=Status.FAILED,
@@ -118,7 +118,7 @@ class Reaper:
     def _requeue(
         self, conn: Connection, *, job_id: int, jobid: str, attempt: int, now: int, lease_until: int
     ) -> bool:
-        requeued = queries.requeue_job(conn, job_id, attempt, now, lease_until)
+        requeued = job_queries.requeue_job(conn, job_id, attempt, now, lease_until)
         if requeued:
             self.events.announce(conn, [jobid], ended=False)
         return requeued
@@ -128,7 +128,7 @@ class Reaper:
         deleted = 0
         while True:
             jobs, keys = await self.db.write(
-                lambda conn: queries.delete_finished_jobs(conn, before, self.config.batch)
+                lambda conn: job_queries.delete_finished_jobs(conn, before, self.config.batch)
             )
             for key in keys:  # a crash here leaves files without rows: harmless, never the reverse
                 await self.blobs.delete(key)

@@ -34,7 +34,7 @@ from dreamserve.events import JobEvents
 from dreamserve.ids import IdFactory
 from dreamserve.jobs import CANCELLED_BY_USER, Job, Status, StoredImage, millis
 from dreamserve.settings import ImageFormat
-from dreamserve.storage import account_queries, asset_queries, queries
+from dreamserve.storage import account_queries, asset_queries, job_queries
 from dreamserve.storage.account_queries import Account
 from dreamserve.storage.blobs import EXTENSIONS, BlobStore
 from dreamserve.storage.database import Database
@@ -88,7 +88,7 @@ class JobRunner:
         lease = self._lease_until()
 
         def claim(conn: Connection) -> tuple[Job, Account | None] | None:
-            claimed = queries.claim_job(conn, job_id, now, lease)
+            claimed = job_queries.claim_job(conn, job_id, now, lease)
             if claimed is None:
                 return None
             job, account_id = claimed
@@ -246,7 +246,7 @@ class JobRunner:
         now = millis(self.clock())
 
         def finish(conn: Connection) -> bool:
-            finished = queries.finish_job(
+            finished = job_queries.finish_job(
                 conn,
                 job,
                 status=status,
@@ -297,7 +297,7 @@ class JobRunner:
     def _renew(
         self, conn: Connection, *, job: Job, lease_until: int, progress: int | None, now: int
     ) -> bool:
-        renewed = queries.renew_lease(
+        renewed = job_queries.renew_lease(
             conn, job.id, job.attempts, lease_until, progress=progress, now=now
         )
         if renewed and progress is not None:

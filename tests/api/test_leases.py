@@ -24,7 +24,7 @@ from dreamserve.dispatch.inprocess import InProcessDispatcher
 from dreamserve.jobs import Status, millis
 from dreamserve.reaper import RUNNER_LOST, Reaper, ReaperConfig
 from dreamserve.settings import Settings
-from dreamserve.storage import queries
+from dreamserve.storage import job_queries
 from dreamserve.storage.tables import assets, idempotency_keys
 
 pytestmark = [pytest.mark.anyio, pytest.mark.both_databases]
@@ -113,9 +113,9 @@ async def test_a_runner_stops_when_its_job_was_ended_by_another_process(
         await wait_started(engine, 1)
 
         def cancel_elsewhere(conn: Connection) -> bool:
-            job = queries.job_by_jobid(conn, jobid, 1)
+            job = job_queries.job_by_jobid(conn, jobid, 1)
             assert job is not None
-            return queries.finish_job(
+            return job_queries.finish_job(
                 conn, job, status=Status.FAILED, now=now_millis(), error="Cancelled by user"
             )
 
@@ -189,7 +189,7 @@ class ClaimsThenVanishes(FirstDeliveryFails):
     async def first(self, job_id: int) -> None:
         now = now_millis()
         db = self.runner.db  # type: ignore[attr-defined]
-        await db.write(lambda conn: queries.claim_job(conn, job_id, now, now + 300))
+        await db.write(lambda conn: job_queries.claim_job(conn, job_id, now, now + 300))
 
 
 async def test_the_servers_reaper_runs_again_a_job_whose_runner_died(settings: Settings) -> None:
@@ -198,7 +198,7 @@ async def test_the_servers_reaper_runs_again_a_job_whose_runner_died(settings: S
         jobid = (await harness.post(SMALL)).json()["jobid"]
         record = await harness.wait(jobid)
         assert record["status"] == "completed"
-        job = await harness.server.db.read(lambda conn: queries.job_by_jobid(conn, jobid, 1))
+        job = await harness.server.db.read(lambda conn: job_queries.job_by_jobid(conn, jobid, 1))
         assert job is not None
         assert job.attempts == 2
         assert await harness.slots() == {"LOCAL:procedural": 0}

@@ -28,7 +28,7 @@ from support import (
 from dreamserve.engines.registry import BUILTIN
 from dreamserve.settings import Settings
 from dreamserve.storage.tables import webhook_deliveries
-from dreamserve.webhooks import JITTER, RETRY_DELAYS, TRIES
+from dreamserve.webhooks.rules import JITTER, RETRY_DELAYS, TRIES
 
 pytestmark = pytest.mark.anyio
 

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import Connection, func, select, text
 from sqlalchemy.exc import IntegrityError, ResourceClosedError
 
-from dreamserve.storage import queries
+from dreamserve.storage import user_queries
 from dreamserve.storage.database import SqliteDatabase
 from dreamserve.storage.tables import users
 
@@ -28,12 +28,12 @@ async def db(tmp_path: Path) -> AsyncIterator[SqliteDatabase]:
 
 
 def add_user(created_at: int):
-    return lambda conn: queries.insert_user(conn, created_at)
+    return lambda conn: user_queries.insert_user(conn, created_at)
 
 
 def fail_after_adding(created_at: int):
     def write(conn: Connection) -> None:
-        queries.insert_user(conn, created_at)
+        user_queries.insert_user(conn, created_at)
         raise ValueError(f"no user {created_at}")
 
     return write
@@ -96,7 +96,7 @@ async def test_a_write_cancelled_before_its_turn_does_not_run(db: SqliteDatabase
 
     def tracked(conn: Connection) -> int:
         ran.append(1)
-        return queries.insert_user(conn, 2)
+        return user_queries.insert_user(conn, 2)
 
     first = asyncio.ensure_future(db.write(add_user(1)))
     cancelled = asyncio.ensure_future(db.write(tracked))
@@ -137,7 +137,7 @@ async def test_a_commit_that_fails_fails_every_write_of_its_group(db: SqliteData
 
     def orphan_token(conn: Connection) -> None:
         conn.execute(text("PRAGMA defer_foreign_keys = ON"))
-        queries.insert_token(conn, 12345, "0" * 64, 0)
+        user_queries.insert_token(conn, 12345, "0" * 64, 0)
 
     results = await asyncio.gather(
         db.write(add_user(1)), db.write(orphan_token), return_exceptions=True
@@ -163,7 +163,7 @@ async def test_a_write_that_raises_stopiteration_fails_alone(db: SqliteDatabase)
     the group and the writes after it carry on."""
 
     def first_of_nothing(conn: Connection) -> int:
-        queries.insert_user(conn, 2)
+        user_queries.insert_user(conn, 2)
         return next(iter([]))
 
     async with asyncio.timeout(5):

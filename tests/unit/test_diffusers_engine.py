@@ -19,7 +19,7 @@ from tiny_pipeline import build_tiny_pipeline
 from dreamserve.engines.base import CancelSignal, EngineContext, GenerationRequest
 from dreamserve.engines.registry import EngineRegistry
 from dreamserve.errors import AccountError, BadRequest, Cancelled, JobFailed
-from dreamserve.storage.sealing import SecretBox
+from dreamserve.sealing import SecretBox
 
 diffusers = pytest.importorskip("diffusers")  # the `diffusers` extra; `make test` installs it
 torch = pytest.importorskip("torch")

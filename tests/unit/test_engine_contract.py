@@ -26,7 +26,7 @@ from dreamserve.catalogue import Model, default_catalogue
 from dreamserve.engines.base import CancelSignal, Engine, EngineContext, GenerationRequest
 from dreamserve.engines.registry import EngineRegistry
 from dreamserve.errors import BadRequest, Cancelled
-from dreamserve.storage.sealing import SecretBox
+from dreamserve.sealing import SecretBox
 
 pytestmark = pytest.mark.anyio
 

@@ -15,7 +15,7 @@ from dreamserve.engines.base import EngineContext, EngineSettings
 from dreamserve.engines.procedural import ProceduralEngine
 from dreamserve.engines.registry import EngineRegistry
 from dreamserve.errors import BadRequest
-from dreamserve.storage.sealing import SecretBox
+from dreamserve.sealing import SecretBox
 
 pytestmark = pytest.mark.anyio
 

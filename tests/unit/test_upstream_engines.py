@@ -29,7 +29,7 @@ from dreamserve.engines.openai import OpenAIEngine
 from dreamserve.engines.registry import EngineRegistry
 from dreamserve.engines.upstream import encode_reference
 from dreamserve.errors import AccountError, BadRequest, Cancelled, JobFailed
-from dreamserve.storage.sealing import SecretBox
+from dreamserve.sealing import SecretBox
 
 pytestmark = pytest.mark.anyio
 

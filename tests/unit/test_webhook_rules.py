@@ -8,15 +8,13 @@ from random import Random
 import pytest
 from standardwebhooks import Webhook, WebhookVerificationError
 
-from dreamserve.webhooks import (
+from dreamserve.ids import new_message_id
+from dreamserve.netguard import HostRefused, check_host, refusal
+from dreamserve.webhooks.rules import (
     JITTER,
     RETRY_DELAYS,
     TRIES,
-    ReplyUrlRefused,
-    check_reply_url,
-    new_message_id,
     new_secret,
-    refusal,
     retry_delay,
     should_retry,
     signature,
@@ -161,27 +159,27 @@ async def test_reply_urls_refused_at_submit(url: str, message: str) -> None:
             "empty.example": [],
         }
     )
-    with pytest.raises(ReplyUrlRefused) as refused:
-        await check_reply_url(url, resolve)
+    with pytest.raises(HostRefused) as refused:
+        await check_host(url, resolve)
     assert str(refused.value) == message
 
 
 @pytest.mark.anyio
 async def test_public_reply_urls_pass() -> None:
     resolve = resolver_of({"hooks.example": ["93.184.216.34", "2606:2800:220:1::1"]})
-    await check_reply_url("https://hooks.example/dreamina?x=1", resolve)
+    await check_host("https://hooks.example/dreamina?x=1", resolve)
 
 
 @pytest.mark.anyio
 async def test_the_default_resolver_resolves_literal_addresses_without_dns() -> None:
-    await check_reply_url("http://93.184.216.34:8080/hook")
-    with pytest.raises(ReplyUrlRefused, match=r"^127\.0\.0\.1 is a loopback address$"):
-        await check_reply_url("http://127.0.0.1/hook")
-    with pytest.raises(ReplyUrlRefused, match=r"^localhost resolves to .*a loopback address$"):
-        await check_reply_url("http://localhost:9/hook")
+    await check_host("http://93.184.216.34:8080/hook")
+    with pytest.raises(HostRefused, match=r"^127\.0\.0\.1 is a loopback address$"):
+        await check_host("http://127.0.0.1/hook")
+    with pytest.raises(HostRefused, match=r"^localhost resolves to .*a loopback address$"):
+        await check_host("http://localhost:9/hook")
     for bad in ("http://a..b/", "http://.example.com/", "http://" + "y" * 64 + ".com/"):
-        with pytest.raises(ReplyUrlRefused, match=r"does not resolve$"):  # the codec's error
-            await check_reply_url(bad)
+        with pytest.raises(HostRefused, match=r"does not resolve$"):  # the codec's error
+            await check_host(bad)
 
 
 def test_signatures_verify_with_standardwebhooks_by_either_key() -> None:

@@ -18,7 +18,7 @@ from pydantic import SecretStr, ValidationError
 
 from dreamserve.engines.base import Engine, EngineContext, EngineFactory, EngineSettings
 from dreamserve.errors import BadRequest, EngineBroken, EngineUnavailable, MissingParameter
-from dreamserve.storage.sealing import SecretBox
+from dreamserve.sealing import SecretBox
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ from dreamserve.engines.base import (
     until_cancelled,
 )
 from dreamserve.errors import AccountError, JobFailed
-from dreamserve.webhooks import Resolver, host_refusal, refusal, resolve
+from dreamserve.netguard import Resolver, host_refusal, refusal, resolve
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dreamserve.outbox import Webhooks
 from dreamserve.service.accounts import Accounts
 from dreamserve.service.assets import Assets
 from dreamserve.service.config import ServiceConfig
@@ -25,6 +24,7 @@ from dreamserve.service.records import Record, Records, Submitted
 from dreamserve.service.scheduler import AnotherRunner, Scheduler
 from dreamserve.service.submissions import Submissions
 from dreamserve.service.tokens import DEFAULT_ACCOUNT, Tokens
+from dreamserve.webhooks.outbox import Webhooks
 
 __all__ = [
     "DEFAULT_ACCOUNT",

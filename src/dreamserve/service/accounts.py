@@ -24,7 +24,7 @@ from dreamserve.errors import (
 from dreamserve.events import JobEvents
 from dreamserve.ids import is_account_id, unquoted
 from dreamserve.jobs import CANCELLED_BY_USER, millis
-from dreamserve.storage import account_queries, queries
+from dreamserve.storage import account_queries, job_queries, user_queries
 from dreamserve.storage.account_queries import Account
 from dreamserve.storage.database import Database
 from dreamserve.storage.tables import SHARED
@@ -140,7 +140,7 @@ class Accounts:
             # Lock the row first: an admission on it either committed before (its job is
             # cancelled below) or waits and then finds no account.
             account_queries.lock_account(conn, account.id)
-            cancelled = queries.cancel_account_jobs(
+            cancelled = job_queries.cancel_account_jobs(
                 conn, account.id, CANCELLED_BY_USER, f"Account {name} was deleted", now
             )
             self.events.announce(conn, [jobid for _, jobid in cancelled], ended=True)
@@ -167,7 +167,7 @@ class Accounts:
 def require_user(conn: Connection, user_id: int) -> None:
     """API callers exist (they hold a token); the CLI names users by number, and an account's
     owner is no foreign key: an account left to a mistyped user would go to a later one."""
-    if not queries.user_exists(conn, user_id):
+    if not user_queries.user_exists(conn, user_id):
         raise NotFound(f"User {user_id} not found")
 
 

@@ -16,7 +16,7 @@ from dreamserve.fields import integer
 from dreamserve.ids import parse_jobid, unquoted
 from dreamserve.jobs import Status, record
 from dreamserve.service.config import ServiceConfig
-from dreamserve.storage import queries
+from dreamserve.storage import job_queries
 from dreamserve.storage.blobs import BlobStore
 from dreamserve.storage.database import Database
 
@@ -124,7 +124,7 @@ class Records:
             if owner == user_id and fresh_until > now and link_window == window:
                 return kept
         generation = self.events.generation
-        job = await self.db.read(lambda conn: queries.job_by_jobid(conn, jobid, user_id))
+        job = await self.db.read(lambda conn: job_queries.job_by_jobid(conn, jobid, user_id))
         if job is None:
             raise JobNotFound(jobid)
         body = Record(record(job, self.blobs.link))

@@ -16,7 +16,7 @@ from dreamserve.ids import parse_jobid, unquoted
 from dreamserve.jobs import CANCELLED_BY_USER, Job, Status, millis, record
 from dreamserve.service.config import ServiceConfig
 from dreamserve.service.records import Record, Records
-from dreamserve.storage import account_queries, queries
+from dreamserve.storage import account_queries, job_queries
 from dreamserve.storage.blobs import BlobStore
 from dreamserve.storage.database import Database
 
@@ -43,7 +43,7 @@ class Scheduler:
 
     async def running(self, user_id: int) -> dict[str, Any]:
         """The user's jobs that hold a slot, by account, with the seconds since submission."""
-        jobs = await self.db.read(lambda conn: queries.unfinished_jobs_of(conn, user_id))
+        jobs = await self.db.read(lambda conn: job_queries.unfinished_jobs_of(conn, user_id))
         now = millis(self.clock())
         executing: dict[str, list[dict[str, Any]]] = {}
         for job in jobs:
@@ -66,16 +66,16 @@ class Scheduler:
         now = millis(self.clock())
 
         def cancel(conn: Connection) -> Job:
-            job = queries.job_by_jobid(conn, jobid, user_id)
+            job = job_queries.job_by_jobid(conn, jobid, user_id)
             if job is None:
                 raise JobNotFound(jobid)
-            ended = not job.status.is_terminal and queries.finish_job(
+            ended = not job.status.is_terminal and job_queries.finish_job(
                 conn, job, status=Status.FAILED, now=now, error=CANCELLED_BY_USER
             )
             if not ended:
                 raise JobNotRunning(jobid)
             self.events.announce(conn, [jobid], ended=True)
-            cancelled = queries.job_by_id(conn, job.id)
+            cancelled = job_queries.job_by_id(conn, job.id)
             assert cancelled is not None
             return cancelled
 
@@ -99,12 +99,12 @@ class Scheduler:
         now = millis(self.clock())
 
         def recover(conn: Connection) -> tuple[list[str], list[int]]:
-            abandoned = queries.fail_exhausted_jobs(
+            abandoned = job_queries.fail_exhausted_jobs(
                 conn, self.config.max_attempts, "Server stopped while the job was running", now
             )
             self.events.announce(conn, abandoned, ended=True)  # waiters on other servers
             account_queries.recount_slots(conn)
-            return abandoned, queries.release_unfinished_jobs(conn, now + self.config.lease_ms)
+            return abandoned, job_queries.release_unfinished_jobs(conn, now + self.config.lease_ms)
 
         abandoned, pending = await self.db.write(recover)
         for job_id in pending:

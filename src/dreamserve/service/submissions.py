@@ -20,14 +20,14 @@ from dreamserve.engines.base import Upscaler
 from dreamserve.errors import BadRequest, IdempotencyConflict, InvalidParameter, NotFound
 from dreamserve.ids import AssetRef, IdFactory, JobType, unquoted
 from dreamserve.jobs import Job, Spec, Status, millis, record
+from dreamserve.netguard import HostRefused, Resolver, check_host, resolve
 from dreamserve.service.config import ServiceConfig
 from dreamserve.service.records import Submitted
-from dreamserve.storage import asset_queries, queries, webhook_queries
+from dreamserve.storage import asset_queries, job_queries, webhook_queries
 from dreamserve.storage.account_queries import Account
 from dreamserve.storage.blobs import BlobStore
 from dreamserve.storage.database import Database
 from dreamserve.submission import REF_NAMES, parse_image_submission, parse_upscale_submission
-from dreamserve.webhooks import ReplyUrlRefused, Resolver, check_reply_url, resolve
 
 T = TypeVar("T")
 _IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,255}")
@@ -109,7 +109,7 @@ class Submissions:
         jobid = unquoted(submission.jobid)
 
         def admit(conn: Connection) -> Job:
-            source = queries.job_by_jobid(conn, jobid, user_id)
+            source = job_queries.job_by_jobid(conn, jobid, user_id)
             if source is None or source.type != "image":
                 raise NotFound("Source image job not found")
             if source.status is not Status.COMPLETED:
@@ -176,7 +176,7 @@ class Submissions:
         dispatch the job; or, for a key already used, the job the key made (no slot, no job,
         no dispatch)."""
         if idempotency_key is None:
-            await self._check_reply_url(reply_url)
+            await self._check_host(reply_url)
             job = await self._admitted(admit)
             await self.dispatcher.dispatch(job.id)
             return Submitted(record(job, self.blobs.link))
@@ -193,13 +193,13 @@ class Submissions:
                 return None
             if used.fingerprint != request_fingerprint:
                 raise IdempotencyConflict(key)
-            return queries.job_by_id(conn, used.job_id)  # the key goes with its job
+            return job_queries.job_by_id(conn, used.job_id)  # the key goes with its job
 
         # A replay needs no slot and no DNS: a retry during a resolver outage gets its job.
         made = await self.db.read(made_by_key)
         if made is not None:
             return Submitted(record(made, self.blobs.link), replayed=True)
-        await self._check_reply_url(reply_url)
+        await self._check_host(reply_url)
 
         def admit_once(conn: Connection) -> tuple[Job, bool]:
             # One request per key at a time (PostgreSQL): a duplicate waits here for the first
@@ -222,12 +222,12 @@ class Submissions:
             await self.dispatcher.dispatch(job.id)
         return Submitted(record(job, self.blobs.link), replayed=replayed)
 
-    async def _check_reply_url(self, url: str | None) -> None:
+    async def _check_host(self, url: str | None) -> None:
         if url is None or self.config.webhook_allow_private:
             return
         try:
-            await check_reply_url(url, self.resolver)
-        except ReplyUrlRefused as refused:
+            await check_host(url, self.resolver)
+        except HostRefused as refused:
             raise InvalidParameter(
                 "replyUrl", url, f"an http or https URL of a public host ({refused})"
             ) from None
@@ -248,7 +248,7 @@ class Submissions:
         at = self.clock()
         created_at = millis(at)
         jobid = self.ids.jobid(kind, user_id, account.name, at)
-        job_id = queries.insert_job(
+        job_id = job_queries.insert_job(
             conn,
             jobid=jobid,
             kind=kind,

@@ -13,7 +13,7 @@ from dreamserve.errors import NotFound, Unauthorized
 from dreamserve.ids import new_token, parse_token
 from dreamserve.jobs import millis
 from dreamserve.service.config import ServiceConfig
-from dreamserve.storage import account_queries, queries
+from dreamserve.storage import account_queries, user_queries
 from dreamserve.storage.database import Database
 from dreamserve.storage.tables import SHARED
 
@@ -42,7 +42,7 @@ class Tokens:
             return cached[0]
         if parse_token(token) is None:
             raise Unauthorized
-        user_id = await self.db.read(lambda conn: queries.user_of_token(conn, digest))
+        user_id = await self.db.read(lambda conn: user_queries.user_of_token(conn, digest))
         if user_id is None or user_id != parse_token(token):
             raise Unauthorized
         if len(self._known) >= 10_000:
@@ -56,13 +56,13 @@ class Tokens:
 
         def create(conn: Connection) -> tuple[int, str]:
             if user_id is None:
-                owner = queries.insert_user(conn, now)
-            elif queries.user_exists(conn, user_id):
+                owner = user_queries.insert_user(conn, now)
+            elif user_queries.user_exists(conn, user_id):
                 owner = user_id
             else:
                 raise NotFound(f"User {user_id} not found")
             token = new_token(owner)
-            queries.insert_token(conn, owner, _hash(token), now)
+            user_queries.insert_token(conn, owner, _hash(token), now)
             return owner, token
 
         return await self.db.write(create)
@@ -73,11 +73,11 @@ class Tokens:
         now = millis(self.clock())
 
         def first_start(conn: Connection) -> str | None:
-            if queries.count_users(conn):
+            if user_queries.count_users(conn):
                 return None
-            user_id = queries.insert_user(conn, now)
+            user_id = user_queries.insert_user(conn, now)
             token = new_token(user_id)
-            queries.insert_token(conn, user_id, _hash(token), now)
+            user_queries.insert_token(conn, user_id, _hash(token), now)
             region, _, email = DEFAULT_ACCOUNT.partition(":")
             account_queries.insert_account(
                 conn,

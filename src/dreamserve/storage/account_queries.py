@@ -28,7 +28,7 @@ class Account:
     region: str
     engine: str
     settings: Mapping[str, Any] = field(repr=False)
-    sealed: str | None = field(repr=False)  # the secret settings, sealed (storage/sealing.py)
+    sealed: str | None = field(repr=False)  # the secret settings, sealed (sealing.py)
     models: tuple[str, ...] | None
     max_jobs: int
     running: int

@@ -1,6 +1,6 @@
 """The SQL of assets: uploads, the generated images a user lists and deletes, reference checks.
 
-Generated images are inserted with their job (queries.finish_job). Every query here is scoped
+Generated images are inserted with their job (job_queries.finish_job). Every query here is scoped
 to one user: another user's asset does not exist for them.
 """
 

@@ -2,7 +2,7 @@
 
 Callers write a transaction as a synchronous function of a SQLAlchemy `Connection`, and await it:
 
-    job = await db.write(lambda conn: queries.insert_job(conn, ...))
+    job = await db.write(lambda conn: job_queries.insert_job(conn, ...))
 
 The backend is chosen by URL, each run where it is fastest (docs/benchmarks.md has the figures):
 

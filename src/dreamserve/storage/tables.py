@@ -62,7 +62,7 @@ accounts = Table(
     Column("region", String(32), nullable=False),
     Column("engine", String(64), nullable=False),
     Column("settings", Json, nullable=False),  # the engine's settings, secrets left out
-    Column("secrets", Text, nullable=True),  # the secret settings, encrypted (storage/sealing.py)
+    Column("secrets", Text, nullable=True),  # the secret settings, encrypted (sealing.py)
     Column("models", Json, nullable=True),  # None: every catalogue model the engine serves
     Column("max_jobs", Integer, nullable=False),
     Column("running", Integer, nullable=False, default=0),
@@ -124,7 +124,8 @@ assets = Table(
 )
 
 # The webhook outbox: one row per delivery of a job's record to its replyUrl, written in the
-# transaction that ends the job; the deliverer (delivery.py) claims due rows and records each try.
+# transaction that ends the job; the deliverer (webhooks/delivery.py) claims due rows and
+# records each try.
 webhook_deliveries = Table(
     "webhook_deliveries",
     metadata,

@@ -1,6 +1,6 @@
 """The SQL of the webhook outbox, signing secrets and idempotency keys.
 
-A delivery is queued in the transaction that ends its job (queries.finish_job and the other
+A delivery is queued in the transaction that ends its job (job_queries.finish_job and the other
 paths that end jobs call `queue`), so a job never ends without its webhook nor sends one for an
 end that was rolled back. Deliverers on any node claim due rows with a conditional UPDATE that
 pushes `next_at` past the try's timeout: a node that dies mid-try leaves the row due again.
@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy import Connection, delete, insert, select, text, update
 
+from dreamserve.ids import new_message_id
 from dreamserve.storage.prepared import Prepared
 from dreamserve.storage.tables import (
     idempotency_keys,
@@ -22,7 +23,6 @@ from dreamserve.storage.tables import (
     webhook_secrets,
     webhook_tries,
 )
-from dreamserve.webhooks import new_message_id
 
 PENDING = "pending"
 

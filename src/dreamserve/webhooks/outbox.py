@@ -1,5 +1,5 @@
-"""What a client can do with webhooks (part of the service façade, `Service.webhooks`): read
-and rotate its signing secret, see a job's deliveries and their tries, redeliver."""
+"""What a client can do with webhooks (the service façade's `webhooks` part): read and rotate
+its signing secret, see a job's deliveries and their tries, redeliver."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from dreamserve.delivery import Deliverer
 from dreamserve.errors import BadRequest, JobNotFound
 from dreamserve.ids import iso_millis, parse_jobid, unquoted
 from dreamserve.jobs import millis
-from dreamserve.storage import queries, webhook_queries
+from dreamserve.storage import job_queries, webhook_queries
 from dreamserve.storage.database import Database
 from dreamserve.storage.webhook_queries import Delivery, Try
-from dreamserve.webhook_secrets import Secrets, WebhookSecrets
+from dreamserve.webhooks.delivery import Deliverer
+from dreamserve.webhooks.keys import Secrets, WebhookSecrets
 
 
 class Webhooks:
@@ -55,7 +55,7 @@ class Webhooks:
         now = millis(self.clock())
 
         def redeliver(conn: Connection) -> int:
-            job = queries.job_by_jobid(conn, jobid, user_id)
+            job = job_queries.job_by_jobid(conn, jobid, user_id)
             if job is None:
                 raise JobNotFound(jobid)
             url = job.request.get("replyUrl")
@@ -73,7 +73,7 @@ class Webhooks:
     async def _job_id(self, user_id: int, jobid: str) -> int:
         if parse_jobid(jobid) is None:  # no query for what cannot be a job id
             raise JobNotFound(jobid)
-        job = await self.db.read(lambda conn: queries.job_by_jobid(conn, jobid, user_id))
+        job = await self.db.read(lambda conn: job_queries.job_by_jobid(conn, jobid, user_id))
         if job is None:
             raise JobNotFound(jobid)
         return job.id

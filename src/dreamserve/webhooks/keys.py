@@ -15,11 +15,11 @@ from sqlalchemy import Connection
 from sqlalchemy.exc import IntegrityError
 
 from dreamserve.jobs import millis
+from dreamserve.sealing import SecretBox
 from dreamserve.storage import webhook_queries
 from dreamserve.storage.database import Database
-from dreamserve.storage.sealing import SecretBox
 from dreamserve.storage.webhook_queries import SecretRow
-from dreamserve.webhooks import new_secret
+from dreamserve.webhooks.rules import new_secret
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The webhook deliverer: sends the outbox, signed, and retries on the schedule of webhooks.py.
+"""The webhook deliverer: sends the outbox, signed, and retries on the schedule of rules.py.
 
 A background task of every server. It claims due deliveries (conditional UPDATEs, so servers
 sharing a database never send one twice at once), POSTs the job record as GET returns it at the
@@ -7,7 +7,7 @@ user's secrets, and records every try. It wakes when a job of this process ends,
 process announces an end, and every `poll_seconds` for whatever else came due.
 
 The receiver's address is checked again here, on the connection itself (httpx-secure): the
-host is resolved, every address checked with `webhooks.refusal`, and the data goes to that
+host is resolved, every address checked with `netguard.refusal`, and the data goes to that
 checked address, so a DNS change after submission cannot reach a private address. Redirects
 are not followed (a 3xx is retried), and at most `max_response_bytes` of an answer are read.
 """
@@ -32,12 +32,13 @@ from sqlalchemy import Connection
 from dreamserve import __version__
 from dreamserve.events import JobEvents
 from dreamserve.jobs import Job, millis, record
-from dreamserve.storage import queries, webhook_queries
+from dreamserve.netguard import refusal
+from dreamserve.storage import job_queries, webhook_queries
 from dreamserve.storage.blobs import BlobStore
 from dreamserve.storage.database import Database
 from dreamserve.storage.webhook_queries import PENDING, Delivery, Try
-from dreamserve.webhook_secrets import WebhookSecrets
-from dreamserve.webhooks import TRIES, refusal, retry_delay, should_retry, signature
+from dreamserve.webhooks.keys import WebhookSecrets
+from dreamserve.webhooks.rules import TRIES, retry_delay, should_retry, signature
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ class Deliverer:
 
     async def _try(self, delivery: Delivery) -> None:
         def read(conn: Connection) -> Job | None:
-            return queries.job_by_id(conn, delivery.job_id)
+            return job_queries.job_by_id(conn, delivery.job_id)
 
         job = await self.db.read(read)
         if job is None:  # deleted past retention meanwhile: nothing left to send

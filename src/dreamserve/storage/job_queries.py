@@ -1,9 +1,10 @@
-"""The SQL of users, tokens and jobs, as functions over a connection the caller holds.
+"""The SQL of jobs, as functions over a connection the caller holds.
 
 Callers decide the transaction (`Database.write` / `read`), so several statements commit together:
 a slot taken with the job inserted, a job finished with its slot released. Statements on the hot
 paths are built once, here, with bound parameters: building a statement costs more than running
-it on SQLite. Accounts and slots are in account_queries.py, assets in asset_queries.py.
+it on SQLite. Users and tokens are in user_queries.py, accounts and slots in
+account_queries.py, assets in asset_queries.py, the webhook outbox in webhook_queries.py.
 """
 
 from __future__ import annotations
@@ -11,43 +12,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
+from sqlalchemy import Connection, bindparam, delete, insert, select, update
 
 from dreamserve.jobs import Job, Spec, Status, StoredImage
 from dreamserve.storage import webhook_queries
 from dreamserve.storage.account_queries import release_slot
 from dreamserve.storage.prepared import Prepared
-from dreamserve.storage.tables import assets, jobs, tokens, users
+from dreamserve.storage.tables import assets, jobs
 
 CREATED = Status.CREATED.value
-
-
-# Users and tokens
-
-_USER_OF_TOKEN = select(tokens.c.user_id).where(tokens.c.token_hash == bindparam("hash"))
-
-
-def count_users(conn: Connection) -> int:
-    return int(conn.execute(select(func.count()).select_from(users)).scalar_one())
-
-
-def user_exists(conn: Connection, user_id: int) -> bool:
-    return conn.execute(select(users.c.id).where(users.c.id == user_id)).first() is not None
-
-
-def insert_user(conn: Connection, now: int) -> int:
-    return int(
-        conn.execute(insert(users).values(created_at=now).returning(users.c.id)).scalar_one()
-    )
-
-
-def insert_token(conn: Connection, user_id: int, token_hash: str, now: int) -> None:
-    conn.execute(insert(tokens).values(user_id=user_id, token_hash=token_hash, created_at=now))
-
-
-def user_of_token(conn: Connection, token_hash: str) -> int | None:
-    user_id: int | None = conn.execute(_USER_OF_TOKEN, {"hash": token_hash}).scalar_one_or_none()
-    return user_id
 
 
 # Jobs
