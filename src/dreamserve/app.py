@@ -26,6 +26,7 @@ from dreamserve.catalogue import Catalogue
 from dreamserve.config import ConfigError, OperatorConfig, load_config
 from dreamserve.dispatch.base import Dispatcher, Runner
 from dreamserve.dispatch.inprocess import InProcessDispatcher
+from dreamserve.encoding import Encoding
 from dreamserve.engines.base import EngineContext
 from dreamserve.engines.registry import BUILTIN, EngineRegistry, EngineSource
 from dreamserve.errors import DreamserveError
@@ -127,7 +128,14 @@ async def open_server(
         clock,
         executor,
         RunnerConfig(
-            settings.image_format, settings.progress_interval_seconds, settings.lease_seconds
+            Encoding(
+                settings.image_format,
+                settings.jpeg_quality,
+                settings.png_compress_level,
+                settings.webp_quality,
+            ),
+            settings.progress_interval_seconds,
+            settings.lease_seconds,
         ),
         account_changed=admission.forget,
         events=events,

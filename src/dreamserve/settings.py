@@ -30,6 +30,10 @@ class Settings(BaseSettings):
     link_ttl_seconds: int = Field(default=86_400, ge=1)
     retry_after_seconds: int = Field(default=5, ge=1)
     image_format: ImageFormat = "jpeg"
+    # The stored images' encoding, as Pillow takes it (encoding.py).
+    jpeg_quality: int = Field(default=92, ge=1, le=100)
+    png_compress_level: int = Field(default=6, ge=0, le=9)
+    webp_quality: int = Field(default=90, ge=0, le=100)
     render_threads: int = Field(default=0, ge=0)
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     max_upload_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)

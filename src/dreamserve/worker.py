@@ -14,13 +14,14 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
 
-from PIL import Image, ImageOps, PngImagePlugin
+from PIL import Image, ImageOps
 from sqlalchemy import Connection
 
+from dreamserve.encoding import Encoding, encode
 from dreamserve.engines.base import (
     CancelSignal,
     Engine,
@@ -33,7 +34,6 @@ from dreamserve.errors import AccountError, Cancelled, EngineUnavailable, JobFai
 from dreamserve.events import JobEvents
 from dreamserve.ids import IdFactory
 from dreamserve.jobs import CANCELLED_BY_USER, Job, Status, StoredImage, millis
-from dreamserve.settings import ImageFormat
 from dreamserve.storage import account_queries, asset_queries, job_queries
 from dreamserve.storage.account_queries import Account
 from dreamserve.storage.blobs import EXTENSIONS, BlobStore
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RunnerConfig:
-    image_format: ImageFormat = "jpeg"
+    encoding: Encoding = field(default_factory=Encoding)
     progress_interval: float = 0.5
     lease_seconds: float = 30.0  # a runner silent this long is presumed dead (the reaper)
 
@@ -224,9 +224,9 @@ class JobRunner:
     async def _store(self, job: Job, image: Image.Image) -> StoredImage:
         now = self.clock()
         item_id = self.ids.item_id(now)  # before any await: a job's images keep their order
-        image_format = self.config.image_format
+        image_format = self.config.encoding.image_format
         loop = asyncio.get_running_loop()
-        data = await loop.run_in_executor(self.executor, encode, image, image_format)
+        data = await loop.run_in_executor(self.executor, encode, image, self.config.encoding)
         key = f"images/{now:%Y/%m/%d}/{item_id}.{EXTENSIONS[image_format]}"
         await self.blobs.put(key, data)
         return StoredImage(item_id, key, image.width, image.height, image_format, len(data))
@@ -326,23 +326,6 @@ class _Progress:
     def percent(self) -> int:
         # 100 is reserved for the finished job: a job whose images are being stored is at 99.
         return max(0, min(99, int(self.fraction * 100)))
-
-
-def encode(image: Image.Image, image_format: ImageFormat) -> bytes:
-    """The image as a file of `image_format`, keeping its `comment` (the engine's label)."""
-    buffer = io.BytesIO()
-    rgb = image.convert("RGB") if image.mode not in ("RGB", "L") else image
-    comment = str(image.info.get("comment", ""))
-    if image_format == "jpeg":
-        rgb.save(buffer, "JPEG", quality=92, comment=comment)
-    elif image_format == "png":
-        info = PngImagePlugin.PngInfo()
-        if comment:
-            info.add_text("Comment", comment)
-        rgb.save(buffer, "PNG", pnginfo=info, compress_level=6)
-    else:
-        rgb.save(buffer, "WEBP", quality=90)
-    return buffer.getvalue()
 
 
 def _decode(data: bytes, bound: int) -> Image.Image:

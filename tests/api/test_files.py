@@ -44,6 +44,30 @@ async def test_images_download_without_a_token_in_the_configured_format(
     assert (decoded.format, decoded.size) == (pillow_format, (1024, 1024))
 
 
+@pytest.mark.parametrize(
+    ("setting", "smaller", "larger"),
+    [("jpeg_quality", 30, 95), ("png_compress_level", 9, 0), ("webp_quality", 10, 95)],
+)
+async def test_the_encoding_settings_shape_the_stored_files(
+    settings: Settings, setting: str, smaller: int, larger: int
+) -> None:
+    """The same picture (same seed) stored at each end of a setting: the files differ in size
+    and both decode to the picture's size."""
+    image_format = setting.partition("_")[0]
+    files = []
+    for value in (smaller, larger):
+        configured = settings.model_copy(update={"image_format": image_format, setting: value})
+        async with open_harness(configured) as harness:
+            record = await harness.wait((await harness.post({**SMALL, "seed": 7})).json()["jobid"])
+            reply = await harness.client.get(record["response"]["images"][0]["imageUrl"])
+        assert reply.headers["content-type"] == FORMATS[image_format][0]
+        decoded = Image.open(io.BytesIO(reply.content))
+        decoded.load()
+        assert decoded.size == (1024, 1024)
+        files.append(reply.content)
+    assert len(files[0]) < len(files[1])
+
+
 async def test_head_gives_the_headers_without_the_body(harness: Harness) -> None:
     image = await first_image(harness)
     full = await harness.client.get(image["imageUrl"])

@@ -1,4 +1,5 @@
-"""Engine names to implementations, imported lazily so optional dependencies stay optional.
+"""Engine names to implementations, imported lazily so optional dependencies stay optional: the
+built-in ones and those other distributions install (`plugins.py`).
 
 The registry also owns account settings on their way to an engine: it validates them against the
 engine's `Settings` model when an account is saved, splits out the secrets (sealed before they
@@ -7,6 +8,7 @@ are stored) and opens them again when it builds the account's engine.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import threading
@@ -17,6 +19,7 @@ from typing import Any, Protocol, cast
 from pydantic import SecretStr, ValidationError
 
 from dreamserve.engines.base import Engine, EngineContext, EngineFactory, EngineSettings
+from dreamserve.engines.plugins import discover
 from dreamserve.errors import BadRequest, EngineBroken, EngineUnavailable, MissingParameter
 from dreamserve.sealing import SecretBox
 
@@ -66,6 +69,11 @@ class EngineRegistry:
         self.context = context
         self.box = box
         self._paths = dict(engines)
+        # Engines of other distributions (entry points), read once: names only, imported on
+        # first use like the built-in ones.
+        plugins = discover(self._paths)
+        self._paths.update({plugin.name: plugin.source for plugin in plugins})
+        self._origins = {plugin.name: plugin.distribution for plugin in plugins}  # for the log
         # account id -> ((created, updated), engine)
         self._instances: dict[int, tuple[tuple[int, int], Engine]] = {}
         self._retired: list[Engine] = []  # replaced or deleted, closed once unused
@@ -83,17 +91,23 @@ class EngineRegistry:
         module_name, _, attribute = source.partition(":")
         try:
             module = importlib.import_module(module_name)
+            # "module:Class.attribute", as entry points may say
+            return cast(EngineFactory, functools.reduce(getattr, attribute.split("."), module))
         except ImportError as error:
+            origin = self._origins.get(name, "dreamserve")
+            log.warning("engine %s of %s cannot be imported: %s", name, origin, error)
             raise EngineUnavailable(name, error.name or str(error), EXTRAS.get(name)) from error
         except Exception as error:  # installed but broken (torch's CUDA libraries, say)
-            log.exception("engine %s cannot be imported", name)
+            origin = self._origins.get(name, "dreamserve")
+            log.exception("engine %s of %s cannot be imported", name, origin)
             raise EngineBroken(name, type(error).__name__) from error
-        return cast(EngineFactory, getattr(module, attribute))
 
     def operator_only(self, name: str) -> bool:
-        """Whether only the operator's shared accounts may use engine `name` (its factory says
-        `operator_only = True`: it runs on the server's own hardware and files)."""
-        return bool(getattr(self.factory(name), "operator_only", False))
+        """Whether only the operator's shared accounts may use engine `name`: its factory says
+        `operator_only = True` (it runs on the server's own hardware and files). A plugin's
+        engine is unless its factory says `operator_only = False`: the server cannot know what
+        another distribution's code reads or takes."""
+        return bool(getattr(self.factory(name), "operator_only", name in self._origins))
 
     def settings_model(self, name: str) -> type[EngineSettings]:
         model = getattr(self.factory(name), "Settings", EngineSettings)
