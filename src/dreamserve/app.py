@@ -45,6 +45,7 @@ from dreamserve.service.tokens import Tokens
 from dreamserve.settings import Settings
 from dreamserve.storage.blobs import BlobStore, LocalBlobStore
 from dreamserve.storage.database import Database, open_database
+from dreamserve.storage.job_store import JobStore
 from dreamserve.storage.keyfile import load_or_create_key
 from dreamserve.webhooks.delivery import Deliverer, DeliveryConfig
 from dreamserve.webhooks.keys import WebhookSecrets
@@ -69,6 +70,7 @@ class Server:
 
     service: Service
     db: Database
+    store: JobStore
     blobs: BlobStore
     dispatcher: Dispatcher
     deliverer: Deliverer
@@ -120,8 +122,9 @@ async def open_server(
         settings.retry_after_seconds,
         cache_seconds=settings.account_cache_seconds,
     )
+    store = JobStore(db, events)
     runner = JobRunner(
-        db,
+        store,
         blobs,
         registry,
         ids,
@@ -138,7 +141,6 @@ async def open_server(
             settings.lease_seconds,
         ),
         account_changed=admission.forget,
-        events=events,
     )
     dispatch = dispatcher(runner)
     config = ServiceConfig(
@@ -155,7 +157,7 @@ async def open_server(
     service = Service(
         tokens=Tokens(db, clock, config),
         submissions=Submissions(
-            db=db,
+            store=store,
             blobs=blobs,
             catalogue=models,
             admission=admission,
@@ -166,10 +168,9 @@ async def open_server(
         ),
         records=records,
         scheduler=Scheduler(
-            db=db,
+            store=store,
             blobs=blobs,
             dispatcher=dispatch,
-            events=events,
             records=records,
             clock=clock,
             config=config,
@@ -179,7 +180,7 @@ async def open_server(
             catalogue=models,
             admission=admission,
             dispatcher=dispatch,
-            events=events,
+            store=store,
             clock=clock,
         ),
         assets=Assets(db=db, blobs=blobs, ids=ids, clock=clock, config=config),
@@ -187,7 +188,7 @@ async def open_server(
         config=config,
     )
     try:
-        yield Server(service, db, blobs, dispatch, deliverer, events, admission, ids)
+        yield Server(service, db, store, blobs, dispatch, deliverer, events, admission, ids)
     finally:
         await dispatch.close()
         await deliverer.close()
@@ -271,7 +272,7 @@ async def _background(
             for jobid in await server.service.scheduler.resume():
                 log.warning("job %s failed: the server stopped while it ran too often", jobid)
             reaper = Reaper(
-                server.db,
+                server.store,
                 server.blobs,
                 server.dispatcher,
                 clock,
@@ -281,7 +282,6 @@ async def _background(
                     settings.retention_days,
                     settings.lease_seconds,
                 ),
-                server.events,
             )
             tasks.append(asyncio.create_task(reaper.run_forever(), name="reaper"))
         yield

@@ -1,6 +1,9 @@
-"""The job: its states, its stored images, and the record the API returns for it.
+"""The job: its states and the transitions between them, its stored images, and the record the
+API returns for it.
 
-Pure: dataclasses and functions over the standard library and `ids`.
+Pure: dataclasses and functions over the standard library and `ids`. The transitions are made,
+each in its transaction, by the job store (storage/job_store.py), the one place that writes a
+job's state.
 """
 
 from __future__ import annotations
@@ -27,6 +30,68 @@ class Status(StrEnum):
 
 
 CANCELLED_BY_USER = "Cancelled by user"
+
+
+class Phase(StrEnum):
+    """Where a job is in its life. The contract's `created` covers two phases: queued (no
+    runner has it) and running (a runner claimed it and holds its lease)."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (Phase.COMPLETED, Phase.FAILED)
+
+
+class Transition(StrEnum):
+    ADMIT = "admit"  # a slot taken and the job made, in one transaction
+    CLAIM = "claim"  # a runner starts it (a new attempt)
+    PROGRESS = "progress"  # its runner renews the lease, with its progress
+    FINISH = "finish"  # its runner stored its images
+    FAIL = "fail"  # its engine failed, its runner was lost too often, or a restart gave up
+    CANCEL = "cancel"  # by its user, or with its account
+    REQUEUE = "requeue"  # its lease ran out (a runner or a dispatch lost), or a restart
+    EXPIRE = "expire"  # deleted with its images, past retention
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a transition may start from and leads to (None: no job, before admit and after
+    expire), what it does to the account's slot, and whether waiters are told of it."""
+
+    sources: frozenset[Phase | None]
+    target: Phase | None
+    slot: int = 0  # +1 takes one, -1 gives it back
+    announced: bool = True
+
+    def allows(self, phase: Phase | None) -> bool:
+        return phase in self.sources
+
+    @property
+    def ends(self) -> bool:
+        return self.target is not None and self.target.is_terminal
+
+
+_UNFINISHED: frozenset[Phase | None] = frozenset({Phase.QUEUED, Phase.RUNNING})
+_ENDED: frozenset[Phase | None] = frozenset({Phase.COMPLETED, Phase.FAILED})
+
+# Every allowed transition, in one place. A transition from anywhere else changes nothing: the
+# store's conditional statements only match the phases listed here, so a slot taken at admit is
+# given back exactly once, by whichever transition ends the job first. Admit is not announced
+# (nobody can wait on a job whose id is not yet returned), nor is expire (the job is gone).
+TRANSITIONS: Mapping[Transition, Rule] = {
+    Transition.ADMIT: Rule(frozenset({None}), Phase.QUEUED, slot=+1, announced=False),
+    Transition.CLAIM: Rule(frozenset({Phase.QUEUED}), Phase.RUNNING),
+    Transition.PROGRESS: Rule(frozenset({Phase.RUNNING}), Phase.RUNNING),
+    Transition.FINISH: Rule(frozenset({Phase.RUNNING}), Phase.COMPLETED, slot=-1),
+    Transition.FAIL: Rule(_UNFINISHED, Phase.FAILED, slot=-1),
+    Transition.CANCEL: Rule(_UNFINISHED, Phase.FAILED, slot=-1),
+    Transition.REQUEUE: Rule(_UNFINISHED, Phase.QUEUED),
+    Transition.EXPIRE: Rule(_ENDED, None, announced=False),
+}
 
 
 @dataclass(frozen=True)
@@ -80,6 +145,10 @@ class Spec:
     strength: float = 0.5
     references: tuple[str, ...] = ()  # blob keys of the reference images (the upscale source)
     detail: float = 0.5  # an upscale's detailStrength
+    # As validated at submission: later steps never read them back out of the client's request.
+    prompt: str | None = None
+    reply_url: str | None = None
+    reply_ref: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -90,6 +159,9 @@ class Spec:
             "strength": self.strength,
             "references": list(self.references),
             "detail": self.detail,
+            "prompt": self.prompt,
+            "replyUrl": self.reply_url,
+            "replyRef": self.reply_ref,
         }
 
     @classmethod
@@ -102,6 +174,9 @@ class Spec:
             strength=data.get("strength", 0.5),
             references=tuple(data.get("references", ())),
             detail=data.get("detail", 0.5),
+            prompt=data.get("prompt"),
+            reply_url=data.get("replyUrl"),
+            reply_ref=data.get("replyRef"),
         )
 
 
@@ -127,6 +202,12 @@ class Job:
     error_details: str | None = None
     images: tuple[StoredImage, ...] = field(default=())
     attempts: int = 0  # how many times a runner claimed it; fences the runner's writes
+
+    @property
+    def phase(self) -> Phase:
+        if self.status is Status.CREATED:
+            return Phase.RUNNING if self.started_at is not None else Phase.QUEUED
+        return Phase(self.status.value)
 
 
 def millis(at: datetime) -> int:

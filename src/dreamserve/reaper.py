@@ -16,14 +16,11 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import partial
 
-from sqlalchemy import Connection
-
 from dreamserve.dispatch.base import Dispatcher
-from dreamserve.events import JobEvents
-from dreamserve.jobs import Status, millis
+from dreamserve.jobs import millis
 from dreamserve.storage import job_queries, webhook_queries
 from dreamserve.storage.blobs import BlobStore
-from dreamserve.storage.database import Database
+from dreamserve.storage.job_store import JobStore, JobTransaction
 
 log = logging.getLogger(__name__)
 
@@ -50,86 +47,62 @@ class Sweep:
 class Reaper:
     def __init__(
         self,
-        db: Database,
+        store: JobStore,
         blobs: BlobStore,
         dispatcher: Dispatcher,
         clock: Callable[[], datetime],
         config: ReaperConfig,
-        events: JobEvents | None = None,
     ) -> None:
-        self.db = db
+        self.store = store
         self.blobs = blobs
         self.dispatcher = dispatcher
         self.clock = clock
         self.config = config
-        self.events = events or JobEvents()
 
     async def sweep(self) -> Sweep:
         """One pass: expired leases, then jobs past retention."""
         now = millis(self.clock())
 
         lease = now + int(self.config.lease_seconds * 1000)
-        expired = await self.db.read(lambda conn: job_queries.expired_leases(conn, now))
+        expired = await self.store.db.read(lambda conn: job_queries.expired_leases(conn, now))
         sweep = Sweep([], [])
         for job_id, attempt, jobid in expired:  # one transaction each: no job waits on another
             if attempt < self.config.max_attempts:
-                if await self.db.write(
-                    partial(
-                        self._requeue,
-                        job_id=job_id,
-                        jobid=jobid,
-                        attempt=attempt,
-                        now=now,
-                        lease_until=lease,
-                    )
-                ):
+                requeue = partial(
+                    JobTransaction.requeue,
+                    job_id=job_id,
+                    jobid=jobid,
+                    attempt=attempt,
+                    now=now,
+                    lease_until=lease,
+                )
+                if await self.store.write(requeue):
                     sweep.requeued.append(job_id)
-                    self.events.publish([jobid], ended=False)  # no longer started
                 continue
 
-            def fail(conn: Connection, job_id: int = job_id, attempt: int = attempt) -> str | None:
-                job = job_queries.job_by_id(conn, job_id)
-                ended = job is not None and job_queries.finish_job(
-                    conn,
-                    job,
-                    status=Status.FAILED,
-                    now=now,
-                    attempt=attempt,
-                    expired_before=now,
-                    error=RUNNER_LOST,
-                )
-                if not ended or job is None:
-                    return None
-                self.events.announce(conn, [job.jobid], ended=True)
-                return job.jobid
+            def fail(tx: JobTransaction, job_id: int = job_id, attempt: int = attempt) -> bool:
+                job = job_queries.job_by_id(tx.conn, job_id)
+                if job is None or job.attempts != attempt:
+                    return False
+                return tx.fail(job, RUNNER_LOST, None, now, expired_before=now)
 
-            failed = await self.db.write(fail)
-            if failed is not None:
-                sweep.failed.append(failed)
+            if await self.store.write(fail):
+                sweep.failed.append(jobid)
         for job_id in sweep.requeued:
             await self.dispatcher.dispatch(job_id)
-        self.events.publish(sweep.failed, ended=True)
         for jobid in sweep.failed:
             log.warning("job %s failed: its runner stopped too many times", jobid)
         keys_before = now - int(self.config.idempotency_seconds * 1000)
-        await self.db.write(lambda conn: webhook_queries.forget_keys_before(conn, keys_before))
+        await self.store.db.write(
+            lambda conn: webhook_queries.forget_keys_before(conn, keys_before)
+        )
         return replace(sweep, deleted_files=await self._forget_old_jobs(now))
-
-    def _requeue(
-        self, conn: Connection, *, job_id: int, jobid: str, attempt: int, now: int, lease_until: int
-    ) -> bool:
-        requeued = job_queries.requeue_job(conn, job_id, attempt, now, lease_until)
-        if requeued:
-            self.events.announce(conn, [jobid], ended=False)
-        return requeued
 
     async def _forget_old_jobs(self, now: int) -> int:
         before = now - int(self.config.retention_days * 86_400_000)
         deleted = 0
         while True:
-            jobs, keys = await self.db.write(
-                lambda conn: job_queries.delete_finished_jobs(conn, before, self.config.batch)
-            )
+            jobs, keys = await self.store.write(lambda tx: tx.expire(before, self.config.batch))
             for key in keys:  # a crash here leaves files without rows: harmless, never the reverse
                 await self.blobs.delete(key)
             deleted += len(keys)

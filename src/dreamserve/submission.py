@@ -124,6 +124,7 @@ class UpscaleSubmission:
     detail_strength: float
     max_jobs: int | None
     reply_url: str | None
+    reply_ref: str | None
     echo: Mapping[str, Any]
 
 
@@ -156,6 +157,7 @@ def parse_upscale_submission(fields: Mapping[str, Any]) -> UpscaleSubmission:
         detail_strength=0.5 if detail is None else detail,
         max_jobs=max_jobs,
         reply_url=reply_url,
+        reply_ref=reply_ref,
         echo=echo,
     )
 

@@ -31,13 +31,12 @@ from dreamserve.engines.base import (
 )
 from dreamserve.engines.registry import EngineRegistry
 from dreamserve.errors import AccountError, Cancelled, EngineUnavailable, JobFailed
-from dreamserve.events import JobEvents
 from dreamserve.ids import IdFactory
 from dreamserve.jobs import CANCELLED_BY_USER, Job, Status, StoredImage, millis
-from dreamserve.storage import account_queries, asset_queries, job_queries
+from dreamserve.storage import account_queries, asset_queries
 from dreamserve.storage.account_queries import Account
 from dreamserve.storage.blobs import EXTENSIONS, BlobStore
-from dreamserve.storage.database import Database
+from dreamserve.storage.job_store import JobStore, JobTransaction
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +51,7 @@ class RunnerConfig:
 class JobRunner:
     def __init__(
         self,
-        db: Database,
+        store: JobStore,
         blobs: BlobStore,
         engines: EngineRegistry,
         ids: IdFactory,
@@ -60,9 +59,8 @@ class JobRunner:
         executor: Executor,
         config: RunnerConfig,
         account_changed: Callable[[], None] = lambda: None,
-        events: JobEvents | None = None,
     ) -> None:
-        self.db = db
+        self.store = store
         self.blobs = blobs
         self.engines = engines
         self.ids = ids
@@ -70,7 +68,6 @@ class JobRunner:
         self.executor = executor
         self.config = config
         self.account_changed = account_changed  # drops admission's cached account lists
-        self.events = events or JobEvents()  # told of every progress and end written here
         self._signals: dict[int, CancelSignal] = {}  # jobs running here -> their cancel signal
 
     def cancel(self, job_id: int) -> None:
@@ -87,20 +84,18 @@ class JobRunner:
         now = millis(self.clock())
         lease = self._lease_until()
 
-        def claim(conn: Connection) -> tuple[Job, Account | None] | None:
-            claimed = job_queries.claim_job(conn, job_id, now, lease)
+        def claim(tx: JobTransaction) -> tuple[Job, Account | None] | None:
+            claimed = tx.claim(job_id, now, lease)
             if claimed is None:
                 return None
             job, account_id = claimed
-            account = account_queries.account_by_id(conn, account_id) if account_id else None
-            self.events.announce(conn, [job.jobid], ended=False)
+            account = account_queries.account_by_id(tx.conn, account_id) if account_id else None
             return job, account
 
-        claimed = await self.db.write(claim)
+        claimed = await self.store.write(claim)
         if claimed is None:
             return
         job, account = claimed
-        self.events.publish([job.jobid], ended=False)  # started, at 0 %
         if account is None:
             await self._finish(job, Status.FAILED, error="Account no longer exists")
             return
@@ -194,7 +189,7 @@ class JobRunner:
             images = [await engine.upscale(upscale, progress.report, cancel)]
         else:
             request = GenerationRequest(
-                prompt=job.request.get("prompt") or "",
+                prompt=job.spec.prompt or "",
                 model=job.model,
                 width=spec.width,
                 height=spec.height,
@@ -245,28 +240,17 @@ class JobRunner:
         the job had already ended or was taken back."""
         now = millis(self.clock())
 
-        def finish(conn: Connection) -> bool:
-            finished = job_queries.finish_job(
-                conn,
-                job,
-                status=status,
-                now=now,
-                attempt=job.attempts,
-                images=images or (),
-                description=_description(conn, job) if images else None,
-                error=error,
-                error_details=details,
-            )
-            if finished and account_error is not None:
-                account_queries.set_account_error(conn, *account_error)
-            if finished:
-                self.events.announce(conn, [job.jobid], ended=True)
-            return finished
+        def finish(tx: JobTransaction) -> bool:
+            if status is Status.COMPLETED:
+                description = _description(tx.conn, job)
+                return tx.finish(job, images or (), description, now)
+            assert error is not None
+            failed = tx.fail(job, error, details, now)
+            if failed and account_error is not None:
+                account_queries.set_account_error(tx.conn, *account_error)
+            return failed
 
-        finished = await self.db.write(finish)
-        if finished:
-            self.events.publish([job.jobid], ended=True)
-        return finished
+        return await self.store.write(finish)
 
     async def _heartbeat(self, job: Job, progress: _Progress, cancel: CancelSignal) -> None:
         """Renew the job's lease and record its progress while it runs; stop the engine when
@@ -280,37 +264,24 @@ class JobRunner:
             if percent == written and time.monotonic() - renewed < every:
                 continue
             update = partial(
-                self._renew,
+                JobTransaction.progress,
                 job=job,
                 lease_until=self._lease_until(),
-                progress=percent if percent != written else None,
+                percent=percent if percent != written else None,
                 now=millis(self.clock()),
             )
-            if not await self.db.write(update):
+            if not await self.store.write(update):
                 cancel.set()
-                self.events.publish([job.jobid], ended=True)  # ended elsewhere: wake its waiters
+                self.store.seen_ended(job.jobid)
                 return
-            if percent != written:
-                self.events.publish([job.jobid], ended=False)
             written, renewed = percent, time.monotonic()
-
-    def _renew(
-        self, conn: Connection, *, job: Job, lease_until: int, progress: int | None, now: int
-    ) -> bool:
-        renewed = job_queries.renew_lease(
-            conn, job.id, job.attempts, lease_until, progress=progress, now=now
-        )
-        if renewed and progress is not None:
-            self.events.announce(conn, [job.jobid], ended=False)
-        return renewed
 
 
 def _description(conn: Connection, job: Job) -> str | None:
     """What GET /assets says of the job's images: the prompt, or an upscale's source's."""
     if job.type == "upscale" and job.spec.references:
         return asset_queries.description_of(conn, job.user_id, job.spec.references[0])
-    prompt = job.request.get("prompt")
-    return None if prompt is None else str(prompt)
+    return job.spec.prompt
 
 
 class _Progress:

@@ -37,7 +37,7 @@ def now_millis() -> int:
 def reaper(harness: Harness, clock: FakeClock, max_attempts: int = 3) -> Reaper:
     server = harness.server
     config = ReaperConfig(1.0, max_attempts)
-    return Reaper(server.db, server.blobs, server.dispatcher, clock, config)
+    return Reaper(server.store, server.blobs, server.dispatcher, clock, config)
 
 
 async def stored_files(settings: Settings) -> list[Any]:
@@ -188,8 +188,8 @@ class ClaimsThenVanishes(FirstDeliveryFails):
 
     async def first(self, job_id: int) -> None:
         now = now_millis()
-        db = self.runner.db  # type: ignore[attr-defined]
-        await db.write(lambda conn: job_queries.claim_job(conn, job_id, now, now + 300))
+        store = self.runner.store  # type: ignore[attr-defined]
+        await store.write(lambda tx: tx.claim(job_id, now, now + 300))
 
 
 async def test_the_servers_reaper_runs_again_a_job_whose_runner_died(settings: Settings) -> None:

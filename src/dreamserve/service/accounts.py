@@ -21,12 +21,12 @@ from dreamserve.errors import (
     OperatorOnlyEngine,
     SharedAccount,
 )
-from dreamserve.events import JobEvents
 from dreamserve.ids import is_account_id, unquoted
 from dreamserve.jobs import CANCELLED_BY_USER, millis
-from dreamserve.storage import account_queries, job_queries, user_queries
+from dreamserve.storage import account_queries, user_queries
 from dreamserve.storage.account_queries import Account
 from dreamserve.storage.database import Database
+from dreamserve.storage.job_store import JobStore, JobTransaction
 from dreamserve.storage.tables import SHARED
 
 
@@ -38,14 +38,14 @@ class Accounts:
         catalogue: Catalogue,
         admission: Admission,
         dispatcher: Dispatcher,
-        events: JobEvents,
+        store: JobStore,
         clock: Callable[[], datetime],
     ) -> None:
         self.db = db
         self.catalogue = catalogue
         self.admission = admission
         self.dispatcher = dispatcher
-        self.events = events
+        self.store = store
         self.clock = clock
 
     async def put(self, user_id: int | None, fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -133,26 +133,25 @@ class Accounts:
         name = unquoted(name)
         now = millis(self.clock())
 
-        def remove(conn: Connection) -> tuple[int, list[tuple[int, str]], int]:
+        def remove(tx: JobTransaction) -> tuple[int, list[tuple[int, str]], int]:
+            conn = tx.conn
             account = visible(conn, user_id, name)
             if user_id is not None and account.is_shared:
                 raise SharedAccount(name)
             # Lock the row first: an admission on it either committed before (its job is
             # cancelled below) or waits and then finds no account.
             account_queries.lock_account(conn, account.id)
-            cancelled = job_queries.cancel_account_jobs(
-                conn, account.id, CANCELLED_BY_USER, f"Account {name} was deleted", now
+            cancelled = tx.cancel_account(
+                account.id, CANCELLED_BY_USER, f"Account {name} was deleted", now
             )
-            self.events.announce(conn, [jobid for _, jobid in cancelled], ended=True)
             account_queries.delete_account(conn, account.id)
             if user_id is None:
                 return account.id, cancelled, len(account_queries.shared_accounts(conn))
             return account.id, cancelled, len(account_queries.usable_accounts(conn, user_id))
 
-        account_id, cancelled, remaining = await self.db.write(remove)
+        account_id, cancelled, remaining = await self.store.write(remove)
         self.admission.forget()
         self.admission.engines.retire(account_id)
-        self.events.publish([jobid for _, jobid in cancelled], ended=True)
         for job_id, _ in cancelled:
             self.dispatcher.cancel(job_id)
         return {"account": name, "deleted": True, "remaining": remaining}

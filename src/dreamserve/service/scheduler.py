@@ -7,43 +7,38 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection
-
 from dreamserve.dispatch.base import Dispatcher
 from dreamserve.errors import JobNotFound, JobNotRunning
-from dreamserve.events import JobEvents
 from dreamserve.ids import parse_jobid, unquoted
-from dreamserve.jobs import CANCELLED_BY_USER, Job, Status, millis, record
+from dreamserve.jobs import CANCELLED_BY_USER, Job, millis, record
 from dreamserve.service.config import ServiceConfig
 from dreamserve.service.records import Record, Records
 from dreamserve.storage import account_queries, job_queries
 from dreamserve.storage.blobs import BlobStore
-from dreamserve.storage.database import Database
+from dreamserve.storage.job_store import JobStore, JobTransaction
 
 
 class Scheduler:
     def __init__(
         self,
         *,
-        db: Database,
+        store: JobStore,
         blobs: BlobStore,
         dispatcher: Dispatcher,
-        events: JobEvents,
         records: Records,
         clock: Callable[[], datetime],
         config: ServiceConfig,
     ) -> None:
-        self.db = db
+        self.store = store
         self.blobs = blobs
         self.dispatcher = dispatcher
-        self.events = events
         self.records = records
         self.clock = clock
         self.config = config
 
     async def running(self, user_id: int) -> dict[str, Any]:
         """The user's jobs that hold a slot, by account, with the seconds since submission."""
-        jobs = await self.db.read(lambda conn: job_queries.unfinished_jobs_of(conn, user_id))
+        jobs = await self.store.db.read(lambda conn: job_queries.unfinished_jobs_of(conn, user_id))
         now = millis(self.clock())
         executing: dict[str, list[dict[str, Any]]] = {}
         for job in jobs:
@@ -52,8 +47,8 @@ class Scheduler:
                 "model": job.model,
                 "elapsedSeconds": max(0, (now - job.created_at) // 1000),
             }
-            if "replyUrl" in job.request:
-                entry["replyUrl"] = job.request["replyUrl"]
+            if job.spec.reply_url is not None:
+                entry["replyUrl"] = job.spec.reply_url
             executing.setdefault(job.account, []).append(entry)
         return {"executing": executing, "total": len(jobs)}
 
@@ -65,22 +60,17 @@ class Scheduler:
             raise JobNotFound(jobid)
         now = millis(self.clock())
 
-        def cancel(conn: Connection) -> Job:
-            job = job_queries.job_by_jobid(conn, jobid, user_id)
+        def cancel(tx: JobTransaction) -> Job:
+            job = job_queries.job_by_jobid(tx.conn, jobid, user_id)
             if job is None:
                 raise JobNotFound(jobid)
-            ended = not job.status.is_terminal and job_queries.finish_job(
-                conn, job, status=Status.FAILED, now=now, error=CANCELLED_BY_USER
-            )
-            if not ended:
+            if not tx.cancel(job, CANCELLED_BY_USER, now):
                 raise JobNotRunning(jobid)
-            self.events.announce(conn, [jobid], ended=True)
-            cancelled = job_queries.job_by_id(conn, job.id)
+            cancelled = job_queries.job_by_id(tx.conn, job.id)
             assert cancelled is not None
             return cancelled
 
-        job = await self.db.write(cancel)
-        self.events.publish([jobid], ended=True)
+        job = await self.store.write(cancel)
         self.dispatcher.cancel(job.id)
         return Record(record(job, self.blobs.link))
 
@@ -92,22 +82,22 @@ class Scheduler:
         belongs to one. Jobs started `max_attempts` times fail; the others run again, and slot
         counts are set back to the number of unfinished jobs.
         """
-        if not await self.db.lock_runner():
+        db = self.store.db
+        if not await db.lock_runner():
             raise AnotherRunner
-        if not self.db.shared:
+        if not db.shared:
             self.records.sees_every_change()
         now = millis(self.clock())
 
-        def recover(conn: Connection) -> tuple[list[str], list[int]]:
-            abandoned = job_queries.fail_exhausted_jobs(
-                conn, self.config.max_attempts, "Server stopped while the job was running", now
-            )
-            self.events.announce(conn, abandoned, ended=True)  # waiters on other servers
-            account_queries.recount_slots(conn)
-            return abandoned, job_queries.release_unfinished_jobs(conn, now + self.config.lease_ms)
+        def recover(tx: JobTransaction) -> list[str]:
+            error = "Server stopped while the job was running"
+            lease = now + self.config.lease_ms
+            abandoned = tx.recover(self.config.max_attempts, error, now, lease)
+            account_queries.recount_slots(tx.conn)
+            return abandoned
 
-        abandoned, pending = await self.db.write(recover)
-        for job_id in pending:
+        abandoned = await self.store.write(recover)
+        for job_id in await self.store.queued():
             await self.dispatcher.dispatch(job_id)
         return abandoned
 

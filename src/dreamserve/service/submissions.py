@@ -26,7 +26,7 @@ from dreamserve.service.records import Submitted
 from dreamserve.storage import asset_queries, job_queries, webhook_queries
 from dreamserve.storage.account_queries import Account
 from dreamserve.storage.blobs import BlobStore
-from dreamserve.storage.database import Database
+from dreamserve.storage.job_store import JobStore, JobTransaction
 from dreamserve.submission import REF_NAMES, parse_image_submission, parse_upscale_submission
 
 T = TypeVar("T")
@@ -37,7 +37,7 @@ class Submissions:
     def __init__(
         self,
         *,
-        db: Database,
+        store: JobStore,
         blobs: BlobStore,
         catalogue: Catalogue,
         admission: Admission,
@@ -47,7 +47,8 @@ class Submissions:
         config: ServiceConfig,
         resolver: Resolver = resolve,
     ) -> None:
-        self.db = db
+        self.store = store
+        self.db = store.db
         self.blobs = blobs
         self.catalogue = catalogue
         self.admission = admission
@@ -74,19 +75,22 @@ class Submissions:
             seed=submission.seed,
             strength=submission.image_strength,
             references=tuple(ref.uri for ref in submission.references),
+            prompt=submission.prompt,
+            reply_url=submission.reply_url,
+            reply_ref=submission.reply_ref,
         )
 
-        def admit(conn: Connection) -> Job:
-            self._check_references(conn, user_id, submission.references)
+        def admit(tx: JobTransaction) -> Job:
+            self._check_references(tx.conn, user_id, submission.references)
             account = self.admission.admit(
-                conn,
+                tx.conn,
                 user_id=user_id,
                 model=submission.model,
                 account=submission.account,
                 max_jobs=submission.max_jobs,
             )
             return self._insert_job(
-                conn,
+                tx,
                 account,
                 kind="image",
                 user_id=user_id,
@@ -108,7 +112,8 @@ class Submissions:
         submission = parse_upscale_submission(fields)
         jobid = unquoted(submission.jobid)
 
-        def admit(conn: Connection) -> Job:
+        def admit(tx: JobTransaction) -> Job:
+            conn = tx.conn
             source = job_queries.job_by_jobid(conn, jobid, user_id)
             if source is None or source.type != "image":
                 raise NotFound("Source image job not found")
@@ -142,7 +147,7 @@ class Submissions:
                     f"Account {account.name} cannot upscale: engine {account.engine} does not"
                 )
             return self._insert_job(
-                conn,
+                tx,
                 account,
                 kind="upscale",
                 user_id=user_id,
@@ -155,6 +160,8 @@ class Submissions:
                     strength=submission.original_strength,
                     references=(image.uri,),
                     detail=submission.detail_strength,
+                    reply_url=submission.reply_url,
+                    reply_ref=submission.reply_ref,
                 ),
                 forecast_cost=0,
             )
@@ -170,7 +177,7 @@ class Submissions:
         fields: Mapping[str, Any],
         idempotency_key: str | None,
         reply_url: str | None,
-        admit: Callable[[Connection], Job],
+        admit: Callable[[JobTransaction], Job],
     ) -> Submitted:
         """Check the replyUrl's host, run `admit` (slot and job in one transaction) and
         dispatch the job; or, for a key already used, the job the key made (no slot, no job,
@@ -201,23 +208,21 @@ class Submissions:
             return Submitted(record(made, self.blobs.link), replayed=True)
         await self._check_host(reply_url)
 
-        def admit_once(conn: Connection) -> tuple[Job, bool]:
+        def admit_once(tx: JobTransaction) -> tuple[Job, bool]:
+            conn = tx.conn
             # One request per key at a time (PostgreSQL): a duplicate waits here for the first
             # to commit and then finds its job, instead of competing for the last free slot.
             webhook_queries.lock_key(conn, user_id, key)
             made = made_by_key(conn)
             if made is not None:
                 return made, True
-            job = admit(conn)
+            job = admit(tx)
             webhook_queries.remember_key(
                 conn, user_id, key, request_fingerprint, job.id, now=now, stale_before=fresh_since
             )
             return job, False
 
-        try:
-            job, replayed = await self.db.write(admit_once)
-        except IntegrityError:  # the same jobid made at once elsewhere: a new serial differs
-            job, replayed = await self.db.write(admit_once)
+        job, replayed = await self._admitted(admit_once)
         if not replayed:
             await self.dispatcher.dispatch(job.id)
         return Submitted(record(job, self.blobs.link), replayed=replayed)
@@ -234,7 +239,7 @@ class Submissions:
 
     def _insert_job(
         self,
-        conn: Connection,
+        tx: JobTransaction,
         account: Account,
         *,
         kind: JobType,
@@ -248,8 +253,7 @@ class Submissions:
         at = self.clock()
         created_at = millis(at)
         jobid = self.ids.jobid(kind, user_id, account.name, at)
-        job_id = job_queries.insert_job(
-            conn,
+        job_id = tx.admit(
             jobid=jobid,
             kind=kind,
             user_id=user_id,
@@ -276,11 +280,11 @@ class Submissions:
             created_at=created_at,
         )
 
-    async def _admitted(self, admit: Callable[[Connection], T]) -> T:
+    async def _admitted(self, admit: Callable[[JobTransaction], T]) -> T:
         try:
-            return await self.db.write(admit)
+            return await self.store.write(admit)
         except IntegrityError:  # another process made the same jobid: a new serial differs
-            return await self.db.write(admit)
+            return await self.store.write(admit)
 
     def _upscale_size(self, tier: str, aspect: float) -> tuple[int, int]:
         if not self.catalogue.upscale_sizes:

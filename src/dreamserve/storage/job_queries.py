@@ -9,12 +9,22 @@ account_queries.py, assets in asset_queries.py, the webhook outbox in webhook_qu
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, delete, insert, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    and_,
+    bindparam,
+    delete,
+    insert,
+    or_,
+    select,
+    update,
+)
 
-from dreamserve.jobs import Job, Spec, Status, StoredImage
+from dreamserve.jobs import TRANSITIONS, Job, Phase, Spec, Status, StoredImage, Transition
 from dreamserve.storage import webhook_queries
 from dreamserve.storage.account_queries import release_slot
 from dreamserve.storage.prepared import Prepared
@@ -22,6 +32,34 @@ from dreamserve.storage.tables import assets, jobs
 
 CREATED = Status.CREATED.value
 
+
+def in_phases(phases: Iterable[Phase | None]) -> ColumnElement[bool]:
+    """The SQL condition of a job in one of `phases`."""
+    wanted = {phase for phase in phases if phase is not None}
+    unfinished = {Phase.QUEUED, Phase.RUNNING}
+    conditions: list[ColumnElement[bool]] = []
+    if unfinished <= wanted:
+        conditions.append(jobs.c.status == CREATED)
+    elif Phase.QUEUED in wanted:
+        conditions.append(and_(jobs.c.status == CREATED, jobs.c.started_at.is_(None)))
+    elif Phase.RUNNING in wanted:
+        conditions.append(and_(jobs.c.status == CREATED, jobs.c.started_at.is_not(None)))
+    ended = [phase.value for phase in wanted if phase.is_terminal]
+    if ended:
+        conditions.append(jobs.c.status.in_(sorted(ended)))
+    return conditions[0] if len(conditions) == 1 else or_(*conditions)
+
+
+# The condition of each transition's starting phases, from the one table in jobs.py: a
+# statement made with it changes nothing when the job is anywhere else.
+FROM = {
+    transition: in_phases(rule.sources)
+    for transition, rule in TRANSITIONS.items()
+    if rule.sources != {None}
+}
+
+
+_QUEUED = in_phases([Phase.QUEUED])
 
 # Jobs
 
@@ -46,7 +84,7 @@ _JOB_BY_JOBID = Prepared(
 )
 _CLAIM_JOB = (
     update(jobs)
-    .where(jobs.c.id == bindparam("job"), jobs.c.status == CREATED, jobs.c.started_at.is_(None))
+    .where(jobs.c.id == bindparam("job"), FROM[Transition.CLAIM])
     .values(
         started_at=bindparam("now"),
         updated_at=bindparam("now"),
@@ -56,13 +94,14 @@ _CLAIM_JOB = (
     )
     .returning(*jobs.c)
 )
-# A runner's writes are fenced by its attempt: once the reaper gave the job to another runner
-# (or ended it), the first one's renewals and results change nothing.
+# A runner's writes are fenced by its attempt and need the job running: once the reaper took
+# the job back (queued again, not yet claimed) or it ended, the first runner's renewals and
+# results change nothing.
 _RENEW_LEASE = (
     update(jobs)
     .where(
         jobs.c.id == bindparam("job"),
-        jobs.c.status == CREATED,
+        FROM[Transition.PROGRESS],
         jobs.c.attempts == bindparam("attempt"),
     )
     .values(lease_until=bindparam("lease"))
@@ -94,17 +133,17 @@ _FINISH_VALUES = {
     ),
     "images": bindparam("new_images"),
 }
-_FINISH_JOB = (
+_FINISH_JOB = (  # a cancel: whoever runs it, or none
     update(jobs)
-    .where(jobs.c.id == bindparam("job"), jobs.c.status == CREATED)
+    .where(jobs.c.id == bindparam("job"), FROM[Transition.CANCEL])
     .values(**_FINISH_VALUES)
     .returning(jobs.c.account_id)
 )
-_FINISH_JOB_OF_ATTEMPT = (
+_FINISH_JOB_OF_ATTEMPT = (  # a runner's end (finish or fail) of the attempt it runs
     update(jobs)
     .where(
         jobs.c.id == bindparam("job"),
-        jobs.c.status == CREATED,
+        FROM[Transition.FINISH],
         jobs.c.attempts == bindparam("attempt"),
     )
     .values(**_FINISH_VALUES)
@@ -226,7 +265,7 @@ def finish_job(
     account_id = finished[0]
     if account_id is not None:
         release_slot(conn, account_id)
-    webhook_queries.queue(conn, job.id, job.user_id, job.request, now)
+    webhook_queries.queue(conn, job.id, job.user_id, job.spec.reply_url, now)
     if images:
         conn.execute(
             _INSERT_ASSET,
@@ -258,7 +297,7 @@ def cancel_account_jobs(
 ) -> list[tuple[int, str]]:
     """End every unfinished job of an account as failed (its slots go with the account) and
     queue their webhooks; their ids and jobids, for the runners and waiters to be told."""
-    condition = (jobs.c.account_id == account_id, jobs.c.status == CREATED)
+    condition = (jobs.c.account_id == account_id, FROM[Transition.CANCEL])
     return _fail_all(conn, condition, error, details, now)
 
 
@@ -279,14 +318,14 @@ def expired_leases(conn: Connection, now: int) -> list[tuple[int, int, str]]:
 
 
 def requeue_job(conn: Connection, job_id: int, attempt: int, now: int, lease_until: int) -> bool:
-    """Take a job whose lease ran out (at `now`) back from the runner of `attempt`, so that
-    another claim runs it again; leased anew until then. False when it was renewed or ended
-    meanwhile."""
+    """Take a job whose lease ran out (at `now`) back from the runner of `attempt` (or, never
+    claimed, from its lost dispatch), so that a claim runs it again; leased anew until then.
+    False when it was renewed or ended meanwhile."""
     result = conn.execute(
         update(jobs)
         .where(
             jobs.c.id == job_id,
-            jobs.c.status == CREATED,
+            FROM[Transition.REQUEUE],
             jobs.c.attempts == attempt,
             jobs.c.lease_until < now,
         )
@@ -300,7 +339,7 @@ def delete_finished_jobs(conn: Connection, before: int, limit: int) -> tuple[int
     how many, and the blob keys of their images, for the caller to delete once this commits."""
     rows = conn.execute(
         select(jobs.c.id, jobs.c.images)
-        .where(jobs.c.finished_at < before)
+        .where(FROM[Transition.EXPIRE], jobs.c.finished_at < before)
         .order_by(jobs.c.finished_at)
         .limit(limit)
     ).all()
@@ -317,7 +356,7 @@ def job_by_id(conn: Connection, job_id: int) -> Job | None:
 def fail_exhausted_jobs(conn: Connection, max_attempts: int, error: str, now: int) -> list[str]:
     """Fail the unfinished jobs that were started `max_attempts` times already (queueing their
     webhooks); their jobids."""
-    condition = (jobs.c.status == CREATED, jobs.c.attempts >= max_attempts)
+    condition = (FROM[Transition.FAIL], jobs.c.attempts >= max_attempts)
     return [jobid for _, jobid in _fail_all(conn, condition, error, None, now)]
 
 
@@ -330,26 +369,30 @@ def _fail_all(
         update(jobs)
         .where(*condition)
         .values(**_ended(Status.FAILED.value, error, details, now))
-        .returning(jobs.c.id, jobs.c.jobid, jobs.c.user_id, jobs.c.request)
+        .returning(jobs.c.id, jobs.c.jobid, jobs.c.user_id, jobs.c.spec, jobs.c.request)
     )
     ended = []
-    for job_id, jobid, user_id, request in result.all():
-        webhook_queries.queue(conn, job_id, user_id, request, now)
+    for job_id, jobid, user_id, spec, request in result.all():
+        webhook_queries.queue(conn, job_id, user_id, _spec(spec, request).reply_url, now)
         ended.append((job_id, jobid))
     return ended
 
 
-def release_unfinished_jobs(conn: Connection, lease_until: int) -> list[int]:
-    """Mark every unfinished job not started (leased until a runner claims it), so that a
-    runner can claim it again; their ids, oldest first. Only for the process that holds the
-    runner lock."""
-    conn.execute(
+def release_unfinished_jobs(conn: Connection, lease_until: int) -> list[str]:
+    """Put every unfinished job back in the queue, leased until a runner claims it; their
+    jobids. Only for the process that holds the runner lock."""
+    requeued = conn.execute(
         update(jobs)
-        .where(jobs.c.status == CREATED)
+        .where(FROM[Transition.REQUEUE])
         .values(started_at=None, lease_until=lease_until, progress=None)
-    )
-    query = select(jobs.c.id).where(jobs.c.status == CREATED).order_by(jobs.c.id)
-    return list(conn.execute(query).scalars())
+        .returning(jobs.c.jobid)
+    ).scalars()
+    return sorted(requeued)
+
+
+def queued_jobs(conn: Connection) -> list[int]:
+    """The ids of the jobs no runner has, oldest first."""
+    return list(conn.execute(select(jobs.c.id).where(_QUEUED).order_by(jobs.c.id)).scalars())
 
 
 def _job(row: Mapping[Any, Any]) -> Job:
@@ -362,7 +405,7 @@ def _job(row: Mapping[Any, Any]) -> Job:
         account=row["account"],
         user_id=row["user_id"],
         request=row["request"],
-        spec=Spec.from_json(row["spec"]),
+        spec=_spec(row["spec"], row["request"]),
         forecast_cost=row["forecast_cost"],
         created_at=row["created_at"],
         updated_at=row["updated_at"],
@@ -373,3 +416,12 @@ def _job(row: Mapping[Any, Any]) -> Job:
         images=tuple(StoredImage.from_json(image) for image in row["images"] or ()),
         attempts=row["attempts"],
     )
+
+
+def _spec(data: Mapping[str, Any], request: Mapping[str, Any]) -> Spec:
+    """The job's spec; a job admitted before specs carried the prompt, replyUrl and replyRef
+    (dreamserve 0.1.0) has them in its request only."""
+    if "prompt" in data:
+        return Spec.from_json(data)
+    carried = {key: request.get(key) for key in ("prompt", "replyUrl", "replyRef")}
+    return Spec.from_json({**data, **carried})

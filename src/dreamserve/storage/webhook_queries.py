@@ -48,11 +48,8 @@ class Try:
     duration_ms: int
 
 
-def queue(
-    conn: Connection, job_id: int, user_id: int, request: Mapping[str, Any], now: int
-) -> None:
-    """Queue the delivery of an ended job's record, when its request has a replyUrl."""
-    url = request.get("replyUrl")
+def queue(conn: Connection, job_id: int, user_id: int, url: str | None, now: int) -> None:
+    """Queue the delivery of an ended job's record, when it has a replyUrl."""
     if url:
         _insert_delivery(conn, job_id, user_id, url, new_message_id(), now)
 

@@ -1,0 +1,208 @@
+"""The job store: the one owner of a job's life.
+
+Every change of a job's state is one of the transitions of `jobs.TRANSITIONS`, made here as a
+method of `JobTransaction` inside `JobStore.write`. Each returns whether it happened (its SQL only
+matches the phases the table allows, so a transition from anywhere else changes nothing); one
+that happened is announced inside the transaction (PostgreSQL NOTIFY, for waiters in other
+processes) and published to this process's waiters after the commit, in one place, as its rule
+says. A slot taken at admit is given back by whichever transition ends the job first, once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+from sqlalchemy import Connection
+
+from dreamserve.events import JobEvents
+from dreamserve.jobs import TRANSITIONS, Job, Spec, Status, StoredImage, Transition
+from dreamserve.storage import job_queries
+from dreamserve.storage.database import Database
+
+T = TypeVar("T")
+
+
+class JobTransaction:
+    """The transitions of jobs within one transaction. `conn` is the transaction's connection,
+    for whatever else must commit with them (an account's error, an Idempotency-Key)."""
+
+    def __init__(self, conn: Connection, events: JobEvents) -> None:
+        self.conn = conn
+        self._events = events
+        self.changes: list[tuple[str, bool]] = []  # (jobid, ended), to publish after commit
+
+    def _made(self, transition: Transition, jobids: Sequence[str]) -> None:
+        rule = TRANSITIONS[transition]
+        if rule.announced and jobids:
+            self._events.announce(self.conn, jobids, ended=rule.ends)
+            self.changes.extend((jobid, rule.ends) for jobid in jobids)
+
+    def admit(
+        self,
+        *,
+        jobid: str,
+        kind: str,
+        user_id: int,
+        account_id: int,
+        account: str,
+        model: str,
+        request: Mapping[str, Any],
+        spec: Spec,
+        forecast_cost: float,
+        created_at: int,
+        lease_until: int,
+    ) -> int:
+        """A new job, queued, on the account whose slot the caller took in this transaction
+        (admission); its id. Leased until a runner claims it, so that a lost dispatch is found
+        by the reaper."""
+        return job_queries.insert_job(
+            self.conn,
+            jobid=jobid,
+            kind=kind,
+            user_id=user_id,
+            account_id=account_id,
+            account=account,
+            model=model,
+            request=request,
+            spec=spec,
+            forecast_cost=forecast_cost,
+            created_at=created_at,
+            lease_until=lease_until,
+        )
+
+    def claim(self, job_id: int, now: int, lease_until: int) -> tuple[Job, int | None] | None:
+        """Start a queued job (one more attempt), leased until `lease_until`: the job and its
+        account id; None when it is not queued (a second delivery of the job does nothing)."""
+        claimed = job_queries.claim_job(self.conn, job_id, now, lease_until)
+        if claimed is not None:
+            self._made(Transition.CLAIM, [claimed[0].jobid])
+        return claimed
+
+    def progress(self, job: Job, lease_until: int, percent: int | None, now: int) -> bool:
+        """Renew the lease of the attempt `job` runs, with its progress when it changed; False
+        when that attempt no longer runs it (ended, or taken back). A renewal without progress
+        is no change a waiter sees: it is not announced."""
+        renewed = job_queries.renew_lease(
+            self.conn, job.id, job.attempts, lease_until, progress=percent, now=now
+        )
+        if renewed and percent is not None:
+            self._made(Transition.PROGRESS, [job.jobid])
+        return renewed
+
+    def finish(
+        self, job: Job, images: Sequence[StoredImage], description: str | None, now: int
+    ) -> bool:
+        """End the attempt `job` runs as completed, with its images; False when that attempt
+        no longer runs it."""
+        finished = job_queries.finish_job(
+            self.conn,
+            job,
+            status=Status.COMPLETED,
+            now=now,
+            attempt=job.attempts,
+            images=images,
+            description=description,
+        )
+        if finished:
+            self._made(Transition.FINISH, [job.jobid])
+        return finished
+
+    def fail(
+        self,
+        job: Job,
+        error: str,
+        details: str | None,
+        now: int,
+        *,
+        expired_before: int | None = None,
+    ) -> bool:
+        """End the attempt `job` runs as failed; False when that attempt no longer runs it.
+        With `expired_before` (the reaper), only while its lease has not been renewed since."""
+        failed = job_queries.finish_job(
+            self.conn,
+            job,
+            status=Status.FAILED,
+            now=now,
+            attempt=job.attempts,
+            expired_before=expired_before,
+            error=error,
+            error_details=details,
+        )
+        if failed:
+            self._made(Transition.FAIL, [job.jobid])
+        return failed
+
+    def cancel(self, job: Job, error: str, now: int) -> bool:
+        """End an unfinished job as failed, whoever runs it (the runner learns it at its next
+        renewal, or at once through the dispatcher); False when it had ended."""
+        cancelled = job_queries.finish_job(
+            self.conn, job, status=Status.FAILED, now=now, error=error
+        )
+        if cancelled:
+            self._made(Transition.CANCEL, [job.jobid])
+        return cancelled
+
+    def cancel_account(
+        self, account_id: int, error: str, details: str, now: int
+    ) -> list[tuple[int, str]]:
+        """Cancel every unfinished job of an account; their ids and jobids."""
+        cancelled = job_queries.cancel_account_jobs(self.conn, account_id, error, details, now)
+        self._made(Transition.CANCEL, [jobid for _, jobid in cancelled])
+        return cancelled
+
+    def requeue(self, job_id: int, jobid: str, attempt: int, now: int, lease_until: int) -> bool:
+        """Take a job back from the runner of `attempt` (or its lost dispatch) whose lease ran
+        out before `now`, so that it runs again; False when the lease was renewed or the job
+        ended."""
+        requeued = job_queries.requeue_job(self.conn, job_id, attempt, now, lease_until)
+        if requeued:
+            self._made(Transition.REQUEUE, [jobid])
+        return requeued
+
+    def recover(self, max_attempts: int, error: str, now: int, lease_until: int) -> list[str]:
+        """At the start of the process that runs the database's jobs (it holds the runner
+        lock, so every unfinished job is an orphan): fail those started `max_attempts` times,
+        requeue the others. The jobids given up on."""
+        failed = job_queries.fail_exhausted_jobs(self.conn, max_attempts, error, now)
+        self._made(Transition.FAIL, failed)
+        requeued = job_queries.release_unfinished_jobs(self.conn, lease_until)
+        self._made(Transition.REQUEUE, requeued)
+        return failed
+
+    def expire(self, before: int, limit: int) -> tuple[int, list[str]]:
+        """Delete up to `limit` jobs that ended before `before`, with their assets: how many,
+        and the blob keys of their images, for the caller to delete once this commits."""
+        return job_queries.delete_finished_jobs(self.conn, before, limit)
+
+
+class JobStore:
+    def __init__(self, db: Database, events: JobEvents) -> None:
+        self.db = db
+        self.events = events
+
+    async def write(self, change: Callable[[JobTransaction], T]) -> T:
+        """Run `change` in one transaction; then tell this process's waiters of every
+        transition it made."""
+        made: list[JobTransaction] = []
+
+        def run(conn: Connection) -> T:
+            made[:] = [JobTransaction(conn, self.events)]  # a retried transaction starts anew
+            return change(made[0])
+
+        result = await self.db.write(run)
+        if made:
+            for ended in (False, True):
+                jobids = [jobid for jobid, end in made[0].changes if end is ended]
+                if jobids:
+                    self.events.publish(jobids, ended=ended)
+        return result
+
+    def seen_ended(self, jobid: str) -> None:
+        """A job found ended (or taken back) by a change another process made without telling
+        this one (on SQLite, a CLI command): wake its waiters here to read it again."""
+        self.events.publish([jobid], ended=True)
+
+    async def queued(self) -> list[int]:
+        """The ids of the jobs waiting for a runner, oldest first (to dispatch at start)."""
+        return await self.db.read(job_queries.queued_jobs)
