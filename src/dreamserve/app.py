@@ -36,9 +36,9 @@ from dreamserve.outbox import Webhooks
 from dreamserve.reaper import Reaper, ReaperConfig
 from dreamserve.service import Service, ServiceConfig
 from dreamserve.settings import Settings
-from dreamserve.storage.blobs import LocalBlobStore
 from dreamserve.storage.database import open_database
 from dreamserve.storage.keyfile import load_or_create_key
+from dreamserve.storage.local_blobs import LocalBlobStore
 from dreamserve.storage.sealing import SecretBox
 from dreamserve.webhook_secrets import WebhookSecrets
 from dreamserve.worker import JobRunner, RunnerConfig

@@ -55,7 +55,7 @@ from dreamserve.jobs import CANCELLED_BY_USER, Job, Spec, Status, millis, record
 from dreamserve.outbox import Webhooks
 from dreamserve.storage import account_queries, asset_queries, queries, webhook_queries
 from dreamserve.storage.account_queries import Account
-from dreamserve.storage.blobs import EXTENSIONS, BlobStore, LocalBlobStore
+from dreamserve.storage.blobs import EXTENSIONS, BlobStore
 from dreamserve.storage.database import Database
 from dreamserve.storage.tables import SHARED
 from dreamserve.submission import (
@@ -525,12 +525,10 @@ class Service:
     def _changed(self, jobid: str) -> None:
         self._unfinished.pop(jobid, None)
 
-    def local_file(self, key: str, expires: str | None, signature: str | None) -> Path:
-        """The file behind a signed link of the local blob store; Forbidden when the link is
-        tampered or expired, NotFound when the file is gone."""
-        if not isinstance(self.blobs, LocalBlobStore):
-            raise NotFound("Not Found")
-        return self.blobs.open(key, expires, signature)
+    async def open_link(self, key: str, expires: str | None, signature: str | None) -> bytes | Path:
+        """What a link of the blob store points at (a file to stream, or bytes); Forbidden when
+        the link is tampered or expired, NotFound when the blob is gone (BlobStore.open_link)."""
+        return await self.blobs.open_link(key, expires, signature)
 
     def models(self) -> list[dict[str, Any]]:
         return [model.describe() for model in self.catalogue.models]
