@@ -1,16 +1,24 @@
 """Blob stores: where image files live, and the links clients fetch them from.
 
-`BlobStore` is the seam (local disk today in local_blobs.py, an S3 bucket when one machine is
-not enough). Keys are relative, slash-separated paths made by the server, never by a client.
+`BlobStore` is the seam; `open_blob_store` picks the implementation from a URL, as
+`open_database` does for the database: `file://` (local_blobs.py, the default) and `memory://`
+(memory_blobs.py) today, an S3 bucket when one machine is not enough. Keys are relative,
+slash-separated paths made by the server, never by a client.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Protocol
+from urllib.parse import SplitResult, unquote_to_bytes, urlsplit
+
+from dreamserve.config import ConfigError
+from dreamserve.links import LinkSigner
 
 _KEY = re.compile(r"[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*\.[A-Za-z0-9]+")
+_URL_FORMS = "file:///<absolute dir>, file:<relative dir> or memory://"
 
 CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
@@ -48,6 +56,40 @@ class BlobStore(Protocol):
         (a key that is not a blob key included). A store whose links point elsewhere (a
         bucket's presigned URLs) raises NotFound("Not Found"), as if the route were not there.
         """
+
+
+def open_blob_store(url: str, signer: LinkSigner) -> BlobStore:
+    """The blob store a URL names; `signer` makes and checks the links of stores the API serves.
+
+    - `file:///absolute/dir` (or `file://localhost/absolute/dir`), or `file:relative/dir`
+      (relative to the working directory, as the data dir may be): files on this disk. The
+      path is percent-decoded; `file://dir` is refused, since `dir` would be a host.
+    - `memory://`: a dict of this process (tests, ephemeral servers).
+
+    ConfigError, saying what is accepted, for anything else (`s3://` included, for now).
+    """
+    parts = urlsplit(url)
+    if parts.scheme == "file":
+        from dreamserve.storage.local_blobs import LocalBlobStore
+
+        return LocalBlobStore(_directory(url, parts), signer)
+    if parts.scheme == "memory":
+        if parts.netloc or parts.path or parts.query or parts.fragment:
+            raise ConfigError(f"Blob store URL {url} takes nothing after memory://")
+        from dreamserve.storage.memory_blobs import MemoryBlobStore
+
+        return MemoryBlobStore(signer)
+    raise ConfigError(f"Blob store URL {url} is not supported: use {_URL_FORMS}")
+
+
+def _directory(url: str, parts: SplitResult) -> Path:
+    """The directory a `file:` URL names."""
+    if parts.netloc not in ("", "localhost"):
+        raise ConfigError(f"Blob store URL {url} names the host {parts.netloc}: use {_URL_FORMS}")
+    if not parts.path or parts.query or parts.fragment:
+        raise ConfigError(f"Blob store URL {url} does not name a directory: use {_URL_FORMS}")
+    # Bytes, then the file system's decoding: a directory name need not be UTF-8.
+    return Path(os.fsdecode(unquote_to_bytes(parts.path)))
 
 
 def check_key(key: str) -> str:
