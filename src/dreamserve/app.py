@@ -43,7 +43,7 @@ from dreamserve.service.scheduler import Scheduler
 from dreamserve.service.submissions import Submissions
 from dreamserve.service.tokens import Tokens
 from dreamserve.settings import Settings
-from dreamserve.storage.blobs import BlobStore, LocalBlobStore
+from dreamserve.storage.blobs import BlobStore, open_blob_store
 from dreamserve.storage.database import Database, open_database
 from dreamserve.storage.job_store import JobStore
 from dreamserve.storage.keyfile import load_or_create_key
@@ -95,11 +95,12 @@ async def open_server(
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     key = load_or_create_key(settings.data_dir / "secret.key")
     box = SecretBox(load_or_create_key(settings.data_dir / "secrets.key"))
+    signer = LinkSigner(key, settings.base_url, settings.link_ttl_seconds, clock)
+    # Before the database: a blob store URL that cannot be used stops the start, nothing open.
+    blobs = open_blob_store(settings.blob_store, signer)
     db = open_database(settings.database)
     await db.migrate()
     executor = ThreadPoolExecutor(settings.threads, thread_name_prefix="dreamserve-render")
-    signer = LinkSigner(key, settings.base_url, settings.link_ttl_seconds, clock)
-    blobs = LocalBlobStore(settings.data_dir / "blobs", signer)
     context = EngineContext(executor, allow_private=settings.upstream_allow_private)
     registry = EngineRegistry(context, box, engines)
     ids = IdFactory()

@@ -39,7 +39,8 @@ _KEYS = {"sizes", "models", "accounts"}
 
 
 class ConfigError(ValueError):
-    """The configuration file cannot be used; the message says where and why."""
+    """The operator's configuration (this file, or a setting such as the blob store URL) cannot
+    be used; the message says where and why, and the CLI prints it as it is."""
 
 
 @dataclass(frozen=True)

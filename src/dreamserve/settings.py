@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Literal
+from urllib.parse import quote
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -27,6 +28,7 @@ class Settings(BaseSettings):
     public_url: str | None = None
     config: Path | None = None  # the operator's TOML file: models and accounts (config.py)
     database_url: str | None = None
+    blob_url: str | None = None
     link_ttl_seconds: int = Field(default=86_400, ge=1)
     retry_after_seconds: int = Field(default=5, ge=1)
     image_format: ImageFormat = "jpeg"
@@ -65,6 +67,16 @@ class Settings(BaseSettings):
     def database(self) -> str:
         """The database URL: `DREAMSERVE_DATABASE_URL`, else a SQLite file in the data dir."""
         return self.database_url or f"sqlite:///{self.data_dir / 'dreamserve.db'}"
+
+    @property
+    def blob_store(self) -> str:
+        """The blob store URL: `DREAMSERVE_BLOB_URL`, else the `blobs` directory of the data dir
+        (`file:data/blobs` for a relative data dir, `file:///srv/dream/blobs` for an absolute
+        one)."""
+        if self.blob_url:
+            return self.blob_url
+        path = self.data_dir / "blobs"
+        return path.as_uri() if path.is_absolute() else f"file:{quote(os.fsencode(path))}"
 
     @property
     def threads(self) -> int:

@@ -436,6 +436,18 @@ def test_serve_stops_at_once_on_a_bad_config_file(
     assert message in capsys.readouterr().err
 
 
+def test_serve_stops_at_once_on_an_unsupported_blob_url(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    monkeypatch.setenv("DREAMSERVE_BLOB_URL", "s3://x")
+    assert main(["serve"]) == 1
+    assert capsys.readouterr().err == (
+        "dreamserve: Blob store URL s3://x is not supported: "
+        "use file:///<absolute dir>, file:<relative dir> or memory://\n"
+    )
+    assert not (data_dir / "dreamserve.db").exists()  # it stopped before opening the database
+
+
 def test_serve_freezes_the_startup_heap_and_collects_young_objects_less_often() -> None:
     threshold = gc.get_threshold()
     try:

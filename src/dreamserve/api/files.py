@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Query, Request
+from pathlib import Path
+
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import FileResponse
 
 from dreamserve.api.deps import service_of
@@ -24,11 +26,11 @@ async def get_file(
     request: Request,
     expires: str | None = Query(default=None),
     signature: str | None = Query(default=None),
-) -> FileResponse:
+) -> Response:
     """The image an `imageUrl` points at. 403 when the link was altered or has expired."""
-    path = service_of(request).assets.local_file(key, expires, signature)
-    return FileResponse(
-        path,
-        media_type=content_type(key),
-        headers={"Cache-Control": "private, max-age=3600"},
-    )
+    blob = await service_of(request).assets.open_link(key, expires, signature)
+    headers = {"Cache-Control": "private, max-age=3600"}
+    if isinstance(blob, Path):  # a file on this disk: streamed, never read whole
+        return FileResponse(blob, media_type=content_type(key), headers=headers)
+    # Bytes held in memory; to HEAD, the server (uvicorn) sends these headers only.
+    return Response(blob, media_type=content_type(key), headers=headers)

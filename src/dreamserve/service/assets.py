@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import Connection
 
 from dreamserve.assets import check_image
-from dreamserve.errors import AssetNotFound, NotFound
+from dreamserve.errors import AssetNotFound
 from dreamserve.fields import integer
 from dreamserve.ids import AssetRef, IdFactory, asset_id, iso_millis, parse_asset_id, unquoted
 from dreamserve.jobs import millis
@@ -20,7 +20,7 @@ from dreamserve.service.accounts import visible
 from dreamserve.service.config import ServiceConfig
 from dreamserve.storage import asset_queries
 from dreamserve.storage.account_queries import Account
-from dreamserve.storage.blobs import EXTENSIONS, BlobStore, LocalBlobStore
+from dreamserve.storage.blobs import EXTENSIONS, BlobStore
 from dreamserve.storage.database import Database
 
 
@@ -142,9 +142,7 @@ class Assets:
         await self.blobs.delete(await self.db.write(remove))
         return {"deleted": True, "assetId": text, "account": account}
 
-    def local_file(self, key: str, expires: str | None, signature: str | None) -> Path:
-        """The file behind a signed link of the local blob store; Forbidden when the link is
-        tampered or expired, NotFound when the file is gone."""
-        if not isinstance(self.blobs, LocalBlobStore):
-            raise NotFound("Not Found")
-        return self.blobs.open(key, expires, signature)
+    async def open_link(self, key: str, expires: str | None, signature: str | None) -> bytes | Path:
+        """What a link of the blob store points at (a file to stream, or bytes); Forbidden when
+        the link is tampered or expired, NotFound when the blob is gone (BlobStore.open_link)."""
+        return await self.blobs.open_link(key, expires, signature)

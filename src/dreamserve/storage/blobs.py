@@ -1,22 +1,24 @@
 """Blob stores: where image files live, and the links clients fetch them from.
 
-`BlobStore` is the seam (local disk today, an S3 bucket when one machine is not enough).
-Keys are relative, slash-separated paths made by the server, never by a client.
+`BlobStore` is the seam; `open_blob_store` picks the implementation from a URL, as
+`open_database` does for the database: `file://` (local_blobs.py, the default) and `memory://`
+(memory_blobs.py) today, an S3 bucket when one machine is not enough. Keys are relative,
+slash-separated paths made by the server, never by a client.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Protocol
+from urllib.parse import SplitResult, unquote_to_bytes, urlsplit
 
-from dreamserve.errors import NotFound
+from dreamserve.config import ConfigError
 from dreamserve.links import LinkSigner
 
 _KEY = re.compile(r"[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*\.[A-Za-z0-9]+")
+_URL_FORMS = "file:///<absolute dir>, file:<relative dir> or memory://"
 
 CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
@@ -26,6 +28,9 @@ _TYPE_OF_EXTENSION = {
 
 
 class BlobStore(Protocol):
+    """Every method taking a key raises ValueError for one that is not a blob key (`../x`,
+    `a b.jpg`, an absolute path), before touching anything."""
+
     async def put(self, key: str, data: bytes) -> None:
         """Store `data` under `key`, replacing any earlier blob; readers never see a partial one."""
 
@@ -42,54 +47,56 @@ class BlobStore(Protocol):
         """When the links made now expire (Unix seconds); links made until it changes are the
         same, so a record holding them can be reused."""
 
+    async def open_link(self, key: str, expires: str | None, signature: str | None) -> bytes | Path:
+        """What a link of this store points at, for the API's files route to serve: a Path when
+        the blob is a file on this machine (streamed from the disk), else its bytes.
 
-class LocalBlobStore:
-    """Files under a root directory, served by the API itself through signed, expiring links."""
+        Forbidden("Invalid link signature") or Forbidden("Link expired") for a tampered or
+        expired link, checked first; then NotFound("File not found") when there is no such blob
+        (a key that is not a blob key included). A store whose links point elsewhere (a
+        bucket's presigned URLs) raises NotFound("Not Found"), as if the route were not there.
+        """
 
-    def __init__(self, root: Path, signer: LinkSigner) -> None:
-        self.root = root
-        self.signer = signer
 
-    def path(self, key: str) -> Path:
-        if not _KEY.fullmatch(key):
-            raise ValueError(f"not a blob key: {key!r}")
-        return self.root / key
+def open_blob_store(url: str, signer: LinkSigner) -> BlobStore:
+    """The blob store a URL names; `signer` makes and checks the links of stores the API serves.
 
-    async def put(self, key: str, data: bytes) -> None:
-        await asyncio.to_thread(self._write, self.path(key), data)
+    - `file:///absolute/dir` (or `file://localhost/absolute/dir`), or `file:relative/dir`
+      (relative to the working directory, as the data dir may be): files on this disk. The
+      path is percent-decoded; `file://dir` is refused, since `dir` would be a host.
+    - `memory://`: a dict of this process (tests, ephemeral servers).
 
-    async def get(self, key: str) -> bytes:
-        return await asyncio.to_thread(self.path(key).read_bytes)
+    ConfigError, saying what is accepted, for anything else (`s3://` included, for now).
+    """
+    parts = urlsplit(url)
+    if parts.scheme == "file":
+        from dreamserve.storage.local_blobs import LocalBlobStore
 
-    async def delete(self, key: str) -> None:
-        await asyncio.to_thread(self.path(key).unlink, True)
+        return LocalBlobStore(_directory(url, parts), signer)
+    if parts.scheme == "memory":
+        if parts.netloc or parts.path or parts.query or parts.fragment:
+            raise ConfigError(f"Blob store URL {url} takes nothing after memory://")
+        from dreamserve.storage.memory_blobs import MemoryBlobStore
 
-    def link(self, key: str) -> str:
-        return self.signer.url(key)
+        return MemoryBlobStore(signer)
+    raise ConfigError(f"Blob store URL {url} is not supported: use {_URL_FORMS}")
 
-    def link_expiry(self) -> int:
-        return self.signer.expiry()
 
-    def open(self, key: str, expires: str | None, signature: str | None) -> Path:
-        """The file a signed link points at: Forbidden for a bad or expired link, NotFound when
-        there is no such file."""
-        self.signer.verify(key, expires, signature)
-        path = self.path(key) if is_blob_key(key) else None
-        if path is None or not path.is_file():
-            raise NotFound("File not found")
-        return path
+def _directory(url: str, parts: SplitResult) -> Path:
+    """The directory a `file:` URL names."""
+    if parts.netloc not in ("", "localhost"):
+        raise ConfigError(f"Blob store URL {url} names the host {parts.netloc}: use {_URL_FORMS}")
+    if not parts.path or parts.query or parts.fragment:
+        raise ConfigError(f"Blob store URL {url} does not name a directory: use {_URL_FORMS}")
+    # Bytes, then the file system's decoding: a directory name need not be UTF-8.
+    return Path(os.fsdecode(unquote_to_bytes(parts.path)))
 
-    @staticmethod
-    def _write(path: Path, data: bytes) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as file:
-                file.write(data)
-            os.replace(temporary, path)
-        except BaseException:
-            os.unlink(temporary)
-            raise
+
+def check_key(key: str) -> str:
+    """`key` itself; ValueError when it is not a blob key."""
+    if not _KEY.fullmatch(key):
+        raise ValueError(f"not a blob key: {key!r}")
+    return key
 
 
 def is_blob_key(key: str) -> bool:

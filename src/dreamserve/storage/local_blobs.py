@@ -1,0 +1,62 @@
+"""The `file://` blob store: files under a directory, served by the API through signed links."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+from pathlib import Path
+
+from dreamserve.errors import NotFound
+from dreamserve.links import LinkSigner
+from dreamserve.storage.blobs import check_key, is_blob_key
+
+
+class LocalBlobStore:
+    """Files under a root directory, served by the API itself through signed, expiring links.
+    Disk work runs in threads, off the event loop."""
+
+    def __init__(self, root: Path, signer: LinkSigner) -> None:
+        self.root = root
+        self.signer = signer
+
+    def path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    async def put(self, key: str, data: bytes) -> None:
+        await asyncio.to_thread(self._write, self.path(key), data)
+
+    async def get(self, key: str) -> bytes:
+        return await asyncio.to_thread(self.path(key).read_bytes)
+
+    async def delete(self, key: str) -> None:
+        await asyncio.to_thread(self.path(key).unlink, True)
+
+    def link(self, key: str) -> str:
+        return self.signer.url(key)
+
+    def link_expiry(self) -> int:
+        return self.signer.expiry()
+
+    async def open_link(self, key: str, expires: str | None, signature: str | None) -> Path:
+        self.signer.verify(key, expires, signature)
+        # Even a correctly signed key must be a blob key: a link never leaves the root. The
+        # stat costs less than a hop to a thread and back.
+        path = self.path(key) if is_blob_key(key) else None
+        if path is None or not path.is_file():
+            raise NotFound("File not found")
+        return path
+
+    @staticmethod
+    def _write(path: Path, data: bytes) -> None:
+        # A temporary file in the same directory, renamed over the blob: a reader sees the old
+        # file or the new one, never a partial one.
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as file:
+                file.write(data)
+            os.replace(temporary, path)
+        except BaseException:
+            os.unlink(temporary)
+            raise
