@@ -13,7 +13,7 @@ from dreamserve.ids import parse_jobid, unquoted
 from dreamserve.jobs import CANCELLED_BY_USER, Job, millis, record
 from dreamserve.service.config import ServiceConfig
 from dreamserve.service.records import Record, Records
-from dreamserve.storage import account_queries, job_queries
+from dreamserve.storage import job_queries
 from dreamserve.storage.blobs import BlobStore
 from dreamserve.storage.job_store import JobStore, JobTransaction
 
@@ -89,14 +89,11 @@ class Scheduler:
             self.records.sees_every_change()
         now = millis(self.clock())
 
-        def recover(tx: JobTransaction) -> list[str]:
-            error = "Server stopped while the job was running"
-            lease = now + self.config.lease_ms
-            abandoned = tx.recover(self.config.max_attempts, error, now, lease)
-            account_queries.recount_slots(tx.conn)
-            return abandoned
-
-        abandoned = await self.store.write(recover)
+        error = "Server stopped while the job was running"
+        lease = now + self.config.lease_ms
+        abandoned = await self.store.write(
+            lambda tx: tx.recover(self.config.max_attempts, error, now, lease)
+        )
         for job_id in await self.store.queued():
             await self.dispatcher.dispatch(job_id)
         return abandoned

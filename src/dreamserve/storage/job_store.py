@@ -17,7 +17,7 @@ from sqlalchemy import Connection
 
 from dreamserve.events import JobEvents
 from dreamserve.jobs import TRANSITIONS, Job, Spec, Status, StoredImage, Transition
-from dreamserve.storage import job_queries
+from dreamserve.storage import account_queries, job_queries
 from dreamserve.storage.database import Database
 
 T = TypeVar("T")
@@ -162,12 +162,14 @@ class JobTransaction:
 
     def recover(self, max_attempts: int, error: str, now: int, lease_until: int) -> list[str]:
         """At the start of the process that runs the database's jobs (it holds the runner
-        lock, so every unfinished job is an orphan): fail those started `max_attempts` times,
-        requeue the others. The jobids given up on."""
+        lock, so every unfinished job is an orphan and every taken slot belongs to one): fail
+        those started `max_attempts` times, requeue the others, and set every account's taken
+        slots to its unfinished jobs. The jobids given up on."""
         failed = job_queries.fail_exhausted_jobs(self.conn, max_attempts, error, now)
         self._made(Transition.FAIL, failed)
         requeued = job_queries.release_unfinished_jobs(self.conn, lease_until)
         self._made(Transition.REQUEUE, requeued)
+        account_queries.recount_slots(self.conn)
         return failed
 
     def expire(self, before: int, limit: int) -> tuple[int, list[str]]:
