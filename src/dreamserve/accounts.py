@@ -16,6 +16,7 @@ from dreamserve.engines.registry import EngineRegistry
 from dreamserve.errors import BadRequest, InvalidParameter
 from dreamserve.fields import given, integer, text
 from dreamserve.ids import is_account_id, is_region
+from dreamserve.replies import AccountSummary
 from dreamserve.storage.account_queries import Account
 
 DEFAULT_REGION = "US"
@@ -129,9 +130,9 @@ def check_models(spec: AccountSpec, engine: Engine, catalogue: Catalogue) -> Non
             raise InvalidParameter("models", name, f"{valid} (what engine {spec.engine} serves)")
 
 
-def summary(account: Account, models: Sequence[str]) -> dict[str, Any]:
+def summary(account: Account, models: Sequence[str]) -> AccountSummary:
     """An account as GET /accounts shows it: never its secrets."""
-    body: dict[str, Any] = {
+    body: AccountSummary = {
         "account": account.name,
         "email": account.email,
         "region": account.region,

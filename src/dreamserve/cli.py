@@ -19,6 +19,7 @@ from typing import Any
 from dreamserve.app import API_PREFIX, apply_config, create_app, open_server
 from dreamserve.config import ConfigError, load_config
 from dreamserve.errors import DreamserveError
+from dreamserve.replies import AccountDeleted, AccountSummary
 from dreamserve.service import AnotherRunner
 from dreamserve.settings import Settings
 
@@ -214,7 +215,9 @@ async def _create_token(settings: Settings, user_id: int | None) -> tuple[int, s
         return await service.tokens.create(user_id)
 
 
-async def _accounts(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+async def _accounts(
+    settings: Settings, args: argparse.Namespace
+) -> AccountSummary | dict[str, AccountSummary] | AccountDeleted:
     """`accounts add|list|remove`: the service's reply; `--shared` is the operator (None)."""
     async with open_server(settings) as server:
         service = server.service

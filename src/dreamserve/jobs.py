@@ -3,7 +3,8 @@ API returns for it.
 
 Pure: dataclasses and functions over the standard library and `ids`. The transitions are made,
 each in its transaction, by the job store (storage/job_store.py), the one place that writes a
-job's state.
+job's state. The record's shape is `replies.JobRecord`, declared there with the API's other
+replies.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypedDict, cast
 
 from dreamserve.ids import AssetRef, JobType, asset_id, epoch_millis, iso_millis
+from dreamserve.replies import ImageFormat, ImageOut, JobRecord, JobResponse
 
 
 class Status(StrEnum):
@@ -218,44 +220,61 @@ def from_millis(value: int) -> datetime:
     return datetime.fromtimestamp(value / 1000, tz=UTC)
 
 
-def record(job: Job, link: Callable[[str], str]) -> dict[str, Any]:
+def record(job: Job, link: Callable[[str], str]) -> JobRecord:
     """The job record of the contract (POST reply, GET reply, webhook body).
 
     `link` turns an image's storage key into a URL a client can fetch without a token.
     """
-    body: dict[str, Any] = {
+    times: _Times = {}
+    if job.updated_at is not None:
+        times["updated"] = iso_millis(job.updated_at)
+    if job.status is Status.CREATED and job.started_at is not None:
+        times["started"] = iso_millis(job.started_at)
+        times["progress"] = job.progress or 0
+    cost = job.forecast_cost
+    response: JobResponse = {"forecastCost": int(cost) if float(cost).is_integer() else cost}
+    if job.status is Status.COMPLETED:
+        response["images"] = [_image(job.account, image, link) for image in job.images]
+    failure: _Failure = {}
+    if job.error is not None:
+        failure["error"] = job.error
+    if job.error_details is not None:
+        failure["errorDetails"] = job.error_details
+    return {
         "jobid": job.jobid,
         "type": job.type,
         "status": job.status.value,
         "model": job.model,
         "created": iso_millis(job.created_at),
+        **times,
+        "request": dict(job.request),
+        "response": response,
+        **failure,
+        "code": 200,
     }
-    if job.updated_at is not None:
-        body["updated"] = iso_millis(job.updated_at)
-    if job.status is Status.CREATED and job.started_at is not None:
-        body["started"] = iso_millis(job.started_at)
-        body["progress"] = job.progress or 0
-    body["request"] = dict(job.request)
-    cost = job.forecast_cost
-    response: dict[str, Any] = {"forecastCost": int(cost) if float(cost).is_integer() else cost}
-    if job.status is Status.COMPLETED:
-        response["images"] = [_image(job.account, image, link) for image in job.images]
-    body["response"] = response
-    if job.error is not None:
-        body["error"] = job.error
-    if job.error_details is not None:
-        body["errorDetails"] = job.error_details
-    body["code"] = 200
-    return body
 
 
-def _image(account: str, image: StoredImage, link: Callable[[str], str]) -> dict[str, Any]:
+# The record's optional keys, gathered apart so that the record keeps the contract's key order;
+# mypy checks them against JobRecord where they are unpacked.
+class _Times(TypedDict, total=False):
+    updated: str
+    started: str
+    progress: int
+
+
+class _Failure(TypedDict, total=False):
+    error: str
+    errorDetails: str
+
+
+def _image(account: str, image: StoredImage, link: Callable[[str], str]) -> ImageOut:
     return {
         "imageUrl": link(image.uri),
         "imageUri": image.uri,
         "width": image.width,
         "height": image.height,
-        "format": image.format,
+        # What the encoder and the upload check store: jpeg, png or webp.
+        "format": cast(ImageFormat, image.format),
         "assetId": asset_id(account, image.item_id),
         "assetRef": image.asset_ref(account),
         "itemId": image.item_id,

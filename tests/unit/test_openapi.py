@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import get_args, get_origin
 
 from fastapi.routing import APIRoute
 
@@ -54,3 +55,24 @@ def test_endpoints_of_the_request_alone_are_called_directly() -> None:
         ("GET", "/files/{key:path}"),
         ("HEAD", "/files/{key:path}"),
     }
+
+
+def test_every_reply_shape_is_one_of_replies() -> None:
+    """The document's reply shapes are those the service builds its replies as (replies.py),
+    not a second set of models written for the document."""
+    modules = (accounts, assets, files, images, models, scheduler, webhooks)
+    routes = [route for module in modules for route in module.router.routes]
+    shapes = {
+        (method, route.path): route.response_model
+        for route in routes
+        if isinstance(route, APIRoute) and route.response_model is not None
+        for method in route.methods
+    }
+    elsewhere = {
+        route
+        for route, shape in shapes.items()
+        # GET /accounts: a map of AccountSummary by account id
+        if (get_args(shape)[1] if get_origin(shape) is dict else shape).__module__
+        != "dreamserve.replies"
+    }
+    assert elsewhere == {("GET", "/models")}  # `dict[str, Any]`: the catalogue as it is kept

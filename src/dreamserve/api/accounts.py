@@ -7,7 +7,8 @@ from fastapi.responses import JSONResponse
 
 from dreamserve.api.body import read_fields
 from dreamserve.api.deps import SECURED, RequestRoute, authenticate
-from dreamserve.api.schemas import ACCOUNT_REQUEST_BODY, ERRORS, AccountDeleted, AccountSummary
+from dreamserve.api.schemas import ACCOUNT_REQUEST_BODY, ERRORS
+from dreamserve.replies import AccountDeleted, AccountSummary
 
 router = APIRouter(tags=["accounts"], route_class=RequestRoute)
 

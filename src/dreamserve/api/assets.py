@@ -8,8 +8,9 @@ from fastapi.responses import JSONResponse
 from dreamserve.api.accounts import ACCOUNT_PARAMETER
 from dreamserve.api.body import read_body
 from dreamserve.api.deps import SECURED, RequestRoute, authenticate
-from dreamserve.api.schemas import ERRORS, AssetDeleted, AssetPage, AssetUploaded
+from dreamserve.api.schemas import ERRORS
 from dreamserve.assets import ACCEPTED, content_type_of, too_large
+from dreamserve.replies import AssetDeleted, AssetPage, AssetUploaded
 
 router = APIRouter(tags=["assets"], route_class=RequestRoute)
 

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from dreamserve.errors import DreamserveError
+from dreamserve.replies import ErrorBody
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,8 @@ def install_error_handlers(app: FastAPI) -> None:
 def error_response(
     status: int, message: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+    body: ErrorBody = {"error": message}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 async def _dreamserve_error(_request: Request, exc: DreamserveError) -> JSONResponse:

@@ -11,13 +11,8 @@ from fastapi.sse import EventSourceResponse, format_sse_event
 
 from dreamserve.api.body import read_fields
 from dreamserve.api.deps import SECURED, RequestRoute, authenticate
-from dreamserve.api.schemas import (
-    ERRORS,
-    IMAGE_REQUEST_BODY,
-    UPSCALE_REQUEST_BODY,
-    JobRecord,
-    WebhookDeliveries,
-)
+from dreamserve.api.schemas import ERRORS, IMAGE_REQUEST_BODY, UPSCALE_REQUEST_BODY
+from dreamserve.replies import JobRecord, WebhookDeliveries
 from dreamserve.service import Record, Submitted
 from dreamserve.service.submissions import Submissions
 

@@ -7,7 +7,8 @@ from fastapi.responses import JSONResponse, Response
 
 from dreamserve.api.deps import SECURED, RequestRoute, authenticate
 from dreamserve.api.images import JOBID_PARAMETER
-from dreamserve.api.schemas import ERRORS, JobRecord, Scheduler
+from dreamserve.api.schemas import ERRORS
+from dreamserve.replies import JobRecord, Scheduler
 
 router = APIRouter(tags=["scheduler"], route_class=RequestRoute)
 

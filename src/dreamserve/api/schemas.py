@@ -1,11 +1,14 @@
 """Shapes for the OpenAPI document. Requests are validated by `submission.py`, which owns the
-contract's messages; these models only describe the API to readers and tools."""
+contract's messages; the request models here only describe the API to readers and tools. Replies
+are declared once, in `replies.py`, as the service builds them."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from dreamserve.replies import ErrorBody
 
 Ratio = Literal["auto", "1:1", "3:4", "16:9", "4:3", "9:16", "2:3", "3:2", "21:9"]
 
@@ -45,38 +48,6 @@ class UpscaleRequest(BaseModel):
     maxJobs: int | None = Field(None, ge=1, le=50)
 
 
-class ImageOut(BaseModel):
-    imageUrl: str
-    imageUri: str
-    width: int
-    height: int
-    format: Literal["jpeg", "png", "webp"]
-    assetId: str
-    assetRef: str
-    itemId: str
-
-
-class JobResponse(BaseModel):
-    forecastCost: float
-    images: list[ImageOut] | None = None
-
-
-class JobRecord(BaseModel):
-    jobid: str
-    type: Literal["image", "upscale"]
-    status: Literal["created", "completed", "failed"]
-    model: str
-    created: str
-    updated: str | None = None
-    started: str | None = None
-    progress: int | None = None
-    request: dict[str, Any]
-    response: JobResponse
-    error: str | None = None
-    errorDetails: str | None = None
-    code: int
-
-
 class AccountRequest(BaseModel):
     model_config = ConfigDict(title="AccountRequest")
 
@@ -89,110 +60,6 @@ class AccountRequest(BaseModel):
     settings: dict[str, Any] | None = Field(
         None, description="The engine's settings; secrets (apiKey...) are never returned"
     )
-
-
-class AccountModels(BaseModel):
-    image: list[str]
-
-
-class AccountSummary(BaseModel):
-    account: str
-    email: str
-    region: str
-    maxJobs: int
-    engine: str
-    models: AccountModels
-    settings: dict[str, Any] = Field(description="The engine's settings without the secrets")
-    shared: bool
-    running: int = Field(description="Slots taken now")
-    error: str | None = None
-    details: dict[str, Any] | None = Field(
-        None, description="GET /accounts/<account> only: what the engine says of itself"
-    )
-
-
-class AccountDeleted(BaseModel):
-    account: str
-    deleted: bool
-    remaining: int
-
-
-class ExecutingJob(BaseModel):
-    jobid: str
-    model: str
-    elapsedSeconds: int
-    replyUrl: str | None = None
-
-
-class Scheduler(BaseModel):
-    executing: dict[str, list[ExecutingJob]]
-    total: int
-
-
-class AssetUploaded(BaseModel):
-    assetRef: str
-    account: str
-    width: int
-    height: int
-    size: int
-
-
-class AssetListed(BaseModel):
-    assetId: str
-    itemId: str
-    type: Literal["image"]
-    description: str | None
-    assetRef: str
-    imageUrl: str
-    width: int
-    height: int
-    format: Literal["jpeg", "png", "webp"]
-    createdAt: str
-
-
-class AssetPage(BaseModel):
-    assets: list[AssetListed]
-    hasMore: bool
-    nextOffset: int | None
-    account: str
-
-
-class AssetDeleted(BaseModel):
-    deleted: bool
-    assetId: str
-    account: str
-
-
-class WebhookSecret(BaseModel):
-    secret: str = Field(description="`whsec_…`: verify deliveries with it (Standard Webhooks)")
-    previousSecretExpires: str | None = Field(
-        None, description="After a rotation: until when the previous secret still signs"
-    )
-
-
-class WebhookTry(BaseModel):
-    at: str
-    statusCode: int | None = Field(description="The receiver's answer; null when none came")
-    error: str | None
-    durationMs: int
-
-
-class WebhookDelivery(BaseModel):
-    webhookId: str = Field(description="The `webhook-id` header, the same on every try")
-    url: str
-    status: Literal["pending", "delivered", "stopped", "failed", "refused"]
-    created: str
-    nextTry: str | None
-    tries: list[WebhookTry]
-
-
-class WebhookDeliveries(BaseModel):
-    jobid: str
-    deliveries: list[WebhookDelivery]
-
-
-class ErrorBody(BaseModel):
-    error: str
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {

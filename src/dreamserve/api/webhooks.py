@@ -6,7 +6,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from dreamserve.api.deps import SECURED, RequestRoute, authenticate
-from dreamserve.api.schemas import ERRORS, WebhookSecret
+from dreamserve.api.schemas import ERRORS
+from dreamserve.replies import WebhookSecret
 
 router = APIRouter(tags=["webhooks"], route_class=RequestRoute)
 

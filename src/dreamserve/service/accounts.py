@@ -23,6 +23,7 @@ from dreamserve.errors import (
 )
 from dreamserve.ids import is_account_id, unquoted
 from dreamserve.jobs import CANCELLED_BY_USER, millis
+from dreamserve.replies import AccountDeleted, AccountSummary
 from dreamserve.storage import account_queries, user_queries
 from dreamserve.storage.account_queries import Account
 from dreamserve.storage.database import Database
@@ -48,7 +49,7 @@ class Accounts:
         self.store = store
         self.clock = clock
 
-    async def put(self, user_id: int | None, fields: Mapping[str, Any]) -> dict[str, Any]:
+    async def put(self, user_id: int | None, fields: Mapping[str, Any]) -> AccountSummary:
         """Create or replace (upsert) an account of a user, or a shared one when `user_id` is
         None (the operator, through the CLI); its summary. Saving an account clears its error.
         """
@@ -101,7 +102,7 @@ class Accounts:
         self.admission.forget()
         return self._summary(account)
 
-    async def listing(self, user_id: int | None) -> dict[str, dict[str, Any]]:
+    async def listing(self, user_id: int | None) -> dict[str, AccountSummary]:
         """The accounts a user may use (own and shared), or the shared ones for None."""
 
         def read(conn: Connection) -> list[Account]:
@@ -112,7 +113,7 @@ class Accounts:
 
         return {account.name: self._summary(account) for account in await self.db.read(read)}
 
-    async def get(self, user_id: int | None, name: str) -> dict[str, Any]:
+    async def get(self, user_id: int | None, name: str) -> AccountSummary:
         """One account the user may use, with what its engine says of itself (`details`);
         AccountNotFound otherwise."""
         name = unquoted(name)
@@ -128,7 +129,7 @@ class Accounts:
         name = unquoted(name)
         return await self.db.read(lambda conn: visible(conn, user_id, name))
 
-    async def delete(self, user_id: int | None, name: str) -> dict[str, Any]:
+    async def delete(self, user_id: int | None, name: str) -> AccountDeleted:
         """Delete a user's own account (a shared one for None) and cancel its unfinished jobs."""
         name = unquoted(name)
         now = millis(self.clock())
@@ -156,7 +157,7 @@ class Accounts:
             self.dispatcher.cancel(job_id)
         return {"account": name, "deleted": True, "remaining": remaining}
 
-    def _summary(self, account: Account) -> dict[str, Any]:
+    def _summary(self, account: Account) -> AccountSummary:
         engine = self.admission.usable_engine(account)
         if engine is None:  # an engine this server lacks, or secrets it cannot open
             return summary(account, list(account.models or ()))

@@ -7,7 +7,7 @@ import asyncio
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import Connection
 
@@ -16,6 +16,7 @@ from dreamserve.errors import AssetNotFound
 from dreamserve.fields import integer
 from dreamserve.ids import AssetRef, IdFactory, asset_id, iso_millis, parse_asset_id, unquoted
 from dreamserve.jobs import millis
+from dreamserve.replies import AssetDeleted, AssetListed, AssetPage, AssetUploaded, ImageFormat
 from dreamserve.service.accounts import visible
 from dreamserve.service.config import ServiceConfig
 from dreamserve.storage import asset_queries
@@ -43,7 +44,7 @@ class Assets:
 
     async def upload(
         self, user_id: int, account: Account, media: str, data: bytes
-    ) -> dict[str, Any]:
+    ) -> AssetUploaded:
         """Store an uploaded image on an account the user may use (`usable_account`); its
         assetRef. The bytes must be a complete image of `media` (BadRequest saying what is
         wrong otherwise)."""
@@ -86,9 +87,7 @@ class Assets:
             "size": len(data),
         }
 
-    async def page(
-        self, user_id: int, account_name: str, fields: Mapping[str, Any]
-    ) -> dict[str, Any]:
+    async def page(self, user_id: int, account_name: str, fields: Mapping[str, Any]) -> AssetPage:
         """The user's generated images on an account, newest first, a page at a time."""
         account_name = unquoted(account_name)
         count = integer(fields, "count", 1, 100) or 20
@@ -107,7 +106,7 @@ class Assets:
             "account": account_name,
         }
 
-    def _listed(self, asset: asset_queries.Asset) -> dict[str, Any]:
+    def _listed(self, asset: asset_queries.Asset) -> AssetListed:
         ref = AssetRef(asset.account, asset.width, asset.height, asset.size, asset.uri)
         return {
             "assetId": asset_id(asset.account, asset.item_id),
@@ -118,11 +117,11 @@ class Assets:
             "imageUrl": self.blobs.link(asset.uri),
             "width": asset.width,
             "height": asset.height,
-            "format": asset.format,
+            "format": cast(ImageFormat, asset.format),  # as the upload check and encoder store
             "createdAt": iso_millis(asset.created_at),
         }
 
-    async def delete(self, user_id: int, text: str) -> dict[str, Any]:
+    async def delete(self, user_id: int, text: str) -> AssetDeleted:
         """Delete one of the user's assets and its file; AssetNotFound otherwise."""
         text = unquoted(text)
         parsed = parse_asset_id(text)

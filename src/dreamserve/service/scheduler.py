@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
 
+from dreamserve import replies
 from dreamserve.dispatch.base import Dispatcher
 from dreamserve.errors import JobNotFound, JobNotRunning
 from dreamserve.ids import parse_jobid, unquoted
@@ -36,13 +36,13 @@ class Scheduler:
         self.clock = clock
         self.config = config
 
-    async def running(self, user_id: int) -> dict[str, Any]:
+    async def running(self, user_id: int) -> replies.Scheduler:
         """The user's jobs that hold a slot, by account, with the seconds since submission."""
         jobs = await self.store.db.read(lambda conn: job_queries.unfinished_jobs_of(conn, user_id))
         now = millis(self.clock())
-        executing: dict[str, list[dict[str, Any]]] = {}
+        executing: dict[str, list[replies.ExecutingJob]] = {}
         for job in jobs:
-            entry: dict[str, Any] = {
+            entry: replies.ExecutingJob = {
                 "jobid": job.jobid,
                 "model": job.model,
                 "elapsedSeconds": max(0, (now - job.created_at) // 1000),

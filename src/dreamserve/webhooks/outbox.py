@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import cast
 
 from sqlalchemy import Connection
 
 from dreamserve.errors import BadRequest, JobNotFound
 from dreamserve.ids import iso_millis, parse_jobid, unquoted
 from dreamserve.jobs import millis
+from dreamserve.replies import DeliveryStatus, WebhookDeliveries, WebhookDelivery, WebhookSecret
 from dreamserve.storage import job_queries, webhook_queries
 from dreamserve.storage.database import Database
 from dreamserve.storage.webhook_queries import Delivery, Try
@@ -32,22 +33,22 @@ class Webhooks:
         self.deliverer = deliverer
         self.clock = clock
 
-    async def secret(self, user_id: int) -> dict[str, Any]:
+    async def secret(self, user_id: int) -> WebhookSecret:
         """The user's signing secret (made on first ask)."""
         return _secret_body(await self.secrets.get(user_id))
 
-    async def rotate(self, user_id: int) -> dict[str, Any]:
+    async def rotate(self, user_id: int) -> WebhookSecret:
         """A new signing secret; the previous one signs beside it for 24 hours."""
         return _secret_body(await self.secrets.rotate(user_id))
 
-    async def deliveries(self, user_id: int, jobid: str) -> dict[str, Any]:
+    async def deliveries(self, user_id: int, jobid: str) -> WebhookDeliveries:
         """The deliveries of a job's record to its replyUrl, each with its tries."""
         jobid = unquoted(jobid)
         job_id = await self._job_id(user_id, jobid)
         found = await self.db.read(lambda conn: webhook_queries.deliveries_of(conn, job_id))
         return {"jobid": jobid, "deliveries": [_delivery_body(d, tries) for d, tries in found]}
 
-    async def redeliver(self, user_id: int, jobid: str) -> dict[str, Any]:
+    async def redeliver(self, user_id: int, jobid: str) -> WebhookDeliveries:
         """Send an ended job's record to its replyUrl again, now; its deliveries."""
         jobid = unquoted(jobid)
         if parse_jobid(jobid) is None:  # no query for what cannot be a job id
@@ -79,18 +80,18 @@ class Webhooks:
         return job.id
 
 
-def _secret_body(secrets: Secrets) -> dict[str, Any]:
-    body: dict[str, Any] = {"secret": secrets.current}
+def _secret_body(secrets: Secrets) -> WebhookSecret:
+    body: WebhookSecret = {"secret": secrets.current}
     if secrets.previous_until is not None:
         body["previousSecretExpires"] = iso_millis(secrets.previous_until)
     return body
 
 
-def _delivery_body(delivery: Delivery, tries: list[Try]) -> dict[str, Any]:
+def _delivery_body(delivery: Delivery, tries: list[Try]) -> WebhookDelivery:
     return {
         "webhookId": delivery.message_id,
         "url": delivery.url,
-        "status": delivery.status,
+        "status": cast(DeliveryStatus, delivery.status),  # webhook_queries' statuses
         "created": iso_millis(delivery.created_at),
         "nextTry": None if delivery.next_at is None else iso_millis(delivery.next_at),
         "tries": [
