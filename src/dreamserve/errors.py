@@ -53,6 +53,13 @@ class EngineUnavailable(BadRequest):
         )
 
 
+class EngineNotInstalled(EngineUnavailable):
+    """An engine an account names that this server does not have (a plugin uninstalled since)."""
+
+    def __init__(self, engine: str) -> None:
+        BadRequest.__init__(self, f"Engine {engine} is not installed on this server")
+
+
 class EngineBroken(EngineUnavailable):
     """An engine whose dependencies are installed but fail to import."""
 

@@ -14,7 +14,7 @@ from pydantic import Field, SecretStr
 from dreamserve.engines.base import EngineContext, EngineSettings
 from dreamserve.engines.procedural import ProceduralEngine
 from dreamserve.engines.registry import EngineRegistry
-from dreamserve.errors import BadRequest
+from dreamserve.errors import BadRequest, EngineUnavailable
 from dreamserve.sealing import SecretBox
 
 pytestmark = pytest.mark.anyio
@@ -197,3 +197,14 @@ def test_an_engine_whose_module_fails_to_import_is_a_400(
     assert broken.value.message == (
         "Engine broken cannot be loaded on this server (OSError: see the server log)"
     )
+
+
+def test_an_engine_no_longer_installed_is_a_clear_error_not_a_key_error(
+    registry: EngineRegistry,
+) -> None:
+    """An account saved while a plugin was installed, used after it was uninstalled: its jobs
+    fail with `Engine unavailable` and this message (worker.py), not an unexpected KeyError."""
+    with pytest.raises(EngineUnavailable) as raised:
+        registry.factory("uninstalled")
+    assert raised.value.message == "Engine uninstalled is not installed on this server"
+    assert raised.value.status == 400

@@ -20,7 +20,13 @@ from pydantic import SecretStr, ValidationError
 
 from dreamserve.engines.base import Engine, EngineContext, EngineFactory, EngineSettings
 from dreamserve.engines.plugins import discover
-from dreamserve.errors import BadRequest, EngineBroken, EngineUnavailable, MissingParameter
+from dreamserve.errors import (
+    BadRequest,
+    EngineBroken,
+    EngineNotInstalled,
+    EngineUnavailable,
+    MissingParameter,
+)
 from dreamserve.sealing import SecretBox
 
 log = logging.getLogger(__name__)
@@ -85,7 +91,9 @@ class EngineRegistry:
         return tuple(self._paths)
 
     def factory(self, name: str) -> EngineFactory:
-        source = self._paths[name]
+        source = self._paths.get(name)
+        if source is None:  # an account saved when its engine was installed
+            raise EngineNotInstalled(name)
         if not isinstance(source, str):
             return source
         module_name, _, attribute = source.partition(":")
