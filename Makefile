@@ -11,7 +11,7 @@ run: $(VENV)/.installed
 test: $(VENV)/.installed-test lint typecheck pytest
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check src tests bench && $(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench && $(BIN)/ruff format --check src tests bench && $(BIN)/lint-imports --no-logo
 
 typecheck: $(VENV)/.installed-test
 	$(BIN)/mypy
@@ -33,7 +33,7 @@ openapi: $(VENV)/.installed
 	$(BIN)/dreamserve openapi > openapi.json
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .import_linter_cache
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
