@@ -1,5 +1,6 @@
 """How the server encodes the images it stores: the format and each format's setting, from
-Settings (`DREAMSERVE_IMAGE_FORMAT`, `DREAMSERVE_JPEG_QUALITY`, ...) through the runner's config.
+Settings (`DREAMSERVE_IMAGE_FORMAT`, `DREAMSERVE_JPEG_QUALITY`, ...) through the runner's config;
+and each format's file extension and content type.
 """
 
 from __future__ import annotations
@@ -10,6 +11,12 @@ from dataclasses import dataclass
 from PIL import Image, PngImagePlugin
 
 from dreamserve.settings import ImageFormat
+
+CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
+EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
+_TYPE_OF_EXTENSION = {
+    EXTENSIONS[name]: content_type for name, content_type in CONTENT_TYPES.items()
+}
 
 
 @dataclass(frozen=True)
@@ -36,3 +43,8 @@ def encode(image: Image.Image, encoding: Encoding) -> bytes:
     else:
         rgb.save(buffer, "WEBP", quality=encoding.webp_quality)
     return buffer.getvalue()
+
+
+def content_type(key: str) -> str:
+    """The Content-Type of a blob, from its key's extension."""
+    return _TYPE_OF_EXTENSION.get(key.rpartition(".")[2], "application/octet-stream")

@@ -21,7 +21,7 @@ from functools import partial
 from PIL import Image, ImageOps
 from sqlalchemy import Connection
 
-from dreamserve.encoding import Encoding, encode
+from dreamserve.encoding import EXTENSIONS, Encoding, encode
 from dreamserve.engines.base import (
     CancelSignal,
     Engine,
@@ -35,7 +35,7 @@ from dreamserve.ids import IdFactory
 from dreamserve.jobs import CANCELLED_BY_USER, Job, Status, StoredImage, millis
 from dreamserve.storage import account_queries, asset_queries
 from dreamserve.storage.account_queries import Account
-from dreamserve.storage.blobs import EXTENSIONS, BlobStore
+from dreamserve.storage.blobs import BlobStore
 from dreamserve.storage.job_store import JobStore, JobTransaction
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ from fastapi.responses import FileResponse
 
 from dreamserve.api.deps import service_of
 from dreamserve.api.schemas import ERRORS
-from dreamserve.storage.blobs import CONTENT_TYPES, content_type
+from dreamserve.encoding import CONTENT_TYPES, content_type
 
 router = APIRouter(tags=["files"])
 

@@ -12,6 +12,7 @@ from typing import Any, cast
 from sqlalchemy import Connection
 
 from dreamserve.assets import check_image
+from dreamserve.encoding import EXTENSIONS
 from dreamserve.errors import AssetNotFound
 from dreamserve.fields import integer
 from dreamserve.ids import AssetRef, IdFactory, asset_id, iso_millis, parse_asset_id, unquoted
@@ -21,7 +22,7 @@ from dreamserve.service.accounts import visible
 from dreamserve.service.config import ServiceConfig
 from dreamserve.storage import asset_queries
 from dreamserve.storage.account_queries import Account
-from dreamserve.storage.blobs import EXTENSIONS, BlobStore
+from dreamserve.storage.blobs import BlobStore
 from dreamserve.storage.database import Database
 
 

@@ -9,7 +9,6 @@ slash-separated paths made by the server, never by a client.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import SplitResult, unquote_to_bytes, urlsplit
@@ -17,14 +16,7 @@ from urllib.parse import SplitResult, unquote_to_bytes, urlsplit
 from dreamserve.config import ConfigError
 from dreamserve.links import LinkSigner
 
-_KEY = re.compile(r"[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*\.[A-Za-z0-9]+")
 _URL_FORMS = "file:///<absolute dir>, file:<relative dir> or memory://"
-
-CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
-EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
-_TYPE_OF_EXTENSION = {
-    EXTENSIONS[name]: content_type for name, content_type in CONTENT_TYPES.items()
-}
 
 
 class BlobStore(Protocol):
@@ -90,19 +82,3 @@ def _directory(url: str, parts: SplitResult) -> Path:
         raise ConfigError(f"Blob store URL {url} does not name a directory: use {_URL_FORMS}")
     # Bytes, then the file system's decoding: a directory name need not be UTF-8.
     return Path(os.fsdecode(unquote_to_bytes(parts.path)))
-
-
-def check_key(key: str) -> str:
-    """`key` itself; ValueError when it is not a blob key."""
-    if not _KEY.fullmatch(key):
-        raise ValueError(f"not a blob key: {key!r}")
-    return key
-
-
-def is_blob_key(key: str) -> bool:
-    return _KEY.fullmatch(key) is not None
-
-
-def content_type(key: str) -> str:
-    """The Content-Type of a blob, from its key's extension."""
-    return _TYPE_OF_EXTENSION.get(key.rpartition(".")[2], "application/octet-stream")

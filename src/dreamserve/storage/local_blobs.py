@@ -9,7 +9,7 @@ from pathlib import Path
 
 from dreamserve.errors import NotFound
 from dreamserve.links import LinkSigner
-from dreamserve.storage.blobs import check_key, is_blob_key
+from dreamserve.storage.blob_keys import check_key, is_blob_key
 
 
 class LocalBlobStore:

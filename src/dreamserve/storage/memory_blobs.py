@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dreamserve.errors import NotFound
 from dreamserve.links import LinkSigner
-from dreamserve.storage.blobs import check_key
+from dreamserve.storage.blob_keys import check_key
 
 
 class MemoryBlobStore:
