@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Any
 
 import httpx
+import pytest
 from fastapi import FastAPI
 from hypothesis import strategies as st
 from PIL import Image
@@ -22,6 +23,7 @@ from dreamserve.dispatch.inprocess import InProcessDispatcher
 from dreamserve.engines.base import CancelSignal, EngineContext, GenerationRequest
 from dreamserve.engines.procedural import ProceduralEngine
 from dreamserve.engines.registry import BUILTIN, EngineSource
+from dreamserve.jobs import millis
 from dreamserve.service import Service
 from dreamserve.settings import Settings
 from dreamserve.storage import account_queries
@@ -155,7 +157,9 @@ async def eventually(condition: Callable[[], bool], seconds: float = 10) -> None
         await asyncio.sleep(0.01)
 
 
-async def wait_started(engine: GatedEngine | CancellableEngine, count: int) -> None:
+async def wait_started(
+    engine: GatedEngine | CancellableEngine | ReturnsOnCancelEngine, count: int
+) -> None:
     """Wait until `count` jobs reached the gated engine."""
     for _ in range(500):
         if engine.started >= count:
@@ -214,6 +218,45 @@ class GatedEngine(_SharedEngine):
         await self.gate.wait()
         assert self.inner is not None
         return await self.inner.generate(request, progress, cancel)
+
+
+class ReturnsOnCancelEngine(_SharedEngine):
+    """Blank images behind a gate, returned when the gate opens or when the job's cancel is set
+    (as an engine finishing the step it was in): records in order each job's start and the
+    cancels it saw, with the time (epoch milliseconds) of each cancel."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.started = 0
+        self.events: list[tuple[str, int]] = []  # ("started" | "cancelled", the nth job)
+        self.cancels_seen_at: list[int] = []
+
+    async def generate(
+        self, request: GenerationRequest, progress: Callable[[float], None], cancel: CancelSignal
+    ) -> list[Image.Image]:
+        self.started += 1
+        nth = self.started
+        self.events.append(("started", nth))
+        while not (cancel.is_set or self.gate.is_set()):  # noqa: ASYNC110 (as engines poll)
+            await asyncio.sleep(0.01)
+        if cancel.is_set:
+            self.events.append(("cancelled", nth))
+            self.cancels_seen_at.append(millis(utc_now()))
+        return [Image.new("RGB", (request.width, request.height)) for _ in range(request.count)]
+
+
+def watch_puts(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The keys of the blobs written from now on."""
+    blobs = harness.server.blobs
+    real = blobs.put
+    keys: list[str] = []
+
+    async def put(key: str, data: bytes) -> None:
+        keys.append(key)
+        await real(key, data)
+
+    monkeypatch.setattr(blobs, "put", put)
+    return keys
 
 
 async def public_dns(host: str, port: int) -> list[str]:

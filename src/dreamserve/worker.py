@@ -162,9 +162,12 @@ class JobRunner:
             images = await self._images(job, account, engine, progress, cancel)
         finally:
             await self.engines.release(engine)
+        # An engine may return its images after a cancel (it was finishing a step): the job
+        # ended, or is no longer this runner's, so they are neither encoded nor stored.
+        cancel.raise_if_set()
         # Encoded side by side (in the executor): a 4k JPEG takes a tenth of a second.
         results = await asyncio.gather(
-            *(self._store(job, image) for image in images), return_exceptions=True
+            *(self._store(job, image, cancel) for image in images), return_exceptions=True
         )
         stored = [result for result in results if isinstance(result, StoredImage)]
         failures = [result for result in results if isinstance(result, BaseException)]
@@ -216,12 +219,13 @@ class JobRunner:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, _decode, data, bound)
 
-    async def _store(self, job: Job, image: Image.Image) -> StoredImage:
+    async def _store(self, job: Job, image: Image.Image, cancel: CancelSignal) -> StoredImage:
         now = self.clock()
         item_id = self.ids.item_id(now)  # before any await: a job's images keep their order
         image_format = self.config.encoding.image_format
         loop = asyncio.get_running_loop()
         data = await loop.run_in_executor(self.executor, encode, image, self.config.encoding)
+        cancel.raise_if_set()  # cancelled while encoding: nothing written
         key = f"images/{now:%Y/%m/%d}/{item_id}.{EXTENSIONS[image_format]}"
         await self.blobs.put(key, data)
         return StoredImage(item_id, key, image.width, image.height, image_format, len(data))

@@ -11,10 +11,12 @@ from support import (
     CancellableEngine,
     FakeClock,
     Harness,
+    ReturnsOnCancelEngine,
     eventually,
     open_harness,
     public_dns,
     wait_started,
+    watch_puts,
 )
 
 from dreamserve.dispatch.inprocess import InProcessDispatcher
@@ -96,6 +98,28 @@ async def test_cancel_frees_the_slot_at_once_and_stops_the_engine(running) -> No
     await eventually(lambda: engine.cancelled == 1)
     assert (await harness.get(jobid)).json() == record
     assert (await harness.call("GET", "/scheduler")).json()["total"] == 0
+
+
+@pytest.mark.both_databases
+async def test_a_job_cancelled_while_its_engine_runs_stores_none_of_its_images(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine returns its images after the cancel (it was finishing a step): the runner
+    neither encodes nor stores them."""
+    engine = ReturnsOnCancelEngine()
+    async with open_harness(settings, engines={"procedural": engine.factory}) as harness:
+        puts = watch_puts(harness, monkeypatch)
+        jobid = (await harness.post({**SMALL, "count": 2})).json()["jobid"]
+        await wait_started(engine, 1)
+        reply = await harness.call("DELETE", f"/scheduler/{jobid}")
+        assert reply.status_code == 200
+        await eventually(lambda: engine.events == [("started", 1), ("cancelled", 1)])
+        dispatcher = harness.server.dispatcher
+        await eventually(lambda: dispatcher.running == 0)  # type: ignore[attr-defined]
+        assert puts == []
+        record = (await harness.get(jobid)).json()
+        assert (record["status"], record["error"]) == ("failed", "Cancelled by user")
+        assert not [path for path in (settings.data_dir / "blobs").rglob("*") if path.is_file()]
 
 
 async def test_cancel_accepts_the_jobid_percent_encoded(running) -> None:
