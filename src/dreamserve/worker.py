@@ -2,7 +2,8 @@
 
 Claims the job (a conditional update, so a second delivery of the same job does nothing), runs the
 account's engine with progress and cancellation, encodes and stores the images off the event loop,
-then writes the final state, the images and the slot release in one transaction.
+then writes the final state, the images and the slot release in one transaction. Meanwhile it
+renews the job's lease; a runner that cannot stops its engine before the lease runs out.
 """
 
 from __future__ import annotations
@@ -81,11 +82,12 @@ class JobRunner:
         return millis(self.clock()) + int(self.config.lease_seconds * 1000)
 
     async def run(self, job_id: int) -> None:
+        leased_at = time.monotonic()  # before lease_until: the runner's count of it ends no later
         now = millis(self.clock())
-        lease = self._lease_until()
+        lease_until = self._lease_until()
 
         def claim(tx: JobTransaction) -> tuple[Job, Account | None] | None:
-            claimed = tx.claim(job_id, now, lease)
+            claimed = tx.claim(job_id, now, lease_until)
             if claimed is None:
                 return None
             job, account_id = claimed
@@ -102,9 +104,10 @@ class JobRunner:
 
         progress = _Progress()
         cancel = self._signals[job.id] = CancelSignal()
-        heartbeat = asyncio.create_task(self._heartbeat(job, progress, cancel))
+        lease = _Lease(self.config.lease_seconds, leased_at)
+        heartbeat = asyncio.create_task(self._heartbeat(job, progress, cancel, lease))
         try:
-            await self._run_engine(job, account, progress, cancel)
+            await self._run_engine(job, account, progress, cancel, lease)
         finally:
             if self._signals.get(job.id) is cancel:  # not a later attempt's (after a requeue)
                 del self._signals[job.id]
@@ -113,16 +116,37 @@ class JobRunner:
                 await heartbeat
 
     async def _run_engine(
-        self, job: Job, account: Account, progress: _Progress, cancel: CancelSignal
+        self,
+        job: Job,
+        account: Account,
+        progress: _Progress,
+        cancel: CancelSignal,
+        lease: _Lease,
     ) -> None:
         try:
             stored = await self._generate(job, account, progress, cancel)
         except asyncio.CancelledError:
             cancel.set()  # the server is stopping; the job stays unfinished and runs again
             raise
-        except Cancelled:
+        except Exception as failure:
+            if lease.is_lost:
+                # Stopped because its lease could not be renewed: however the engine ended, the
+                # job is the reaper's to run again. A final state written now (the database may
+                # be back) would end a job that was only interrupted.
+                return
+            await self._fail(job, account, failure)
+        else:
+            if lease.is_lost or not await self._finish(job, Status.COMPLETED, images=stored):
+                # Cancelled, taken back or its lease given up on while the images were being
+                # stored: nobody will ever see these files.
+                for image in stored:
+                    await self.blobs.delete(image.uri)
+
+    async def _fail(self, job: Job, account: Account, failure: Exception) -> None:
+        """Write the end of a job whose engine, or the storing of its images, raised."""
+        if isinstance(failure, Cancelled):
             await self._finish(job, Status.FAILED, error=CANCELLED_BY_USER)
-        except AccountError as failure:
+        elif isinstance(failure, AccountError):
             log.warning("account %s put in error: %s", account.name, failure.error)
             await self._finish(
                 job,
@@ -132,24 +156,18 @@ class JobRunner:
                 account_error=(account, failure.error),
             )
             self.account_changed()
-        except JobFailed as failure:
+        elif isinstance(failure, JobFailed):
             await self._finish(job, Status.FAILED, error=failure.error, details=failure.details)
-        except Exception as exc:
+        else:
             # The message may hold what the user must not see (a URL, a host, a key in a
             # shared account's settings): the record names the error, the log has it whole.
-            log.exception("job %s failed in engine %s", job.jobid, account.engine)
+            log.error("job %s failed in engine %s", job.jobid, account.engine, exc_info=failure)
             await self._finish(
                 job,
                 Status.FAILED,
                 error="Image generation failed",
-                details=f"{type(exc).__name__} (see the server log)",
+                details=f"{type(failure).__name__} (see the server log)",
             )
-        else:
-            if not await self._finish(job, Status.COMPLETED, images=stored):
-                # Cancelled (or taken back) while the images were being stored: nobody will
-                # ever see these files.
-                for image in stored:
-                    await self.blobs.delete(image.uri)
 
     async def _generate(
         self, job: Job, account: Account, progress: _Progress, cancel: CancelSignal
@@ -256,29 +274,64 @@ class JobRunner:
 
         return await self.store.write(finish)
 
-    async def _heartbeat(self, job: Job, progress: _Progress, cancel: CancelSignal) -> None:
+    async def _heartbeat(
+        self, job: Job, progress: _Progress, cancel: CancelSignal, lease: _Lease
+    ) -> None:
         """Renew the job's lease and record its progress while it runs; stop the engine when
-        the job ended elsewhere (cancelled by another process, its account deleted, reaped)."""
-        written = 0
-        renewed = time.monotonic()
+        the job ended elsewhere (cancelled by another process, its account deleted, reaped), or
+        when the lease could not be renewed in time (`lease.is_lost`: the reaper's job now)."""
         every = self.config.lease_seconds / 3
+        written, failures = 0, 0
         while True:
-            await asyncio.sleep(min(self.config.progress_interval, every))
+            if failures:
+                delay = _retry_delay(failures, every)
+            else:
+                delay = min(self.config.progress_interval, every)
+            await asyncio.sleep(max(0.0, min(delay, lease.time_to_give_up())))
+            if lease.time_to_give_up() <= 0:
+                lease.is_lost = True
+                cancel.set()
+                log.warning(
+                    "job %s: lease not renewed for %.1f s; engine stopped, job left for the reaper",
+                    job.jobid,
+                    lease.age(),
+                )
+                return
             percent = progress.percent
-            if percent == written and time.monotonic() - renewed < every:
+            if not failures and percent == written and lease.age() < every:
                 continue
-            update = partial(
-                JobTransaction.progress,
-                job=job,
-                lease_until=self._lease_until(),
-                percent=percent if percent != written else None,
-                now=millis(self.clock()),
-            )
-            if not await self.store.write(update):
+            try:
+                renewed = await self._renew(job, percent if percent != written else None, lease)
+            except Exception as error:  # whatever it was, the lease was not renewed
+                # A database blip, or a write still hanging when the runner must give up
+                # (TimeoutError). One line each: a flood of tracebacks would hide the outage.
+                failures += 1
+                log.warning(
+                    "job %s: lease renewal failed (%s); retrying", job.jobid, _one_line(error)
+                )
+                continue
+            if not renewed:
                 cancel.set()
                 self.store.seen_ended(job.jobid)
                 return
-            written, renewed = percent, time.monotonic()
+            written, failures = percent, 0
+
+    async def _renew(self, job: Job, percent: int | None, lease: _Lease) -> bool:
+        """Renew the lease (with the progress, when it changed) before the runner must give up
+        on it; False when this attempt no longer runs the job."""
+        at = time.monotonic()
+        update = partial(
+            JobTransaction.progress,
+            job=job,
+            lease_until=self._lease_until(),
+            percent=percent,
+            now=millis(self.clock()),
+        )
+        async with asyncio.timeout(lease.time_to_give_up()):
+            renewed = await self.store.write(update)
+        if renewed:
+            lease.renewed_at = at
+        return renewed
 
 
 def _description(conn: Connection, job: Job) -> str | None:
@@ -286,6 +339,43 @@ def _description(conn: Connection, job: Job) -> str | None:
     if job.type == "upscale" and job.spec.references:
         return asset_queries.description_of(conn, job.user_id, job.spec.references[0])
     return job.spec.prompt
+
+
+class _Lease:
+    """An attempt's lease as its runner counts it: on the monotonic clock (the wall clock may
+    jump), from before its `lease_until` was computed, so never ending later than the stored one.
+
+    The runner gives up on it with a third of it left: renewals that fail are retried until
+    then, and then the engine is stopped. That third (10 s by default) is for the engine to see
+    its cancel (engines poll it between steps), for an event loop that stalls, and for a reaper
+    whose clock (another host's) runs ahead of this one: the reaper must never take the job back
+    while this attempt still runs. A healthy runner renews with two thirds left, so its retries
+    get a third of the lease as well.
+    """
+
+    def __init__(self, seconds: float, renewed_at: float) -> None:
+        self.seconds = seconds
+        self.renewed_at = renewed_at  # time.monotonic() when the stored lease was computed
+        self.is_lost = False  # given up on: the engine was told to stop, the job left alone
+
+    def age(self) -> float:
+        return time.monotonic() - self.renewed_at
+
+    def time_to_give_up(self) -> float:
+        return self.renewed_at + self.seconds * 2 / 3 - time.monotonic()
+
+
+def _retry_delay(failures: int, window: float) -> float:
+    """The wait before retrying a renewal that failed `failures` times in a row: from 1/32 of
+    the `window` the retries have, doubling up to an eighth of it (about ten tries in all)."""
+    return min(window / 32 * 2.0 ** (failures - 1), window / 8)
+
+
+def _one_line(error: BaseException) -> str:
+    """An error's type and the first line of its message (a database error's message goes on
+    with its SQL and a link)."""
+    lines = str(error).splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 class _Progress:
