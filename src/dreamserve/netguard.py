@@ -61,10 +61,11 @@ Resolver = Callable[[str, int], Awaitable[Sequence[str]]]
 
 
 async def resolve(host: str, port: int) -> list[str]:
-    """Every address `host` resolves to (a literal address: itself)."""
+    """Every address `host` resolves to (a literal address: itself), once each, in the order
+    getaddrinfo prefers them: the order to try connecting in."""
     loop = asyncio.get_running_loop()
     found = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return sorted({str(info[4][0]) for info in found})
+    return list(dict.fromkeys(str(info[4][0]) for info in found))
 
 
 class HostRefused(ValueError):
@@ -96,10 +97,11 @@ async def host_refusal(url: str, resolver: Resolver = resolve) -> str | None:
 
 
 def addresses_refusal(host: str, addresses: Sequence[str]) -> str | None:
-    """Why `host`, resolved to `addresses`, may not be reached: the first of them that
-    `refusal` names, in words ("localhost resolves to 127.0.0.1, a loopback address"); None
-    when every one may be. One bad address is enough: a connection may go to any of them."""
-    for address in addresses:
+    """Why `host`, resolved to `addresses`, may not be reached: the first of them (sorted, so
+    that the words do not hang on the resolver's order) that `refusal` names, in words
+    ("localhost resolves to 127.0.0.1, a loopback address"); None when every one may be. One
+    bad address is enough: a connection may go to any of them."""
+    for address in sorted(addresses):
         reason = refusal(address)
         if reason is not None:
             if host.strip("[]") == address:

@@ -31,11 +31,12 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
     gave for the host and `netguard` allows (all of them must be allowed, unless
     `allow_private`, which skips the check but still connects to what `resolver` gave).
 
-    Raises `HostRefused` (its words: "<host> resolves to <address>, a loopback address")
-    before any connection when an address is refused; `httpcore.ConnectError` when the host
-    does not resolve or no address accepts the connection; `httpcore.ConnectTimeout` when
-    resolving and connecting take longer than the connect timeout. `network` makes the
-    connections once the addresses are checked (httpcore's own; tests pass a fake).
+    The addresses are tried in the resolver's order, each with its share of the connect
+    timeout left. Raises `HostRefused` (its words: "<host> resolves to <address>, a loopback
+    address") before any connection when an address is refused; `httpcore.ConnectError` when
+    the host does not resolve; the last address's `ConnectError` or `ConnectTimeout` when none
+    accepts the connection. `network` makes the connections once the addresses are checked
+    (httpcore's own; tests pass a fake).
     """
 
     def __init__(
@@ -64,16 +65,18 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
         except TimeoutError:
             raise httpcore.ConnectTimeout(f"{host} did not resolve in time") from None
 
-        async def connect(address: str) -> httpcore.AsyncNetworkStream:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        async def connect(address: str, share: int) -> httpcore.AsyncNetworkStream:
+            # Each address its share of the time left, so that one that never answers (an
+            # IPv6 route that drops packets, say) leaves time for the next.
+            left = None if deadline is None else max(0.0, deadline - time.monotonic()) / share
             return await self._network.connect_tcp(
                 address, port, left, local_address, socket_options
             )
 
-        for address in others:  # in the resolver's order, as getaddrinfo's callers do
-            with contextlib.suppress(httpcore.ConnectError):
-                return await connect(address)
-        return await connect(last)
+        for tried, address in enumerate(others):  # in the resolver's order: getaddrinfo's
+            with contextlib.suppress(httpcore.ConnectError, httpcore.ConnectTimeout):
+                return await connect(address, len(others) + 1 - tried)
+        return await connect(last, 1)
 
     async def addresses(self, host: str, port: int) -> list[str]:
         """The addresses of `host`, every one of them checked (at least one)."""
