@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from ipaddress import ip_address
 from typing import Any
 
 import httpx
@@ -24,6 +26,7 @@ from dreamserve.engines.base import CancelSignal, EngineContext, GenerationReque
 from dreamserve.engines.procedural import ProceduralEngine
 from dreamserve.engines.registry import BUILTIN, EngineSource
 from dreamserve.jobs import millis
+from dreamserve.netguard import Resolver
 from dreamserve.service import Service
 from dreamserve.settings import Settings
 from dreamserve.storage import account_queries
@@ -264,6 +267,28 @@ async def public_dns(host: str, port: int) -> list[str]:
     leaves the machine). Use it only where no job with a replyUrl ends while the test runs: a
     delivery would go to that address."""
     return ["93.184.216.34"]
+
+
+def fake_dns(table: Mapping[str, list[str]]) -> Resolver:
+    """A resolver that answers from `table` (no DNS query leaves the machine); a literal
+    address resolves to itself, as with the real one, and any other name is unknown."""
+
+    async def resolve(host: str, port: int) -> list[str]:
+        if host in table:
+            return list(table[host])
+        try:
+            return [str(ip_address(host))]
+        except ValueError:
+            raise OSError(f"{host}: Name or service not known") from None
+
+    return resolve
+
+
+def free_port() -> int:
+    """A port of 127.0.0.1 where nothing listens (closed: a connection would be refused)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 class FakeClock:

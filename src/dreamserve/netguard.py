@@ -3,7 +3,8 @@
 Webhook receivers (webhooks/delivery.py) and the upstream model APIs of users' accounts
 (engines/upstream.py) are both addresses a user chooses; neither may reach the server's own
 services, its cloud's metadata or its private network unless the operator allows it. A host is
-resolved and every address checked before anything connects.
+resolved and every address checked before anything connects; outbound.py makes the connections
+themselves go only to an address checked this way.
 """
 
 from __future__ import annotations
@@ -60,10 +61,11 @@ Resolver = Callable[[str, int], Awaitable[Sequence[str]]]
 
 
 async def resolve(host: str, port: int) -> list[str]:
-    """Every address `host` resolves to (a literal address: itself)."""
+    """Every address `host` resolves to (a literal address: itself), once each, in the order
+    getaddrinfo prefers them: the order to try connecting in."""
     loop = asyncio.get_running_loop()
     found = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return sorted({str(info[4][0]) for info in found})
+    return list(dict.fromkeys(str(info[4][0]) for info in found))
 
 
 class HostRefused(ValueError):
@@ -91,7 +93,15 @@ async def host_refusal(url: str, resolver: Resolver = resolve) -> str | None:
         addresses = []
     if not addresses:
         return f"host {host} does not resolve"
-    for address in addresses:
+    return addresses_refusal(host, addresses)
+
+
+def addresses_refusal(host: str, addresses: Sequence[str]) -> str | None:
+    """Why `host`, resolved to `addresses`, may not be reached: the first of them (sorted, so
+    that the words do not hang on the resolver's order) that `refusal` names, in words
+    ("localhost resolves to 127.0.0.1, a loopback address"); None when every one may be. One
+    bad address is enough: a connection may go to any of them."""
+    for address in sorted(addresses):
         reason = refusal(address)
         if reason is not None:
             if host.strip("[]") == address:

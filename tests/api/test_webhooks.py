@@ -5,6 +5,7 @@ at submit and at delivery, the deliveries API and redelivery. The receiver is re
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import datetime
@@ -20,6 +21,8 @@ from support import (
     GatedEngine,
     Harness,
     eventually,
+    fake_dns,
+    free_port,
     open_harness,
     public_dns,
     wait_started,
@@ -463,6 +466,85 @@ async def test_the_address_is_checked_again_at_delivery(
             assert delivery["tries"][1]["error"] == error  # type: ignore[index]
             assert delivery["tries"][1]["statusCode"] is None  # type: ignore[index]
         assert receiver.count() == 1
+
+
+LOOPBACK_REFUSED = "Refused: localhost resolves to 127.0.0.1, a loopback address"
+
+
+async def test_a_refused_receiver_is_never_connected_to_and_ends_alike_open_or_closed(
+    settings: Settings,
+) -> None:
+    """At delivery the receiver's host is resolved once and every address checked before any
+    connection: a name that now points at loopback (it looked public at submit, as after DNS
+    rebinding) is refused without a SYN, and the delivery ends the same whether something
+    listens on the port or not, so that webhooks cannot scan the server's ports."""
+    guarded = replace_settings(settings, webhook_timeout_seconds=1.0)  # private not allowed
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.settimeout(0.2)
+        ends: list[dict[str, Any]] = []
+        async with open_harness(guarded) as harness:
+            harness.service.submissions.resolver = public_dns  # what the name said at submit
+            harness.server.deliverer.resolver = fake_dns({"localhost": ["127.0.0.1"]})
+            for port in (listener.getsockname()[1], free_port()):
+                jobid = await submit(harness, f"http://localhost:{port}/hook")
+                await harness.wait(jobid)
+                ends.append(await settled(harness, jobid, 1))
+        with pytest.raises(TimeoutError):
+            listener.accept()  # nothing ever connected
+    for end in ends:
+        assert end["status"] == "refused"
+        assert end["nextTry"] is None
+        [attempt] = end["tries"]
+        assert (attempt["statusCode"], attempt["error"]) == (None, LOOPBACK_REFUSED)
+    assert without_identity(ends[0]) == without_identity(ends[1])
+
+
+def without_identity(delivery: dict[str, Any]) -> dict[str, Any]:
+    """What a delivery says of its fate, less its id, URL and times."""
+    tries = [{**attempt, "at": None, "durationMs": None} for attempt in delivery["tries"]]
+    return {**delivery, "webhookId": None, "url": None, "created": None, "tries": tries}
+
+
+async def test_a_receiver_with_one_private_address_among_public_ones_is_refused(
+    settings: Settings,
+) -> None:
+    """One refused address is enough: the connection could go to any of them. (Loopback
+    first: a guard that let it through would connect here, never off the machine.)"""
+    guarded = replace_settings(settings, webhook_timeout_seconds=1.0)
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.settimeout(0.2)
+        async with open_harness(guarded) as harness:
+            harness.service.submissions.resolver = public_dns
+            harness.server.deliverer.resolver = fake_dns(
+                {"localhost": ["127.0.0.1", "93.184.216.34"]}
+            )
+            jobid = await submit(harness, f"http://localhost:{listener.getsockname()[1]}/")
+            await harness.wait(jobid)
+            delivery = await settled(harness, jobid, 1)
+        with pytest.raises(TimeoutError):
+            listener.accept()
+    assert delivery["status"] == "refused"
+    assert delivery["tries"][0]["error"] == LOOPBACK_REFUSED  # type: ignore[index]
+
+
+async def test_the_connection_goes_to_the_checked_address_with_the_hosts_name(
+    hooks: Harness,
+) -> None:
+    """Pinned: the TCP connection goes to the very address the check resolved (no second
+    lookup), while the request keeps the URL's host name in its Host header."""
+    hooks.server.deliverer.resolver = fake_dns({"receiver.test": ["127.0.0.1"]})
+    with receiving() as receiver:
+        port = receiver.server.server_address[1]
+        jobid = await submit(hooks, f"http://receiver.test:{port}/hook")
+        await hooks.wait(jobid)
+        delivery = await settled(hooks, jobid, 1)
+        assert delivery["status"] == "delivered"
+        assert receiver.count("/hook") == 1
+        assert receiver.received[0].headers["host"] == f"receiver.test:{port}"
 
 
 def replace_settings(settings: Settings, **changes: object) -> Settings:

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from PIL import Image
+from support import fake_dns
 from upstreams import KEY, FakeUpstream, Scripted, fake_upstream
 
 from dreamserve.catalogue import default_catalogue
@@ -418,6 +419,50 @@ async def test_a_private_host_is_refused_before_any_connection() -> None:
             )
         with pytest.raises(TimeoutError):
             listener.accept()  # nothing ever connected
+
+
+@pytest.mark.parametrize(
+    "addresses",
+    [["127.0.0.1"], ["127.0.0.1", "93.184.216.34"]],  # loopback first: see the webhook test
+    ids=["loopback", "loopback-and-public"],
+)
+async def test_a_name_resolving_to_a_private_address_is_never_connected_to(
+    addresses: list[str],
+) -> None:
+    """The API's host is resolved once per connection and every address checked before it:
+    refused without a SYN, with the same failure whether its port is open or closed."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.settimeout(0.2)
+        for port in (listener.getsockname()[1], free_port()):
+            engine = OpenAIEngine(
+                {"apiKey": KEY, "baseUrl": f"http://api.test:{port}", "model": "m", "retries": 0},
+                EngineContext(EXECUTOR),
+            )
+            engine.upstream.resolver = fake_dns({"api.test": addresses})
+            with pytest.raises(JobFailed) as failure:
+                await run(engine, request())
+            assert (failure.value.error, failure.value.details) == (
+                "Upstream address refused",
+                "api.test does not resolve to a public address",
+            )
+        with pytest.raises(TimeoutError):
+            listener.accept()  # nothing ever connected
+
+
+async def test_an_allowed_upstream_is_reached_at_the_checked_address_by_its_name(
+    fake: FakeUpstream,
+) -> None:
+    """Pinned: the connection goes to the address the resolver gave (no second lookup), and
+    the request keeps the host's name in its Host header (and would in TLS)."""
+    port = int(fake.url.rsplit(":", 1)[1])
+    engine = ark(fake, baseUrl=f"http://upstream.test:{port}", retries=0)
+    engine.upstream.resolver = fake_dns({"upstream.test": ["127.0.0.1"]})
+    images = await run(engine, request())
+    assert len(images) == 1
+    [call] = fake.calls("/images/generations")
+    assert call.headers["host"] == f"upstream.test:{port}"
 
 
 def free_port() -> int:

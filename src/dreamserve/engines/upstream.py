@@ -21,11 +21,9 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC
-from ipaddress import IPv4Address, IPv6Address
 from typing import Any, TypeVar
 
 import httpx
-from httpx_secure import SSRFProtectionError, httpx_ssrf_protection
 from PIL import Image, UnidentifiedImageError
 from pydantic import Field, SecretStr, field_validator
 
@@ -38,7 +36,8 @@ from dreamserve.engines.base import (
     until_cancelled,
 )
 from dreamserve.errors import AccountError, JobFailed
-from dreamserve.netguard import Resolver, host_refusal, refusal, resolve
+from dreamserve.netguard import HostRefused, Resolver, resolve
+from dreamserve.outbound import guarded_client
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +48,6 @@ MAX_MESSAGE_CHARS = 500
 MAX_REDIRECTS = 5  # of an output link (to its storage)
 ANSWER_IMAGES = 4  # inline images one answer may carry: its size is bounded by that many
 ERROR_BODY_BYTES = 64 << 10  # of an error answer, enough for its message
-GUARD_CACHE_SECONDS = 60.0  # how long a host's address check holds
 REFERENCE_QUALITIES = (95, 85, 75, 60)  # JPEG qualities tried to fit a reference in its bound
 
 
@@ -107,24 +105,20 @@ class Upstream:
         self._credentials = dict(credentials)  # headers sent to the API, never to downloads
         self._secrets = [settings.apiKey.get_secret_value()]  # never shown in a message
         self._client: httpx.AsyncClient | None = None
-        self._refusals: dict[str, tuple[float, str | None]] = {}  # host -> (until, refusal)
         self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
-        self.resolver: Resolver = resolve
+        self.resolver: Resolver = resolve  # the API's and its links' hosts; tests put a fake one
 
     @property
     def client(self) -> httpx.AsyncClient:
         if self._client is None:
-            client = httpx.AsyncClient(
+            # Every connection to an address checked first (a private one only when the account
+            # may), redirects never followed: one would carry the API key elsewhere.
+            self._client = guarded_client(
+                lambda host, port: self.resolver(host, port),  # at each connection, as it is then
+                allow_private=self.context.allow_private,
                 timeout=self.settings.timeoutSeconds,
-                follow_redirects=False,  # never: a redirect would carry the API key elsewhere
-                trust_env=False,
                 headers={"user-agent": f"dreamserve/{__version__}"},
             )
-            if not self.context.allow_private:
-                # Checked again on the connection itself: a DNS answer that changed since
-                # the check below still cannot reach a private address.
-                httpx_ssrf_protection(client, custom_validator=_public, dns_cache_ttl=60)
-            self._client = client
         return self._client
 
     def url(self, path: str) -> str:
@@ -222,35 +216,27 @@ class Upstream:
 
     async def _fetch(self, method: str, url: str, limit: int, **kwargs: Any) -> _Answer:
         """One request, its body read up to `limit` bytes (decompressed: what is counted is
-        what is kept), an error's to ERROR_BODY_BYTES."""
-        await self._guard(url)
-        async with self.client.stream(method, url, **kwargs) as response:
-            data = bytearray()
-            keep = limit if response.is_success else ERROR_BODY_BYTES
-            async for chunk in response.aiter_bytes():
-                data += chunk
-                if len(data) > keep:
-                    if response.is_success:
-                        raise JobFailed("Upstream answer is too large", f"more than {limit} bytes")
-                    break  # enough of an error to read its message
-            return _Answer(response.status_code, response.headers, bytes(data[:keep]))
-
-    async def _guard(self, url: str) -> None:
-        """Refuse a private address before connecting (when the account may not reach one),
-        with one message whatever the reason, so that a refusal says nothing of what listens
-        there."""
-        if self.context.allow_private:
-            return
-        host = httpx.URL(url).host
-        now = time.monotonic()
-        cached = self._refusals.get(host)
-        if cached is None or cached[0] < now:
-            reason = await host_refusal(url, self.resolver)
-            cached = self._refusals[host] = (now + GUARD_CACHE_SECONDS, reason)
-        if cached[1] is not None:
+        what is kept), an error's to ERROR_BODY_BYTES. A refused address (the client refuses it
+        before connecting) fails the job with one message whatever the reason, so that a
+        refusal says nothing of what listens there."""
+        try:
+            async with self.client.stream(method, url, **kwargs) as response:
+                data = bytearray()
+                keep = limit if response.is_success else ERROR_BODY_BYTES
+                async for chunk in response.aiter_bytes():
+                    data += chunk
+                    if len(data) > keep:
+                        if response.is_success:
+                            raise JobFailed(
+                                "Upstream answer is too large", f"more than {limit} bytes"
+                            )
+                        break  # enough of an error to read its message
+                return _Answer(response.status_code, response.headers, bytes(data[:keep]))
+        except HostRefused:
+            host = httpx.URL(url).host
             raise JobFailed(
                 "Upstream address refused", f"{host} does not resolve to a public address"
-            )
+            ) from None
 
     async def _send(
         self,
@@ -270,11 +256,6 @@ class Upstream:
                     answer = await until_cancelled(request(), cancel)
             except TimeoutError:
                 raise JobFailed("Upstream did not answer in time", self._budget_spent()) from None
-            except SSRFProtectionError as denied:
-                raise JobFailed(
-                    "Upstream address refused",
-                    f"{denied.hostname} does not resolve to a public address",
-                ) from None
             except (httpx.InvalidURL, httpx.UnsupportedProtocol):
                 raise JobFailed(
                     "Upstream returned a link that cannot be fetched", self.vendor
@@ -383,10 +364,6 @@ def error_message(body: Any) -> str | None:
         if isinstance(error, str):
             return error
     return None
-
-
-def _public(hostname: str, address: IPv4Address | IPv6Address, port: int) -> bool:
-    return refusal(address) is None
 
 
 def _backoff(attempt: int) -> float:

@@ -6,5 +6,6 @@
 - `outbox.py`: what a client can do (the service façade's `webhooks` part).
 
 The outbox rows themselves are written in the transaction that ends a job
-(storage/webhook_queries.py); the address guard is netguard.py.
+(storage/webhook_queries.py); the address guard is netguard.py, applied to each connection
+by outbound.py.
 """

@@ -6,10 +6,12 @@ time of the try (fresh image links on every try), signs it the Standard Webhooks
 user's secrets, and records every try. It wakes when a job of this process ends, when another
 process announces an end, and every `poll_seconds` for whatever else came due.
 
-The receiver's address is checked again here, on the connection itself (httpx-secure): the
-host is resolved, every address checked with `netguard.refusal`, and the data goes to that
-checked address, so a DNS change after submission cannot reach a private address. Redirects
-are not followed (a 3xx is retried), and at most `max_response_bytes` of an answer are read.
+The receiver's address is checked again at every new connection (outbound.py): the host is
+resolved once, every address checked with `netguard.refusal`, and the connection goes to one of
+those checked addresses, so a DNS change after submission cannot reach a private address. A
+refused address is never connected to: the try is recorded with the refusal and the delivery
+ends `refused`, the same whether anything listens there or not. Redirects are not followed (a
+3xx is retried), and at most `max_response_bytes` of an answer are read.
 """
 
 from __future__ import annotations
@@ -22,17 +24,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from ipaddress import IPv4Address, IPv6Address
 from random import Random
 
 import httpx
-from httpx_secure import SSRFProtectionError, httpx_ssrf_protection
 from sqlalchemy import Connection
 
 from dreamserve import __version__
 from dreamserve.events import JobEvents
 from dreamserve.jobs import Job, millis, record
-from dreamserve.netguard import refusal
+from dreamserve.netguard import HostRefused, Resolver, resolve
+from dreamserve.outbound import guarded_client
 from dreamserve.storage import job_queries, webhook_queries
 from dreamserve.storage.blobs import BlobStore
 from dreamserve.storage.database import Database
@@ -73,19 +74,17 @@ class Deliverer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = events.endings()
         self._backlog = False  # the last round filled every free place: more may be due
-        client = httpx.AsyncClient(
+        self.resolver: Resolver = resolve  # receivers' hosts; tests put a fake one here
+        self.client = guarded_client(
+            lambda host, port: self.resolver(host, port),  # at each connection, as it is then
+            allow_private=config.allow_private,
             timeout=config.timeout,
-            follow_redirects=False,
-            trust_env=False,
             # identity: the bytes read of an answer are bounded before any decompression
             headers={
                 "user-agent": f"dreamserve/{__version__} (webhooks)",
                 "accept-encoding": "identity",
             },
         )
-        if not config.allow_private:
-            httpx_ssrf_protection(client, custom_validator=_allowed, dns_cache_ttl=60)
-        self.client = client
 
     def wake(self) -> None:
         """Look for due deliveries now (tests that move the clock, redeliveries)."""
@@ -184,8 +183,8 @@ class Deliverer:
                 status_code = response.status_code
                 await _read_some(response, self.config.max_response_bytes, answer)
             error = None if 200 <= status_code < 300 else _answer_error(status_code, answer)
-        except SSRFProtectionError as denied:
-            refused, error = True, _refused(denied)
+        except HostRefused as denied:  # before connecting: nothing was sent, nothing learnt
+            refused, error = True, f"Refused: {denied}"
         except (TimeoutError, httpx.TimeoutException):
             late = f"No answer within {self.config.timeout:g} s"
             if status_code is None:
@@ -218,18 +217,6 @@ class Deliverer:
         if delay is None:
             return "failed", None
         return PENDING, attempt.at + int(delay * 1000)
-
-
-def _allowed(hostname: str, address: IPv4Address | IPv6Address, port: int) -> bool:
-    return refusal(address) is None
-
-
-def _refused(denied: SSRFProtectionError) -> str:
-    address = denied.ip_addr
-    reason = (refusal(address) if address is not None else None) or "not a public address"
-    if denied.hostname.strip("[]") == str(address):
-        return f"Refused: {address} is {reason}"
-    return f"Refused: {denied.hostname} resolves to {address}, {reason}"
 
 
 async def _read_some(response: httpx.Response, limit: int, into: bytearray) -> None:
