@@ -151,6 +151,16 @@ class AtCapacity(DreamserveError):
         return {"Retry-After": str(self.retry_after)}
 
 
+class StorageUnavailable(DreamserveError):
+    """The blob store failed (a disk or network error) before anything was changed: the same
+    request can be retried."""
+
+    status = 503
+
+    def __init__(self) -> None:
+        super().__init__("Storage unavailable, retry later")
+
+
 class JobFailed(Exception):
     """Raised by an engine when a job cannot produce images; stored on the job, not sent as HTTP."""
 

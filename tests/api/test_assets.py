@@ -3,6 +3,7 @@ uploads as references."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import re
 from typing import Any
@@ -360,3 +361,43 @@ async def test_deleting_an_upload_removes_its_file(harness: Harness, settings: S
 async def test_unknown_asset_ids_are_404(harness: Harness, asset: str) -> None:
     reply = await harness.call("DELETE", f"/assets/{asset}")
     assert (reply.status_code, reply.json()) == (404, {"error": f"Asset {asset} not found"})
+
+
+async def test_a_file_the_store_cannot_remove_keeps_its_asset_until_a_retry(
+    harness: Harness, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file and the row go together or not at all: a blob store that fails leaves the
+    asset listed and usable, answers 503, and the same DELETE succeeds once it works again."""
+    record = await harness.wait((await harness.post(SMALL)).json()["jobid"])
+    image = record["response"]["images"][0]
+    blobs = harness.server.blobs
+    working = blobs.delete
+
+    async def failing(key: str) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(blobs, "delete", failing)
+    reply = await harness.call("DELETE", f"/assets/{image['assetId']}")
+    assert (reply.status_code, reply.json()) == (503, {"error": "Storage unavailable, retry later"})
+    listed = (await harness.call("GET", f"/assets/{ACCOUNT}")).json()["assets"]
+    assert [asset["assetId"] for asset in listed] == [image["assetId"]]
+    assert (await harness.client.get(listed[0]["imageUrl"])).status_code == 200
+    reference = await harness.post({**SMALL, "imageRef_1": image["assetRef"]})
+    assert reference.status_code == 200, reference.text
+    made = (await harness.wait(reference.json()["jobid"]))["response"]["images"][0]
+
+    monkeypatch.setattr(blobs, "delete", working)
+    reply = await harness.call("DELETE", f"/assets/{image['assetId']}")
+    assert reply.json() == {"deleted": True, "assetId": image["assetId"], "account": ACCOUNT}
+    assert not (settings.data_dir / "blobs" / image["imageUri"]).exists()
+    listed = (await harness.call("GET", f"/assets/{ACCOUNT}")).json()["assets"]
+    assert [asset["assetId"] for asset in listed] == [made["assetId"]]
+
+
+async def test_two_deletes_at_once_delete_once(harness: Harness) -> None:
+    record = await harness.wait((await harness.post(SMALL)).json()["jobid"])
+    asset = record["response"]["images"][0]["assetId"]
+    first, second = await asyncio.gather(
+        harness.call("DELETE", f"/assets/{asset}"), harness.call("DELETE", f"/assets/{asset}")
+    )
+    assert sorted([first.status_code, second.status_code]) == [200, 404]
