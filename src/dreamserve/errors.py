@@ -32,6 +32,16 @@ class InvalidParameter(BadRequest):
         self.parameter = name
 
 
+class InvalidRange(BadRequest):
+    """A Range header of a file download that is not a valid byte range."""
+
+    def __init__(self, value: str) -> None:
+        super().__init__(
+            f"Header Range ({_show(value)}) valid values: bytes=<first>-<last>, bytes=<first>- "
+            "or bytes=-<length>, with first <= last"
+        )
+
+
 class MissingParameter(BadRequest):
     def __init__(self, name: str) -> None:
         super().__init__(f"Parameter {name} is required")
@@ -121,6 +131,22 @@ class AccountNotFound(NotFound):
 
 class PayloadTooLarge(DreamserveError):
     status = 413
+
+
+class RangeNotSatisfiable(DreamserveError):
+    """A Range header of a file download that starts past the file's end."""
+
+    status = 416
+
+    def __init__(self, value: str, size: int) -> None:
+        super().__init__(
+            f"Header Range ({_show(value)}) not satisfiable: the file has {size} bytes"
+        )
+        self.size = size
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Content-Range": f"bytes */{self.size}"}
 
 
 class IdempotencyConflict(DreamserveError):
