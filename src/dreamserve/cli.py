@@ -48,6 +48,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (AnotherRunner, ConfigError) as error:
         print(f"dreamserve: {error}", file=sys.stderr)
         return 1
+    except OSError as error:  # a file or directory of the setup: a line, not a traceback
+        print(f"dreamserve: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

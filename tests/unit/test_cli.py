@@ -79,6 +79,43 @@ def test_the_secret_key_file_is_private(data_dir: Path) -> None:
     assert (data_dir / "secret.key").stat().st_mode & 0o777 == 0o600
 
 
+def test_a_data_dir_that_cannot_be_made_stops_the_start_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """Under a file, as a directory without write permission would (tests run as root, whom
+    permissions do not stop)."""
+    (tmp_path / "file").write_text("")
+    data_dir = tmp_path / "file" / "data"
+    monkeypatch.setenv("DREAMSERVE_DATA_DIR", str(data_dir))
+    assert main(["serve"]) == 1
+    assert capsys.readouterr().err == (
+        f"dreamserve: data directory {data_dir}: cannot be used (Not a directory)\n"
+    )
+
+
+def test_a_database_that_cannot_be_opened_stops_the_start_in_one_line(
+    data_dir: Path, capsys
+) -> None:
+    (data_dir / "dreamserve.db").mkdir(parents=True)  # what SQLite says of a read-only directory
+    assert main(["serve"]) == 1
+    assert capsys.readouterr().err == (
+        f"dreamserve: {data_dir / 'dreamserve.db'}: the SQLite database cannot be opened "
+        "(unable to open database file)\n"
+    )
+
+
+def test_any_file_error_of_the_setup_is_one_line(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    (data_dir.parent / "file").write_text("")
+    database = data_dir.parent / "file" / "db" / "dreamserve.db"
+    monkeypatch.setenv("DREAMSERVE_DATABASE_URL", f"sqlite:///{database}")
+    assert main(["migrate"]) == 1
+    assert capsys.readouterr().err == (
+        f"dreamserve: [Errno 20] Not a directory: '{database.parent}'\n"
+    )
+
+
 def test_first_start_creates_user_1_and_the_procedural_account_once(data_dir: Path) -> None:
     settings = Settings()
 

@@ -35,7 +35,10 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, create_engine, event, text
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool, StaticPool
+
+from dreamserve.config import ConfigError
 
 T = TypeVar("T")
 Transaction = Callable[[Connection], T]
@@ -90,7 +93,12 @@ class SqliteDatabase:
         self.path = path
         self._engine = create_engine(url, poolclass=StaticPool)
         event.listen(self._engine, "connect", _configure_sqlite)
-        self._conn = self._engine.connect()
+        try:
+            self._conn = self._engine.connect()
+        except (sqlite3.Error, DBAPIError) as error:  # a directory it cannot write, say
+            self._engine.dispose()
+            reason = error.orig if isinstance(error, DBAPIError) else error
+            raise ConfigError(f"{path}: the SQLite database cannot be opened ({reason})") from None
         self._runner_lock: int | None = None
         # The writes asked for since the last group commit, with the futures their callers
         # wait on; the group runs two turns of the loop after the first (`_commit_soon`).
