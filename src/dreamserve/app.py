@@ -202,7 +202,7 @@ def _prepare_data_dir(data_dir: Path) -> tuple[bytes, bytes]:
     """The data dir made if missing, and its two keys (the link signer's, the sealing box's);
     ConfigError, in one line, when it cannot be used (a file in its path, no permission)."""
     try:
-        data_dir.mkdir(parents=True, exist_ok=True)
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # the owner's only
         return (
             load_or_create_key(data_dir / "secret.key"),
             load_or_create_key(data_dir / "secrets.key"),

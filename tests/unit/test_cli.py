@@ -79,6 +79,33 @@ def test_the_secret_key_file_is_private(data_dir: Path) -> None:
     assert (data_dir / "secret.key").stat().st_mode & 0o777 == 0o600
 
 
+def test_the_data_dir_and_the_database_are_the_owners_only(data_dir: Path) -> None:
+    def modes() -> dict[str, int]:
+        return {path.name: path.stat().st_mode & 0o777 for path in data_dir.iterdir()}
+
+    async def first_start() -> dict[str, int]:
+        async with open_server(Settings()) as server:
+            await server.service.tokens.bootstrap()  # writes: the WAL and its index are there
+            await server.db.lock_runner()
+            return modes()
+
+    files = asyncio.run(first_start())
+    assert (data_dir.stat().st_mode & 0o777, files) == (
+        0o700,
+        {
+            name: 0o600
+            for name in (
+                "dreamserve.db",
+                "dreamserve.db-wal",
+                "dreamserve.db-shm",
+                "dreamserve.db.runner",
+                "secret.key",
+                "secrets.key",
+            )
+        },
+    )
+
+
 def test_a_data_dir_that_cannot_be_made_stops_the_start_in_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
