@@ -111,22 +111,22 @@ class NotFound(DreamserveError):
 
 class JobNotFound(NotFound):
     def __init__(self, jobid: str) -> None:
-        super().__init__(f"Job {jobid} not found")
+        super().__init__(f"Job {_show(jobid, _ID_LIMIT)} not found")
 
 
 class JobNotRunning(NotFound):
     def __init__(self, jobid: str) -> None:
-        super().__init__(f"Job {jobid} is not running")
+        super().__init__(f"Job {_show(jobid, _ID_LIMIT)} is not running")
 
 
 class AssetNotFound(NotFound):
     def __init__(self, asset: str) -> None:
-        super().__init__(f"Asset {asset} not found")
+        super().__init__(f"Asset {_show(asset, _ID_LIMIT)} not found")
 
 
 class AccountNotFound(NotFound):
     def __init__(self, account: str) -> None:
-        super().__init__(f"Unable to find configuration for account {account}")
+        super().__init__(f"Unable to find configuration for account {_show(account, _ID_LIMIT)}")
 
 
 class PayloadTooLarge(DreamserveError):
@@ -204,6 +204,12 @@ class AccountError(JobFailed):
 
 class Cancelled(Exception):
     """Raised inside an engine when its cancel signal is set."""
+
+
+# Ids a 404 echoes (from the path, of any length) are cut like parameter values, but never a
+# well-formed one: the longest, a jobid on an account id of 32 + 1 + 200 characters (ids.py),
+# has 288.
+_ID_LIMIT = 300
 
 
 def _show(value: object, limit: int = 100) -> str:
