@@ -521,3 +521,54 @@ def test_serve_freezes_the_startup_heap_and_collects_young_objects_less_often() 
     finally:
         gc.unfreeze()
         gc.set_threshold(*threshold)
+
+
+ACCESS_FORMAT = '%s - "%s %s HTTP/%s" %d'  # uvicorn's access log call
+
+
+@pytest.mark.parametrize(
+    ("target", "logged"),
+    [
+        (
+            "/v1/dreamina/files/images/2026/12/06/1.jpg?expires=1796601600&signature=aB-_9",
+            "/v1/dreamina/files/images/2026/12/06/1.jpg?expires=1796601600",
+        ),
+        ("/f?signature=abc&expires=1", "/f?expires=1"),
+        ("/f?sig%6Eature=abc&expires=1", "/f?expires=1"),  # the name as the server decodes it
+        ("/f?signature=a&signature=b", "/f"),
+        ("/f?signatures=a", "/f?signatures=a"),
+        ("/v1/dreamina/assets/A:b?count=2&offset=4", "/v1/dreamina/assets/A:b?count=2&offset=4"),
+        ("/v1/dreamina/models", "/v1/dreamina/models"),
+    ],
+)
+def test_the_access_log_leaves_out_link_signatures(target: str, logged: str) -> None:
+    args = ("127.0.0.1:50000", "GET", target, "1.1", 200)
+    record = logging.LogRecord("uvicorn.access", logging.INFO, "", 0, ACCESS_FORMAT, args, None)
+    assert cli.UnsignedLinks().filter(record) is True
+    assert record.getMessage() == f'127.0.0.1:50000 - "GET {logged} HTTP/1.1" 200'
+
+
+@pytest.fixture
+def uvicorn_loggers() -> Any:
+    """uvicorn's loggers as they are, restored after a test that lets uvicorn configure them."""
+    loggers = [logging.getLogger(name) for name in ("uvicorn", "uvicorn.error", "uvicorn.access")]
+    saved = [(lg.handlers[:], lg.filters[:], lg.level, lg.propagate) for lg in loggers]
+    yield
+    for lg, (handlers, filters, level, propagate) in zip(loggers, saved, strict=True):
+        lg.handlers, lg.filters, lg.level, lg.propagate = handlers, filters, level, propagate
+
+
+def test_serve_runs_uvicorn_with_signatures_out_of_its_access_log(
+    uvicorn_loggers: None, capsys
+) -> None:
+    import uvicorn
+
+    uvicorn.Config(app="unused:app", **cli.uvicorn_options(Settings()))  # configures logging
+    target = "/v1/dreamina/files/images/1.jpg?expires=1796601600&signature=aB-_9"
+    logging.getLogger("uvicorn.access").info(
+        ACCESS_FORMAT, "127.0.0.1:50000", "GET", target, "1.1", 200
+    )
+    assert capsys.readouterr().out == (
+        'INFO:     127.0.0.1:50000 - "GET /v1/dreamina/files/images/1.jpg?expires=1796601600 '
+        'HTTP/1.1" 200 OK\n'
+    )
