@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import re
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 import pytest
@@ -145,6 +147,62 @@ async def raw_upload(harness: Harness, account: str, length: int) -> tuple[list[
     }
     await harness.app(scope, receive, send)
     return sent, bool(received)
+
+
+@pytest.mark.parametrize(
+    ("path", "media"),
+    [
+        ("/v1/dreamina/assets/LOCAL:procedural", "image/png"),
+        ("/v1/dreamina/images", "application/json"),
+        ("/v1/dreamina/accounts", "multipart/form-data; boundary=x"),
+    ],
+)
+async def test_a_client_that_disconnects_mid_body_is_one_quiet_line(
+    harness: Harness, caplog: pytest.LogCaptureFixture, path: str, media: str
+) -> None:
+    """No traceback, nothing at ERROR: a client going away is not the server's fault."""
+    messages = iter(
+        [
+            {"type": "http.request", "body": b"x" * 1000, "more_body": True},
+            {"type": "http.disconnect"},
+        ]
+    )
+
+    async def receive() -> Any:
+        return next(messages)
+
+    async def send(message: Any) -> None:
+        pass
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"host", b"testserver"),
+            (b"authorization", f"Bearer {harness.token}".encode()),
+            (b"content-type", media.encode()),
+            (b"content-length", b"100000"),
+        ],
+        "client": ("127.0.0.1", 1),
+        "server": ("testserver", 80),
+    }
+    caplog.set_level(logging.DEBUG)
+    await harness.app(scope, receive, send)
+    assert [(r.name, r.levelname, r.getMessage(), r.exc_info) for r in caplog.records] == [
+        (
+            "dreamserve.api.errors",
+            "INFO",
+            f"POST {quote(path)}: the client disconnected before sending the whole body",
+            None,
+        )
+    ]
 
 
 async def test_a_declared_length_over_the_limit_is_refused_before_reading(
