@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
+from pathlib import Path
 from random import Random
 from typing import Any
 
@@ -92,9 +93,8 @@ async def open_server(
 
     `catalogue`, `engines` and `dispatcher` replace the built-in ones (benchmarks and tests).
     """
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    key = load_or_create_key(settings.data_dir / "secret.key")
-    box = SecretBox(load_or_create_key(settings.data_dir / "secrets.key"))
+    key, box_key = _prepare_data_dir(settings.data_dir)
+    box = SecretBox(box_key)
     signer = LinkSigner(key, settings.base_url, settings.link_ttl_seconds, clock)
     # Before the database: a blob store URL that cannot be used stops the start, nothing open.
     blobs = open_blob_store(settings.blob_store, signer)
@@ -196,6 +196,21 @@ async def open_server(
         await registry.close()
         executor.shutdown(wait=True, cancel_futures=True)
         await db.close()
+
+
+def _prepare_data_dir(data_dir: Path) -> tuple[bytes, bytes]:
+    """The data dir made if missing, and its two keys (the link signer's, the sealing box's);
+    ConfigError, in one line, when it cannot be used (a file in its path, no permission)."""
+    try:
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # the owner's only
+        return (
+            load_or_create_key(data_dir / "secret.key"),
+            load_or_create_key(data_dir / "secrets.key"),
+        )
+    except OSError as error:
+        where = "" if error.filename in (None, str(data_dir)) else f": {error.filename}"
+        reason = error.strerror or str(error)
+        raise ConfigError(f"data directory {data_dir}: cannot be used ({reason}{where})") from None
 
 
 def create_app(

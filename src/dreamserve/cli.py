@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import gc
 import json
 import logging
@@ -15,6 +16,7 @@ import shlex
 import sys
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import unquote_plus
 
 from dreamserve.app import API_PREFIX, apply_config, create_app, open_server
 from dreamserve.config import ConfigError, load_config
@@ -46,6 +48,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dreamserve: {error.message}", file=sys.stderr)
         return 1
     except (AnotherRunner, ConfigError) as error:
+        print(f"dreamserve: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:  # a file or directory of the setup: a line, not a traceback
         print(f"dreamserve: {error}", file=sys.stderr)
         return 1
     return 0
@@ -165,8 +170,44 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "port": settings.port,
         "log_level": settings.log_level,
         "access_log": settings.access_log,
+        "log_config": log_config(),
         "proxy_headers": False,
     }
+
+
+def log_config() -> dict[str, Any]:
+    """uvicorn's own logging configuration, with `UnsignedLinks` on its access log."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["filters"] = {"unsigned_links": {"()": UnsignedLinks}}
+    config["loggers"]["uvicorn.access"]["filters"] = ["unsigned_links"]
+    return config
+
+
+class UnsignedLinks(logging.Filter):
+    """Takes the `signature` parameter out of the request lines of uvicorn's access log: a
+    logged file link would otherwise fetch its image, for anyone who reads the log, until it
+    expires. uvicorn logs a request with the arguments (client, method, path with query, HTTP
+    version, status)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str):
+            record.args = (*args[:2], without_signature(args[2]), *args[3:])
+        return True
+
+
+def without_signature(target: str) -> str:
+    """A request target without its `signature` query parameters (however their name is
+    percent-encoded: the server decodes it), the other parameters kept in order."""
+    path, question, query = target.partition("?")
+    if not question:
+        return target
+    kept = [
+        part for part in query.split("&") if unquote_plus(part.partition("=")[0]) != "signature"
+    ]
+    return f"{path}?{'&'.join(kept)}" if kept else path
 
 
 def first_start_banner(settings: Settings, token: str) -> str:

@@ -40,7 +40,8 @@ _KEYS = {"sizes", "models", "accounts"}
 
 class ConfigError(ValueError):
     """The operator's configuration (this file, or a setting such as the blob store URL) cannot
-    be used; the message says where and why, and the CLI prints it as it is."""
+    be used, or a place it names (the data directory, the SQLite file) cannot; the message says
+    where and why, and the CLI prints it as it is."""
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,16 @@ class InvalidParameter(BadRequest):
         self.parameter = name
 
 
+class InvalidRange(BadRequest):
+    """A Range header of a file download that is not a valid byte range."""
+
+    def __init__(self, value: str) -> None:
+        super().__init__(
+            f"Header Range ({_show(value)}) valid values: bytes=<first>-<last>, bytes=<first>- "
+            "or bytes=-<length>, with first <= last"
+        )
+
+
 class MissingParameter(BadRequest):
     def __init__(self, name: str) -> None:
         super().__init__(f"Parameter {name} is required")
@@ -101,26 +111,42 @@ class NotFound(DreamserveError):
 
 class JobNotFound(NotFound):
     def __init__(self, jobid: str) -> None:
-        super().__init__(f"Job {jobid} not found")
+        super().__init__(f"Job {_show(jobid, _ID_LIMIT)} not found")
 
 
 class JobNotRunning(NotFound):
     def __init__(self, jobid: str) -> None:
-        super().__init__(f"Job {jobid} is not running")
+        super().__init__(f"Job {_show(jobid, _ID_LIMIT)} is not running")
 
 
 class AssetNotFound(NotFound):
     def __init__(self, asset: str) -> None:
-        super().__init__(f"Asset {asset} not found")
+        super().__init__(f"Asset {_show(asset, _ID_LIMIT)} not found")
 
 
 class AccountNotFound(NotFound):
     def __init__(self, account: str) -> None:
-        super().__init__(f"Unable to find configuration for account {account}")
+        super().__init__(f"Unable to find configuration for account {_show(account, _ID_LIMIT)}")
 
 
 class PayloadTooLarge(DreamserveError):
     status = 413
+
+
+class RangeNotSatisfiable(DreamserveError):
+    """A Range header of a file download that starts past the file's end."""
+
+    status = 416
+
+    def __init__(self, value: str, size: int) -> None:
+        super().__init__(
+            f"Header Range ({_show(value)}) not satisfiable: the file has {size} bytes"
+        )
+        self.size = size
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Content-Range": f"bytes */{self.size}"}
 
 
 class IdempotencyConflict(DreamserveError):
@@ -151,6 +177,16 @@ class AtCapacity(DreamserveError):
         return {"Retry-After": str(self.retry_after)}
 
 
+class StorageUnavailable(DreamserveError):
+    """The blob store failed (a disk or network error) before anything was changed: the same
+    request can be retried."""
+
+    status = 503
+
+    def __init__(self) -> None:
+        super().__init__("Storage unavailable, retry later")
+
+
 class JobFailed(Exception):
     """Raised by an engine when a job cannot produce images; stored on the job, not sent as HTTP."""
 
@@ -168,6 +204,12 @@ class AccountError(JobFailed):
 
 class Cancelled(Exception):
     """Raised inside an engine when its cancel signal is set."""
+
+
+# Ids a 404 echoes (from the path, of any length) are cut like parameter values, but never a
+# well-formed one: the longest, a jobid on an account id of 32 + 1 + 200 characters (ids.py),
+# has 288.
+_ID_LIMIT = 300
 
 
 def _show(value: object, limit: int = 100) -> str:

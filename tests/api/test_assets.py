@@ -3,9 +3,12 @@ uploads as references."""
 
 from __future__ import annotations
 
+import asyncio
 import io
+import logging
 import re
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 import pytest
@@ -144,6 +147,62 @@ async def raw_upload(harness: Harness, account: str, length: int) -> tuple[list[
     }
     await harness.app(scope, receive, send)
     return sent, bool(received)
+
+
+@pytest.mark.parametrize(
+    ("path", "media"),
+    [
+        ("/v1/dreamina/assets/LOCAL:procedural", "image/png"),
+        ("/v1/dreamina/images", "application/json"),
+        ("/v1/dreamina/accounts", "multipart/form-data; boundary=x"),
+    ],
+)
+async def test_a_client_that_disconnects_mid_body_is_one_quiet_line(
+    harness: Harness, caplog: pytest.LogCaptureFixture, path: str, media: str
+) -> None:
+    """No traceback, nothing at ERROR: a client going away is not the server's fault."""
+    messages = iter(
+        [
+            {"type": "http.request", "body": b"x" * 1000, "more_body": True},
+            {"type": "http.disconnect"},
+        ]
+    )
+
+    async def receive() -> Any:
+        return next(messages)
+
+    async def send(message: Any) -> None:
+        pass
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"host", b"testserver"),
+            (b"authorization", f"Bearer {harness.token}".encode()),
+            (b"content-type", media.encode()),
+            (b"content-length", b"100000"),
+        ],
+        "client": ("127.0.0.1", 1),
+        "server": ("testserver", 80),
+    }
+    caplog.set_level(logging.DEBUG)
+    await harness.app(scope, receive, send)
+    assert [(r.name, r.levelname, r.getMessage(), r.exc_info) for r in caplog.records] == [
+        (
+            "dreamserve.api.errors",
+            "INFO",
+            f"POST {quote(path)}: the client disconnected before sending the whole body",
+            None,
+        )
+    ]
 
 
 async def test_a_declared_length_over_the_limit_is_refused_before_reading(
@@ -360,3 +419,43 @@ async def test_deleting_an_upload_removes_its_file(harness: Harness, settings: S
 async def test_unknown_asset_ids_are_404(harness: Harness, asset: str) -> None:
     reply = await harness.call("DELETE", f"/assets/{asset}")
     assert (reply.status_code, reply.json()) == (404, {"error": f"Asset {asset} not found"})
+
+
+async def test_a_file_the_store_cannot_remove_keeps_its_asset_until_a_retry(
+    harness: Harness, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file and the row go together or not at all: a blob store that fails leaves the
+    asset listed and usable, answers 503, and the same DELETE succeeds once it works again."""
+    record = await harness.wait((await harness.post(SMALL)).json()["jobid"])
+    image = record["response"]["images"][0]
+    blobs = harness.server.blobs
+    working = blobs.delete
+
+    async def failing(key: str) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(blobs, "delete", failing)
+    reply = await harness.call("DELETE", f"/assets/{image['assetId']}")
+    assert (reply.status_code, reply.json()) == (503, {"error": "Storage unavailable, retry later"})
+    listed = (await harness.call("GET", f"/assets/{ACCOUNT}")).json()["assets"]
+    assert [asset["assetId"] for asset in listed] == [image["assetId"]]
+    assert (await harness.client.get(listed[0]["imageUrl"])).status_code == 200
+    reference = await harness.post({**SMALL, "imageRef_1": image["assetRef"]})
+    assert reference.status_code == 200, reference.text
+    made = (await harness.wait(reference.json()["jobid"]))["response"]["images"][0]
+
+    monkeypatch.setattr(blobs, "delete", working)
+    reply = await harness.call("DELETE", f"/assets/{image['assetId']}")
+    assert reply.json() == {"deleted": True, "assetId": image["assetId"], "account": ACCOUNT}
+    assert not (settings.data_dir / "blobs" / image["imageUri"]).exists()
+    listed = (await harness.call("GET", f"/assets/{ACCOUNT}")).json()["assets"]
+    assert [asset["assetId"] for asset in listed] == [made["assetId"]]
+
+
+async def test_two_deletes_at_once_delete_once(harness: Harness) -> None:
+    record = await harness.wait((await harness.post(SMALL)).json()["jobid"])
+    asset = record["response"]["images"][0]["assetId"]
+    first, second = await asyncio.gather(
+        harness.call("DELETE", f"/assets/{asset}"), harness.call("DELETE", f"/assets/{asset}")
+    )
+    assert sorted([first.status_code, second.status_code]) == [200, 404]

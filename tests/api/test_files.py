@@ -158,3 +158,41 @@ async def test_malformed_link_parameters_are_403(
     reply = await harness.client.get(url, params={"expires": expires, "signature": signature})
     assert reply.status_code == 403
     assert reply.json() == {"error": "Invalid link signature"}
+
+
+INVALID_RANGE = (
+    "Header Range ({}) valid values: bytes=<first>-<last>, bytes=<first>- or bytes=-<length>, "
+    "with first <= last"
+)
+
+
+async def test_a_valid_range_is_206_with_those_bytes(harness: Harness) -> None:
+    url = (await first_image(harness))["imageUrl"]
+    whole = (await harness.client.get(url)).content
+    size = len(whole)
+    for header, first, last in (("bytes=0-9", 0, 9), ("bytes=-5", size - 5, size - 1)):
+        reply = await harness.client.get(url, headers={"Range": header})
+        assert reply.status_code == 206, header
+        assert reply.headers["content-range"] == f"bytes {first}-{last}/{size}"
+        assert reply.content == whole[first : last + 1]
+
+
+@pytest.mark.parametrize("header", ["bytes=abc", "bytes=5-2", "items=0-5", "bytes", "bytes=-"])
+async def test_a_malformed_range_is_400_json(harness: Harness, header: str) -> None:
+    reply = await harness.client.get(
+        (await first_image(harness))["imageUrl"], headers={"Range": header}
+    )
+    assert reply.status_code == 400
+    assert reply.headers["content-type"] == "application/json"
+    assert reply.json() == {"error": INVALID_RANGE.format(header)}
+
+
+async def test_a_range_past_the_end_is_416_json_with_the_size(harness: Harness) -> None:
+    url = (await first_image(harness))["imageUrl"]
+    size = len((await harness.client.get(url)).content)
+    reply = await harness.client.get(url, headers={"Range": "bytes=999999999-"})
+    assert reply.status_code == 416
+    assert reply.headers["content-range"] == f"bytes */{size}"
+    assert reply.json() == {
+        "error": f"Header Range (bytes=999999999-) not satisfiable: the file has {size} bytes"
+    }

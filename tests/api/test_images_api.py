@@ -262,6 +262,48 @@ async def test_an_unknown_job_is_404(harness: Harness) -> None:
     }
 
 
+LONG_ID = "j" + "7" * 9_999  # 10,000 characters: echoed cut, as 400s cut values
+
+
+def cut(text: str) -> str:
+    return text[:299] + "…"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "message"),
+    [
+        ("GET", f"/images/{LONG_ID}", f"Job {cut(LONG_ID)} not found"),
+        ("GET", f"/images/{LONG_ID}/webhooks", f"Job {cut(LONG_ID)} not found"),
+        ("DELETE", f"/scheduler/{LONG_ID}", f"Job {cut(LONG_ID)} not found"),
+        ("DELETE", f"/assets/{LONG_ID}", f"Asset {cut(LONG_ID)} not found"),
+        (
+            "GET",
+            f"/assets/A:{LONG_ID}",
+            f"Unable to find configuration for account {cut('A:' + LONG_ID)}",
+        ),
+        ("GET", f"/accounts/{LONG_ID}", f"Unable to find configuration for account {cut(LONG_ID)}"),
+        (
+            "DELETE",
+            f"/accounts/{LONG_ID}",
+            f"Unable to find configuration for account {cut(LONG_ID)}",
+        ),
+    ],
+)
+async def test_a_404_cuts_a_long_id_to_300_characters(
+    harness: Harness, method: str, path: str, message: str
+) -> None:
+    reply = await harness.call(method, path)
+    assert (reply.status_code, reply.json()) == (404, {"error": message})
+
+
+async def test_a_404_never_cuts_a_well_formed_id(harness: Harness) -> None:
+    """The longest: a jobid of user 10**18-1 on an account id of 32 + 1 + 200 characters."""
+    jobid = f"j0101000000000000000i-u{'9' * 18}-{'R' * 32}:{'n' * 200}-bot:dreamina"
+    assert len(jobid) == 288
+    reply = await harness.get(jobid)
+    assert (reply.status_code, reply.json()) == (404, {"error": f"Job {jobid} not found"})
+
+
 async def test_another_users_job_is_404_as_if_it_did_not_exist(harness: Harness) -> None:
     jobid = (await harness.post(SMALL)).json()["jobid"]
     _, other = await harness.service.tokens.create()

@@ -145,6 +145,10 @@ def test_the_seed_request_end_to_end(server: Server, data_dir: Path) -> None:
 
     # A second start reuses the data dir: no new token, the old one still works.
     server.stop()
+    # The access log shows each download without the signature that would fetch it again.
+    downloads = [line for line in server.lines if "GET /v1/dreamina/files/" in line]
+    assert len(downloads) == 4, "".join(server.lines)
+    assert all("?expires=" in line and "signature" not in line for line in downloads)
     again = Server(data_dir, free_port())
     try:
         assert again.token is None

@@ -79,6 +79,70 @@ def test_the_secret_key_file_is_private(data_dir: Path) -> None:
     assert (data_dir / "secret.key").stat().st_mode & 0o777 == 0o600
 
 
+def test_the_data_dir_and_the_database_are_the_owners_only(data_dir: Path) -> None:
+    def modes() -> dict[str, int]:
+        return {path.name: path.stat().st_mode & 0o777 for path in data_dir.iterdir()}
+
+    async def first_start() -> dict[str, int]:
+        async with open_server(Settings()) as server:
+            await server.service.tokens.bootstrap()  # writes: the WAL and its index are there
+            await server.db.lock_runner()
+            return modes()
+
+    files = asyncio.run(first_start())
+    assert (data_dir.stat().st_mode & 0o777, files) == (
+        0o700,
+        {
+            name: 0o600
+            for name in (
+                "dreamserve.db",
+                "dreamserve.db-wal",
+                "dreamserve.db-shm",
+                "dreamserve.db.runner",
+                "secret.key",
+                "secrets.key",
+            )
+        },
+    )
+
+
+def test_a_data_dir_that_cannot_be_made_stops_the_start_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """Under a file, as a directory without write permission would (tests run as root, whom
+    permissions do not stop)."""
+    (tmp_path / "file").write_text("")
+    data_dir = tmp_path / "file" / "data"
+    monkeypatch.setenv("DREAMSERVE_DATA_DIR", str(data_dir))
+    assert main(["serve"]) == 1
+    assert capsys.readouterr().err == (
+        f"dreamserve: data directory {data_dir}: cannot be used (Not a directory)\n"
+    )
+
+
+def test_a_database_that_cannot_be_opened_stops_the_start_in_one_line(
+    data_dir: Path, capsys
+) -> None:
+    (data_dir / "dreamserve.db").mkdir(parents=True)  # what SQLite says of a read-only directory
+    assert main(["serve"]) == 1
+    assert capsys.readouterr().err == (
+        f"dreamserve: {data_dir / 'dreamserve.db'}: the SQLite database cannot be opened "
+        "(unable to open database file)\n"
+    )
+
+
+def test_any_file_error_of_the_setup_is_one_line(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    (data_dir.parent / "file").write_text("")
+    database = data_dir.parent / "file" / "db" / "dreamserve.db"
+    monkeypatch.setenv("DREAMSERVE_DATABASE_URL", f"sqlite:///{database}")
+    assert main(["migrate"]) == 1
+    assert capsys.readouterr().err == (
+        f"dreamserve: [Errno 20] Not a directory: '{database.parent}'\n"
+    )
+
+
 def test_first_start_creates_user_1_and_the_procedural_account_once(data_dir: Path) -> None:
     settings = Settings()
 
@@ -457,3 +521,54 @@ def test_serve_freezes_the_startup_heap_and_collects_young_objects_less_often() 
     finally:
         gc.unfreeze()
         gc.set_threshold(*threshold)
+
+
+ACCESS_FORMAT = '%s - "%s %s HTTP/%s" %d'  # uvicorn's access log call
+
+
+@pytest.mark.parametrize(
+    ("target", "logged"),
+    [
+        (
+            "/v1/dreamina/files/images/2026/12/06/1.jpg?expires=1796601600&signature=aB-_9",
+            "/v1/dreamina/files/images/2026/12/06/1.jpg?expires=1796601600",
+        ),
+        ("/f?signature=abc&expires=1", "/f?expires=1"),
+        ("/f?sig%6Eature=abc&expires=1", "/f?expires=1"),  # the name as the server decodes it
+        ("/f?signature=a&signature=b", "/f"),
+        ("/f?signatures=a", "/f?signatures=a"),
+        ("/v1/dreamina/assets/A:b?count=2&offset=4", "/v1/dreamina/assets/A:b?count=2&offset=4"),
+        ("/v1/dreamina/models", "/v1/dreamina/models"),
+    ],
+)
+def test_the_access_log_leaves_out_link_signatures(target: str, logged: str) -> None:
+    args = ("127.0.0.1:50000", "GET", target, "1.1", 200)
+    record = logging.LogRecord("uvicorn.access", logging.INFO, "", 0, ACCESS_FORMAT, args, None)
+    assert cli.UnsignedLinks().filter(record) is True
+    assert record.getMessage() == f'127.0.0.1:50000 - "GET {logged} HTTP/1.1" 200'
+
+
+@pytest.fixture
+def uvicorn_loggers() -> Any:
+    """uvicorn's loggers as they are, restored after a test that lets uvicorn configure them."""
+    loggers = [logging.getLogger(name) for name in ("uvicorn", "uvicorn.error", "uvicorn.access")]
+    saved = [(lg.handlers[:], lg.filters[:], lg.level, lg.propagate) for lg in loggers]
+    yield
+    for lg, (handlers, filters, level, propagate) in zip(loggers, saved, strict=True):
+        lg.handlers, lg.filters, lg.level, lg.propagate = handlers, filters, level, propagate
+
+
+def test_serve_runs_uvicorn_with_signatures_out_of_its_access_log(
+    uvicorn_loggers: None, capsys
+) -> None:
+    import uvicorn
+
+    uvicorn.Config(app="unused:app", **cli.uvicorn_options(Settings()))  # configures logging
+    target = "/v1/dreamina/files/images/1.jpg?expires=1796601600&signature=aB-_9"
+    logging.getLogger("uvicorn.access").info(
+        ACCESS_FORMAT, "127.0.0.1:50000", "GET", target, "1.1", 200
+    )
+    assert capsys.readouterr().out == (
+        'INFO:     127.0.0.1:50000 - "GET /v1/dreamina/files/images/1.jpg?expires=1796601600 '
+        'HTTP/1.1" 200 OK\n'
+    )

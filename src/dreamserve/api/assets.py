@@ -8,7 +8,7 @@ from fastapi.responses import JSONResponse
 from dreamserve.api.accounts import ACCOUNT_PARAMETER
 from dreamserve.api.body import read_body
 from dreamserve.api.deps import SECURED, RequestRoute, authenticate
-from dreamserve.api.schemas import ERRORS
+from dreamserve.api.schemas import ERRORS, STORAGE_UNAVAILABLE
 from dreamserve.assets import ACCEPTED, content_type_of, too_large
 from dreamserve.replies import AssetDeleted, AssetPage, AssetUploaded
 
@@ -66,7 +66,7 @@ async def list_assets(request: Request) -> JSONResponse:
 @router.delete(
     "/assets/{assetId}",
     response_model=AssetDeleted,
-    responses=ERRORS,
+    responses={**ERRORS, **STORAGE_UNAVAILABLE},
     openapi_extra={"parameters": [ASSET_ID_PARAMETER], **SECURED},
     summary="Delete an image",
 )

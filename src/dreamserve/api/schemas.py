@@ -74,6 +74,14 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         (429, "No free slot; see Retry-After"),
     )
 }
+# Of GET /files/<key>: a Range header that starts past the file's end.
+RANGE_NOT_SATISFIABLE: dict[int | str, dict[str, Any]] = {
+    416: {"model": ErrorBody, "description": "Range not satisfiable; see Content-Range"}
+}
+# Of DELETE /assets/<assetId>: the file could not be removed, nothing was; retry.
+STORAGE_UNAVAILABLE: dict[int | str, dict[str, Any]] = {
+    503: {"model": ErrorBody, "description": "Storage unavailable; retry later"}
+}
 
 _REQUEST_SCHEMA = ImageJobRequest.model_json_schema()
 IMAGE_REQUEST_BODY: dict[str, Any] = {

@@ -4,6 +4,7 @@ at a time and deleted with their files; and the files behind signed links."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
@@ -13,7 +14,7 @@ from sqlalchemy import Connection
 
 from dreamserve.assets import check_image
 from dreamserve.encoding import EXTENSIONS
-from dreamserve.errors import AssetNotFound
+from dreamserve.errors import AssetNotFound, StorageUnavailable
 from dreamserve.fields import integer
 from dreamserve.ids import AssetRef, IdFactory, asset_id, iso_millis, parse_asset_id, unquoted
 from dreamserve.jobs import millis
@@ -24,6 +25,8 @@ from dreamserve.storage import asset_queries
 from dreamserve.storage.account_queries import Account
 from dreamserve.storage.blobs import BlobStore
 from dreamserve.storage.database import Database
+
+log = logging.getLogger(__name__)
 
 
 class Assets:
@@ -123,23 +126,38 @@ class Assets:
         }
 
     async def delete(self, user_id: int, text: str) -> AssetDeleted:
-        """Delete one of the user's assets and its file; AssetNotFound otherwise."""
+        """Delete one of the user's assets and its file; AssetNotFound otherwise.
+
+        The file goes first, then the row: when the blob store cannot remove the file
+        (StorageUnavailable, 503) the asset is left whole, listed and usable, and the same
+        request can be retried. A retry after a failure between the two finds the file gone
+        (no error) and removes the row."""
         text = unquoted(text)
         parsed = parse_asset_id(text)
         if parsed is None:
             raise AssetNotFound(text)
         account, item_id = parsed
 
-        # The job's record keeps listing the image (so that imageIndex keeps meaning the same
-        # image): its link answers 404 and it is no reference or upscale source any more.
-        def remove(conn: Connection) -> str:
+        def find(conn: Connection) -> asset_queries.Asset:
             asset = asset_queries.asset_by_item(conn, user_id, account, item_id)
             if asset is None:
                 raise AssetNotFound(text)
-            asset_queries.delete_asset(conn, asset.id)
-            return asset.uri
+            return asset
 
-        await self.blobs.delete(await self.db.write(remove))
+        asset = await self.db.read(find)
+        try:
+            await self.blobs.delete(asset.uri)
+        except OSError as error:
+            log.warning("asset %s kept: its file %s cannot be removed (%s)", text, asset.uri, error)
+            raise StorageUnavailable from None
+
+        # The job's record keeps listing the image (so that imageIndex keeps meaning the same
+        # image): its link answers 404 and it is no reference or upscale source any more.
+        def remove(conn: Connection) -> None:
+            if not asset_queries.delete_asset(conn, asset.id):
+                raise AssetNotFound(text)  # a delete at the same time went first
+
+        await self.db.write(remove)
         return {"deleted": True, "assetId": text, "account": account}
 
     async def open_link(self, key: str, expires: str | None, signature: str | None) -> bytes | Path:

@@ -106,8 +106,9 @@ def description_of(conn: Connection, user_id: int, uri: str) -> str | None:
     return description
 
 
-def delete_asset(conn: Connection, asset_id: int) -> None:
-    conn.execute(delete(assets).where(assets.c.id == asset_id))
+def delete_asset(conn: Connection, asset_id: int) -> bool:
+    """Whether the asset was there to delete."""
+    return conn.execute(delete(assets).where(assets.c.id == asset_id)).rowcount > 0
 
 
 def _asset(mapping: Mapping[Any, Any]) -> Asset:

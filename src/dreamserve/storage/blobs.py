@@ -30,7 +30,8 @@ class BlobStore(Protocol):
         """The blob's bytes; FileNotFoundError when there is none."""
 
     async def delete(self, key: str) -> None:
-        """Remove the blob; no error when it is already gone."""
+        """Remove the blob; no error when it is already gone. OSError when the store cannot
+        (a disk or network error): the blob may still be there, and a later call may succeed."""
 
     def link(self, key: str) -> str:
         """A URL that fetches the blob with a plain GET, without a token, until it expires."""

@@ -35,7 +35,10 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, create_engine, event, text
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool, StaticPool
+
+from dreamserve.config import ConfigError
 
 T = TypeVar("T")
 Transaction = Callable[[Connection], T]
@@ -86,11 +89,17 @@ class SqliteDatabase:
         path = make_url(url).database
         if not path or path == ":memory:":
             raise ValueError("the SQLite database must be a file")
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.path = path
         self._engine = create_engine(url, poolclass=StaticPool)
         event.listen(self._engine, "connect", _configure_sqlite)
-        self._conn = self._engine.connect()
+        try:
+            _create_private(path)
+            self._conn = self._engine.connect()
+        except (OSError, sqlite3.Error, DBAPIError) as error:  # a directory it cannot write
+            self._engine.dispose()
+            reason = _reason(error)
+            raise ConfigError(f"{path}: the SQLite database cannot be opened ({reason})") from None
         self._runner_lock: int | None = None
         # The writes asked for since the last group commit, with the futures their callers
         # wait on; the group runs two turns of the loop after the first (`_commit_soon`).
@@ -242,6 +251,20 @@ def _fail(waiting: Iterable[asyncio.Future[Any]], error: BaseException) -> None:
     for committed in waiting:
         if not committed.done():
             committed.set_exception(error)
+
+
+def _create_private(path: str) -> None:
+    """An empty file (SQLite's empty database) readable by the owner only, when there is none:
+    SQLite gives the WAL and its index the database file's mode, and would create it with the
+    process's umask (world-readable, usually). An existing file is left as it is."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
+def _reason(error: OSError | sqlite3.Error | DBAPIError) -> str:
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    return str(error.orig if isinstance(error, DBAPIError) else error)
 
 
 def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:

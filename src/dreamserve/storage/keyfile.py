@@ -15,7 +15,7 @@ def load_or_create_key(path: Path) -> bytes:
     processes starting at once agree on one key.
     """
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".key-")  # mode 0600
         try:
             with os.fdopen(fd, "w") as file:
