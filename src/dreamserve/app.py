@@ -102,6 +102,7 @@ async def open_server(
         settings.database,
         DatabaseConfig(
             busy_seconds=settings.database_busy_seconds,
+            statement_seconds=settings.database_statement_seconds,
             retry_after=settings.retry_after_seconds,
         ),
     )

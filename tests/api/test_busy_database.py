@@ -1,13 +1,15 @@
 """A database locked by another transaction (issue 14): the server keeps serving what needs no
 lock and answers a write that cannot get one in time with 503 and Retry-After. Another process
-holds SQLite's write lock."""
+holds SQLite's write lock; another PostgreSQL connection holds a row lock."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 
+import psycopg
 import pytest
 from support import (
     SMALL,
@@ -36,6 +38,22 @@ async def harness(busy: Settings) -> AsyncIterator[Harness]:
         yield opened
 
 
+@contextmanager
+def holding_a_lock(settings: Settings) -> Iterator[None]:
+    """Another transaction holds the lock a submission needs: on SQLite another process holds
+    the write lock; on PostgreSQL another connection holds the accounts' rows (admission
+    takes a slot with an UPDATE of one)."""
+    if settings.database_url is None:
+        with holding_write_lock(settings.data_dir / "dreamserve.db"):
+            yield
+        return
+    with psycopg.connect(settings.database_url) as other:
+        other.execute("SELECT id FROM accounts FOR UPDATE")
+        yield
+        other.rollback()
+
+
+@pytest.mark.both_databases
 async def test_a_lock_held_elsewhere_makes_writes_503_and_holds_up_nothing_else(
     harness: Harness, busy: Settings
 ) -> None:
@@ -43,7 +61,7 @@ async def test_a_lock_held_elsewhere_makes_writes_503_and_holds_up_nothing_else(
     jobid = done.json()["jobid"]
     await harness.wait(jobid)
     async with LoopWatch() as watch:
-        with holding_write_lock(busy.data_dir / "dreamserve.db"):
+        with holding_a_lock(busy):
             started = time.monotonic()
             submission = asyncio.create_task(harness.post(SMALL))
             await asyncio.sleep(0.05)  # the write waits for the lock

@@ -17,9 +17,11 @@ The backend is chosen by URL, each run where it is fastest (docs/benchmarks.md h
   serves every other request as it waits. In WAL mode reads need no lock. WAL checkpoints
   (the only step that waits on the disk) run on a background thread instead of inside a
   request.
-  A write waits at most `DatabaseConfig.busy_seconds` for the lock, then fails with
-  `DatabaseBusy` (503 with Retry-After).
-- PostgreSQL: a pool of psycopg connections, each transaction run on a worker thread.
+- PostgreSQL: a pool of psycopg connections, each transaction run on a worker thread, with
+  `lock_timeout` and `statement_timeout` set on every connection.
+
+Either way a transaction waits at most `DatabaseConfig.busy_seconds` for another's lock (or, on
+PostgreSQL, for a connection), then fails with `DatabaseBusy` (503 with Retry-After).
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ import fcntl
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -40,8 +44,9 @@ from typing import Any, Protocol, TypeVar
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, create_engine, event, text
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.pool import NullPool, StaticPool
 
 from dreamserve.errors import DatabaseBusy
@@ -52,9 +57,10 @@ Transaction = Callable[[Connection], T]
 
 @dataclass(frozen=True)
 class DatabaseConfig:
-    # The longest a transaction waits for another's lock (SQLite's write lock), then
-    # DatabaseBusy.
+    # The longest a transaction waits for another's lock (SQLite's write lock, PostgreSQL's
+    # lock_timeout) or for a free connection (PostgreSQL), then DatabaseBusy.
     busy_seconds: float = 5.0
+    statement_seconds: float = 30.0  # PostgreSQL's statement_timeout
     retry_after: int = 5  # DatabaseBusy's Retry-After
 
 
@@ -66,13 +72,12 @@ class Database(Protocol):
     async def read(self, fn: Transaction[T]) -> T:
         """Run `fn` on a connection for reads; each statement sees the latest committed state.
         DatabaseBusy when the database stayed locked past the busy bound (rare: on SQLite in
-        WAL mode reads take no lock that writers hold)."""
+        WAL mode, and on PostgreSQL, reads take no lock that writers hold)."""
 
     async def write(self, fn: Transaction[T]) -> T:
         """Run `fn` in one transaction: committed when this returns, rolled back if it raises.
         DatabaseBusy, with nothing of `fn` committed, when another transaction held a lock it
-        needed past the busy bound (on SQLite `fn` has not run at all; on PostgreSQL so far
-        locks are waited for without a bound).
+        needed past the busy bound (on SQLite `fn` has not run at all).
         A caller cancelled while it waits may find its transaction committed all the same
         (on PostgreSQL it runs on a thread; on SQLite it may be committing with others)."""
 
@@ -93,7 +98,7 @@ def open_database(url: str, config: DatabaseConfig | None = None) -> Database:
     if backend == "sqlite":
         return SqliteDatabase(url, config)
     if backend == "postgresql":
-        return PostgresDatabase(url)
+        return PostgresDatabase(url, config)
     raise ValueError(f"unsupported database URL {url!r}: use sqlite:/// or postgresql://")
 
 
@@ -381,27 +386,37 @@ _TRY_RUNNER_LOCK = text("SELECT pg_try_advisory_lock(7237955865294632566)")
 
 
 class PostgresDatabase:
-    """A connection pool; each transaction runs on one of as many threads as connections."""
+    """A connection pool; each transaction runs on one of as many threads as connections.
+
+    Nothing waits unbounded: a lock for `busy_seconds` (lock_timeout), a statement for
+    `statement_seconds` (statement_timeout), a thread (and so a connection) for
+    `busy_seconds`; then DatabaseBusy, the transaction rolled back or never begun."""
 
     POOL_SIZE = 10
     shared = True
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, config: DatabaseConfig | None = None) -> None:
+        self.config = config or DatabaseConfig()
         driver_url = make_url(url).set(drivername="postgresql+psycopg")
         self._engine: Engine = create_engine(
-            driver_url, pool_size=self.POOL_SIZE, max_overflow=0, pool_pre_ping=True
+            driver_url,
+            pool_size=self.POOL_SIZE,
+            max_overflow=0,
+            pool_pre_ping=True,
+            pool_timeout=self.config.busy_seconds,
+            connect_args={"options": _session_options(driver_url, self.config)},
         )
         self._threads = ThreadPoolExecutor(self.POOL_SIZE, thread_name_prefix="dreamserve-db")
         self._runner_lock: Connection | None = None
 
     async def read(self, fn: Transaction[T]) -> T:
-        return await self._run(self._read, fn)
+        return await self._run(self._engine.connect, fn)
 
     async def write(self, fn: Transaction[T]) -> T:
-        return await self._run(self._write, fn)
+        return await self._run(self._engine.begin, fn)
 
     async def migrate(self) -> None:
-        await self.write(_upgrade)
+        await self.write(_long_upgrade)
 
     async def lock_runner(self) -> bool:
         if self._runner_lock is None:
@@ -425,16 +440,59 @@ class PostgresDatabase:
         self._threads.shutdown(wait=True)
         self._engine.dispose()
 
-    async def _run(self, runner: Callable[[Transaction[T]], T], fn: Transaction[T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._threads, runner, fn)
+    async def _run(
+        self, opening: Callable[[], AbstractContextManager[Connection]], fn: Transaction[T]
+    ) -> T:
+        loop = asyncio.get_running_loop()
+        asked_at = time.monotonic()
+        return await loop.run_in_executor(self._threads, self._transaction, opening, fn, asked_at)
 
-    def _read(self, fn: Transaction[T]) -> T:
-        with self._engine.connect() as conn:
-            return fn(conn)
+    def _transaction(
+        self,
+        opening: Callable[[], AbstractContextManager[Connection]],
+        fn: Transaction[T],
+        asked_at: float,
+    ) -> T:
+        if time.monotonic() - asked_at > self.config.busy_seconds:
+            # Every thread (every connection) was taken, by transactions waiting on a lock,
+            # say, for as long as a lock may be waited for: this one does not begin.
+            raise DatabaseBusy(self.config.retry_after)
+        try:
+            with opening() as conn:
+                return fn(conn)
+        except (DBAPIError, PoolTimeout) as error:
+            if isinstance(error, PoolTimeout) or _sqlstate(error) in _BUSY_STATES:
+                raise DatabaseBusy(self.config.retry_after) from error  # rolled back
+            raise
 
-    def _write(self, fn: Transaction[T]) -> T:
-        with self._engine.begin() as conn:
-            return fn(conn)
+
+# lock_not_available (lock_timeout) and query_canceled (statement_timeout).
+_BUSY_STATES = {"55P03", "57014"}
+
+
+def _sqlstate(error: Exception) -> str | None:
+    return getattr(getattr(error, "orig", None), "sqlstate", None)
+
+
+def _session_options(url: URL, config: DatabaseConfig) -> str:
+    """The connection's `options`: our timeouts, then any the URL gives (which win)."""
+    ours = (
+        f"-c lock_timeout={_milliseconds(config.busy_seconds)} "
+        f"-c statement_timeout={_milliseconds(config.statement_seconds)}"
+    )
+    given = url.query.get("options")
+    return f"{ours} {given}" if isinstance(given, str) else ours
+
+
+def _milliseconds(seconds: float) -> int:
+    return max(1, round(seconds * 1000))  # 0 would turn the timeout off
+
+
+def _long_upgrade(connection: Connection) -> None:
+    # A migration may rewrite a large table: its length is no sign of a busy database (its
+    # lock waits stay bounded).
+    connection.execute(text("SET LOCAL statement_timeout = 0"))
+    _upgrade(connection)
 
 
 def _upgrade(connection: Connection) -> None:
