@@ -1,6 +1,7 @@
 """A database locked by another transaction (issue 14): the server keeps serving what needs no
-lock and answers a write that cannot get one in time with 503 and Retry-After. Another process
-holds SQLite's write lock; another PostgreSQL connection holds a row lock."""
+lock, answers a write that cannot get one in time with 503 and Retry-After, and its background
+work (runners, webhooks) outlives the wait. Another process holds SQLite's write lock; another
+PostgreSQL connection holds a row lock."""
 
 from __future__ import annotations
 
@@ -11,14 +12,20 @@ from contextlib import contextmanager
 
 import psycopg
 import pytest
+from receiver import Answer, receiving
 from support import (
     SMALL,
+    FakeClock,
+    GatedEngine,
     Harness,
     LoopWatch,
+    eventually,
     holding_write_lock,
     open_harness,
+    wait_started,
 )
 
+from dreamserve.engines.registry import BUILTIN
 from dreamserve.settings import Settings
 
 pytestmark = pytest.mark.anyio
@@ -82,3 +89,78 @@ async def test_a_lock_held_elsewhere_makes_writes_503_and_holds_up_nothing_else(
     again = await harness.post(SMALL)
     assert again.status_code == 200, again.text
     assert (await harness.wait(again.json()["jobid"]))["status"] == "completed"
+
+
+async def test_a_runner_whose_lease_renewal_meets_the_lock_keeps_its_job(
+    busy: Settings,
+) -> None:
+    """A renewal that gets DatabaseBusy is tried again: the job is not taken back from a
+    runner that is still working, so it runs once."""
+    settings = busy.model_copy(update={"lease_seconds": 0.9, "reaper_interval_seconds": 0.1})
+    engine = GatedEngine()
+    async with open_harness(settings, engines={**BUILTIN, "procedural": engine.factory}) as h:
+        reply = await h.post(SMALL)
+        jobid = reply.json()["jobid"]
+        await wait_started(engine, 1)
+        with holding_write_lock(settings.data_dir / "dreamserve.db"):
+            # A renewal (due every 0.3 s) starts within 0.3 s, waits 0.3 s and is refused.
+            await asyncio.sleep(0.7)
+        await asyncio.sleep(0.6)  # past the lease of the last renewal before the lock
+        engine.gate.set()
+        record = await h.wait(jobid, seconds=5)
+        assert record["status"] == "completed"
+        assert engine.started == 1
+
+
+async def test_a_runner_whose_final_write_meets_the_lock_writes_it_once_the_lock_is_free(
+    busy: Settings,
+) -> None:
+    """The job's end is tried again while the lock is held: the images made are kept and
+    the job is not run a second time."""
+    settings = busy.model_copy(update={"lease_seconds": 3.0, "reaper_interval_seconds": 0.1})
+    engine = GatedEngine()
+    async with open_harness(settings, engines={**BUILTIN, "procedural": engine.factory}) as h:
+        reply = await h.post(SMALL)
+        jobid = reply.json()["jobid"]
+        await wait_started(engine, 1)
+        with holding_write_lock(settings.data_dir / "dreamserve.db"):
+            engine.gate.set()
+            await asyncio.sleep(0.8)  # the job's end is refused at least twice
+            assert (await h.get(jobid)).json()["status"] == "created"
+        record = await h.wait(jobid, seconds=1)
+        assert record["status"] == "completed"
+        [image] = record["response"]["images"]
+        assert (await h.client.get(image["imageUrl"])).status_code == 200
+        assert engine.started == 1
+
+
+async def test_a_webhook_try_that_cannot_be_recorded_is_sent_again_not_failed(
+    busy: Settings,
+) -> None:
+    """The receiver got the try, but the lock kept it from being recorded: no failed try is
+    made up; the delivery's claim runs out and it is sent again, then recorded."""
+    settings = busy.model_copy(
+        update={"webhook_allow_private": True, "webhook_timeout_seconds": 1.0}
+    )
+    clock = FakeClock()
+    with receiving(Answer(delay=0.5)) as receiver:
+        async with open_harness(settings, clock=clock) as h:
+            reply = await h.post({**SMALL, "replyUrl": receiver.url})
+            jobid = reply.json()["jobid"]
+            await h.wait(jobid)
+            await eventually(lambda: receiver.count() == 1)
+            with holding_write_lock(settings.data_dir / "dreamserve.db"):
+                # The answer comes 0.5 s after the request, its record is refused 0.3 s later.
+                await asyncio.sleep(0.9)
+            await h.server.deliverer.drain()
+            [delivery] = (await h.call("GET", f"/images/{jobid}/webhooks")).json()["deliveries"]
+            assert delivery["tries"] == []
+            clock.advance(60)  # past the claim
+            h.server.deliverer.wake()
+            await eventually(lambda: receiver.count() == 2)
+            await h.server.deliverer.drain()
+            [delivery] = (await h.call("GET", f"/images/{jobid}/webhooks")).json()["deliveries"]
+            assert delivery["status"] == "delivered"
+            assert [attempt["statusCode"] for attempt in delivery["tries"]] == [200]
+    first, second = receiver.received
+    assert first.headers["webhook-id"] == second.headers["webhook-id"]
