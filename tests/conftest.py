@@ -71,14 +71,21 @@ def database_url(request: pytest.FixtureRequest) -> str | None:
     """None for the default SQLite file of the data dir; else a PostgreSQL URL."""
     if request.param == "sqlite":
         return None
-    url: str | None = request.getfixturevalue("postgres_database")
-    if url is None:
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
+@pytest.fixture
+def postgres_url(postgres_database: str | None) -> str:
+    """The PostgreSQL database of this test process, its tables empty (for tests of PostgreSQL
+    alone)."""
+    if postgres_database is None:
         message = f"no PostgreSQL server at {POSTGRES_SERVER}"
         if os.environ.get("DREAMSERVE_TEST_POSTGRES") == "required":
             pytest.fail(message)
         pytest.skip(message)
-    _empty_tables(url)
-    return url
+    _empty_tables(postgres_database)
+    return postgres_database
 
 
 @pytest.fixture

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+import subprocess
+import sys
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from ipaddress import ip_address
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -316,3 +320,78 @@ class FailingEngine(_SharedEngine):
         self, request: GenerationRequest, progress: Callable[[float], None], cancel: CancelSignal
     ) -> list[Image.Image]:
         raise self.error
+
+
+class LoopWatch:
+    """Ticks every 10 ms on the event loop while open: `longest` is the longest time between
+    two ticks, which is how long anything held the loop up."""
+
+    def __init__(self) -> None:
+        self.ticks = 0
+        self.longest = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> LoopWatch:
+        self._task = asyncio.create_task(self._tick())
+        await asyncio.sleep(0)
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    async def _tick(self) -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            self.longest = max(self.longest, now - last)
+            self.ticks += 1
+            last = now
+
+
+# Another process that takes the write lock of a SQLite file, says so, and lets it go when its
+# stdin closes (as `dreamserve accounts add` or a backup would hold it).
+_LOCK_HOLDER = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+sys.stdin.read()
+conn.rollback()
+"""
+
+
+class HeldLock:
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        self._process = process
+
+    def release(self) -> None:
+        """Let the lock go; returns once it is free."""
+        if self._process.poll() is None:
+            assert self._process.stdin is not None
+            self._process.stdin.close()
+            self._process.wait(5)
+
+
+@contextmanager
+def holding_write_lock(database: Path) -> Iterator[HeldLock]:
+    """Another process holds the SQLite file's write lock (BEGIN IMMEDIATE) until the block
+    ends or `release()`."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", _LOCK_HOLDER, str(database)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    held = HeldLock(process)
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline() == "locked\n"
+        yield held
+    finally:
+        held.release()
+        if process.stdout is not None:
+            process.stdout.close()

@@ -45,7 +45,7 @@ from dreamserve.service.submissions import Submissions
 from dreamserve.service.tokens import Tokens
 from dreamserve.settings import Settings
 from dreamserve.storage.blobs import BlobStore, open_blob_store
-from dreamserve.storage.database import Database, open_database
+from dreamserve.storage.database import Database, DatabaseConfig, open_database
 from dreamserve.storage.job_store import JobStore
 from dreamserve.storage.keyfile import load_or_create_key
 from dreamserve.webhooks.delivery import Deliverer, DeliveryConfig
@@ -98,7 +98,14 @@ async def open_server(
     signer = LinkSigner(key, settings.base_url, settings.link_ttl_seconds, clock)
     # Before the database: a blob store URL that cannot be used stops the start, nothing open.
     blobs = open_blob_store(settings.blob_store, signer)
-    db = open_database(settings.database)
+    db = open_database(
+        settings.database,
+        DatabaseConfig(
+            busy_seconds=settings.database_busy_seconds,
+            statement_seconds=settings.database_statement_seconds,
+            retry_after=settings.retry_after_seconds,
+        ),
+    )
     await db.migrate()
     executor = ThreadPoolExecutor(settings.threads, thread_name_prefix="dreamserve-render")
     context = EngineContext(executor, allow_private=settings.upstream_allow_private)

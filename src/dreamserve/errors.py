@@ -187,6 +187,22 @@ class StorageUnavailable(DreamserveError):
         super().__init__("Storage unavailable, retry later")
 
 
+class DatabaseBusy(DreamserveError):
+    """Another transaction (on SQLite, another process's) held a lock the request needed for
+    longer than the database's busy bound: nothing was written, and the client should retry
+    after `retry_after` seconds."""
+
+    status = 503
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__("Database busy, retry later")
+        self.retry_after = retry_after
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
 class JobFailed(Exception):
     """Raised by an engine when a job cannot produce images; stored on the job, not sent as HTTP."""
 

@@ -17,6 +17,7 @@ from datetime import datetime
 from functools import partial
 
 from dreamserve.dispatch.base import Dispatcher
+from dreamserve.errors import DatabaseBusy
 from dreamserve.jobs import millis
 from dreamserve.storage import job_queries, webhook_queries
 from dreamserve.storage.blobs import BlobStore
@@ -114,5 +115,7 @@ class Reaper:
             await asyncio.sleep(self.config.interval)
             try:
                 await self.sweep()
+            except DatabaseBusy:  # another process holds the database: next round
+                log.warning("reaper sweep put off: the database is busy")
             except Exception:  # an outage of the database: try again next round
                 log.exception("reaper sweep failed")

@@ -28,6 +28,10 @@ class Settings(BaseSettings):
     public_url: str | None = None
     config: Path | None = None  # the operator's TOML file: models and accounts (config.py)
     database_url: str | None = None
+    # The longest a request waits for a lock another transaction holds (or, on PostgreSQL, for
+    # a connection) before it is answered 503; PostgreSQL's longest statement.
+    database_busy_seconds: float = Field(default=5.0, gt=0)
+    database_statement_seconds: float = Field(default=30.0, gt=0)
     blob_url: str | None = None
     link_ttl_seconds: int = Field(default=86_400, ge=1)
     retry_after_seconds: int = Field(default=5, ge=1)

@@ -31,7 +31,7 @@ from dreamserve.engines.base import (
     UpscaleRequest,
 )
 from dreamserve.engines.registry import EngineRegistry
-from dreamserve.errors import AccountError, Cancelled, EngineUnavailable, JobFailed
+from dreamserve.errors import AccountError, Cancelled, DatabaseBusy, EngineUnavailable, JobFailed
 from dreamserve.ids import IdFactory
 from dreamserve.jobs import CANCELLED_BY_USER, Job, Status, StoredImage, millis
 from dreamserve.storage import account_queries, asset_queries
@@ -94,7 +94,12 @@ class JobRunner:
             account = account_queries.account_by_id(tx.conn, account_id) if account_id else None
             return job, account
 
-        claimed = await self.store.write(claim)
+        try:
+            claimed = await self.store.write(claim)
+        except DatabaseBusy:
+            # Still queued, with the lease admission gave it: the reaper dispatches it again.
+            log.warning("job %s not started: the database is busy", job_id)
+            return
         if claimed is None:
             return
         job, account = claimed
@@ -259,7 +264,8 @@ class JobRunner:
         account_error: tuple[Account, str] | None = None,
     ) -> bool:
         """Write the job's end (and its account's error), fenced by this attempt: False when
-        the job had already ended or was taken back."""
+        the job had already ended or was taken back, or when the database stayed busy for a
+        whole lease (then the reaper takes the job back and it runs again)."""
         now = millis(self.clock())
 
         def finish(tx: JobTransaction) -> bool:
@@ -272,7 +278,21 @@ class JobRunner:
                 account_queries.set_account_error(tx.conn, *account_error)
             return failed
 
-        return await self.store.write(finish)
+        # The engine's work is lost if its end is not written: worth waiting for, while the
+        # heartbeat renews the lease. Past a lease the reaper may have taken the job back (a
+        # late end is fenced off then), so the runner gives up and the job runs again.
+        give_up = time.monotonic() + self.config.lease_seconds
+        while True:
+            try:
+                return await self.store.write(finish)
+            except DatabaseBusy:
+                if time.monotonic() >= give_up:
+                    log.warning(
+                        "job %s: its end was not written, the database stayed busy; it runs "
+                        "again once its lease runs out",
+                        job.jobid,
+                    )
+                    return False
 
     async def _heartbeat(
         self, job: Job, progress: _Progress, cancel: CancelSignal, lease: _Lease

@@ -1,19 +1,24 @@
 """SQLite's group commit: the writes asked for in one turn of the event loop run one after the
-other, each in a savepoint of its own, and commit together."""
+other, each in a savepoint of its own, and commit together; a write lock held by another
+connection is waited for off the event loop, up to the busy bound."""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from sqlalchemy import Connection, func, select, text
 from sqlalchemy.exc import IntegrityError, ResourceClosedError
+from support import LoopWatch
 
+from dreamserve.errors import DatabaseBusy
 from dreamserve.storage import user_queries
-from dreamserve.storage.database import SqliteDatabase
+from dreamserve.storage.database import DatabaseConfig, SqliteDatabase
 from dreamserve.storage.tables import users
 
 pytestmark = pytest.mark.anyio
@@ -179,29 +184,191 @@ async def test_a_write_that_raises_stopiteration_fails_alone(db: SqliteDatabase)
     assert await stored(db) == [1, 3, 4]
 
 
-async def test_a_group_that_cannot_begin_fails_every_write_and_the_next_one_works(
-    db: SqliteDatabase,
-) -> None:
-    """Another process holds the write lock past the busy timeout: the whole group gets the
-    error, no transaction is left open, and writes work again once the lock is free."""
-    driver = db._conn.connection.driver_connection
-    assert driver is not None
-    driver.execute("PRAGMA busy_timeout = 50")
+@pytest.fixture
+async def quick(tmp_path: Path) -> AsyncIterator[SqliteDatabase]:
+    """A database that waits at most 0.3 s for a lock held elsewhere."""
+    database = SqliteDatabase(f"sqlite:///{tmp_path / 'q.db'}", DatabaseConfig(busy_seconds=0.3))
+    await database.migrate()
+    yield database
+    await database.close()
+
+
+@contextmanager
+def locked(db: SqliteDatabase) -> Iterator[sqlite3.Connection]:
+    """Another connection holds the write lock (BEGIN IMMEDIATE) until the block ends or its
+    rollback."""
     other = sqlite3.connect(db.path, isolation_level=None)
     other.execute("BEGIN IMMEDIATE")
     try:
-        results = await asyncio.gather(
-            db.write(add_user(1)), db.write(add_user(2)), return_exceptions=True
-        )
+        yield other
     finally:
         other.rollback()
         other.close()
-    # BEGIN runs on the driver itself, as before group commit: sqlite3's own error
-    assert all(isinstance(result, sqlite3.OperationalError) for result in results)
-    assert "database is locked" in str(results[0])
+
+
+async def test_a_group_that_cannot_begin_in_time_fails_every_write_and_the_next_one_works(
+    quick: SqliteDatabase,
+) -> None:
+    """Another process holds the write lock past the busy bound: the whole group gets
+    DatabaseBusy, no transaction is left open, and writes work again once the lock is free."""
+    started = time.monotonic()
+    with locked(quick):
+        results = await asyncio.gather(
+            quick.write(add_user(1)), quick.write(add_user(2)), return_exceptions=True
+        )
+    for result in results:
+        assert isinstance(result, DatabaseBusy)
+        assert (result.status, result.message) == (503, "Database busy, retry later")
+        assert result.headers == {"Retry-After": "5"}
+    assert 0.3 <= time.monotonic() - started < 1.5
+    driver = quick._conn.connection.driver_connection
+    assert driver is not None
     assert not driver.in_transaction
-    assert await db.write(add_user(3)) > 0
-    assert await stored(db) == [3]
+    assert await quick.write(add_user(3)) > 0
+    assert await stored(quick) == [3]
+
+
+async def test_writes_wait_for_the_lock_off_the_loop_and_commit_together_once_it_is_free(
+    db: SqliteDatabase,
+) -> None:
+    """While another connection holds the lock, the loop runs on (a task ticking every 10 ms
+    sees no gap); the writes asked for meanwhile join the waiting group, and all of them
+    commit in one transaction when the lock comes free."""
+    seen = statements(db)
+    async with LoopWatch() as watch:
+        with locked(db) as other:
+            first = asyncio.gather(*(db.write(add_user(n)) for n in range(3)))
+            await asyncio.sleep(0.1)
+            assert not first.done()
+            later = asyncio.ensure_future(db.write(add_user(3)))
+            await asyncio.sleep(0.1)
+            assert await stored(db) == []
+            other.rollback()
+            ids = [*await first, await later]
+    assert len(set(ids)) == 4
+    assert await stored(db) == [0, 1, 2, 3]
+    assert seen.count("COMMIT") == 1
+    assert watch.ticks >= 10
+    assert watch.longest < 0.1, f"the event loop stood still for {watch.longest:.3f} s"
+
+
+async def test_each_write_waits_for_the_lock_from_when_it_began_to(quick: SqliteDatabase) -> None:
+    """A write that waited the bound gets DatabaseBusy; one asked for later waits on and
+    commits when the lock comes free within its own bound."""
+    with locked(quick) as other:
+        early = asyncio.ensure_future(quick.write(add_user(1)))
+        await asyncio.sleep(0.2)
+        late = asyncio.ensure_future(quick.write(add_user(2)))
+        with pytest.raises(DatabaseBusy):
+            await early
+        assert not late.done()
+        other.rollback()
+        assert await late > 0
+    assert await stored(quick) == [2]
+
+
+async def test_a_write_cancelled_while_it_waits_for_the_lock_never_runs(
+    quick: SqliteDatabase,
+) -> None:
+    ran: list[int] = []
+
+    def tracked(conn: Connection) -> int:
+        ran.append(1)
+        return user_queries.insert_user(conn, 2)
+
+    with locked(quick) as other:
+        cancelled = asyncio.ensure_future(quick.write(tracked))
+        kept = asyncio.ensure_future(quick.write(add_user(1)))
+        await asyncio.sleep(0.05)
+        cancelled.cancel()
+        await asyncio.sleep(0.05)
+        other.rollback()
+        await kept
+    assert ran == []
+    assert await stored(quick) == [1]
+
+
+async def test_reads_flow_while_another_connection_holds_the_write_lock(
+    quick: SqliteDatabase,
+) -> None:
+    await quick.write(add_user(1))
+    with locked(quick):
+        count = await quick.read(
+            lambda conn: conn.execute(select(func.count()).select_from(users)).scalar_one()
+        )
+    assert count == 1
+
+
+def busy_error(path: str) -> sqlite3.OperationalError:
+    """The error SQLite gives a connection that finds the database locked (SQLITE_BUSY)."""
+    holder = sqlite3.connect(path, isolation_level=None)
+    waiter = sqlite3.connect(path, isolation_level=None, timeout=0)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        waiter.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as error:
+        return error
+    finally:
+        holder.rollback()
+        holder.close()
+        waiter.close()
+    raise AssertionError("the database was not locked")
+
+
+async def test_a_read_that_finds_the_database_locked_is_tried_again_off_the_loop(
+    quick: SqliteDatabase,
+) -> None:
+    """In WAL mode a read finds the database locked only while another connection holds it
+    exclusively (recovering a crashed writer's WAL, exclusive locking mode): it is tried
+    again after a pause, the loop running on, and gets DatabaseBusy past the bound."""
+    error = busy_error(quick.path)
+    tries: list[float] = []
+
+    def locked_twice(conn: Connection) -> int:
+        tries.append(time.monotonic())
+        if len(tries) <= 2:
+            raise error
+        return int(conn.execute(select(func.count()).select_from(users)).scalar_one())
+
+    assert await quick.read(locked_twice) == 0
+    assert len(tries) == 3
+
+    def locked_for_ever(conn: Connection) -> int:
+        raise error
+
+    started = time.monotonic()
+    async with LoopWatch() as watch:
+        with pytest.raises(DatabaseBusy):
+            await quick.read(locked_for_ever)
+    assert 0.3 <= time.monotonic() - started < 1.5
+    assert watch.longest < 0.1
+
+
+async def test_migrate_waits_for_the_lock_off_the_loop(tmp_path: Path) -> None:
+    database = SqliteDatabase(f"sqlite:///{tmp_path / 'm.db'}")
+    try:
+        with locked(database) as other:
+            asyncio.get_running_loop().call_later(0.2, other.rollback)
+            async with LoopWatch() as watch:
+                await database.migrate()
+        assert watch.longest < 0.1
+        assert await database.write(add_user(1)) > 0
+    finally:
+        await database.close()
+
+
+async def test_a_write_waiting_for_the_lock_at_close_is_committed_once_it_is_free(
+    tmp_path: Path,
+) -> None:
+    database = SqliteDatabase(f"sqlite:///{tmp_path / 'c.db'}")
+    await database.migrate()
+    with locked(database) as other:
+        pending = asyncio.ensure_future(database.write(add_user(7)))
+        await asyncio.sleep(0.05)
+        asyncio.get_running_loop().call_later(0.1, other.rollback)
+        await database.close()
+    assert await pending > 0
+    assert await stored(database) == [7]
 
 
 async def test_a_write_after_close_fails_instead_of_waiting_for_ever(tmp_path: Path) -> None:

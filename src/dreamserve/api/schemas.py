@@ -72,6 +72,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         (413, "Body too large"),
         (422, "Idempotency-Key used with another request"),
         (429, "No free slot; see Retry-After"),
+        (503, "Database busy (locked by another transaction); see Retry-After"),
     )
 }
 # Of GET /files/<key>: a Range header that starts past the file's end.

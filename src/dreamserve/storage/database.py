@@ -11,10 +11,17 @@ The backend is chosen by URL, each run where it is fastest (docs/benchmarks.md h
   awaits, transactions of one process never interleave. Writes are committed in groups: those
   asked for within two turns of the event loop run one after the other, each in a savepoint of
   its own, and commit together (the commit is most of a small write's cost). Writes begin
-  IMMEDIATE, so a second process (the CLI) waits for the lock instead of failing. WAL
-  checkpoints (the only step that waits on the disk) run on a background thread instead of
-  inside a request.
-- PostgreSQL: a pool of psycopg connections, each transaction run on a worker thread.
+  IMMEDIATE. The connection never waits for a lock (busy_timeout 0): a group that finds the
+  write lock held by another process (the CLI, a backup) is tried again from the event loop
+  with short pauses between tries, the writes asked for meanwhile joining it, so the loop
+  serves every other request as it waits. In WAL mode reads need no lock. WAL checkpoints
+  (the only step that waits on the disk) run on a background thread instead of inside a
+  request.
+- PostgreSQL: a pool of psycopg connections, each transaction run on a worker thread, with
+  `lock_timeout` and `statement_timeout` set on every connection.
+
+Either way a transaction waits at most `DatabaseConfig.busy_seconds` for another's lock (or, on
+PostgreSQL, for a connection), then fails with `DatabaseBusy` (503 with Retry-After).
 """
 
 from __future__ import annotations
@@ -25,8 +32,11 @@ import fcntl
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -34,14 +44,25 @@ from typing import Any, Protocol, TypeVar
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, create_engine, event, text
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.pool import NullPool, StaticPool
 
 from dreamserve.config import ConfigError
+from dreamserve.errors import DatabaseBusy
 
 T = TypeVar("T")
 Transaction = Callable[[Connection], T]
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    # The longest a transaction waits for another's lock (SQLite's write lock, PostgreSQL's
+    # lock_timeout) or for a free connection (PostgreSQL), then DatabaseBusy.
+    busy_seconds: float = 5.0
+    statement_seconds: float = 30.0  # PostgreSQL's statement_timeout
+    retry_after: int = 5  # DatabaseBusy's Retry-After
 
 
 class Database(Protocol):
@@ -50,10 +71,14 @@ class Database(Protocol):
     shared: bool
 
     async def read(self, fn: Transaction[T]) -> T:
-        """Run `fn` on a connection for reads; each statement sees the latest committed state."""
+        """Run `fn` on a connection for reads; each statement sees the latest committed state.
+        DatabaseBusy when the database stayed locked past the busy bound (rare: on SQLite in
+        WAL mode, and on PostgreSQL, reads take no lock that writers hold)."""
 
     async def write(self, fn: Transaction[T]) -> T:
         """Run `fn` in one transaction: committed when this returns, rolled back if it raises.
+        DatabaseBusy, with nothing of `fn` committed, when another transaction held a lock it
+        needed past the busy bound (on SQLite `fn` has not run at all).
         A caller cancelled while it waits may find its transaction committed all the same
         (on PostgreSQL it runs on a thread; on SQLite it may be committing with others)."""
 
@@ -68,29 +93,30 @@ class Database(Protocol):
     async def close(self) -> None: ...
 
 
-def open_database(url: str) -> Database:
+def open_database(url: str, config: DatabaseConfig | None = None) -> Database:
     """The database a URL names: `sqlite:///path` or `postgresql://...`."""
     backend = make_url(url).get_backend_name()
     if backend == "sqlite":
-        return SqliteDatabase(url)
+        return SqliteDatabase(url, config)
     if backend == "postgresql":
-        return PostgresDatabase(url)
+        return PostgresDatabase(url, config)
     raise ValueError(f"unsupported database URL {url!r}: use sqlite:/// or postgresql://")
 
 
 class SqliteDatabase:
-    """One connection on the event loop thread; writes committed in groups; WAL, with
-    checkpoints on a thread of their own."""
+    """One connection on the event loop thread, which never waits for a lock; writes
+    committed in groups; WAL, with checkpoints on a thread of their own."""
 
     CHECKPOINT_SECONDS = 1.0
     shared = False
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, config: DatabaseConfig | None = None) -> None:
         path = make_url(url).database
         if not path or path == ":memory:":
             raise ValueError("the SQLite database must be a file")
         Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.path = path
+        self.config = config or DatabaseConfig()
         self._engine = create_engine(url, poolclass=StaticPool)
         event.listen(self._engine, "connect", _configure_sqlite)
         try:
@@ -102,8 +128,12 @@ class SqliteDatabase:
             raise ConfigError(f"{path}: the SQLite database cannot be opened ({reason})") from None
         self._runner_lock: int | None = None
         # The writes asked for since the last group commit, with the futures their callers
-        # wait on; the group runs two turns of the loop after the first (`_commit_soon`).
+        # wait on; the group runs two turns of the loop after the first (`_commit_soon`), or,
+        # while another process holds the write lock, at the next try (`_retry`).
         self._queued: list[tuple[Transaction[Any], asyncio.Future[Any]]] = []
+        self._retry: asyncio.TimerHandle | None = None
+        # While the write lock is held elsewhere: when each waiting write gets DatabaseBusy.
+        self._deadlines: dict[asyncio.Future[Any], float] = {}
         self._stop = threading.Event()
         self._checkpointer = threading.Thread(
             target=self._checkpoint_loop, name="dreamserve-checkpoint", daemon=True
@@ -111,10 +141,23 @@ class SqliteDatabase:
         self._checkpointer.start()
 
     async def read(self, fn: Transaction[T]) -> T:
-        try:
-            return fn(self._conn)
-        finally:
-            self._conn.rollback()
+        pauses: Iterator[float] | None = None
+        while True:
+            try:
+                return fn(self._conn)
+            except (DBAPIError, sqlite3.Error) as error:
+                # Another connection holds the database exclusively (in WAL mode only while
+                # it recovers a crashed writer's WAL, or in exclusive locking mode): a read
+                # has nothing to undo, so it is tried again, from the loop, never on it.
+                if not _is_busy(error):
+                    raise
+            finally:
+                self._conn.rollback()
+            pauses = pauses or _pauses(self.config.busy_seconds)
+            pause = next(pauses, None)
+            if pause is None:
+                raise DatabaseBusy(self.config.retry_after)
+            await asyncio.sleep(pause)
 
     async def write(self, fn: Transaction[T]) -> T:
         loop = asyncio.get_running_loop()
@@ -133,6 +176,9 @@ class SqliteDatabase:
         """Run the queued writes in one transaction, each in its own savepoint: one that
         raises is rolled back alone and gets its error; the others commit together and get
         their results. A caller that was cancelled before its turn is skipped."""
+        if self._retry is not None:  # run now (at close): the waiting writes are in the group
+            self._retry.cancel()
+            self._retry = None
         queued, self._queued = self._queued, []
         while queued:
             queued = self._commit_group(queued)
@@ -149,7 +195,11 @@ class SqliteDatabase:
         try:
             driver = conn.connection.driver_connection  # raises once the database is closed
             assert driver is not None
-            driver.execute("BEGIN IMMEDIATE")  # may wait out another process's lock, then fail
+            if not _begin_immediate(driver):
+                self._wait_for_lock(queued)
+                return []
+            if self._deadlines:  # the lock came free: the writes that waited for it run now
+                self._deadlines.clear()
             for position, (fn, committed) in enumerate(queued):
                 if committed.cancelled():
                     continue
@@ -180,6 +230,30 @@ class SqliteDatabase:
             committed.set_result(result)
         return []
 
+    def _wait_for_lock(self, queued: list[tuple[Transaction[Any], asyncio.Future[Any]]]) -> None:
+        """Another connection holds the write lock: try the group again after a pause, from
+        the loop (never waiting on it), with the writes asked for meanwhile behind it. A write
+        that waited `busy_seconds` gets DatabaseBusy instead; it never ran."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        bound = self.config.busy_seconds
+        waiting = []
+        for fn, committed in queued:
+            if committed.done():  # cancelled while it waited
+                self._deadlines.pop(committed, None)
+                continue
+            deadline = self._deadlines.setdefault(committed, now + bound)
+            if deadline <= now:
+                del self._deadlines[committed]
+                committed.set_exception(DatabaseBusy(self.config.retry_after))
+            else:
+                waiting.append((fn, committed))
+        self._queued[:0] = waiting  # ahead of any asked for since: the order is kept
+        if self._queued:
+            first = min((self._deadlines[committed] for _, committed in waiting), default=now)
+            waited = bound - (first - now)  # by the write that waited longest
+            self._retry = loop.call_later(_pause(waited, bound), self._commit_queued)
+
     def _roll_back(self) -> None:
         with contextlib.suppress(Exception):  # a closed connection has nothing to undo
             self._conn.rollback()
@@ -187,25 +261,27 @@ class SqliteDatabase:
             if driver is not None and driver.in_transaction:
                 driver.rollback()
 
-    def _transaction(self, fn: Transaction[T]) -> T:
+    async def migrate(self) -> None:
+        # In a transaction of its own rather than a group's savepoint: Alembic's DDL as before.
         conn = self._conn
         driver = conn.connection.driver_connection
         assert driver is not None
-        driver.execute("BEGIN IMMEDIATE")  # straight to sqlite3: it is on every write path
+        pauses = _pauses(self.config.busy_seconds)
+        while not _begin_immediate(driver):
+            pause = next(pauses, None)
+            if pause is None:
+                raise DatabaseBusy(self.config.retry_after)
+            await asyncio.sleep(pause)
         try:
-            result = fn(conn)
+            _upgrade(conn)
             conn.commit()
-            if driver.in_transaction:  # fn ran no statement through SQLAlchemy
+            if driver.in_transaction:  # no statement went through SQLAlchemy
                 driver.commit()
         except BaseException:
             conn.rollback()
             if driver.in_transaction:  # a failed commit, or no statement went through SQLAlchemy
                 driver.rollback()
             raise
-        return result
-
-    async def migrate(self) -> None:
-        self._transaction(_upgrade)
 
     async def lock_runner(self) -> bool:
         if self._runner_lock is None:
@@ -220,6 +296,11 @@ class SqliteDatabase:
 
     async def close(self) -> None:
         self._commit_queued()  # writes asked for just before: before the connection goes
+        # Those waiting for another process's lock: each commits or fails within the bound.
+        while waiting := [committed for _, committed in self._queued if not committed.done()]:
+            await asyncio.wait(waiting)
+        if self._retry is not None:  # only writes cancelled meanwhile were left
+            self._retry.cancel()
         if self._runner_lock is not None:
             os.close(self._runner_lock)  # closing the file releases the lock
         self._stop.set()
@@ -272,13 +353,53 @@ def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
     # with the explicit BEGIN IMMEDIATE above.
     dbapi_connection.isolation_level = None
     for pragma in (
-        "PRAGMA journal_mode=WAL",
+        "PRAGMA journal_mode=WAL",  # at the start, with sqlite3's default wait (5 s)
         "PRAGMA synchronous=NORMAL",
         "PRAGMA foreign_keys=ON",
-        "PRAGMA busy_timeout=5000",
         "PRAGMA wal_autocheckpoint=0",  # the checkpoint thread does it
+        # From now on on the event loop: SQLite's busy handler would sleep on it. A lock held
+        # elsewhere is waited for by `_wait_for_lock`, `read` and `migrate` instead.
+        "PRAGMA busy_timeout=0",
     ):
         dbapi_connection.execute(pragma)
+
+
+def _begin_immediate(driver: sqlite3.Connection) -> bool:
+    """Take the write lock (straight on sqlite3: it is on every write path); False, at once,
+    when another connection holds it."""
+    try:
+        driver.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as error:
+        if _is_busy(error):
+            return False
+        raise
+    return True
+
+
+def _is_busy(error: BaseException) -> bool:
+    """Whether `error` (sqlite3's, or SQLAlchemy's around it) is SQLITE_BUSY: a lock that
+    another connection holds."""
+    cause = getattr(error, "orig", error)
+    return isinstance(cause, sqlite3.Error) and cause.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY
+
+
+# Pauses between tries for a lock: short at first (most locks are held for milliseconds),
+# growing by half of what was waited, at most `_LONGEST_PAUSE` (how late a freed lock is seen).
+_SHORTEST_PAUSE = 0.001
+_LONGEST_PAUSE = 0.05
+
+
+def _pause(waited: float, bound: float) -> float:
+    return max(_SHORTEST_PAUSE, min(waited / 2, _LONGEST_PAUSE, bound - waited))
+
+
+def _pauses(bound: float) -> Iterator[float]:
+    """The pauses between tries for a lock, until `bound` seconds are waited."""
+    waited = 0.0
+    while waited < bound:
+        pause = _pause(waited, bound)
+        yield pause
+        waited += pause
 
 
 # Any fixed key works; this one spells "dreamsrv".
@@ -286,27 +407,37 @@ _TRY_RUNNER_LOCK = text("SELECT pg_try_advisory_lock(7237955865294632566)")
 
 
 class PostgresDatabase:
-    """A connection pool; each transaction runs on one of as many threads as connections."""
+    """A connection pool; each transaction runs on one of as many threads as connections.
+
+    Nothing waits unbounded: a lock for `busy_seconds` (lock_timeout), a statement for
+    `statement_seconds` (statement_timeout), a thread (and so a connection) for
+    `busy_seconds`; then DatabaseBusy, the transaction rolled back or never begun."""
 
     POOL_SIZE = 10
     shared = True
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, config: DatabaseConfig | None = None) -> None:
+        self.config = config or DatabaseConfig()
         driver_url = make_url(url).set(drivername="postgresql+psycopg")
         self._engine: Engine = create_engine(
-            driver_url, pool_size=self.POOL_SIZE, max_overflow=0, pool_pre_ping=True
+            driver_url,
+            pool_size=self.POOL_SIZE,
+            max_overflow=0,
+            pool_pre_ping=True,
+            pool_timeout=self.config.busy_seconds,
+            connect_args={"options": _session_options(driver_url, self.config)},
         )
         self._threads = ThreadPoolExecutor(self.POOL_SIZE, thread_name_prefix="dreamserve-db")
         self._runner_lock: Connection | None = None
 
     async def read(self, fn: Transaction[T]) -> T:
-        return await self._run(self._read, fn)
+        return await self._run(self._engine.connect, fn)
 
     async def write(self, fn: Transaction[T]) -> T:
-        return await self._run(self._write, fn)
+        return await self._run(self._engine.begin, fn)
 
     async def migrate(self) -> None:
-        await self.write(_upgrade)
+        await self.write(_long_upgrade)
 
     async def lock_runner(self) -> bool:
         if self._runner_lock is None:
@@ -330,16 +461,59 @@ class PostgresDatabase:
         self._threads.shutdown(wait=True)
         self._engine.dispose()
 
-    async def _run(self, runner: Callable[[Transaction[T]], T], fn: Transaction[T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._threads, runner, fn)
+    async def _run(
+        self, opening: Callable[[], AbstractContextManager[Connection]], fn: Transaction[T]
+    ) -> T:
+        loop = asyncio.get_running_loop()
+        asked_at = time.monotonic()
+        return await loop.run_in_executor(self._threads, self._transaction, opening, fn, asked_at)
 
-    def _read(self, fn: Transaction[T]) -> T:
-        with self._engine.connect() as conn:
-            return fn(conn)
+    def _transaction(
+        self,
+        opening: Callable[[], AbstractContextManager[Connection]],
+        fn: Transaction[T],
+        asked_at: float,
+    ) -> T:
+        if time.monotonic() - asked_at > self.config.busy_seconds:
+            # Every thread (every connection) was taken, by transactions waiting on a lock,
+            # say, for as long as a lock may be waited for: this one does not begin.
+            raise DatabaseBusy(self.config.retry_after)
+        try:
+            with opening() as conn:
+                return fn(conn)
+        except (DBAPIError, PoolTimeout) as error:
+            if isinstance(error, PoolTimeout) or _sqlstate(error) in _BUSY_STATES:
+                raise DatabaseBusy(self.config.retry_after) from error  # rolled back
+            raise
 
-    def _write(self, fn: Transaction[T]) -> T:
-        with self._engine.begin() as conn:
-            return fn(conn)
+
+# lock_not_available (lock_timeout) and query_canceled (statement_timeout).
+_BUSY_STATES = {"55P03", "57014"}
+
+
+def _sqlstate(error: Exception) -> str | None:
+    return getattr(getattr(error, "orig", None), "sqlstate", None)
+
+
+def _session_options(url: URL, config: DatabaseConfig) -> str:
+    """The connection's `options`: our timeouts, then any the URL gives (which win)."""
+    ours = (
+        f"-c lock_timeout={_milliseconds(config.busy_seconds)} "
+        f"-c statement_timeout={_milliseconds(config.statement_seconds)}"
+    )
+    given = url.query.get("options")
+    return f"{ours} {given}" if isinstance(given, str) else ours
+
+
+def _milliseconds(seconds: float) -> int:
+    return max(1, round(seconds * 1000))  # 0 would turn the timeout off
+
+
+def _long_upgrade(connection: Connection) -> None:
+    # A migration may rewrite a large table: its length is no sign of a busy database (its
+    # lock waits stay bounded).
+    connection.execute(text("SET LOCAL statement_timeout = 0"))
+    _upgrade(connection)
 
 
 def _upgrade(connection: Connection) -> None:

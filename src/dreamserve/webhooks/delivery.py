@@ -30,6 +30,7 @@ import httpx
 from sqlalchemy import Connection
 
 from dreamserve import __version__
+from dreamserve.errors import DatabaseBusy
 from dreamserve.events import JobEvents
 from dreamserve.jobs import Job, millis, record
 from dreamserve.netguard import HostRefused, Resolver, resolve
@@ -95,6 +96,8 @@ class Deliverer:
             self._wake.clear()
             try:
                 await self.deliver_due()
+            except DatabaseBusy:  # another process holds the database: the next round
+                log.warning("webhook delivery round put off: the database is busy")
             except Exception:  # the database is away: try again at the next round
                 log.exception("webhook delivery round failed")
             with contextlib.suppress(TimeoutError):
@@ -141,6 +144,13 @@ class Deliverer:
     async def _deliver(self, delivery: Delivery) -> None:
         try:
             await self._try(delivery)
+        except DatabaseBusy:
+            # The try may have reached the receiver: recording a failure would be untrue. The
+            # claim runs out and the delivery is sent again (webhook-id unchanged, so a
+            # receiver that already has it can tell).
+            log.warning(
+                "webhook delivery %s: try not recorded, the database is busy", delivery.message_id
+            )
         except Exception as failure:  # never lose the loop to one delivery
             log.exception("webhook delivery %s failed", delivery.message_id)
             # Recorded as a failed try, so that the schedule goes on (and ends) as for any other.

@@ -1,0 +1,98 @@
+"""PostgreSQL's bounded waits (issue 14): no transaction waits longer than the busy bound for a
+lock or for a connection, nor runs a statement longer than the statement bound; each is
+answered DatabaseBusy instead, with nothing committed."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import psycopg
+import pytest
+from sqlalchemy import Connection, text
+
+from dreamserve.errors import DatabaseBusy
+from dreamserve.storage import user_queries
+from dreamserve.storage.database import DatabaseConfig, PostgresDatabase
+
+pytestmark = pytest.mark.anyio
+
+QUICK = DatabaseConfig(busy_seconds=0.3, statement_seconds=0.5)
+
+
+@pytest.fixture
+async def db(postgres_url: str) -> AsyncIterator[PostgresDatabase]:
+    database = PostgresDatabase(postgres_url, QUICK)
+    await database.migrate()
+    yield database
+    await database.close()
+
+
+def sleep(seconds: float):
+    def run(conn: Connection) -> None:
+        conn.execute(text("SELECT pg_sleep(:seconds)"), {"seconds": seconds})
+
+    return run
+
+
+async def test_every_connection_has_the_lock_and_statement_timeouts(db: PostgresDatabase) -> None:
+    def timeouts(conn: Connection) -> tuple[str, str]:
+        return (
+            conn.execute(text("SHOW lock_timeout")).scalar_one(),
+            conn.execute(text("SHOW statement_timeout")).scalar_one(),
+        )
+
+    assert await db.read(timeouts) == ("300ms", "500ms")
+
+
+async def test_options_of_the_url_win_over_the_timeouts(postgres_url: str) -> None:
+    database = PostgresDatabase(f"{postgres_url}?options=-c%20lock_timeout%3D1234", QUICK)
+    try:
+        setting = await database.read(lambda conn: conn.execute(text("SHOW lock_timeout")))
+        assert setting.scalar_one() == "1234ms"
+    finally:
+        await database.close()
+
+
+async def test_writes_behind_a_held_lock_are_answered_busy_in_time(
+    db: PostgresDatabase, postgres_url: str
+) -> None:
+    """Fifteen writes behind another transaction's lock (more than there are connections):
+    each gets DatabaseBusy within the bound (those that waited for a connection as long as
+    that, without waiting for the lock after it); the next works once the lock is free."""
+    user = await db.write(lambda conn: user_queries.insert_user(conn, 1))
+
+    def touch(conn: Connection) -> None:
+        conn.execute(text("UPDATE users SET created_at = 2 WHERE id = :id"), {"id": user})
+
+    with psycopg.connect(postgres_url) as other:
+        other.execute("SELECT id FROM users FOR UPDATE")
+        started = time.monotonic()
+        async with asyncio.timeout(3):  # unbounded, they would wait for the rollback below
+            writes = [db.write(touch) for _ in range(15)]
+            results = await asyncio.gather(*writes, return_exceptions=True)
+        waited = time.monotonic() - started
+        other.rollback()
+    assert all(isinstance(result, DatabaseBusy) for result in results), results
+    assert 0.3 <= waited < 1.5
+    await db.write(touch)
+
+
+async def test_a_transaction_that_waited_the_bound_for_a_connection_does_not_begin(
+    db: PostgresDatabase,
+) -> None:
+    slow = [asyncio.ensure_future(db.read(sleep(0.4))) for _ in range(PostgresDatabase.POOL_SIZE)]
+    await asyncio.sleep(0.05)  # every connection taken
+    ran: list[int] = []
+    with pytest.raises(DatabaseBusy):
+        await db.write(lambda conn: ran.append(user_queries.insert_user(conn, 1)))
+    await asyncio.gather(*slow)
+    assert ran == []
+
+
+async def test_a_statement_past_the_statement_bound_is_cancelled(db: PostgresDatabase) -> None:
+    started = time.monotonic()
+    with pytest.raises(DatabaseBusy):
+        await db.read(sleep(5))
+    assert time.monotonic() - started < 2
