@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import subprocess
 import sys
@@ -320,36 +319,6 @@ class FailingEngine(_SharedEngine):
         self, request: GenerationRequest, progress: Callable[[float], None], cancel: CancelSignal
     ) -> list[Image.Image]:
         raise self.error
-
-
-class LoopWatch:
-    """Ticks every 10 ms on the event loop while open: `longest` is the longest time between
-    two ticks, which is how long anything held the loop up."""
-
-    def __init__(self) -> None:
-        self.ticks = 0
-        self.longest = 0.0
-        self._task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> LoopWatch:
-        self._task = asyncio.create_task(self._tick())
-        await asyncio.sleep(0)
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-
-    async def _tick(self) -> None:
-        last = time.monotonic()
-        while True:
-            await asyncio.sleep(0.01)
-            now = time.monotonic()
-            self.longest = max(self.longest, now - last)
-            self.ticks += 1
-            last = now
 
 
 # Another process that takes the write lock of a SQLite file, says so, and lets it go when its

@@ -19,7 +19,6 @@ from support import (
     FakeClock,
     GatedEngine,
     Harness,
-    LoopWatch,
     eventually,
     holding_write_lock,
     open_harness,
@@ -65,13 +64,18 @@ def holding_a_lock(settings: Settings) -> Iterator[None]:
 
 @pytest.mark.both_databases
 async def test_a_lock_held_elsewhere_makes_writes_503_and_holds_up_nothing_else(
-    harness: Harness, busy: Settings
+    busy: Settings,
 ) -> None:
-    done = await harness.post(SMALL)
-    jobid = done.json()["jobid"]
-    await harness.wait(jobid)
-    async with LoopWatch() as watch:
-        with holding_a_lock(busy):
+    """While a write waits for the lock (a bound of 2 s here), requests that need no lock are
+    answered: they come back before the write does, which a write waiting on the event loop's
+    thread would not let happen. Then the write is a 503, and writes work once the lock is
+    free. Checked by order, not by timing."""
+    patient = busy.model_copy(update={"database_busy_seconds": 2.0})
+    async with open_harness(patient) as harness:
+        done = await harness.post(SMALL)
+        jobid = done.json()["jobid"]
+        await harness.wait(jobid)
+        with holding_a_lock(patient):
             started = time.monotonic()
             submission = asyncio.create_task(harness.post(SMALL))
             await asyncio.sleep(0.05)  # the write waits for the lock
@@ -81,17 +85,16 @@ async def test_a_lock_held_elsewhere_makes_writes_503_and_holds_up_nothing_else(
             record = await harness.get(jobid)  # a read: no lock needed
             assert record.status_code == 200
             assert record.json()["status"] == "completed"
-            assert time.monotonic() - started < 0.25  # answered while the write waited
+            assert not submission.done()  # answered while the write waited
             refused = await submission
             waited = time.monotonic() - started
-    assert refused.status_code == 503
-    assert refused.json() == BUSY
-    assert refused.headers["Retry-After"] == str(busy.retry_after_seconds)
-    assert 0.3 <= waited < 1.5
-    assert watch.longest < 0.2, f"the event loop stood still for {watch.longest:.3f} s"
-    again = await harness.post(SMALL)
-    assert again.status_code == 200, again.text
-    assert (await harness.wait(again.json()["jobid"]))["status"] == "completed"
+        assert refused.status_code == 503
+        assert refused.json() == BUSY
+        assert refused.headers["Retry-After"] == str(patient.retry_after_seconds)
+        assert waited >= 2.0
+        again = await harness.post(SMALL)
+        assert again.status_code == 200, again.text
+        assert (await harness.wait(again.json()["jobid"]))["status"] == "completed"
 
 
 async def test_a_runner_whose_lease_renewal_meets_the_lock_keeps_its_job(

@@ -564,7 +564,7 @@ async def test_pending_deliveries_are_sent_after_a_restart(
         clock.advance(RETRY_DELAYS[0] * (1 + JITTER) + 1)
         async with open_harness(private, clock=clock) as harness:
             delivery = await settled(harness, jobid, 2)
-            assert delivery["status"] == "delivered"
+            assert delivery["status"] == "delivered", delivery
         assert receiver.count() == 2
 
 
