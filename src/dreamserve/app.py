@@ -283,9 +283,10 @@ async def _background(
     server: Server, settings: Settings, clock: Clock, resume: bool
 ) -> AsyncIterator[None]:
     """The server's background tasks, for as long as it serves: the webhook deliverer and, on
-    PostgreSQL, the listener for other processes' job changes; with `resume`, the runner lock,
-    the jobs an earlier process left, and the reaper (without it, as a second API process in
-    tests, the app runs only the jobs it admits)."""
+    PostgreSQL, the listener for other processes' job changes; with `resume`, the runner lock
+    (on PostgreSQL watched: `Scheduler.keep_runner_lock`), the jobs an earlier process left,
+    and the reaper (without it, as a second API process in tests, the app runs only the jobs
+    it admits)."""
     tasks = [asyncio.create_task(server.deliverer.run_forever(), name="webhooks")]
     if settings.database.startswith("postgresql"):
         feed = PostgresFeed(settings.database, server.events)
@@ -306,7 +307,11 @@ async def _background(
                     settings.lease_seconds,
                 ),
             )
-            tasks.append(asyncio.create_task(reaper.run_forever(), name="reaper"))
+            reaping = asyncio.create_task(reaper.run_forever(), name="reaper")
+            tasks.append(reaping)
+            if server.db.shared:  # PostgreSQL's lock lives with a connection, which may end
+                watch = _keep_runner_lock(server.service.scheduler, reaping)
+                tasks.append(asyncio.create_task(watch, name="runner-lock"))
         yield
     finally:
         for task in tasks:
@@ -314,6 +319,18 @@ async def _background(
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+# How soon a PostgreSQL server learns that its runner lock's connection ended: the longest
+# another server that takes the lock meanwhile may run a job this one still runs.
+RUNNER_LOCK_CHECK_SECONDS = 1.0
+
+
+async def _keep_runner_lock(scheduler: Scheduler, reaping: asyncio.Task[None]) -> None:
+    """Keep the runner lock; when another server took it, stop this one's runners and reaper
+    (requeueing is the holder's now)."""
+    await scheduler.keep_runner_lock(RUNNER_LOCK_CHECK_SECONDS)
+    reaping.cancel()
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from sqlalchemy import Connection, text
 
 from dreamserve.errors import DatabaseBusy
 from dreamserve.storage import user_queries
-from dreamserve.storage.database import DatabaseConfig, PostgresDatabase
+from dreamserve.storage.database import DatabaseConfig, PostgresDatabase, RunnerLock
 
 pytestmark = pytest.mark.anyio
 
@@ -97,3 +97,32 @@ async def test_a_statement_past_the_statement_bound_is_cancelled(db: PostgresDat
     with pytest.raises(DatabaseBusy):
         async with asyncio.timeout(20):
             await db.read(sleep(60))
+
+
+def runner_lock_backend(url: str) -> int:
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND database = "
+            "(SELECT oid FROM pg_database WHERE datname = current_database())"
+        ).fetchone()
+        assert row is not None
+        conn.execute("SELECT pg_terminate_backend(%s, 2000)", (row[0],))
+        return int(row[0])
+
+
+async def test_a_runner_lock_lost_with_its_connection_is_retaken_only_while_free(
+    db: PostgresDatabase, postgres_url: str
+) -> None:
+    assert await db.lock_runner()
+    assert await db.keep_runner_lock() is RunnerLock.HELD
+    await asyncio.to_thread(runner_lock_backend, postgres_url)
+    assert await db.keep_runner_lock() is RunnerLock.RETAKEN
+    assert await db.keep_runner_lock() is RunnerLock.HELD
+    await asyncio.to_thread(runner_lock_backend, postgres_url)
+    other = PostgresDatabase(postgres_url, QUICK)
+    try:
+        assert await other.lock_runner()  # before the first server's next check
+        assert await db.keep_runner_lock() is RunnerLock.TAKEN
+        assert await other.keep_runner_lock() is RunnerLock.HELD
+    finally:
+        await other.close()

@@ -23,4 +23,6 @@ class Dispatcher(Protocol):
         this dispatcher can reach. Runners elsewhere notice when they next renew the lease."""
 
     async def close(self) -> None:
-        """Stop running jobs; unfinished ones stay `created` for the next start to resume."""
+        """Stop running jobs (each engine told to stop) and dispatch none after it (a later
+        `dispatch` does nothing); unfinished ones stay `created`, for the next start (or the
+        process that holds the runner lock) to run again. Idempotent."""

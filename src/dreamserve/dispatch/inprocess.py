@@ -16,8 +16,11 @@ class InProcessDispatcher:
     def __init__(self, runner: Runner) -> None:
         self._runner = runner
         self._tasks: set[asyncio.Task[None]] = set()
+        self._is_closed = False
 
     async def dispatch(self, job_id: int) -> None:
+        if self._is_closed:  # the job stays queued: its lease runs out, a reaper dispatches it
+            return
         task = asyncio.create_task(self._guarded(job_id), name=f"job-{job_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -39,6 +42,7 @@ class InProcessDispatcher:
         return len(self._tasks)
 
     async def close(self) -> None:
+        self._is_closed = True
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()

@@ -1,8 +1,10 @@
 """The jobs that hold slots: a user's list, cancelling one, and taking over the running of a
-database's jobs when a server starts."""
+database's jobs when a server starts (and keeping it, or giving it up, while it runs)."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Callable
 from datetime import datetime
 
@@ -15,7 +17,10 @@ from dreamserve.service.config import ServiceConfig
 from dreamserve.service.records import Record, Records
 from dreamserve.storage import job_queries
 from dreamserve.storage.blobs import BlobStore
+from dreamserve.storage.database import RunnerLock
 from dreamserve.storage.job_store import JobStore, JobTransaction
+
+log = logging.getLogger(__name__)
 
 
 class Scheduler:
@@ -97,6 +102,39 @@ class Scheduler:
         for job_id in await self.store.queued():
             await self.dispatcher.dispatch(job_id)
         return abandoned
+
+    async def keep_runner_lock(self, every: float) -> None:
+        """After `resume`: check every `every` seconds that this process still holds the
+        runner lock. Returns once another process holds it, this process's runners stopped.
+
+        A lock lost but free (on PostgreSQL, its connection ended and no other server took it)
+        is taken again, and nothing is resumed: the jobs running here go on, the others are
+        queued or another process's that admitted them, and a lease that runs out is the
+        reaper's as always. A lock another server took means that server resumed, or will
+        resume, every unfinished job, those running here too: the dispatcher is closed, so
+        every engine here is told to stop and no job is claimed here any more. The jobs are
+        left as they are, for the holder: it resumed them when it took the lock, or its reaper
+        requeues them once their leases run out. Both may run a job only until the next check
+        (`every`) and the moment the engine takes to stop. (A server that took the lock and let
+        it go between two checks resumed the jobs running here too: their runners' writes are
+        fenced by attempt, so they stop at their next renewal and write nothing.)
+        """
+        while True:
+            await asyncio.sleep(every)
+            try:
+                lock = await self.store.db.keep_runner_lock()
+            except Exception as error:  # the database unreachable: its runners stop on their own
+                log.warning("runner lock not checked (%s); checking again", type(error).__name__)
+                continue
+            if lock is RunnerLock.RETAKEN:
+                log.warning("runner lock lost with its database connection, and taken again")
+            elif lock is RunnerLock.TAKEN:
+                log.error(
+                    "runner lock lost to another dreamserve server: this one stops running "
+                    "jobs (they are the holder's to run) and serves only the API"
+                )
+                await self.dispatcher.close()
+                return
 
 
 class AnotherRunner(RuntimeError):

@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from enum import Enum
 from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -65,6 +66,14 @@ class DatabaseConfig:
     retry_after: int = 5  # DatabaseBusy's Retry-After
 
 
+class RunnerLock(Enum):
+    """What `Database.keep_runner_lock` found."""
+
+    HELD = "held"  # held all along
+    RETAKEN = "retaken"  # lost (PostgreSQL: its connection ended) and taken again: it was free
+    TAKEN = "taken"  # lost, and another process holds it now
+
+
 class Database(Protocol):
     # Whether other servers may run jobs of this database (PostgreSQL), so that a process does
     # not see every job change made (SQLite: one server, and the CLI now and then).
@@ -89,6 +98,12 @@ class Database(Protocol):
         """Become the one process that runs this database's jobs, until close (or death, which
         frees it too); False when another process is. Resuming unfinished jobs is only right
         for the holder: they are orphans of a process that is gone."""
+
+    async def keep_runner_lock(self) -> RunnerLock:
+        """After `lock_runner` returned True: whether this process still holds the lock. One lost
+        (on PostgreSQL, whose lock lives as long as its connection, when that connection ended)
+        is taken again at once if it is free: RETAKEN; TAKEN when another process has it. Raises
+        the database's error when it cannot tell (the database unreachable): ask again."""
 
     async def close(self) -> None: ...
 
@@ -294,6 +309,9 @@ class SqliteDatabase:
             self._runner_lock = fd
         return True
 
+    async def keep_runner_lock(self) -> RunnerLock:
+        return RunnerLock.HELD  # a file lock: held as long as this process keeps the file open
+
     async def close(self) -> None:
         self._commit_queued()  # writes asked for just before: before the connection goes
         # Those waiting for another process's lock: each commits or fails within the bound.
@@ -404,6 +422,7 @@ def _pauses(bound: float) -> Iterator[float]:
 
 # Any fixed key works; this one spells "dreamsrv".
 _TRY_RUNNER_LOCK = text("SELECT pg_try_advisory_lock(7237955865294632566)")
+_ALIVE = text("SELECT 1")
 
 
 class PostgresDatabase:
@@ -429,6 +448,9 @@ class PostgresDatabase:
         )
         self._threads = ThreadPoolExecutor(self.POOL_SIZE, thread_name_prefix="dreamserve-db")
         self._runner_lock: Connection | None = None
+        # The lock's connection is checked on a thread of its own: a pool busy with long
+        # transactions must not delay the check (nor a hung check take a pool thread).
+        self._lock_thread = ThreadPoolExecutor(1, thread_name_prefix="dreamserve-runner-lock")
 
     async def read(self, fn: Transaction[T]) -> T:
         return await self._run(self._engine.connect, fn)
@@ -442,12 +464,39 @@ class PostgresDatabase:
     async def lock_runner(self) -> bool:
         if self._runner_lock is None:
             loop = asyncio.get_running_loop()
-            self._runner_lock = await loop.run_in_executor(self._threads, self._try_runner_lock)
+            self._runner_lock = await loop.run_in_executor(self._lock_thread, self._try_runner_lock)
         return self._runner_lock is not None
 
+    async def keep_runner_lock(self) -> RunnerLock:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._lock_thread, self._keep_runner_lock)
+
+    def _keep_runner_lock(self) -> RunnerLock:
+        # A session lock is held while its session lives: a statement that goes through on
+        # the connection proves it. One that fails means the session ended (a terminated
+        # backend, a restarted server, a broken network) and the lock went with it.
+        if self._runner_lock is not None:
+            try:
+                self._runner_lock.execute(_ALIVE)
+                self._runner_lock.commit()
+                return RunnerLock.HELD
+            except DBAPIError:
+                with contextlib.suppress(Exception):
+                    self._runner_lock.close()
+                self._runner_lock = None
+        # Lost (or lost at an earlier check that could not take it again): a connection error
+        # now propagates and the caller asks again.
+        self._runner_lock = self._try_runner_lock()
+        return RunnerLock.TAKEN if self._runner_lock is None else RunnerLock.RETAKEN
+
     def _try_runner_lock(self) -> Connection | None:
-        # A session-level advisory lock, on a connection outside the pool, open until close.
-        conn = create_engine(self._engine.url, poolclass=NullPool).connect()
+        # A session-level advisory lock, on a connection outside the pool, open until close;
+        # with the pool's timeouts, so that no check of it hangs on the server.
+        options = _session_options(self._engine.url, self.config)
+        engine = create_engine(
+            self._engine.url, poolclass=NullPool, connect_args={"options": options}
+        )
+        conn = engine.connect()
         taken = bool(conn.scalar(_TRY_RUNNER_LOCK))
         conn.commit()
         if not taken:
@@ -456,6 +505,7 @@ class PostgresDatabase:
         return conn
 
     async def close(self) -> None:
+        self._lock_thread.shutdown(wait=True)  # a check under way ends before its connection
         if self._runner_lock is not None:
             self._runner_lock.close()
         self._threads.shutdown(wait=True)
