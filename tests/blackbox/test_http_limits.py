@@ -170,3 +170,25 @@ def test_connections_past_the_bound_are_refused_then_served_again(
         sock.close()
     time.sleep(0.2)  # closed on the server's side too
     assert models(limited) == 200
+
+
+def test_heads_after_large_bodies_and_pipelined_heads_are_not_refused(
+    limited: Server, connect: Connect
+) -> None:
+    """Only a head's own bytes count: a body many times the bound, then the next request on the
+    same connection, and two requests sent at once."""
+    sock = connect()
+    auth = f"Authorization: Bearer {limited.token}\r\n".encode()
+    body = b'{"prompt": "' + b"a" * (20 * MAX_HEADER_BYTES) + b'"}'
+    sock.sendall(
+        b"POST /v1/dreamina/images HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + auth
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    first = sock.recv(65536)
+    assert first.startswith(b"HTTP/1.1 400 "), first[:200]
+    get = b"GET /v1/dreamina/models HTTP/1.1\r\nHost: x\r\n" + auth
+    sock.sendall(get + b"\r\n" + get + b"Connection: close\r\n\r\n")
+    replies = answer(sock, 5)
+    assert replies.count(b"HTTP/1.1 200 ") == 2, replies[:200]
