@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.blackbox, pytest.mark.timeout(120)]
 MAX_HEADER_BYTES = 16_384
 HEADER_TIMEOUT = 2.0
 MAX_CONNECTIONS = 10
-SLACK = 1.5
+SLACK = 3.0  # the server may be slow to run its timer on a loaded machine
 
 Connect = Callable[[], socket.socket]
 
