@@ -165,6 +165,8 @@ def settle_heap() -> None:
 
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
     """How `serve` runs uvicorn (the benchmarks run their servers the same way)."""
+    from dreamserve.httplimits import head_limits  # uvicorn and httptools: `serve` only
+
     return {
         "host": settings.host,
         "port": settings.port,
@@ -172,6 +174,11 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "access_log": settings.access_log,
         "log_config": log_config(),
         "proxy_headers": False,
+        # httptools as uvicorn would pick it, with bounds on a request head's size and time and
+        # on open connections, which uvicorn does not have (httplimits.py).
+        "http": head_limits(
+            settings.max_header_bytes, settings.header_timeout_seconds, settings.max_connections
+        ),
     }
 
 

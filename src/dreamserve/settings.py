@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     render_threads: int = Field(default=0, ge=0)
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     max_upload_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    # What a client may hold before its request reaches the app (httplimits.py).
+    max_header_bytes: int = Field(default=65_536, ge=1024)
+    header_timeout_seconds: float = Field(default=10.0, gt=0)
+    max_connections: int = Field(default=1000, ge=1)
     max_image_pixels: int = Field(default=70_000_000, ge=1)
     max_upload_pixels: int = Field(default=36_000_000, ge=1)
     token_cache_seconds: float = Field(default=60.0, ge=0)

@@ -1,0 +1,194 @@
+"""Black-box: what a client can hold before its request reaches the app (httplimits.py), against
+`make run` with small bounds. Each test opens at most ~15 sockets to 127.0.0.1."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from test_server import Server, free_port
+
+pytestmark = [pytest.mark.blackbox, pytest.mark.timeout(120)]
+
+MAX_HEADER_BYTES = 16_384
+HEADER_TIMEOUT = 2.0
+MAX_CONNECTIONS = 10
+SLACK = 3.0  # the server may be slow to run its timer on a loaded machine
+
+Connect = Callable[[], socket.socket]
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    running = Server(
+        tmp_path_factory.mktemp("limits") / "data",
+        free_port(),
+        extra={
+            "DREAMSERVE_MAX_HEADER_BYTES": str(MAX_HEADER_BYTES),
+            "DREAMSERVE_HEADER_TIMEOUT_SECONDS": str(HEADER_TIMEOUT),
+            "DREAMSERVE_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
+            "DREAMSERVE_ACCESS_LOG": "false",
+        },
+    )
+    yield running
+    if running.process.poll() is None:
+        running.stop()
+
+
+def server_pid(server: Server) -> int:
+    """The dreamserve process: the child of `make run`."""
+    children = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children")
+    return int(children.read_text().split()[0])
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.fixture
+def connect(limited: Server) -> Iterator[Connect]:
+    """Opens a connection to the server; all are closed at the test's end, failed or not."""
+    port = int(limited.url.rsplit(":", 1)[1])
+    opened: list[socket.socket] = []
+
+    def opening() -> socket.socket:
+        opened.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        return opened[-1]
+
+    yield opening
+    for sock in opened:
+        sock.close()
+
+
+def answer(sock: socket.socket, seconds: float) -> bytes:
+    """What the server sends until it closes the connection (b"" for a bare close); fails when
+    it is still open after `seconds`."""
+    sock.settimeout(seconds)
+    received = b""
+    try:
+        while chunk := sock.recv(65536):
+            received += chunk
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        raise AssertionError(
+            f"still open after {seconds}s, having sent {received[:80]!r}"
+        ) from None
+    return received
+
+
+def models(server: Server) -> int:
+    with httpx.Client(
+        base_url=server.url, headers={"Authorization": f"Bearer {server.token}"}, timeout=5
+    ) as client:
+        return client.get("/v1/dreamina/models").status_code
+
+
+def test_a_head_past_the_bound_is_431_and_not_held(limited: Server, connect: Connect) -> None:
+    pid = server_pid(limited)
+    assert models(limited) == 200
+    before = rss_bytes(pid)
+    sent_each = 24 * 1024 * 1024
+    socks = [connect() for _ in range(3)]
+    for sock in socks:
+        sock.sendall(b"GET /v1/dreamina/models HTTP/1.1\r\nHost: x\r\nX-Big: ")
+        chunk = b"a" * 262_144
+        try:
+            for _ in range(sent_each // len(chunk)):
+                sock.sendall(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused mid-head: what a bound does
+    time.sleep(0.5)
+    grown = rss_bytes(pid) - before
+    # 72 MiB were sent; the server keeps at most the bound plus two reads of each.
+    assert grown < 16 * 1024 * 1024, f"RSS grew by {grown} bytes"
+    replies = [answer(sock, 3) for sock in socks]
+    for reply in replies:
+        assert reply == b"" or reply.startswith(b"HTTP/1.1 431 "), reply[:80]
+    assert any(reply.startswith(b"HTTP/1.1 431 ") for reply in replies)
+    assert models(limited) == 200
+
+
+def test_a_head_just_under_the_bound_is_served(limited: Server, connect: Connect) -> None:
+    sock = connect()
+    filler = b"a" * (MAX_HEADER_BYTES - 1024)
+    sock.sendall(
+        b"GET /v1/dreamina/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        + f"Authorization: Bearer {limited.token}\r\n".encode()
+        + b"X-Filler: "
+        + filler
+        + b"\r\n\r\n"
+    )
+    assert answer(sock, 5).startswith(b"HTTP/1.1 200 ")
+    sock.close()
+
+
+def test_stalled_heads_are_closed_in_time_while_requests_go_on(
+    limited: Server, connect: Connect
+) -> None:
+    started = time.monotonic()
+    silent = connect()  # sends nothing
+    half = connect()  # half a head, then nothing
+    half.sendall(b"GET /v1/dreamina/models HTTP/1.1\r\nHost: x\r\nX-Half: ")
+    drip = connect()  # a byte at a time: each byte would cancel uvicorn's keep-alive timer
+    after_one = connect()  # a full request, then half of the next
+    after_one.sendall(
+        f"GET /v1/dreamina/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {limited.token}"
+        "\r\n\r\n".encode()
+    )
+    assert after_one.recv(65536).startswith(b"HTTP/1.1 200 ")
+    after_one.sendall(b"GET /v1/dreamina/models HTTP/1.1\r\n")
+    dripped = b"GET /v1/dreamina/models HTTP/1.1\r\nX-Slow: " + b"a" * 100
+    for byte in dripped[: int(HEADER_TIMEOUT / 0.25) + 8]:
+        try:
+            drip.sendall(bytes([byte]))
+        except (BrokenPipeError, ConnectionResetError):
+            break
+        assert models(limited) == 200  # the server serves others meanwhile
+        time.sleep(0.25)
+    for sock in (silent, half, drip, after_one):
+        answer(sock, max(0.1, started + HEADER_TIMEOUT + SLACK - time.monotonic()))
+    assert time.monotonic() - started < HEADER_TIMEOUT + SLACK + 1
+    assert models(limited) == 200
+
+
+def test_connections_past_the_bound_are_refused_then_served_again(
+    limited: Server, connect: Connect
+) -> None:
+    held = [connect() for _ in range(MAX_CONNECTIONS)]
+    time.sleep(0.2)  # accepted
+    extra = connect()
+    assert answer(extra, 3).startswith(b"HTTP/1.1 503 ")
+    for sock in held:
+        sock.close()
+    time.sleep(0.2)  # closed on the server's side too
+    assert models(limited) == 200
+
+
+def test_heads_after_large_bodies_and_pipelined_heads_are_not_refused(
+    limited: Server, connect: Connect
+) -> None:
+    """Only a head's own bytes count: a body many times the bound, then the next request on the
+    same connection, and two requests sent at once."""
+    sock = connect()
+    auth = f"Authorization: Bearer {limited.token}\r\n".encode()
+    body = b'{"prompt": "' + b"a" * (20 * MAX_HEADER_BYTES) + b'"}'
+    sock.sendall(
+        b"POST /v1/dreamina/images HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + auth
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    first = sock.recv(65536)
+    assert first.startswith(b"HTTP/1.1 400 "), first[:200]
+    get = b"GET /v1/dreamina/models HTTP/1.1\r\nHost: x\r\n" + auth
+    sock.sendall(get + b"\r\n" + get + b"Connection: close\r\n\r\n")
+    replies = answer(sock, 5)
+    assert replies.count(b"HTTP/1.1 200 ") == 2, replies[:200]
