@@ -241,7 +241,10 @@ def create_app(
         async with parts as server, _background(server, settings, clock, resume):
             app.state.server = server
             app.state.service = server.service
-            yield
+            try:
+                yield
+            finally:
+                server.events.stop()  # in case the server did not say so sooner (`stopping`)
 
     app = FastAPI(
         title="dreamserve",
@@ -265,6 +268,15 @@ def create_app(
         app.include_router(router, prefix=API_PREFIX)
     app.openapi = partial(_openapi, app)  # type: ignore[method-assign]
     return app
+
+
+def stopping(app: FastAPI) -> None:
+    """The server starts to shut down: requests that wait on a job (`?wait=`, event streams)
+    answer with the job as it is and end, instead of holding the shutdown until it ends.
+    Nothing when the app has not started."""
+    server: Server | None = getattr(app.state, "server", None)
+    if server is not None:
+        server.events.stop()
 
 
 async def apply_config(service: Service, config: OperatorConfig) -> None:

@@ -13,17 +13,21 @@ import gc
 import json
 import logging
 import shlex
+import socket
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_plus
 
-from dreamserve.app import API_PREFIX, apply_config, create_app, open_server
+from dreamserve.app import API_PREFIX, apply_config, create_app, open_server, stopping
 from dreamserve.config import ConfigError, load_config
 from dreamserve.errors import DreamserveError
 from dreamserve.replies import AccountDeleted, AccountSummary
 from dreamserve.service import AnotherRunner
 from dreamserve.settings import Settings
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 SEED_REQUEST = {
     "prompt": "A stunning aurora borealis over a frozen lake at midnight",
@@ -146,7 +150,22 @@ def serve(settings: Settings) -> None:
         print(first_start_banner(settings, token), flush=True)
     app = create_app(settings)
     settle_heap()
-    uvicorn.run(app, **uvicorn_options(settings))
+    _stopping_server(app, uvicorn.Config(app, **uvicorn_options(settings))).run()
+
+
+def _stopping_server(app: FastAPI, config: Any) -> Any:
+    """uvicorn's server, telling the app as soon as a shutdown begins (`stopping`): uvicorn
+    runs the lifespan's exit only after its open requests finished (or
+    `timeout_graceful_shutdown` passed), and `?wait=` requests and event streams would hold
+    it until their job ended."""
+    import uvicorn
+
+    class StoppingServer(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            stopping(app)
+            await super().shutdown(sockets)
+
+    return StoppingServer(config)
 
 
 def settle_heap() -> None:
@@ -179,6 +198,8 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "http": head_limits(
             settings.max_header_bytes, settings.header_timeout_seconds, settings.max_connections
         ),
+        # Requests still running then are cancelled: a shutdown is bounded whatever they wait on.
+        "timeout_graceful_shutdown": settings.shutdown_seconds,
     }
 
 

@@ -5,6 +5,8 @@ The API maps any `DreamserveError` to `{"error": message}` with its status; the 
 
 from __future__ import annotations
 
+import errno
+
 
 class DreamserveError(Exception):
     """Base of every error a client may see."""
@@ -175,6 +177,22 @@ class AtCapacity(DreamserveError):
     @property
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after)}
+
+
+class StorageFull(DreamserveError):
+    """The disk (or the quota) of the blob store or of the database has no space left: nothing
+    of the request was kept. Retrying helps only once the operator has freed space."""
+
+    status = 507
+
+    def __init__(self) -> None:
+        super().__init__("Storage full")
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error` is the operating system's "no space left" (ENOSPC) or "quota
+    exceeded" (EDQUOT)."""
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 class StorageUnavailable(DreamserveError):

@@ -30,14 +30,20 @@ _NOTIFY = text("SELECT pg_notify(:channel, :payload)")
 
 
 class Watch:
-    """One waiter's view of one job: set on every change, `ended` once it ended."""
+    """One waiter's view of one job: set on every change, `ended` once it ended, `stopping`
+    once the server shuts down (then every wait returns at once: the waiter should answer with
+    what it has and go)."""
 
-    def __init__(self) -> None:
+    def __init__(self, stopping: bool = False) -> None:
         self._changed = asyncio.Event()
         self.ended = False
+        self.stopping = stopping
 
     async def changed(self, seconds: float) -> bool:
-        """Wait up to `seconds` for a change since the last call; whether one came."""
+        """Wait up to `seconds` for a change since the last call; whether one came. True at
+        once while the server is stopping."""
+        if self.stopping:
+            return True
         try:
             async with asyncio.timeout(seconds):
                 await self._changed.wait()
@@ -50,6 +56,10 @@ class Watch:
         self.ended = self.ended or ended
         self._changed.set()
 
+    def _stop(self) -> None:
+        self.stopping = True
+        self._changed.set()
+
 
 class JobEvents:
     def __init__(self) -> None:
@@ -58,12 +68,13 @@ class JobEvents:
         self._listeners: list[Callable[[str], None]] = []
         self.origin = secrets.token_hex(8)  # this process, in its NOTIFY payloads
         self.generation = 0  # counts publications: a read that saw none is not stale
+        self.stopping = False  # the server is shutting down: no waiter waits any more
 
     @contextlib.contextmanager
     def watch(self, jobid: str) -> Iterator[Watch]:
         """Watch a job for as long as the block runs. Start watching before reading the job, so
         that a change between the read and the wait is not missed."""
-        watch = Watch()
+        watch = Watch(self.stopping)
         self._watches.setdefault(jobid, set()).add(watch)
         try:
             yield watch
@@ -107,6 +118,15 @@ class JobEvents:
                 watch._set(False)
         for event in self._endings:
             event.set()
+
+    def stop(self) -> None:
+        """The server is shutting down: wake every waiter, now and from now on, to answer with
+        the job as it is (`?wait=` returns the record, an event stream sends it and ends),
+        so that a shutdown never waits for a job to end. Idempotent."""
+        self.stopping = True
+        for watches in self._watches.values():
+            for watch in watches:
+                watch._stop()
 
     def announce(self, conn: Connection, jobids: Iterable[str], *, ended: bool) -> None:
         """Inside a transaction that changes jobs: tell the other processes at commit

@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     progress_interval_seconds: float = Field(default=0.5, gt=0)
     lease_seconds: float = Field(default=30.0, gt=0)
     reaper_interval_seconds: float = Field(default=5.0, gt=0)
+    # The longest a shutdown (SIGTERM) waits for requests to finish, then uvicorn cancels them.
+    shutdown_seconds: float = Field(default=10.0, gt=0)
     retention_days: float = Field(default=30.0, gt=0)
     webhook_allow_private: bool = False
     webhook_timeout_seconds: float = Field(default=10.0, gt=0)

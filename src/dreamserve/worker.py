@@ -31,7 +31,14 @@ from dreamserve.engines.base import (
     UpscaleRequest,
 )
 from dreamserve.engines.registry import EngineRegistry
-from dreamserve.errors import AccountError, Cancelled, DatabaseBusy, EngineUnavailable, JobFailed
+from dreamserve.errors import (
+    AccountError,
+    Cancelled,
+    DatabaseBusy,
+    EngineUnavailable,
+    JobFailed,
+    StorageFull,
+)
 from dreamserve.ids import IdFactory
 from dreamserve.jobs import CANCELLED_BY_USER, Job, Status, StoredImage, millis
 from dreamserve.storage import account_queries, asset_queries
@@ -250,7 +257,12 @@ class JobRunner:
         data = await loop.run_in_executor(self.executor, encode, image, self.config.encoding)
         cancel.raise_if_set()  # cancelled while encoding: nothing written
         key = f"images/{now:%Y/%m/%d}/{item_id}.{EXTENSIONS[image_format]}"
-        await self.blobs.put(key, data)
+        try:
+            await self.blobs.put(key, data)
+        except StorageFull:
+            # The operator's to fix, not the prompt's: the record says so rather than "OSError".
+            log.error("job %s: its images cannot be stored, the blob store is full", job.jobid)
+            raise JobFailed("Storage full", _NO_SPACE) from None
         return StoredImage(item_id, key, image.width, image.height, image_format, len(data))
 
     async def _finish(
@@ -352,6 +364,11 @@ class JobRunner:
         if renewed:
             lease.renewed_at = at
         return renewed
+
+
+_NO_SPACE = (
+    "the server has no space left to store the images; try again once its operator has freed some"
+)
 
 
 def _description(conn: Connection, job: Job) -> str | None:

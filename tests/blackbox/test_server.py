@@ -220,6 +220,54 @@ def test_jobs_survive_a_kill(data_dir: Path, database_url: str | None) -> None:
             again.stop()
 
 
+def test_sigterm_with_an_open_event_stream_exits_within_the_shutdown_bound(
+    data_dir: Path,
+) -> None:
+    """A job held in its engine (the upstream does not answer) and a client following its event
+    stream: SIGTERM ends the stream with the record as it is, and the server exits well within
+    DREAMSERVE_SHUTDOWN_SECONDS plus a little, instead of waiting for the job."""
+    bound = 2
+    extra = {"DREAMSERVE_UPSTREAM_ALLOW_PRIVATE": "true", "DREAMSERVE_SHUTDOWN_SECONDS": str(bound)}
+    with fake_upstream() as fake:
+        fake.answering.clear()
+        server = Server(data_dir, free_port(), None, extra)
+        try:
+            headers = {"Authorization": f"Bearer {server.token}"}
+            with httpx.Client(base_url=server.url, headers=headers, timeout=30) as client:
+                account = {"account": "LOCAL:held", "engine": "openai", "maxJobs": 1}
+                settings = {"apiKey": KEY, "baseUrl": fake.url, "model": "gpt-image-1"}
+                reply = client.post("/v1/dreamina/accounts", json={**account, "settings": settings})
+                assert reply.status_code == 200, reply.text
+                body = {**SEED_BODY, "count": 1, "account": "LOCAL:held"}
+                jobid = client.post("/v1/dreamina/images", json=body).json()["jobid"]
+                deadline = time.monotonic() + 30
+                while not fake.calls("/images/generations"):  # the job is in its engine
+                    assert time.monotonic() < deadline, "the job never reached its engine"
+                    time.sleep(0.05)
+                lines: list[str] = []
+                with client.stream("GET", f"/v1/dreamina/images/{jobid}/events") as stream:
+                    chunks = stream.iter_lines()
+                    while not lines or lines[-1] != "":  # the first event, whole
+                        lines.append(next(chunks))
+                    signalled = time.monotonic()
+                    os.killpg(server.process.pid, signal.SIGTERM)
+                    lines += list(chunks)  # until the server ends the stream
+                server.process.wait(bound + 10)
+                took = time.monotonic() - signalled
+        finally:
+            fake.answering.set()
+            if server.process.poll() is None:
+                server.stop(signal.SIGKILL)
+            else:
+                server.reader.join(10)
+                assert server.process.stdout is not None
+                server.process.stdout.close()
+    assert took < bound + 1.5, took
+    assert "Application shutdown complete." in "".join(server.lines), "".join(server.lines)
+    assert lines[0] == "event: progress"
+    assert [line for line in lines if line.startswith("event:")][-1] == "event: progress"
+
+
 @pytest.mark.both_databases
 def test_pending_webhooks_are_delivered_after_a_kill(
     data_dir: Path, database_url: str | None

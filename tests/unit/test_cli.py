@@ -572,3 +572,10 @@ def test_serve_runs_uvicorn_with_signatures_out_of_its_access_log(
         'INFO:     127.0.0.1:50000 - "GET /v1/dreamina/files/images/1.jpg?expires=1796601600 '
         'HTTP/1.1" 200 OK\n'
     )
+
+
+def test_the_shutdown_bound_is_uvicorns_graceful_timeout() -> None:
+    """SIGTERM cancels what still runs after DREAMSERVE_SHUTDOWN_SECONDS (default 10)."""
+    assert cli.uvicorn_options(Settings())["timeout_graceful_shutdown"] == 10
+    options = cli.uvicorn_options(Settings(shutdown_seconds=2.5))
+    assert options["timeout_graceful_shutdown"] == 2.5

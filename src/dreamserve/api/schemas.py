@@ -73,6 +73,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         (422, "Idempotency-Key used with another request"),
         (429, "No free slot; see Retry-After"),
         (503, "Database busy (locked by another transaction); see Retry-After"),
+        (507, "Storage full: the server has no space left; nothing was written"),
     )
 }
 # Of GET /files/<key>: a Range header that starts past the file's end.

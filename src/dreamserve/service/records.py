@@ -71,8 +71,9 @@ class Records:
 
     async def get(self, user_id: int, jobid: str, wait: float = 0) -> Record:
         """The job's record; JobNotFound when the user has no such job. With `wait` seconds,
-        an unfinished job's record once it ends or the time is up, whichever comes first: the
-        request waits on the job's notifications, holding no database connection."""
+        an unfinished job's record once it ends or the time is up, whichever comes first (or
+        as it is when the server starts to shut down): the request waits on the job's
+        notifications, holding no database connection."""
         jobid = unquoted(jobid)
         if wait <= 0:
             return await self._record(user_id, jobid)
@@ -83,9 +84,11 @@ class Records:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
-                if await watch.changed(remaining) and not watch.ended:
+                if await watch.changed(remaining) and not (watch.ended or watch.stopping):
                     continue  # progress: an end is all a waiter wants
                 body = await self._record(user_id, jobid)
+                if watch.stopping:  # the server shuts down: the record as it is now
+                    break
             return body
 
     def wait_seconds(self, text: str) -> int:
@@ -94,8 +97,9 @@ class Records:
 
     async def follow(self, user_id: int, jobid: str) -> AsyncIterator[Record | None]:
         """The job's record now, then again on each change, until it ended (the last one is
-        the final record); None after `keepalive_seconds` without a change. JobNotFound first
-        when the user has no such job."""
+        the final record); None after `keepalive_seconds` without a change. When the server
+        starts to shut down, the record as it is then (when it changed) and no more.
+        JobNotFound first when the user has no such job."""
         jobid = unquoted(jobid)
         with self.events.watch(jobid) as watch:
             body = await self._record(user_id, jobid)
@@ -108,6 +112,8 @@ class Records:
                 if latest != body:
                     body = latest
                     yield body
+                if watch.stopping:
+                    return
 
     async def _record(self, user_id: int, jobid: str) -> Record:
         if parse_jobid(jobid) is None:  # no query for what cannot be a job id

@@ -24,7 +24,8 @@ class BlobStore(Protocol):
     `a b.jpg`, an absolute path), before touching anything."""
 
     async def put(self, key: str, data: bytes) -> None:
-        """Store `data` under `key`, replacing any earlier blob; readers never see a partial one."""
+        """Store `data` under `key`, replacing any earlier blob; readers never see a partial one.
+        StorageFull when the store has no space left for it: nothing of it is kept."""
 
     async def get(self, key: str) -> bytes:
         """The blob's bytes; FileNotFoundError when there is none."""

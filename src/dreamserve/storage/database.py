@@ -21,7 +21,8 @@ The backend is chosen by URL, each run where it is fastest (docs/benchmarks.md h
   `lock_timeout` and `statement_timeout` set on every connection.
 
 Either way a transaction waits at most `DatabaseConfig.busy_seconds` for another's lock (or, on
-PostgreSQL, for a connection), then fails with `DatabaseBusy` (503 with Retry-After).
+PostgreSQL, for a connection), then fails with `DatabaseBusy` (503 with Retry-After); a write
+that finds the disk full fails with `StorageFull` (507), rolled back.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import logging
 import os
 import sqlite3
 import threading
@@ -51,7 +53,9 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.pool import NullPool, StaticPool
 
 from dreamserve.config import ConfigError
-from dreamserve.errors import DatabaseBusy
+from dreamserve.errors import DatabaseBusy, StorageFull
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Transaction = Callable[[Connection], T]
@@ -342,8 +346,14 @@ class SqliteDatabase:
 
 
 def _fail(waiting: Iterable[asyncio.Future[Any]], error: BaseException) -> None:
-    """Give `error` to each caller still waiting: the transaction of its write is gone."""
-    if isinstance(error, StopIteration):  # no future takes it: as a coroutine would (PEP 479)
+    """Give `error` to each caller still waiting: the transaction of its write is gone. A
+    disk with no space left ("database or disk is full") is StorageFull (507) for each."""
+    if _is_full(error):
+        log.warning("SQLite write rolled back: %s", getattr(error, "orig", error))
+        full = StorageFull()
+        full.__cause__ = error
+        error = full
+    elif isinstance(error, StopIteration):  # no future takes it: as a coroutine would (PEP 479)
         stopped = RuntimeError("transaction raised StopIteration")
         stopped.__cause__ = error
         error = stopped
@@ -392,6 +402,13 @@ def _begin_immediate(driver: sqlite3.Connection) -> bool:
             return False
         raise
     return True
+
+
+def _is_full(error: BaseException) -> bool:
+    """Whether `error` (sqlite3's, or SQLAlchemy's around it) is SQLITE_FULL: the disk (or the
+    quota) had no space for the database, its journal or its WAL."""
+    cause = getattr(error, "orig", error)
+    return isinstance(cause, sqlite3.Error) and cause.sqlite_errorcode & 0xFF == sqlite3.SQLITE_FULL
 
 
 def _is_busy(error: BaseException) -> bool:
@@ -534,11 +551,14 @@ class PostgresDatabase:
         except (DBAPIError, PoolTimeout) as error:
             if isinstance(error, PoolTimeout) or _sqlstate(error) in _BUSY_STATES:
                 raise DatabaseBusy(self.config.retry_after) from error  # rolled back
+            if _sqlstate(error) == _DISK_FULL:
+                raise StorageFull from error
             raise
 
 
 # lock_not_available (lock_timeout) and query_canceled (statement_timeout).
 _BUSY_STATES = {"55P03", "57014"}
+_DISK_FULL = "53100"
 
 
 def _sqlstate(error: Exception) -> str | None:

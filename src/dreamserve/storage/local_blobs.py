@@ -7,7 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from dreamserve.errors import NotFound
+from dreamserve.errors import NotFound, StorageFull, is_disk_full
 from dreamserve.links import LinkSigner
 from dreamserve.storage.blob_keys import check_key, is_blob_key
 
@@ -24,7 +24,14 @@ class LocalBlobStore:
         return self.root / check_key(key)
 
     async def put(self, key: str, data: bytes) -> None:
-        await asyncio.to_thread(self._write, self.path(key), data)
+        """StorageFull when the disk or the quota has no space left (nothing written, no
+        temporary file left); any other OSError as it came."""
+        try:
+            await asyncio.to_thread(self._write, self.path(key), data)
+        except OSError as error:
+            if is_disk_full(error):
+                raise StorageFull from error
+            raise
 
     async def get(self, key: str) -> bytes:
         return await asyncio.to_thread(self.path(key).read_bytes)
