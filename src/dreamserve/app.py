@@ -22,7 +22,7 @@ from dreamserve import __version__
 from dreamserve.admission import Admission
 from dreamserve.api import accounts, assets, files, images, models, scheduler, webhooks
 from dreamserve.api.deps import BEARER_SCHEME
-from dreamserve.api.errors import install_error_handlers
+from dreamserve.api.errors import install_error_handlers, route_methods
 from dreamserve.catalogue import Catalogue
 from dreamserve.config import ConfigError, OperatorConfig, load_config
 from dreamserve.dispatch.base import Dispatcher, Runner
@@ -266,6 +266,7 @@ def create_app(
     )
     for router in routers:
         app.include_router(router, prefix=API_PREFIX)
+    app.state.route_methods = route_methods(API_PREFIX, routers)
     app.openapi = partial(_openapi, app)  # type: ignore[method-assign]
     return app
 
@@ -347,14 +348,17 @@ async def _keep_runner_lock(scheduler: Scheduler, reaping: asyncio.Task[None]) -
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
     """FastAPI's document without its 422 `detail` responses: every error here is a 400 (or
-    other status) with an `{"error"}` body, which the routes declare themselves."""
+    other status) with an `{"error"}` body, which the routes declare themselves (the image
+    routes' own 422, an Idempotency-Key used with another request, stays)."""
     if app.openapi_schema is None:
         document = get_openapi(
             title=app.title, version=app.version, summary=app.summary, routes=app.routes
         )
         for path in document["paths"].values():
             for operation in path.values():
-                operation.get("responses", {}).pop("422", None)
+                responses = operation.get("responses", {})
+                if "HTTPValidationError" in str(responses.get("422")):
+                    del responses["422"]
         document.setdefault("components", {})["securitySchemes"] = BEARER_SCHEME
         schemas = document["components"].get("schemas", {})
         for name in ("HTTPValidationError", "ValidationError"):

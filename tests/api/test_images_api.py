@@ -400,6 +400,26 @@ async def test_unknown_paths_and_methods_answer_with_an_error_body(harness: Harn
     assert (missing.status_code, missing.json()) == (404, {"error": "Not Found"})
     wrong = await harness.client.delete("/v1/dreamina/images", headers=harness.auth)
     assert (wrong.status_code, wrong.json()) == (405, {"error": "Method Not Allowed"})
+    assert wrong.headers["allow"] == "POST"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("PUT", "/v1/dreamina/accounts", "GET, POST"),
+        ("POST", "/v1/dreamina/accounts/LOCAL:procedural", "GET, DELETE"),
+        ("PATCH", "/v1/dreamina/webhooks/secret", "GET, POST"),
+        ("PUT", "/v1/dreamina/images/j1/webhooks", "GET, POST"),
+        # one path shape, two operations: an account's assets (GET, POST), an asset (DELETE)
+        ("OPTIONS", "/v1/dreamina/assets/x", "GET, POST, DELETE"),
+    ],
+)
+async def test_a_405_allows_every_method_served_at_the_path(
+    harness: Harness, method: str, path: str, allow: str
+) -> None:
+    reply = await harness.client.request(method, path, headers=harness.auth)
+    assert (reply.status_code, reply.json()) == (405, {"error": "Method Not Allowed"})
+    assert reply.headers["allow"] == allow
 
 
 async def test_models_lists_the_catalogue(harness: Harness) -> None:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Iterable
 from urllib.parse import quote
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Route, compile_path
 
 from dreamserve.errors import DreamserveError
 from dreamserve.replies import ErrorBody
@@ -36,8 +39,36 @@ async def _dreamserve_error(_request: Request, exc: DreamserveError) -> JSONResp
     return error_response(exc.status, exc.message, exc.headers)
 
 
-async def _http_error(_request: Request, exc: HTTPException) -> JSONResponse:
-    return error_response(exc.status_code, str(exc.detail), dict(exc.headers or {}))
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        headers["Allow"] = _allowed_methods(request)
+    return error_response(exc.status_code, str(exc.detail), headers)
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some operation serves at this path. Starlette's own 405 names only the
+    methods of the first route whose path matched, and each of our operations is a route of its
+    own, so `OPTIONS /v1/dreamina/accounts` would say `Allow: POST` where GET is served too."""
+    path = request.scope["path"]
+    table: list[tuple[re.Pattern[str], set[str]]] = request.app.state.route_methods
+    methods = {method for pattern, served in table if pattern.match(path) for method in served}
+    return ", ".join(sorted(methods, key=lambda method: (_METHOD_ORDER.get(method, 9), method)))
+
+
+def route_methods(
+    prefix: str, routers: Iterable[APIRouter]
+) -> list[tuple[re.Pattern[str], set[str]]]:
+    """Each operation's path pattern (under `prefix`) and its methods, for `Allow` headers."""
+    return [
+        (compile_path(prefix + route.path)[0], route.methods or set())
+        for router in routers
+        for route in router.routes
+        if isinstance(route, Route)
+    ]
+
+
+_METHOD_ORDER = {"GET": 0, "HEAD": 1, "POST": 2, "PUT": 3, "PATCH": 4, "DELETE": 5}
 
 
 async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:

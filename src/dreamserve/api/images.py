@@ -11,7 +11,13 @@ from fastapi.sse import EventSourceResponse, format_sse_event
 
 from dreamserve.api.body import read_fields
 from dreamserve.api.deps import SECURED, RequestRoute, authenticate
-from dreamserve.api.schemas import ERRORS, IMAGE_REQUEST_BODY, UPSCALE_REQUEST_BODY
+from dreamserve.api.schemas import (
+    ERRORS,
+    IDEMPOTENCY_REUSED,
+    IMAGE_REQUEST_BODY,
+    JOB_LINKS,
+    UPSCALE_REQUEST_BODY,
+)
 from dreamserve.replies import JobRecord, WebhookDeliveries
 from dreamserve.service import Record, Submitted
 from dreamserve.service.submissions import Submissions
@@ -38,7 +44,7 @@ WAIT_PARAMETER = {
 @router.post(
     "/images",
     response_model=JobRecord,
-    responses=ERRORS,
+    responses={**ERRORS, **IDEMPOTENCY_REUSED, **JOB_LINKS},
     openapi_extra={
         "requestBody": IMAGE_REQUEST_BODY,
         "parameters": [IDEMPOTENCY_PARAMETER],
@@ -55,7 +61,7 @@ async def create_image_job(request: Request) -> Response:
 @router.post(
     "/images/upscale",
     response_model=JobRecord,
-    responses=ERRORS,
+    responses={**ERRORS, **IDEMPOTENCY_REUSED, **JOB_LINKS},
     openapi_extra={
         "requestBody": UPSCALE_REQUEST_BODY,
         "parameters": [IDEMPOTENCY_PARAMETER],

@@ -70,11 +70,43 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         (403, "Forbidden"),
         (404, "Not found"),
         (413, "Body too large"),
-        (422, "Idempotency-Key used with another request"),
         (429, "No free slot; see Retry-After"),
         (503, "Database busy (locked by another transaction); see Retry-After"),
         (507, "Storage full: the server has no space left; nothing was written"),
     )
+}
+# Of the job-creating POSTs, which take an Idempotency-Key.
+IDEMPOTENCY_REUSED: dict[int | str, dict[str, Any]] = {
+    422: {"model": ErrorBody, "description": "Idempotency-Key used with another request"}
+}
+# What a client does next with a job it created, as OpenAPI links (Schemathesis follows them in
+# its stateful tests, tests/blackbox/test_schemathesis.py).
+_JOBID = {"jobid": "$response.body#/jobid"}
+JOB_LINKS: dict[int | str, dict[str, Any]] = {
+    200: {
+        "links": {
+            "GetJob": {
+                "operationId": "get_image_job_v1_dreamina_images__jobid__get",
+                "parameters": _JOBID,
+            },
+            "ListWebhooks": {
+                "operationId": "list_webhooks_v1_dreamina_images__jobid__webhooks_get",
+                "parameters": _JOBID,
+            },
+            "RedeliverWebhook": {
+                "operationId": "redeliver_webhook_v1_dreamina_images__jobid__webhooks_post",
+                "parameters": _JOBID,
+            },
+            "CancelJob": {
+                "operationId": "cancel_job_v1_dreamina_scheduler__jobid__delete",
+                "parameters": _JOBID,
+            },
+            "UpscaleImage": {
+                "operationId": "create_upscale_job_v1_dreamina_images_upscale_post",
+                "requestBody": _JOBID,
+            },
+        }
+    }
 }
 # Of GET /files/<key>: a Range header that starts past the file's end.
 RANGE_NOT_SATISFIABLE: dict[int | str, dict[str, Any]] = {
