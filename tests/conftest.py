@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import psycopg
 import pytest
+from objectstore import moto_store, store_environment
 from support import Harness, open_harness
 
 from dreamserve.settings import Settings
@@ -103,3 +104,19 @@ def settings(tmp_path, database_url: str | None) -> Settings:
 async def harness(settings: Settings) -> AsyncIterator[Harness]:
     async with open_harness(settings) as opened:
         yield opened
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """An S3-compatible store (moto) for this test process, started when a test first asks."""
+    with moto_store() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def s3(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The store's `AWS_*` variables set for this test (obstore reads them when a store opens):
+    the store's URL."""
+    for name, value in store_environment(s3_endpoint).items():
+        monkeypatch.setenv(name, value)
+    return s3_endpoint

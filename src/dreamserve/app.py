@@ -97,7 +97,7 @@ async def open_server(
     box = SecretBox(box_key)
     signer = LinkSigner(key, settings.base_url, settings.link_ttl_seconds, clock)
     # Before the database: a blob store URL that cannot be used stops the start, nothing open.
-    blobs = open_blob_store(settings.blob_store, signer)
+    blobs = open_blob_store(settings.blob_store, signer, settings.blob_links == "presigned")
     db = open_database(
         settings.database,
         DatabaseConfig(

@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     database_busy_seconds: float = Field(default=5.0, gt=0)
     database_statement_seconds: float = Field(default=30.0, gt=0)
     blob_url: str | None = None
+    # The links to images: the API's own signed links ("proxy", it serves the bytes) or, for an
+    # s3:// blob store, the store's presigned URLs (clients fetch from the store).
+    blob_links: Literal["proxy", "presigned"] = "proxy"
     link_ttl_seconds: int = Field(default=86_400, ge=1)
     retry_after_seconds: int = Field(default=5, ge=1)
     image_format: ImageFormat = "jpeg"

@@ -1,8 +1,9 @@
 """Blob stores: where image files live, and the links clients fetch them from.
 
 `BlobStore` is the seam; `open_blob_store` picks the implementation from a URL, as
-`open_database` does for the database: `file://` (local_blobs.py, the default) and `memory://`
-(memory_blobs.py) today, an S3 bucket when one machine is not enough. Keys are relative,
+`open_database` does for the database: `file://` (local_blobs.py, the default), `memory://`
+(memory_blobs.py) and `s3://` (s3_blobs.py, any S3-compatible store, when one machine is not
+enough). Keys are relative,
 slash-separated paths made by the server, never by a client.
 """
 
@@ -16,7 +17,7 @@ from urllib.parse import SplitResult, unquote_to_bytes, urlsplit
 from dreamserve.config import ConfigError
 from dreamserve.links import LinkSigner
 
-_URL_FORMS = "file:///<absolute dir>, file:<relative dir> or memory://"
+_URL_FORMS = "file:///<absolute dir>, file:<relative dir>, memory:// or s3://<bucket>[/<prefix>]"
 
 
 class BlobStore(Protocol):
@@ -52,17 +53,33 @@ class BlobStore(Protocol):
         """
 
 
-def open_blob_store(url: str, signer: LinkSigner) -> BlobStore:
+def open_blob_store(url: str, signer: LinkSigner, presigned: bool = False) -> BlobStore:
     """The blob store a URL names; `signer` makes and checks the links of stores the API serves.
+    `presigned`: links are the store's own presigned URLs (`s3://` only).
 
     - `file:///absolute/dir` (or `file://localhost/absolute/dir`), or `file:relative/dir`
       (relative to the working directory, as the data dir may be): files on this disk. The
       path is percent-decoded; `file://dir` is refused, since `dir` would be a host.
     - `memory://`: a dict of this process (tests, ephemeral servers).
+    - `s3://bucket` or `s3://bucket/prefix`: objects in an S3-compatible store, which the
+      standard `AWS_*` variables locate (s3_blobs.py).
 
-    ConfigError, saying what is accepted, for anything else (`s3://` included, for now).
+    ConfigError, saying what is accepted, for anything else.
     """
     parts = urlsplit(url)
+    if parts.scheme == "s3":
+        if not parts.netloc or parts.query or parts.fragment:
+            raise ConfigError(f"Blob store URL {url} does not name a bucket: use {_URL_FORMS}")
+        try:
+            from dreamserve.storage.s3_blobs import S3BlobStore
+        except ImportError:
+            raise ConfigError(
+                f"Blob store URL {url} needs obstore: pip install 'dreamserve[s3]'"
+            ) from None
+
+        return S3BlobStore(parts.netloc, parts.path.strip("/"), signer, presigned)
+    if presigned:
+        raise ConfigError(f"Presigned links need an s3:// blob store, not {url}")
     if parts.scheme == "file":
         from dreamserve.storage.local_blobs import LocalBlobStore
 

@@ -1,12 +1,15 @@
-"""A server whose blob store is `memory://` serves its images through the same signed links as
-one on files (tests/api/test_files.py), and keeps nothing on the disk."""
+"""A server whose blob store is not its disk (`memory://`, or an S3 bucket) serves its images
+through the same signed links as one on files (tests/api/test_files.py), and keeps nothing on
+the disk; with presigned links, clients fetch the images from the bucket itself."""
 
 from __future__ import annotations
 
 import io
 from collections.abc import AsyncIterator
 
+import httpx
 import pytest
+from objectstore import new_bucket
 from PIL import Image
 from support import SMALL, Harness, open_harness
 
@@ -15,9 +18,12 @@ from dreamserve.settings import Settings
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-async def harness(settings: Settings) -> AsyncIterator[Harness]:
-    async with open_harness(settings.model_copy(update={"blob_url": "memory://"})) as opened:
+@pytest.fixture(params=["memory", "s3"])
+async def harness(request: pytest.FixtureRequest, settings: Settings) -> AsyncIterator[Harness]:
+    url = "memory://"
+    if request.param == "s3":
+        url = f"s3://{new_bucket(request.getfixturevalue('s3'))}/dreamserve"
+    async with open_harness(settings.model_copy(update={"blob_url": url})) as opened:
         yield opened
 
 
@@ -76,3 +82,19 @@ async def test_an_upload_is_stored_and_read_back_as_a_reference(harness: Harness
     assert reply.status_code == 200, reply.text
     record = await harness.wait(reply.json()["jobid"])
     assert record["status"] == "completed", record
+
+
+async def test_presigned_links_fetch_images_from_the_bucket(settings: Settings, s3: str) -> None:
+    url = f"s3://{new_bucket(s3)}/dreamserve"
+    presigned = settings.model_copy(update={"blob_url": url, "blob_links": "presigned"})
+    async with open_harness(presigned) as harness, httpx.AsyncClient() as client:
+        image = await first_image(harness)
+        assert image["imageUrl"].startswith(f"{s3}/")
+        reply = await client.get(image["imageUrl"])  # from the store, not the API
+        assert reply.status_code == 200
+        assert reply.content == await harness.server.blobs.get(image["imageUri"])
+        decoded = Image.open(io.BytesIO(reply.content))
+        assert (decoded.format, decoded.size) == ("JPEG", (1024, 1024))
+        link = f"/v1/dreamina/files/{image['imageUri']}?expires=1&signature=x"
+        served = await harness.client.get(link)  # the API serves no file of its own
+        assert (served.status_code, served.json()) == (404, {"error": "Not Found"})
