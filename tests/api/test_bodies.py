@@ -2,7 +2,7 @@
 (429 past it) and `DREAMSERVE_MAX_BODY_READS` in all (503), refused before any of the body is
 read, counted until the body has arrived whatever ends it; and uploads spooled to a temporary
 file in the data dir instead of held in memory. The time a body may take is the HTTP
-protocol's bound (tests/blackbox/test_bodies.py)."""
+protocol's bound (tests/blackbox/test_held_bodies.py)."""
 
 from __future__ import annotations
 
