@@ -44,7 +44,7 @@ def serve(kind: str, port: int) -> None:
 
     from dreamserve.httplimits import head_limits
 
-    http: Any = head_limits(65_536, 10.0, 1000) if kind == "limits" else kind
+    http: Any = head_limits(65_536, 10.0, 1000, 60.0) if kind == "limits" else kind
     uvicorn.run(app, host="127.0.0.1", port=port, http=http, log_level="warning", loop="uvloop")
 
 

@@ -21,6 +21,7 @@ from fastapi.openapi.utils import get_openapi
 from dreamserve import __version__
 from dreamserve.admission import Admission
 from dreamserve.api import accounts, assets, files, images, models, scheduler, webhooks
+from dreamserve.api.body import BodyLimits, BodyReads
 from dreamserve.api.deps import BEARER_SCHEME
 from dreamserve.api.errors import install_error_handlers, route_methods
 from dreamserve.catalogue import Catalogue
@@ -253,7 +254,15 @@ def create_app(
         lifespan=lifespan,
         redoc_url=None,
     )
-    app.state.max_body_bytes = settings.max_body_bytes
+    app.state.body_reads = BodyReads(
+        BodyLimits(
+            max_bytes=settings.max_body_bytes,
+            reads_per_user=settings.max_body_reads_per_user,
+            reads=settings.max_body_reads,
+            retry_after=settings.retry_after_seconds,
+            spool_dir=settings.data_dir,
+        )
+    )
     install_error_handlers(app)
     routers = (
         images.router,

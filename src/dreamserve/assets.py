@@ -7,8 +7,9 @@ any failure of the decoder counts as a bad image, never as a server error.
 
 from __future__ import annotations
 
-import io
+import os
 from dataclasses import dataclass
+from typing import IO
 
 from PIL import Image, UnidentifiedImageError
 
@@ -49,13 +50,15 @@ def content_type_of(header: str | None) -> str:
     return media
 
 
-def check_image(data: bytes, media: str, max_pixels: int) -> CheckedImage:
-    """Decode `data` fully as `media`; BadRequest saying what is wrong with it otherwise."""
-    if not data:
+def check_image(file: IO[bytes], media: str, max_pixels: int) -> CheckedImage:
+    """Decode the whole of `file` (from its start) fully as `media`; BadRequest saying what is
+    wrong with it otherwise."""
+    if file.seek(0, os.SEEK_END) == 0:
         raise BadRequest("Image is empty")
+    file.seek(0)
     name = ACCEPTED[media][1]
     try:
-        with Image.open(io.BytesIO(data), formats=["JPEG", "PNG", "WEBP"]) as image:
+        with Image.open(file, formats=["JPEG", "PNG", "WEBP"]) as image:
             found = _PILLOW_FORMATS.get(str(image.format), str(image.format))
             if found != media:
                 raise BadRequest(f"Image data is {found}, not {media}")

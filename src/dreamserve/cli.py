@@ -193,10 +193,13 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "access_log": settings.access_log,
         "log_config": log_config(),
         "proxy_headers": False,
-        # httptools as uvicorn would pick it, with bounds on a request head's size and time and
-        # on open connections, which uvicorn does not have (httplimits.py).
+        # httptools as uvicorn would pick it, with bounds on a request head's size and time, a
+        # body's time and open connections, which uvicorn does not have (httplimits.py).
         "http": head_limits(
-            settings.max_header_bytes, settings.header_timeout_seconds, settings.max_connections
+            settings.max_header_bytes,
+            settings.header_timeout_seconds,
+            settings.max_connections,
+            settings.body_timeout_seconds,
         ),
         # Requests still running then are cancelled: a shutdown is bounded whatever they wait on.
         "timeout_graceful_shutdown": settings.shutdown_seconds,

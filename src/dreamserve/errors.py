@@ -179,6 +179,36 @@ class AtCapacity(DreamserveError):
         return {"Retry-After": str(self.retry_after)}
 
 
+class TooManyBodiesOfUser(DreamserveError):
+    """The user already has `limit` request bodies arriving: this one is refused before any of
+    it is read, and the client should retry after `retry_after` seconds."""
+
+    status = 429
+
+    def __init__(self, limit: int, retry_after: int) -> None:
+        super().__init__(f"Too many request bodies in progress (limit {limit} per user)")
+        self.retry_after = retry_after
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
+class TooManyBodies(DreamserveError):
+    """The server already has its most request bodies arriving, from all users together: this
+    one is refused before any of it is read."""
+
+    status = 503
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__("Too many request bodies in progress on the server, retry later")
+        self.retry_after = retry_after
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
 class StorageFull(DreamserveError):
     """The disk (or the quota) of the blob store or of the database has no space left: nothing
     of the request was kept. Retrying helps only once the operator has freed space."""

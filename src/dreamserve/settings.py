@@ -50,6 +50,11 @@ class Settings(BaseSettings):
     max_header_bytes: int = Field(default=65_536, ge=1024)
     header_timeout_seconds: float = Field(default=10.0, gt=0)
     max_connections: int = Field(default=1000, ge=1)
+    # A request body's time to arrive, from the end of its head (httplimits.py), and the bodies
+    # arriving at once, per user and in all (api/body.py).
+    body_timeout_seconds: float = Field(default=60.0, gt=0)
+    max_body_reads_per_user: int = Field(default=6, ge=1)
+    max_body_reads: int = Field(default=64, ge=1)
     max_image_pixels: int = Field(default=70_000_000, ge=1)
     max_upload_pixels: int = Field(default=36_000_000, ge=1)
     token_cache_seconds: float = Field(default=60.0, ge=0)

@@ -7,6 +7,8 @@ one more entry in STORES.
 from __future__ import annotations
 
 import asyncio
+import io
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -103,6 +105,18 @@ async def test_a_stored_blob_does_not_change_with_the_buffer_it_came_from(
     assert await store.get(KEY) == b"pixels"
 
 
+async def test_put_file_stores_the_file_from_its_position_and_replaces_the_blob(
+    store: BlobStore,
+) -> None:
+    await store.put(KEY, b"an earlier version")
+    data = b"header" + bytes(range(256)) * 2000  # past shutil's copy buffer
+    with tempfile.TemporaryFile() as file:
+        file.write(data)
+        file.seek(6)
+        await store.put_file(KEY, file)
+    assert await store.get(KEY) == data[6:]
+
+
 async def test_get_of_a_missing_key_raises_file_not_found(store: BlobStore) -> None:
     with pytest.raises(FileNotFoundError):
         await store.get(KEY)
@@ -126,6 +140,8 @@ async def test_keys_that_are_not_blob_keys_are_refused(
     key = key.format(tmp=tmp_path)
     with pytest.raises(ValueError, match="not a blob key"):
         await store.put(key, b"image")
+    with pytest.raises(ValueError, match="not a blob key"):
+        await store.put_file(key, io.BytesIO(b"image"))
     with pytest.raises(ValueError, match="not a blob key"):
         await store.get(key)
     with pytest.raises(ValueError, match="not a blob key"):

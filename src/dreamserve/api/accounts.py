@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse
 
 from dreamserve.api.body import read_fields
 from dreamserve.api.deps import SECURED, RequestRoute, authenticate
-from dreamserve.api.schemas import ACCOUNT_REQUEST_BODY, ERRORS
+from dreamserve.api.schemas import ACCOUNT_REQUEST_BODY, BODY_ERRORS, ERRORS
 from dreamserve.replies import AccountDeleted, AccountSummary
 
 router = APIRouter(tags=["accounts"], route_class=RequestRoute)
@@ -24,7 +24,7 @@ ACCOUNT_PARAMETER = {
 @router.post(
     "/accounts",
     response_model=AccountSummary,
-    responses=ERRORS,
+    responses=BODY_ERRORS,
     openapi_extra={"requestBody": ACCOUNT_REQUEST_BODY, **SECURED},
     summary="Create or replace an account",
 )
@@ -32,7 +32,7 @@ async def put_account(request: Request) -> JSONResponse:
     """Creates the account, or replaces the one of the same id (its running jobs go on).
     Secrets in `settings` are stored encrypted and never returned."""
     service, user = await authenticate(request)
-    fields = await read_fields(request, request.app.state.max_body_bytes)
+    fields = await read_fields(request, user)
     return JSONResponse(await service.accounts.put(user, fields))
 
 

@@ -6,9 +6,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from dreamserve.api.accounts import ACCOUNT_PARAMETER
-from dreamserve.api.body import read_body
+from dreamserve.api.body import spool_body
 from dreamserve.api.deps import SECURED, RequestRoute, authenticate
-from dreamserve.api.schemas import ERRORS, STORAGE_UNAVAILABLE
+from dreamserve.api.schemas import BODY_ERRORS, ERRORS, STORAGE_UNAVAILABLE
 from dreamserve.assets import ACCEPTED, content_type_of, too_large
 from dreamserve.replies import AssetDeleted, AssetPage, AssetUploaded
 
@@ -34,7 +34,7 @@ ASSET_ID_PARAMETER = {
 @router.post(
     "/assets/{account}",
     response_model=AssetUploaded,
-    responses=ERRORS,
+    responses=BODY_ERRORS,
     openapi_extra={"parameters": [ACCOUNT_PARAMETER], "requestBody": UPLOAD_BODY, **SECURED},
     summary="Upload a reference image",
 )
@@ -45,8 +45,8 @@ async def upload_asset(request: Request) -> JSONResponse:
     media = content_type_of(request.headers.get("content-type"))
     # Before the body: no client sends megabytes to an account that is not there.
     account = await service.accounts.usable(user, request.path_params["account"])
-    data = await read_body(request, service.config.max_upload_bytes, too_large)
-    return JSONResponse(await service.assets.upload(user, account, media, data))
+    with await spool_body(request, user, service.config.max_upload_bytes, too_large) as data:
+        return JSONResponse(await service.assets.upload(user, account, media, data))
 
 
 @router.get(

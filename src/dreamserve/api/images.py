@@ -12,6 +12,7 @@ from fastapi.sse import EventSourceResponse, format_sse_event
 from dreamserve.api.body import read_fields
 from dreamserve.api.deps import SECURED, RequestRoute, authenticate
 from dreamserve.api.schemas import (
+    BODY_ERRORS,
     ERRORS,
     IDEMPOTENCY_REUSED,
     IMAGE_REQUEST_BODY,
@@ -44,7 +45,7 @@ WAIT_PARAMETER = {
 @router.post(
     "/images",
     response_model=JobRecord,
-    responses={**ERRORS, **IDEMPOTENCY_REUSED, **JOB_LINKS},
+    responses={**BODY_ERRORS, **IDEMPOTENCY_REUSED, **JOB_LINKS},
     openapi_extra={
         "requestBody": IMAGE_REQUEST_BODY,
         "parameters": [IDEMPOTENCY_PARAMETER],
@@ -61,7 +62,7 @@ async def create_image_job(request: Request) -> Response:
 @router.post(
     "/images/upscale",
     response_model=JobRecord,
-    responses={**ERRORS, **IDEMPOTENCY_REUSED, **JOB_LINKS},
+    responses={**BODY_ERRORS, **IDEMPOTENCY_REUSED, **JOB_LINKS},
     openapi_extra={
         "requestBody": UPSCALE_REQUEST_BODY,
         "parameters": [IDEMPOTENCY_PARAMETER],
@@ -163,7 +164,7 @@ async def _submit(
 ) -> Response:
     """The body and Idempotency-Key of a POST, submitted as the user of its token."""
     service, user = await authenticate(request)
-    fields = await read_fields(request, request.app.state.max_body_bytes)
+    fields = await read_fields(request, user)
     key = request.headers.get("idempotency-key")
     submitted = await submit(service.submissions, user, fields, key)
     response = _json(submitted.json)

@@ -108,6 +108,25 @@ JOB_LINKS: dict[int | str, dict[str, Any]] = {
         }
     }
 }
+# Of the routes that read a request body: its deadline, and the bodies arriving at once (README
+# "Limits").
+BODY_ERRORS: dict[int | str, dict[str, Any]] = {
+    **ERRORS,
+    408: {
+        "model": ErrorBody,
+        "description": "The body did not all arrive in time after the head; connection closed",
+    },
+    429: {
+        "model": ErrorBody,
+        "description": "No free slot, or too many of your request bodies arriving at once; "
+        "see Retry-After",
+    },
+    503: {
+        "model": ErrorBody,
+        "description": "Database busy, or too many request bodies arriving at once on the "
+        "server; see Retry-After",
+    },
+}
 # Of GET /files/<key>: a Range header that starts past the file's end.
 RANGE_NOT_SATISFIABLE: dict[int | str, dict[str, Any]] = {
     416: {"model": ErrorBody, "description": "Range not satisfiable; see Content-Range"}

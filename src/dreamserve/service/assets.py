@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import IO, Any, cast
 
 from sqlalchemy import Connection
 
@@ -47,20 +48,22 @@ class Assets:
         self._decoding = asyncio.Semaphore(config.upload_decodes)
 
     async def upload(
-        self, user_id: int, account: Account, media: str, data: bytes
+        self, user_id: int, account: Account, media: str, data: IO[bytes]
     ) -> AssetUploaded:
         """Store an uploaded image on an account the user may use (`usable_account`); its
-        assetRef. The bytes must be a complete image of `media` (BadRequest saying what is
-        wrong otherwise)."""
+        assetRef. The whole of `data` (a file: the API spools uploads) must be a complete
+        image of `media` (BadRequest saying what is wrong otherwise)."""
         loop = asyncio.get_running_loop()
         async with self._decoding:  # a small file can decode to a large image: few at a time
             checked = await loop.run_in_executor(
                 None, check_image, data, media, self.config.max_upload_pixels
             )
+        size = data.seek(0, os.SEEK_END)
+        data.seek(0)
         at = self.clock()
         item_id = self.ids.item_id(at)
         key = f"uploads/{at:%Y/%m/%d}/{item_id}.{EXTENSIONS[checked.format]}"
-        await self.blobs.put(key, data)
+        await self.blobs.put_file(key, data)
 
         def insert(conn: Connection) -> None:
             asset_queries.insert_upload(
@@ -73,7 +76,7 @@ class Assets:
                 width=checked.width,
                 height=checked.height,
                 image_format=checked.format,
-                size=len(data),
+                size=size,
                 now=millis(at),
             )
 
@@ -82,13 +85,13 @@ class Assets:
         except BaseException:
             await self.blobs.delete(key)  # no file without its row
             raise
-        ref = AssetRef(account.name, checked.width, checked.height, len(data), key)
+        ref = AssetRef(account.name, checked.width, checked.height, size, key)
         return {
             "assetRef": str(ref),
             "account": account.name,
             "width": checked.width,
             "height": checked.height,
-            "size": len(data),
+            "size": size,
         }
 
     async def page(self, user_id: int, account_name: str, fields: Mapping[str, Any]) -> AssetPage:

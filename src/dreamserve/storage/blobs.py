@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Protocol
+from typing import IO, Protocol
 from urllib.parse import SplitResult, unquote_to_bytes, urlsplit
 
 from dreamserve.config import ConfigError
@@ -27,6 +27,11 @@ class BlobStore(Protocol):
     async def put(self, key: str, data: bytes) -> None:
         """Store `data` under `key`, replacing any earlier blob; readers never see a partial one.
         StorageFull when the store has no space left for it: nothing of it is kept."""
+
+    async def put_file(self, key: str, file: IO[bytes]) -> None:
+        """Store what `file` holds from its current position to its end, as `put` stores
+        bytes, without holding all of it in memory where the store can (an upload spooled to
+        a temporary file)."""
 
     async def get(self, key: str) -> bytes:
         """The blob's bytes; FileNotFoundError when there is none."""

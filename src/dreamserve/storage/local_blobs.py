@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO, Any
 
 from dreamserve.errors import NotFound, StorageFull, is_disk_full
 from dreamserve.links import LinkSigner
@@ -26,8 +29,16 @@ class LocalBlobStore:
     async def put(self, key: str, data: bytes) -> None:
         """StorageFull when the disk or the quota has no space left (nothing written, no
         temporary file left); any other OSError as it came."""
+        await self._off_loop(self._write, self.path(key), data)
+
+    async def put_file(self, key: str, file: IO[bytes]) -> None:
+        """As `put`, copied a chunk at a time."""
+        await self._off_loop(self._copy, self.path(key), file)
+
+    @staticmethod
+    async def _off_loop(write: Callable[[Path, Any], None], path: Path, source: Any) -> None:
         try:
-            await asyncio.to_thread(self._write, self.path(key), data)
+            await asyncio.to_thread(write, path, source)
         except OSError as error:
             if is_disk_full(error):
                 raise StorageFull from error
@@ -56,14 +67,22 @@ class LocalBlobStore:
 
     @staticmethod
     def _write(path: Path, data: bytes) -> None:
-        # A temporary file in the same directory, renamed over the blob: a reader sees the old
-        # file or the new one, never a partial one.
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as file:
-                file.write(data)
-            os.replace(temporary, path)
-        except BaseException:
-            os.unlink(temporary)
-            raise
+        _replace(path, lambda file: file.write(data))
+
+    @staticmethod
+    def _copy(path: Path, source: IO[bytes]) -> None:
+        _replace(path, lambda file: shutil.copyfileobj(source, file))
+
+
+def _replace(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+    """Write a file with `write`: into a temporary file in the same directory, renamed over
+    the blob, so that a reader sees the old file or the new one, never a partial one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            write(file)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise

@@ -4,6 +4,8 @@ process stops, so a restarted server's records point at images it no longer has.
 
 from __future__ import annotations
 
+from typing import IO
+
 from dreamserve.errors import NotFound
 from dreamserve.links import LinkSigner
 from dreamserve.storage.blob_keys import check_key
@@ -20,6 +22,10 @@ class MemoryBlobStore:
     async def put(self, key: str, data: bytes) -> None:
         # A copy when given a mutable buffer: a later change to it must not reach the store.
         self._blobs[check_key(key)] = bytes(data)
+
+    async def put_file(self, key: str, file: IO[bytes]) -> None:
+        key = check_key(key)
+        self._blobs[key] = file.read()
 
     async def get(self, key: str) -> bytes:
         try:

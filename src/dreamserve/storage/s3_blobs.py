@@ -15,6 +15,7 @@ import asyncio
 import math
 from datetime import timedelta
 from functools import lru_cache
+from typing import IO
 
 import obstore
 from obstore.exceptions import BaseError, NotFoundError
@@ -56,6 +57,15 @@ class S3BlobStore:
         check_key(key)
         try:
             await asyncio.to_thread(obstore.put, self._store, key, bytes(data))
+        except BaseError as error:
+            raise _unavailable("store", key, error) from error
+
+    async def put_file(self, key: str, file: IO[bytes]) -> None:
+        """As `put`, read from the file a part at a time (obstore uploads a large file in
+        parts, a multipart upload, each part sent before the next is read)."""
+        check_key(key)
+        try:
+            await asyncio.to_thread(obstore.put, self._store, key, file)
         except BaseError as error:
             raise _unavailable("store", key, error) from error
 
