@@ -2,7 +2,8 @@
 
 Each request is recorded whole (headers, body, time) and answered with the next planned
 `Answer`, or the default one when the plan ran out: a status, a body, a delay before answering
-(longer than the deliverer's timeout: a hang), a Location (a redirect).
+(longer than the deliverer's timeout: a hang), an event to hold the answer until (a receiver
+that has the request while the server is killed), a Location (a redirect).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class Answer:
     delay: float = 0.0
     location: str | None = None
     trickle: float = 0.0  # seconds between the body's bytes, sent one at a time
+    until: threading.Event | None = None  # answer only once it is set (at most 60 s)
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,8 @@ class Receiver:
                     answer = receiver.plan.pop(0) if receiver.plan else receiver.default
                 if answer.delay:
                     time.sleep(answer.delay)
+                if answer.until is not None:
+                    answer.until.wait(60)
                 try:
                     self.send_response(answer.status)
                     if answer.location:

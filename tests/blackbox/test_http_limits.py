@@ -10,7 +10,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_server import Server, free_port
+from servers import Server
+from support import free_port
 
 pytestmark = [pytest.mark.blackbox, pytest.mark.timeout(120)]
 

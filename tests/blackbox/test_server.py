@@ -9,7 +9,6 @@ import select
 import signal
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,80 +17,19 @@ import httpx
 import pytest
 from PIL import Image
 from receiver import Answer, receiving
+from servers import ROOT, Server, wait_completed
 from standardwebhooks import Webhook
+from support import free_port
 from upstreams import KEY, fake_upstream
 
 pytestmark = [pytest.mark.blackbox, pytest.mark.timeout(300)]
 
-ROOT = Path(__file__).resolve().parents[2]
 SEED_BODY = {
     "prompt": "A stunning aurora borealis over a frozen lake at midnight",
     "model": "seedream-4.0",
     "ratio": "16:9",
     "resolution": "2k",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Server:
-    """`make run` in its own process group, its output collected line by line."""
-
-    def __init__(
-        self,
-        data_dir: Path,
-        port: int,
-        database_url: str | None = None,
-        extra: dict[str, str] | None = None,
-    ) -> None:
-        env = {key: value for key, value in os.environ.items() if not key.startswith("DREAMSERVE_")}
-        env |= {"DREAMSERVE_DATA_DIR": str(data_dir), "DREAMSERVE_PORT": str(port)}
-        env |= extra or {}
-        if database_url is not None:
-            env["DREAMSERVE_DATABASE_URL"] = database_url
-        self.url = f"http://127.0.0.1:{port}"
-        self.data_dir = data_dir
-        self.lines: list[str] = []
-        self.ready = threading.Event()
-        self.process = subprocess.Popen(
-            ["make", "--no-print-directory", "run"],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-        if not self.ready.wait(120):
-            self.stop(signal.SIGKILL)
-            raise AssertionError("server did not start:\n" + "".join(self.lines))
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.append(line)
-            if "Uvicorn running on" in line:  # after startup: the socket is listening
-                self.ready.set()
-
-    @property
-    def token(self) -> str | None:
-        found = re.search(
-            r"API token for user 1 \(shown only now; keep it\): (\S+)", "".join(self.lines)
-        )
-        return found.group(1) if found else None
-
-    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
-        os.killpg(self.process.pid, sig)
-        self.process.wait(30)
-        self.reader.join(10)
-        assert self.process.stdout is not None
-        self.process.stdout.close()
 
 
 @pytest.fixture
@@ -105,17 +43,6 @@ def server(data_dir: Path) -> Iterator[Server]:
     yield running
     if running.process.poll() is None:
         running.stop()
-
-
-def wait_completed(client: httpx.Client, jobid: str, seconds: float = 180) -> dict:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        reply = client.get(f"/v1/dreamina/images/{jobid}")
-        assert reply.status_code == 200, reply.text
-        if reply.json()["status"] != "created":
-            return dict(reply.json())
-        time.sleep(0.5)
-    raise AssertionError(f"job {jobid} not finished after {seconds}s")
 
 
 def test_the_seed_request_end_to_end(server: Server, data_dir: Path) -> None:

@@ -1,0 +1,95 @@
+"""A real dreamserve server in a subprocess, as the README starts it, for the black-box tests and
+the fault suite: its own process group, its output collected line by line."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+MAKE_RUN = ("make", "--no-print-directory", "run")
+# `dreamserve serve` itself, from the environment that runs the tests: signals reach the server
+# process, not `make`, and the PYTHONPATH given reaches it (the fault suite's plugin engine).
+DREAMSERVE_SERVE = (str(Path(sys.executable).with_name("dreamserve")), "serve")
+
+
+class Server:
+    """`make run` (or `command`) in its own process group, its output collected line by line;
+    ready once uvicorn listens."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int,
+        database_url: str | None = None,
+        extra: Mapping[str, str] | None = None,
+        command: Sequence[str] = MAKE_RUN,
+    ) -> None:
+        env = {key: value for key, value in os.environ.items() if not key.startswith("DREAMSERVE_")}
+        env |= {"DREAMSERVE_DATA_DIR": str(data_dir), "DREAMSERVE_PORT": str(port)}
+        env |= extra or {}
+        if database_url is not None:
+            env["DREAMSERVE_DATABASE_URL"] = database_url
+        self.url = f"http://127.0.0.1:{port}"
+        self.data_dir = data_dir
+        self.lines: list[str] = []
+        self.ready = threading.Event()
+        self.process = subprocess.Popen(
+            list(command),
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        if not self.ready.wait(120):
+            self.stop(signal.SIGKILL)
+            raise AssertionError("server did not start:\n" + self.output)
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line)
+            if "Uvicorn running on" in line:  # after startup: the socket is listening
+                self.ready.set()
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    @property
+    def token(self) -> str | None:
+        found = re.search(r"API token for user 1 \(shown only now; keep it\): (\S+)", self.output)
+        return found.group(1) if found else None
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
+        os.killpg(self.process.pid, sig)
+        self.process.wait(30)
+        self.reader.join(10)
+        assert self.process.stdout is not None
+        self.process.stdout.close()
+
+
+def wait_completed(client: httpx.Client, jobid: str, seconds: float = 180) -> dict[str, Any]:
+    """Poll the job until it ends; its record."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        reply = client.get(f"/v1/dreamina/images/{jobid}")
+        assert reply.status_code == 200, reply.text
+        if reply.json()["status"] != "created":
+            return dict(reply.json())
+        time.sleep(0.5)
+    raise AssertionError(f"job {jobid} not finished after {seconds}s")
