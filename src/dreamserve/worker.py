@@ -276,8 +276,8 @@ class JobRunner:
         account_error: tuple[Account, str] | None = None,
     ) -> bool:
         """Write the job's end (and its account's error), fenced by this attempt: False when
-        the job had already ended or was taken back, or when the database stayed busy for a
-        whole lease (then the reaper takes the job back and it runs again)."""
+        the job had already ended or was taken back, or when the database stayed busy or full
+        for a whole lease (then the reaper takes the job back and it runs again)."""
         now = millis(self.clock())
 
         def finish(tx: JobTransaction) -> bool:
@@ -290,21 +290,37 @@ class JobRunner:
                 account_queries.set_account_error(tx.conn, *account_error)
             return failed
 
-        # The engine's work is lost if its end is not written: worth waiting for, while the
-        # heartbeat renews the lease. Past a lease the reaper may have taken the job back (a
-        # late end is fenced off then), so the runner gives up and the job runs again.
+        return await self._write_end(job, finish)
+
+    async def _write_end(self, job: Job, finish: Callable[[JobTransaction], bool]) -> bool:
+        """Write the job's end, tried again while the database is busy or has no space left:
+        the engine's work is lost if its end is not written, so it is worth waiting for, while
+        the heartbeat renews the lease. Past a lease the reaper may have taken the job back (a
+        late end is fenced off then), so the runner gives up: False, and the job runs again."""
         give_up = time.monotonic() + self.config.lease_seconds
+        told = False
         while True:
             try:
                 return await self.store.write(finish)
-            except DatabaseBusy:
-                if time.monotonic() >= give_up:
+            except DatabaseBusy:  # it waited for the lock already
+                why = "the database stayed busy"
+            except StorageFull:  # a full disk answers at once: a pause between tries
+                why = "the database had no space left"
+                if not told:  # once, not at every try
                     log.warning(
-                        "job %s: its end was not written, the database stayed busy; it runs "
-                        "again once its lease runs out",
+                        "job %s: its end was not written, the database has no space left; "
+                        "trying again",
                         job.jobid,
                     )
-                    return False
+                    told = True
+                await asyncio.sleep(_FULL_RETRY_SECONDS)
+            if time.monotonic() >= give_up:
+                log.warning(
+                    "job %s: its end was not written, %s; it runs again once its lease runs out",
+                    job.jobid,
+                    why,
+                )
+                return False
 
     async def _heartbeat(
         self, job: Job, progress: _Progress, cancel: CancelSignal, lease: _Lease
@@ -365,6 +381,8 @@ class JobRunner:
             lease.renewed_at = at
         return renewed
 
+
+_FULL_RETRY_SECONDS = 0.5  # between tries of a job's end while the database has no space left
 
 _NO_SPACE = (
     "the server has no space left to store the images; try again once its operator has freed some"

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import Connection, func, select
-from support import SMALL, Harness, open_harness
+from support import SMALL, Harness, mounted_tmpfs, open_harness
 from test_assets import picture, stored, upload
 
 from dreamserve.settings import Settings
@@ -121,22 +120,9 @@ async def test_a_job_whose_images_find_the_disk_full_fails_saying_so_and_keeps_n
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A real 1 MiB file system (tmpfs), unmounted after; skipped, saying why, where this
-    process may not mount one (not root, or a container without CAP_SYS_ADMIN)."""
-    where = tmp_path / "small-disk"
-    where.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip() or 'mount failed'}")
-    try:
+    """A real 1 MiB file system (tmpfs); skipped, saying why, where it cannot be mounted."""
+    with mounted_tmpfs(tmp_path / "small-disk", "1m") as where:
         yield where
-    finally:
-        subprocess.run(["umount", str(where)], check=False)
 
 
 async def test_an_upload_to_a_really_full_disk_is_507_and_leaves_nothing(

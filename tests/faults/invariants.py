@@ -128,7 +128,7 @@ def database_is_sound(rig: Rig) -> None:
         with sqlite3.connect(rig.sqlite_path) as conn:
             assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
             assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
-            _rows_agree(conn.execute, rig.data_dir / "blobs")
+            _rows_agree(conn.execute, rig.blobs)
         return
     with psycopg.connect(rig.database_url, autocommit=True) as conn:
         conn.execute("CREATE EXTENSION IF NOT EXISTS amcheck")
@@ -140,7 +140,7 @@ def database_is_sound(rig: Rig) -> None:
         assert indexes
         for (index,) in indexes:  # raises on a corrupt index
             conn.execute("SELECT bt_index_check(%s::regclass, true)", (index,))
-        _rows_agree(conn.execute, rig.data_dir / "blobs")
+        _rows_agree(conn.execute, rig.blobs)
 
 
 def _rows_agree(execute: Any, blobs: Path) -> None:
@@ -175,5 +175,4 @@ def stray_files(rig: Rig) -> list[Path]:
     else:
         with psycopg.connect(rig.database_url) as conn:
             named = {uri for (uri,) in conn.execute("SELECT uri FROM assets")}
-    blobs = rig.data_dir / "blobs"
-    return [path for path in rig.image_files() if str(path.relative_to(blobs)) not in named]
+    return [path for path in rig.image_files() if str(path.relative_to(rig.blobs)) not in named]

@@ -25,7 +25,7 @@ import httpx
 import psycopg
 from plugin_site import PluginSite
 from servers import DREAMSERVE_SERVE, Server
-from support import free_port, holding_write_lock
+from support import fill, free_port, holding_write_lock
 
 ACCOUNT = "LOCAL:gated"
 PROBE_SECONDS = 10.0  # generous: a probe that waits this long means the server hangs
@@ -67,9 +67,10 @@ class Rig:
     root: Path  # the test's own folder
     database_url: str | None  # None: SQLite in the data dir
     site: Path  # the plugin site holding the gated engine
-    data_dir: Path = field(init=False)
-    gates: Path = field(init=False)
     extra: dict[str, str] = field(default_factory=dict)  # more DREAMSERVE_* settings
+    data_dir: Path = field(init=False)
+    blobs: Path = field(init=False)  # where the image files are (DREAMSERVE_BLOB_URL)
+    gates: Path = field(init=False)
     server: Server | None = None
     token: str = ""
     outputs: list[str] = field(default_factory=list)  # of every server stopped, in order
@@ -77,6 +78,7 @@ class Rig:
 
     def __post_init__(self) -> None:
         self.data_dir = self.root / "data"
+        self.blobs = self.data_dir / "blobs"
         self.gates = self.root / "gates"
         self.gates.mkdir(exist_ok=True)
         (self.gates / "journal.jsonl").touch()
@@ -133,12 +135,16 @@ class Rig:
 
     # Jobs and gates
 
-    def submit(self, client: httpx.Client, tag: str, reply_url: str | None = None) -> str:
+    def body(self, tag: str, reply_url: str | None = None) -> dict[str, Any]:
+        """POST /images of a job `tag` on the gated account."""
         body: dict[str, Any] = {"prompt": tag, "model": "tiny", "ratio": "1:1", "count": 1}
         body["account"] = ACCOUNT
         if reply_url is not None:
             body["replyUrl"] = reply_url
-        reply = client.post("/v1/dreamina/images", json=body)
+        return body
+
+    def submit(self, client: httpx.Client, tag: str, reply_url: str | None = None) -> str:
+        reply = client.post("/v1/dreamina/images", json=self.body(tag, reply_url))
         assert reply.status_code == 200, reply.text
         return str(reply.json()["jobid"])
 
@@ -172,7 +178,7 @@ class Rig:
         self.wait_for(lambda: self.journalled(tag, event) >= count, f"{tag}: {event} x{count}")
 
     def image_files(self) -> list[Path]:
-        return [path for path in (self.data_dir / "blobs").rglob("*") if path.is_file()]
+        return [path for path in self.blobs.rglob("*") if path.is_file()]
 
     # Faults applied from outside
 
@@ -229,6 +235,43 @@ class Rig:
             with psycopg.connect(self.database_url, autocommit=True) as conn:
                 conn.execute("DROP TRIGGER fault_claims_refused ON jobs")
                 conn.execute("DROP FUNCTION fault_claims_refused")
+
+    @contextmanager
+    def no_space_left(self, disk: Path | None) -> Iterator[None]:
+        """The database has no space for another write until the block ends: on SQLite the
+        file system of the data dir (`disk`, a tmpfs) is filled to its last byte, its WAL
+        emptied beforehand and held from being reused (a reader's open snapshot, as a backup's)
+        so that every write must grow it; on PostgreSQL, triggers raise disk_full (53100, what
+        the server raises when its disk fills) on every new job and every job's end."""
+        if self.database_url is None:
+            assert disk is not None
+            with sqlite3.connect(self.sqlite_path, timeout=10, isolation_level=None) as reader:
+                reader.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                reader.execute("BEGIN")
+                reader.execute("SELECT count(*) FROM jobs").fetchall()
+                filler = fill(disk)
+                try:
+                    yield
+                finally:
+                    filler.unlink()
+                    reader.execute("ROLLBACK")
+            return
+        with psycopg.connect(self.database_url, autocommit=True) as conn:
+            conn.execute(
+                "CREATE FUNCTION fault_disk_full() RETURNS trigger LANGUAGE plpgsql AS $$ "
+                "BEGIN RAISE EXCEPTION 'could not extend file: No space left on device' "
+                "USING ERRCODE = 'disk_full'; END $$"
+            )
+            conn.execute(
+                "CREATE TRIGGER fault_disk_full BEFORE INSERT OR UPDATE OF status ON jobs "
+                "FOR EACH ROW EXECUTE FUNCTION fault_disk_full()"
+            )
+        try:
+            yield
+        finally:
+            with psycopg.connect(self.database_url, autocommit=True) as conn:
+                conn.execute("DROP TRIGGER fault_disk_full ON jobs")
+                conn.execute("DROP FUNCTION fault_disk_full")
 
     def _advisory_locks(self) -> list[Any]:
         assert self.database_url is not None

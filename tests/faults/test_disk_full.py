@@ -1,0 +1,74 @@
+"""A database with no space left: a real full disk under SQLite (a small tmpfs holding the data
+dir; skipped, saying why, where this machine cannot mount one), PostgreSQL's disk_full error on
+PostgreSQL. Writes are refused with 507, reads are answered, and a job whose end met the full
+disk keeps its images and ends once, when space is back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+from invariants import database_is_sound, ended, never_twice_at_once, probe, slots, stray_files
+from rig import Rig
+from support import mounted_tmpfs
+
+pytestmark = [pytest.mark.faults, pytest.mark.blackbox, pytest.mark.both_databases]
+
+FULL = {"error": "Storage full"}
+NOT_WRITTEN = "its end was not written, the database has no space left"
+
+
+def test_a_job_whose_end_finds_the_database_full_ends_once_when_space_is_back(
+    rig: Rig, tmp_path: Path
+) -> None:
+    if rig.database_url is None:
+        with mounted_tmpfs(tmp_path / "disk", "2m") as disk:
+            rig.data_dir = disk / "data"  # the database; the images elsewhere, with room
+            rig.extra["DREAMSERVE_BLOB_URL"] = f"file://{rig.blobs}"
+            run_out_of_space(rig, disk)
+    else:
+        run_out_of_space(rig, None)
+
+
+def run_out_of_space(rig: Rig, disk: Path | None) -> None:
+    rig.start()
+    with rig.client() as client:
+        running = rig.submit(client, "running")
+        rig.wait_journalled("running", "start")
+        with rig.no_space_left(disk):
+            if disk is not None:
+                use_up_the_wal(client)
+            refused = client.post("/v1/dreamina/images", json=rig.body("refused"))
+            assert (refused.status_code, refused.json()) == (507, FULL)
+            probe(client, [running])
+            rig.open("running", "run", "store")
+            rig.wait_for(
+                lambda: NOT_WRITTEN in rig.output or "runner crashed" in rig.output,
+                "the job's end meets the full disk",
+            )
+            assert "runner crashed" not in rig.output
+            probe(client, [running])
+        [record] = ended(client, [running]).values()
+        assert record["status"] == "completed", record
+        assert set(slots(client).values()) == {0}
+        again = rig.submit(client, "again")
+        rig.open("again", "run", "store")
+        assert ended(client, [again])[again]["status"] == "completed"
+    rig.stop()
+    assert "Traceback" not in rig.output, rig.output
+    assert never_twice_at_once(rig) == {"running": 1, "again": 1}
+    assert stray_files(rig) == []
+    database_is_sound(rig)
+
+
+def use_up_the_wal(client: httpx.Client) -> None:
+    """Save accounts until one is refused for space: the WAL may have room left from its
+    earlier use, which these harmless rows fill."""
+    for n in range(200):
+        body = {"account": f"LOCAL:slack{n}", "engine": "procedural", "maxJobs": 1}
+        reply = client.post("/v1/dreamina/accounts", json=body)
+        if reply.status_code != 200:
+            assert (reply.status_code, reply.json()) == (507, FULL)
+            return
+    raise AssertionError("the database never ran out of space")
