@@ -13,12 +13,13 @@ from invariants import database_is_sound, ended, never_twice_at_once, probe, slo
 from rig import Rig
 from support import mounted_tmpfs
 
-pytestmark = [pytest.mark.faults, pytest.mark.blackbox, pytest.mark.both_databases]
+pytestmark = [pytest.mark.faults, pytest.mark.blackbox]
 
 FULL = {"error": "Storage full"}
 NOT_WRITTEN = "its end was not written, the database has no space left"
 
 
+@pytest.mark.both_databases
 def test_a_job_whose_end_finds_the_database_full_ends_once_when_space_is_back(
     rig: Rig, tmp_path: Path
 ) -> None:
@@ -72,3 +73,34 @@ def use_up_the_wal(client: httpx.Client) -> None:
             assert (reply.status_code, reply.json()) == (507, FULL)
             return
     raise AssertionError("the database never ran out of space")
+
+
+def test_a_data_dir_whose_disk_fills_fails_the_job_saying_so_and_keeps_nothing(
+    tmp_path: Path, rig: Rig
+) -> None:
+    """The default layout, database and images in the data dir, on a small disk that fills
+    while a job runs: its images find no space and it fails saying so (its end written once
+    space is back), keeping no file; later jobs complete."""
+    with mounted_tmpfs(tmp_path / "disk", "2m") as disk:
+        rig.data_dir = disk / "data"
+        rig.blobs = rig.data_dir / "blobs"
+        rig.start()
+        with rig.client() as client:
+            running = rig.submit(client, "running")
+            rig.wait_journalled("running", "start")
+            with rig.no_space_left(disk):
+                rig.open("running", "run", "store")
+                rig.wait_journalled("running", "stored")
+                probe(client, [running])
+                rig.wait_for(lambda: NOT_WRITTEN in rig.output, "the job's end meets the full disk")
+            [record] = ended(client, [running]).values()
+            assert (record["status"], record["error"]) == ("failed", "Storage full"), record
+            assert set(slots(client).values()) == {0}
+            again = rig.submit(client, "again")
+            rig.open("again", "run", "store")
+            assert ended(client, [again])[again]["status"] == "completed"
+        rig.stop()
+        assert "Traceback" not in rig.output, rig.output
+        assert never_twice_at_once(rig) == {"running": 1, "again": 1}
+        assert stray_files(rig) == []
+        database_is_sound(rig)
