@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from contextlib import AsyncExitStack
 
 import pytest
-from support import SMALL, GatedEngine, eventually, open_harness, wait_started
+from receiver import Answer, receiving
+from support import SMALL, FakeClock, GatedEngine, eventually, open_harness, wait_started
 
 from dreamserve.engines.registry import BUILTIN
 from dreamserve.settings import Settings
@@ -67,3 +69,33 @@ async def test_an_event_stream_on_a_running_job_ends_when_the_app_shuts_down(
     assert name == "event: progress"
     last = json.loads(data.removeprefix("data: "))
     assert (last["jobid"], last["status"]) == (jobid, "created")
+
+
+async def test_a_webhook_try_cut_short_by_the_shutdown_is_sent_at_the_next_start(
+    settings: Settings,
+) -> None:
+    """The receiver has the request when the server shuts down: the try is given up, not
+    recorded, and its delivery is due again at once rather than when its claim would have
+    run out (the clock stands still here: a claim left held would never run out)."""
+    settings = settings.model_copy(update={"webhook_allow_private": True})
+    clock = FakeClock()
+    hold = threading.Event()
+    with receiving() as receiver:
+        receiver.plan.append(Answer(until=hold))
+        try:
+            async with open_harness(settings, clock=clock) as harness:
+                reply = await harness.post({**SMALL, "replyUrl": receiver.url})
+                jobid = reply.json()["jobid"]
+                await eventually(lambda: receiver.count() == 1)
+        finally:
+            hold.set()
+        async with open_harness(settings, clock=clock) as harness:
+            await eventually(lambda: receiver.count() == 2)
+            await harness.server.deliverer.drain()
+            [delivery] = (await harness.call("GET", f"/images/{jobid}/webhooks")).json()[
+                "deliveries"
+            ]
+    assert delivery["status"] == "delivered"
+    assert [attempt["statusCode"] for attempt in delivery["tries"]] == [200]
+    first, second = receiver.received
+    assert first.headers["webhook-id"] == second.headers["webhook-id"] == delivery["webhookId"]

@@ -9,7 +9,7 @@ pushes `next_at` past the try's timeout: a node that dies mid-try leaves the row
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -162,6 +162,23 @@ def record_try(
             updated_at=attempt.at + attempt.duration_ms,
         )
     )
+
+
+def release(conn: Connection, deliveries: Iterable[Delivery], now: int) -> None:
+    """Make claimed deliveries whose tries were given up unrecorded (a server stopping) due
+    again at `now`, each only while it is as its claim left it (fenced as `record_try` is).
+    Their tries stay counted: they may have reached the receiver."""
+    for delivery in deliveries:
+        conn.execute(
+            update(webhook_deliveries)
+            .where(
+                webhook_deliveries.c.id == delivery.id,
+                webhook_deliveries.c.status == PENDING,
+                webhook_deliveries.c.tries == delivery.tries,
+                webhook_deliveries.c.next_at == delivery.next_at,
+            )
+            .values(next_at=now, updated_at=now)
+        )
 
 
 def deliveries_of(conn: Connection, job_id: int) -> list[tuple[Delivery, list[Try]]]:

@@ -73,6 +73,7 @@ class Deliverer:
         self.config = config
         self.rng = rng or Random()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._interrupted: list[Delivery] = []  # claimed, their tries cancelled unrecorded
         self._wake = events.endings()
         self._backlog = False  # the last round filled every free place: more may be due
         self.resolver: Resolver = resolve  # receivers' hosts; tests put a fake one here
@@ -139,11 +140,31 @@ class Deliverer:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self._release_interrupted()
         await self.client.aclose()
+
+    async def _release_interrupted(self) -> None:
+        """The deliveries whose tries the shutdown cut short (a receiver may have the request):
+        due again now, so that the next start sends them at once (same webhook-id), rather
+        than when their claims run out."""
+        interrupted, self._interrupted = self._interrupted, []
+        if not interrupted:
+            return
+        now = millis(self.clock())
+        try:
+            await self.db.write(lambda conn: webhook_queries.release(conn, interrupted, now))
+        except Exception as error:  # as after a crash: due when their claims run out
+            log.warning(
+                "webhook deliveries cut short by the shutdown not released (%s)",
+                type(error).__name__,
+            )
 
     async def _deliver(self, delivery: Delivery) -> None:
         try:
             await self._try(delivery)
+        except asyncio.CancelledError:  # the server stops (close)
+            self._interrupted.append(delivery)
+            raise
         except DatabaseBusy:
             # The try may have reached the receiver: recording a failure would be untrue. The
             # claim runs out and the delivery is sent again (webhook-id unchanged, so a
