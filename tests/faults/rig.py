@@ -187,17 +187,32 @@ class Rig:
         return self.data_dir / "dreamserve.db"
 
     @contextmanager
-    def lock_held(self, jobid: str) -> Iterator[None]:
+    def lock_held(self, jobid: str | None = None) -> Iterator[None]:
         """Another transaction holds a lock the job's next write needs: on SQLite another
-        process holds the write lock; on PostgreSQL another connection holds the job's row."""
+        process holds the write lock; on PostgreSQL another connection holds the job's row
+        (every job's, without `jobid`)."""
         if self.database_url is None:
             with holding_write_lock(self.sqlite_path):
                 yield
             return
         with psycopg.connect(self.database_url) as other:
-            other.execute("SELECT id FROM jobs WHERE jobid = %s FOR UPDATE", (jobid,))
+            if jobid is None:
+                other.execute("SELECT id FROM jobs FOR UPDATE")
+            else:
+                other.execute("SELECT id FROM jobs WHERE jobid = %s FOR UPDATE", (jobid,))
             yield
             other.rollback()
+
+    def end_backends(self) -> int:
+        """End every PostgreSQL session of the server (its pool, its runner lock's, its
+        listener), as a restarted or failed-over database would: how many."""
+        assert self.database_url is not None
+        with psycopg.connect(self.database_url, autocommit=True) as conn:
+            ended = conn.execute(
+                "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ).fetchall()
+        return len(ended)
 
     @contextmanager
     def claims_refused(self, tag: str) -> Iterator[None]:

@@ -78,7 +78,7 @@ def reach_every_stage(rig: Rig, receiver: Receiver, sig: signal.Signals) -> dict
         rig.wait_journalled("storing", "storing")
         rig.open("webhook", "run", "store")
         jobids["webhook"] = rig.submit(client, "webhook", f"{url}/webhook")
-        rig.wait_for(lambda: receiver.count("/webhook") == 1, "the webhook job's try held")
+        rig.wait_for(lambda: receiver.count("/webhook") >= 1, "the webhook job's try held")
         with rig.claims_refused("admitted"):
             rig.open("admitted", "run", "store")
             jobids["admitted"] = rig.submit(client, "admitted", f"{url}/admitted")
