@@ -24,8 +24,6 @@ from rig import ACCOUNT, Rig
 
 pytestmark = [pytest.mark.faults, pytest.mark.blackbox, pytest.mark.both_databases]
 
-STAGES = ("admitted", "running", "storing", "finishing", "webhook")
-
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_a_job_at_every_stage_survives_the_signal(
@@ -60,8 +58,10 @@ def test_a_job_at_every_stage_survives_the_signal(
     assert never_twice_at_once(rig) == {tag: 2 for tag in jobids} | {"admitted": 1, "webhook": 1}
     assert receiver.count("/webhook") >= 2  # held when the server went, sent again after
     database_is_sound(rig)
-    strays = stray_files(rig)
-    print(f"{sig.name}: {len(strays)} image files of interrupted attempts left: {strays}")
+    # At most the image the finishing job's first attempt stored: a SIGKILL, or a SIGTERM
+    # while the job's end waited for the lock (the end may have committed: it is not safe to
+    # delete them then), leaves it unreferenced on disk.
+    assert len(stray_files(rig)) <= 1
 
 
 def reach_every_stage(rig: Rig, receiver: Receiver, sig: signal.Signals) -> dict[str, str]:
