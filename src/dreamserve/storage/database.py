@@ -337,10 +337,21 @@ class SqliteDatabase:
 
     def _checkpoint_loop(self) -> None:
         conn = sqlite3.connect(self.path, isolation_level=None)
+        failing = False
         try:
             conn.execute("PRAGMA busy_timeout=1000")
             while not self._stop.wait(self.CHECKPOINT_SECONDS):
-                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error as error:
+                    # A full disk (the database file must grow to take the WAL's pages), an
+                    # I/O error: the next round tries again. Were this thread to end, no
+                    # checkpoint would run until a restart, and the WAL would grow without end.
+                    if not failing:
+                        log.warning("WAL checkpoint failed (%s); trying again every second", error)
+                    failing = True
+                else:
+                    failing = False
         finally:
             conn.close()
 
