@@ -18,8 +18,9 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image
+from servers import Server
+from support import free_port
 from test_http_limits import answer, rss_bytes, server_pid
-from test_server import Server, free_port
 
 pytestmark = [pytest.mark.blackbox, pytest.mark.timeout(120)]
 
