@@ -35,6 +35,7 @@ from dreamserve.events import JobEvents, PostgresFeed
 from dreamserve.ids import IdFactory
 from dreamserve.links import LinkSigner
 from dreamserve.reaper import Reaper, ReaperConfig
+from dreamserve.render_memory import RenderMemory
 from dreamserve.sealing import SecretBox
 from dreamserve.service import Service, ServiceConfig
 from dreamserve.service.accounts import Accounts
@@ -78,6 +79,7 @@ class Server:
     events: JobEvents
     admission: Admission
     ids: IdFactory
+    memory: RenderMemory
 
 
 @asynccontextmanager
@@ -131,6 +133,7 @@ async def open_server(
         cache_seconds=settings.account_cache_seconds,
     )
     store = JobStore(db, events)
+    memory = RenderMemory(settings.render_memory_mb << 20)
     runner = JobRunner(
         store,
         blobs,
@@ -138,6 +141,7 @@ async def open_server(
         ids,
         clock,
         executor,
+        memory,
         RunnerConfig(
             Encoding(
                 settings.image_format,
@@ -196,7 +200,7 @@ async def open_server(
         config=config,
     )
     try:
-        yield Server(service, db, store, blobs, dispatch, deliverer, events, admission, ids)
+        yield Server(service, db, store, blobs, dispatch, deliverer, events, admission, ids, memory)
     finally:
         await dispatch.close()
         await deliverer.close()

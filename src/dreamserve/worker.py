@@ -1,9 +1,10 @@
 """The job runner: one job from claim to final state.
 
-Claims the job (a conditional update, so a second delivery of the same job does nothing), runs the
-account's engine with progress and cancellation, encodes and stores the images off the event loop,
-then writes the final state, the images and the slot release in one transaction. Meanwhile it
-renews the job's lease; a runner that cannot stops its engine before the lease runs out.
+Claims the job (a conditional update, so a second delivery of the same job does nothing), waits
+for its share of the render-memory budget, runs the account's engine with progress and
+cancellation, encodes and stores the images off the event loop, gives the memory back, then writes
+the final state, the images and the slot release in one transaction. Meanwhile it renews the job's
+lease; a runner that cannot stops its engine before the lease runs out.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from dreamserve.errors import (
 )
 from dreamserve.ids import IdFactory
 from dreamserve.jobs import CANCELLED_BY_USER, Job, Status, StoredImage, millis
+from dreamserve.render_memory import IMAGE_COPIES, RenderMemory, render_bytes
 from dreamserve.storage import account_queries, asset_queries
 from dreamserve.storage.account_queries import Account
 from dreamserve.storage.blobs import BlobStore
@@ -65,6 +67,7 @@ class JobRunner:
         ids: IdFactory,
         clock: Callable[[], datetime],
         executor: Executor,
+        memory: RenderMemory,
         config: RunnerConfig,
         account_changed: Callable[[], None] = lambda: None,
     ) -> None:
@@ -74,6 +77,7 @@ class JobRunner:
         self.ids = ids
         self.clock = clock
         self.executor = executor
+        self.memory = memory  # shared by every job: none holds pixels before it has its share
         self.config = config
         self.account_changed = account_changed  # drops admission's cached account lists
         self._signals: dict[int, CancelSignal] = {}  # jobs running here -> their cancel signal
@@ -184,10 +188,28 @@ class JobRunner:
     async def _generate(
         self, job: Job, account: Account, progress: _Progress, cancel: CancelSignal
     ) -> list[StoredImage]:
+        """The job's images, stored. Its references are decoded and its engine run only once
+        its estimate is reserved, which is given back once the images are stored (or the job
+        failed): a job waiting for the budget holds no pixels."""
+        copies = getattr(self._engine(account), "image_copies", IMAGE_COPIES)
+        spec = job.spec
+        known = spec.reference_pixels
+        sizes = [known[i] if i < len(known) else None for i in range(len(spec.references))]
+        nbytes = render_bytes(spec.width, spec.height, spec.count, sizes, copies)
+        async with self.memory.reserve(nbytes, cancel):
+            return await self._render(job, account, progress, cancel)
+
+    def _engine(self, account: Account) -> Engine:
         try:
-            engine = self.engines.hold(self.engines.for_account(account))
+            return self.engines.for_account(account)
         except EngineUnavailable as missing:  # uninstalled since the account was saved
             raise AccountError("Engine unavailable", missing.message) from None
+
+    async def _render(
+        self, job: Job, account: Account, progress: _Progress, cancel: CancelSignal
+    ) -> list[StoredImage]:
+        # Taken again: the account's engine may have been replaced while the job waited.
+        engine = self.engines.hold(self._engine(account))
         try:
             images = await self._images(job, account, engine, progress, cancel)
         finally:

@@ -102,6 +102,9 @@ class Engine(Protocol):
 
     # Optional: `def describe(self) -> dict[str, Any]`, live details of the engine (what it is,
     # what it has loaded) for GET /accounts/<account>. Never secrets.
+    # Optional: `image_copies: int`, how many copies of each output image the engine holds at
+    # its peak (default 2: the image and a working copy); the server's render-memory budget
+    # counts that many for each image of a job (render_memory.py).
 
 
 class EngineFactory(Protocol):
