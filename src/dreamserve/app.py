@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -36,6 +35,7 @@ from dreamserve.ids import IdFactory
 from dreamserve.links import LinkSigner
 from dreamserve.reaper import Reaper, ReaperConfig
 from dreamserve.render_memory import RenderMemory
+from dreamserve.render_threads import RenderThreads
 from dreamserve.sealing import SecretBox
 from dreamserve.service import Service, ServiceConfig
 from dreamserve.service.accounts import Accounts
@@ -109,7 +109,7 @@ async def open_server(
         ),
     )
     await db.migrate()
-    executor = ThreadPoolExecutor(settings.threads, thread_name_prefix="dreamserve-render")
+    executor = RenderThreads(settings.threads)
     context = EngineContext(executor, allow_private=settings.upstream_allow_private)
     registry = EngineRegistry(context, box, engines)
     ids = IdFactory()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -43,6 +44,7 @@ from dreamserve.errors import (
 from dreamserve.ids import IdFactory
 from dreamserve.jobs import CANCELLED_BY_USER, Job, Status, StoredImage, millis
 from dreamserve.render_memory import IMAGE_COPIES, RenderMemory, render_bytes
+from dreamserve.render_threads import take_turn
 from dreamserve.storage import account_queries, asset_queries
 from dreamserve.storage.account_queries import Account
 from dreamserve.storage.blobs import BlobStore
@@ -81,6 +83,7 @@ class JobRunner:
         self.config = config
         self.account_changed = account_changed  # drops admission's cached account lists
         self._signals: dict[int, CancelSignal] = {}  # jobs running here -> their cancel signal
+        self._turns = itertools.count(1)  # the order jobs got their memory in (render_threads)
 
     def cancel(self, job_id: int) -> None:
         """Tell the engine of a job running here to stop (its final state is written by whoever
@@ -190,13 +193,15 @@ class JobRunner:
     ) -> list[StoredImage]:
         """The job's images, stored. Its references are decoded and its engine run only once
         its estimate is reserved, which is given back once the images are stored (or the job
-        failed): a job waiting for the budget holds no pixels."""
+        failed): a job waiting for the budget holds no pixels. Its blocking work then runs in
+        its turn on the render threads: before the work of the jobs that got memory after it."""
         copies = getattr(self._engine(account), "image_copies", IMAGE_COPIES)
         spec = job.spec
         known = spec.reference_pixels
         sizes = [known[i] if i < len(known) else None for i in range(len(spec.references))]
         nbytes = render_bytes(spec.width, spec.height, spec.count, sizes, copies)
         async with self.memory.reserve(nbytes, cancel):
+            take_turn(next(self._turns))
             return await self._render(job, account, progress, cancel)
 
     def _engine(self, account: Account) -> Engine:

@@ -1,6 +1,7 @@
 """The render-memory budget: however many jobs the caps admit, only those whose pixels fit the
 budget render at once; the others wait, holding no pixels, and every reservation is given back
-however its job ends.
+however its job ends. And the render threads run the work of the job that got its memory first
+first, so a job's images are stored before later jobs render theirs.
 
 SMALL renders one 1024x1024 image: 8 MiB in the budget (4 bytes a pixel, two copies), so a
 20 MiB budget holds two such jobs at once.
@@ -9,13 +10,17 @@ SMALL renders one 1024x1024 image: 8 MiB in the budget (4 bytes a pixel, two cop
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import threading
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from concurrent.futures import Executor
+from typing import Any
 
 import pytest
 from PIL import Image
 from support import SMALL, Harness, _SharedEngine, eventually, open_harness
 
-from dreamserve.engines.base import CancelSignal, GenerationRequest
+from dreamserve.engines.base import CancelSignal, EngineContext, GenerationRequest
 from dreamserve.errors import JobFailed
 from dreamserve.settings import Settings
 
@@ -201,3 +206,50 @@ async def test_a_waiting_job_has_not_read_its_references_and_counts_them(
         engine.gate.set()
         assert (await h.wait(referring))["status"] == "completed"
         assert memory.in_use == 0
+
+
+class OrderedEngine(_SharedEngine):
+    """Each job waits at the gate of its prompt, then has the render threads note its prompt."""
+
+    def __init__(self) -> None:
+        self.gates: defaultdict[str, asyncio.Event] = defaultdict(asyncio.Event)
+        self.started = 0
+        self.queued: list[str] = []  # the prompts, as their work was handed to the threads
+        self.ran: list[str] = []  # the prompts, as the threads ran their work
+        self.executor: Executor | None = None
+
+    def factory(self, settings: Mapping[str, Any], context: EngineContext) -> OrderedEngine:
+        self.executor = context.executor
+        return self
+
+    async def generate(
+        self, request: GenerationRequest, progress: Callable[[float], None], cancel: CancelSignal
+    ) -> list[Image.Image]:
+        self.started += 1
+        await self.gates[request.prompt].wait()
+        noted = asyncio.get_running_loop().run_in_executor(
+            self.executor, self.ran.append, request.prompt
+        )
+        self.queued.append(request.prompt)
+        await noted
+        return [Image.new("RGB", (request.width, request.height))] * request.count
+
+
+async def test_the_render_threads_run_the_work_of_the_earlier_job_first(settings) -> None:
+    engine = OrderedEngine()
+    one_thread = settings.model_copy(update={"render_threads": 1})
+    async with open_harness(one_thread, engines={"procedural": engine.factory}) as h:
+        jobids = []
+        for count, prompt in enumerate(["first", "second"], 1):
+            jobids += await submit(h, 1, {**SMALL, "prompt": prompt})
+            await started(engine, count)  # both hold memory, the first since earlier
+        assert engine.executor is not None
+        gate = threading.Event()
+        engine.executor.submit(gate.wait)  # the one thread waits: the work queues up
+        engine.gates["second"].set()
+        await eventually(lambda: engine.queued == ["second"])
+        engine.gates["first"].set()
+        await eventually(lambda: engine.queued == ["second", "first"])
+        gate.set()
+        assert [(await h.wait(jobid))["status"] for jobid in jobids] == ["completed"] * 2
+        assert engine.ran == ["first", "second"]
