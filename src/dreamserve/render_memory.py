@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
-from dreamserve.engines.base import CANCEL_POLL_SECONDS, CancelSignal
+from dreamserve.engines.base import CancelSignal
 
 # Pillow keeps an RGB image in four bytes a pixel (RGBX), as it does RGBA.
 BYTES_PER_PIXEL = 4
@@ -28,6 +28,13 @@ BYTES_PER_PIXEL = 4
 IMAGE_COPIES = 2
 # A decoded reference, and the copy an engine makes of it (converted, fitted or re-encoded).
 REFERENCE_COPIES = 2
+
+
+def image_copies(engine: object) -> int:
+    """The copies of an image `engine` says it holds (its optional `image_copies`), or the
+    default when it says nothing usable."""
+    copies = getattr(engine, "image_copies", IMAGE_COPIES)
+    return copies if isinstance(copies, int) and copies >= 1 else IMAGE_COPIES
 
 
 def render_bytes(
@@ -44,6 +51,11 @@ def render_bytes(
     references = sum(bound if pixels is None else min(pixels, bound) for pixels in reference_pixels)
     outputs = count * width * height * image_copies
     return BYTES_PER_PIXEL * (outputs + REFERENCE_COPIES * references)
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 class RenderMemory:
@@ -78,13 +90,21 @@ class RenderMemory:
         if not self._waiters and self.in_use + charge <= self.budget:
             self.in_use += charge
             return
-        granted = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        granted: asyncio.Future[None] = loop.create_future()
+        cancelled: asyncio.Future[None] = loop.create_future()
+
+        def wake() -> None:  # from whichever thread sets the cancel
+            loop.call_soon_threadsafe(_settle, cancelled)
+
         entry = (charge, granted)
         self._waiters.append(entry)
+        # Woken by the cancel rather than polling it: a burst may leave thousands waiting.
+        forget = cancel.on_set(wake)
         try:
-            while not granted.done():
+            await asyncio.wait({granted, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+            if not granted.done():
                 cancel.raise_if_set()
-                await asyncio.wait({granted}, timeout=CANCEL_POLL_SECONDS)
         except BaseException:  # Cancelled, or the task itself cancelled (a shutdown)
             if granted.done():
                 self._release(charge)  # granted as it ended: given back at once
@@ -92,6 +112,8 @@ class RenderMemory:
                 self._waiters.remove(entry)
                 self._grant()  # the ones behind it may fit now
             raise
+        finally:
+            forget()
 
     def _release(self, charge: int) -> None:
         self.in_use -= charge

@@ -43,7 +43,7 @@ from dreamserve.errors import (
 )
 from dreamserve.ids import IdFactory
 from dreamserve.jobs import CANCELLED_BY_USER, Job, Status, StoredImage, millis
-from dreamserve.render_memory import IMAGE_COPIES, RenderMemory, render_bytes
+from dreamserve.render_memory import RenderMemory, image_copies, render_bytes
 from dreamserve.render_threads import take_turn
 from dreamserve.storage import account_queries, asset_queries
 from dreamserve.storage.account_queries import Account
@@ -195,7 +195,7 @@ class JobRunner:
         its estimate is reserved, which is given back once the images are stored (or the job
         failed): a job waiting for the budget holds no pixels. Its blocking work then runs in
         its turn on the render threads: before the work of the jobs that got memory after it."""
-        copies = getattr(self._engine(account), "image_copies", IMAGE_COPIES)
+        copies = image_copies(self._engine(account))
         spec = job.spec
         known = spec.reference_pixels
         sizes = [known[i] if i < len(known) else None for i in range(len(spec.references))]

@@ -1,5 +1,5 @@
 """The render-memory budget on its own: the estimate, the order reservations are granted in,
-and what a cancel leaves."""
+and what a cancel leaves; and the cancel signal's callback, which wakes a waiting reservation."""
 
 from __future__ import annotations
 
@@ -9,9 +9,13 @@ from contextlib import AsyncExitStack
 import pytest
 from support import eventually
 
+from dreamserve.engines.ark import ArkEngine
 from dreamserve.engines.base import CancelSignal
+from dreamserve.engines.gemini import GeminiEngine
+from dreamserve.engines.openai import OpenAIEngine
+from dreamserve.engines.procedural import ProceduralEngine
 from dreamserve.errors import Cancelled
-from dreamserve.render_memory import RenderMemory, render_bytes
+from dreamserve.render_memory import RenderMemory, image_copies, render_bytes
 
 pytestmark = [pytest.mark.anyio]
 
@@ -28,8 +32,25 @@ def test_references_count_as_decoded_no_larger_than_the_outputs_longer_side() ->
     assert render_bytes(1024, 768, 1, [small, huge, None]) == 4 * (2 * 1024 * 768 + references)
 
 
-async def hold(memory: RenderMemory, nbytes: int, stack: AsyncExitStack) -> None:
-    await stack.enter_async_context(memory.reserve(nbytes, CancelSignal()))
+def test_an_engine_says_how_many_copies_it_holds_or_is_given_the_default() -> None:
+    class Says:
+        image_copies = 3
+
+    class SaysNonsense:
+        image_copies = "three"
+
+    assert [image_copies(Says()), image_copies(SaysNonsense()), image_copies(object())] == [3, 2, 2]
+
+
+def test_the_official_api_engines_count_the_downloaded_file_too() -> None:
+    engines = (ArkEngine, GeminiEngine, OpenAIEngine, ProceduralEngine)
+    assert [image_copies(engine) for engine in engines] == [3, 3, 3, 2]
+
+
+async def hold(
+    memory: RenderMemory, nbytes: int, stack: AsyncExitStack, cancel: CancelSignal | None = None
+) -> None:
+    await stack.enter_async_context(memory.reserve(nbytes, cancel or CancelSignal()))
 
 
 async def test_reservations_are_granted_in_turn_as_memory_frees() -> None:
@@ -118,3 +139,30 @@ async def test_a_task_cancelled_as_its_reservation_is_granted_gives_it_back() ->
     with pytest.raises(asyncio.CancelledError):
         await waiting
     assert (memory.in_use, memory.waiting) == (0, 0)
+
+
+def test_a_cancel_signal_calls_back_once_when_set_or_at_once_if_it_is() -> None:
+    cancel = CancelSignal()
+    calls: list[str] = []
+    cancel.on_set(lambda: calls.append("first"))
+    forget = cancel.on_set(lambda: calls.append("forgotten"))
+    forget()
+    assert calls == []
+    cancel.set()
+    cancel.set()
+    assert calls == ["first"]
+    cancel.on_set(lambda: calls.append("late"))
+    assert calls == ["first", "late"]
+
+
+async def test_a_cancel_set_from_another_thread_wakes_a_waiting_reservation() -> None:
+    memory = RenderMemory(10)
+    cancel = CancelSignal()
+    async with AsyncExitStack() as stack:
+        await hold(memory, 10, stack)
+        waiting = asyncio.create_task(hold(memory, 1, AsyncExitStack(), cancel))
+        await eventually(lambda: memory.waiting == 1)
+        await asyncio.to_thread(cancel.set)
+        with pytest.raises(Cancelled):
+            await waiting
+        assert memory.waiting == 0
