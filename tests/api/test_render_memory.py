@@ -20,8 +20,9 @@ import pytest
 from PIL import Image
 from support import SMALL, Harness, _SharedEngine, eventually, open_harness
 
-from dreamserve.engines.base import CancelSignal, EngineContext, GenerationRequest
+from dreamserve.engines.base import CancelSignal, EngineContext, GenerationRequest, UpscaleRequest
 from dreamserve.errors import JobFailed
+from dreamserve.render_memory import render_bytes
 from dreamserve.settings import Settings
 
 pytestmark = [pytest.mark.anyio]
@@ -46,6 +47,16 @@ class MeteredEngine(_SharedEngine):
     async def generate(
         self, request: GenerationRequest, progress: Callable[[float], None], cancel: CancelSignal
     ) -> list[Image.Image]:
+        await self._run(cancel)
+        return [Image.new("RGB", (request.width, request.height)) for _ in range(request.count)]
+
+    async def upscale(
+        self, request: UpscaleRequest, progress: Callable[[float], None], cancel: CancelSignal
+    ) -> Image.Image:
+        await self._run(cancel)
+        return Image.new("RGB", (request.width, request.height))
+
+    async def _run(self, cancel: CancelSignal) -> None:
         self.started += 1
         self.active += 1
         self.peak = max(self.peak, self.active)
@@ -57,8 +68,6 @@ class MeteredEngine(_SharedEngine):
                 raise JobFailed("Image generation failed", "as the test asked")
             if self.outcome == "crash":
                 raise RuntimeError("as the test asked")
-            size = (request.width, request.height)
-            return [Image.new("RGB", size) for _ in range(request.count)]
         finally:
             self.active -= 1
 
@@ -206,6 +215,30 @@ async def test_a_waiting_job_has_not_read_its_references_and_counts_them(
         engine.gate.set()
         assert (await h.wait(referring))["status"] == "completed"
         assert memory.in_use == 0
+
+
+async def test_ten_8k_upscales_render_one_at_a_time_in_the_default_budget(settings) -> None:
+    engine = MeteredEngine()
+    async with open_harness(settings, engines={"procedural": engine.factory}) as h:
+        memory = h.server.memory
+        engine.gate.set()
+        source = await h.wait((await submit(h, 1))[0])  # one 1024x1024 image
+        engine.gate.clear()
+        body = {"jobid": source["jobid"], "upscaleResolution": "8k"}
+        jobids = []
+        for _ in range(10):
+            reply = await h.call("POST", "/images/upscale", body)
+            assert reply.status_code == 200, reply.text
+            jobids.append(reply.json()["jobid"])
+        await eventually(lambda: memory.waiting == 9)
+        await started(engine, 2)
+        # 8192x8192 and its source, each twice: 545 MB of the 1024 MiB, where ten took 5.4 GB.
+        one = render_bytes(8192, 8192, 1, [1024 * 1024])
+        assert (one, engine.started, memory.in_use) == (545_259_520, 2, one)
+        for jobid in reversed(jobids):  # the waiting ones first: none of them starts
+            assert (await h.call("DELETE", f"/scheduler/{jobid}")).status_code == 200
+        await eventually(lambda: memory.in_use == 0)
+        assert (engine.started, engine.peak, memory.waiting) == (2, 1, 0)
 
 
 class OrderedEngine(_SharedEngine):
