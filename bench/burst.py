@@ -5,8 +5,9 @@ in a fresh data dir, with a configuration file that serves a 512x512 model on te
 accounts of 50 slots each (caps high enough to admit the whole burst), PNG images, and
 `DREAMSERVE_RENDER_MEMORY_MB` set to the variant's budget. Submits `--jobs` jobs of 4 images
 each (PNG, zlib level 1) as fast as `--clients` clients can, waits until all have ended, and
-reads the server's idle RSS (VmRSS once it answers) and its peak (VmHWM, the kernel's
-high-water mark).
+reads the server's idle RSS (VmRSS once it answers), its peak (VmHWM, the kernel's
+high-water mark) and the CPU time it spent on the burst (steadier than wall time on a shared
+machine).
 
     .venv/bin/python bench/burst.py [--jobs 300] [--budgets 1024,1000000] [--src LABEL=DIR]...
 
@@ -60,6 +61,7 @@ class Result:
     idle_mib: float
     peak_mib: float
     seconds: float
+    cpu_seconds: float
     completed: int
 
     @property
@@ -71,6 +73,12 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process, its threads included."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def memory_mib(pid: int, field: str) -> float:
@@ -179,15 +187,16 @@ def run(variant: str, budget: int, src: Path, jobs: int, clients: int) -> Result
             wait_ready(url, server)
             time.sleep(1)  # the start's allocations settle
             idle = memory_mib(server.pid, "VmRSS")
-            began = time.perf_counter()
+            began, began_cpu = time.perf_counter(), cpu_seconds(server.pid)
             jobids = asyncio.run(submit_all(url, token, jobs, clients))
             completed = asyncio.run(wait_all(url, token, jobids))
             seconds = time.perf_counter() - began
+            cpu = cpu_seconds(server.pid) - began_cpu
             peak = memory_mib(server.pid, "VmHWM")
         finally:
             server.terminate()
             server.wait(30)
-    return Result(variant, idle, peak, seconds, completed)
+    return Result(variant, idle, peak, seconds, cpu, completed)
 
 
 def main() -> None:
@@ -202,15 +211,17 @@ def main() -> None:
         label, _, directory = other.partition("=")
         variants.append((label, 1024, Path(directory).resolve()))
     print(f"{args.jobs} jobs x 4 PNG 512x512, {args.clients} clients, {os.cpu_count()} CPUs\n")
-    print("| variant | idle RSS MiB | peak RSS MiB | growth MiB | seconds | completed |")
-    print("|---|---:|---:|---:|---:|---:|")
+    columns = "idle RSS MiB | peak RSS MiB | growth MiB | seconds | server CPU s | completed"
+    print(f"| variant | {columns} |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     results = []
     for variant, budget, src in variants:
         result = run(variant, budget, src, args.jobs, args.clients)
         results.append(result)
         print(
             f"| {variant} | {result.idle_mib:.0f} | {result.peak_mib:.0f} | "
-            f"{result.growth_mib:.0f} | {result.seconds:.1f} | {result.completed} |",
+            f"{result.growth_mib:.0f} | {result.seconds:.1f} | {result.cpu_seconds:.1f} | "
+            f"{result.completed} |",
             flush=True,
         )
     first = results[0]
