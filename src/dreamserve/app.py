@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -36,6 +35,8 @@ from dreamserve.events import JobEvents, PostgresFeed
 from dreamserve.ids import IdFactory
 from dreamserve.links import LinkSigner
 from dreamserve.reaper import Reaper, ReaperConfig
+from dreamserve.render_memory import RenderMemory
+from dreamserve.render_threads import RenderThreads
 from dreamserve.sealing import SecretBox
 from dreamserve.service import Service, ServiceConfig
 from dreamserve.service.accounts import Accounts
@@ -79,6 +80,7 @@ class Server:
     events: JobEvents
     admission: Admission
     ids: IdFactory
+    memory: RenderMemory
 
 
 @asynccontextmanager
@@ -108,7 +110,7 @@ async def open_server(
         ),
     )
     await db.migrate()
-    executor = ThreadPoolExecutor(settings.threads, thread_name_prefix="dreamserve-render")
+    executor = RenderThreads(settings.threads)
     context = EngineContext(executor, allow_private=settings.upstream_allow_private)
     registry = EngineRegistry(context, box, engines)
     ids = IdFactory()
@@ -132,6 +134,7 @@ async def open_server(
         cache_seconds=settings.account_cache_seconds,
     )
     store = JobStore(db, events)
+    memory = RenderMemory(settings.render_memory_mb << 20)
     runner = JobRunner(
         store,
         blobs,
@@ -139,6 +142,7 @@ async def open_server(
         ids,
         clock,
         executor,
+        memory,
         RunnerConfig(
             Encoding(
                 settings.image_format,
@@ -197,7 +201,7 @@ async def open_server(
         config=config,
     )
     try:
-        yield Server(service, db, store, blobs, dispatch, deliverer, events, admission, ids)
+        yield Server(service, db, store, blobs, dispatch, deliverer, events, admission, ids, memory)
     finally:
         await dispatch.close()
         await deliverer.close()

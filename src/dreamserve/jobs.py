@@ -146,6 +146,9 @@ class Spec:
     # imageStrength; for an upscale, originalImageStrength (the blend with a plain resample)
     strength: float = 0.5
     references: tuple[str, ...] = ()  # blob keys of the reference images (the upscale source)
+    # Their width x height as stored (the render-memory estimate); empty for a job admitted
+    # before they were recorded.
+    reference_pixels: tuple[int, ...] = ()
     detail: float = 0.5  # an upscale's detailStrength
     # As validated at submission: later steps never read them back out of the client's request.
     prompt: str | None = None
@@ -160,6 +163,7 @@ class Spec:
             "seed": self.seed,
             "strength": self.strength,
             "references": list(self.references),
+            "referencePixels": list(self.reference_pixels),
             "detail": self.detail,
             "prompt": self.prompt,
             "replyUrl": self.reply_url,
@@ -175,6 +179,7 @@ class Spec:
             seed=data.get("seed"),
             strength=data.get("strength", 0.5),
             references=tuple(data.get("references", ())),
+            reference_pixels=tuple(data.get("referencePixels", ())),
             detail=data.get("detail", 0.5),
             prompt=data.get("prompt"),
             reply_url=data.get("replyUrl"),

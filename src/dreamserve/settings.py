@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     png_compress_level: int = Field(default=6, ge=0, le=9)
     webp_quality: int = Field(default=90, ge=0, le=100)
     render_threads: int = Field(default=0, ge=0)
+    # The pixels the jobs in progress may hold together, across all accounts (render_memory.py).
+    render_memory_mb: int = Field(default=1024, ge=1)
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     max_upload_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
     # What a client may hold before its request reaches the app (httplimits.py).

@@ -1,9 +1,10 @@
 """The job runner: one job from claim to final state.
 
-Claims the job (a conditional update, so a second delivery of the same job does nothing), runs the
-account's engine with progress and cancellation, encodes and stores the images off the event loop,
-then writes the final state, the images and the slot release in one transaction. Meanwhile it
-renews the job's lease; a runner that cannot stops its engine before the lease runs out.
+Claims the job (a conditional update, so a second delivery of the same job does nothing), waits
+for its share of the render-memory budget, runs the account's engine with progress and
+cancellation, encodes and stores the images off the event loop, gives the memory back, then writes
+the final state, the images and the slot release in one transaction. Meanwhile it renews the job's
+lease; a runner that cannot stops its engine before the lease runs out.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -41,6 +43,8 @@ from dreamserve.errors import (
 )
 from dreamserve.ids import IdFactory
 from dreamserve.jobs import CANCELLED_BY_USER, Job, Status, StoredImage, millis
+from dreamserve.render_memory import RenderMemory, image_copies, render_bytes
+from dreamserve.render_threads import take_turn
 from dreamserve.storage import account_queries, asset_queries
 from dreamserve.storage.account_queries import Account
 from dreamserve.storage.blobs import BlobStore
@@ -65,6 +69,7 @@ class JobRunner:
         ids: IdFactory,
         clock: Callable[[], datetime],
         executor: Executor,
+        memory: RenderMemory,
         config: RunnerConfig,
         account_changed: Callable[[], None] = lambda: None,
     ) -> None:
@@ -74,9 +79,11 @@ class JobRunner:
         self.ids = ids
         self.clock = clock
         self.executor = executor
+        self.memory = memory  # shared by every job: none holds pixels before it has its share
         self.config = config
         self.account_changed = account_changed  # drops admission's cached account lists
         self._signals: dict[int, CancelSignal] = {}  # jobs running here -> their cancel signal
+        self._turns = itertools.count(1)  # the order jobs got their memory in (render_threads)
 
     def cancel(self, job_id: int) -> None:
         """Tell the engine of a job running here to stop (its final state is written by whoever
@@ -184,10 +191,30 @@ class JobRunner:
     async def _generate(
         self, job: Job, account: Account, progress: _Progress, cancel: CancelSignal
     ) -> list[StoredImage]:
+        """The job's images, stored. Its references are decoded and its engine run only once
+        its estimate is reserved, which is given back once the images are stored (or the job
+        failed): a job waiting for the budget holds no pixels. Its blocking work then runs in
+        its turn on the render threads: before the work of the jobs that got memory after it."""
+        copies = image_copies(self._engine(account))
+        spec = job.spec
+        known = spec.reference_pixels
+        sizes = [known[i] if i < len(known) else None for i in range(len(spec.references))]
+        nbytes = render_bytes(spec.width, spec.height, spec.count, sizes, copies)
+        async with self.memory.reserve(nbytes, cancel):
+            take_turn(next(self._turns))
+            return await self._render(job, account, progress, cancel)
+
+    def _engine(self, account: Account) -> Engine:
         try:
-            engine = self.engines.hold(self.engines.for_account(account))
+            return self.engines.for_account(account)
         except EngineUnavailable as missing:  # uninstalled since the account was saved
             raise AccountError("Engine unavailable", missing.message) from None
+
+    async def _render(
+        self, job: Job, account: Account, progress: _Progress, cancel: CancelSignal
+    ) -> list[StoredImage]:
+        # Taken again: the account's engine may have been replaced while the job waited.
+        engine = self.engines.hold(self._engine(account))
         try:
             images = await self._images(job, account, engine, progress, cancel)
         finally:

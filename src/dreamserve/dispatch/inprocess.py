@@ -11,7 +11,8 @@ log = logging.getLogger(__name__)
 
 
 class InProcessDispatcher:
-    """Runs jobs as tasks; admission already bounds how many run per account."""
+    """Runs jobs as tasks; admission already bounds how many run per account, and the runner's
+    render-memory budget how many of them hold images."""
 
     def __init__(self, runner: Runner) -> None:
         self._runner = runner

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from dreamserve.catalogue import Model
 from dreamserve.engines.base import CancelSignal, EngineContext, GenerationRequest, ProgressCallback
 from dreamserve.engines.upstream import (
+    UPSTREAM_IMAGE_COPIES,
     Upstream,
     UpstreamSettings,
     data_url,
@@ -88,6 +89,7 @@ class ArkSettings(UpstreamSettings):
 
 class ArkEngine:
     Settings = ArkSettings
+    image_copies = UPSTREAM_IMAGE_COPIES
 
     def __init__(self, settings: Mapping[str, Any], context: EngineContext) -> None:
         self.settings = ArkSettings.model_validate(dict(settings))

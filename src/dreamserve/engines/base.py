@@ -11,6 +11,7 @@ import threading
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from PIL import Image, ImageOps
@@ -51,9 +52,30 @@ class CancelSignal:
 
     def __init__(self) -> None:
         self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[], None]] = []
 
     def set(self) -> None:
-        self._event.set()
+        with self._lock:
+            self._event.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+    def on_set(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call `callback` once, when the signal is set (now, if it is), in the thread that
+        sets it: for a waiter that must not poll. Returns what forgets the callback."""
+        with self._lock:
+            if not self._event.is_set():
+                self._callbacks.append(callback)
+                return partial(self._forget, callback)
+        callback()
+        return lambda: None
+
+    def _forget(self, callback: Callable[[], None]) -> None:
+        with self._lock:
+            if callback in self._callbacks:
+                self._callbacks.remove(callback)
 
     @property
     def is_set(self) -> bool:
@@ -102,6 +124,9 @@ class Engine(Protocol):
 
     # Optional: `def describe(self) -> dict[str, Any]`, live details of the engine (what it is,
     # what it has loaded) for GET /accounts/<account>. Never secrets.
+    # Optional: `image_copies: int`, how many copies of each output image the engine holds at
+    # its peak (default 2: the image and a working copy); the server's render-memory budget
+    # counts that many for each image of a job (render_memory.py).
 
 
 class EngineFactory(Protocol):

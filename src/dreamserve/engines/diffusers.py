@@ -63,6 +63,9 @@ class DiffusersSettings(EngineSettings):
 
 class DiffusersEngine:
     Settings = DiffusersSettings
+    # The render-memory budget's count of each image: the pipeline's decoded float32 batch (three
+    # times an image) and the image at the job's size.
+    image_copies = 4
     # Only the operator's shared accounts: a user's own account would choose what the server
     # downloads and reads from its disk, and take its GPUs.
     operator_only = True

@@ -20,6 +20,7 @@ from pydantic import Field, field_validator
 from dreamserve.catalogue import Model
 from dreamserve.engines.base import CancelSignal, EngineContext, GenerationRequest, ProgressCallback
 from dreamserve.engines.upstream import (
+    UPSTREAM_IMAGE_COPIES,
     Upstream,
     UpstreamSettings,
     encode_reference,
@@ -56,6 +57,7 @@ class GeminiSettings(UpstreamSettings):
 
 class GeminiEngine:
     Settings = GeminiSettings
+    image_copies = UPSTREAM_IMAGE_COPIES
 
     def __init__(self, settings: Mapping[str, Any], context: EngineContext) -> None:
         self.settings = GeminiSettings.model_validate(dict(settings))

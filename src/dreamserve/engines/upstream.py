@@ -49,6 +49,10 @@ MAX_REDIRECTS = 5  # of an output link (to its storage)
 ANSWER_IMAGES = 4  # inline images one answer may carry: its size is bounded by that many
 ERROR_BODY_BYTES = 64 << 10  # of an error answer, enough for its message
 REFERENCE_QUALITIES = (95, 85, 75, 60)  # JPEG qualities tried to fit a reference in its bound
+# What an upstream engine holds of each image at its peak (its `image_copies`, counted by the
+# render-memory budget): the file downloaded or decoded from base64, the image at the size the
+# API made, and the image brought to the job's size.
+UPSTREAM_IMAGE_COPIES = 3
 
 
 class UpstreamSettings(EngineSettings):
