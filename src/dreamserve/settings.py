@@ -71,7 +71,7 @@ class Settings(BaseSettings):
     # host on every process together (so that one tenant's silent receivers cannot hold them).
     webhook_concurrency: int = Field(default=32, ge=1)
     webhook_concurrency_per_user: int = Field(default=8, ge=1)
-    webhook_concurrency_per_host: int = Field(default=4, ge=1)
+    webhook_concurrency_per_host: int = Field(default=8, ge=1)
     upstream_allow_private: bool = False
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     access_log: bool = True

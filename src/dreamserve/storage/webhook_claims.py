@@ -16,7 +16,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, and_, delete, exists, func, or_, select, text, update
+from sqlalchemy import (
+    Connection,
+    and_,
+    bindparam,
+    delete,
+    exists,
+    func,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 
 from dreamserve.storage.tables import webhook_deliveries, webhook_hosts
@@ -35,7 +46,7 @@ class Fairness:
 
 # Candidates read per pass of a claim, at least; a pass that skips some at their caps leaves
 # their users and hosts out of the next, so a few passes reach past any one tenant's backlog.
-_PAGE = 64
+_PAGE = 16
 _PASSES = 4
 _CLAIM_LOCK = text("SELECT pg_advisory_xact_lock(7463221)")  # one claim at a time, all nodes
 
@@ -100,7 +111,8 @@ class _Caps:
                 func.max(webhook_hosts.c.failures),
             )
             .select_from(_with_host_state)
-            .where(webhook_deliveries.c.status == PENDING, webhook_deliveries.c.held_until > now)
+            # held_until is cleared whenever a row leaves `pending`: its index alone answers
+            .where(webhook_deliveries.c.held_until > now)
             .group_by(webhook_deliveries.c.user_id, webhook_deliveries.c.host)
         )
         for user_id, host, count, failures in rows:
@@ -139,7 +151,7 @@ _with_host_state = webhook_deliveries.outerjoin(
 def _candidates(now: int, caps: _Caps, page: int) -> Any:
     """Due deliveries of users and hosts below their caps, earliest first, with their host's
     failures in a row."""
-    return (
+    query = (
         select(
             webhook_deliveries.c.id,
             webhook_deliveries.c.user_id,
@@ -150,18 +162,24 @@ def _candidates(now: int, caps: _Caps, page: int) -> Any:
         .where(
             webhook_deliveries.c.status == PENDING,
             webhook_deliveries.c.next_at <= now,
-            webhook_deliveries.c.user_id.not_in(sorted(caps.full_users)),
-            webhook_deliveries.c.host.not_in(sorted(caps.full_hosts)),
             or_(webhook_hosts.c.cooldown_until.is_(None), webhook_hosts.c.cooldown_until <= now),
         )
         .order_by(webhook_deliveries.c.next_at, webhook_deliveries.c.id)
         .limit(page)
     )
+    # Only when there are some: an empty IN list still costs its expansion on every run.
+    if caps.full_users:
+        query = query.where(webhook_deliveries.c.user_id.not_in(sorted(caps.full_users)))
+    if caps.full_hosts:
+        query = query.where(webhook_deliveries.c.host.not_in(sorted(caps.full_hosts)))
+    return query
 
 
 def _defer_cooling(conn: Connection, now: int) -> None:
     """Due deliveries of a host cooling down wait for its cooldown's end (a delivery queued or
     retried since the host began cooling): `nextTry` says when they will be tried."""
+    if conn.execute(_ANY_COOLING, {"now": now}).first() is None:  # the usual case: a tiny read
+        return
     cooling = and_(
         webhook_hosts.c.host == webhook_deliveries.c.host, webhook_hosts.c.cooldown_until > now
     )
@@ -177,6 +195,11 @@ def _defer_cooling(conn: Connection, now: int) -> None:
             updated_at=now,
         )
     )
+
+
+_ANY_COOLING = (
+    select(webhook_hosts.c.host).where(webhook_hosts.c.cooldown_until > bindparam("now")).limit(1)
+)
 
 
 def _claim(conn: Connection, ids: Sequence[int], now: int, until: int) -> list[Delivery]:

@@ -64,7 +64,7 @@ class DeliveryConfig:
     allow_private: bool = False  # DREAMSERVE_WEBHOOK_ALLOW_PRIVATE
     concurrency: int = 32  # tries in flight at once, this process
     per_user: int = 8  # tries in flight at once for one user, every process together
-    per_host: int = 4  # tries in flight at once to one receiver host, every process together
+    per_host: int = 8  # tries in flight at once to one receiver host, every process together
     poll_seconds: float = 1.0
     max_response_bytes: int = 1024  # of a receiver's answer, kept for the try's error
 
