@@ -18,9 +18,10 @@ from support import SMALL, FakeClock, Harness, eventually, free_port, open_harne
 
 from dreamserve.jobs import millis
 from dreamserve.settings import Settings
-from dreamserve.storage import webhook_claims
+from dreamserve.storage import webhook_claims, webhook_queries
 from dreamserve.storage.tables import webhook_deliveries, webhook_hosts
 from dreamserve.storage.webhook_claims import Fairness
+from dreamserve.storage.webhook_queries import Try
 from dreamserve.webhooks.rules import HOST_COOLDOWN, HOST_FAILURES, JITTER, RETRY_DELAYS
 
 pytestmark = pytest.mark.anyio
@@ -362,3 +363,25 @@ async def test_a_cooling_host_is_skipped_and_a_failing_one_gets_one_try(claims: 
         ).all()
     )
     assert [(row.tries, row.next_at) for row in waiting] == [(0, now + 5000)] * 3
+
+
+@pytest.mark.both_databases
+async def test_a_try_recorded_after_a_redelivery_gives_its_place_back(claims: Harness) -> None:
+    """The try's record leaves a redelivered delivery due (it is sent again), and its hold
+    ends: a hold left behind would count against the user's cap until it ran out."""
+    a = (await claims.service.tokens.create())[0]
+    await outbox(claims, [(a, "h:80")], LATER)
+    now = LATER + 1
+    fairness = Fairness(per_user=1, per_host=1, probe_after=HOST_FAILURES)
+    [delivery], _ = await claims.server.db.write(
+        lambda conn: webhook_claims.claim_due(conn, now, now + 60_000, 1, 10, fairness)
+    )
+    await claims.execute(webhook_deliveries.update().values(next_at=now))  # redelivered
+    attempt = Try(now, 200, None, 5)
+    await claims.server.db.write(
+        lambda conn: webhook_queries.record_try(
+            conn, delivery, attempt, status="delivered", next_at=None
+        )
+    )
+    taken, _ = await claim(claims, now, 1, fairness)
+    assert taken == [(a, "h:80")]  # sent again, the user's one place free
