@@ -1,7 +1,7 @@
 """Start one benchmark server on the settings `dreamserve serve` uses (`uvicorn_options`).
 
     python bench/serve.py dreamserve|admission|noop --port P --data-dir D
-        [--database-url URL] [--no-shared]
+        [--database-url URL] [--no-shared] [--extra-users N]
 
 - `dreamserve`: the real app, with a catalogue row `bench-tiny` (64x64 images) and a cap of
   100000 on its account, so that neither rendering nor capacity limits submissions; jobs run.
@@ -16,7 +16,8 @@
 the data dir). `--no-shared` deletes the shared accounts the way the operator does (`dreamserve
 accounts remove --shared`), so user 1 has only the accounts it creates itself through the API.
 
-The first line on stdout is an API token (or `no-token`).
+The first line on stdout is an API token (or `no-token`); with `--extra-users N`, N more lines
+follow, each a token of a new user.
 """
 
 from __future__ import annotations
@@ -83,10 +84,13 @@ def noop_app() -> FastAPI:
     return app
 
 
-async def prepare(settings: Settings, *, shared: bool = True) -> str:
+async def prepare(settings: Settings, *, shared: bool = True, extra_users: int = 0) -> str:
+    """User 1's token, then one line per extra user's."""
     async with open_server(settings) as server:
         service = server.service
         token = await service.tokens.bootstrap() or (await service.tokens.create(1))[1]
+        for _ in range(extra_users):
+            token += "\n" + (await service.tokens.create())[1]
         uncapped = update(accounts).values(max_jobs=100_000)
         await server.db.write(lambda conn: conn.execute(uncapped))
         if not shared:
@@ -102,6 +106,7 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, required=True)
     parser.add_argument("--database-url", default=None)
     parser.add_argument("--no-shared", action="store_true")
+    parser.add_argument("--extra-users", type=int, default=0)
     args = parser.parse_args()
     unclaimed = {"lease_seconds": 86_400.0} if args.app == "admission" else {}
     settings = Settings(
@@ -116,7 +121,8 @@ def main() -> None:
         print("no-token", flush=True)
         app = noop_app()
     else:
-        print(asyncio.run(prepare(settings, shared=not args.no_shared)), flush=True)
+        tokens = prepare(settings, shared=not args.no_shared, extra_users=args.extra_users)
+        print(asyncio.run(tokens), flush=True)
         dispatcher = QueueOnlyDispatcher if args.app == "admission" else InProcessDispatcher
         app = create_app(settings, catalogue=bench_catalogue(), dispatcher=dispatcher)
     settle_heap()

@@ -3,7 +3,9 @@
 Each request is recorded whole (headers, body, time) and answered with the next planned
 `Answer`, or the default one when the plan ran out: a status, a body, a delay before answering
 (longer than the deliverer's timeout: a hang), an event to hold the answer until (a receiver
-that has the request while the server is killed), a Location (a redirect).
+that has the request while the server is killed), a Location (a redirect). While `gate` is
+clear, requests are held before any answer (as by a receiver that accepts and never answers),
+and `active` / `peak` count the requests being handled at once.
 """
 
 from __future__ import annotations
@@ -45,11 +47,25 @@ class Receiver:
         self.default = default or Answer()
         self.plan: list[Answer] = []
         self.received: list[Received] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.active = 0  # requests being handled now
+        self.peak = 0  # the most at once
         self._lock = threading.Lock()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
+                with receiver._lock:
+                    receiver.active += 1
+                    receiver.peak = max(receiver.peak, receiver.active)
+                try:
+                    self._answer()
+                finally:
+                    with receiver._lock:
+                        receiver.active -= 1
+
+            def _answer(self) -> None:
                 length = int(self.headers.get("content-length") or 0)
                 body = self.rfile.read(length)
                 with receiver._lock:
@@ -57,6 +73,7 @@ class Receiver:
                         Received(self.path, {k.lower(): v for k, v in self.headers.items()}, body)
                     )
                     answer = receiver.plan.pop(0) if receiver.plan else receiver.default
+                receiver.gate.wait(60)
                 if answer.delay:
                     time.sleep(answer.delay)
                 if answer.until is not None:
@@ -100,5 +117,6 @@ def receiving(default: Answer | None = None) -> Iterator[Receiver]:
     try:
         yield receiver
     finally:
+        receiver.gate.set()  # held requests end
         receiver.server.shutdown()
         receiver.server.server_close()

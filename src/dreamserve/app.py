@@ -125,6 +125,9 @@ async def open_server(
         DeliveryConfig(
             timeout=settings.webhook_timeout_seconds,
             allow_private=settings.webhook_allow_private,
+            concurrency=settings.webhook_concurrency,
+            per_user=settings.webhook_concurrency_per_user,
+            per_host=settings.webhook_concurrency_per_host,
         ),
     )
     admission = Admission(

@@ -16,16 +16,19 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import partial
 
+from sqlalchemy import Connection
+
 from dreamserve.dispatch.base import Dispatcher
 from dreamserve.errors import DatabaseBusy
 from dreamserve.jobs import millis
-from dreamserve.storage import job_queries, webhook_queries
+from dreamserve.storage import job_queries, webhook_claims, webhook_queries
 from dreamserve.storage.blobs import BlobStore
 from dreamserve.storage.job_store import JobStore, JobTransaction
 
 log = logging.getLogger(__name__)
 
 RUNNER_LOST = "The job's runner stopped while the job was running"
+HOSTS_KEPT_MS = 86_400_000  # a receiver host's failures, a day after the last (not cooling)
 
 
 @dataclass(frozen=True)
@@ -94,9 +97,12 @@ class Reaper:
         for jobid in sweep.failed:
             log.warning("job %s failed: its runner stopped too many times", jobid)
         keys_before = now - int(self.config.idempotency_seconds * 1000)
-        await self.store.db.write(
-            lambda conn: webhook_queries.forget_keys_before(conn, keys_before)
-        )
+
+        def forget(conn: Connection) -> None:
+            webhook_queries.forget_keys_before(conn, keys_before)
+            webhook_claims.forget_hosts_before(conn, now - HOSTS_KEPT_MS)
+
+        await self.store.db.write(forget)
         return replace(sweep, deleted_files=await self._forget_old_jobs(now))
 
     async def _forget_old_jobs(self, now: int) -> int:

@@ -69,6 +69,11 @@ class Settings(BaseSettings):
     retention_days: float = Field(default=30.0, gt=0)
     webhook_allow_private: bool = False
     webhook_timeout_seconds: float = Field(default=10.0, gt=0)
+    # Webhook tries in flight at once: in this process, and for one user or to one receiver
+    # host on every process together (so that one tenant's silent receivers cannot hold them).
+    webhook_concurrency: int = Field(default=32, ge=1)
+    webhook_concurrency_per_user: int = Field(default=8, ge=1)
+    webhook_concurrency_per_host: int = Field(default=8, ge=1)
     upstream_allow_private: bool = False
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     access_log: bool = True

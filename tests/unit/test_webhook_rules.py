@@ -10,15 +10,43 @@ from standardwebhooks import Webhook, WebhookVerificationError
 
 from dreamserve.ids import new_message_id
 from dreamserve.netguard import HostRefused, check_host, refusal
+from dreamserve.storage.webhook_queries import receiver_host
 from dreamserve.webhooks.rules import (
+    HOST_COOLDOWN,
+    HOST_COOLDOWN_MAX,
+    HOST_FAILURES,
     JITTER,
     RETRY_DELAYS,
     TRIES,
+    host_cooldown,
     new_secret,
     retry_delay,
     should_retry,
     signature,
 )
+
+
+def test_a_host_cools_down_after_failures_in_a_row_doubling_up_to_the_cap() -> None:
+    assert [host_cooldown(n) for n in range(HOST_FAILURES)] == [None] * HOST_FAILURES
+    cooldowns = [host_cooldown(HOST_FAILURES + n) for n in range(10)]
+    assert cooldowns[:3] == [HOST_COOLDOWN, 2 * HOST_COOLDOWN, 4 * HOST_COOLDOWN]
+    assert cooldowns == sorted(cooldowns)  # growing
+    assert cooldowns[-1] == HOST_COOLDOWN_MAX == host_cooldown(10_000)  # and capped
+
+
+@pytest.mark.parametrize(
+    ("url", "host"),
+    [
+        ("https://Hooks.Example/x?y=1", "hooks.example:443"),
+        ("http://hooks.example/x", "hooks.example:80"),
+        ("http://hooks.example:8080/x", "hooks.example:8080"),
+        ("https://user:pw@hooks.example:443/x", "hooks.example:443"),
+        ("http://[2001:DB8::1]:9000/", "[2001:db8::1]:9000"),
+        ("http://93.184.216.34/hook", "93.184.216.34:80"),
+    ],
+)
+def test_a_receiver_is_its_host_and_port(url: str, host: str) -> None:
+    assert receiver_host(url) == host
 
 
 class Extreme(Random):

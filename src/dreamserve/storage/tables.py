@@ -125,7 +125,9 @@ assets = Table(
 
 # The webhook outbox: one row per delivery of a job's record to its replyUrl, written in the
 # transaction that ends the job; the deliverer (webhooks/delivery.py) claims due rows and
-# records each try.
+# records each try. `host` is the receiver's host and port (the unit of the per-host cap and
+# cooldown); `held_until` is set while a try is in flight (what the per-user and per-host
+# caps count, on every node).
 webhook_deliveries = Table(
     "webhook_deliveries",
     metadata,
@@ -139,8 +141,11 @@ webhook_deliveries = Table(
     Column("next_at", BigInteger, nullable=True),  # when pending: the next try (or claim) is due
     Column("created_at", BigInteger, nullable=False),
     Column("updated_at", BigInteger, nullable=False),
+    Column("host", String(1024), nullable=False),
+    Column("held_until", BigInteger, nullable=True),
     Index("ix_webhook_deliveries_status_next_at", "status", "next_at"),
     Index("ix_webhook_deliveries_job_id", "job_id"),
+    Index("ix_webhook_deliveries_held_until", "held_until"),
 )
 
 webhook_tries = Table(
@@ -158,6 +163,17 @@ webhook_tries = Table(
     Column("error", Text, nullable=True),
     Column("duration_ms", Integer, nullable=False),
     Index("ix_webhook_tries_delivery_id", "delivery_id"),
+)
+
+# Receiver hosts whose last tries got no answer (timeouts, refused connections): `failures` in
+# a row, and until when their deliveries wait (a host that answers loses its row).
+webhook_hosts = Table(
+    "webhook_hosts",
+    metadata,
+    Column("host", String(1024), primary_key=True),
+    Column("failures", Integer, nullable=False),
+    Column("cooldown_until", BigInteger, nullable=True),
+    Column("updated_at", BigInteger, nullable=False),
 )
 
 # Per-user signing secrets, sealed like account secrets; a rotated-out one keeps signing beside

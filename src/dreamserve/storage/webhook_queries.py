@@ -4,6 +4,7 @@ A delivery is queued in the transaction that ends its job (job_queries.finish_jo
 paths that end jobs call `queue`), so a job never ends without its webhook nor sends one for an
 end that was rolled back. Deliverers on any node claim due rows with a conditional UPDATE that
 pushes `next_at` past the try's timeout: a node that dies mid-try leaves the row due again.
+The claim itself, fair between users and receiver hosts, is webhook_claims.py.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from sqlalchemy import Connection, delete, insert, select, text, update
 
@@ -38,6 +40,7 @@ class Delivery:
     tries: int
     next_at: int | None
     created_at: int
+    host: str
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,20 @@ def queue(conn: Connection, job_id: int, user_id: int, url: str | None, now: int
         _insert_delivery(conn, job_id, user_id, url, new_message_id(), now)
 
 
+def receiver_host(url: str) -> str:
+    """The receiver a URL reaches, as caps and cooldowns count it: its host name (lower case)
+    and port, `hooks.example:443`; another port is another receiver."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:  # refused at submit; kept apart from every other host all the same
+        return parts.netloc.lower()
+    name = (parts.hostname or "").lower()
+    if ":" in name:
+        name = f"[{name}]"
+    return f"{name}:{port or (443 if parts.scheme.lower() == 'https' else 80)}"
+
+
 def _insert_delivery(
     conn: Connection, job_id: int, user_id: int, url: str, message_id: str, now: int
 ) -> None:
@@ -63,6 +80,7 @@ def _insert_delivery(
             user_id=user_id,
             message_id=message_id,
             url=url,
+            host=receiver_host(url),
             status=PENDING,
             tries=0,
             next_at=now,
@@ -70,46 +88,6 @@ def _insert_delivery(
             updated_at=now,
         )
     )
-
-
-def claim_due(conn: Connection, now: int, until: int, limit: int, max_tries: int) -> list[Delivery]:
-    """Take up to `limit` pending deliveries due at `now`, each counted one more try and held
-    until `until` (another deliverer skips them meanwhile). A delivery due again after
-    `max_tries` claims (its last tries died before they were recorded) is failed instead."""
-    conn.execute(
-        update(webhook_deliveries)
-        .where(
-            webhook_deliveries.c.status == PENDING,
-            webhook_deliveries.c.next_at <= now,
-            webhook_deliveries.c.tries >= max_tries,
-        )
-        .values(status="failed", next_at=None, updated_at=now)
-    )
-    due = conn.execute(
-        select(webhook_deliveries.c.id)
-        .where(webhook_deliveries.c.status == PENDING, webhook_deliveries.c.next_at <= now)
-        .order_by(webhook_deliveries.c.next_at)
-        .limit(limit)
-    ).scalars()
-    claimed = []
-    for delivery_id in list(due):
-        row = (
-            conn.execute(
-                update(webhook_deliveries)
-                .where(
-                    webhook_deliveries.c.id == delivery_id,
-                    webhook_deliveries.c.status == PENDING,
-                    webhook_deliveries.c.next_at <= now,
-                )
-                .values(next_at=until, tries=webhook_deliveries.c.tries + 1, updated_at=now)
-                .returning(*webhook_deliveries.c)
-            )
-            .mappings()
-            .first()
-        )
-        if row is not None:
-            claimed.append(_delivery(row))
-    return claimed
 
 
 _NEXT_DUE = Prepared(
@@ -138,7 +116,8 @@ def record_try(
     """Record a try of a claimed delivery and what comes next: `status` pending with `next_at`,
     or an end (delivered, stopped, failed, refused). A delivery redelivered meanwhile (its
     `next_at` is no longer the claim's) or claimed again (its `tries` moved on) keeps its new
-    state, and is sent again; the try is recorded all the same."""
+    state, and is sent again; the try is recorded all the same. The claim's hold ends (unless
+    the delivery was claimed again)."""
     conn.execute(
         insert(webhook_tries).values(
             delivery_id=delivery.id,
@@ -148,7 +127,7 @@ def record_try(
             duration_ms=attempt.duration_ms,
         )
     )
-    conn.execute(
+    recorded = conn.execute(
         update(webhook_deliveries)
         .where(
             webhook_deliveries.c.id == delivery.id,
@@ -159,9 +138,19 @@ def record_try(
         .values(
             status=status,
             next_at=next_at if status == PENDING else None,
+            held_until=None,
             updated_at=attempt.at + attempt.duration_ms,
         )
-    )
+    ).rowcount
+    if not recorded:
+        conn.execute(
+            update(webhook_deliveries)
+            .where(
+                webhook_deliveries.c.id == delivery.id,
+                webhook_deliveries.c.tries == delivery.tries,
+            )
+            .values(held_until=None)
+        )
 
 
 def release(conn: Connection, deliveries: Iterable[Delivery], now: int) -> None:
@@ -202,7 +191,7 @@ def deliveries_of(conn: Connection, job_id: int) -> list[tuple[Delivery, list[Tr
     ).mappings()
     found: dict[int, tuple[Delivery, list[Try]]] = {}
     for row in rows:
-        _, tries = found.setdefault(row["id"], (_delivery(row), []))
+        _, tries = found.setdefault(row["id"], (delivery_of(row), []))
         if row["at"] is not None:
             tries.append(Try(row["at"], row["status_code"], row["error"], row["duration_ms"]))
     return list(found.values())
@@ -330,7 +319,8 @@ def forget_keys_before(conn: Connection, before: int) -> int:
     ).rowcount
 
 
-def _delivery(row: Mapping[Any, Any]) -> Delivery:
+def delivery_of(row: Mapping[Any, Any]) -> Delivery:
+    """A webhook_deliveries row as a Delivery."""
     return Delivery(
         id=row["id"],
         job_id=row["job_id"],
@@ -341,4 +331,5 @@ def _delivery(row: Mapping[Any, Any]) -> Delivery:
         tries=row["tries"],
         next_at=row["next_at"],
         created_at=row["created_at"],
+        host=row["host"],
     )

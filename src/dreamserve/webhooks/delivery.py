@@ -1,7 +1,8 @@
 """The webhook deliverer: sends the outbox, signed, and retries on the schedule of rules.py.
 
 A background task of every server. It claims due deliveries (conditional UPDATEs, so servers
-sharing a database never send one twice at once), POSTs the job record as GET returns it at the
+sharing a database never send one twice at once; fair between users and receiver hosts, see
+storage/webhook_claims.py), POSTs the job record as GET returns it at the
 time of the try (fresh image links on every try), signs it the Standard Webhooks way with the
 user's secrets, and records every try. It wakes when a job of this process ends, when another
 process announces an end, and every `poll_seconds` for whatever else came due.
@@ -12,6 +13,10 @@ those checked addresses, so a DNS change after submission cannot reach a private
 refused address is never connected to: the try is recorded with the refusal and the delivery
 ends `refused`, the same whether anything listens there or not. Redirects are not followed (a
 3xx is retried), and at most `max_response_bytes` of an answer are read.
+
+Every try tells the receiver's host's health: an answer (any status) clears it, no answer (a
+timeout, a refused or dropped connection) counts one more failure in a row, and enough of them
+cool the host down (rules.host_cooldown).
 """
 
 from __future__ import annotations
@@ -35,12 +40,20 @@ from dreamserve.events import JobEvents
 from dreamserve.jobs import Job, millis, record
 from dreamserve.netguard import HostRefused, Resolver, resolve
 from dreamserve.outbound import guarded_client
-from dreamserve.storage import job_queries, webhook_queries
+from dreamserve.storage import job_queries, webhook_claims, webhook_queries
 from dreamserve.storage.blobs import BlobStore
 from dreamserve.storage.database import Database
+from dreamserve.storage.webhook_claims import Fairness
 from dreamserve.storage.webhook_queries import PENDING, Delivery, Try
 from dreamserve.webhooks.keys import WebhookSecrets
-from dreamserve.webhooks.rules import TRIES, retry_delay, should_retry, signature
+from dreamserve.webhooks.rules import (
+    HOST_FAILURES,
+    TRIES,
+    host_cooldown,
+    retry_delay,
+    should_retry,
+    signature,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +62,9 @@ log = logging.getLogger(__name__)
 class DeliveryConfig:
     timeout: float = 10.0  # per try: connect, send, answer
     allow_private: bool = False  # DREAMSERVE_WEBHOOK_ALLOW_PRIVATE
-    concurrency: int = 32  # tries in flight at once
+    concurrency: int = 32  # tries in flight at once, this process
+    per_user: int = 8  # tries in flight at once for one user, every process together
+    per_host: int = 8  # tries in flight at once to one receiver host, every process together
     poll_seconds: float = 1.0
     max_response_bytes: int = 1024  # of a receiver's answer, kept for the try's error
 
@@ -116,10 +131,10 @@ class Deliverer:
             self._backlog = False
             return 0
         hold = now + int((self.config.timeout + 20) * 1000)  # past the try, whatever happens
-        claimed = await self.db.write(
-            lambda conn: webhook_queries.claim_due(conn, now, hold, room, TRIES)
+        fairness = Fairness(self.config.per_user, self.config.per_host, HOST_FAILURES)
+        claimed, self._backlog = await self.db.write(
+            lambda conn: webhook_claims.claim_due(conn, now, hold, room, TRIES, fairness)
         )
-        self._backlog = len(claimed) == room
         for delivery in claimed:
             task = asyncio.create_task(self._deliver(delivery))
             self._tasks.add(task)
@@ -128,7 +143,9 @@ class Deliverer:
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        if self._backlog:  # a place came free and more is due: claim it now, not at the poll
+        # A place came free (in the pool, or under a user's or host's cap) and more is due:
+        # claim it now, not at the poll.
+        if self._backlog:
             self._wake.set()
 
     async def drain(self) -> None:
@@ -178,7 +195,7 @@ class Deliverer:
             error = f"Delivery failed in the server: {type(failure).__name__}"
             attempt = Try(millis(self.clock()), None, error, 0)
             try:
-                await self._record(delivery, attempt, refused=False)
+                await self._record(delivery, attempt, refused=False, heard=None)
             except Exception:  # the database is away: the claim expires and the row is due again
                 log.exception("webhook delivery %s: try not recorded", delivery.message_id)
 
@@ -228,15 +245,34 @@ class Deliverer:
             error = type(failure).__name__ + (f": {failure}" if str(failure) else "")
         duration = int((time.monotonic() - started) * 1000)
         attempt = Try(millis(sent_at), status_code, _printable(error), duration)
-        await self._record(delivery, attempt, refused=refused)
+        heard = None if refused else status_code is not None  # refused: nothing was sent
+        await self._record(delivery, attempt, refused=refused, heard=heard)
 
-    async def _record(self, delivery: Delivery, attempt: Try, *, refused: bool) -> None:
+    async def _record(
+        self, delivery: Delivery, attempt: Try, *, refused: bool, heard: bool | None
+    ) -> None:
+        """Record the try and, `heard` not None, whether the receiver's host answered."""
         status, next_at = self._next(delivery, attempt, refused)
-        await self.db.write(
-            lambda conn: webhook_queries.record_try(
-                conn, delivery, attempt, status=status, next_at=next_at
+        ended = attempt.at + attempt.duration_ms
+
+        def write(conn: Connection) -> float | None:
+            webhook_queries.record_try(conn, delivery, attempt, status=status, next_at=next_at)
+            if heard:
+                webhook_claims.host_answered(conn, delivery.host)
+            elif heard is not None:
+                cooldown = host_cooldown(webhook_claims.host_failed(conn, delivery.host, ended))
+                if cooldown is not None:
+                    webhook_claims.cool_host(conn, delivery.host, ended + int(cooldown * 1000))
+                return cooldown
+            return None
+
+        cooldown = await self.db.write(write)
+        if cooldown is not None:
+            log.warning(
+                "webhook receiver %s cools down for %g s: its last tries got no answer",
+                delivery.host,
+                cooldown,
             )
-        )
 
     def _next(self, delivery: Delivery, attempt: Try, refused: bool) -> tuple[str, int | None]:
         if refused:

@@ -13,7 +13,7 @@ from dreamserve.errors import BadRequest, JobNotFound
 from dreamserve.ids import iso_millis, parse_jobid, unquoted
 from dreamserve.jobs import millis
 from dreamserve.replies import DeliveryStatus, WebhookDeliveries, WebhookDelivery, WebhookSecret
-from dreamserve.storage import job_queries, webhook_queries
+from dreamserve.storage import job_queries, webhook_claims, webhook_queries
 from dreamserve.storage.database import Database
 from dreamserve.storage.webhook_queries import Delivery, Try
 from dreamserve.webhooks.delivery import Deliverer
@@ -49,7 +49,8 @@ class Webhooks:
         return {"jobid": jobid, "deliveries": [_delivery_body(d, tries) for d, tries in found]}
 
     async def redeliver(self, user_id: int, jobid: str) -> WebhookDeliveries:
-        """Send an ended job's record to its replyUrl again, now; its deliveries."""
+        """Send an ended job's record to its replyUrl again, now (a cooldown of its host ends
+        for it); its deliveries."""
         jobid = unquoted(jobid)
         if parse_jobid(jobid) is None:  # no query for what cannot be a job id
             raise JobNotFound(jobid)
@@ -65,6 +66,7 @@ class Webhooks:
             if not job.status.is_terminal:
                 raise BadRequest(f"Job {jobid} has not ended: its record is sent when it does")
             webhook_queries.redeliver(conn, job.id, user_id, url, now)
+            webhook_claims.end_cooldown(conn, webhook_queries.receiver_host(url), now)
             return job.id
 
         await self.db.write(redeliver)

@@ -1,4 +1,5 @@
-"""The rules of webhooks: the retry schedule and Standard Webhooks signing.
+"""The rules of webhooks: the retry schedule, receiver hosts' cooldown and Standard Webhooks
+signing.
 
 Pure functions and small values; the delivery loop that uses them is delivery.py, the outbox's
 SQL is storage/webhook_queries.py, and the address guard (also the upstream engines') is
@@ -33,12 +34,29 @@ RETRY_DELAYS: tuple[int, ...] = (
 JITTER = 0.2
 TRIES = 1 + len(RETRY_DELAYS)
 
+# A receiver host whose tries got no answer (a timeout, a refused or dropped connection)
+# HOST_FAILURES times in a row cools down: no try goes there for HOST_COOLDOWN seconds, doubled
+# at each further failure up to HOST_COOLDOWN_MAX, and then one try at a time until one is
+# answered. Its deliveries wait meanwhile, their tries unspent: the schedule above is the
+# least time between tries, a cooldown only lengthens it.
+HOST_FAILURES = 3
+HOST_COOLDOWN = 10.0
+HOST_COOLDOWN_MAX = 300.0
+
 
 def retry_delay(tries: int, rng: Random) -> float | None:
     """Seconds to wait after the `tries`-th failed try, or None when it was the last."""
     if tries > len(RETRY_DELAYS):
         return None
     return RETRY_DELAYS[tries - 1] * rng.uniform(1 - JITTER, 1 + JITTER)
+
+
+def host_cooldown(failures: int) -> float | None:
+    """Seconds a host that got no answer to its last `failures` tries cools down, or None."""
+    if failures < HOST_FAILURES:
+        return None
+    doublings = min(failures - HOST_FAILURES, 16)  # past the cap long before
+    return min(HOST_COOLDOWN * 2.0**doublings, HOST_COOLDOWN_MAX)
 
 
 def should_retry(status_code: int) -> bool:
