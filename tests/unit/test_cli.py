@@ -503,11 +503,11 @@ def test_serve_stops_at_once_on_a_bad_config_file(
 def test_serve_stops_at_once_on_an_unsupported_blob_url(
     data_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
-    monkeypatch.setenv("DREAMSERVE_BLOB_URL", "s3://x")
+    monkeypatch.setenv("DREAMSERVE_BLOB_URL", "gs://x")
     assert main(["serve"]) == 1
     assert capsys.readouterr().err == (
-        "dreamserve: Blob store URL s3://x is not supported: "
-        "use file:///<absolute dir>, file:<relative dir> or memory://\n"
+        "dreamserve: Blob store URL gs://x is not supported: use file:///<absolute dir>, "
+        "file:<relative dir>, memory:// or s3://<bucket>[/<prefix>]\n"
     )
     assert not (data_dir / "dreamserve.db").exists()  # it stopped before opening the database
 
