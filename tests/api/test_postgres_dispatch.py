@@ -100,7 +100,9 @@ async def test_a_worker_runs_only_the_queues_of_its_accounts(
 async def test_a_cancel_through_the_api_stops_the_engine_on_the_worker(
     settings: Settings, postgres_url: str
 ) -> None:
-    api_only = _settings(settings, postgres_url, run_jobs=False)
+    # A lease renewed every 40 s: a cancel seen within the 10 s of `eventually` came through
+    # the notifications, not the renewal that finds the job ended.
+    api_only = _settings(settings, postgres_url, run_jobs=False, lease_seconds=120.0)
     engine = CancellableEngine()
     async with (
         open_harness(api_only, dispatcher=None) as api,
