@@ -111,7 +111,9 @@ class Scheduler:
 
     async def keep_runner_lock(self, every: float) -> None:
         """After `resume`: check every `every` seconds that this process still holds the
-        runner lock. Returns once another process holds it, this process's runners stopped.
+        runner lock. Returns once another process holds it, this process's runners stopped
+        (PostgreSQL takes a lost lock again shared, beside the others: never TAKEN there now;
+        the branch stays for a database whose lock is exclusive).
 
         A lock lost but free (on PostgreSQL, its connection ended and no other server took it)
         is taken again, and nothing is resumed: the jobs running here go on, the others are
