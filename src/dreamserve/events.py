@@ -101,16 +101,18 @@ class JobEvents:
         self._endings.add(event)
         return event
 
-    def publish(self, jobids: Iterable[str], *, ended: bool) -> None:
+    def publish(self, jobids: Iterable[str], *, ended: bool, surely: bool = True) -> None:
         """Jobs changed (progress, or their end with `ended`): wake their waiters. Call it on
-        the event loop, after the change committed."""
+        the event loop, after the change committed. An end not `surely` one (a job found ended
+        or taken back) wakes the waiters, but not the `on_end` listeners: a job taken back runs
+        again, and its new attempt must not be stopped."""
         self.generation += 1
         any_job = False
         for jobid in jobids:
             any_job = True
             for listener in self._listeners:
                 listener(jobid)
-            if ended:
+            if ended and surely:
                 for listener in self._end_listeners:
                     listener(jobid)
             for watch in self._watches.get(jobid, ()):
