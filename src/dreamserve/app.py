@@ -169,20 +169,9 @@ async def open_server(
     )
     events.on_end(runner.ended)  # a job cancelled by any process stops its engine here
     if dispatcher is not None:
-        dispatch: Dispatcher = dispatcher(runner)
-    elif postgres:
-        account_of = partial(_queued_account, db)
-        procrastinated = PostgresDispatcher(
-            runner,
-            settings.database,
-            runs_jobs=runs_jobs,
-            accounts=worker_accounts,
-            account_of=account_of,
-        )
-        await procrastinated.open()
-        dispatch = procrastinated
+        dispatch = dispatcher(runner)
     else:
-        dispatch = InProcessDispatcher(runner)
+        dispatch = await _default_dispatcher(settings, runner, db, runs_jobs, worker_accounts)
     config = ServiceConfig(
         token_cache_seconds=settings.token_cache_seconds,
         lease_seconds=settings.lease_seconds,
@@ -242,6 +231,27 @@ _SQLITE_RUNS_JOBS = (
     "DREAMSERVE_RUN_JOBS=false needs PostgreSQL (DREAMSERVE_DATABASE_URL): on SQLite the "
     "server runs the jobs itself, and no worker can take them"
 )
+
+
+async def _default_dispatcher(
+    settings: Settings,
+    runner: Runner,
+    db: Database,
+    runs_jobs: bool,
+    worker_accounts: Sequence[str] | None,
+) -> Dispatcher:
+    """In-process on SQLite; on PostgreSQL procrastinate, opened (its schema applied)."""
+    if not db.shared:
+        return InProcessDispatcher(runner)
+    dispatcher = PostgresDispatcher(
+        runner,
+        settings.database,
+        runs_jobs=runs_jobs,
+        accounts=worker_accounts,
+        account_of=partial(_queued_account, db),
+    )
+    await dispatcher.open()
+    return dispatcher
 
 
 async def _queued_account(db: Database, job_id: int) -> str | None:
