@@ -58,6 +58,9 @@ def _empty_tables(url: str) -> None:
         exists = conn.execute("SELECT to_regclass('public.jobs')").fetchone()
         if exists is not None and exists[0] is not None:
             conn.execute(f"TRUNCATE {tables} RESTART IDENTITY CASCADE")
+        queued = conn.execute("SELECT to_regclass('public.procrastinate_jobs')").fetchone()
+        if queued is not None and queued[0] is not None:  # dispatch/postgres.py's queue
+            conn.execute("TRUNCATE procrastinate_jobs, procrastinate_workers CASCADE")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -21,6 +21,7 @@ MAKE_RUN = ("make", "--no-print-directory", "run")
 # `dreamserve serve` itself, from the environment that runs the tests: signals reach the server
 # process, not `make`, and the PYTHONPATH given reaches it (the fault suite's plugin engine).
 DREAMSERVE_SERVE = (str(Path(sys.executable).with_name("dreamserve")), "serve")
+DREAMSERVE_WORKER = (str(Path(sys.executable).with_name("dreamserve")), "worker")
 
 
 class Server:
@@ -34,6 +35,7 @@ class Server:
         database_url: str | None = None,
         extra: Mapping[str, str] | None = None,
         command: Sequence[str] = MAKE_RUN,
+        ready_line: str = "Uvicorn running on",  # after startup: the socket is listening
     ) -> None:
         env = {key: value for key, value in os.environ.items() if not key.startswith("DREAMSERVE_")}
         env |= {"DREAMSERVE_DATA_DIR": str(data_dir), "DREAMSERVE_PORT": str(port)}
@@ -43,6 +45,7 @@ class Server:
         self.url = f"http://127.0.0.1:{port}"
         self.data_dir = data_dir
         self.lines: list[str] = []
+        self.ready_line = ready_line
         self.ready = threading.Event()
         self.process = subprocess.Popen(
             list(command),
@@ -63,7 +66,7 @@ class Server:
         assert self.process.stdout is not None
         for line in self.process.stdout:
             self.lines.append(line)
-            if "Uvicorn running on" in line:  # after startup: the socket is listening
+            if self.ready_line in line:
                 self.ready.set()
 
     @property

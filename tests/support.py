@@ -143,9 +143,11 @@ async def open_harness(
     *,
     clock: Callable[[], datetime] = utc_now,
     engines: Mapping[str, EngineSource] = BUILTIN,
-    dispatcher: DispatcherFactory = InProcessDispatcher,
+    dispatcher: DispatcherFactory | None = InProcessDispatcher,
     resume: bool = True,
 ) -> AsyncIterator[Harness]:
+    """The app on `settings`, started, with a token of user 1. Jobs run in-process unless
+    `dispatcher` says otherwise (None: the server's own choice, procrastinate on PostgreSQL)."""
     app = create_app(settings, clock=clock, engines=engines, dispatcher=dispatcher, resume=resume)
     async with app.router.lifespan_context(app):
         server: Server = app.state.server

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,6 +27,7 @@ from dreamserve.catalogue import Catalogue
 from dreamserve.config import ConfigError, OperatorConfig, load_config
 from dreamserve.dispatch.base import Dispatcher, Runner
 from dreamserve.dispatch.inprocess import InProcessDispatcher
+from dreamserve.dispatch.postgres import PostgresDispatcher
 from dreamserve.encoding import Encoding
 from dreamserve.engines.base import EngineContext
 from dreamserve.engines.registry import BUILTIN, EngineRegistry, EngineSource
@@ -46,6 +47,7 @@ from dreamserve.service.scheduler import Scheduler
 from dreamserve.service.submissions import Submissions
 from dreamserve.service.tokens import Tokens
 from dreamserve.settings import Settings
+from dreamserve.storage import job_queries
 from dreamserve.storage.blobs import BlobStore, open_blob_store
 from dreamserve.storage.database import Database, DatabaseConfig, open_database
 from dreamserve.storage.job_store import JobStore
@@ -81,6 +83,7 @@ class Server:
     admission: Admission
     ids: IdFactory
     memory: RenderMemory
+    runs_jobs: bool = True  # this process runs jobs (not an API process with RUN_JOBS=false)
 
 
 @asynccontextmanager
@@ -90,12 +93,21 @@ async def open_server(
     clock: Clock = utc_now,
     catalogue: Catalogue | None = None,
     engines: Mapping[str, EngineSource] = BUILTIN,
-    dispatcher: DispatcherFactory = InProcessDispatcher,
+    dispatcher: DispatcherFactory | None = None,
+    worker_accounts: Sequence[str] | None = None,
+    runs_jobs: bool | None = None,
 ) -> AsyncIterator[Server]:
     """Every part of the server wired together, the schema migrated; closed on exit.
 
-    `catalogue`, `engines` and `dispatcher` replace the built-in ones (benchmarks and tests).
+    `catalogue`, `engines` and `dispatcher` replace the built-in ones (benchmarks and tests);
+    by default jobs go through procrastinate on PostgreSQL, and run in-process on SQLite.
+    `runs_jobs` (default: the setting) says whether this process runs jobs at all, and
+    `worker_accounts` the accounts whose jobs it runs (None: every account's).
     """
+    runs_jobs = settings.run_jobs if runs_jobs is None else runs_jobs
+    postgres = settings.database.startswith("postgresql")
+    if not postgres and not runs_jobs:
+        raise ConfigError(_SQLITE_RUNS_JOBS)
     key, box_key = _prepare_data_dir(settings.data_dir)
     box = SecretBox(box_key)
     signer = LinkSigner(key, settings.base_url, settings.link_ttl_seconds, clock)
@@ -158,7 +170,11 @@ async def open_server(
         ),
         account_changed=admission.forget,
     )
-    dispatch = dispatcher(runner)
+    events.on_end(runner.ended)  # a job cancelled by any process stops its engine here
+    if dispatcher is not None:
+        dispatch = dispatcher(runner)
+    else:
+        dispatch = await _default_dispatcher(settings, runner, db, runs_jobs, worker_accounts)
     config = ServiceConfig(
         token_cache_seconds=settings.token_cache_seconds,
         lease_seconds=settings.lease_seconds,
@@ -204,13 +220,45 @@ async def open_server(
         config=config,
     )
     try:
-        yield Server(service, db, store, blobs, dispatch, deliverer, events, admission, ids, memory)
+        parts = (service, db, store, blobs, dispatch, deliverer, events, admission, ids, memory)
+        yield Server(*parts, runs_jobs)
     finally:
         await dispatch.close()
         await deliverer.close()
         await registry.close()
         executor.shutdown(wait=True, cancel_futures=True)
         await db.close()
+
+
+_SQLITE_RUNS_JOBS = (
+    "DREAMSERVE_RUN_JOBS=false needs PostgreSQL (DREAMSERVE_DATABASE_URL): on SQLite the "
+    "server runs the jobs itself, and no worker can take them"
+)
+
+
+async def _default_dispatcher(
+    settings: Settings,
+    runner: Runner,
+    db: Database,
+    runs_jobs: bool,
+    worker_accounts: Sequence[str] | None,
+) -> Dispatcher:
+    """In-process on SQLite; on PostgreSQL procrastinate, opened (its schema applied)."""
+    if not db.shared:
+        return InProcessDispatcher(runner)
+    dispatcher = PostgresDispatcher(
+        runner,
+        settings.database,
+        runs_jobs=runs_jobs,
+        accounts=worker_accounts,
+        account_of=partial(_queued_account, db),
+    )
+    await dispatcher.open()
+    return dispatcher
+
+
+async def _queued_account(db: Database, job_id: int) -> str | None:
+    return await db.read(lambda conn: job_queries.queued_account(conn, job_id))
 
 
 def _prepare_data_dir(data_dir: Path) -> tuple[bytes, bytes]:
@@ -234,7 +282,7 @@ def create_app(
     clock: Clock = utc_now,
     catalogue: Catalogue | None = None,
     engines: Mapping[str, EngineSource] = BUILTIN,
-    dispatcher: DispatcherFactory = InProcessDispatcher,
+    dispatcher: DispatcherFactory | None = None,
     resume: bool = True,
 ) -> FastAPI:
     """The ASGI app. Its lifespan opens the service and, with `resume`, takes the runner lock
@@ -246,7 +294,7 @@ def create_app(
         parts = open_server(
             settings, clock=clock, catalogue=catalogue, engines=engines, dispatcher=dispatcher
         )
-        async with parts as server, _background(server, settings, clock, resume):
+        async with parts as server, background(server, settings, clock, resume):
             app.state.server = server
             app.state.service = server.service
             try:
@@ -287,6 +335,31 @@ def create_app(
     return app
 
 
+async def run_worker(
+    settings: Settings,
+    accounts: Sequence[str] | None,
+    stop: asyncio.Event,
+    *,
+    engines: Mapping[str, EngineSource] = BUILTIN,
+    started: asyncio.Event | None = None,
+) -> None:
+    """`dreamserve worker`: run the jobs of `accounts` (None: every account's) that API
+    processes on the same PostgreSQL admit, until `stop` is set; no HTTP, no webhooks (the API
+    processes send them). The reaper runs here too."""
+    if not settings.database.startswith("postgresql"):
+        raise ConfigError(
+            "dreamserve worker needs PostgreSQL (DREAMSERVE_DATABASE_URL): on SQLite, "
+            "`dreamserve serve` runs the jobs itself"
+        )
+    parts = open_server(settings, engines=engines, worker_accounts=accounts, runs_jobs=True)
+    async with parts as server, background(server, settings, utc_now, True, deliver=False):
+        served = "every account" if accounts is None else ", ".join(accounts)
+        log.info("worker started: runs the jobs of %s", served)
+        if started is not None:
+            started.set()
+        await stop.wait()
+
+
 def stopping(app: FastAPI) -> None:
     """The server starts to shut down: requests that wait on a job (`?wait=`, event streams)
     answer with the job as it is and end, instead of holding the shutdown until it ends.
@@ -308,22 +381,28 @@ async def apply_config(service: Service, config: OperatorConfig) -> None:
 
 
 @asynccontextmanager
-async def _background(
-    server: Server, settings: Settings, clock: Clock, resume: bool
+async def background(
+    server: Server, settings: Settings, clock: Clock, resume: bool, deliver: bool = True
 ) -> AsyncIterator[None]:
-    """The server's background tasks, for as long as it serves: the webhook deliverer and, on
-    PostgreSQL, the listener for other processes' job changes; with `resume`, the runner lock
-    (on PostgreSQL watched: `Scheduler.keep_runner_lock`), the jobs an earlier process left,
-    and the reaper (without it, as a second API process in tests, the app runs only the jobs
-    it admits)."""
-    tasks = [asyncio.create_task(server.deliverer.run_forever(), name="webhooks")]
+    """The server's background tasks, for as long as it serves: with `deliver`, the webhook
+    deliverer; on PostgreSQL, the listener for other processes' job changes; with `resume`,
+    the reaper (on every process of a PostgreSQL database: its takings back are conditional
+    updates) and, in a process that runs jobs, the runner lock (on PostgreSQL watched:
+    `Scheduler.keep_runner_lock`) and the jobs an earlier process left (without `resume`, as a
+    second API process in tests, the app runs only the jobs it admits)."""
+    tasks: list[asyncio.Task[None]] = []
+    if deliver:
+        tasks.append(asyncio.create_task(server.deliverer.run_forever(), name="webhooks"))
     if settings.database.startswith("postgresql"):
         feed = PostgresFeed(settings.database, server.events)
         tasks.append(asyncio.create_task(feed.run_forever(), name="job-notifications"))
     try:
-        if resume:
+        if resume and server.runs_jobs:
             for jobid in await server.service.scheduler.resume():
                 log.warning("job %s failed: the server stopped while it ran too often", jobid)
+        if isinstance(server.dispatcher, PostgresDispatcher):
+            server.dispatcher.start()  # once resumed: a job it claimed would be taken back
+        if resume:
             reaper = Reaper(
                 server.store,
                 server.blobs,
@@ -338,7 +417,7 @@ async def _background(
             )
             reaping = asyncio.create_task(reaper.run_forever(), name="reaper")
             tasks.append(reaping)
-            if server.db.shared:  # PostgreSQL's lock lives with a connection, which may end
+            if server.db.shared and server.runs_jobs:  # a PostgreSQL lock lives with a connection
                 watch = _keep_runner_lock(server.service.scheduler, reaping)
                 tasks.append(asyncio.create_task(watch, name="runner-lock"))
         yield

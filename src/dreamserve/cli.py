@@ -1,4 +1,5 @@
-"""The `dreamserve` command: serve | migrate | tokens create | accounts add|list|remove | openapi.
+"""The `dreamserve` command: serve | worker | migrate | tokens create | accounts add|list|remove |
+openapi.
 
 Every command reads the same `DREAMSERVE_*` settings as the server. The `accounts` commands go
 through the same service as the API and print its JSON replies; `--shared` acts as the operator.
@@ -13,13 +14,21 @@ import gc
 import json
 import logging
 import shlex
+import signal
 import socket
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_plus
 
-from dreamserve.app import API_PREFIX, apply_config, create_app, open_server, stopping
+from dreamserve.app import (
+    API_PREFIX,
+    apply_config,
+    create_app,
+    open_server,
+    run_worker,
+    stopping,
+)
 from dreamserve.config import ConfigError, load_config
 from dreamserve.errors import DreamserveError
 from dreamserve.replies import AccountDeleted, AccountSummary
@@ -64,6 +73,14 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dreamserve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="migrate, then run the API server")
+    worker = commands.add_parser(
+        "worker", help="run jobs admitted by API processes on the same PostgreSQL (no HTTP)"
+    )
+    worker.add_argument(
+        "--accounts",
+        metavar="A,B",
+        help="the accounts whose jobs it runs, e.g. LOCAL:gpu0,LOCAL:gpu1 (default: every one)",
+    )
     commands.add_parser("migrate", help="create or upgrade the database schema")
     commands.add_parser("openapi", help="print the OpenAPI document")
     tokens = commands.add_parser("tokens", help="manage API tokens").add_subparsers(
@@ -130,6 +147,9 @@ def _not_a_number(constant: str) -> Any:
 def _run(settings: Settings, args: argparse.Namespace) -> None:
     if args.command == "serve":
         serve(settings)
+    elif args.command == "worker":
+        accounts = [name for name in (args.accounts or "").split(",") if name.strip()]
+        asyncio.run(_worker(settings, [name.strip() for name in accounts] or None))
     elif args.command == "migrate":
         asyncio.run(_migrate(settings))
         print(f"Database at {settings.database} is up to date")
@@ -258,6 +278,15 @@ def first_start_banner(settings: Settings, token: str) -> str:
     )
 
 
+async def _worker(settings: Settings, accounts: list[str] | None) -> None:
+    """Run jobs until SIGTERM or SIGINT, then stop their engines (they run again elsewhere)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await run_worker(settings, accounts, stop)
+
+
 async def _migrate(settings: Settings) -> None:
     async with open_server(settings):
         pass
@@ -268,7 +297,8 @@ async def _bootstrap(settings: Settings) -> str | None:
     configuration file saved; errors here stop `serve` before uvicorn starts."""
     config = load_config(settings.config)
     async with open_server(settings, catalogue=config.catalogue) as server:
-        if not await server.db.lock_runner():  # say so before uvicorn starts
+        # Say so before uvicorn starts (on PostgreSQL, any number of servers run jobs).
+        if not await server.db.lock_runner() and not server.db.shared:
             raise AnotherRunner
         token = await server.service.tokens.bootstrap()
         await apply_config(server.service, config)

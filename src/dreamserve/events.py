@@ -66,6 +66,7 @@ class JobEvents:
         self._watches: dict[str, set[Watch]] = {}
         self._endings: set[asyncio.Event] = set()
         self._listeners: list[Callable[[str], None]] = []
+        self._end_listeners: list[Callable[[str], None]] = []
         self.origin = secrets.token_hex(8)  # this process, in its NOTIFY payloads
         self.generation = 0  # counts publications: a read that saw none is not stale
         self.stopping = False  # the server is shutting down: no waiter waits any more
@@ -89,21 +90,31 @@ class JobEvents:
         """Call `listener(jobid)` for every job published as changed (caches drop it)."""
         self._listeners.append(listener)
 
+    def on_end(self, listener: Callable[[str], None]) -> None:
+        """Call `listener(jobid)` for every job published as ended, by this process or another
+        (a runner stops the engine of a job cancelled elsewhere)."""
+        self._end_listeners.append(listener)
+
     def endings(self) -> asyncio.Event:
         """An event set whenever any job ends (the webhook deliverer waits on it)."""
         event = asyncio.Event()
         self._endings.add(event)
         return event
 
-    def publish(self, jobids: Iterable[str], *, ended: bool) -> None:
+    def publish(self, jobids: Iterable[str], *, ended: bool, surely: bool = True) -> None:
         """Jobs changed (progress, or their end with `ended`): wake their waiters. Call it on
-        the event loop, after the change committed."""
+        the event loop, after the change committed. An end not `surely` one (a job found ended
+        or taken back) wakes the waiters, but not the `on_end` listeners: a job taken back runs
+        again, and its new attempt must not be stopped."""
         self.generation += 1
         any_job = False
         for jobid in jobids:
             any_job = True
             for listener in self._listeners:
                 listener(jobid)
+            if ended and surely:
+                for listener in self._end_listeners:
+                    listener(jobid)
             for watch in self._watches.get(jobid, ()):
                 watch._set(ended)
         if ended and any_job:

@@ -63,6 +63,8 @@ class Settings(BaseSettings):
     account_cache_seconds: float = Field(default=2.0, ge=0)
     progress_interval_seconds: float = Field(default=0.5, gt=0)
     lease_seconds: float = Field(default=30.0, gt=0)
+    # Whether `serve` runs jobs itself (PostgreSQL only may say false: `dreamserve worker`s do).
+    run_jobs: bool = True
     reaper_interval_seconds: float = Field(default=5.0, gt=0)
     # The longest a shutdown (SIGTERM) waits for requests to finish, then uvicorn cancels them.
     shutdown_seconds: float = Field(default=10.0, gt=0)

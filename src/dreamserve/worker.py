@@ -83,6 +83,7 @@ class JobRunner:
         self.config = config
         self.account_changed = account_changed  # drops admission's cached account lists
         self._signals: dict[int, CancelSignal] = {}  # jobs running here -> their cancel signal
+        self._jobids: dict[str, int] = {}  # the jobids of the jobs running here -> their ids
         self._turns = itertools.count(1)  # the order jobs got their memory in (render_threads)
 
     def cancel(self, job_id: int) -> None:
@@ -91,6 +92,14 @@ class JobRunner:
         signal = self._signals.get(job_id)
         if signal is not None:
             signal.set()
+
+    def ended(self, jobid: str) -> None:
+        """A job ended (published by this process, or by another through PostgreSQL's
+        notifications): stop its engine if it runs here. A cancel through another API process
+        reaches the engine at once, not at the next lease renewal."""
+        job_id = self._jobids.get(jobid)
+        if job_id is not None:
+            self.cancel(job_id)
 
     def _lease_until(self) -> int:
         return millis(self.clock()) + int(self.config.lease_seconds * 1000)
@@ -123,6 +132,7 @@ class JobRunner:
 
         progress = _Progress()
         cancel = self._signals[job.id] = CancelSignal()
+        self._jobids[job.jobid] = job.id
         lease = _Lease(self.config.lease_seconds, leased_at)
         heartbeat = asyncio.create_task(self._heartbeat(job, progress, cancel, lease))
         try:
@@ -130,6 +140,7 @@ class JobRunner:
         finally:
             if self._signals.get(job.id) is cancel:  # not a later attempt's (after a requeue)
                 del self._signals[job.id]
+                self._jobids.pop(job.jobid, None)
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat

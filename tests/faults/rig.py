@@ -87,19 +87,27 @@ class Rig:
 
     # The server
 
-    def start(self) -> Server:
-        assert self.server is None, "one server at a time"
+    def environment(self) -> dict[str, str]:
+        """What every process of the rig runs with: the gated engine's site on its path, the
+        configuration file, the settings."""
         pythonpath = os.pathsep.join(
             [str(self.site), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
         )
-        extra = {
+        return {
             **SETTINGS,
             "DREAMSERVE_CONFIG": str(self.root / "dreamserve.toml"),
             "PYTHONPATH": pythonpath,
             **self.extra,
         }
+
+    def start(self) -> Server:
+        assert self.server is None, "one server at a time"
         self.server = Server(
-            self.data_dir, free_port(), self.database_url, extra, command=DREAMSERVE_SERVE
+            self.data_dir,
+            free_port(),
+            self.database_url,
+            self.environment(),
+            command=DREAMSERVE_SERVE,
         )
         self.token = self.server.token or self.token
         assert self.token, "the first start prints a token"
@@ -159,6 +167,10 @@ class Rig:
 
     def journalled(self, tag: str, event: str) -> int:
         return sum(1 for line in self.journal() if (line["tag"], line["event"]) == (tag, event))
+
+    def died(self, pid: int) -> None:
+        """Journal the death of a process the test killed itself (not through `stop`)."""
+        self._journal("died", pid=pid)
 
     def _journal(self, event: str, **fields: Any) -> None:
         line = {"event": event, "tag": None, "t": time.monotonic(), **fields}

@@ -579,3 +579,22 @@ def test_the_shutdown_bound_is_uvicorns_graceful_timeout() -> None:
     assert cli.uvicorn_options(Settings())["timeout_graceful_shutdown"] == 10
     options = cli.uvicorn_options(Settings(shutdown_seconds=2.5))
     assert options["timeout_graceful_shutdown"] == 2.5
+
+
+def test_worker_needs_postgresql(data_dir: Path, capsys) -> None:
+    assert main(["worker", "--accounts", "LOCAL:gpu0"]) == 1
+    assert capsys.readouterr().err == (
+        "dreamserve: dreamserve worker needs PostgreSQL (DREAMSERVE_DATABASE_URL): on SQLite, "
+        "`dreamserve serve` runs the jobs itself\n"
+    )
+
+
+def test_serve_that_runs_no_jobs_needs_postgresql(
+    data_dir: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DREAMSERVE_RUN_JOBS", "false")
+    assert main(["serve"]) == 1
+    assert capsys.readouterr().err == (
+        "dreamserve: DREAMSERVE_RUN_JOBS=false needs PostgreSQL (DREAMSERVE_DATABASE_URL): on "
+        "SQLite the server runs the jobs itself, and no worker can take them\n"
+    )

@@ -110,19 +110,24 @@ def runner_lock_backend(url: str) -> int:
         return int(row[0])
 
 
-async def test_a_runner_lock_lost_with_its_connection_is_retaken_only_while_free(
+async def test_a_runner_lock_lost_with_its_connection_is_retaken_shared(
     db: PostgresDatabase, postgres_url: str
 ) -> None:
-    assert await db.lock_runner()
+    assert await db.lock_runner()  # the only one: it may recover every unfinished job
+    await db.share_runner_lock()
     assert await db.keep_runner_lock() is RunnerLock.HELD
     await asyncio.to_thread(runner_lock_backend, postgres_url)
     assert await db.keep_runner_lock() is RunnerLock.RETAKEN
     assert await db.keep_runner_lock() is RunnerLock.HELD
     await asyncio.to_thread(runner_lock_backend, postgres_url)
     other = PostgresDatabase(postgres_url, QUICK)
+    third = PostgresDatabase(postgres_url, QUICK)
     try:
-        assert await other.lock_runner()  # before the first server's next check
-        assert await db.keep_runner_lock() is RunnerLock.TAKEN
+        assert await other.lock_runner()  # alone, before the first server's next check
+        await other.share_runner_lock()  # recovered: the others may run jobs again
+        assert await db.keep_runner_lock() is RunnerLock.RETAKEN  # shared, beside the other
+        assert await third.lock_runner() is False  # others run jobs: it recovers none
         assert await other.keep_runner_lock() is RunnerLock.HELD
     finally:
+        await third.close()
         await other.close()

@@ -80,16 +80,21 @@ class Scheduler:
         return Record(record(job, self.blobs.link))
 
     async def resume(self) -> list[str]:
-        """Become the process that runs this database's jobs and pick up those an earlier one
-        left unfinished; the jobids given up on. AnotherRunner when a server already runs them.
+        """Become a process that runs this database's jobs and, when it is the only one, pick
+        up those an earlier one left unfinished; the jobids given up on. AnotherRunner when a
+        server already runs them on SQLite (one runs the jobs of a SQLite database).
 
-        With the runner lock held, every unfinished job is an orphan and every taken slot
-        belongs to one. Jobs started `max_attempts` times fail; the others run again, and slot
-        counts are set back to the number of unfinished jobs.
+        When this process alone holds the runner lock, every unfinished job is an orphan and
+        every taken slot belongs to one. Jobs started `max_attempts` times fail; the others run
+        again, and slot counts are set back to the number of unfinished jobs. On PostgreSQL
+        with other processes running jobs, nothing is taken over: the jobs of a process that
+        died run again once their leases run out (the reaper of any process).
         """
         db = self.store.db
         if not await db.lock_runner():
-            raise AnotherRunner
+            if not db.shared:
+                raise AnotherRunner
+            return []
         if not db.shared:
             self.records.sees_every_change()
         now = millis(self.clock())
@@ -99,13 +104,16 @@ class Scheduler:
         abandoned = await self.store.write(
             lambda tx: tx.recover(self.config.max_attempts, error, now, lease)
         )
+        await db.share_runner_lock()  # the jobs are recovered: others may run jobs now
         for job_id in await self.store.queued():
             await self.dispatcher.dispatch(job_id)
         return abandoned
 
     async def keep_runner_lock(self, every: float) -> None:
         """After `resume`: check every `every` seconds that this process still holds the
-        runner lock. Returns once another process holds it, this process's runners stopped.
+        runner lock. Returns once another process holds it, this process's runners stopped
+        (PostgreSQL takes a lost lock again shared, beside the others: never TAKEN there now;
+        the branch stays for a database whose lock is exclusive).
 
         A lock lost but free (on PostgreSQL, its connection ended and no other server took it)
         is taken again, and nothing is resumed: the jobs running here go on, the others are

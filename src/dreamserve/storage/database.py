@@ -99,9 +99,18 @@ class Database(Protocol):
         """Bring the schema to the newest migration (idempotent)."""
 
     async def lock_runner(self) -> bool:
-        """Become the one process that runs this database's jobs, until close (or death, which
-        frees it too); False when another process is. Resuming unfinished jobs is only right
-        for the holder: they are orphans of a process that is gone."""
+        """Become a process that runs this database's jobs, until close (or death, which frees
+        it too): whether it is the only one, for now. Resuming every unfinished job is only
+        right then: they are orphans of a process that is gone.
+
+        SQLite: one process runs the jobs; False when another does (the start is refused).
+        PostgreSQL: any number do; True, holding every other one off until
+        `share_runner_lock`, when none did (then it recovers every unfinished job); False
+        when others run jobs (then those of a dead one wait for their leases to run out)."""
+
+    async def share_runner_lock(self) -> None:
+        """After `lock_runner` (and the recovery it allowed): let other processes run jobs too
+        (nothing on SQLite, where one process runs them)."""
 
     async def keep_runner_lock(self) -> RunnerLock:
         """After `lock_runner` returned True: whether this process still holds the lock. One lost
@@ -313,6 +322,9 @@ class SqliteDatabase:
             self._runner_lock = fd
         return True
 
+    async def share_runner_lock(self) -> None:
+        return None
+
     async def keep_runner_lock(self) -> RunnerLock:
         return RunnerLock.HELD  # a file lock: held as long as this process keeps the file open
 
@@ -449,7 +461,15 @@ def _pauses(bound: float) -> Iterator[float]:
 
 
 # Any fixed key works; this one spells "dreamsrv".
-_TRY_RUNNER_LOCK = text("SELECT pg_try_advisory_lock(7237955865294632566)")
+# Every process that runs jobs holds the runner lock shared; one that finds none holds it
+# exclusively as well while it recovers the jobs a dead one left, then shares it.
+_RUNNER_LOCK_KEY = 7237955865294632566
+_TRY_RUNNER_LOCK = text(f"SELECT pg_try_advisory_lock({_RUNNER_LOCK_KEY})")
+_TRY_SHARED_RUNNER_LOCK = text(f"SELECT pg_try_advisory_lock_shared({_RUNNER_LOCK_KEY})")
+_SHARE_RUNNER_LOCK = text(f"SELECT pg_advisory_unlock({_RUNNER_LOCK_KEY})")
+_SHARED_LOCK_TRIES = 600  # 0.05 s apart: how long a start waits for another's recovery
+# Migrations of processes that start at once run one after the other.
+_MIGRATION_LOCK = text("SELECT pg_advisory_xact_lock(7237955865294632568)")
 _ALIVE = text("SELECT 1")
 
 
@@ -476,6 +496,7 @@ class PostgresDatabase:
         )
         self._threads = ThreadPoolExecutor(self.POOL_SIZE, thread_name_prefix="dreamserve-db")
         self._runner_lock: Connection | None = None
+        self._is_alone = False  # holding the runner lock exclusively as well
         # The lock's connection is checked on a thread of its own: a pool busy with long
         # transactions must not delay the check (nor a hung check take a pool thread).
         self._lock_thread = ThreadPoolExecutor(1, thread_name_prefix="dreamserve-runner-lock")
@@ -490,10 +511,24 @@ class PostgresDatabase:
         await self.write(_long_upgrade)
 
     async def lock_runner(self) -> bool:
-        if self._runner_lock is None:
+        if self._runner_lock is not None:
+            return self._is_alone
+        loop = asyncio.get_running_loop()
+        self._runner_lock, self._is_alone = await loop.run_in_executor(
+            self._lock_thread, self._take_runner_lock, True
+        )
+        return self._is_alone
+
+    async def share_runner_lock(self) -> None:
+        if self._runner_lock is not None and self._is_alone:
             loop = asyncio.get_running_loop()
-            self._runner_lock = await loop.run_in_executor(self._lock_thread, self._try_runner_lock)
-        return self._runner_lock is not None
+            await loop.run_in_executor(self._lock_thread, self._share_runner_lock)
+
+    def _share_runner_lock(self) -> None:
+        assert self._runner_lock is not None
+        self._runner_lock.execute(_SHARE_RUNNER_LOCK)
+        self._runner_lock.commit()
+        self._is_alone = False
 
     async def keep_runner_lock(self) -> RunnerLock:
         loop = asyncio.get_running_loop()
@@ -512,25 +547,34 @@ class PostgresDatabase:
                 with contextlib.suppress(Exception):
                     self._runner_lock.close()
                 self._runner_lock = None
-        # Lost (or lost at an earlier check that could not take it again): a connection error
-        # now propagates and the caller asks again.
-        self._runner_lock = self._try_runner_lock()
-        return RunnerLock.TAKEN if self._runner_lock is None else RunnerLock.RETAKEN
+        # Lost (or lost at an earlier check that could not take it again): taken again,
+        # shared (this process runs jobs: it may not recover those of the others); a
+        # connection error now propagates and the caller asks again.
+        self._runner_lock, self._is_alone = self._take_runner_lock(False)
+        return RunnerLock.RETAKEN
 
-    def _try_runner_lock(self) -> Connection | None:
-        # A session-level advisory lock, on a connection outside the pool, open until close;
-        # with the pool's timeouts, so that no check of it hangs on the server.
+    def _take_runner_lock(self, exclusive: bool) -> tuple[Connection, bool]:
+        """The runner lock, shared (and, with `exclusive`, exclusively too when no other process
+        holds it): a session-level advisory lock on a connection outside the pool, open until
+        close, with the pool's timeouts, so that no check of it hangs on the server. Whether it
+        is held exclusively."""
         options = _session_options(self._engine.url, self.config)
         engine = create_engine(
             self._engine.url, poolclass=NullPool, connect_args={"options": options}
         )
         conn = engine.connect()
-        taken = bool(conn.scalar(_TRY_RUNNER_LOCK))
-        conn.commit()
-        if not taken:
+        try:
+            alone = exclusive and bool(conn.scalar(_TRY_RUNNER_LOCK))
+            for _ in range(_SHARED_LOCK_TRIES):  # held exclusively by a process that recovers
+                if conn.scalar(_TRY_SHARED_RUNNER_LOCK):
+                    conn.commit()
+                    return conn, alone
+                conn.commit()
+                time.sleep(0.05)
+            raise RuntimeError("the runner lock stayed held by a process recovering jobs")
+        except BaseException:
             conn.close()
-            return None
-        return conn
+            raise
 
     async def close(self) -> None:
         self._lock_thread.shutdown(wait=True)  # a check under way ends before its connection
@@ -594,6 +638,8 @@ def _long_upgrade(connection: Connection) -> None:
     # A migration may rewrite a large table: its length is no sign of a busy database (its
     # lock waits stay bounded).
     connection.execute(text("SET LOCAL statement_timeout = 0"))
+    connection.execute(text("SET LOCAL lock_timeout = 0"))  # behind another process's migration
+    connection.execute(_MIGRATION_LOCK)
     _upgrade(connection)
 
 

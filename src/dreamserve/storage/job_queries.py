@@ -425,3 +425,10 @@ def _spec(data: Mapping[str, Any], request: Mapping[str, Any]) -> Spec:
         return Spec.from_json(data)
     carried = {key: request.get(key) for key in ("prompt", "replyUrl", "replyRef")}
     return Spec.from_json({**data, **carried})
+
+
+def queued_account(conn: Connection, job_id: int) -> str | None:
+    """The account name of a job no runner has (the queue it is dispatched on), or None."""
+    query = select(jobs.c.account).where(jobs.c.id == job_id, _QUEUED)
+    account: str | None = conn.execute(query).scalar_one_or_none()
+    return account

@@ -203,7 +203,7 @@ class JobStore:
     def seen_ended(self, jobid: str) -> None:
         """A job found ended (or taken back) by a change another process made without telling
         this one (on SQLite, a CLI command): wake its waiters here to read it again."""
-        self.events.publish([jobid], ended=True)
+        self.events.publish([jobid], ended=True, surely=False)
 
     async def queued(self) -> list[int]:
         """The ids of the jobs waiting for a runner, oldest first (to dispatch at start)."""
