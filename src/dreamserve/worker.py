@@ -284,6 +284,9 @@ class JobRunner:
             data = await self.blobs.get(key)
         except FileNotFoundError:
             raise JobFailed("A reference image is no longer available", key) from None
+        except OSError as error:
+            log.error("reference %s cannot be read: %s", key, error)
+            raise JobFailed("Storage unavailable", _STORE_DOWN) from None
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, _decode, data, bound)
 
@@ -301,6 +304,9 @@ class JobRunner:
             # The operator's to fix, not the prompt's: the record says so rather than "OSError".
             log.error("job %s: its images cannot be stored, the blob store is full", job.jobid)
             raise JobFailed("Storage full", _NO_SPACE) from None
+        except OSError as error:  # an object store unreachable after its retries, a disk error
+            log.error("job %s: its images cannot be stored: %s", job.jobid, error)
+            raise JobFailed("Storage unavailable", _STORE_DOWN) from None
         return StoredImage(item_id, key, image.width, image.height, image_format, len(data))
 
     async def _finish(
@@ -422,6 +428,7 @@ class JobRunner:
 
 _FULL_RETRY_SECONDS = 0.5  # between tries of a job's end while the database has no space left
 
+_STORE_DOWN = "the server's image store cannot be reached; try again later"
 _NO_SPACE = (
     "the server has no space left to store the images; try again once its operator has freed some"
 )

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import io
 from collections.abc import AsyncIterator
+from contextlib import ExitStack
 
 import httpx
 import pytest
-from objectstore import new_bucket
+from objectstore import moto_store, new_bucket, store_environment
 from PIL import Image
 from support import SMALL, Harness, open_harness
 
@@ -98,3 +99,27 @@ async def test_presigned_links_fetch_images_from_the_bucket(settings: Settings, 
         link = f"/v1/dreamina/files/{image['imageUri']}?expires=1&signature=x"
         served = await harness.client.get(link)  # the API serves no file of its own
         assert (served.status_code, served.json()) == (404, {"error": "Not Found"})
+
+
+async def test_a_job_whose_store_is_down_fails_saying_so(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An object store that stops answering: the job ends failed with a message a user can act
+    on after the store's bounded retries, the log says why, and its slot is free."""
+    with ExitStack() as store:
+        endpoint = store.enter_context(moto_store())
+        for name, value in store_environment(endpoint).items():
+            monkeypatch.setenv(name, value)
+        url = f"s3://{new_bucket(endpoint)}/dreamserve"
+        async with open_harness(settings.model_copy(update={"blob_url": url})) as harness:
+            await first_image(harness)  # the store works
+            store.close()  # and now it is gone
+            record = await harness.wait((await harness.post(SMALL)).json()["jobid"])
+            assert (record["status"], record["error"], record["errorDetails"]) == (
+                "failed",
+                "Storage unavailable",
+                "the server's image store cannot be reached; try again later",
+            )
+            assert await harness.slots() == {"LOCAL:procedural": 0}
+    logged = [r.getMessage() for r in caplog.records if r.name == "dreamserve.worker"]
+    assert any("its images cannot be stored: object store: cannot store" in m for m in logged)
