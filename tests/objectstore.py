@@ -7,6 +7,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import httpx
 from moto.server import ThreadedMotoServer
@@ -40,3 +41,34 @@ def new_bucket(endpoint: str) -> str:
     name = f"dreamserve-{uuid.uuid4().hex[:16]}"
     httpx.put(f"{endpoint}/{name}").raise_for_status()
     return name
+
+
+def _client(endpoint: str, bucket: str) -> Any:
+    """The bucket as any client of the store reads it, with the test credentials."""
+    from obstore.store import S3Store
+
+    variables = store_environment(endpoint)
+    return S3Store(
+        bucket,
+        endpoint=endpoint,
+        region=variables["AWS_REGION"],
+        access_key_id=variables["AWS_ACCESS_KEY_ID"],
+        secret_access_key=variables["AWS_SECRET_ACCESS_KEY"],
+        client_options={"allow_http": True},
+    )
+
+
+def object_keys(endpoint: str, bucket: str) -> set[str]:
+    """The keys of the bucket's objects."""
+    import obstore
+
+    return {meta["path"] for meta in obstore.list(_client(endpoint, bucket)).collect()}
+
+
+def objects(endpoint: str, bucket: str) -> dict[str, bytes]:
+    """Every object of the bucket, its bytes by key."""
+    import obstore
+
+    store = _client(endpoint, bucket)
+    keys = [meta["path"] for meta in obstore.list(store).collect()]
+    return {key: bytes(obstore.get(store, key).bytes()) for key in keys}

@@ -3,7 +3,9 @@ starts: a job waits at the stage the test chooses, and every attempt is written 
 
 A job is named by its prompt (its *tag*). Its attempt waits in `generate` until the file
 `<gates>/<tag>.run` exists, then returns images whose encoding waits until `<gates>/<tag>.store`
-exists: the test holds a job running, or storing its images, and lets it go by creating a file.
+exists (or, for its image N alone, `<gates>/<tag>.storeN`: a job's first image stored while the
+others wait): the test holds a job running, or storing its images, and lets it go by creating a
+file.
 Each wait also ends when the job's cancel signal is set (a shutdown, a lost lease), as a real
 engine's does.
 
@@ -51,12 +53,14 @@ class HeldImage(Image.Image):
     gates: Path
     tag: str
     attempt: str
+    index: int  # of the job's images
     cancel: CancelSignal
 
     def save(self, fp: Any, format: Any = None, **params: Any) -> None:
         note(self.gates, "storing", self.tag, self.attempt)
+        gates = (self.gates / f"{self.tag}.store", self.gates / f"{self.tag}.store{self.index}")
         try:
-            while not (self.gates / f"{self.tag}.store").exists():
+            while not any(gate.exists() for gate in gates):
                 if self.cancel.is_set:
                     raise _Stopped(self.tag)
                 time.sleep(POLL_SECONDS)
@@ -66,12 +70,13 @@ class HeldImage(Image.Image):
 
 
 def held_image(
-    size: tuple[int, int], gates: Path, tag: str, attempt: str, cancel: CancelSignal
+    size: tuple[int, int], gates: Path, tag: str, attempt: str, index: int, cancel: CancelSignal
 ) -> Image.Image:
     image = Image.new("RGB", size, "teal")
     image.__class__ = HeldImage  # the same pixels and fields; only `save` differs
     assert isinstance(image, HeldImage)
     image.gates, image.tag, image.attempt, image.cancel = gates, tag, attempt, cancel
+    image.index = index
     return image
 
 
@@ -97,7 +102,8 @@ class GatedEngine:
             progress(1.0)
             size = (request.width, request.height)
             return [
-                held_image(size, self.gates, tag, attempt, cancel) for _ in range(request.count)
+                held_image(size, self.gates, tag, attempt, index, cancel)
+                for index in range(request.count)
             ]
         finally:
             note(self.gates, "end", tag, attempt)

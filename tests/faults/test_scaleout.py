@@ -1,56 +1,119 @@
-"""Scale-out, black box: on one PostgreSQL and one blob store (a shared folder), two API
-processes that run no jobs (DREAMSERVE_RUN_JOBS=false) and two `dreamserve worker`s. Jobs are
-submitted through either API and waited on through the other; a cancel through one API stops
-the engine on the worker running the job; a worker SIGKILLed mid-job leaves its job to the
-other worker, with the invariants of invariants.py."""
+"""Scale-out, black box, as compose.yaml deploys it: the processes of its dreamserve services
+(two API processes that run no jobs, and its worker, started twice), each with that service's
+command and DREAMSERVE_*/AWS_* variables (tests/composefile.py), on one PostgreSQL and an S3
+store (moto, on 127.0.0.1); only hosts, ports, paths, the bucket and the credentials are the
+test's own. Jobs are submitted through either API and waited on through the other; a cancel
+through one API stops the engine on the worker running the job; a worker SIGKILLed mid-job
+(its first image stored, the second not) leaves its job to the other worker, with the
+invariants of invariants.py; the images are objects of the store, served by either API, and the
+killed try's object is referenced by nothing."""
 
 from __future__ import annotations
 
 import signal
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import httpx
+import psycopg
 import pytest
+from composefile import Local, Service, dreamserve_services, local_environment, read_compose
 from invariants import database_is_sound, ended, never_twice_at_once, slots, webhooks_delivered
+from objectstore import new_bucket, object_keys, objects, store_environment
 from receiver import Receiver
 from rig import ACCOUNT, Rig
-from servers import DREAMSERVE_SERVE, DREAMSERVE_WORKER, Server
+from servers import DREAMSERVE_SERVE, Server
 from support import free_port
+
+from dreamserve.links import FILES_PATH
 
 pytestmark = [pytest.mark.faults, pytest.mark.blackbox]
 
-# Short leases: a killed worker's job is taken back within seconds.
-SCALE_OUT = {
-    "DREAMSERVE_RUN_JOBS": "false",
-    "DREAMSERVE_LEASE_SECONDS": "3",
-    "DREAMSERVE_REAPER_INTERVAL_SECONDS": "0.2",
-}
+# The test's pace, over the compose file's settings: a killed worker's job is taken back within
+# seconds.
+PACE = {"DREAMSERVE_LEASE_SECONDS": "3", "DREAMSERVE_REAPER_INTERVAL_SECONDS": "0.2"}
+READY = {"serve": "Uvicorn running on", "worker": "worker started: runs the jobs of"}
+KEYS = {"secret.key", "secrets.key"}  # what the processes share through their data dirs
+
+
+@dataclass
+class Deployment:
+    apis: list[Server]
+    workers: list[Server]
+    prefix: str  # of the blob store's keys in the bucket
+    bucket: str
+    endpoint: str
+
+    def objects(self) -> dict[str, bytes]:
+        """The store's objects under the prefix, by blob key."""
+        found = objects(self.endpoint, self.bucket)
+        return {key.removeprefix(self.prefix): data for key, data in found.items()}
+
+    def keys(self) -> set[str]:
+        return {key.removeprefix(self.prefix) for key in object_keys(self.endpoint, self.bucket)}
+
+    @property
+    def data_dirs(self) -> set[Path]:
+        return {server.data_dir for server in self.apis + self.workers}
 
 
 @contextmanager
-def processes(rig: Rig) -> Iterator[tuple[list[Server], list[Server]]]:
-    """Two API processes (the first one started alone: it migrates and prints the token) and
-    two workers of the gated account, all on the rig's database and data dir (its keys, its
-    blobs); each killed at the end."""
-    env = rig.environment() | SCALE_OUT
+def deployed(rig: Rig, endpoint: str) -> Iterator[Deployment]:
+    """compose.yaml's dreamserve processes on this machine: its API services in its order (the
+    first started alone: it migrates and prints the token), then its worker service twice;
+    each killed at the end."""
+    services = dreamserve_services(read_compose())
+    apis = [service for service in services if service.role == "serve"]
+    workers = [service for service in services if service.role == "worker"]
+    assert (len(apis), len(workers)) == (2, 1), [service.name for service in services]
+    assert all(api.environment.get("DREAMSERVE_RUN_JOBS") == "false" for api in apis)
+    blob_url = urlsplit(apis[0].environment["DREAMSERVE_BLOB_URL"])
+    variables = store_environment(endpoint)
+    assert rig.database_url is not None
+    local = Local(
+        database_url=rig.database_url,
+        endpoint=endpoint,
+        bucket=new_bucket(endpoint),
+        access_key=variables["AWS_ACCESS_KEY_ID"],
+        secret_key=variables["AWS_SECRET_ACCESS_KEY"],
+        volumes=rig.root / "volumes",
+        containers=rig.root / "containers",
+    )
+    prefix = blob_url.path.strip("/") + "/" if blob_url.path.strip("/") else ""
+    deployment = Deployment([], [], prefix, local.bucket, endpoint)
     with ExitStack() as stack:
 
-        def started(command: tuple[str, ...], ready: str) -> Server:
-            server = Server(
-                rig.data_dir, free_port(), rig.database_url, env, command, ready_line=ready
-            )
+        def started(service: Service, instance: str, public_url: str | None = None) -> Server:
+            port = free_port()
+            public_url = public_url or f"http://127.0.0.1:{port}"
+            environment = local_environment(service, local, instance, port, public_url)
+            ours = rig.environment() | PACE
+            assert not ours.keys() & environment.keys(), "the test would override compose.yaml"
+            data_dir = Path(environment["DREAMSERVE_DATA_DIR"])
+            command = (DREAMSERVE_SERVE[0], *service.command[1:])
+            server = Server(data_dir, port, None, environment | ours, command, READY[service.role])
             stack.callback(_kill, server)
             rig.pids.append(server.process.pid)
             return server
 
-        apis = [started(DREAMSERVE_SERVE, "Uvicorn running on")]
-        rig.token = apis[0].token or ""
-        assert rig.token, "the first start prints a token"
-        apis.append(started(DREAMSERVE_SERVE, "Uvicorn running on"))
-        worker = (*DREAMSERVE_WORKER, "--accounts", ACCOUNT)
-        workers = [started(worker, "worker started: runs the jobs of") for _ in range(2)]
-        yield apis, workers
+        try:
+            deployment.apis.append(started(apis[0], apis[0].name))
+            rig.token = deployment.apis[0].token or ""
+            assert rig.token, "the first start prints a token"
+            deployment.apis.append(started(apis[1], apis[1].name))
+            first = deployment.apis[0].url
+            for n in (1, 2):
+                worker = workers[0]
+                deployment.workers.append(started(worker, f"{worker.name}-{n}", first))
+            yield deployment
+        except BaseException:
+            for server in deployment.apis + deployment.workers:
+                print(f"--- {server.process.args}:\n{server.output[-3000:]}")
+            raise
 
 
 def _kill(server: Server) -> None:
@@ -68,9 +131,17 @@ def clients(rig: Rig, apis: list[Server]) -> Iterator[list[httpx.Client]]:
         ]
 
 
-def test_two_apis_and_two_workers_share_the_jobs(pg_rig: Rig, receiver: Receiver) -> None:
+def submit(client: httpx.Client, body: dict[str, Any]) -> str:
+    reply = client.post("/v1/dreamina/images", json=body)
+    assert reply.status_code == 200, reply.text
+    return str(reply.json()["jobid"])
+
+
+def test_the_compose_processes_share_the_jobs(
+    pg_rig: Rig, receiver: Receiver, s3_endpoint: str
+) -> None:
     rig = pg_rig
-    with processes(rig) as (apis, workers), clients(rig, apis) as (one, two):
+    with deployed(rig, s3_endpoint) as deployment, clients(rig, deployment.apis) as (one, two):
         # Submitted through each API, waited on (?wait=) through the other: the job runs on a
         # worker, whose changes wake the waiter through PostgreSQL's notifications.
         jobids = {
@@ -94,19 +165,48 @@ def test_two_apis_and_two_workers_share_the_jobs(pg_rig: Rig, receiver: Receiver
         record = two.get(f"/v1/dreamina/images/{cancelled}").json()
         assert (record["status"], record["error"]) == ("failed", "Cancelled by user")
 
-        # A worker killed mid-job: the other one runs the job again, once its lease ran out.
-        jobids["killed"] = rig.submit(one, "killed")
+        # A worker killed mid-job, its first image in the store and its second being encoded:
+        # the other worker runs the job again once its lease ran out.
+        jobids["killed"] = submit(one, rig.body("killed") | {"count": 2})
         rig.wait_journalled("killed", "start")
+        before = deployment.keys()
+        rig.open("killed", "run", "store0")
+        rig.wait_for(lambda: len(deployment.keys() - before) == 1, "image 0 stored")
+        rig.wait_journalled("killed", "storing", 2)  # image 1 waits for its gate
+        (stray,) = deployment.keys() - before
         pid = next(line["pid"] for line in rig.journal() if line["tag"] == "killed")
-        victim = next(worker for worker in workers if worker.process.pid == pid)
+        victim = next(worker for worker in deployment.workers if worker.process.pid == pid)
         victim.stop(signal.SIGKILL)
         rig.died(pid)
         rig.wait_journalled("killed", "start", 2)
-        rig.open("killed", "run", "store")
-        records = ended(two, [jobids["killed"]])
-        assert records[jobids["killed"]]["status"] == "completed"
+        rig.open("killed", "store")
+        records = ended(two, list(jobids.values()))
+        assert all(record["status"] == "completed" for record in records.values()), records
+
+        # Every image is an object of the store, served by either API process; the killed
+        # try's object is still there, and nothing refers to it.
+        stored = deployment.objects()
+        uris = set()
+        for record in records.values():
+            for image in record["response"]["images"]:
+                link = urlsplit(image["imageUrl"])
+                uri = unquote(link.path.removeprefix(FILES_PATH))
+                assert uri == image["imageUri"], image
+                assert uri in stored, (uri, sorted(stored))
+                uris.add(uri)
+                for client in (one, two):
+                    served = client.get(f"{link.path}?{link.query}")
+                    assert served.status_code == 200, served.text
+                    assert served.content == stored[uri]
+        assert len(uris) == 4
+        assert stray in stored
+        assert stray not in uris
+        with psycopg.connect(rig.database_url) as conn:
+            assert (stray,) not in conn.execute("SELECT uri FROM assets").fetchall()
 
         assert slots(one) == {ACCOUNT: 0, "LOCAL:procedural": 0}
-        webhooks_delivered(two, receiver, {"a": jobids["a"]})
+        webhooks_delivered(two, receiver, {"a": jobids["a"], "b": jobids["b"]})
     assert never_twice_at_once(rig) == {"a": 1, "b": 1, "cancelled": 1, "killed": 2}
-    database_is_sound(rig)
+    database_is_sound(rig, stored=lambda uri: uri in stored)
+    # The data dirs held the keys and nothing else: the database and the store hold the rest.
+    assert all({path.name for path in data.iterdir()} == KEYS for data in deployment.data_dirs)
