@@ -1,0 +1,112 @@
+"""The deployment examples against the settings: every DREAMSERVE_* variable that compose.yaml and
+docs/deploy/ set is a setting, with a value the setting takes (a renamed or retyped setting
+fails here, not at an operator's start), and the dreamserve processes of the compose file share
+their keys and their stores."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from composefile import ROOT, Service, dreamserve_services, read_compose
+from pydantic import ValidationError
+
+from dreamserve.settings import Settings
+
+INTERPOLATED = re.compile(r"\$\{[^}]*\}")
+ENV_EXAMPLE = ROOT / "docs" / "deploy" / "dreamserve.env"
+UNITS = sorted((ROOT / "docs" / "deploy").glob("*.service"))
+
+
+def _unknown_and_invalid(variables: dict[str, str]) -> tuple[list[str], list[str]]:
+    """The DREAMSERVE_* names that are no setting, and those whose value the setting refuses
+    (values still to be interpolated are not judged)."""
+    unknown, invalid = [], []
+    for name, value in variables.items():
+        if not name.startswith("DREAMSERVE_"):
+            continue
+        field = name.removeprefix("DREAMSERVE_").lower()
+        if field not in Settings.model_fields:
+            unknown.append(name)
+        elif not INTERPOLATED.search(value):
+            try:
+                Settings(**{field: value})
+            except ValidationError:
+                invalid.append(f"{name}={value}")
+    return unknown, invalid
+
+
+def _services() -> list[Service]:
+    return dreamserve_services(read_compose())
+
+
+def test_compose_runs_two_api_processes_and_a_worker() -> None:
+    commands = sorted(service.command for service in _services())
+    assert commands == [("dreamserve", "serve"), ("dreamserve", "serve"), ("dreamserve", "worker")]
+
+
+@pytest.mark.parametrize("service", _services(), ids=lambda service: service.name)
+def test_compose_sets_only_settings_that_exist(service: Service) -> None:
+    assert _unknown_and_invalid(service.environment) == ([], [])
+
+
+def test_the_check_finds_a_renamed_setting() -> None:
+    variables = {"DREAMSERVE_RUN_JOB": "false", "DREAMSERVE_BLOB_LINKS": "presign"}
+    assert _unknown_and_invalid(variables) == (
+        ["DREAMSERVE_RUN_JOB"],
+        ["DREAMSERVE_BLOB_LINKS=presign"],
+    )
+
+
+def test_compose_processes_share_the_database_the_store_and_the_keys() -> None:
+    """Every process on the same database and blob store, with the same S3 variables, and the
+    same volume at its data dir (the link-signing and sealing keys live there)."""
+    services = _services()
+    shared = [
+        "DREAMSERVE_DATABASE_URL",
+        "DREAMSERVE_BLOB_URL",
+        "DREAMSERVE_DATA_DIR",
+        "AWS_ENDPOINT_URL",
+        "AWS_REGION",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+    ]
+    for name in shared:
+        assert len({service.environment.get(name) for service in services}) == 1, name
+    assert services[0].environment["DREAMSERVE_BLOB_URL"].startswith("s3://")
+    volumes = {
+        service.mounts.get(service.environment["DREAMSERVE_DATA_DIR"]) for service in services
+    }
+    assert None not in volumes, "a data dir on a container's own disk: its keys its own"
+    assert len(volumes) == 1, volumes
+
+
+def test_the_api_processes_run_no_jobs() -> None:
+    for service in _services():
+        if service.role == "serve":
+            assert service.environment["DREAMSERVE_RUN_JOBS"] == "false", service.name
+
+
+def _env_file(path: Path) -> dict[str, str]:
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    pairs = [line.split("=", 1) for line in lines if line and not line.startswith("#")]
+    return {name: value for name, value in pairs}
+
+
+def _unit_environment(path: Path) -> dict[str, str]:
+    """A unit's Environment= assignments (the instance's %i taken as 8000)."""
+    found = {}
+    for line in path.read_text().splitlines():
+        if line.startswith("Environment="):
+            name, _, value = line.removeprefix("Environment=").partition("=")
+            found[name] = value.replace("%i", "8000")
+    return found
+
+
+def test_the_systemd_examples_set_only_settings_that_exist() -> None:
+    assert UNITS, "docs/deploy/ has the unit examples"
+    assert _unknown_and_invalid(_env_file(ENV_EXAMPLE)) == ([], [])
+    for unit in UNITS:
+        assert _unknown_and_invalid(_unit_environment(unit)) == ([], []), unit.name
+        assert "EnvironmentFile=/etc/dreamserve/dreamserve.env" in unit.read_text(), unit.name
