@@ -20,6 +20,18 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "compose.yaml"
 PREFIXES = ("DREAMSERVE_", "AWS_")
+# What names a place or a secret of the deployment: the test's processes have their own.
+REPLACED = {
+    "DREAMSERVE_DATABASE_URL",
+    "DREAMSERVE_HOST",
+    "DREAMSERVE_PORT",
+    "DREAMSERVE_PUBLIC_URL",
+    "DREAMSERVE_DATA_DIR",
+    "DREAMSERVE_BLOB_URL",  # its bucket only
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+}
 _INTERPOLATED = re.compile(r"\$\{[^}]*\}")
 
 
@@ -98,7 +110,7 @@ def local_environment(
     """The service's variables for one of its processes on this machine (`instance` names it:
     a container's own disk is its own folder). Only what names a place or a secret is replaced;
     every other value is the compose file's, and must be a value already (no `${...}` left)."""
-    replaced = {
+    values = {
         "DREAMSERVE_DATABASE_URL": local.database_url,
         "DREAMSERVE_HOST": "127.0.0.1",
         "DREAMSERVE_PORT": str(port),
@@ -109,8 +121,8 @@ def local_environment(
     }
     environment = {}
     for key, value in service.environment.items():
-        if key in replaced:
-            environment[key] = replaced[key]
+        if key in values:
+            environment[key] = values[key]
         elif key == "DREAMSERVE_DATA_DIR":
             environment[key] = str(local_path(service, value, local, instance))
         elif key == "DREAMSERVE_BLOB_URL":

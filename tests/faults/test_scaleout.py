@@ -53,7 +53,7 @@ class Deployment:
         found = objects(self.endpoint, self.bucket)
         return {key.removeprefix(self.prefix): data for key, data in found.items()}
 
-    def keys(self) -> set[str]:
+    def blob_keys(self) -> set[str]:
         return {key.removeprefix(self.prefix) for key in object_keys(self.endpoint, self.bucket)}
 
     @property
@@ -169,11 +169,11 @@ def test_the_compose_processes_share_the_jobs(
         # the other worker runs the job again once its lease ran out.
         jobids["killed"] = submit(one, rig.body("killed") | {"count": 2})
         rig.wait_journalled("killed", "start")
-        before = deployment.keys()
+        before = deployment.blob_keys()
         rig.open("killed", "run", "store0")
-        rig.wait_for(lambda: len(deployment.keys() - before) == 1, "image 0 stored")
+        rig.wait_for(lambda: len(deployment.blob_keys() - before) == 1, "image 0 stored")
         rig.wait_journalled("killed", "storing", 2)  # image 1 waits for its gate
-        (stray,) = deployment.keys() - before
+        (stray,) = deployment.blob_keys() - before
         pid = next(line["pid"] for line in rig.journal() if line["tag"] == "killed")
         victim = next(worker for worker in deployment.workers if worker.process.pid == pid)
         victim.stop(signal.SIGKILL)

@@ -9,7 +9,15 @@ import re
 from pathlib import Path
 
 import pytest
-from composefile import ROOT, Service, dreamserve_services, read_compose
+from composefile import (
+    REPLACED,
+    ROOT,
+    Local,
+    Service,
+    dreamserve_services,
+    local_environment,
+    read_compose,
+)
 from pydantic import ValidationError
 
 from dreamserve.settings import Settings
@@ -86,6 +94,29 @@ def test_the_api_processes_run_no_jobs() -> None:
     for service in _services():
         if service.role == "serve":
             assert service.environment["DREAMSERVE_RUN_JOBS"] == "false", service.name
+
+
+def test_the_multi_process_test_changes_only_places_and_secrets(tmp_path: Path) -> None:
+    """tests/faults/test_scaleout.py runs each service with its variables: the same names,
+    the same values but for places and secrets; the data dirs in the folder of their volume."""
+    local = Local(
+        "postgresql://postgres@127.0.0.1:5432/test",
+        "http://127.0.0.1:5000",
+        "test-bucket",
+        "testing",
+        "testing",
+        tmp_path / "volumes",
+        tmp_path / "containers",
+    )
+    for service in _services():
+        ours = local_environment(service, local, service.name, 8123, "http://127.0.0.1:8123")
+        assert ours.keys() == service.environment.keys()
+        changed = {name for name, value in ours.items() if value != service.environment[name]}
+        assert changed <= REPLACED, service.name
+        assert "${" not in str(ours)
+        assert ours["DREAMSERVE_BLOB_URL"].startswith("s3://test-bucket/")
+        data_dir = Path(ours["DREAMSERVE_DATA_DIR"])
+        assert data_dir.parent == local.volumes, data_dir
 
 
 def _env_file(path: Path) -> dict[str, str]:
