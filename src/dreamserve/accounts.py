@@ -124,8 +124,9 @@ def check_models(spec: AccountSpec, engine: Engine, catalogue: Catalogue) -> Non
     """Every model the account lists must be one its engine can run."""
     if spec.models is None:
         return
+    can_run = getattr(engine, "can_run", engine.serves)
     for name in spec.models:
-        if not engine.serves(catalogue[name]):
+        if not can_run(catalogue[name]):
             valid = ", ".join(models_served(engine, None, catalogue)) or "none"
             raise InvalidParameter("models", name, f"{valid} (what engine {spec.engine} serves)")
 

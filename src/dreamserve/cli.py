@@ -165,9 +165,10 @@ def _run(settings: Settings, args: argparse.Namespace) -> None:
 def serve(settings: Settings) -> None:
     import uvicorn
 
-    token = asyncio.run(_bootstrap(settings))
+    token, placeholder, routing = asyncio.run(_bootstrap(settings))
     if token is not None:
-        print(first_start_banner(settings, token), flush=True)
+        print(first_start_banner(settings, token, placeholder), flush=True)
+    print("\n".join(routing), flush=True)
     app = create_app(settings)
     settle_heap()
     _stopping_server(app, uvicorn.Config(app, **uvicorn_options(settings))).run()
@@ -261,7 +262,7 @@ def without_signature(target: str) -> str:
     return f"{path}?{'&'.join(kept)}" if kept else path
 
 
-def first_start_banner(settings: Settings, token: str) -> str:
+def first_start_banner(settings: Settings, token: str, placeholder: bool = True) -> str:
     url = f"{settings.base_url}{API_PREFIX}/images"
     curl = (
         f"curl -X POST {shlex.quote(url)} \\\n"
@@ -269,10 +270,15 @@ def first_start_banner(settings: Settings, token: str) -> str:
         '    -H "Content-Type: application/json" \\\n'
         f"    -d {shlex.quote(json.dumps(SEED_REQUEST))}"
     )
-    return (
-        f"dreamserve: first start of {settings.data_dir.resolve()}\n"
+    made = (
         "Created user 1 and the shared account LOCAL:procedural (the built-in procedural engine:\n"
         "abstract compositions computed from the prompt, no model).\n"
+        if placeholder
+        else "Created user 1 (the configuration file declares the accounts).\n"
+    )
+    return (
+        f"dreamserve: first start of {settings.data_dir.resolve()}\n"
+        f"{made}"
         f"API token for user 1 (shown only now; keep it): {token}\n"
         f"Try it:\n{curl}\n"
     )
@@ -292,17 +298,26 @@ async def _migrate(settings: Settings) -> None:
         pass
 
 
-async def _bootstrap(settings: Settings) -> str | None:
-    """The first start's token (None on later starts), and the accounts of the operator's
-    configuration file saved; errors here stop `serve` before uvicorn starts."""
+async def _bootstrap(settings: Settings) -> tuple[str | None, bool, list[str]]:
+    """The first start's token (None on later starts), whether the first start made the
+    placeholder account (only when the configuration file declares none) and the routing
+    lines (`Accounts.routing`), after the accounts of the file were saved; errors here stop
+    `serve` before uvicorn starts."""
     config = load_config(settings.config)
+    placeholder = not config.accounts
     async with open_server(settings, catalogue=config.catalogue) as server:
         # Say so before uvicorn starts (on PostgreSQL, any number of servers run jobs).
         if not await server.db.lock_runner() and not server.db.shared:
             raise AnotherRunner
-        token = await server.service.tokens.bootstrap()
+        token = await server.service.tokens.bootstrap(placeholder)
         await apply_config(server.service, config)
-        return token
+        return token, placeholder, await server.service.accounts.routing()
+
+
+def _placeholder(settings: Settings) -> bool:
+    """Whether a first start makes the placeholder account LOCAL:procedural: only when the
+    operator's configuration file declares no accounts."""
+    return not load_config(settings.config).accounts
 
 
 async def _create_token(settings: Settings, user_id: int | None) -> tuple[int, str]:
@@ -311,7 +326,7 @@ async def _create_token(settings: Settings, user_id: int | None) -> tuple[int, s
         if user_id is None:
             # On an empty database the new user is the first start's user 1, made with the
             # shared LOCAL:procedural account as `serve` would (which then makes neither).
-            token = await service.tokens.bootstrap()
+            token = await service.tokens.bootstrap(_placeholder(settings))
             if token is not None:
                 return 1, token
         return await service.tokens.create(user_id)
@@ -327,9 +342,10 @@ async def _accounts(
         # default) and LOCAL:procedural then mean the same before and after the server first
         # runs, and `serve` will not make them again. The token shows once, on stderr (stdout
         # stays JSON).
-        token = await service.tokens.bootstrap()
+        placeholder = _placeholder(settings)
+        token = await service.tokens.bootstrap(placeholder)
         if token is not None:
-            print(first_start_banner(settings, token), file=sys.stderr, flush=True)
+            print(first_start_banner(settings, token, placeholder), file=sys.stderr, flush=True)
         owner = None if args.shared else args.user
         if args.action == "add":
             return await service.accounts.put(owner, _account_fields(args))

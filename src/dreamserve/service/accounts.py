@@ -157,6 +157,22 @@ class Accounts:
             self.dispatcher.cancel(job_id)
         return {"account": name, "deleted": True, "remaining": remaining}
 
+    async def routing(self) -> list[str]:
+        """One line per catalogue model: the shared accounts that serve it (where a job that
+        names no account may go), and how many users' own accounts do; printed at every start
+        so that an operator sees the routing before the first job."""
+        everyone = await self.db.read(account_queries.every_account)
+        lines = []
+        for model in self.catalogue.models:
+            serving = [each for each in everyone if self.admission.serves(each, model)]
+            shared = [each.name for each in serving if each.is_shared]
+            owned = len(serving) - len(shared)
+            served = ", ".join(shared) if shared else "no shared account"
+            if owned:
+                served += f" and {owned} user account{'s' if owned > 1 else ''}"
+            lines.append(f"model {model.name}: {served}")
+        return lines
+
     def _summary(self, account: Account) -> AccountSummary:
         engine = self.admission.usable_engine(account)
         if engine is None:  # an engine this server lacks, or secrets it cannot open

@@ -125,6 +125,12 @@ def shared_accounts(conn: Connection) -> list[Account]:
     return [_account(row) for row in conn.execute(query).mappings()]
 
 
+def every_account(conn: Connection) -> list[Account]:
+    """Every account, shared and users' own, shared ones first."""
+    query = select(accounts).order_by(accounts.c.owner != SHARED, accounts.c.id)
+    return [_account(row) for row in conn.execute(query).mappings()]
+
+
 def account_by_id(conn: Connection, account_id: int) -> Account | None:
     row = conn.execute(_ACCOUNT_BY_ID, {"account": account_id}).mappings().first()
     return None if row is None else _account(row)
