@@ -124,6 +124,9 @@ class Engine(Protocol):
 
     # Optional: `def can_run(self, model: Model) -> bool`, whether an account may list the
     # model (default: `serves`); for an engine that renders any model but claims only some.
+    # Optional: `async def check_address(self) -> None`, raising BadRequest when a user's
+    # account with these settings would be refused at every call (an upstream on a private
+    # address): asked when a user saves the account.
     # Optional: `def describe(self) -> dict[str, Any]`, live details of the engine (what it is,
     # what it has loaded) for GET /accounts/<account>. Never secrets.
     # Optional: `image_copies: int`, how many copies of each output image the engine holds at

@@ -35,8 +35,8 @@ from dreamserve.engines.base import (
     to_size,
     until_cancelled,
 )
-from dreamserve.errors import AccountError, JobFailed
-from dreamserve.netguard import HostRefused, Resolver, resolve
+from dreamserve.errors import AccountError, BadRequest, JobFailed
+from dreamserve.netguard import HostRefused, Resolver, addresses_refusal, resolve
 from dreamserve.outbound import guarded_client
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,8 @@ REFERENCE_QUALITIES = (95, 85, 75, 60)  # JPEG qualities tried to fit a referenc
 # render-memory budget): the file downloaded or decoded from base64, the image at the size the
 # API made, and the image brought to the job's size.
 UPSTREAM_IMAGE_COPIES = 3
+# How long saving an account waits for its API host to resolve before letting it through.
+SAVE_RESOLVE_SECONDS = 5.0
 
 
 class UpstreamSettings(EngineSettings):
@@ -127,6 +129,25 @@ class Upstream:
 
     def url(self, path: str) -> str:
         return f"{self.settings.baseUrl}{path}"
+
+    async def check_address(self) -> None:
+        """Refuse (BadRequest naming settings.baseUrl) an API address that every call would be
+        refused, when the account may not reach private addresses: asked when a user saves the
+        account, so that it fails there rather than in each job. A host that does not resolve
+        now is let through (DNS may be down, or the name not published yet); every connection
+        is checked again anyway (`client`)."""
+        if self.context.allow_private:
+            return
+        url = httpx.URL(self.settings.baseUrl)
+        port = url.port or (443 if url.scheme == "https" else 80)
+        try:
+            async with asyncio.timeout(SAVE_RESOLVE_SECONDS):
+                addresses = await self.resolver(url.host, port)
+        except (OSError, UnicodeError, ValueError, TimeoutError):
+            return
+        reason = addresses_refusal(url.host, addresses)
+        if reason is not None:
+            raise BadRequest(f"Parameter settings.baseUrl is invalid: {reason}")
 
     def deadline(self) -> float:
         return time.monotonic() + self.settings.budgetSeconds

@@ -59,6 +59,11 @@ class Accounts:
         probe = self.admission.engines.probe(spec.engine, spec.settings, spec.sealed)
         try:
             check_models(spec, probe, self.catalogue)
+            # A user's upstream on an address the server refuses (engines/upstream.py): a 400
+            # now rather than a failure in every job. The operator's shared accounts may.
+            check_address = getattr(probe, "check_address", None)
+            if user_id is not None and check_address is not None:
+                await check_address()
         finally:
             await probe.close()
         owner = SHARED if user_id is None else user_id
