@@ -127,8 +127,9 @@ def check_models(spec: AccountSpec, engine: Engine, catalogue: Catalogue) -> Non
     can_run = getattr(engine, "can_run", engine.serves)
     for name in spec.models:
         if not can_run(catalogue[name]):
-            valid = ", ".join(models_served(engine, None, catalogue)) or "none"
-            raise InvalidParameter("models", name, f"{valid} (what engine {spec.engine} serves)")
+            valid = ", ".join(model.name for model in catalogue.models if can_run(model))
+            served = f"{valid or 'none'} (what engine {spec.engine} serves)"
+            raise InvalidParameter("models", name, served)
 
 
 def summary(account: Account, models: Sequence[str]) -> AccountSummary:

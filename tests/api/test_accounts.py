@@ -167,6 +167,8 @@ async def test_models_an_engine_cannot_serve_are_400(settings: Settings) -> None
         def serves(self, model: Any) -> bool:
             return bool(model.name == "seedream-4.0")
 
+        can_run = serves  # not the procedural engine's "any model an account lists"
+
     async with open_harness(settings, engines={**BUILTIN, "one": OnlyOne}) as harness:
         body = {**STUDIO, "engine": "one", "models": ["seedream-4.0", "nano-banana"]}
         reply = await harness.call("POST", "/accounts", body)
