@@ -49,6 +49,8 @@ def test_the_seed_request_end_to_end(server: Server, data_dir: Path) -> None:
     token = server.token
     assert token is not None, "the first start prints a token"
     assert f"curl -X POST {server.url}/v1/dreamina/images" in "".join(server.lines)
+    # Before the first job, the routing: which accounts serve each model.
+    assert "model seedream-4.0: LOCAL:procedural\n" in server.lines
     headers = {"Authorization": f"Bearer {token}"}
     with httpx.Client(base_url=server.url, headers=headers, timeout=30) as client:
         created = client.post("/v1/dreamina/images", json=SEED_BODY)
