@@ -22,6 +22,7 @@ from dreamserve.storage.account_queries import Account
 DEFAULT_REGION = "US"
 DEFAULT_MAX_JOBS = 10
 MAX_JOBS = 50
+MAX_PRIORITY = 1000  # priorities are -1000 to 1000
 ACCOUNT_ID = "an account id REGION:name (letters, digits or _ before the colon; no spaces or /)"
 
 
@@ -34,6 +35,7 @@ class AccountSpec:
     region: str
     engine: str
     max_jobs: int
+    priority: int
     models: tuple[str, ...] | None
     settings: Mapping[str, Any]
     sealed: str | None  # the secret settings, sealed
@@ -47,6 +49,7 @@ def parse_account(
     name, region, email = _identity(fields)
     engine = _engine(fields, engines)
     max_jobs = integer(fields, "maxJobs", 1, MAX_JOBS)
+    priority = integer(fields, "priority", -MAX_PRIORITY, MAX_PRIORITY)
     raw_settings = fields.get("settings")
     if raw_settings is None:
         raw_settings = {}
@@ -59,6 +62,7 @@ def parse_account(
         region=region,
         engine=engine,
         max_jobs=DEFAULT_MAX_JOBS if max_jobs is None else max_jobs,
+        priority=priority or 0,
         models=_models(fields, catalogue),
         settings=settings,
         sealed=sealed,
@@ -139,6 +143,7 @@ def summary(account: Account, models: Sequence[str]) -> AccountSummary:
         "email": account.email,
         "region": account.region,
         "maxJobs": account.max_jobs,
+        "priority": account.priority,
         "engine": account.engine,
         "models": {"image": list(models)},
         "settings": dict(account.settings),

@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 class Admission:
     """Eligible accounts are the user's own and the shared ones that serve the model and are not
-    in error; one with a free slot is chosen at random.
+    in error; one with a free slot is chosen at random among those of the highest priority
+    that has one.
 
     Each user's list of accounts is remembered for `cache_seconds`: reading it cost more than
     the rest of a submission (docs/benchmarks.md), and so are, with it, the accounts of that
@@ -128,6 +129,9 @@ class Admission:
         if len(healthy) > 1:
             healthy = list(healthy)
             self.rng.shuffle(healthy)
+            # Highest priority first; the sort is stable, so the order within a priority stays
+            # random: a lower tier is tried only when every account above it refused (full).
+            healthy.sort(key=_by_priority)
         for each in healthy:
             if account_queries.take_slot(conn, each, max_jobs):
                 return each
@@ -152,6 +156,10 @@ class Admission:
                 raise BadRequest(f"Account {account} is in error: {serving[0].error}")
             raise NoAccountForModel(model.name)
         return healthy
+
+
+def _by_priority(account: Account) -> int:
+    return -account.priority
 
 
 @dataclass

@@ -101,6 +101,11 @@ def _accounts_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
     # Not required here: the service's message for a missing engine lists the valid ones.
     add.add_argument("--engine", help="the engine that runs it (required), e.g. procedural")
     add.add_argument("--max-jobs", metavar="N", help="jobs it runs at once, 1-50 (default 10)")
+    add.add_argument(
+        "--priority",
+        metavar="N",
+        help="-1000 to 1000 (default 0): jobs go to the highest priority with a free slot",
+    )
     add.add_argument("--models", metavar="A,B", help="models it serves (default: all it can)")
     add.add_argument("--email", help="its email (default: the name after the colon)")
     add.add_argument(
@@ -360,6 +365,7 @@ def _account_fields(args: argparse.Namespace) -> dict[str, Any]:
     given = {
         "engine": args.engine,
         "maxJobs": args.max_jobs,  # as text: the service's check names the valid range
+        "priority": args.priority,
         "models": args.models,  # "a,b": the service splits it as it does a form's
         "email": args.email,
     }

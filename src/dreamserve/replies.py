@@ -77,6 +77,13 @@ class AccountSummary(TypedDict):
     email: str
     region: str
     maxJobs: int
+    priority: Annotated[
+        int,
+        Field(
+            description="Admission chooses at random among the accounts of the highest "
+            "priority that have a free slot"
+        ),
+    ]
     engine: str
     models: AccountModels
     settings: Annotated[

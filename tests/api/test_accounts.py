@@ -68,6 +68,7 @@ def summary(**overrides: Any) -> dict[str, Any]:
         "email": "studio@example.com",
         "region": "US",
         "maxJobs": 3,
+        "priority": 0,
         "engine": "procedural",
         "models": {"image": ALL_MODELS},
         "settings": {},
@@ -127,6 +128,14 @@ async def test_post_again_replaces_the_account(harness: Harness) -> None:
         ({**STUDIO, "maxJobs": 0}, "Parameter maxJobs (0) valid values: integer 1-50"),
         ({**STUDIO, "maxJobs": 51}, "Parameter maxJobs (51) valid values: integer 1-50"),
         ({**STUDIO, "maxJobs": "many"}, "Parameter maxJobs (many) valid values: integer 1-50"),
+        (
+            {**STUDIO, "priority": 1001},
+            "Parameter priority (1001) valid values: integer -1000-1000",
+        ),
+        (
+            {**STUDIO, "priority": 1.5},
+            "Parameter priority (1.5) valid values: integer -1000-1000",
+        ),
         (
             {**STUDIO, "models": ["seedream-9"]},
             "Parameter models (seedream-9) valid values: " + ", ".join(ALL_MODELS),
@@ -193,6 +202,7 @@ async def test_list_has_own_and_shared_accounts_keyed_by_id(harness: Harness) ->
             "email": "procedural",
             "region": "LOCAL",
             "maxJobs": 10,
+            "priority": 0,
             "engine": "procedural",
             "models": {"image": ALL_MODELS},
             "settings": {},

@@ -259,6 +259,7 @@ def test_accounts_add_prints_the_summary_and_list_shows_it(started: Path, capsys
         "email": "me@example.com",
         "region": "LOCAL",
         "maxJobs": 3,
+        "priority": 2,
         "engine": "procedural",
         "models": {"image": ["seedream-4.0", "nano-banana"]},
         "settings": {},
@@ -267,7 +268,7 @@ def test_accounts_add_prints_the_summary_and_list_shows_it(started: Path, capsys
     }
     added = accounts(
         capsys,
-        *("add", "LOCAL:gpu0", "--engine", "procedural", "--max-jobs", "3"),
+        *("add", "LOCAL:gpu0", "--engine", "procedural", "--max-jobs", "3", "--priority", "2"),
         *("--models", "seedream-4.0,nano-banana", "--email", "me@example.com"),
     )
     assert added == expected

@@ -86,6 +86,7 @@ class Accounts:
                 "region": spec.region,
                 "engine": spec.engine,
                 "max_jobs": spec.max_jobs,
+                "priority": spec.priority,
                 "now": now,
                 "settings": spec.settings,
                 "sealed": spec.sealed,

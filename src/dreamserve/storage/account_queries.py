@@ -35,6 +35,7 @@ class Account:
     error: str | None
     created_at: int
     updated_at: int
+    priority: int = 0
 
     @property
     def is_shared(self) -> bool:
@@ -93,6 +94,7 @@ def insert_account(
     settings: Mapping[str, Any] | None = None,
     sealed: str | None = None,
     models: Sequence[str] | None = None,
+    priority: int = 0,
 ) -> int:
     result = conn.execute(
         insert(accounts)
@@ -106,6 +108,7 @@ def insert_account(
             secrets=sealed,
             models=None if models is None else list(models),
             max_jobs=max_jobs,
+            priority=priority,
             running=0,
             created_at=now,
             updated_at=now,
@@ -160,6 +163,7 @@ def update_account(
     settings: Mapping[str, Any],
     sealed: str | None,
     models: Sequence[str] | None,
+    priority: int = 0,
 ) -> None:
     """Replace an account's configuration and clear its error; its taken slots stay taken."""
     conn.execute(
@@ -173,6 +177,7 @@ def update_account(
             secrets=sealed,
             models=None if models is None else list(models),
             max_jobs=max_jobs,
+            priority=priority,
             error=None,
             # Strictly later than the last save, even within a millisecond or after the
             # clock stepped back: engines are rebuilt for a newer version only.
@@ -252,4 +257,5 @@ def _account(row: Mapping[Any, Any]) -> Account:
         error=row["error"],
         created_at=row["created_at"],
         updated_at=row["updated_at"],
+        priority=row["priority"],
     )

@@ -65,6 +65,8 @@ accounts = Table(
     Column("secrets", Text, nullable=True),  # the secret settings, encrypted (sealing.py)
     Column("models", Json, nullable=True),  # None: every catalogue model the engine serves
     Column("max_jobs", Integer, nullable=False),
+    # Admission takes the highest priority with a free slot first (admission.py).
+    Column("priority", Integer, nullable=False, server_default="0"),
     Column("running", Integer, nullable=False, default=0),
     Column("error", Text, nullable=True),
     Column("created_at", BigInteger, nullable=False),
