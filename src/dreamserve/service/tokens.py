@@ -74,6 +74,7 @@ class Tokens:
         now = millis(self.clock())
 
         def first_start(conn: Connection) -> str | None:
+            user_queries.lock_first_start(conn)
             if user_queries.count_users(conn):
                 return None
             user_id = user_queries.insert_user(conn, now)
