@@ -15,7 +15,7 @@ from dreamserve.engines.base import Engine
 from dreamserve.engines.registry import EngineRegistry
 from dreamserve.errors import BadRequest, InvalidParameter
 from dreamserve.fields import given, integer, text
-from dreamserve.ids import is_account_id, is_region
+from dreamserve.ids import is_account_id, is_region, iso_millis
 from dreamserve.replies import AccountSummary
 from dreamserve.storage.account_queries import Account
 
@@ -136,8 +136,14 @@ def check_models(spec: AccountSpec, engine: Engine, catalogue: Catalogue) -> Non
             raise InvalidParameter("models", name, served)
 
 
-def summary(account: Account, models: Sequence[str]) -> AccountSummary:
-    """An account as GET /accounts shows it: never its secrets."""
+def summary(
+    account: Account,
+    models: Sequence[str],
+    now: int,
+    outcomes: Mapping[str, int] | None = None,
+) -> AccountSummary:
+    """An account as GET /accounts shows it at `now` (epoch ms), with its jobs that ended in
+    the last hour (`outcomes`): never its secrets."""
     body: AccountSummary = {
         "account": account.name,
         "email": account.email,
@@ -149,7 +155,16 @@ def summary(account: Account, models: Sequence[str]) -> AccountSummary:
         "settings": dict(account.settings),
         "shared": account.is_shared,
         "running": account.running,
+        "lastHour": {
+            "completed": (outcomes or {}).get("completed", 0),
+            "failed": (outcomes or {}).get("failed", 0),
+        },
     }
     if account.error is not None:
         body["error"] = account.error
+    if account.cooldown_until is not None and account.cooling(now):
+        body["cooldownUntil"] = iso_millis(account.cooldown_until)
+    if account.last_error is not None and account.last_error_at is not None:
+        body["lastError"] = account.last_error
+        body["lastErrorAt"] = iso_millis(account.last_error_at)
     return body

@@ -74,6 +74,7 @@ def summary(**overrides: Any) -> dict[str, Any]:
         "settings": {},
         "shared": False,
         "running": 0,
+        "lastHour": {"completed": 0, "failed": 0},
     }
     return {**body, **overrides}
 
@@ -208,6 +209,7 @@ async def test_list_has_own_and_shared_accounts_keyed_by_id(harness: Harness) ->
             "settings": {},
             "shared": True,
             "running": 0,
+            "lastHour": {"completed": 0, "failed": 0},
         },
         "US:studio@example.com": summary(),
     }

@@ -265,6 +265,7 @@ def test_accounts_add_prints_the_summary_and_list_shows_it(started: Path, capsys
         "settings": {},
         "shared": False,
         "running": 0,
+        "lastHour": {"completed": 0, "failed": 0},
     }
     added = accounts(
         capsys,

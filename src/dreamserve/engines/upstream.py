@@ -35,7 +35,7 @@ from dreamserve.engines.base import (
     to_size,
     until_cancelled,
 )
-from dreamserve.errors import AccountError, BadRequest, JobFailed
+from dreamserve.errors import AccountError, AccountTrouble, BadRequest, JobFailed
 from dreamserve.netguard import HostRefused, Resolver, addresses_refusal, resolve
 from dreamserve.outbound import guarded_client
 
@@ -271,16 +271,22 @@ class Upstream:
         *,
         download: bool,
     ) -> _Answer:
+        # Timeouts, network errors, 5xx and 429 that outlast the retries are the account's
+        # trouble (AccountTrouble: a few in a row cool it down); a 429's Retry-After cools it
+        # for as long as the upstream asked.
         tries = self.settings.retries + 1
+        cool_for = None
         for attempt in range(tries):
             left = deadline - time.monotonic()
             if left <= 0:
-                raise JobFailed("Upstream did not answer in time", self._budget_spent())
+                raise AccountTrouble("Upstream did not answer in time", self._budget_spent())
             try:
                 async with asyncio.timeout(left):
                     answer = await until_cancelled(request(), cancel)
             except TimeoutError:
-                raise JobFailed("Upstream did not answer in time", self._budget_spent()) from None
+                raise AccountTrouble(
+                    "Upstream did not answer in time", self._budget_spent()
+                ) from None
             except (httpx.InvalidURL, httpx.UnsupportedProtocol):
                 raise JobFailed(
                     "Upstream returned a link that cannot be fetched", self.vendor
@@ -288,6 +294,7 @@ class Upstream:
             except httpx.HTTPError as error:
                 failure = f"{type(error).__name__} from {self.vendor}"
                 delay = _backoff(attempt)
+                cool_for = None
             else:
                 if answer.is_success:
                     return answer
@@ -296,13 +303,18 @@ class Upstream:
                     raise refused
                 asked = _retry_after(answer.headers)
                 delay = _backoff(attempt) if asked is None else asked
+                cool_for = asked if answer.status == 429 else None
             if attempt + 1 == tries:
                 break
             if time.monotonic() + delay >= deadline:
-                raise JobFailed("Upstream unavailable", f"{failure}; the job's time ran out")
+                raise AccountTrouble(
+                    "Upstream unavailable", f"{failure}; the job's time ran out", cool_for=cool_for
+                )
             log.info("%s: %s, retry %d in %.1f s", self.vendor, failure, attempt + 1, delay)
             await until_cancelled(self.sleep(delay), cancel)
-        raise JobFailed("Upstream unavailable", f"{failure} after {tries} tries")
+        raise AccountTrouble(
+            "Upstream unavailable", f"{failure} after {tries} tries", cool_for=cool_for
+        )
 
     def _failure(self, answer: _Answer, download: bool) -> tuple[str, JobFailed | None]:
         """What went wrong, as errorDetails say it, and the failure to end the job with now
