@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
-from support import Harness, open_harness
-from upstreams import KEY, FakeUpstream, fake_upstream
+from support import FakeClock, Harness, open_harness
+from upstreams import KEY, FakeUpstream, Scripted, fake_upstream
 
 from dreamserve.settings import Settings
 
@@ -215,3 +215,45 @@ async def test_a_host_that_does_not_resolve_now_is_saved(harness: Harness) -> No
     }
     saved = await harness.put_account(body)
     assert saved["settings"]["baseUrl"] == "https://api.example.invalid"
+
+
+async def test_an_upstream_that_fails_then_recovers_is_cooled_down_then_back(
+    settings: Settings, fake: FakeUpstream
+) -> None:
+    """Routing with a real engine: an ark account whose upstream answers 503 three times in a
+    row is cooled down (jobs that name no account go to the other account meanwhile), and its
+    first success ends that."""
+    clock = FakeClock()
+    allowed = settings.model_copy(update={"upstream_allow_private": True})
+    async with open_harness(allowed, clock=clock) as harness:
+        upstream = account("ark", fake, retries=0)
+        await harness.put_account({**upstream, "priority": 1})
+        fake.script.extend([Scripted(503)] * 3)
+        for _ in range(3):  # the top tier: every unnamed job goes there while it is healthy
+            record = await harness.wait((await harness.post(SMALL_ARK)).json()["jobid"])
+            assert (record["error"], record["errorDetails"]) == (
+                "Upstream unavailable",
+                "ark answered 503: fake ark error 503 after 1 tries",
+            )
+            assert f"-{ACCOUNT}-" in record["jobid"]
+        shown = (await harness.call("GET", f"/accounts/{ACCOUNT}")).json()
+        assert shown["lastError"] == "Upstream unavailable"
+        assert shown["lastHour"] == {"completed": 0, "failed": 3}
+        assert "cooldownUntil" in shown
+        # Cooling: the lower tier (the shared procedural account) takes the jobs.
+        for _ in range(5):
+            record = await harness.wait((await harness.post(SMALL_ARK)).json()["jobid"])
+            assert "-LOCAL:procedural-" in record["jobid"]
+            assert record["status"] == "completed"
+        assert len(fake.calls("generations")) == 3
+        clock.advance(31)  # the first cooldown is over: back on top, and it works now
+        harness.server.admission.forget()
+        record = await harness.wait((await harness.post(SMALL_ARK)).json()["jobid"])
+        assert f"-{ACCOUNT}-" in record["jobid"]
+        assert record["status"] == "completed", record
+        shown = (await harness.call("GET", f"/accounts/{ACCOUNT}")).json()
+        assert "cooldownUntil" not in shown
+        assert shown["lastHour"] == {"completed": 1, "failed": 3}
+
+
+SMALL_ARK = {"prompt": "a kite", "model": "seedream-4.0", "count": 1}
