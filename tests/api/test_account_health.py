@@ -4,6 +4,7 @@ still goes to it, and its next success ends the cooldown. A job's own failure ne
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, ClassVar
@@ -172,3 +173,38 @@ async def test_saving_the_account_again_ends_its_cooldown(pool: Harness) -> None
 
 def iso_after(clock: FakeClock, seconds: int) -> str:
     return iso_millis(millis(clock()) + seconds * 1000)
+
+
+async def test_a_cooldown_holds_across_api_processes(
+    postgres_url: str, tmp_path, clock: FakeClock
+) -> None:
+    """Two API processes on one PostgreSQL (each with its own account cache): a cooldown that
+    one process's runner starts keeps the other's admission off the account once its cache
+    (0.2 s here, 2 s by default) has expired."""
+    FlakyEngine.failing = Counter()
+    FlakyEngine.failure = AccountTrouble("Upstream unavailable", "ark answered 503")
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        database_url=postgres_url,
+        public_url="http://testserver",
+        account_cache_seconds=0.2,
+    )
+    engines = {**BUILTIN, "flaky": FlakyEngine}
+    async with (
+        open_harness(settings, clock=clock, engines=engines) as one,
+        open_harness(settings, clock=clock, engines=engines, resume=False) as two,
+    ):
+        for name in ("LOCAL:a", "LOCAL:b"):
+            body = {"account": name, "engine": "flaky", "maxJobs": 10}
+            await one.put_account({**body, "settings": {"tag": name}})
+        await one.execute(
+            accounts.update().where(accounts.c.owner == SHARED).values(models=["seedream-3.0"])
+        )
+        placed = [on(await run(two)) for _ in range(30)]  # two has seen both accounts
+        assert set(placed) == {"LOCAL:a", "LOCAL:b"}
+        FlakyEngine.failing["LOCAL:a"] = 3
+        for _ in range(3):
+            await run(one, "LOCAL:a")
+        await asyncio.sleep(0.3)  # two's cached list expires
+        placed = [on(await run(two)) for _ in range(20)]
+        assert placed == ["LOCAL:b"] * 20
