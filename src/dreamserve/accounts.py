@@ -15,13 +15,14 @@ from dreamserve.engines.base import Engine
 from dreamserve.engines.registry import EngineRegistry
 from dreamserve.errors import BadRequest, InvalidParameter
 from dreamserve.fields import given, integer, text
-from dreamserve.ids import is_account_id, is_region
+from dreamserve.ids import is_account_id, is_region, iso_millis
 from dreamserve.replies import AccountSummary
 from dreamserve.storage.account_queries import Account
 
 DEFAULT_REGION = "US"
 DEFAULT_MAX_JOBS = 10
 MAX_JOBS = 50
+MAX_PRIORITY = 1000  # priorities are -1000 to 1000
 ACCOUNT_ID = "an account id REGION:name (letters, digits or _ before the colon; no spaces or /)"
 
 
@@ -34,6 +35,7 @@ class AccountSpec:
     region: str
     engine: str
     max_jobs: int
+    priority: int
     models: tuple[str, ...] | None
     settings: Mapping[str, Any]
     sealed: str | None  # the secret settings, sealed
@@ -47,6 +49,7 @@ def parse_account(
     name, region, email = _identity(fields)
     engine = _engine(fields, engines)
     max_jobs = integer(fields, "maxJobs", 1, MAX_JOBS)
+    priority = integer(fields, "priority", -MAX_PRIORITY, MAX_PRIORITY)
     raw_settings = fields.get("settings")
     if raw_settings is None:
         raw_settings = {}
@@ -59,6 +62,7 @@ def parse_account(
         region=region,
         engine=engine,
         max_jobs=DEFAULT_MAX_JOBS if max_jobs is None else max_jobs,
+        priority=priority or 0,
         models=_models(fields, catalogue),
         settings=settings,
         sealed=sealed,
@@ -124,25 +128,43 @@ def check_models(spec: AccountSpec, engine: Engine, catalogue: Catalogue) -> Non
     """Every model the account lists must be one its engine can run."""
     if spec.models is None:
         return
+    can_run = getattr(engine, "can_run", engine.serves)
     for name in spec.models:
-        if not engine.serves(catalogue[name]):
-            valid = ", ".join(models_served(engine, None, catalogue)) or "none"
-            raise InvalidParameter("models", name, f"{valid} (what engine {spec.engine} serves)")
+        if not can_run(catalogue[name]):
+            valid = ", ".join(model.name for model in catalogue.models if can_run(model))
+            served = f"{valid or 'none'} (what engine {spec.engine} serves)"
+            raise InvalidParameter("models", name, served)
 
 
-def summary(account: Account, models: Sequence[str]) -> AccountSummary:
-    """An account as GET /accounts shows it: never its secrets."""
+def summary(
+    account: Account,
+    models: Sequence[str],
+    now: int,
+    outcomes: Mapping[str, int] | None = None,
+) -> AccountSummary:
+    """An account as GET /accounts shows it at `now` (epoch ms), with its jobs that ended in
+    the last hour (`outcomes`): never its secrets."""
     body: AccountSummary = {
         "account": account.name,
         "email": account.email,
         "region": account.region,
         "maxJobs": account.max_jobs,
+        "priority": account.priority,
         "engine": account.engine,
         "models": {"image": list(models)},
         "settings": dict(account.settings),
         "shared": account.is_shared,
         "running": account.running,
+        "lastHour": {
+            "completed": (outcomes or {}).get("completed", 0),
+            "failed": (outcomes or {}).get("failed", 0),
+        },
     }
     if account.error is not None:
         body["error"] = account.error
+    if account.cooldown_until is not None and account.cooling(now):
+        body["cooldownUntil"] = iso_millis(account.cooldown_until)
+    if account.last_error is not None and account.last_error_at is not None:
+        body["lastError"] = account.last_error
+        body["lastErrorAt"] = iso_millis(account.last_error_at)
     return body

@@ -31,7 +31,9 @@ log = logging.getLogger(__name__)
 
 class Admission:
     """Eligible accounts are the user's own and the shared ones that serve the model and are not
-    in error; one with a free slot is chosen at random.
+    in error; one with a free slot is chosen at random among those of the highest priority
+    that has one, an account cooling down only when no other has one (a job that names an
+    account goes to it, cooling or not).
 
     Each user's list of accounts is remembered for `cache_seconds`: reading it cost more than
     the rest of a submission (docs/benchmarks.md), and so are, with it, the accounts of that
@@ -50,12 +52,14 @@ class Admission:
         *,
         cache_seconds: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], int] = lambda: int(time.time() * 1000),
     ) -> None:
         self.engines = engines
         self.rng = rng
         self.retry_after = retry_after
         self.cache_seconds = cache_seconds
         self.clock = clock
+        self.wall = wall  # epoch ms, for cooldowns
         self._accounts: dict[int, _Usable] = {}
 
     def forget(self) -> None:
@@ -128,6 +132,11 @@ class Admission:
         if len(healthy) > 1:
             healthy = list(healthy)
             self.rng.shuffle(healthy)
+            # Accounts cooling down last, then the highest priority first; the sort is stable,
+            # so the order within a tier stays random: a lower tier is tried only when every
+            # account above it refused (full), a cooling one only when every other did.
+            now = self.wall()
+            healthy.sort(key=lambda each: (each.cooling(now), -each.priority))
         for each in healthy:
             if account_queries.take_slot(conn, each, max_jobs):
                 return each

@@ -34,6 +34,7 @@ from dreamserve.engines.registry import BUILTIN, EngineRegistry, EngineSource
 from dreamserve.errors import DreamserveError
 from dreamserve.events import JobEvents, PostgresFeed
 from dreamserve.ids import IdFactory
+from dreamserve.jobs import millis
 from dreamserve.links import LinkSigner
 from dreamserve.reaper import Reaper, ReaperConfig
 from dreamserve.render_memory import RenderMemory
@@ -147,6 +148,7 @@ async def open_server(
         Random(),
         settings.retry_after_seconds,
         cache_seconds=settings.account_cache_seconds,
+        wall=lambda: millis(clock()),
     )
     store = JobStore(db, events)
     memory = RenderMemory(settings.render_memory_mb << 20)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Set
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -36,6 +36,9 @@ class Model:
     auto_ratio: bool
     sizes: Mapping[str, Mapping[str, tuple[int, int]]]
     forecast_cost: float = 0
+    # False for a model of the operator's configuration file (a built-in name it replaces
+    # included): the built-in placeholder engine leaves those to the operator's accounts.
+    builtin: bool = True
 
     def ratios(self, resolution: str) -> tuple[str, ...]:
         """The ratios valid at `resolution`, with `auto` first where the model supports it."""
@@ -130,14 +133,18 @@ def builtin_catalogue_data() -> dict[str, Any]:
     return tomllib.loads(text)
 
 
-def parse_catalogue(data: Mapping[str, Any]) -> Catalogue:
-    """Build a Catalogue from its TOML form; raise CatalogueError naming what is wrong."""
+def parse_catalogue(data: Mapping[str, Any], operator: Set[str] = frozenset()) -> Catalogue:
+    """Build a Catalogue from its TOML form; raise CatalogueError naming what is wrong. The
+    models named in `operator` are the operator's (`Model.builtin` False)."""
     order = list(data.get("ratios", []))
     tables = {
         name: _parse_size_table(f"sizes.{name}", table, order)
         for name, table in dict(data.get("sizes", {})).items()
     }
-    models = tuple(_parse_model(row, tables) for row in data.get("models", []))
+    models = tuple(
+        _parse_model(row, tables, builtin=str(row.get("name", "")) not in operator)
+        for row in data.get("models", [])
+    )
     return Catalogue(
         models=models,
         default_model=str(data.get("default_model", "")),
@@ -181,7 +188,7 @@ def _parse_size(where: str, value: str) -> tuple[int, int]:
     return width, height
 
 
-def _parse_model(row: Mapping[str, Any], tables: Mapping[str, Any]) -> Model:
+def _parse_model(row: Mapping[str, Any], tables: Mapping[str, Any], *, builtin: bool) -> Model:
     name = str(row.get("name", ""))
     if not name:
         raise CatalogueError("every model needs a name")
@@ -205,6 +212,7 @@ def _parse_model(row: Mapping[str, Any], tables: Mapping[str, Any]) -> Model:
         auto_ratio=bool(row.get("auto_ratio", False)),
         sizes={tier: table[tier] for tier in resolutions},
         forecast_cost=_number(row.get("forecast_cost", 0)),
+        builtin=builtin,
     )
 
 

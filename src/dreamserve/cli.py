@@ -101,6 +101,11 @@ def _accounts_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
     # Not required here: the service's message for a missing engine lists the valid ones.
     add.add_argument("--engine", help="the engine that runs it (required), e.g. procedural")
     add.add_argument("--max-jobs", metavar="N", help="jobs it runs at once, 1-50 (default 10)")
+    add.add_argument(
+        "--priority",
+        metavar="N",
+        help="-1000 to 1000 (default 0): jobs go to the highest priority with a free slot",
+    )
     add.add_argument("--models", metavar="A,B", help="models it serves (default: all it can)")
     add.add_argument("--email", help="its email (default: the name after the colon)")
     add.add_argument(
@@ -165,9 +170,10 @@ def _run(settings: Settings, args: argparse.Namespace) -> None:
 def serve(settings: Settings) -> None:
     import uvicorn
 
-    token = asyncio.run(_bootstrap(settings))
+    token, placeholder, routing = asyncio.run(_bootstrap(settings))
     if token is not None:
-        print(first_start_banner(settings, token), flush=True)
+        print(first_start_banner(settings, token, placeholder), flush=True)
+    print("\n".join(routing), flush=True)
     app = create_app(settings)
     settle_heap()
     _stopping_server(app, uvicorn.Config(app, **uvicorn_options(settings))).run()
@@ -261,7 +267,7 @@ def without_signature(target: str) -> str:
     return f"{path}?{'&'.join(kept)}" if kept else path
 
 
-def first_start_banner(settings: Settings, token: str) -> str:
+def first_start_banner(settings: Settings, token: str, placeholder: bool = True) -> str:
     url = f"{settings.base_url}{API_PREFIX}/images"
     curl = (
         f"curl -X POST {shlex.quote(url)} \\\n"
@@ -269,10 +275,15 @@ def first_start_banner(settings: Settings, token: str) -> str:
         '    -H "Content-Type: application/json" \\\n'
         f"    -d {shlex.quote(json.dumps(SEED_REQUEST))}"
     )
-    return (
-        f"dreamserve: first start of {settings.data_dir.resolve()}\n"
+    made = (
         "Created user 1 and the shared account LOCAL:procedural (the built-in procedural engine:\n"
         "abstract compositions computed from the prompt, no model).\n"
+        if placeholder
+        else "Created user 1 (the configuration file declares the accounts).\n"
+    )
+    return (
+        f"dreamserve: first start of {settings.data_dir.resolve()}\n"
+        f"{made}"
         f"API token for user 1 (shown only now; keep it): {token}\n"
         f"Try it:\n{curl}\n"
     )
@@ -292,17 +303,26 @@ async def _migrate(settings: Settings) -> None:
         pass
 
 
-async def _bootstrap(settings: Settings) -> str | None:
-    """The first start's token (None on later starts), and the accounts of the operator's
-    configuration file saved; errors here stop `serve` before uvicorn starts."""
+async def _bootstrap(settings: Settings) -> tuple[str | None, bool, list[str]]:
+    """The first start's token (None on later starts), whether the first start made the
+    placeholder account (only when the configuration file declares none) and the routing
+    lines (`Accounts.routing`), after the accounts of the file were saved; errors here stop
+    `serve` before uvicorn starts."""
     config = load_config(settings.config)
+    placeholder = not config.accounts
     async with open_server(settings, catalogue=config.catalogue) as server:
         # Say so before uvicorn starts (on PostgreSQL, any number of servers run jobs).
         if not await server.db.lock_runner() and not server.db.shared:
             raise AnotherRunner
-        token = await server.service.tokens.bootstrap()
+        token = await server.service.tokens.bootstrap(placeholder)
         await apply_config(server.service, config)
-        return token
+        return token, placeholder, await server.service.accounts.routing()
+
+
+def _placeholder(settings: Settings) -> bool:
+    """Whether a first start makes the placeholder account LOCAL:procedural: only when the
+    operator's configuration file declares no accounts."""
+    return not load_config(settings.config).accounts
 
 
 async def _create_token(settings: Settings, user_id: int | None) -> tuple[int, str]:
@@ -311,7 +331,7 @@ async def _create_token(settings: Settings, user_id: int | None) -> tuple[int, s
         if user_id is None:
             # On an empty database the new user is the first start's user 1, made with the
             # shared LOCAL:procedural account as `serve` would (which then makes neither).
-            token = await service.tokens.bootstrap()
+            token = await service.tokens.bootstrap(_placeholder(settings))
             if token is not None:
                 return 1, token
         return await service.tokens.create(user_id)
@@ -327,9 +347,10 @@ async def _accounts(
         # default) and LOCAL:procedural then mean the same before and after the server first
         # runs, and `serve` will not make them again. The token shows once, on stderr (stdout
         # stays JSON).
-        token = await service.tokens.bootstrap()
+        placeholder = _placeholder(settings)
+        token = await service.tokens.bootstrap(placeholder)
         if token is not None:
-            print(first_start_banner(settings, token), file=sys.stderr, flush=True)
+            print(first_start_banner(settings, token, placeholder), file=sys.stderr, flush=True)
         owner = None if args.shared else args.user
         if args.action == "add":
             return await service.accounts.put(owner, _account_fields(args))
@@ -344,6 +365,7 @@ def _account_fields(args: argparse.Namespace) -> dict[str, Any]:
     given = {
         "engine": args.engine,
         "maxJobs": args.max_jobs,  # as text: the service's check names the valid range
+        "priority": args.priority,
         "models": args.models,  # "a,b": the service splits it as it does a form's
         "email": args.email,
     }

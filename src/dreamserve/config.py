@@ -72,7 +72,8 @@ def load_config(path: Path | None) -> OperatorConfig:
     if unknown:
         raise ConfigError(f"{path}: unknown keys {unknown}; valid: {sorted(_KEYS)}")
     try:
-        catalogue = parse_catalogue(_merged(base, data))
+        mine = {str(row.get("name")) for row in data.get("models", []) if isinstance(row, Mapping)}
+        catalogue = parse_catalogue(_merged(base, data), operator=mine)
     except CatalogueError as error:
         raise ConfigError(f"{path}: {error}") from None
     return OperatorConfig(catalogue, tuple(_account(path, row) for row in _rows(data)))

@@ -266,6 +266,20 @@ class AccountError(JobFailed):
     error with the same message until it is saved again. Admission skips it meanwhile."""
 
 
+class AccountTrouble(JobFailed):
+    """Raised by an engine when a job failed for a reason that is the account's and may pass
+    (connection errors, timeouts, upstream 5xx after the engine's retries, a device error): the
+    job fails with `error`; a few such failures in a row cool the account down (admission
+    leaves it out while others have room), and its next success ends that. `cool_for`: the
+    seconds the upstream asked for (a 429's Retry-After), a cooldown at once."""
+
+    def __init__(
+        self, error: str, details: str | None = None, *, cool_for: float | None = None
+    ) -> None:
+        super().__init__(error, details)
+        self.cool_for = cool_for
+
+
 class Cancelled(Exception):
     """Raised inside an engine when its cancel signal is set."""
 

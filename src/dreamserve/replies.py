@@ -72,11 +72,23 @@ class AccountModels(TypedDict):
     image: list[str]
 
 
+class AccountOutcomes(TypedDict):
+    completed: int
+    failed: int
+
+
 class AccountSummary(TypedDict):
     account: str
     email: str
     region: str
     maxJobs: int
+    priority: Annotated[
+        int,
+        Field(
+            description="Admission chooses at random among the accounts of the highest "
+            "priority that have a free slot"
+        ),
+    ]
     engine: str
     models: AccountModels
     settings: Annotated[
@@ -84,7 +96,24 @@ class AccountSummary(TypedDict):
     ]
     shared: bool
     running: Annotated[int, Field(description="Slots taken now")]
+    lastHour: Annotated[
+        AccountOutcomes, Field(description="Its jobs that ended in the last hour, but cancelled")
+    ]
     error: NotRequired[str]
+    cooldownUntil: NotRequired[
+        Annotated[
+            str,
+            Field(
+                description="While it cools down after failures of its own (connection, "
+                "timeout, upstream 5xx or 429, device): admission leaves it out while another "
+                "account has room; its next success ends it"
+            ),
+        ]
+    ]
+    lastError: NotRequired[
+        Annotated[str, Field(description="The last failure of its own (not a job's fault)")]
+    ]
+    lastErrorAt: NotRequired[str]
     details: NotRequired[
         Annotated[
             dict[str, Any],

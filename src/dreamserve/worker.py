@@ -35,6 +35,7 @@ from dreamserve.engines.base import (
 from dreamserve.engines.registry import EngineRegistry
 from dreamserve.errors import (
     AccountError,
+    AccountTrouble,
     Cancelled,
     DatabaseBusy,
     EngineUnavailable,
@@ -166,7 +167,13 @@ class JobRunner:
                 return
             await self._fail(job, account, failure)
         else:
-            if lease.is_lost or not await self._finish(job, Status.COMPLETED, images=stored):
+            ended = not lease.is_lost and await self._finish(
+                job, Status.COMPLETED, images=stored, account=account
+            )
+            if ended and (account.failures or account.cooldown_until is not None):
+                log.info("account %s recovered: job %s completed", account.name, job.jobid)
+                self.account_changed()
+            if not ended:
                 # Cancelled, taken back or its lease given up on while the images were being
                 # stored: nobody will ever see these files.
                 for image in stored:
@@ -186,6 +193,15 @@ class JobRunner:
                 account_error=(account, failure.error),
             )
             self.account_changed()
+        elif isinstance(failure, AccountTrouble):
+            await self._finish(
+                job,
+                Status.FAILED,
+                error=failure.error,
+                details=failure.details,
+                account=account,
+                trouble=failure,
+            )
         elif isinstance(failure, JobFailed):
             await self._finish(job, Status.FAILED, error=failure.error, details=failure.details)
         else:
@@ -318,23 +334,45 @@ class JobRunner:
         error: str | None = None,
         details: str | None = None,
         account_error: tuple[Account, str] | None = None,
+        account: Account | None = None,
+        trouble: AccountTrouble | None = None,
     ) -> bool:
-        """Write the job's end (and its account's error), fenced by this attempt: False when
-        the job had already ended or was taken back, or when the database stayed busy or full
-        for a whole lease (then the reaper takes the job back and it runs again)."""
+        """Write the job's end (and its account's error, or its health: a completion ends a
+        cooldown, `trouble` counts towards one), fenced by this attempt: False when the job had
+        already ended or was taken back, or when the database stayed busy or full for a whole
+        lease (then the reaper takes the job back and it runs again)."""
         now = millis(self.clock())
+        cooling: list[int] = []
 
         def finish(tx: JobTransaction) -> bool:
             if status is Status.COMPLETED:
                 description = _description(tx.conn, job)
-                return tx.finish(job, images or (), description, now)
+                completed = tx.finish(job, images or (), description, now)
+                if completed and account is not None:
+                    account_queries.account_succeeded(tx.conn, account.id)
+                return completed
             assert error is not None
             failed = tx.fail(job, error, details, now)
             if failed and account_error is not None:
                 account_queries.set_account_error(tx.conn, *account_error)
+            if failed and account is not None and trouble is not None:
+                asked = None if trouble.cool_for is None else int(trouble.cool_for * 1000)
+                until = account_queries.account_failed(tx.conn, account.id, error, now, asked)
+                cooling[:] = [] if until is None else [until]
             return failed
 
-        return await self._write_end(job, finish)
+        ended = await self._write_end(job, finish)
+        if ended and account is not None and cooling:
+            seconds = (cooling[0] - now) / 1000
+            log.warning(
+                "account %s cooling down for %.0f s: job %s failed: %s",
+                account.name,
+                seconds,
+                job.jobid,
+                error,
+            )
+            self.account_changed()  # admission here sees it now, elsewhere within its cache
+        return ended
 
     async def _write_end(self, job: Job, finish: Callable[[JobTransaction], bool]) -> bool:
         """Write the job's end, tried again while the database is busy or has no space left:

@@ -68,11 +68,13 @@ def summary(**overrides: Any) -> dict[str, Any]:
         "email": "studio@example.com",
         "region": "US",
         "maxJobs": 3,
+        "priority": 0,
         "engine": "procedural",
         "models": {"image": ALL_MODELS},
         "settings": {},
         "shared": False,
         "running": 0,
+        "lastHour": {"completed": 0, "failed": 0},
     }
     return {**body, **overrides}
 
@@ -128,6 +130,14 @@ async def test_post_again_replaces_the_account(harness: Harness) -> None:
         ({**STUDIO, "maxJobs": 51}, "Parameter maxJobs (51) valid values: integer 1-50"),
         ({**STUDIO, "maxJobs": "many"}, "Parameter maxJobs (many) valid values: integer 1-50"),
         (
+            {**STUDIO, "priority": 1001},
+            "Parameter priority (1001) valid values: integer -1000-1000",
+        ),
+        (
+            {**STUDIO, "priority": 1.5},
+            "Parameter priority (1.5) valid values: integer -1000-1000",
+        ),
+        (
             {**STUDIO, "models": ["seedream-9"]},
             "Parameter models (seedream-9) valid values: " + ", ".join(ALL_MODELS),
         ),
@@ -167,6 +177,8 @@ async def test_models_an_engine_cannot_serve_are_400(settings: Settings) -> None
         def serves(self, model: Any) -> bool:
             return bool(model.name == "seedream-4.0")
 
+        can_run = serves  # not the procedural engine's "any model an account lists"
+
     async with open_harness(settings, engines={**BUILTIN, "one": OnlyOne}) as harness:
         body = {**STUDIO, "engine": "one", "models": ["seedream-4.0", "nano-banana"]}
         reply = await harness.call("POST", "/accounts", body)
@@ -191,11 +203,13 @@ async def test_list_has_own_and_shared_accounts_keyed_by_id(harness: Harness) ->
             "email": "procedural",
             "region": "LOCAL",
             "maxJobs": 10,
+            "priority": 0,
             "engine": "procedural",
             "models": {"image": ALL_MODELS},
             "settings": {},
             "shared": True,
             "running": 0,
+            "lastHour": {"completed": 0, "failed": 0},
         },
         "US:studio@example.com": summary(),
     }

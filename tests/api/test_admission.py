@@ -116,3 +116,34 @@ async def test_jobs_spread_over_the_accounts_at_random(pool: Harness) -> None:
         jobid = (await pool.post(SMALL)).json()["jobid"]
         await pool.wait(jobid)
     assert set(TrackingEngine.runs) == set(CAPS)  # each account got some of 30 sequential jobs
+
+
+async def test_a_lower_priority_takes_jobs_only_when_every_higher_one_is_full(
+    pool: Harness,
+) -> None:
+    for name, priority in {"LOCAL:a": 5, "LOCAL:b": 5, "LOCAL:c": -1}.items():
+        body = {"account": name, "engine": "tracking", "maxJobs": CAPS[name]}
+        saved = await pool.put_account({**body, "priority": priority, "settings": {"tag": name}})
+        assert saved["priority"] == priority
+    # One at a time, the gate closed: every job holds its slot.
+    placed = []
+    for _ in range(10):
+        reply = await pool.post(SMALL)
+        assert reply.status_code == 200, reply.text
+        placed.append(reply.json()["jobid"].split("-u1-")[1].split("-bot:")[0])
+    # The top tier (a: 2 slots, b: 3) fills first, in a random order within it; then c.
+    assert Counter(placed[:5]) == {"LOCAL:a": 2, "LOCAL:b": 3}
+    assert placed[5:] == ["LOCAL:c"] * 5
+    assert (await pool.post(SMALL)).status_code == 429
+
+
+async def test_within_a_priority_the_choice_stays_random(pool: Harness) -> None:
+    TrackingEngine.gate.set()
+    for name in ("LOCAL:a", "LOCAL:b"):
+        body = {"account": name, "engine": "tracking", "maxJobs": CAPS[name], "priority": 1}
+        await pool.put_account({**body, "settings": {"tag": name}})
+    for _ in range(30):
+        jobid = (await pool.post(SMALL)).json()["jobid"]
+        await pool.wait(jobid)
+    # Free slots all along: only the top tier takes jobs, both of its accounts some of them.
+    assert set(TrackingEngine.runs) == {"LOCAL:a", "LOCAL:b"}

@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
-from support import Harness, open_harness
-from upstreams import KEY, FakeUpstream, fake_upstream
+from support import FakeClock, Harness, open_harness
+from upstreams import KEY, FakeUpstream, Scripted, fake_upstream
 
 from dreamserve.settings import Settings
 
@@ -96,14 +96,14 @@ async def test_a_refused_api_key_puts_the_account_in_error(
 async def test_a_users_account_may_not_reach_a_private_address(
     harness: Harness, fake: FakeUpstream
 ) -> None:
-    await harness.put_account(account("gemini", fake))
-    posted = await harness.post({"prompt": "a kite", "model": "nano-banana", "account": ACCOUNT})
-    record = await harness.wait(posted.json()["jobid"])
-    assert (record["status"], record["error"], record["errorDetails"]) == (
-        "failed",
-        "Upstream address refused",
-        "127.0.0.1 does not resolve to a public address",
-    )
+    # Refused when saved, naming the setting: not accepted to fail every job later.
+    reply = await harness.call("POST", "/accounts", account("gemini", fake))
+    assert reply.status_code == 400
+    assert reply.json() == {
+        "error": "Parameter settings.baseUrl is invalid: 127.0.0.1 is a loopback address"
+    }
+    shown = await harness.call("GET", f"/accounts/{ACCOUNT}")
+    assert shown.status_code == 404
     assert fake.seen == []
 
 
@@ -177,3 +177,83 @@ async def test_a_users_own_account_may_not_use_the_diffusers_engine(harness: Har
     )
     shared = await harness.service.accounts.put(None, body)
     assert shared["engine"] == "diffusers"
+
+
+@pytest.mark.parametrize(
+    ("base_url", "reason"),
+    [
+        ("http://localhost:9", "localhost resolves to 127.0.0.1, a loopback address"),
+        ("https://10.1.2.3", "10.1.2.3 is a private address"),
+        ("http://169.254.169.254", "169.254.169.254 is a cloud metadata address"),
+        ("http://[::1]:8080", "::1 is a loopback address"),
+    ],
+)
+async def test_a_users_account_on_a_refused_address_is_a_400_at_save(
+    harness: Harness, base_url: str, reason: str
+) -> None:
+    body = {
+        "account": ACCOUNT,
+        "engine": "gemini",
+        "maxJobs": 1,
+        "settings": {"apiKey": "sk-test", "baseUrl": base_url},
+    }
+    reply = await harness.call("POST", "/accounts", body)
+    assert reply.status_code == 400
+    assert reply.json() == {"error": f"Parameter settings.baseUrl is invalid: {reason}"}
+    # The operator's shared account may reach the operator's own network.
+    saved = await harness.service.accounts.put(None, body)
+    assert saved["settings"]["baseUrl"] == base_url
+
+
+async def test_a_host_that_does_not_resolve_now_is_saved(harness: Harness) -> None:
+    # Not resolving may pass (DNS down, a name not published yet): each call checks again.
+    body = {
+        "account": ACCOUNT,
+        "engine": "ark",
+        "maxJobs": 1,
+        "settings": {"apiKey": "sk-test", "baseUrl": "https://api.example.invalid"},
+    }
+    saved = await harness.put_account(body)
+    assert saved["settings"]["baseUrl"] == "https://api.example.invalid"
+
+
+async def test_an_upstream_that_fails_then_recovers_is_cooled_down_then_back(
+    settings: Settings, fake: FakeUpstream
+) -> None:
+    """Routing with a real engine: an ark account whose upstream answers 503 three times in a
+    row is cooled down (jobs that name no account go to the other account meanwhile), and its
+    first success ends that."""
+    clock = FakeClock()
+    allowed = settings.model_copy(update={"upstream_allow_private": True})
+    async with open_harness(allowed, clock=clock) as harness:
+        upstream = account("ark", fake, retries=0)
+        await harness.put_account({**upstream, "priority": 1})
+        fake.script.extend([Scripted(503)] * 3)
+        for _ in range(3):  # the top tier: every unnamed job goes there while it is healthy
+            record = await harness.wait((await harness.post(SMALL_ARK)).json()["jobid"])
+            assert (record["error"], record["errorDetails"]) == (
+                "Upstream unavailable",
+                "ark answered 503: fake ark error 503 after 1 tries",
+            )
+            assert f"-{ACCOUNT}-" in record["jobid"]
+        shown = (await harness.call("GET", f"/accounts/{ACCOUNT}")).json()
+        assert shown["lastError"] == "Upstream unavailable"
+        assert shown["lastHour"] == {"completed": 0, "failed": 3}
+        assert "cooldownUntil" in shown
+        # Cooling: the lower tier (the shared procedural account) takes the jobs.
+        for _ in range(5):
+            record = await harness.wait((await harness.post(SMALL_ARK)).json()["jobid"])
+            assert "-LOCAL:procedural-" in record["jobid"]
+            assert record["status"] == "completed"
+        assert len(fake.calls("generations")) == 3
+        clock.advance(31)  # the first cooldown is over: back on top, and it works now
+        harness.server.admission.forget()
+        record = await harness.wait((await harness.post(SMALL_ARK)).json()["jobid"])
+        assert f"-{ACCOUNT}-" in record["jobid"]
+        assert record["status"] == "completed", record
+        shown = (await harness.call("GET", f"/accounts/{ACCOUNT}")).json()
+        assert "cooldownUntil" not in shown
+        assert shown["lastHour"] == {"completed": 1, "failed": 3}
+
+
+SMALL_ARK = {"prompt": "a kite", "model": "seedream-4.0", "count": 1}

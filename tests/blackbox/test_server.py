@@ -49,6 +49,8 @@ def test_the_seed_request_end_to_end(server: Server, data_dir: Path) -> None:
     token = server.token
     assert token is not None, "the first start prints a token"
     assert f"curl -X POST {server.url}/v1/dreamina/images" in "".join(server.lines)
+    # Before the first job, the routing: which accounts serve each model.
+    assert "model seedream-4.0: LOCAL:procedural\n" in server.lines
     headers = {"Authorization": f"Bearer {token}"}
     with httpx.Client(base_url=server.url, headers=headers, timeout=30) as client:
         created = client.post("/v1/dreamina/images", json=SEED_BODY)
@@ -406,9 +408,11 @@ def test_a_diffusers_model_from_the_config_file_serves_jobs(data_dir: Path, tmp_
     try:
         headers = {"Authorization": f"Bearer {server.token}"}
         with httpx.Client(base_url=server.url, headers=headers, timeout=30) as client:
-            # Named: the built-in procedural account serves every model, this one too.
+            # The file declares accounts: no placeholder LOCAL:procedural to stand in for the
+            # GPU, so a job that names no account goes to LOCAL:gpu0.
+            assert list(client.get("/v1/dreamina/accounts").json()) == ["LOCAL:gpu0"]
             body = {"prompt": "a lighthouse", "model": "tiny-sd", "ratio": "16:9", "count": 2}
-            created = client.post("/v1/dreamina/images", json={**body, "account": "LOCAL:gpu0"})
+            created = client.post("/v1/dreamina/images", json=body)
             assert created.status_code == 200, created.text
             assert "-LOCAL:gpu0-bot:dreamina" in created.json()["jobid"]
             record = wait_completed(client, created.json()["jobid"])

@@ -19,6 +19,7 @@ from pydantic import SecretStr
 from dreamserve import cli
 from dreamserve.app import open_server
 from dreamserve.cli import first_start_banner, main
+from dreamserve.config import load_config
 from dreamserve.engines.base import EngineContext, EngineSettings
 from dreamserve.engines.registry import BUILTIN
 from dreamserve.settings import Settings
@@ -258,15 +259,17 @@ def test_accounts_add_prints_the_summary_and_list_shows_it(started: Path, capsys
         "email": "me@example.com",
         "region": "LOCAL",
         "maxJobs": 3,
+        "priority": 2,
         "engine": "procedural",
         "models": {"image": ["seedream-4.0", "nano-banana"]},
         "settings": {},
         "shared": False,
         "running": 0,
+        "lastHour": {"completed": 0, "failed": 0},
     }
     added = accounts(
         capsys,
-        *("add", "LOCAL:gpu0", "--engine", "procedural", "--max-jobs", "3"),
+        *("add", "LOCAL:gpu0", "--engine", "procedural", "--max-jobs", "3", "--priority", "2"),
         *("--models", "seedream-4.0,nano-banana", "--email", "me@example.com"),
     )
     assert added == expected
@@ -442,11 +445,17 @@ def test_serve_applies_the_config_file_at_every_start(
     path.write_text(CONFIG)
     monkeypatch.setenv("DREAMSERVE_CONFIG", str(path))
     settings = Settings()
-    assert asyncio.run(cli._bootstrap(settings)) is not None  # the first start
-    assert asyncio.run(cli._bootstrap(settings)) is None  # a later one: the same accounts
+    token, placeholder, routing = asyncio.run(cli._bootstrap(settings))
+    assert token is not None  # the first start
+    # The file declares accounts: no placeholder, and the routing says who serves what.
+    assert placeholder is False
+    assert "model sdxl-turbo: LOCAL:gpu0" in routing
+    assert "model seedream-4.0: no shared account" in routing
+    assert len(routing) == len(load_config(path).catalogue.models)
+    assert asyncio.run(cli._bootstrap(settings))[0] is None  # a later one: the same accounts
     assert main(["accounts", "list", "--shared"]) == 0
     listed = json.loads(capsys.readouterr().out)
-    assert sorted(listed) == ["LOCAL:gpu0", "LOCAL:procedural"]
+    assert sorted(listed) == ["LOCAL:gpu0"]
     assert listed["LOCAL:gpu0"]["models"] == {"image": ["sdxl-turbo"]}
     assert listed["LOCAL:gpu0"]["maxJobs"] == 2
 
@@ -473,6 +482,43 @@ def test_serve_applies_the_config_file_at_every_start(
     [image] = record["response"]["images"]
     assert (image["width"], image["height"]) == (1344, 768)
     assert image["assetId"].startswith("LOCAL:gpu0:")
+
+
+def test_the_placeholder_never_serves_a_model_the_operator_adds(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A first start without a file made LOCAL:procedural; the operator then adds a GPU.
+    settings = Settings()
+    token, placeholder, routing = asyncio.run(cli._bootstrap(settings))
+    assert token is not None
+    assert placeholder is True
+    assert "model seedream-4.0: LOCAL:procedural" in routing
+    path = tmp_path / "dreamserve.toml"
+    path.write_text(CONFIG)
+    monkeypatch.setenv("DREAMSERVE_CONFIG", str(path))
+    settings = Settings()
+    token, _, routing = asyncio.run(cli._bootstrap(settings))
+    assert token is None
+    assert "model sdxl-turbo: LOCAL:gpu0" in routing  # not LOCAL:procedural too
+    assert "model seedream-4.0: LOCAL:procedural" in routing
+
+    async def submit() -> tuple[list[str], list[str]]:
+        config = load_config(path)
+        async with open_server(settings, catalogue=config.catalogue) as server:
+            service = server.service
+            served = (await service.accounts.listing(None))["LOCAL:procedural"]["models"]
+            gpu = {"account": "LOCAL:gpu0", "engine": "procedural", "models": ["sdxl-turbo"]}
+            await service.accounts.put(None, {**gpu, "maxJobs": 50})  # room for every job
+            ids = []
+            for index in range(20):  # none names an account: admission chooses
+                body = {"prompt": f"turbo {index}", "model": "sdxl-turbo", "count": 1}
+                ids.append((await service.submissions.image(1, body))["jobid"])
+            return served["image"], ids
+
+    served, ids = asyncio.run(submit())
+    assert "sdxl-turbo" not in served
+    assert "seedream-4.0" in served
+    assert all("-LOCAL:gpu0-" in jobid for jobid in ids), ids
 
 
 @pytest.mark.parametrize(

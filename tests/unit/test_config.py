@@ -57,6 +57,10 @@ def test_models_are_added_and_built_in_ones_replaced(tmp_path: Path) -> None:
     assert config.catalogue["nano-banana"].forecast_cost == 0.5
     assert "seedream-4.0" in config.catalogue  # the rest of the built-in catalogue stays
     assert config.catalogue.names.index("sdxl-turbo") == len(config.catalogue.names) - 1
+    # The file's models (a built-in name it replaces too) are the operator's, not built in.
+    assert not turbo.builtin
+    assert not config.catalogue["nano-banana"].builtin
+    assert config.catalogue["seedream-4.0"].builtin
 
 
 def test_accounts_are_shared_unless_a_user_is_named(tmp_path: Path) -> None:

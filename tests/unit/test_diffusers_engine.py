@@ -18,7 +18,7 @@ from tiny_pipeline import build_tiny_pipeline
 
 from dreamserve.engines.base import CancelSignal, EngineContext, GenerationRequest
 from dreamserve.engines.registry import EngineRegistry
-from dreamserve.errors import AccountError, BadRequest, Cancelled, JobFailed
+from dreamserve.errors import AccountError, AccountTrouble, BadRequest, Cancelled, JobFailed
 from dreamserve.sealing import SecretBox
 
 diffusers = pytest.importorskip("diffusers")  # the `diffusers` extra; `make test` installs it
@@ -274,3 +274,18 @@ def test_the_server_starts_without_importing_torch() -> None:
         [sys.executable, "-c", script], capture_output=True, text=True, check=True
     )
     assert shown.stdout.strip() == "[]"
+
+
+async def test_a_device_out_of_memory_is_the_accounts_trouble(tiny_model: Path) -> None:
+    engine = make(tiny_model)
+
+    def progress(fraction: float) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with pytest.raises(AccountTrouble) as failure:
+        await engine.generate(request(count=2), progress, CancelSignal())
+    assert (failure.value.error, failure.value.details) == (
+        "Device out of memory",
+        "cpu: 64x64, 2 images",
+    )
+    await engine.close()

@@ -12,7 +12,9 @@ import psycopg
 import pytest
 from sqlalchemy import Connection, text
 
+from dreamserve.app import open_server
 from dreamserve.errors import DatabaseBusy
+from dreamserve.settings import Settings
 from dreamserve.storage import user_queries
 from dreamserve.storage.database import DatabaseConfig, PostgresDatabase, RunnerLock
 
@@ -131,3 +133,15 @@ async def test_a_runner_lock_lost_with_its_connection_is_retaken_shared(
     finally:
         await third.close()
         await other.close()
+
+
+async def test_servers_starting_at_once_on_an_empty_database_make_one_first_start(
+    postgres_url: str, tmp_path
+) -> None:
+    settings = Settings(data_dir=tmp_path / "data", database_url=postgres_url)
+    async with open_server(settings) as one, open_server(settings) as two:
+        servers = [one, two] * 3
+        tokens = await asyncio.gather(*(each.service.tokens.bootstrap() for each in servers))
+        users = await one.db.read(user_queries.count_users)
+    assert len([token for token in tokens if token is not None]) == 1
+    assert users == 1

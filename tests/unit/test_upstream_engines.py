@@ -29,7 +29,7 @@ from dreamserve.engines.gemini import GeminiEngine
 from dreamserve.engines.openai import OpenAIEngine
 from dreamserve.engines.registry import EngineRegistry
 from dreamserve.engines.upstream import encode_reference
-from dreamserve.errors import AccountError, BadRequest, Cancelled, JobFailed
+from dreamserve.errors import AccountError, AccountTrouble, BadRequest, Cancelled, JobFailed
 from dreamserve.sealing import SecretBox
 
 pytestmark = pytest.mark.anyio
@@ -215,7 +215,7 @@ async def test_a_content_refusal_fails_the_job_with_the_upstream_message(
 ) -> None:
     with pytest.raises(JobFailed) as failure:
         await run(ark(fake), request(prompt="something forbidden"))
-    assert not isinstance(failure.value, AccountError)
+    assert not isinstance(failure.value, AccountError | AccountTrouble)  # the job's own fault
     assert failure.value.error == "Upstream refused the request"
     assert failure.value.details == (
         "ark answered 400: The request failed because the input text may contain sensitive "
@@ -242,26 +242,28 @@ async def test_retries_are_bounded(fake: FakeUpstream) -> None:
     fake.script.extend([Scripted(500)] * 5)
     engine = openai(fake, retries=2)
     engine.upstream.sleep = lambda seconds: asyncio.sleep(0)
-    with pytest.raises(JobFailed) as failure:
+    with pytest.raises(AccountTrouble) as failure:  # the account's: counts towards a cooldown
         await run(engine, request())
     assert failure.value.error == "Upstream unavailable"
     assert failure.value.details == "openai answered 500: fake openai error 500 after 3 tries"
+    assert failure.value.cool_for is None  # the upstream asked for nothing
     assert len(fake.calls("generations")) == 3
 
 
 async def test_a_retry_after_past_the_job_budget_fails_at_once(fake: FakeUpstream) -> None:
     fake.script.append(Scripted(429, headers={"retry-after": "120"}))
     started = time.monotonic()
-    with pytest.raises(JobFailed) as failure:
+    with pytest.raises(AccountTrouble) as failure:
         await run(ark(fake, budgetSeconds=30), request())
     assert time.monotonic() - started < 5
     assert failure.value.details == ("ark answered 429: fake ark error 429; the job's time ran out")
+    assert failure.value.cool_for == 120  # the account cools for as long as the upstream asked
 
 
 async def test_a_slow_upstream_fails_the_job_when_its_budget_is_spent(fake: FakeUpstream) -> None:
     fake.delay = 3
     started = time.monotonic()
-    with pytest.raises(JobFailed) as failure:
+    with pytest.raises(AccountTrouble) as failure:
         await run(gemini(fake, budgetSeconds=0.5), request("nano-banana", width=1024, height=1024))
     assert time.monotonic() - started < 2.5
     assert failure.value.error == "Upstream did not answer in time"

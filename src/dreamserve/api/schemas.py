@@ -56,6 +56,13 @@ class AccountRequest(BaseModel):
     region: str | None = Field(None, max_length=32, description="Default `US`")
     engine: str = Field(description="One of the server's engines, e.g. `procedural`")
     maxJobs: int | None = Field(None, ge=1, le=50, description="Concurrent jobs, default 10")
+    priority: int | None = Field(
+        None,
+        ge=-1000,
+        le=1000,
+        description="Default 0: a job that names no account goes to the highest priority with "
+        "a free slot",
+    )
     models: list[str] | None = Field(None, description="Default: every model the engine serves")
     settings: dict[str, Any] | None = Field(
         None, description="The engine's settings; secrets (apiKey...) are never returned"

@@ -168,6 +168,9 @@ class ArkEngine:
     def _upstream_model(self, request: GenerationRequest) -> str:
         return self.settings.models[request.model]
 
+    async def check_address(self) -> None:
+        await self.upstream.check_address()
+
     def describe(self) -> dict[str, Any]:
         return {"kind": "ark", "baseUrl": self.settings.baseUrl, "models": self.settings.models}
 

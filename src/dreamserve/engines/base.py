@@ -108,7 +108,7 @@ class EngineContext:
 
 class Engine(Protocol):
     def serves(self, model: Model) -> bool:
-        """Whether this engine can generate images for a catalogue model."""
+        """Whether an account of this engine that lists no models serves a catalogue model."""
 
     async def generate(
         self, request: GenerationRequest, progress: ProgressCallback, cancel: CancelSignal
@@ -122,6 +122,11 @@ class Engine(Protocol):
     async def close(self) -> None:
         """Release what the engine holds (models, connections); it is not used afterwards."""
 
+    # Optional: `def can_run(self, model: Model) -> bool`, whether an account may list the
+    # model (default: `serves`); for an engine that renders any model but claims only some.
+    # Optional: `async def check_address(self) -> None`, raising BadRequest when a user's
+    # account with these settings would be refused at every call (an upstream on a private
+    # address): asked when a user saves the account.
     # Optional: `def describe(self) -> dict[str, Any]`, live details of the engine (what it is,
     # what it has loaded) for GET /accounts/<account>. Never secrets.
     # Optional: `image_copies: int`, how many copies of each output image the engine holds at

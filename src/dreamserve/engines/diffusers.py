@@ -41,7 +41,7 @@ from dreamserve.engines.base import (
     ProgressCallback,
     to_size,
 )
-from dreamserve.errors import AccountError, JobFailed
+from dreamserve.errors import AccountError, AccountTrouble, JobFailed
 
 log = logging.getLogger(__name__)
 
@@ -130,10 +130,16 @@ class DiffusersEngine:
                 pipe._interrupt = True  # diffusers stops before the next step
             return tensors
 
-        with torch.inference_mode():
-            images = pipeline(
-                num_inference_steps=steps, callback_on_step_end=step_end, **arguments
-            ).images
+        try:
+            with torch.inference_mode():
+                images = pipeline(
+                    num_inference_steps=steps, callback_on_step_end=step_end, **arguments
+                ).images
+        except torch.OutOfMemoryError:
+            # The device's, not the prompt's: a few in a row cool the account down.
+            raise AccountTrouble(
+                "Device out of memory", f"{self.device}: {width}x{height}, {request.count} images"
+            ) from None
         cancel.raise_if_set()
         if reported[0] < 1.0:  # a pipeline may run other steps than counted above (FLUX)
             progress(1.0)

@@ -107,6 +107,9 @@ class GeminiEngine:
 
         return min(self.settings.aspectRatios, key=distance)
 
+    async def check_address(self) -> None:
+        await self.upstream.check_address()
+
     def describe(self) -> dict[str, Any]:
         return {"kind": "gemini", "baseUrl": self.settings.baseUrl, "models": self.settings.models}
 

@@ -136,6 +136,9 @@ class OpenAIEngine:
 
         return min(self.settings.sizes, key=distance)
 
+    async def check_address(self) -> None:
+        await self.upstream.check_address()
+
     def describe(self) -> dict[str, Any]:
         return {"kind": "openai", "baseUrl": self.settings.baseUrl, "model": self.settings.model}
 

@@ -43,7 +43,9 @@ _WORD = re.compile(r"\w+")
 
 
 class ProceduralEngine:
-    """Serves every catalogue model; takes no settings."""
+    """Renders any model at its catalogue size, but an account that lists no models serves only
+    the built-in catalogue's: a model of the operator's configuration file is for the accounts
+    that list it (a placeholder never stands in for the operator's GPU); takes no settings."""
 
     Settings = EngineSettings
 
@@ -51,7 +53,10 @@ class ProceduralEngine:
         self._executor = context.executor
 
     def serves(self, model: Model) -> bool:
-        return True
+        return model.builtin
+
+    def can_run(self, model: Model) -> bool:
+        return True  # an account that lists an operator's model asked for it
 
     async def generate(
         self, request: GenerationRequest, progress: ProgressCallback, cancel: CancelSignal

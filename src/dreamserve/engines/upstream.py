@@ -35,8 +35,8 @@ from dreamserve.engines.base import (
     to_size,
     until_cancelled,
 )
-from dreamserve.errors import AccountError, JobFailed
-from dreamserve.netguard import HostRefused, Resolver, resolve
+from dreamserve.errors import AccountError, AccountTrouble, BadRequest, JobFailed
+from dreamserve.netguard import HostRefused, Resolver, addresses_refusal, resolve
 from dreamserve.outbound import guarded_client
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,8 @@ REFERENCE_QUALITIES = (95, 85, 75, 60)  # JPEG qualities tried to fit a referenc
 # render-memory budget): the file downloaded or decoded from base64, the image at the size the
 # API made, and the image brought to the job's size.
 UPSTREAM_IMAGE_COPIES = 3
+# How long saving an account waits for its API host to resolve before letting it through.
+SAVE_RESOLVE_SECONDS = 5.0
 
 
 class UpstreamSettings(EngineSettings):
@@ -127,6 +129,25 @@ class Upstream:
 
     def url(self, path: str) -> str:
         return f"{self.settings.baseUrl}{path}"
+
+    async def check_address(self) -> None:
+        """Refuse (BadRequest naming settings.baseUrl) an API address that every call would be
+        refused, when the account may not reach private addresses: asked when a user saves the
+        account, so that it fails there rather than in each job. A host that does not resolve
+        now is let through (DNS may be down, or the name not published yet); every connection
+        is checked again anyway (`client`)."""
+        if self.context.allow_private:
+            return
+        url = httpx.URL(self.settings.baseUrl)
+        port = url.port or (443 if url.scheme == "https" else 80)
+        try:
+            async with asyncio.timeout(SAVE_RESOLVE_SECONDS):
+                addresses = await self.resolver(url.host, port)
+        except (OSError, UnicodeError, ValueError, TimeoutError):
+            return
+        reason = addresses_refusal(url.host, addresses)
+        if reason is not None:
+            raise BadRequest(f"Parameter settings.baseUrl is invalid: {reason}")
 
     def deadline(self) -> float:
         return time.monotonic() + self.settings.budgetSeconds
@@ -250,16 +271,22 @@ class Upstream:
         *,
         download: bool,
     ) -> _Answer:
+        # Timeouts, network errors, 5xx and 429 that outlast the retries are the account's
+        # trouble (AccountTrouble: a few in a row cool it down); a 429's Retry-After cools it
+        # for as long as the upstream asked.
         tries = self.settings.retries + 1
+        cool_for = None
         for attempt in range(tries):
             left = deadline - time.monotonic()
             if left <= 0:
-                raise JobFailed("Upstream did not answer in time", self._budget_spent())
+                raise AccountTrouble("Upstream did not answer in time", self._budget_spent())
             try:
                 async with asyncio.timeout(left):
                     answer = await until_cancelled(request(), cancel)
             except TimeoutError:
-                raise JobFailed("Upstream did not answer in time", self._budget_spent()) from None
+                raise AccountTrouble(
+                    "Upstream did not answer in time", self._budget_spent()
+                ) from None
             except (httpx.InvalidURL, httpx.UnsupportedProtocol):
                 raise JobFailed(
                     "Upstream returned a link that cannot be fetched", self.vendor
@@ -267,6 +294,7 @@ class Upstream:
             except httpx.HTTPError as error:
                 failure = f"{type(error).__name__} from {self.vendor}"
                 delay = _backoff(attempt)
+                cool_for = None
             else:
                 if answer.is_success:
                     return answer
@@ -275,13 +303,18 @@ class Upstream:
                     raise refused
                 asked = _retry_after(answer.headers)
                 delay = _backoff(attempt) if asked is None else asked
+                cool_for = asked if answer.status == 429 else None
             if attempt + 1 == tries:
                 break
             if time.monotonic() + delay >= deadline:
-                raise JobFailed("Upstream unavailable", f"{failure}; the job's time ran out")
+                raise AccountTrouble(
+                    "Upstream unavailable", f"{failure}; the job's time ran out", cool_for=cool_for
+                )
             log.info("%s: %s, retry %d in %.1f s", self.vendor, failure, attempt + 1, delay)
             await until_cancelled(self.sleep(delay), cancel)
-        raise JobFailed("Upstream unavailable", f"{failure} after {tries} tries")
+        raise AccountTrouble(
+            "Upstream unavailable", f"{failure} after {tries} tries", cool_for=cool_for
+        )
 
     def _failure(self, answer: _Answer, download: bool) -> tuple[str, JobFailed | None]:
         """What went wrong, as errorDetails say it, and the failure to end the job with now

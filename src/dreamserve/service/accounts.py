@@ -30,6 +30,9 @@ from dreamserve.storage.database import Database
 from dreamserve.storage.job_store import JobStore, JobTransaction
 from dreamserve.storage.tables import SHARED
 
+# For each account id, its jobs that ended in the last hour by outcome.
+Outcomes = dict[int, dict[str, int]]
+
 
 class Accounts:
     def __init__(
@@ -59,12 +62,17 @@ class Accounts:
         probe = self.admission.engines.probe(spec.engine, spec.settings, spec.sealed)
         try:
             check_models(spec, probe, self.catalogue)
+            # A user's upstream on an address the server refuses (engines/upstream.py): a 400
+            # now rather than a failure in every job. The operator's shared accounts may.
+            check_address = getattr(probe, "check_address", None)
+            if user_id is not None and check_address is not None:
+                await check_address()
         finally:
             await probe.close()
         owner = SHARED if user_id is None else user_id
         now = millis(self.clock())
 
-        def put(conn: Connection) -> Account:
+        def put(conn: Connection) -> tuple[Account, Outcomes]:
             if user_id is not None:
                 require_user(conn, user_id)
             others = [
@@ -81,6 +89,7 @@ class Accounts:
                 "region": spec.region,
                 "engine": spec.engine,
                 "max_jobs": spec.max_jobs,
+                "priority": spec.priority,
                 "now": now,
                 "settings": spec.settings,
                 "sealed": spec.sealed,
@@ -93,32 +102,40 @@ class Accounts:
                 account_queries.update_account(conn, existing.id, **values)
             saved = account_queries.account_named(conn, owner, spec.name)
             assert saved is not None
-            return saved
+            return saved, self._outcomes(conn, [saved])
 
         try:
-            account = await self.db.write(put)
+            account, outcomes = await self.db.write(put)
         except IntegrityError:  # the same new account saved at once by another request
-            account = await self.db.write(put)
+            account, outcomes = await self.db.write(put)
         self.admission.forget()
-        return self._summary(account)
+        return self._summary(account, outcomes)
 
     async def listing(self, user_id: int | None) -> dict[str, AccountSummary]:
         """The accounts a user may use (own and shared), or the shared ones for None."""
 
-        def read(conn: Connection) -> list[Account]:
+        def read(conn: Connection) -> tuple[list[Account], Outcomes]:
             if user_id is None:
-                return account_queries.shared_accounts(conn)
-            require_user(conn, user_id)
-            return account_queries.usable_accounts(conn, user_id)
+                found = account_queries.shared_accounts(conn)
+            else:
+                require_user(conn, user_id)
+                found = account_queries.usable_accounts(conn, user_id)
+            return found, self._outcomes(conn, found)
 
-        return {account.name: self._summary(account) for account in await self.db.read(read)}
+        found, outcomes = await self.db.read(read)
+        return {account.name: self._summary(account, outcomes) for account in found}
 
     async def get(self, user_id: int | None, name: str) -> AccountSummary:
         """One account the user may use, with what its engine says of itself (`details`);
         AccountNotFound otherwise."""
         name = unquoted(name)
-        account = await self.db.read(lambda conn: visible(conn, user_id, name))
-        body = self._summary(account)
+
+        def read(conn: Connection) -> tuple[Account, Outcomes]:
+            account = visible(conn, user_id, name)
+            return account, self._outcomes(conn, [account])
+
+        account, outcomes = await self.db.read(read)
+        body = self._summary(account, outcomes)
         describe = getattr(self.admission.usable_engine(account), "describe", None)
         if describe is not None:
             body["details"] = describe()
@@ -157,11 +174,34 @@ class Accounts:
             self.dispatcher.cancel(job_id)
         return {"account": name, "deleted": True, "remaining": remaining}
 
-    def _summary(self, account: Account) -> AccountSummary:
+    async def routing(self) -> list[str]:
+        """One line per catalogue model: the shared accounts that serve it (where a job that
+        names no account may go), and how many users' own accounts do; printed at every start
+        so that an operator sees the routing before the first job."""
+        everyone = await self.db.read(account_queries.every_account)
+        lines = []
+        for model in self.catalogue.models:
+            serving = [each for each in everyone if self.admission.serves(each, model)]
+            shared = [each.name for each in serving if each.is_shared]
+            owned = len(serving) - len(shared)
+            served = ", ".join(shared) if shared else "no shared account"
+            if owned:
+                served += f" and {owned} user account{'s' if owned > 1 else ''}"
+            lines.append(f"model {model.name}: {served}")
+        return lines
+
+    def _outcomes(self, conn: Connection, found: list[Account]) -> Outcomes:
+        since = millis(self.clock()) - 3_600_000
+        return account_queries.recent_outcomes(conn, since, [account.id for account in found])
+
+    def _summary(self, account: Account, outcomes: Outcomes) -> AccountSummary:
+        now = millis(self.clock())
         engine = self.admission.usable_engine(account)
         if engine is None:  # an engine this server lacks, or secrets it cannot open
-            return summary(account, list(account.models or ()))
-        return summary(account, models_served(engine, account.models, self.catalogue))
+            models = list(account.models or ())
+        else:
+            models = models_served(engine, account.models, self.catalogue)
+        return summary(account, models, now, outcomes.get(account.id))
 
 
 def require_user(conn: Connection, user_id: int) -> None:

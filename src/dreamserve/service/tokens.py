@@ -67,17 +67,21 @@ class Tokens:
 
         return await self.db.write(create)
 
-    async def bootstrap(self) -> str | None:
+    async def bootstrap(self, placeholder: bool = True) -> str | None:
         """On the first start of an empty database: user 1, its token (returned, never stored in
-        clear) and the shared procedural account. None on every later start."""
+        clear) and, with `placeholder` (the operator's configuration declares no accounts), the
+        shared procedural account. None on every later start."""
         now = millis(self.clock())
 
         def first_start(conn: Connection) -> str | None:
+            user_queries.lock_first_start(conn)
             if user_queries.count_users(conn):
                 return None
             user_id = user_queries.insert_user(conn, now)
             token = new_token(user_id)
             user_queries.insert_token(conn, user_id, _hash(token), now)
+            if not placeholder:
+                return token
             region, _, email = DEFAULT_ACCOUNT.partition(":")
             account_queries.insert_account(
                 conn,

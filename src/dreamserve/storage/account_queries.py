@@ -12,11 +12,25 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, case, delete, func, insert, select, update
 
-from dreamserve.jobs import Status
+from dreamserve.jobs import CANCELLED_BY_USER, Status
 from dreamserve.storage.prepared import Prepared
 from dreamserve.storage.tables import SHARED, accounts, jobs
 
 CREATED = Status.CREATED.value
+# An account whose jobs fail for its own reasons this many times in a row is cooled down: left
+# out of admission's choice (while another account has room) for 30 s, doubling with each
+# further failure up to 10 minutes; its next success ends it.
+FAILURES_BEFORE_COOLDOWN = 3
+FIRST_COOLDOWN_MS = 30_000
+LONGEST_COOLDOWN_MS = 600_000
+
+
+def cooldown_ms(failures: int) -> int | None:
+    """How long an account with `failures` in a row cools down (None: not yet)."""
+    if failures < FAILURES_BEFORE_COOLDOWN:
+        return None
+    doublings = min(failures - FAILURES_BEFORE_COOLDOWN, 16)
+    return min(LONGEST_COOLDOWN_MS, FIRST_COOLDOWN_MS << doublings)
 
 
 @dataclass(frozen=True)
@@ -35,6 +49,15 @@ class Account:
     error: str | None
     created_at: int
     updated_at: int
+    priority: int = 0
+    failures: int = 0  # of the account's own (AccountTrouble), in a row
+    cooldown_until: int | None = None  # epoch ms
+    last_error: str | None = None
+    last_error_at: int | None = None
+
+    def cooling(self, now: int) -> bool:
+        """Whether the account is cooling down at `now` (epoch ms)."""
+        return self.cooldown_until is not None and self.cooldown_until > now
 
     @property
     def is_shared(self) -> bool:
@@ -73,6 +96,14 @@ _TAKE_SLOT_UNDER_CAP = Prepared(
     )
     .values(running=accounts.c.running + 1)
 )
+_HEALTHY = (
+    update(accounts)
+    .where(
+        accounts.c.id == bindparam("account"),
+        (accounts.c.failures > 0) | accounts.c.cooldown_until.is_not(None),
+    )
+    .values(failures=0, cooldown_until=None)
+)
 _RELEASE_SLOT = (
     update(accounts)
     .where(accounts.c.id == bindparam("account"), accounts.c.running > 0)
@@ -93,6 +124,7 @@ def insert_account(
     settings: Mapping[str, Any] | None = None,
     sealed: str | None = None,
     models: Sequence[str] | None = None,
+    priority: int = 0,
 ) -> int:
     result = conn.execute(
         insert(accounts)
@@ -106,6 +138,7 @@ def insert_account(
             secrets=sealed,
             models=None if models is None else list(models),
             max_jobs=max_jobs,
+            priority=priority,
             running=0,
             created_at=now,
             updated_at=now,
@@ -122,6 +155,12 @@ def usable_accounts(conn: Connection, user_id: int) -> list[Account]:
 
 def shared_accounts(conn: Connection) -> list[Account]:
     query = select(accounts).where(accounts.c.owner == SHARED).order_by(accounts.c.id)
+    return [_account(row) for row in conn.execute(query).mappings()]
+
+
+def every_account(conn: Connection) -> list[Account]:
+    """Every account, shared and users' own, shared ones first."""
+    query = select(accounts).order_by(accounts.c.owner != SHARED, accounts.c.id)
     return [_account(row) for row in conn.execute(query).mappings()]
 
 
@@ -154,8 +193,10 @@ def update_account(
     settings: Mapping[str, Any],
     sealed: str | None,
     models: Sequence[str] | None,
+    priority: int = 0,
 ) -> None:
-    """Replace an account's configuration and clear its error; its taken slots stay taken."""
+    """Replace an account's configuration and clear its error and cooldown; its taken slots
+    stay taken."""
     conn.execute(
         update(accounts)
         .where(accounts.c.id == account_id)
@@ -167,7 +208,10 @@ def update_account(
             secrets=sealed,
             models=None if models is None else list(models),
             max_jobs=max_jobs,
+            priority=priority,
             error=None,
+            failures=0,  # saved again (fixed, one hopes): given a fresh start
+            cooldown_until=None,
             # Strictly later than the last save, even within a millisecond or after the
             # clock stepped back: engines are rebuilt for a newer version only.
             updated_at=case((accounts.c.updated_at < now, now), else_=accounts.c.updated_at + 1),
@@ -196,6 +240,58 @@ def set_account_error(conn: Connection, account: Account, error: str) -> None:
         .where(accounts.c.id == account.id, accounts.c.updated_at == account.updated_at)
         .values(error=error)
     )
+
+
+def account_succeeded(conn: Connection, account_id: int) -> None:
+    """A job of the account completed: its failures in a row and any cooldown end (a statement
+    that matches no row while the account is healthy)."""
+    conn.execute(_HEALTHY, {"account": account_id})
+
+
+def account_failed(
+    conn: Connection, account_id: int, error: str, now: int, cool_for: int | None
+) -> int | None:
+    """A job of the account failed for a reason of the account's: one more failure in a row,
+    and the cooldown that follows (`cooldown_ms`, or `cool_for` ms when the upstream asked for
+    it, whichever ends later); the end of the cooldown, or None when there is none."""
+    lock_account(conn, account_id)  # failures are read, then written: one job at a time
+    row = conn.execute(
+        select(accounts.c.failures, accounts.c.cooldown_until).where(accounts.c.id == account_id)
+    ).first()
+    if row is None:
+        return None
+    failures = row.failures + 1
+    ends = [until for until in (row.cooldown_until,) if until is not None and until > now]
+    backoff = cooldown_ms(failures)
+    ends += [now + ms for ms in (backoff, cool_for) if ms is not None]
+    until = max(ends, default=None)
+    conn.execute(
+        update(accounts)
+        .where(accounts.c.id == account_id)
+        .values(failures=failures, cooldown_until=until, last_error=error, last_error_at=now)
+    )
+    return until
+
+
+def recent_outcomes(
+    conn: Connection, since: int, account_ids: Sequence[int]
+) -> dict[int, dict[str, int]]:
+    """For each of the accounts, its jobs that ended since `since` (epoch ms): {"completed":
+    n, "failed": n} (cancelled jobs are neither)."""
+    rows = conn.execute(
+        select(jobs.c.account_id, jobs.c.status, func.count())
+        .where(
+            jobs.c.finished_at >= since,
+            jobs.c.account_id.in_(list(account_ids)),
+            jobs.c.status.in_(["completed", "failed"]),
+            jobs.c.error.is_distinct_from(CANCELLED_BY_USER),
+        )
+        .group_by(jobs.c.account_id, jobs.c.status)
+    )
+    counts: dict[int, dict[str, int]] = {}
+    for account_id, status, count in rows:
+        counts.setdefault(account_id, {"completed": 0, "failed": 0})[status] = count
+    return counts
 
 
 def release_slot(conn: Connection, account_id: int) -> None:
@@ -246,4 +342,9 @@ def _account(row: Mapping[Any, Any]) -> Account:
         error=row["error"],
         created_at=row["created_at"],
         updated_at=row["updated_at"],
+        priority=row["priority"],
+        failures=row["failures"],
+        cooldown_until=row["cooldown_until"],
+        last_error=row["last_error"],
+        last_error_at=row["last_error_at"],
     )

@@ -65,6 +65,14 @@ accounts = Table(
     Column("secrets", Text, nullable=True),  # the secret settings, encrypted (sealing.py)
     Column("models", Json, nullable=True),  # None: every catalogue model the engine serves
     Column("max_jobs", Integer, nullable=False),
+    # Admission takes the highest priority with a free slot first (admission.py).
+    Column("priority", Integer, nullable=False, server_default="0"),
+    # Health (worker.py, admission.py): failures that were the account's, in a row; the end of
+    # the cooldown they led to (epoch ms); the last such failure and when it happened.
+    Column("failures", Integer, nullable=False, server_default="0"),
+    Column("cooldown_until", BigInteger, nullable=True),
+    Column("last_error", Text, nullable=True),
+    Column("last_error_at", BigInteger, nullable=True),
     Column("running", Integer, nullable=False, default=0),
     Column("error", Text, nullable=True),
     Column("created_at", BigInteger, nullable=False),

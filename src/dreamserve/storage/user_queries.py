@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, bindparam, func, insert, select
+from sqlalchemy import Connection, bindparam, func, insert, select, text
 
 from dreamserve.storage.tables import tokens, users
 
 _USER_OF_TOKEN = select(tokens.c.user_id).where(tokens.c.token_hash == bindparam("hash"))
+
+
+_FIRST_START_LOCK = text("SELECT pg_advisory_xact_lock(7463222)")
+
+
+def lock_first_start(conn: Connection) -> None:
+    """Hold off other processes' first start until this transaction ends (PostgreSQL: API
+    processes that start at once on an empty database make one user 1, not two; SQLite's
+    writes take turns already)."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(_FIRST_START_LOCK)
 
 
 def count_users(conn: Connection) -> int:
