@@ -204,7 +204,7 @@ def test_the_compose_processes_share_the_jobs(
         with psycopg.connect(rig.database_url) as conn:
             assert (stray,) not in conn.execute("SELECT uri FROM assets").fetchall()
 
-        assert slots(one) == {ACCOUNT: 0, "LOCAL:procedural": 0}
+        assert slots(one) == {ACCOUNT: 0}  # the config declares accounts: no placeholder
         webhooks_delivered(two, receiver, {"a": jobids["a"], "b": jobids["b"]})
     assert never_twice_at_once(rig) == {"a": 1, "b": 1, "cancelled": 1, "killed": 2}
     database_is_sound(rig, stored=lambda uri: uri in stored)
