@@ -364,6 +364,9 @@ async def run_worker(
         if named is not None:
             for name in await picker.missing(named):
                 log.warning("worker: account %s does not exist (yet); its jobs run here", name)
+            for name, why in (await picker.pick()).left.items():
+                if name in named:  # its jobs would fail here: said, not refused (as asked)
+                    log.warning("worker: account %s cannot run here: %s", name, why)
             log.info("worker started: runs the jobs of %s", ", ".join(named))
             relisting = None
         else:

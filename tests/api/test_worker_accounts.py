@@ -117,21 +117,29 @@ async def test_a_worker_takes_accounts_added_later_without_stopping_its_jobs(
         await eventually(lambda: _queued(postgres_url) == [])
 
 
-async def test_a_worker_with_accounts_named_runs_them_even_before_they_exist(
+async def test_a_worker_with_accounts_named_runs_them_and_says_which_cannot_run(
     settings: Settings, postgres_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     api_only = settings.model_copy(update={"database_url": postgres_url, "run_jobs": False})
+    worker_engines = {**API_ENGINES, "gpu": "dreamserve_no_such_module:Engine"}
     async with open_harness(api_only, dispatcher=None, engines=API_ENGINES) as api:
+        await api.put_account({"account": "LOCAL:gpu", "engine": "gpu", "maxJobs": 2})
+        named = ["LOCAL:later", ACCOUNT, "LOCAL:gpu"]
         with caplog.at_level(logging.INFO, logger="dreamserve.app"):
-            async with _worker(api_only, ["LOCAL:later", ACCOUNT], API_ENGINES):
+            async with _worker(api_only, named, worker_engines):
                 messages = [record.getMessage() for record in caplog.records]
                 assert "worker: account LOCAL:later does not exist (yet); its jobs run here" in (
                     messages
                 )
-                assert "worker started: runs the jobs of LOCAL:later, LOCAL:procedural" in (
-                    messages
-                )
-                await api.put_account({"account": "LOCAL:later", "engine": "gpu", "maxJobs": 2})
+                assert (
+                    "worker: account LOCAL:gpu cannot run here: Engine gpu needs "
+                    "dreamserve_no_such_module, which is not installed on this server: "
+                    "pip install dreamserve_no_such_module"
+                ) in messages
+                assert (
+                    "worker started: runs the jobs of LOCAL:later, LOCAL:procedural, LOCAL:gpu"
+                ) in messages
+                await api.put_account({"account": "LOCAL:later", "engine": "remote", "maxJobs": 2})
                 jobid = (await api.post({**SMALL, "account": "LOCAL:later"})).json()["jobid"]
                 record = await api.wait(jobid)
                 assert record["status"] == "completed", record
