@@ -12,8 +12,8 @@ lease, and a row left `doing` by a worker without one for a whole lease (SIGKILL
 gone) is deleted by any process's sweep, never retried by procrastinate: the reaper already
 sends the dreamserve job again when its lease runs out, and two deliveries would only cost a
 refused claim. A procrastinate worker that stops on a database error (a listener that could not
-reconnect, a heartbeat refused) is started again a second later; the jobs it ran keep their
-leases and run again when those run out, as a dead worker's do.
+reconnect, a heartbeat refused) is started again a second later; the jobs it ran go on (they
+run in tasks of the dispatcher's, under their leases).
 """
 
 from __future__ import annotations
@@ -101,6 +101,7 @@ class PostgresDispatcher:
         self._app = App(connector=PsycopgConnector(conninfo=conninfo(url), min_size=1, max_size=4))
         self._app.task(name=TASK, queue=queue_of(""))(self._run)
         self._tasks: list[asyncio.Task[None]] = []
+        self._running: set[asyncio.Task[None]] = set()  # the jobs running here
         self._worked: set[str] = set()  # the accounts whose queues a worker task works
         self._started = False
         self._is_open = False
@@ -202,6 +203,15 @@ class PostgresDispatcher:
                 log.warning("procrastinate's stalled jobs not swept (%s)", error)
 
     async def _run(self, job_id: int) -> None:
+        """procrastinate's task: the job runs in a task of this dispatcher's, which a
+        procrastinate worker stopping on a database error (it cancels its tasks) leaves
+        running under its lease; only `close` stops it."""
+        running = asyncio.create_task(self._run_job(job_id), name=f"job-{job_id}")
+        self._running.add(running)
+        running.add_done_callback(self._running.discard)
+        await asyncio.shield(running)
+
+    async def _run_job(self, job_id: int) -> None:
         try:
             await self._runner.run(job_id)
         except asyncio.CancelledError:
@@ -228,9 +238,10 @@ class PostgresDispatcher:
         if self._is_closed:
             return
         self._is_closed = True
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._running]  # at close the jobs stop (and run again later)
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         if self._is_open:

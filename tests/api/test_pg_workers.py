@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 
 import psycopg
 import pytest
@@ -143,3 +143,56 @@ async def test_a_worker_with_accounts_named_runs_them_and_says_which_cannot_run(
                 jobid = (await api.post({**SMALL, "account": "LOCAL:later"})).json()["jobid"]
                 record = await api.wait(jobid)
                 assert record["status"] == "completed", record
+
+
+FETCH = "procrastinate_fetch_job_v2(target_queue_names varchar[], p_worker_id bigint)"
+
+
+@contextmanager
+def fetches_refused(url: str) -> Iterator[None]:
+    """procrastinate's fetch of a job fails (as on a lost connection): its worker stops on the
+    error. The function is set aside for the block and put back after."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"ALTER FUNCTION {FETCH} RENAME TO procrastinate_fetch_job_v2_set_aside")
+        conn.execute(
+            f"CREATE FUNCTION {FETCH} RETURNS procrastinate_jobs LANGUAGE plpgsql AS $$ "
+            "BEGIN RAISE EXCEPTION 'fetch refused by the test'; END $$"
+        )
+        try:
+            yield
+        finally:
+            conn.execute(f"DROP FUNCTION {FETCH}")
+            set_aside = FETCH.replace("v2(", "v2_set_aside(")
+            conn.execute(f"ALTER FUNCTION {set_aside} RENAME TO procrastinate_fetch_job_v2")
+
+
+async def test_a_procrastinate_worker_stopped_by_an_error_starts_again_and_its_job_goes_on(
+    settings: Settings, postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A procrastinate worker whose fetch fails stops (cancelling what it runs): it is started
+    again, and the job it ran goes on to its end, in its first attempt."""
+    quick = settings.model_copy(
+        update={"database_url": postgres_url, "run_jobs": False, "lease_seconds": 3.0}
+    )
+    engine = GatedEngine()
+    async with (
+        open_harness(quick, dispatcher=None) as api,
+        _worker(quick, None, {"procedural": engine.factory}),
+    ):
+        jobid = (await api.post(SMALL)).json()["jobid"]
+        await wait_started(engine, 1)
+        with (
+            caplog.at_level(logging.WARNING, logger="dreamserve.dispatch.postgres"),
+            fetches_refused(postgres_url),
+        ):
+            await eventually(
+                lambda: any("starting it again" in r.getMessage() for r in caplog.records),
+                seconds=30,
+            )
+        engine.gate.set()
+        record = await api.wait(jobid)
+        assert record["status"] == "completed", record
+        # A second job runs on the restarted worker.
+        second = (await api.post(SMALL)).json()["jobid"]
+        assert (await api.wait(second))["status"] == "completed"
+    assert engine.started == 2  # the first job once, the second once
