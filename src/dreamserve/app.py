@@ -57,6 +57,7 @@ from dreamserve.webhooks.delivery import Deliverer, DeliveryConfig
 from dreamserve.webhooks.keys import WebhookSecrets
 from dreamserve.webhooks.outbox import Webhooks
 from dreamserve.worker import JobRunner, RunnerConfig
+from dreamserve.worker_accounts import RELIST_SECONDS, AccountPicker
 
 log = logging.getLogger(__name__)
 
@@ -254,6 +255,7 @@ async def _default_dispatcher(
         runs_jobs=runs_jobs,
         accounts=worker_accounts,
         account_of=partial(_queued_account, db),
+        lease_seconds=settings.lease_seconds,
     )
     await dispatcher.open()
     return dispatcher
@@ -344,8 +346,10 @@ async def run_worker(
     *,
     engines: Mapping[str, EngineSource] = BUILTIN,
     started: asyncio.Event | None = None,
+    relist_seconds: float = RELIST_SECONDS,
 ) -> None:
-    """`dreamserve worker`: run the jobs of `accounts` (None: every account's) that API
+    """`dreamserve worker`: run the jobs of `accounts` (None: of every account whose engine
+    this process can load, read again every `relist_seconds` for accounts added later) that API
     processes on the same PostgreSQL admit, until `stop` is set; no HTTP, no webhooks (the API
     processes send them). The reaper runs here too."""
     if not settings.database.startswith("postgresql"):
@@ -353,13 +357,65 @@ async def run_worker(
             "dreamserve worker needs PostgreSQL (DREAMSERVE_DATABASE_URL): on SQLite, "
             "`dreamserve serve` runs the jobs itself"
         )
-    parts = open_server(settings, engines=engines, worker_accounts=accounts, runs_jobs=True)
+    named = None if accounts is None else list(dict.fromkeys(accounts))
+    parts = open_server(settings, engines=engines, worker_accounts=named or [], runs_jobs=True)
     async with parts as server, background(server, settings, utc_now, True, deliver=False):
-        served = "every account" if accounts is None else ", ".join(accounts)
-        log.info("worker started: runs the jobs of %s", served)
+        dispatcher = server.dispatcher
+        assert isinstance(dispatcher, PostgresDispatcher)
+        picker = AccountPicker(server.db, server.admission.engines)
+        if named is not None:
+            for name in await picker.missing(named):
+                log.warning("worker: account %s does not exist (yet); its jobs run here", name)
+            for name, why in (await picker.pick()).left.items():
+                if name in named:  # its jobs would fail here: said, not refused (as asked)
+                    log.warning("worker: account %s cannot run here: %s", name, why)
+            log.info("worker started: runs the jobs of %s", ", ".join(named))
+            relisting = None
+        else:
+            picked = await picker.pick()
+            dispatcher.work(picked.taken)
+            _log_picked(picked.taken, picked.left)
+            relist = _relist(picker, dispatcher, set(picked.left), relist_seconds)
+            relisting = asyncio.create_task(relist, name="worker-accounts")
         if started is not None:
             started.set()
-        await stop.wait()
+        try:
+            await stop.wait()
+        finally:
+            if relisting is not None:
+                relisting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await relisting
+
+
+def _log_picked(taken: Sequence[str], left: Mapping[str, str]) -> None:
+    runs = ", ".join(taken) if taken else "no account yet"
+    leaves = "".join(f"; leaves {name}: {why}" for name, why in left.items())
+    log.info(
+        "worker started: runs the jobs of %s (every account whose engine loads here)%s",
+        runs,
+        leaves,
+    )
+
+
+async def _relist(
+    picker: AccountPicker, dispatcher: PostgresDispatcher, left: set[str], every: float
+) -> None:
+    """Take the accounts added since (whose engines load here); say once which are left."""
+    while True:
+        await asyncio.sleep(every)
+        try:
+            picked = await picker.pick()
+        except Exception as error:  # the database is down: next round
+            log.warning("worker: accounts not read (%s); reading them again later", error)
+            continue
+        new = dispatcher.work(picked.taken)
+        newly_left = {name: why for name, why in picked.left.items() if name not in left}
+        left.update(newly_left)
+        if new:
+            log.info("worker: now also runs the jobs of %s", ", ".join(new))
+        for name, why in newly_left.items():
+            log.info("worker: leaves %s: %s", name, why)
 
 
 def stopping(app: FastAPI) -> None:

@@ -79,7 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--accounts",
         metavar="A,B",
-        help="the accounts whose jobs it runs, e.g. LOCAL:gpu0,LOCAL:gpu1 (default: every one)",
+        help="the accounts whose jobs it runs, e.g. LOCAL:gpu0,LOCAL:gpu1 (default: every account "
+        "whose engine loads here, those added later too)",
     )
     commands.add_parser("migrate", help="create or upgrade the database schema")
     commands.add_parser("openapi", help="print the OpenAPI document")

@@ -17,6 +17,7 @@ from datetime import datetime
 from functools import partial
 
 from sqlalchemy import Connection
+from sqlalchemy.exc import OperationalError
 
 from dreamserve.dispatch.base import Dispatcher
 from dreamserve.errors import DatabaseBusy
@@ -123,5 +124,7 @@ class Reaper:
                 await self.sweep()
             except DatabaseBusy:  # another process holds the database: next round
                 log.warning("reaper sweep put off: the database is busy")
+            except OperationalError as error:  # unreachable (restarting): a line, not a trace
+                log.warning("reaper sweep failed: the database is unreachable (%s)", error.orig)
             except Exception:  # an outage of the database: try again next round
                 log.exception("reaper sweep failed")
