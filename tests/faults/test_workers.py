@@ -115,7 +115,7 @@ def test_a_worker_killed_mid_job_leaves_no_procrastinate_row_doing(pg_rig: Rig) 
             records = ended(one, [jobid])
             assert records[jobid]["status"] == "completed"
             rig.wait_for(lambda: queued(rig) == [], "procrastinate's rows all gone")
-            assert slots(one) == {ACCOUNT: 0, "LOCAL:procedural": 0}
+            assert slots(one) == {ACCOUNT: 0}
             assert "of a dead worker deleted" in "".join(w.output for w in (api, *workers))
     assert never_twice_at_once(rig) == {"killed": 2}
     database_is_sound(rig)
@@ -158,7 +158,7 @@ def test_an_api_process_killed_between_commit_and_enqueue_loses_no_job(pg_rig: R
             (jobid,) = _jobids(rig, "lost")
             records = ended(two, [jobid])
             assert records[jobid]["status"] == "completed"
-            assert slots(two) == {ACCOUNT: 0, "LOCAL:procedural": 0}
+            assert slots(two) == {ACCOUNT: 0}
     assert never_twice_at_once(rig) == {"lost": 1}
     database_is_sound(rig)
 
@@ -243,7 +243,7 @@ def test_a_worker_gets_over_its_database_sessions_ended_and_refused(pg_rig: Rig)
             jobids["after"] = rig.submit(one, "after")
             records = ended(one, list(jobids.values()))
             assert {record["status"] for record in records.values()} == {"completed"}
-            assert slots(one) == {ACCOUNT: 0, "LOCAL:procedural": 0}
+            assert slots(one) == {ACCOUNT: 0}
     # Its procrastinate worker was started again; the reaper said in a line what failed.
     assert "starting it again" in worker.output
     assert "reaper sweep failed: the database is unreachable" in worker.output
