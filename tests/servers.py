@@ -86,6 +86,20 @@ class Server:
         self.process.stdout.close()
 
 
+def server_pid(server: Server) -> int:
+    """The dreamserve process of a server started by `make run`: the child of `make`."""
+    children = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children")
+    return int(children.read_text().split()[0])
+
+
+def rss_bytes(pid: int) -> int:
+    """The resident memory of a process."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
 def wait_completed(client: httpx.Client, jobid: str, seconds: float = 180) -> dict[str, Any]:
     """Poll the job until it ends; its record."""
     deadline = time.monotonic() + seconds

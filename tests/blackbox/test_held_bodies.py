@@ -12,15 +12,14 @@ import os
 import select
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from PIL import Image
-from servers import Server
-from support import free_port
-from test_http_limits import answer, rss_bytes, server_pid
+from servers import Server, rss_bytes, server_pid
+from support import Connect, answer, free_port, raw_connections
 
 pytestmark = [pytest.mark.blackbox, pytest.mark.timeout(120)]
 
@@ -29,8 +28,6 @@ PER_USER = 3
 SLACK = 6.0  # the server may be slow to run its timer on a loaded machine
 UPLOAD = "/v1/dreamina/assets/LOCAL:procedural"
 TIMED_OUT = b'{"error":"Request body timed out (limit 4 seconds)"}'
-
-Connect = Callable[[], socket.socket]
 
 
 @pytest.fixture(scope="module")
@@ -51,16 +48,8 @@ def bodies(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 @pytest.fixture
 def connect(bodies: Server) -> Iterator[Connect]:
-    port = int(bodies.url.rsplit(":", 1)[1])
-    opened: list[socket.socket] = []
-
-    def opening() -> socket.socket:
-        opened.append(socket.create_connection(("127.0.0.1", port), timeout=5))
-        return opened[-1]
-
-    yield opening
-    for sock in opened:
-        sock.close()
+    with raw_connections(bodies.url) as opening:
+        yield opening
 
 
 def head(path: str, token: str, media: str, length: int) -> bytes:
