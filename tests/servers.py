@@ -10,7 +10,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,18 @@ class Server:
         self.reader.join(10)
         assert self.process.stdout is not None
         self.process.stdout.close()
+
+
+@contextmanager
+def serving(data_dir: Path, port: int, **options: Any) -> Iterator[Server]:
+    """A Server (`options` as Server takes them) for the block; stopped at its end unless the
+    test stopped it already."""
+    running = Server(data_dir, port, **options)
+    try:
+        yield running
+    finally:
+        if running.process.poll() is None:
+            running.stop()
 
 
 def server_pid(server: Server) -> int:

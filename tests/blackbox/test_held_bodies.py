@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image
-from servers import Server, rss_bytes, server_pid
+from servers import Server, rss_bytes, server_pid, serving
 from support import Connect, answer, free_port, raw_connections
 
 pytestmark = [pytest.mark.blackbox, pytest.mark.timeout(120)]
@@ -32,18 +32,13 @@ TIMED_OUT = b'{"error":"Request body timed out (limit 4 seconds)"}'
 
 @pytest.fixture(scope="module")
 def bodies(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    running = Server(
-        tmp_path_factory.mktemp("bodies") / "data",
-        free_port(),
-        extra={
-            "DREAMSERVE_BODY_TIMEOUT_SECONDS": str(BODY_TIMEOUT),
-            "DREAMSERVE_MAX_BODY_READS_PER_USER": str(PER_USER),
-            "DREAMSERVE_ACCESS_LOG": "false",
-        },
-    )
-    yield running
-    if running.process.poll() is None:
-        running.stop()
+    limits = {
+        "DREAMSERVE_BODY_TIMEOUT_SECONDS": str(BODY_TIMEOUT),
+        "DREAMSERVE_MAX_BODY_READS_PER_USER": str(PER_USER),
+        "DREAMSERVE_ACCESS_LOG": "false",
+    }
+    with serving(tmp_path_factory.mktemp("bodies") / "data", free_port(), extra=limits) as running:
+        yield running
 
 
 @pytest.fixture

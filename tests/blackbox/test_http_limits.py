@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from servers import Server, rss_bytes, server_pid
+from servers import Server, rss_bytes, server_pid, serving
 from support import Connect, answer, free_port, raw_connections
 
 pytestmark = [pytest.mark.blackbox, pytest.mark.timeout(120)]
@@ -21,19 +21,14 @@ SLACK = 3.0  # the server may be slow to run its timer on a loaded machine
 
 @pytest.fixture(scope="module")
 def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    running = Server(
-        tmp_path_factory.mktemp("limits") / "data",
-        free_port(),
-        extra={
-            "DREAMSERVE_MAX_HEADER_BYTES": str(MAX_HEADER_BYTES),
-            "DREAMSERVE_HEADER_TIMEOUT_SECONDS": str(HEADER_TIMEOUT),
-            "DREAMSERVE_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
-            "DREAMSERVE_ACCESS_LOG": "false",
-        },
-    )
-    yield running
-    if running.process.poll() is None:
-        running.stop()
+    limits = {
+        "DREAMSERVE_MAX_HEADER_BYTES": str(MAX_HEADER_BYTES),
+        "DREAMSERVE_HEADER_TIMEOUT_SECONDS": str(HEADER_TIMEOUT),
+        "DREAMSERVE_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
+        "DREAMSERVE_ACCESS_LOG": "false",
+    }
+    with serving(tmp_path_factory.mktemp("limits") / "data", free_port(), extra=limits) as running:
+        yield running
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import httpx
 import pytest
 from PIL import Image
 from receiver import Answer, receiving
-from servers import ROOT, Server, wait_completed
+from servers import ROOT, Server, server_pid, serving, wait_completed
 from standardwebhooks import Webhook
 from support import free_port
 from upstreams import KEY, fake_upstream
@@ -39,10 +39,8 @@ def data_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def server(data_dir: Path) -> Iterator[Server]:
-    running = Server(data_dir, free_port())
-    yield running
-    if running.process.poll() is None:
-        running.stop()
+    with serving(data_dir, free_port()) as running:
+        yield running
 
 
 def test_the_seed_request_end_to_end(server: Server, data_dir: Path) -> None:
@@ -277,12 +275,6 @@ def peak_rss_kib(pid: int) -> int:
     found = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
     assert found is not None
     return int(found.group(1))
-
-
-def server_pid(server: Server) -> int:
-    """The Python process `make run` started (make's only child)."""
-    children = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children").read_text()
-    return int(children.split()[0])
 
 
 def post_huge(port: int, token: str, total: int, chunked: bool) -> tuple[int, bytes, int]:
