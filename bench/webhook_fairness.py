@@ -5,8 +5,8 @@ Starts one uvicorn server with the settings `dreamserve serve` uses (bench/serve
 environment sets them) with DREAMSERVE_WEBHOOK_ALLOW_PRIVATE=true, and two users:
 
 - the healthy tenant (user 2) submits `--healthy` jobs, one every `--pace` seconds, whose
-  `replyUrl` is a receiver (aiohttp.web, in this process) answering 200 at once; latency = the
-  arrival's wall time - the record's `updated` (the job's end, whole milliseconds);
+  `replyUrl` is a receiver (bench/webhooks.py's, in this process) answering 200 at once;
+  latency = the arrival's wall time - the record's `updated` (the job's end, whole milliseconds);
 - the hostile tenant (user 1) submits `--hostile` jobs at once (8 submitters) whose `replyUrl`s
   go, in turn, to `--hosts` receivers that accept the connection, read the request and never
   answer (asyncio servers in this process): each try holds its place until the deliverer's
@@ -32,55 +32,16 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 
 import aiohttp
-from aiohttp import web
 from api import BODY, Result, Server, pin_servers
+from webhooks import Receiver, epoch
 
 SUBMITTERS = 8
 API = "/v1/dreamina"
-
-
-class Healthy:
-    """Answers every POST 200 at once; records when each arrived and the record it carried."""
-
-    def __init__(self) -> None:
-        self.arrivals: list[tuple[float, dict[str, object]]] = []
-        self.expected = 0
-        self.complete = asyncio.Event()
-        self.runner: web.AppRunner | None = None
-        self.url = ""
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/hook", self.handle)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        await web.SockSite(self.runner, sock, backlog=1024).start()
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}/hook"
-
-    async def handle(self, request: web.Request) -> web.Response:
-        at = time.time()
-        self.arrivals.append((at, json.loads(await request.read())))
-        if len(self.arrivals) >= self.expected:
-            self.complete.set()
-        return web.Response(status=200)
-
-    def expect(self, count: int) -> None:
-        self.arrivals = []
-        self.expected = count
-        self.complete = asyncio.Event()
-
-    async def stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
 
 
 class Silent:
@@ -139,10 +100,6 @@ class _Silence(asyncio.Protocol):
         self.owner.transports.discard(self.transport)
 
 
-def epoch(iso: str) -> float:
-    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
-
-
 async def submit_paced(server: Server, token: str, url: str, jobs: int, pace: float) -> list[str]:
     """`jobs` POST /images, one every `pace` seconds; the job ids."""
     headers = {"Authorization": f"Bearer {token}"}
@@ -176,17 +133,17 @@ async def submit_burst(server: Server, token: str, urls: list[str], jobs: int) -
 
 
 async def healthy_phase(
-    server: Server, token: str, receiver: Healthy, jobs: int, pace: float, wait: float
+    server: Server, token: str, receiver: Receiver, jobs: int, pace: float, wait: float
 ) -> Result:
     """The healthy tenant's jobs; the latency of their webhooks (as many as arrived)."""
-    receiver.expect(jobs)
+    receiver.expect(jobs, 0.0)
     jobids = set(await submit_paced(server, token, receiver.url, jobs, pace))
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(receiver.complete.wait(), wait)
+    await receiver.wait(wait)
     result = Result(0.0)
-    for at, record in receiver.arrivals:
+    for arrival in receiver.arrivals:
+        record = json.loads(arrival.body)
         if record["jobid"] in jobids:
-            result.latencies.append(at - epoch(str(record["updated"])))
+            result.latencies.append(arrival.at - epoch(str(record["updated"])))
     return result
 
 
@@ -203,7 +160,7 @@ def row(name: str, result: Result, jobs: int) -> str:
 async def run(args: argparse.Namespace) -> None:
     os.environ["DREAMSERVE_WEBHOOK_ALLOW_PRIVATE"] = "true"
     server_cpus = pin_servers()
-    healthy, silent = Healthy(), Silent()
+    healthy, silent = Receiver(), Silent()
     await healthy.start()
     await silent.start(args.hosts)
     with tempfile.TemporaryDirectory() as scratch:

@@ -10,7 +10,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,32 @@ class Server:
         self.reader.join(10)
         assert self.process.stdout is not None
         self.process.stdout.close()
+
+
+@contextmanager
+def serving(data_dir: Path, port: int, **options: Any) -> Iterator[Server]:
+    """A Server (`options` as Server takes them) for the block; stopped at its end unless the
+    test stopped it already."""
+    running = Server(data_dir, port, **options)
+    try:
+        yield running
+    finally:
+        if running.process.poll() is None:
+            running.stop()
+
+
+def server_pid(server: Server) -> int:
+    """The dreamserve process of a server started by `make run`: the child of `make`."""
+    children = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children")
+    return int(children.read_text().split()[0])
+
+
+def rss_bytes(pid: int) -> int:
+    """The resident memory of a process."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
 
 
 def wait_completed(client: httpx.Client, jobid: str, seconds: float = 180) -> dict[str, Any]:

@@ -291,6 +291,71 @@ def fake_dns(table: Mapping[str, list[str]]) -> Resolver:
     return resolve
 
 
+def post_scope(path: str, token: str, media: str, length: int | None = None) -> dict[str, Any]:
+    """The ASGI scope of a POST to `path` with the user's token and a Content-Type (and a
+    Content-Length when given): for tests that send the body a part at a time, or none."""
+    headers = [
+        (b"host", b"testserver"),
+        (b"authorization", f"Bearer {token}".encode()),
+        (b"content-type", media.encode()),
+    ]
+    if length is not None:
+        headers.append((b"content-length", str(length).encode()))
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 1),
+        "server": ("testserver", 80),
+    }
+
+
+# Opens a plain TCP connection to a served server (raw_connections).
+Connect = Callable[[], socket.socket]
+
+
+@contextmanager
+def raw_connections(url: str) -> Iterator[Connect]:
+    """Opens TCP connections to the server at `url` (on 127.0.0.1), for tests that speak HTTP
+    byte by byte; all are closed at the block's end, failed or not."""
+    port = int(url.rsplit(":", 1)[1])
+    opened: list[socket.socket] = []
+
+    def opening() -> socket.socket:
+        opened.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        return opened[-1]
+
+    try:
+        yield opening
+    finally:
+        for sock in opened:
+            sock.close()
+
+
+def answer(sock: socket.socket, seconds: float) -> bytes:
+    """What the server sends until it closes the connection (b"" for a bare close); fails when
+    it is still open after `seconds`."""
+    sock.settimeout(seconds)
+    received = b""
+    try:
+        while chunk := sock.recv(65536):
+            received += chunk
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        raise AssertionError(
+            f"still open after {seconds}s, having sent {received[:80]!r}"
+        ) from None
+    return received
+
+
 def free_port() -> int:
     """A port of 127.0.0.1 where nothing listens (closed: a connection would be refused)."""
     with socket.socket() as sock:

@@ -138,6 +138,7 @@ async def open_server(
         clock,
         DeliveryConfig(
             timeout=settings.webhook_timeout_seconds,
+            claim_grace=settings.webhook_claim_grace_seconds,
             allow_private=settings.webhook_allow_private,
             concurrency=settings.webhook_concurrency,
             per_user=settings.webhook_concurrency_per_user,

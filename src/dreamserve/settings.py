@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     retention_days: float = Field(default=30.0, gt=0)
     webhook_allow_private: bool = False
     webhook_timeout_seconds: float = Field(default=10.0, gt=0)
+    # How long a deliverer's claim holds a delivery past its try's timeout, for the try to be
+    # recorded: a try cut short unrecorded (a crash, a busy database) is sent again after that.
+    webhook_claim_grace_seconds: float = Field(default=20.0, gt=0)
     # Webhook tries in flight at once: in this process, and for one user or to one receiver
     # host on every process together (so that one tenant's silent receivers cannot hold them).
     webhook_concurrency: int = Field(default=32, ge=1)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from sqlalchemy import Connection, func, select
-from support import SMALL, Harness, open_harness
+from support import SMALL, Harness, open_harness, post_scope
 
 from dreamserve.settings import Settings
 from dreamserve.storage.tables import assets
@@ -125,26 +125,7 @@ async def raw_upload(harness: Harness, account: str, length: int) -> tuple[list[
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    path = f"/v1/dreamina/assets/{account}"
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [
-            (b"host", b"testserver"),
-            (b"authorization", f"Bearer {harness.token}".encode()),
-            (b"content-type", b"image/png"),
-            (b"content-length", str(length).encode()),
-        ],
-        "client": ("127.0.0.1", 1),
-        "server": ("testserver", 80),
-    }
+    scope = post_scope(f"/v1/dreamina/assets/{account}", harness.token, "image/png", length)
     await harness.app(scope, receive, send)
     return sent, bool(received)
 
@@ -174,25 +155,7 @@ async def test_a_client_that_disconnects_mid_body_is_one_quiet_line(
     async def send(message: Any) -> None:
         pass
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [
-            (b"host", b"testserver"),
-            (b"authorization", f"Bearer {harness.token}".encode()),
-            (b"content-type", media.encode()),
-            (b"content-length", b"100000"),
-        ],
-        "client": ("127.0.0.1", 1),
-        "server": ("testserver", 80),
-    }
+    scope = post_scope(path, harness.token, media, 100000)
     caplog.set_level(logging.DEBUG)
     await harness.app(scope, receive, send)
     assert [(r.name, r.levelname, r.getMessage(), r.exc_info) for r in caplog.records] == [

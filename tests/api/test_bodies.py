@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
-from support import SMALL, Harness, eventually, open_harness
+from support import SMALL, Harness, eventually, open_harness, post_scope
 from test_assets import picture, stored, upload
 
 from dreamserve.api.body import SPOOL_BYTES, BodyReads
@@ -39,24 +39,7 @@ class RawRequest:
         self.messages: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.reads = 0  # how many times the app asked for the body
         self.sent: list[dict[str, Any]] = []
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "POST",
-            "scheme": "http",
-            "path": path,
-            "raw_path": path.encode(),
-            "query_string": b"",
-            "root_path": "",
-            "headers": [
-                (b"host", b"testserver"),
-                (b"authorization", f"Bearer {token}".encode()),
-                (b"content-type", media.encode()),
-            ],
-            "client": ("127.0.0.1", 1),
-            "server": ("testserver", 80),
-        }
+        scope = post_scope(path, token, media)
         self.task = asyncio.create_task(harness.app(scope, self.receive, self.send))
 
     async def receive(self) -> dict[str, Any]:

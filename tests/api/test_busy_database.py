@@ -171,12 +171,17 @@ async def test_a_webhook_try_that_cannot_be_recorded_is_sent_again_not_failed(
     busy: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The receiver got the try, but the lock kept it from being recorded: no failed try is
-    made up; the delivery's claim runs out and it is sent again, then recorded.
+    made up; the delivery's claim runs out (the try's timeout and the claim's grace after the
+    claim, not before) and it is sent again, then recorded.
 
     The receiver answers 2 s after the request: the lock is taken well before that, and held
     until the deliverer says it could not record the try (order, not timing)."""
     settings = busy.model_copy(
-        update={"webhook_allow_private": True, "webhook_timeout_seconds": 5.0}
+        update={
+            "webhook_allow_private": True,
+            "webhook_timeout_seconds": 5.0,
+            "webhook_claim_grace_seconds": 3.0,
+        }
     )
     clock = FakeClock()
     not_recorded = "try not recorded, the database is busy"
@@ -193,7 +198,9 @@ async def test_a_webhook_try_that_cannot_be_recorded_is_sent_again_not_failed(
             await h.server.deliverer.drain()
             [delivery] = (await h.call("GET", f"/images/{jobid}/webhooks")).json()["deliveries"]
             assert delivery["tries"] == []
-            clock.advance(60)  # past the claim
+            clock.advance(5.0 + 3.0 - 0.5)  # the claim still holds it
+            assert await h.server.deliverer.deliver_due() == 0
+            clock.advance(1.0)  # past the claim: timeout and grace
             h.server.deliverer.wake()
             await eventually(lambda: receiver.count() == 2)
             await h.server.deliverer.drain()

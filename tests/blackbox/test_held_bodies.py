@@ -12,15 +12,14 @@ import os
 import select
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from PIL import Image
-from servers import Server
-from support import free_port
-from test_http_limits import answer, rss_bytes, server_pid
+from servers import Server, rss_bytes, server_pid, serving
+from support import Connect, answer, free_port, raw_connections
 
 pytestmark = [pytest.mark.blackbox, pytest.mark.timeout(120)]
 
@@ -30,37 +29,22 @@ SLACK = 6.0  # the server may be slow to run its timer on a loaded machine
 UPLOAD = "/v1/dreamina/assets/LOCAL:procedural"
 TIMED_OUT = b'{"error":"Request body timed out (limit 4 seconds)"}'
 
-Connect = Callable[[], socket.socket]
-
 
 @pytest.fixture(scope="module")
 def bodies(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    running = Server(
-        tmp_path_factory.mktemp("bodies") / "data",
-        free_port(),
-        extra={
-            "DREAMSERVE_BODY_TIMEOUT_SECONDS": str(BODY_TIMEOUT),
-            "DREAMSERVE_MAX_BODY_READS_PER_USER": str(PER_USER),
-            "DREAMSERVE_ACCESS_LOG": "false",
-        },
-    )
-    yield running
-    if running.process.poll() is None:
-        running.stop()
+    limits = {
+        "DREAMSERVE_BODY_TIMEOUT_SECONDS": str(BODY_TIMEOUT),
+        "DREAMSERVE_MAX_BODY_READS_PER_USER": str(PER_USER),
+        "DREAMSERVE_ACCESS_LOG": "false",
+    }
+    with serving(tmp_path_factory.mktemp("bodies") / "data", free_port(), extra=limits) as running:
+        yield running
 
 
 @pytest.fixture
 def connect(bodies: Server) -> Iterator[Connect]:
-    port = int(bodies.url.rsplit(":", 1)[1])
-    opened: list[socket.socket] = []
-
-    def opening() -> socket.socket:
-        opened.append(socket.create_connection(("127.0.0.1", port), timeout=5))
-        return opened[-1]
-
-    yield opening
-    for sock in opened:
-        sock.close()
+    with raw_connections(bodies.url) as opening:
+        yield opening
 
 
 def head(path: str, token: str, media: str, length: int) -> bytes:

@@ -3,15 +3,13 @@
 
 from __future__ import annotations
 
-import socket
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 
 import httpx
 import pytest
-from servers import Server
-from support import free_port
+from servers import Server, rss_bytes, server_pid, serving
+from support import Connect, answer, free_port, raw_connections
 
 pytestmark = [pytest.mark.blackbox, pytest.mark.timeout(120)]
 
@@ -20,69 +18,23 @@ HEADER_TIMEOUT = 2.0
 MAX_CONNECTIONS = 10
 SLACK = 3.0  # the server may be slow to run its timer on a loaded machine
 
-Connect = Callable[[], socket.socket]
-
 
 @pytest.fixture(scope="module")
 def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    running = Server(
-        tmp_path_factory.mktemp("limits") / "data",
-        free_port(),
-        extra={
-            "DREAMSERVE_MAX_HEADER_BYTES": str(MAX_HEADER_BYTES),
-            "DREAMSERVE_HEADER_TIMEOUT_SECONDS": str(HEADER_TIMEOUT),
-            "DREAMSERVE_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
-            "DREAMSERVE_ACCESS_LOG": "false",
-        },
-    )
-    yield running
-    if running.process.poll() is None:
-        running.stop()
-
-
-def server_pid(server: Server) -> int:
-    """The dreamserve process: the child of `make run`."""
-    children = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children")
-    return int(children.read_text().split()[0])
-
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
+    limits = {
+        "DREAMSERVE_MAX_HEADER_BYTES": str(MAX_HEADER_BYTES),
+        "DREAMSERVE_HEADER_TIMEOUT_SECONDS": str(HEADER_TIMEOUT),
+        "DREAMSERVE_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
+        "DREAMSERVE_ACCESS_LOG": "false",
+    }
+    with serving(tmp_path_factory.mktemp("limits") / "data", free_port(), extra=limits) as running:
+        yield running
 
 
 @pytest.fixture
 def connect(limited: Server) -> Iterator[Connect]:
-    """Opens a connection to the server; all are closed at the test's end, failed or not."""
-    port = int(limited.url.rsplit(":", 1)[1])
-    opened: list[socket.socket] = []
-
-    def opening() -> socket.socket:
-        opened.append(socket.create_connection(("127.0.0.1", port), timeout=5))
-        return opened[-1]
-
-    yield opening
-    for sock in opened:
-        sock.close()
-
-
-def answer(sock: socket.socket, seconds: float) -> bytes:
-    """What the server sends until it closes the connection (b"" for a bare close); fails when
-    it is still open after `seconds`."""
-    sock.settimeout(seconds)
-    received = b""
-    try:
-        while chunk := sock.recv(65536):
-            received += chunk
-    except ConnectionResetError:
-        pass
-    except TimeoutError:
-        raise AssertionError(
-            f"still open after {seconds}s, having sent {received[:80]!r}"
-        ) from None
-    return received
+    with raw_connections(limited.url) as opening:
+        yield opening
 
 
 def models(server: Server) -> int:

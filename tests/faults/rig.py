@@ -52,11 +52,13 @@ settings = {{ gates = "{gates}" }}
 """
 
 # What every fault server runs with: webhooks to the receiver on 127.0.0.1, tried for a second
-# (a try held past it is recorded as timed out: either way the delivery goes on), and lock waits
+# (a try held past it is recorded as timed out: either way the delivery goes on) and claimed for
+# 2 s more (a try the fault left unrecorded is sent again then, not 20 s later), and lock waits
 # bounded by a second so that a held lock shows within the test's time.
 SETTINGS = {
     "DREAMSERVE_WEBHOOK_ALLOW_PRIVATE": "true",
     "DREAMSERVE_WEBHOOK_TIMEOUT_SECONDS": "1",
+    "DREAMSERVE_WEBHOOK_CLAIM_GRACE_SECONDS": "2",
     "DREAMSERVE_DATABASE_BUSY_SECONDS": "1",
     "DREAMSERVE_ACCESS_LOG": "false",
 }

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -365,6 +366,32 @@ async def test_a_write_waiting_for_the_lock_at_close_is_committed_once_it_is_fre
         await database.close()
     assert await pending > 0
     assert await stored(database) == [7]
+
+
+async def test_close_waits_for_another_process_lock_no_longer_than_the_busy_bound(
+    tmp_path: Path,
+) -> None:
+    """Its last checkpoint, which empties the WAL, waits for a lock another process holds at
+    most `busy_seconds` (as every wait does), not SQLite's own 5 s: the lock, let go 2 s later,
+    is still held when it gives up, and the WAL is left for the next start."""
+    database = SqliteDatabase(f"sqlite:///{tmp_path / 'c.db'}", DatabaseConfig(busy_seconds=0.1))
+    await database.migrate()
+    await database.write(add_user(1))
+    other = sqlite3.connect(database.path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    letting_go = threading.Timer(2.0, other.rollback)
+    letting_go.start()
+    try:
+        await database.close()
+        assert letting_go.is_alive()  # the lock still held: close did not wait for it
+        assert (tmp_path / "c.db-wal").stat().st_size > 0
+    finally:
+        letting_go.cancel()
+        letting_go.join()
+        if other.in_transaction:
+            other.rollback()
+        other.close()
+    assert await stored(database) == [1]
 
 
 async def test_a_write_after_close_fails_instead_of_waiting_for_ever(tmp_path: Path) -> None:

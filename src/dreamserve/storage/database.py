@@ -341,8 +341,10 @@ class SqliteDatabase:
         self._checkpointer.join()
         self._conn.close()
         self._engine.dispose()
-        conn = sqlite3.connect(self.path)
-        try:  # leave no WAL behind
+        # Leave no WAL behind, unless another process holds the lock past the busy bound (not
+        # SQLite's own 5 s): the next start reads it.
+        conn = sqlite3.connect(self.path, timeout=self.config.busy_seconds)
+        try:
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         finally:
             conn.close()

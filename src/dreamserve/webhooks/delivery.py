@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class DeliveryConfig:
     timeout: float = 10.0  # per try: connect, send, answer
+    claim_grace: float = 20.0  # a claim holds its delivery this long past the try's timeout
     allow_private: bool = False  # DREAMSERVE_WEBHOOK_ALLOW_PRIVATE
     concurrency: int = 32  # tries in flight at once, this process
     per_user: int = 8  # tries in flight at once for one user, every process together
@@ -130,7 +131,8 @@ class Deliverer:
         if due is None or due > now:  # a read, not a write: most jobs that end have no webhook
             self._backlog = False
             return 0
-        hold = now + int((self.config.timeout + 20) * 1000)  # past the try, whatever happens
+        # Past the try and its record, whatever happens (DREAMSERVE_WEBHOOK_CLAIM_GRACE_SECONDS)
+        hold = now + int((self.config.timeout + self.config.claim_grace) * 1000)
         fairness = Fairness(self.config.per_user, self.config.per_host, HOST_FAILURES)
         claimed, self._backlog = await self.db.write(
             lambda conn: webhook_claims.claim_due(conn, now, hold, room, TRIES, fairness)
