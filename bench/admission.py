@@ -94,14 +94,19 @@ class Admission:
     """
 
     def __init__(
-        self, case: str, data_dir: Path, cpus: set[int] | None, database_url: str | None = None
+        self,
+        case: str,
+        data_dir: Path,
+        cpus: set[int] | None,
+        database_url: str | None = None,
+        app: str = "admission",
     ) -> None:
         self.case = case
         options = [] if case == "1 account" else ["--no-shared"]
         if database_url:
             options += ["--database-url", database_url]
         self.database = Settings(data_dir=data_dir, database_url=database_url).database
-        self.server = Server("admission", data_dir, cpus, options)
+        self.server = Server(app, data_dir, cpus, options)
         self.images = f"{self.server.url}/v1/dreamina/images"
 
     async def setup(self) -> None:

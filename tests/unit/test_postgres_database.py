@@ -131,3 +131,39 @@ async def test_a_runner_lock_lost_with_its_connection_is_retaken_shared(
     finally:
         await third.close()
         await other.close()
+
+
+def end_sessions(url: str) -> int:
+    """End every other session of the database, as a restart or a failover does: how many."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        ended = conn.execute(
+            "SELECT pg_terminate_backend(pid, 2000) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchall()
+    return len(ended)
+
+
+async def test_connections_whose_sessions_ended_are_replaced_before_use(
+    db: PostgresDatabase, postgres_url: str
+) -> None:
+    """Every pooled session ended by the server (no ping at checkout any more): each next read
+    and write gets a new connection, without an error."""
+    await asyncio.gather(*(db.read(sleep(0.2)) for _ in range(4)))  # (at least) four in the pool
+    assert await asyncio.to_thread(end_sessions, postgres_url) >= 2
+    for _ in range(PostgresDatabase.POOL_SIZE):
+        assert await db.read(lambda conn: conn.execute(text("SELECT 1")).scalar_one()) == 1
+        await db.write(lambda conn: user_queries.insert_user(conn, 1))
+
+
+async def test_reads_open_no_transaction_and_writes_do(db: PostgresDatabase) -> None:
+    """A read's statements run in autocommit (no BEGIN and ROLLBACK round trips); a write's in
+    one transaction."""
+
+    def status(conn: Connection) -> psycopg.pq.TransactionStatus:
+        conn.execute(text("SELECT 1"))
+        driver = conn.connection.driver_connection
+        assert isinstance(driver, psycopg.Connection)
+        return driver.info.transaction_status
+
+    assert await db.read(status) is psycopg.pq.TransactionStatus.IDLE
+    assert await db.write(status) is psycopg.pq.TransactionStatus.INTRANS

@@ -32,6 +32,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import select
 import sqlite3
 import threading
 import time
@@ -48,7 +49,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, create_engine, event, text
 from sqlalchemy.engine import URL, Engine, make_url
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.pool import NullPool, StaticPool
 
@@ -490,10 +491,14 @@ class PostgresDatabase:
             driver_url,
             pool_size=self.POOL_SIZE,
             max_overflow=0,
-            pool_pre_ping=True,
             pool_timeout=self.config.busy_seconds,
             connect_args={"options": _session_options(driver_url, self.config)},
         )
+        event.listen(self._engine, "checkout", _discard_ended)
+        # Reads in autocommit, on the same pool: a statement is one round trip, without the
+        # BEGIN and ROLLBACK around it; each statement sees the latest committed state, as it
+        # does in a READ COMMITTED transaction.
+        self._reader = self._engine.execution_options(isolation_level="AUTOCOMMIT")
         self._threads = ThreadPoolExecutor(self.POOL_SIZE, thread_name_prefix="dreamserve-db")
         self._runner_lock: Connection | None = None
         self._is_alone = False  # holding the runner lock exclusively as well
@@ -502,7 +507,7 @@ class PostgresDatabase:
         self._lock_thread = ThreadPoolExecutor(1, thread_name_prefix="dreamserve-runner-lock")
 
     async def read(self, fn: Transaction[T]) -> T:
-        return await self._run(self._engine.connect, fn)
+        return await self._run(self._reader.connect, fn)
 
     async def write(self, fn: Transaction[T]) -> T:
         return await self._run(self._engine.begin, fn)
@@ -609,6 +614,20 @@ class PostgresDatabase:
             if _sqlstate(error) == _DISK_FULL:
                 raise StorageFull from error
             raise
+
+
+def _discard_ended(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+    """At checkout: a pooled connection whose session the server ended (a restart, a failover,
+    pg_terminate_backend) is replaced with a new one. The one place the PostgreSQL path leaves
+    SQLAlchemy's usual road: instead of `pool_pre_ping`, a query per transaction (BEGIN,
+    SELECT 1, ROLLBACK: three round trips, as many as the rest of a submission; see
+    docs/benchmarks.md), the socket is looked at without waiting. An idle connection has
+    nothing to read, unless the server sent its last message (FATAL) or closed it: then
+    DisconnectionError, on which the pool discards it and connects anew (up to three times).
+    A connection lost silently (a network cut) is not seen here; its transaction fails, as it
+    would after a ping that passed a moment before."""
+    if dbapi_connection.closed or select.select([dbapi_connection.fileno()], [], [], 0)[0]:
+        raise DisconnectionError("the server ended this connection's session")
 
 
 # lock_not_available (lock_timeout) and query_canceled (statement_timeout).
