@@ -18,7 +18,9 @@ The backend is chosen by URL, each run where it is fastest (docs/benchmarks.md h
   (the only step that waits on the disk) run on a background thread instead of inside a
   request.
 - PostgreSQL: a pool of psycopg connections, each transaction run on a worker thread, with
-  `lock_timeout` and `statement_timeout` set on every connection.
+  `lock_timeout` and `statement_timeout` set on every connection. Each round trip costs the
+  server CPU (a thread's wake-up as well as the driver's work), so none is spent on a ping
+  (`_discard_ended`) nor on BEGIN and ROLLBACK around reads (autocommit).
 
 Either way a transaction waits at most `DatabaseConfig.busy_seconds` for another's lock (or, on
 PostgreSQL, for a connection), then fails with `DatabaseBusy` (503 with Retry-After); a write
@@ -619,9 +621,9 @@ class PostgresDatabase:
 def _discard_ended(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
     """At checkout: a pooled connection whose session the server ended (a restart, a failover,
     pg_terminate_backend) is replaced with a new one. The one place the PostgreSQL path leaves
-    SQLAlchemy's usual road: instead of `pool_pre_ping`, a query per transaction (BEGIN,
-    SELECT 1, ROLLBACK: three round trips, as many as the rest of a submission; see
-    docs/benchmarks.md), the socket is looked at without waiting. An idle connection has
+    SQLAlchemy's usual road: instead of `pool_pre_ping`, a `SELECT 1` round trip before every
+    transaction (a fifth of a submission's; docs/benchmarks.md), the socket is looked at
+    without waiting. An idle connection has
     nothing to read, unless the server sent its last message (FATAL) or closed it: then
     DisconnectionError, on which the pool discards it and connects anew (up to three times).
     A connection lost silently (a network cut) is not seen here; its transaction fails, as it
