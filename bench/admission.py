@@ -91,6 +91,8 @@ class Admission:
       server of bench/api.py), for reference;
     - `3 accounts`: LOCAL:procedural deleted, ACCOUNTS created through the API, then uncapped;
     - `429`: LOCAL:procedural deleted, ACCOUNTS created with maxJobs 1 and each given a job.
+
+    `app` is bench/serve.py's app (bench/scale.py sets up an `api` server the same way).
     """
 
     def __init__(

@@ -5,6 +5,8 @@ answered DatabaseBusy instead, with nothing committed."""
 from __future__ import annotations
 
 import asyncio
+import os
+import resource
 import time
 from collections.abc import AsyncIterator
 
@@ -167,3 +169,20 @@ async def test_reads_open_no_transaction_and_writes_do(db: PostgresDatabase) -> 
 
     assert await db.read(status) is psycopg.pq.TransactionStatus.IDLE
     assert await db.write(status) is psycopg.pq.TransactionStatus.INTRANS
+
+
+async def test_connections_above_descriptor_1024_are_checked_out(postgres_url: str) -> None:
+    """A busy server holds over a thousand sockets (clients waiting with `?wait=`): a pooled
+    connection's descriptor above 1024 is checked at checkout as well (select() takes none)."""
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 2048:
+        pytest.skip("the process may not open 1100 more files")
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    database = PostgresDatabase(postgres_url, QUICK)
+    try:
+        assert await database.read(lambda conn: conn.execute(text("SELECT 1")).scalar_one()) == 1
+        fileno = await database.read(lambda conn: conn.connection.driver_connection.fileno())
+        assert fileno > 1024
+    finally:
+        await database.close()
+        for descriptor in held:
+            os.close(descriptor)

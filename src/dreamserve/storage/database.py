@@ -628,7 +628,11 @@ def _discard_ended(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
     DisconnectionError, on which the pool discards it and connects anew (up to three times).
     A connection lost silently (a network cut) is not seen here; its transaction fails, as it
     would after a ping that passed a moment before."""
-    if dbapi_connection.closed or select.select([dbapi_connection.fileno()], [], [], 0)[0]:
+    if dbapi_connection.closed:
+        raise DisconnectionError("the connection is closed")
+    socket = select.poll()  # not select.select: its descriptors must be below 1024
+    socket.register(dbapi_connection.fileno(), select.POLLIN)
+    if socket.poll(0):  # readable, or hung up, or in error
         raise DisconnectionError("the server ended this connection's session")
 
 
