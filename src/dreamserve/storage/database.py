@@ -623,9 +623,9 @@ def _discard_ended(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
     pg_terminate_backend) is replaced with a new one. The one place the PostgreSQL path leaves
     SQLAlchemy's usual road: instead of `pool_pre_ping`, a `SELECT 1` round trip before every
     transaction (a fifth of a submission's; docs/benchmarks.md), the socket is looked at
-    without waiting. An idle connection has
-    nothing to read, unless the server sent its last message (FATAL) or closed it: then
-    DisconnectionError, on which the pool discards it and connects anew (up to three times).
+    without waiting. An idle connection has nothing to read, unless the server sent its last
+    message (FATAL) or closed it: then DisconnectionError, on which the pool discards it and
+    connects anew (up to three times).
     A connection lost silently (a network cut) is not seen here; its transaction fails, as it
     would after a ping that passed a moment before."""
     if dbapi_connection.closed:
