@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint typecheck pytest bench bench-admission bench-engine openapi clean
+.PHONY: run test lint typecheck pytest bench bench-admission bench-scale bench-engine openapi clean
 
 run: $(VENV)/.installed
 	$(BIN)/dreamserve serve
@@ -27,6 +27,9 @@ bench: $(VENV)/.installed-bench
 
 bench-admission: $(VENV)/.installed-bench
 	$(BIN)/python bench/admission.py
+
+bench-scale: $(VENV)/.installed-bench
+	$(BIN)/python bench/scale.py
 
 bench-engine: $(VENV)/.installed-bench
 	$(BIN)/python bench/engine.py

@@ -91,17 +91,24 @@ class Admission:
       server of bench/api.py), for reference;
     - `3 accounts`: LOCAL:procedural deleted, ACCOUNTS created through the API, then uncapped;
     - `429`: LOCAL:procedural deleted, ACCOUNTS created with maxJobs 1 and each given a job.
+
+    `app` is bench/serve.py's app (bench/scale.py sets up an `api` server the same way).
     """
 
     def __init__(
-        self, case: str, data_dir: Path, cpus: set[int] | None, database_url: str | None = None
+        self,
+        case: str,
+        data_dir: Path,
+        cpus: set[int] | None,
+        database_url: str | None = None,
+        app: str = "admission",
     ) -> None:
         self.case = case
         options = [] if case == "1 account" else ["--no-shared"]
         if database_url:
             options += ["--database-url", database_url]
         self.database = Settings(data_dir=data_dir, database_url=database_url).database
-        self.server = Server("admission", data_dir, cpus, options)
+        self.server = Server(app, data_dir, cpus, options)
         self.images = f"{self.server.url}/v1/dreamina/images"
 
     async def setup(self) -> None:

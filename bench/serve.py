@@ -1,6 +1,6 @@
 """Start one benchmark server on the settings `dreamserve serve` uses (`uvicorn_options`).
 
-    python bench/serve.py dreamserve|admission|noop --port P --data-dir D
+    python bench/serve.py dreamserve|admission|api|noop --port P --data-dir D
         [--database-url URL] [--no-shared] [--extra-users N]
 
 - `dreamserve`: the real app, with a catalogue row `bench-tiny` (64x64 images) and a cap of
@@ -10,6 +10,9 @@
   day long: no runner ever claims them, and with the default 30 s the reaper would take back
   every job of the run half a minute after its admission (one write each, a third of the
   server's core at 1500 submissions a second), which no server with runners does.
+- `api`: an API process of a scale-out deployment on PostgreSQL (`DREAMSERVE_RUN_JOBS=false`):
+  jobs are admitted and enqueued through procrastinate (the default dispatcher), run by no one;
+  a day-long lease, as `admission`. The submission path with its enqueue.
 - `noop`: a FastAPI app whose POST parses the JSON body and whose GET answers a constant.
 
 `--database-url` puts the real app on that database (`Settings.database_url`; default: SQLite in
@@ -101,15 +104,16 @@ async def prepare(settings: Settings, *, shared: bool = True, extra_users: int =
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("app", choices=["dreamserve", "admission", "noop"])
+    parser.add_argument("app", choices=["dreamserve", "admission", "api", "noop"])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--data-dir", type=Path, required=True)
     parser.add_argument("--database-url", default=None)
     parser.add_argument("--no-shared", action="store_true")
     parser.add_argument("--extra-users", type=int, default=0)
     args = parser.parse_args()
-    unclaimed = {"lease_seconds": 86_400.0} if args.app == "admission" else {}
+    unclaimed = {"lease_seconds": 86_400.0} if args.app in ("admission", "api") else {}
     settings = Settings(
+        run_jobs=args.app != "api",
         data_dir=args.data_dir,
         database_url=args.database_url,
         port=args.port,
@@ -123,7 +127,8 @@ def main() -> None:
     else:
         tokens = prepare(settings, shared=not args.no_shared, extra_users=args.extra_users)
         print(asyncio.run(tokens), flush=True)
-        dispatcher = QueueOnlyDispatcher if args.app == "admission" else InProcessDispatcher
+        dispatchers = {"admission": QueueOnlyDispatcher, "api": None}
+        dispatcher = dispatchers.get(args.app, InProcessDispatcher)
         app = create_app(settings, catalogue=bench_catalogue(), dispatcher=dispatcher)
     settle_heap()
     uvicorn.run(app, **uvicorn_options(settings))

@@ -5,6 +5,8 @@ answered DatabaseBusy instead, with nothing committed."""
 from __future__ import annotations
 
 import asyncio
+import os
+import resource
 import time
 from collections.abc import AsyncIterator
 
@@ -145,3 +147,56 @@ async def test_servers_starting_at_once_on_an_empty_database_make_one_first_star
         users = await one.db.read(user_queries.count_users)
     assert len([token for token in tokens if token is not None]) == 1
     assert users == 1
+
+
+def end_sessions(url: str) -> int:
+    """End every other session of the database, as a restart or a failover does: how many."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        ended = conn.execute(
+            "SELECT pg_terminate_backend(pid, 2000) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchall()
+    return len(ended)
+
+
+async def test_connections_whose_sessions_ended_are_replaced_before_use(
+    db: PostgresDatabase, postgres_url: str
+) -> None:
+    """Every pooled session ended by the server (no ping at checkout any more): each next read
+    and write gets a new connection, without an error."""
+    await asyncio.gather(*(db.read(sleep(0.2)) for _ in range(4)))  # (at least) four in the pool
+    assert await asyncio.to_thread(end_sessions, postgres_url) >= 2
+    for _ in range(PostgresDatabase.POOL_SIZE):
+        assert await db.read(lambda conn: conn.execute(text("SELECT 1")).scalar_one()) == 1
+        await db.write(lambda conn: user_queries.insert_user(conn, 1))
+
+
+async def test_reads_open_no_transaction_and_writes_do(db: PostgresDatabase) -> None:
+    """A read's statements run in autocommit (no BEGIN and ROLLBACK round trips); a write's in
+    one transaction."""
+
+    def status(conn: Connection) -> psycopg.pq.TransactionStatus:
+        conn.execute(text("SELECT 1"))
+        driver = conn.connection.driver_connection
+        assert isinstance(driver, psycopg.Connection)
+        return driver.info.transaction_status
+
+    assert await db.read(status) is psycopg.pq.TransactionStatus.IDLE
+    assert await db.write(status) is psycopg.pq.TransactionStatus.INTRANS
+
+
+async def test_connections_above_descriptor_1024_are_checked_out(postgres_url: str) -> None:
+    """A busy server holds over a thousand sockets (clients waiting with `?wait=`): a pooled
+    connection's descriptor above 1024 is checked at checkout as well (select() takes none)."""
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 2048:
+        pytest.skip("the process may not open 1100 more files")
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    database = PostgresDatabase(postgres_url, QUICK)
+    try:
+        assert await database.read(lambda conn: conn.execute(text("SELECT 1")).scalar_one()) == 1
+        fileno = await database.read(lambda conn: conn.connection.driver_connection.fileno())
+        assert fileno > 1024
+    finally:
+        await database.close()
+        for descriptor in held:
+            os.close(descriptor)
