@@ -62,7 +62,7 @@ class QueueOnlyDispatcher:
     def __init__(self, runner: Runner) -> None:
         self.queued = 0
 
-    async def dispatch(self, job_id: int) -> None:
+    async def dispatch(self, job_id: int, account: str | None = None) -> None:
         self.queued += 1
 
     def cancel(self, job_id: int) -> None:

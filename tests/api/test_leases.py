@@ -152,7 +152,7 @@ class FirstDeliveryFails(InProcessDispatcher):
         self.runner = runner
         self.failed = False
 
-    async def dispatch(self, job_id: int) -> None:
+    async def dispatch(self, job_id: int, account: str | None = None) -> None:
         if self.failed:
             await super().dispatch(job_id)
             return

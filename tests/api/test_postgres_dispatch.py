@@ -14,7 +14,7 @@ from support import SMALL, CancellableEngine, GatedEngine, eventually, open_harn
 
 from dreamserve.app import run_worker
 from dreamserve.config import ConfigError
-from dreamserve.dispatch.postgres import apply_schema
+from dreamserve.dispatch.postgres import PostgresDispatcher, apply_schema
 from dreamserve.engines.registry import EngineSource
 from dreamserve.settings import Settings
 
@@ -126,7 +126,7 @@ class LosesItsEnqueue:
     def __init__(self, runner: object) -> None:
         return None
 
-    async def dispatch(self, job_id: int) -> None:
+    async def dispatch(self, job_id: int, account: str | None = None) -> None:
         return None
 
     def cancel(self, job_id: int) -> None:
@@ -166,3 +166,26 @@ async def test_run_jobs_false_is_refused_on_sqlite(settings: Settings) -> None:
 async def test_procrastinate_schema_is_applied_once(postgres_url: str) -> None:
     await apply_schema(postgres_url)  # there already, or made now
     assert await apply_schema(postgres_url) is False
+
+
+async def test_a_dispatch_that_names_the_account_enqueues_without_a_lookup(
+    postgres_url: str,
+) -> None:
+    """A submission knows its job's account: the enqueue goes to that account's queue without
+    reading the job (a lookup is only for jobs sent again, by the reaper)."""
+
+    class Idle:
+        async def run(self, job_id: int) -> None: ...
+
+        def cancel(self, job_id: int) -> None: ...
+
+    async def no_lookup(job_id: int) -> str | None:
+        raise AssertionError("the account was given")
+
+    dispatcher = PostgresDispatcher(Idle(), postgres_url, runs_jobs=False, account_of=no_lookup)
+    await dispatcher.open()
+    try:
+        await dispatcher.dispatch(7, "LOCAL:gpu0")
+    finally:
+        await dispatcher.close()
+    assert ("account:LOCAL:gpu0", "todo") in _queued(postgres_url)

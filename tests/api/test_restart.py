@@ -34,7 +34,7 @@ class NeverRun:
     def __init__(self, runner: object) -> None:
         return None
 
-    async def dispatch(self, job_id: int) -> None:
+    async def dispatch(self, job_id: int, account: str | None = None) -> None:
         return None
 
     def cancel(self, job_id: int) -> None:

@@ -134,7 +134,7 @@ class HeldDispatcher(InProcessDispatcher):
 
     gate = asyncio.Event()
 
-    async def dispatch(self, job_id: int) -> None:
+    async def dispatch(self, job_id: int, account: str | None = None) -> None:
         async def later() -> None:
             await self.gate.wait()
             await InProcessDispatcher.dispatch(self, job_id)

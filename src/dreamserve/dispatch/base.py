@@ -14,9 +14,11 @@ class Runner(Protocol):
 
 
 class Dispatcher(Protocol):
-    async def dispatch(self, job_id: int) -> None:
+    async def dispatch(self, job_id: int, account: str | None = None) -> None:
         """Have the job run soon. Called after the job's transaction committed; running a job
-        twice is harmless because runners claim jobs with a conditional update."""
+        twice is harmless because runners claim jobs with a conditional update. `account`: the
+        name of the job's account, when the caller knows it (a dispatcher that routes by
+        account then reads nothing)."""
 
     def cancel(self, job_id: int) -> None:
         """The job was ended (its final state is committed): stop its engine if it runs where

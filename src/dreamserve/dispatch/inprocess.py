@@ -19,7 +19,7 @@ class InProcessDispatcher:
         self._tasks: set[asyncio.Task[None]] = set()
         self._is_closed = False
 
-    async def dispatch(self, job_id: int) -> None:
+    async def dispatch(self, job_id: int, account: str | None = None) -> None:
         if self._is_closed:  # the job stays queued: its lease runs out, a reaper dispatches it
             return
         task = asyncio.create_task(self._guarded(job_id), name=f"job-{job_id}")

@@ -219,10 +219,11 @@ class PostgresDispatcher:
         except Exception:  # the runner records job failures itself; this is a bug or an outage
             log.exception("job %s: runner crashed", job_id)  # the reaper takes it back
 
-    async def dispatch(self, job_id: int) -> None:
+    async def dispatch(self, job_id: int, account: str | None = None) -> None:
         if self._is_closed or not self._is_open:  # the job keeps its lease: a reaper sends it
             return
-        account = await self._account_of(job_id)
+        if account is None:  # a job sent again (the reaper): its account, if it is unfinished
+            account = await self._account_of(job_id)
         if account is None:  # deleted meanwhile, or ended: nothing to run
             return
         task = self._app.configure_task(TASK, queue=queue_of(account))

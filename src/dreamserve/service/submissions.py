@@ -187,7 +187,7 @@ class Submissions:
         if idempotency_key is None:
             await self._check_host(reply_url)
             job = await self._admitted(admit)
-            await self.dispatcher.dispatch(job.id)
+            await self.dispatcher.dispatch(job.id, job.account)
             return Submitted(record(job, self.blobs.link))
         if not _IDEMPOTENCY_KEY.fullmatch(idempotency_key):
             raise BadRequest("Header Idempotency-Key must be 1-255 printable ASCII characters")
@@ -226,7 +226,7 @@ class Submissions:
 
         job, replayed = await self._admitted(admit_once)
         if not replayed:
-            await self.dispatcher.dispatch(job.id)
+            await self.dispatcher.dispatch(job.id, job.account)
         return Submitted(record(job, self.blobs.link), replayed=replayed)
 
     async def _check_host(self, url: str | None) -> None:
