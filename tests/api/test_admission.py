@@ -7,6 +7,7 @@ import asyncio
 import random
 from collections import Counter
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
@@ -147,3 +148,39 @@ async def test_within_a_priority_the_choice_stays_random(pool: Harness) -> None:
         await pool.wait(jobid)
     # Free slots all along: only the top tier takes jobs, both of its accounts some of them.
     assert set(TrackingEngine.runs) == {"LOCAL:a", "LOCAL:b"}
+
+
+async def test_two_api_processes_never_admit_past_the_caps(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """Two API processes on one PostgreSQL (each with its own account cache) take slots from
+    the same rows: 200 submissions at once, half through each, fill exactly the caps."""
+    TrackingEngine.gate = asyncio.Event()
+    TrackingEngine.peaks = {}
+    TrackingEngine.runs = Counter()
+    settings = Settings(
+        data_dir=tmp_path / "data", database_url=postgres_url, public_url="http://testserver"
+    )
+    engines = {**BUILTIN, "tracking": TrackingEngine}
+    async with (
+        open_harness(settings, engines=engines) as one,
+        open_harness(settings, engines=engines, resume=False) as two,
+    ):
+        for name, cap in CAPS.items():
+            body = {"account": name, "engine": "tracking", "maxJobs": cap, "priority": cap}
+            await one.put_account({**body, "settings": {"tag": name}})
+        shared = update(accounts).where(accounts.c.owner == SHARED)
+        await one.execute(shared.values(models=["seedream-3.0"]))
+        replies = await asyncio.gather(
+            *(harness.post(SMALL) for _ in range(100) for harness in (one, two))
+        )
+        assert Counter(reply.status_code for reply in replies) == {200: 10, 429: 190}
+        assert await own_slots(one) == CAPS
+        TrackingEngine.gate.set()
+        for reply in replies:
+            if reply.status_code == 200:
+                jobid = reply.json()["jobid"]
+                assert (await one.wait(jobid))["status"] == "completed"
+        assert await own_slots(one) == dict.fromkeys(CAPS, 0)
+        for name, peak in TrackingEngine.peaks.items():
+            assert peak <= CAPS[name], name
