@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
@@ -267,3 +268,43 @@ async def test_a_cap_raised_lets_waiting_jobs_start_at_once(queue: Harness) -> N
     await eventually(lambda: TurnEngine.started[2:] == ["waits 1"])
     assert [await position(queue, jobid) for jobid in jobids] == [None, 1]
     assert await queue.slots() == {ACCOUNT: 3, "LOCAL:procedural": 0}
+
+
+async def test_two_api_processes_share_the_queue_without_losing_or_doubling_a_job(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """Two API processes on one PostgreSQL, each running the jobs whose slots it freed or
+    admitted: 30 queued submissions through both; every job runs once, the cap holds."""
+    TurnEngine.started = []
+    TurnEngine.go = asyncio.Queue()
+    settings = Settings(
+        data_dir=tmp_path / "data", database_url=postgres_url, public_url="http://testserver"
+    )
+    engines = {**BUILTIN, "turns": TurnEngine}
+    async with (
+        open_harness(settings, engines=engines) as one,
+        open_harness(settings, engines=engines, resume=False) as two,
+    ):
+        await one.service.accounts.put(None, SHARED_ACCOUNT)
+        await one.execute(
+            accounts.update()
+            .where(accounts.c.name == "LOCAL:procedural")
+            .values(models=["seedream-3.0"])
+        )
+        replies = await asyncio.gather(
+            *(
+                harness.post(body(f"p{n}-{i}"))
+                for i in range(15)
+                for n, harness in ((1, one), (2, two))
+            )
+        )
+        assert {reply.status_code for reply in replies} == {200}
+        await eventually(lambda: len(TurnEngine.started) == 2)
+        assert await one.slots() == {ACCOUNT: 2, "LOCAL:procedural": 0}
+        for _ in range(30):
+            TurnEngine.go.put_nowait(None)
+        for reply in replies:
+            record = await finished(one, reply.json()["jobid"], None)
+            assert record["status"] == "completed", record
+        assert sorted(TurnEngine.started) == sorted(f"p{n}-{i}" for i in range(15) for n in (1, 2))
+        assert await one.slots() == {ACCOUNT: 0, "LOCAL:procedural": 0}
