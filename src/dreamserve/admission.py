@@ -23,7 +23,7 @@ from dreamserve.errors import (
     EngineUnavailable,
     NoAccountForModel,
 )
-from dreamserve.storage import account_queries
+from dreamserve.storage import account_queries, job_queries
 from dreamserve.storage.account_queries import Account
 
 log = logging.getLogger(__name__)
@@ -141,6 +141,29 @@ class Admission:
             if account_queries.take_slot(conn, each, max_jobs):
                 return each
         raise AtCapacity(account, self.retry_after)
+
+    def enqueue(
+        self,
+        conn: Connection,
+        *,
+        user_id: int,
+        model: Model,
+        account: str | None,
+        limit: int,
+    ) -> Account:
+        """The account whose queue a job that found no free slot joins (`queueSeconds`): of the
+        accounts it may go to (the named one, or every eligible one), the one with the fewest
+        jobs waiting, at random among ties; AtCapacity when every such queue holds `limit`."""
+        usable = self._usable(conn, user_id)
+        healthy = usable.healthy.get((model.name, account))
+        if healthy is None:
+            healthy = usable.healthy[model.name, account] = self._healthy(usable, model, account)
+        waiting = job_queries.waiting_counts(conn, [each.id for each in healthy])
+        room = [each for each in healthy if waiting[each.id] < limit]
+        if not room:
+            raise AtCapacity(account, self.retry_after)
+        self.rng.shuffle(room)
+        return min(room, key=lambda each: waiting[each.id])  # the first of the fewest
 
     def _healthy(self, usable: _Usable, model: Model, account: str | None) -> list[Account]:
         """The accounts of the list (only the one named `account`, if given) that serve the

@@ -152,7 +152,7 @@ async def open_server(
         cache_seconds=settings.account_cache_seconds,
         wall=lambda: millis(clock()),
     )
-    store = JobStore(db, events)
+    store = JobStore(db, events, int(settings.lease_seconds * 1000))
     memory = RenderMemory(settings.render_memory_mb << 20)
     runner = JobRunner(
         store,
@@ -179,7 +179,9 @@ async def open_server(
         dispatch = dispatcher(runner)
     else:
         dispatch = await _default_dispatcher(settings, runner, db, runs_jobs, worker_accounts)
+    store.dispatch = dispatch.dispatch  # jobs promoted from a queue, wherever a slot freed
     config = ServiceConfig(
+        queue_limit=settings.queue_limit,
         token_cache_seconds=settings.token_cache_seconds,
         lease_seconds=settings.lease_seconds,
         max_upload_bytes=settings.max_upload_bytes,

@@ -35,9 +35,11 @@ CANCELLED_BY_USER = "Cancelled by user"
 
 
 class Phase(StrEnum):
-    """Where a job is in its life. The contract's `created` covers two phases: queued (no
+    """Where a job is in its life. The contract's `created` covers three phases: waiting (in
+    its account's queue for a slot, `queueSeconds`: it holds none), queued (it holds a slot, no
     runner has it) and running (a runner claimed it and holds its lease)."""
 
+    WAITING = "waiting"
     QUEUED = "queued"
     RUNNING = "running"
     COMPLETED = "completed"
@@ -50,6 +52,8 @@ class Phase(StrEnum):
 
 class Transition(StrEnum):
     ADMIT = "admit"  # a slot taken and the job made, in one transaction
+    WAIT = "wait"  # no slot free: the job made, waiting in its account's queue
+    PROMOTE = "promote"  # a waiting job takes a slot that freed
     CLAIM = "claim"  # a runner starts it (a new attempt)
     PROGRESS = "progress"  # its runner renews the lease, with its progress
     FINISH = "finish"  # its runner stored its images
@@ -77,21 +81,25 @@ class Rule:
         return self.target is not None and self.target.is_terminal
 
 
-_UNFINISHED: frozenset[Phase | None] = frozenset({Phase.QUEUED, Phase.RUNNING})
+_UNFINISHED: frozenset[Phase | None] = frozenset({Phase.WAITING, Phase.QUEUED, Phase.RUNNING})
+_HOLDING: frozenset[Phase | None] = frozenset({Phase.QUEUED, Phase.RUNNING})  # a slot
 _ENDED: frozenset[Phase | None] = frozenset({Phase.COMPLETED, Phase.FAILED})
 
 # Every allowed transition, in one place. A transition from anywhere else changes nothing: the
 # store's conditional statements only match the phases listed here, so a slot taken at admit is
-# given back exactly once, by whichever transition ends the job first. Admit is not announced
-# (nobody can wait on a job whose id is not yet returned), nor is expire (the job is gone).
+# given back exactly once, by whichever transition ends the job first (a waiting job holds none:
+# its end gives none back). Admit and wait are not announced (nobody can wait on a job whose id
+# is not yet returned), nor is expire (the job is gone).
 TRANSITIONS: Mapping[Transition, Rule] = {
     Transition.ADMIT: Rule(frozenset({None}), Phase.QUEUED, slot=+1, announced=False),
+    Transition.WAIT: Rule(frozenset({None}), Phase.WAITING, announced=False),
+    Transition.PROMOTE: Rule(frozenset({Phase.WAITING}), Phase.QUEUED, slot=+1),
     Transition.CLAIM: Rule(frozenset({Phase.QUEUED}), Phase.RUNNING),
     Transition.PROGRESS: Rule(frozenset({Phase.RUNNING}), Phase.RUNNING),
     Transition.FINISH: Rule(frozenset({Phase.RUNNING}), Phase.COMPLETED, slot=-1),
     Transition.FAIL: Rule(_UNFINISHED, Phase.FAILED, slot=-1),
     Transition.CANCEL: Rule(_UNFINISHED, Phase.FAILED, slot=-1),
-    Transition.REQUEUE: Rule(_UNFINISHED, Phase.QUEUED),
+    Transition.REQUEUE: Rule(_HOLDING, Phase.QUEUED),
     Transition.EXPIRE: Rule(_ENDED, None, announced=False),
 }
 
@@ -209,10 +217,13 @@ class Job:
     error_details: str | None = None
     images: tuple[StoredImage, ...] = field(default=())
     attempts: int = 0  # how many times a runner claimed it; fences the runner's writes
+    queue_deadline: int | None = None  # while it waits for a slot: when it gives up
 
     @property
     def phase(self) -> Phase:
         if self.status is Status.CREATED:
+            if self.queue_deadline is not None:
+                return Phase.WAITING
             return Phase.RUNNING if self.started_at is not None else Phase.QUEUED
         return Phase(self.status.value)
 
@@ -265,6 +276,7 @@ class _Times(TypedDict, total=False):
     updated: str
     started: str
     progress: int
+    queuePosition: int  # set by the records service (it takes a query), never here
 
 
 class _Failure(TypedDict, total=False):

@@ -97,6 +97,7 @@ class Reaper:
             await self.dispatcher.dispatch(job_id)
         for jobid in sweep.failed:
             log.warning("job %s failed: its runner stopped too many times", jobid)
+        await self._queues(now)
         keys_before = now - int(self.config.idempotency_seconds * 1000)
 
         def forget(conn: Connection) -> None:
@@ -105,6 +106,24 @@ class Reaper:
 
         await self.store.db.write(forget)
         return replace(sweep, deleted_files=await self._forget_old_jobs(now))
+
+    async def _queues(self, now: int) -> None:
+        """Jobs waiting for a slot: those whose `queueSeconds` ran out fail, and free slots go
+        to the waiting (a slot that freed while a job joined the queue, a cap raised, a restart);
+        the promoted jobs are dispatched by the store."""
+        overdue = await self.store.db.read(lambda conn: job_queries.overdue_waits(conn, now))
+        for job_id, jobid, seconds in overdue:
+
+            def give_up(tx: JobTransaction, job_id: int = job_id, seconds: int = seconds) -> bool:
+                job = job_queries.job_by_id(tx.conn, job_id)
+                error = f"Timed out waiting for capacity after {seconds} s"
+                return job is not None and tx.give_up_waiting(job, error, now)
+
+            if await self.store.write(give_up):
+                log.info("job %s failed: no slot within its queueSeconds (%d s)", jobid, seconds)
+        accounts = await self.store.db.read(job_queries.accounts_to_promote)
+        for account_id in accounts:
+            await self.store.write(partial(JobTransaction.promote, account_id=account_id, now=now))
 
     async def _forget_old_jobs(self, now: int) -> int:
         before = now - int(self.config.retention_days * 86_400_000)

@@ -58,6 +58,15 @@ class JobRecord(TypedDict):
     updated: NotRequired[str]
     started: NotRequired[str]  # with progress, while a started job is still `created`
     progress: NotRequired[int]
+    queuePosition: NotRequired[
+        Annotated[
+            int,
+            Field(
+                description="GET only, while the job waits for a slot (queueSeconds): 1 takes "
+                "the next slot of its account"
+            ),
+        ]
+    ]
     request: dict[str, Any]
     response: JobResponse
     error: NotRequired[str]

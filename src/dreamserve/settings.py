@@ -70,6 +70,8 @@ class Settings(BaseSettings):
     shutdown_seconds: float = Field(default=10.0, gt=0)
     retention_days: float = Field(default=30.0, gt=0)
     webhook_allow_private: bool = False
+    # Jobs that may wait (`queueSeconds`) in one account's queue for a slot; past it, a 429.
+    queue_limit: int = Field(default=1000, ge=0)
     webhook_timeout_seconds: float = Field(default=10.0, gt=0)
     # How long a deliverer's claim holds a delivery past its try's timeout, for the try to be
     # recorded: a try cut short unrecorded (a crash, a busy database) is sent again after that.

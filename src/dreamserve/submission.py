@@ -22,6 +22,7 @@ MAX_PROMPT = 1600
 MAX_REPLY = 1024
 MAX_REFS = 6
 MAX_COUNT = 4
+MAX_QUEUE_SECONDS = 3600  # of `queueSeconds`: how long a job may wait for a slot
 MAX_SEED = 2_147_483_647
 _REF_KEY = re.compile(r"imageRef_(.*)")
 REF_NAMES = tuple(f"imageRef_{n}" for n in range(1, MAX_REFS + 1))
@@ -44,6 +45,7 @@ class ImageSubmission:
     seed: int | None
     count: int
     echo: Mapping[str, Any]
+    queue_seconds: int = 0  # how long it may wait for a slot (0: a 429 at once when none)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -78,6 +80,7 @@ def parse_image_submission(fields: Mapping[str, Any], catalogue: Catalogue) -> I
     max_jobs = integer(fields, "maxJobs", 1, 50)
     seed = integer(fields, "seed", 0, MAX_SEED)
     count = integer(fields, "count", 1, MAX_COUNT)
+    queue_seconds = integer(fields, "queueSeconds", 0, MAX_QUEUE_SECONDS)
 
     echo: dict[str, Any] = {}
     if prompt is not None:
@@ -92,7 +95,13 @@ def parse_image_submission(fields: Mapping[str, Any], catalogue: Catalogue) -> I
         echo[name] = str(ref)
     if references or strength is not None:
         echo["imageStrength"] = 0.5 if strength is None else strength
-    optional = {"replyUrl": reply_url, "replyRef": reply_ref, "seed": seed, "count": count}
+    optional = {
+        "replyUrl": reply_url,
+        "replyRef": reply_ref,
+        "seed": seed,
+        "count": count,
+        "queueSeconds": queue_seconds,
+    }
     echo |= {name: value for name, value in optional.items() if value is not None}
 
     return ImageSubmission(
@@ -109,6 +118,7 @@ def parse_image_submission(fields: Mapping[str, Any], catalogue: Catalogue) -> I
         seed=seed,
         count=MAX_COUNT if count is None else count,
         echo=echo,
+        queue_seconds=queue_seconds or 0,
     )
 
 

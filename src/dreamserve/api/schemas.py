@@ -33,6 +33,13 @@ class ImageJobRequest(BaseModel):
     maxJobs: int | None = Field(None, ge=1, le=50)
     seed: int | None = Field(None, ge=0, le=2_147_483_647)
     count: int | None = Field(None, ge=1, le=4, description="Images per job, default 4")
+    queueSeconds: int | None = Field(
+        None,
+        ge=0,
+        le=3600,
+        description="Default 0: no free slot is a 429 at once. Else the job waits up to this "
+        "long for a slot of its account (record `queuePosition`), then fails",
+    )
 
 
 class UpscaleRequest(BaseModel):

@@ -109,6 +109,8 @@ class Accounts:
         except IntegrityError:  # the same new account saved at once by another request
             account, outcomes = await self.db.write(put)
         self.admission.forget()
+        # A cap raised (or an error cleared): jobs waiting in its queue take the new room now.
+        await self.store.write(lambda tx: tx.promote(account.id, now))
         return self._summary(account, outcomes)
 
     async def listing(self, user_id: int | None) -> dict[str, AccountSummary]:

@@ -24,6 +24,7 @@ class ServiceConfig:
     idempotency_seconds: float = 86_400.0  # how long an Idempotency-Key names its job
     max_wait_seconds: int = 60  # of GET /images/<jobid>?wait=
     keepalive_seconds: float = 15.0  # between comments on a quiet event stream
+    queue_limit: int = 1000  # jobs waiting (queueSeconds) per account; past it, a 429
 
     @property
     def lease_ms(self) -> int:

@@ -9,12 +9,13 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import orjson
+from sqlalchemy import Connection
 
 from dreamserve.errors import JobNotFound
 from dreamserve.events import JobEvents
 from dreamserve.fields import integer
 from dreamserve.ids import parse_jobid, unquoted
-from dreamserve.jobs import Status, record
+from dreamserve.jobs import Job, Phase, Status, record
 from dreamserve.service.config import ServiceConfig
 from dreamserve.storage import job_queries
 from dreamserve.storage.blobs import BlobStore
@@ -130,11 +131,15 @@ class Records:
             if owner == user_id and fresh_until > now and link_window == window:
                 return kept
         generation = self.events.generation
-        job = await self.db.read(lambda conn: job_queries.job_by_jobid(conn, jobid, user_id))
+        job, position = await self.db.read(lambda conn: _job_and_position(conn, jobid, user_id))
         if job is None:
             raise JobNotFound(jobid)
         body = Record(record(job, self.blobs.link))
-        if job.status.is_terminal:
+        if position is not None:
+            # Waiting for a slot: where it stands moves as other jobs take slots, unannounced,
+            # so this record is not kept.
+            body["queuePosition"] = position
+        elif job.status.is_terminal:
             if len(self._finished) >= self.config.finished_cache_size:
                 self._finished.clear()
             until = now + self.config.finished_cache_seconds
@@ -150,3 +155,11 @@ class Records:
 
     def _changed(self, jobid: str) -> None:
         self._unfinished.pop(jobid, None)
+
+
+def _job_and_position(conn: Connection, jobid: str, user_id: int) -> tuple[Job | None, int | None]:
+    """The user's job, and where it stands in its account's queue while it waits for a slot."""
+    job = job_queries.job_by_jobid(conn, jobid, user_id)
+    if job is None or job.phase is not Phase.WAITING:
+        return job, None
+    return job, job_queries.queue_position(conn, job)

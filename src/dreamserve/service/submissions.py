@@ -17,7 +17,13 @@ from dreamserve.admission import Admission
 from dreamserve.catalogue import UPSCALE_TIERS, Catalogue
 from dreamserve.dispatch.base import Dispatcher
 from dreamserve.engines.base import Upscaler
-from dreamserve.errors import BadRequest, IdempotencyConflict, InvalidParameter, NotFound
+from dreamserve.errors import (
+    AtCapacity,
+    BadRequest,
+    IdempotencyConflict,
+    InvalidParameter,
+    NotFound,
+)
 from dreamserve.ids import AssetRef, IdFactory, JobType, unquoted
 from dreamserve.jobs import Job, Spec, Status, millis, record
 from dreamserve.netguard import HostRefused, Resolver, check_host, resolve
@@ -83,16 +89,32 @@ class Submissions:
 
         def admit(tx: JobTransaction) -> Job:
             self._check_references(tx.conn, user_id, submission.references)
-            account = self.admission.admit(
-                tx.conn,
-                user_id=user_id,
-                model=submission.model,
-                account=submission.account,
-                max_jobs=submission.max_jobs,
-            )
+            waits = None
+            try:
+                account = self.admission.admit(
+                    tx.conn,
+                    user_id=user_id,
+                    model=submission.model,
+                    account=submission.account,
+                    max_jobs=submission.max_jobs,
+                )
+            except AtCapacity:
+                if not submission.queue_seconds:
+                    raise
+                # No free slot: the job waits in the queue of the eligible account with the
+                # fewest waiting, for up to queueSeconds.
+                account = self.admission.enqueue(
+                    tx.conn,
+                    user_id=user_id,
+                    model=submission.model,
+                    account=submission.account,
+                    limit=self.config.queue_limit,
+                )
+                waits = submission.queue_seconds
             return self._insert_job(
                 tx,
                 account,
+                waits=waits,
                 kind="image",
                 user_id=user_id,
                 model=submission.model.name,
@@ -187,7 +209,7 @@ class Submissions:
         if idempotency_key is None:
             await self._check_host(reply_url)
             job = await self._admitted(admit)
-            await self.dispatcher.dispatch(job.id, job.account)
+            await self._dispatch(job)
             return Submitted(record(job, self.blobs.link))
         if not _IDEMPOTENCY_KEY.fullmatch(idempotency_key):
             raise BadRequest("Header Idempotency-Key must be 1-255 printable ASCII characters")
@@ -226,8 +248,17 @@ class Submissions:
 
         job, replayed = await self._admitted(admit_once)
         if not replayed:
-            await self.dispatcher.dispatch(job.id, job.account)
+            await self._dispatch(job)
         return Submitted(record(job, self.blobs.link), replayed=replayed)
+
+    async def _dispatch(self, job: Job) -> None:
+        """Send an admitted job to a runner; a job that waits for a slot is promoted instead
+        when one is free now (one freed while it was being admitted), else when one frees."""
+        if job.queue_deadline is None:
+            await self.dispatcher.dispatch(job.id, job.account)
+            return
+        now = millis(self.clock())
+        await self.store.write(lambda tx: tx.promote_account_of(job.id, now))
 
     async def _check_host(self, url: str | None) -> None:
         if url is None or self.config.webhook_allow_private:
@@ -250,10 +281,13 @@ class Submissions:
         request: Mapping[str, Any],
         spec: Spec,
         forecast_cost: float,
+        waits: int | None = None,
     ) -> Job:
-        """A new job on the account it was admitted to, leased until a runner claims it."""
+        """A new job on the account it was admitted to, leased until a runner claims it; or,
+        `waits` seconds, waiting in that account's queue (no slot, no lease)."""
         at = self.clock()
         created_at = millis(at)
+        queue_deadline = None if waits is None else created_at + waits * 1000
         jobid = self.ids.jobid(kind, user_id, account.name, at)
         job_id = tx.admit(
             jobid=jobid,
@@ -266,7 +300,8 @@ class Submissions:
             spec=spec,
             forecast_cost=forecast_cost,
             created_at=created_at,
-            lease_until=created_at + self.config.lease_ms,
+            lease_until=None if waits is not None else created_at + self.config.lease_ms,
+            queue_deadline=queue_deadline,
         )
         return Job(
             id=job_id,
@@ -280,6 +315,7 @@ class Submissions:
             spec=spec,
             forecast_cost=forecast_cost,
             created_at=created_at,
+            queue_deadline=queue_deadline,
         )
 
     async def _admitted(self, admit: Callable[[JobTransaction], T]) -> T:

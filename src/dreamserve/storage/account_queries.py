@@ -315,7 +315,11 @@ def recount_slots(conn: Connection) -> None:
     unfinished = (
         select(func.count())
         .select_from(jobs)
-        .where(jobs.c.account_id == accounts.c.id, jobs.c.status == CREATED)
+        .where(
+            jobs.c.account_id == accounts.c.id,
+            jobs.c.status == CREATED,
+            jobs.c.queue_deadline.is_(None),  # a waiting job holds no slot
+        )
         .scalar_subquery()
     )
     conn.execute(update(accounts).values(running=unfinished))

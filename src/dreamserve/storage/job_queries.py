@@ -18,6 +18,7 @@ from sqlalchemy import (
     and_,
     bindparam,
     delete,
+    func,
     insert,
     or_,
     select,
@@ -25,10 +26,10 @@ from sqlalchemy import (
 )
 
 from dreamserve.jobs import TRANSITIONS, Job, Phase, Spec, Status, StoredImage, Transition
-from dreamserve.storage import webhook_queries
+from dreamserve.storage import account_queries, webhook_queries
 from dreamserve.storage.account_queries import release_slot
 from dreamserve.storage.prepared import Prepared
-from dreamserve.storage.tables import assets, jobs
+from dreamserve.storage.tables import accounts, assets, jobs
 
 CREATED = Status.CREATED.value
 
@@ -36,14 +37,21 @@ CREATED = Status.CREATED.value
 def in_phases(phases: Iterable[Phase | None]) -> ColumnElement[bool]:
     """The SQL condition of a job in one of `phases`."""
     wanted = {phase for phase in phases if phase is not None}
-    unfinished = {Phase.QUEUED, Phase.RUNNING}
+    unfinished = {Phase.WAITING, Phase.QUEUED, Phase.RUNNING}
     conditions: list[ColumnElement[bool]] = []
     if unfinished <= wanted:
         conditions.append(jobs.c.status == CREATED)
-    elif Phase.QUEUED in wanted:
-        conditions.append(and_(jobs.c.status == CREATED, jobs.c.started_at.is_(None)))
-    elif Phase.RUNNING in wanted:
-        conditions.append(and_(jobs.c.status == CREATED, jobs.c.started_at.is_not(None)))
+    else:
+        waiting = jobs.c.queue_deadline.is_not(None)
+        of_phase = {
+            Phase.WAITING: waiting,
+            Phase.QUEUED: and_(~waiting, jobs.c.started_at.is_(None)),
+            Phase.RUNNING: jobs.c.started_at.is_not(None),
+        }
+        parts = [of_phase[phase] for phase in sorted(unfinished & wanted)]
+        if parts:
+            either = parts[0] if len(parts) == 1 else or_(*parts)
+            conditions.append(and_(jobs.c.status == CREATED, either))
     ended = [phase.value for phase in wanted if phase.is_terminal]
     if ended:
         conditions.append(jobs.c.status.in_(sorted(ended)))
@@ -60,6 +68,7 @@ FROM = {
 
 
 _QUEUED = in_phases([Phase.QUEUED])
+_WAITING = in_phases([Phase.WAITING])
 
 # Jobs
 
@@ -77,6 +86,7 @@ _NEW_JOB_COLUMNS = [
     "attempts",
     "created_at",
     "lease_until",
+    "queue_deadline",
 ]
 _INSERT_JOB = Prepared.inserting(insert(jobs), jobs.c.id, _NEW_JOB_COLUMNS)
 _JOB_BY_JOBID = Prepared(
@@ -137,7 +147,7 @@ _FINISH_JOB = (  # a cancel: whoever runs it, or none
     update(jobs)
     .where(jobs.c.id == bindparam("job"), FROM[Transition.CANCEL])
     .values(**_FINISH_VALUES)
-    .returning(jobs.c.account_id)
+    .returning(jobs.c.account_id, jobs.c.queue_deadline)
 )
 _FINISH_JOB_OF_ATTEMPT = (  # a runner's end (finish or fail) of the attempt it runs
     update(jobs)
@@ -147,7 +157,7 @@ _FINISH_JOB_OF_ATTEMPT = (  # a runner's end (finish or fail) of the attempt it 
         jobs.c.attempts == bindparam("attempt"),
     )
     .values(**_FINISH_VALUES)
-    .returning(jobs.c.account_id)
+    .returning(jobs.c.account_id, jobs.c.queue_deadline)
 )
 _INSERT_ASSET = insert(assets)
 
@@ -165,10 +175,12 @@ def insert_job(
     spec: Spec,
     forecast_cost: float,
     created_at: int,
-    lease_until: int,
+    lease_until: int | None,
+    queue_deadline: int | None = None,
 ) -> int:
     """Insert a new job, status `created`; the id the database gave it. The job is leased
-    until its runner claims it: a job whose dispatch was lost is found by the reaper too."""
+    until its runner claims it: a job whose dispatch was lost is found by the reaper too. A
+    job that waits for a slot (`queue_deadline`) has no lease until it takes one."""
     values = {
         "jobid": jobid,
         "type": kind,
@@ -183,6 +195,7 @@ def insert_job(
         "attempts": 0,
         "created_at": created_at,
         "lease_until": lease_until,
+        "queue_deadline": queue_deadline,
     }
     return _INSERT_JOB.insert_id(conn, values)
 
@@ -236,9 +249,11 @@ def finish_job(
     description: str | None = None,
     error: str | None = None,
     error_details: str | None = None,
+    freed: list[int] | None = None,
 ) -> bool:
     """End an unfinished job: its final state, its images as assets, its slot given back, and
-    its webhook queued when it has a replyUrl.
+    its webhook queued when it has a replyUrl. The account whose slot was given back goes to
+    `freed` (a job that ended waiting held none), for its queue to take it.
 
     Only the first call for a job does anything (the update is conditional on the job being
     unfinished), so a slot is released exactly once whatever path ends the job. A runner
@@ -262,9 +277,11 @@ def finish_job(
         finished = conn.execute(statement, {**params, "attempt": attempt}).first()
     if finished is None:
         return False
-    account_id = finished[0]
-    if account_id is not None:
+    account_id, waited = finished
+    if account_id is not None and waited is None:
         release_slot(conn, account_id)
+        if freed is not None:
+            freed.append(account_id)
     webhook_queries.queue(conn, job.id, job.user_id, job.spec.reply_url, now)
     if images:
         conn.execute(
@@ -415,6 +432,7 @@ def _job(row: Mapping[Any, Any]) -> Job:
         error_details=row["error_details"],
         images=tuple(StoredImage.from_json(image) for image in row["images"] or ()),
         attempts=row["attempts"],
+        queue_deadline=row["queue_deadline"],
     )
 
 
@@ -432,3 +450,144 @@ def queued_account(conn: Connection, job_id: int) -> str | None:
     query = select(jobs.c.account).where(jobs.c.id == job_id, _QUEUED)
     account: str | None = conn.execute(query).scalar_one_or_none()
     return account
+
+
+# The optional queue: jobs waiting for a slot of their account
+
+
+def waiting_counts(conn: Connection, account_ids: Sequence[int]) -> dict[int, int]:
+    """How many jobs wait in each of the accounts' queues (0 for none)."""
+    rows = conn.execute(
+        select(jobs.c.account_id, func.count())
+        .where(jobs.c.account_id.in_(list(account_ids)), _WAITING)
+        .group_by(jobs.c.account_id)
+    )
+    counts = dict.fromkeys(account_ids, 0)
+    counts.update({account_id: count for account_id, count in rows})
+    return counts
+
+
+def promote_waiting(
+    conn: Connection, account_id: int, now: int, lease_until: int
+) -> list[tuple[int, str]]:
+    """Give the account's free slots to its waiting jobs: the users with jobs waiting in turn
+    after the last one served (round robin by user id), each user's oldest job first. Each
+    promoted job holds its slot and is leased until a runner claims it, as an admitted one;
+    their (id, jobid), for the caller to dispatch once this commits."""
+    account_queries.lock_account(conn, account_id)  # one promotion at a time per account
+    promoted: list[tuple[int, str]] = []
+    while True:
+        account = conn.execute(
+            select(accounts.c.running, accounts.c.max_jobs, accounts.c.queue_cursor).where(
+                accounts.c.id == account_id, accounts.c.error.is_(None)
+            )
+        ).first()
+        if account is None or account.running >= account.max_jobs:
+            return promoted
+        heads = conn.execute(
+            select(jobs.c.user_id, func.min(jobs.c.id))
+            .where(jobs.c.account_id == account_id, _WAITING)
+            .group_by(jobs.c.user_id)
+            .order_by(jobs.c.user_id)
+        ).all()
+        if not heads:
+            return promoted
+        cursor = account.queue_cursor
+        later = [head for head in heads if cursor is None or head[0] > cursor]
+        user_id, job_id = (later or heads)[0]
+        conn.execute(
+            update(accounts)
+            .where(accounts.c.id == account_id)
+            .values(running=accounts.c.running + 1, queue_cursor=user_id)
+        )
+        jobid = conn.execute(
+            update(jobs)
+            .where(jobs.c.id == job_id, _WAITING)
+            .values(queue_deadline=None, lease_until=lease_until, updated_at=now)
+            .returning(jobs.c.jobid)
+        ).scalar_one()
+        promoted.append((job_id, jobid))
+
+
+def account_id_of(conn: Connection, job_id: int) -> int | None:
+    found: int | None = conn.execute(
+        select(jobs.c.account_id).where(jobs.c.id == job_id)
+    ).scalar_one_or_none()
+    return found
+
+
+def end_waiting(conn: Connection, job: Job, error: str, now: int) -> bool:
+    """End a job that still waits for a slot as failed (it holds none to give back), its
+    webhook queued; False when it took a slot or ended meanwhile."""
+    ended = conn.execute(
+        update(jobs)
+        .where(jobs.c.id == job.id, _WAITING)
+        .values(**_ended(Status.FAILED.value, error, None, now))
+        .returning(jobs.c.id)
+    ).first()
+    if ended is None:
+        return False
+    webhook_queries.queue(conn, job.id, job.user_id, job.spec.reply_url, now)
+    return True
+
+
+def accounts_to_promote(conn: Connection) -> list[int]:
+    """The accounts with a free slot and a job waiting for one (a slot freed while a job was
+    being admitted to the queue, or a cap raised): for the reaper to promote."""
+    waiting = select(jobs.c.id).where(jobs.c.account_id == accounts.c.id, _WAITING).exists()
+    query = select(accounts.c.id).where(
+        accounts.c.running < accounts.c.max_jobs, accounts.c.error.is_(None), waiting
+    )
+    return list(conn.execute(query).scalars())
+
+
+def overdue_waits(conn: Connection, now: int) -> list[tuple[int, str, int]]:
+    """The waiting jobs whose `queueSeconds` ran out: (id, jobid, queueSeconds)."""
+    query = select(jobs.c.id, jobs.c.jobid, jobs.c.request).where(
+        _WAITING, jobs.c.queue_deadline < now
+    )
+    return [
+        (job_id, jobid, int(request.get("queueSeconds") or 0))
+        for job_id, jobid, request in conn.execute(query)
+    ]
+
+
+def queue_position(conn: Connection, job: Job) -> int | None:
+    """Where a waiting job stands in its account's queue (1: it takes the next slot), the
+    users served in turn from the one after the last served; None when it does not wait."""
+    row = conn.execute(
+        select(jobs.c.account_id, jobs.c.queue_deadline).where(jobs.c.id == job.id, _WAITING)
+    ).first()
+    if row is None or row.account_id is None:
+        return None
+    account_id = row.account_id
+    cursor = conn.execute(
+        select(accounts.c.queue_cursor).where(accounts.c.id == account_id)
+    ).scalar_one_or_none()
+    per_user: dict[int, int] = {
+        user_id: count
+        for user_id, count in conn.execute(
+            select(jobs.c.user_id, func.count())
+            .where(jobs.c.account_id == account_id, _WAITING)
+            .group_by(jobs.c.user_id)
+        )
+    }
+    ahead_of_mine = conn.execute(
+        select(func.count()).where(
+            jobs.c.account_id == account_id,
+            jobs.c.user_id == job.user_id,
+            _WAITING,
+            jobs.c.id < job.id,
+        )
+    ).scalar_one()
+    # Round r serves each user's r-th waiting job, users in turn after the cursor: before this
+    # job (its user's job number `ahead_of_mine`) come every user's first `ahead_of_mine` jobs
+    # and, in its round, the users served before its user.
+    users = sorted(per_user)
+    start = next((i for i, user in enumerate(users) if cursor is None or user > cursor), 0)
+    turn = users[start:] + users[:start]
+    before = sum(min(count, ahead_of_mine) for count in per_user.values())
+    before += len(
+        [user for user in turn[: turn.index(job.user_id)] if per_user[user] > ahead_of_mine]
+    )
+    return int(before) + 1

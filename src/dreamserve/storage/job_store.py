@@ -10,7 +10,7 @@ says. A slot taken at admit is given back by whichever transition ends the job f
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection
@@ -27,10 +27,12 @@ class JobTransaction:
     """The transitions of jobs within one transaction. `conn` is the transaction's connection,
     for whatever else must commit with them (an account's error, an Idempotency-Key)."""
 
-    def __init__(self, conn: Connection, events: JobEvents) -> None:
+    def __init__(self, conn: Connection, events: JobEvents, lease_ms: int = 30_000) -> None:
         self.conn = conn
         self._events = events
+        self._lease_ms = lease_ms  # of a job promoted from its account's queue
         self.changes: list[tuple[str, bool]] = []  # (jobid, ended), to publish after commit
+        self.promoted: list[tuple[int, str]] = []  # (id, jobid), to dispatch after commit
 
     def _made(self, transition: Transition, jobids: Sequence[str]) -> None:
         rule = TRANSITIONS[transition]
@@ -51,11 +53,13 @@ class JobTransaction:
         spec: Spec,
         forecast_cost: float,
         created_at: int,
-        lease_until: int,
+        lease_until: int | None,
+        queue_deadline: int | None = None,
     ) -> int:
         """A new job, queued, on the account whose slot the caller took in this transaction
         (admission); its id. Leased until a runner claims it, so that a lost dispatch is found
-        by the reaper."""
+        by the reaper. With `queue_deadline` it waits in the account's queue instead, holding
+        no slot and no lease, until a slot frees (`promote`) or the deadline passes."""
         return job_queries.insert_job(
             self.conn,
             jobid=jobid,
@@ -69,6 +73,7 @@ class JobTransaction:
             forecast_cost=forecast_cost,
             created_at=created_at,
             lease_until=lease_until,
+            queue_deadline=queue_deadline,
         )
 
     def claim(self, job_id: int, now: int, lease_until: int) -> tuple[Job, int | None] | None:
@@ -95,6 +100,7 @@ class JobTransaction:
     ) -> bool:
         """End the attempt `job` runs as completed, with its images; False when that attempt
         no longer runs it."""
+        freed: list[int] = []
         finished = job_queries.finish_job(
             self.conn,
             job,
@@ -103,9 +109,11 @@ class JobTransaction:
             attempt=job.attempts,
             images=images,
             description=description,
+            freed=freed,
         )
         if finished:
             self._made(Transition.FINISH, [job.jobid])
+        self._promote(freed, now)
         return finished
 
     def fail(
@@ -119,6 +127,7 @@ class JobTransaction:
     ) -> bool:
         """End the attempt `job` runs as failed; False when that attempt no longer runs it.
         With `expired_before` (the reaper), only while its lease has not been renewed since."""
+        freed: list[int] = []
         failed = job_queries.finish_job(
             self.conn,
             job,
@@ -128,20 +137,53 @@ class JobTransaction:
             expired_before=expired_before,
             error=error,
             error_details=details,
+            freed=freed,
         )
         if failed:
             self._made(Transition.FAIL, [job.jobid])
+        self._promote(freed, now)
         return failed
 
     def cancel(self, job: Job, error: str, now: int) -> bool:
         """End an unfinished job as failed, whoever runs it (the runner learns it at its next
         renewal, or at once through the dispatcher); False when it had ended."""
+        freed: list[int] = []
         cancelled = job_queries.finish_job(
-            self.conn, job, status=Status.FAILED, now=now, error=error
+            self.conn, job, status=Status.FAILED, now=now, error=error, freed=freed
         )
         if cancelled:
             self._made(Transition.CANCEL, [job.jobid])
+        self._promote(freed, now)
         return cancelled
+
+    def give_up_waiting(self, job: Job, error: str, now: int) -> bool:
+        """End a job still waiting for a slot as failed (its `queueSeconds` ran out); False
+        when it took a slot or ended meanwhile."""
+        ended = job_queries.end_waiting(self.conn, job, error, now)
+        if ended:
+            self._made(Transition.FAIL, [job.jobid])
+        return ended
+
+    def promote_account_of(self, job_id: int, now: int) -> list[tuple[int, str]]:
+        """`promote` the account of the job (the one whose queue it joined)."""
+        account_id = job_queries.account_id_of(self.conn, job_id)
+        return [] if account_id is None else self._promote([account_id], now)
+
+    def promote(self, account_id: int, now: int) -> list[tuple[int, str]]:
+        """Give the account's free slots to the jobs waiting in its queue (round robin by
+        user); the promoted (id, jobid), dispatched by `JobStore.write` once this commits."""
+        return self._promote([account_id], now)
+
+    def _promote(self, account_ids: Sequence[int], now: int) -> list[tuple[int, str]]:
+        made: list[tuple[int, str]] = []
+        for account_id in account_ids:
+            lease_until = now + self._lease_ms
+            promoted = job_queries.promote_waiting(self.conn, account_id, now, lease_until)
+            if promoted:
+                self._made(Transition.PROMOTE, [jobid for _, jobid in promoted])
+                made.extend(promoted)
+        self.promoted.extend(made)
+        return made
 
     def cancel_account(
         self, account_id: int, error: str, details: str, now: int
@@ -178,18 +220,25 @@ class JobTransaction:
         return job_queries.delete_finished_jobs(self.conn, before, limit)
 
 
+# Sends a job promoted from its account's queue to a runner (the dispatcher's `dispatch`).
+Dispatch = Callable[[int], Awaitable[None]]
+
+
 class JobStore:
-    def __init__(self, db: Database, events: JobEvents) -> None:
+    def __init__(self, db: Database, events: JobEvents, lease_ms: int = 30_000) -> None:
         self.db = db
         self.events = events
+        self.lease_ms = lease_ms
+        self.dispatch: Dispatch | None = None  # set once the dispatcher exists
 
     async def write(self, change: Callable[[JobTransaction], T]) -> T:
         """Run `change` in one transaction; then tell this process's waiters of every
-        transition it made."""
+        transition it made, and dispatch the jobs it promoted from a queue."""
         made: list[JobTransaction] = []
 
         def run(conn: Connection) -> T:
-            made[:] = [JobTransaction(conn, self.events)]  # a retried transaction starts anew
+            # A retried transaction starts anew.
+            made[:] = [JobTransaction(conn, self.events, self.lease_ms)]
             return change(made[0])
 
         result = await self.db.write(run)
@@ -198,6 +247,9 @@ class JobStore:
                 jobids = [jobid for jobid, end in made[0].changes if end is ended]
                 if jobids:
                     self.events.publish(jobids, ended=ended)
+            if self.dispatch is not None:
+                for job_id, _ in made[0].promoted:
+                    await self.dispatch(job_id)
         return result
 
     def seen_ended(self, jobid: str) -> None:

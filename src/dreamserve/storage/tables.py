@@ -73,6 +73,9 @@ accounts = Table(
     Column("cooldown_until", BigInteger, nullable=True),
     Column("last_error", Text, nullable=True),
     Column("last_error_at", BigInteger, nullable=True),
+    # The user whose waiting job last took a slot of this account: the queue serves users in
+    # turn (round robin), each user's jobs first come, first served.
+    Column("queue_cursor", Integer, nullable=True),
     Column("running", Integer, nullable=False, default=0),
     Column("error", Text, nullable=True),
     Column("created_at", BigInteger, nullable=False),
@@ -105,6 +108,9 @@ jobs = Table(
     Column("finished_at", BigInteger, nullable=True),
     # While a runner works on the job it renews this; past it, the reaper takes the job back.
     Column("lease_until", BigInteger, nullable=True),
+    # Set while the job waits in its account's queue for a slot (`queueSeconds`): when it gives
+    # up. Kept once the job ends waiting (it then held no slot to give back).
+    Column("queue_deadline", BigInteger, nullable=True),
     Index("ix_jobs_status_account", "status", "account_id"),
     Index("ix_jobs_status_lease", "status", "lease_until"),
     Index("ix_jobs_finished_at", "finished_at"),  # retention
