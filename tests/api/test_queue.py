@@ -308,3 +308,30 @@ async def test_two_api_processes_share_the_queue_without_losing_or_doubling_a_jo
             assert record["status"] == "completed", record
         assert sorted(TurnEngine.started) == sorted(f"p{n}-{i}" for i in range(15) for n in (1, 2))
         assert await one.slots() == {ACCOUNT: 0, "LOCAL:procedural": 0}
+
+
+async def test_200_jobs_of_3_users_run_once_each_in_turn_and_in_order(queue: Harness) -> None:
+    await fill(queue)
+    tokens = {"a": None, "b": await queue.new_user(), "c": await queue.new_user()}
+    counts = {"a": 100, "b": 60, "c": 40}  # 200 in all, submitted interleaved
+    jobids: dict[str, str] = {}
+    for n in range(100):
+        for user, count in counts.items():
+            if n < count:
+                prompt = f"{user}{n}"
+                jobids[prompt] = await submit(queue, prompt, tokens[user])
+    # The positions: users in turn (a, b, c) while each has jobs, each user's in order.
+    expected = []
+    for n in range(100):
+        expected += [f"{user}{n}" for user, count in counts.items() if n < count]
+    for probe in ("a0", "b0", "c0", "a1", "c39", "b59", "a40", "a41", "a99"):
+        assert await position(queue, jobids[probe], tokens[probe[0]]) == expected.index(probe) + 1
+    for n in range(len(expected)):
+        TurnEngine.go.put_nowait(None)
+        await eventually(lambda n=n: len(TurnEngine.started) == 3 + n)
+    assert TurnEngine.started[2:] == expected
+    for _ in range(2):
+        TurnEngine.go.put_nowait(None)
+    for prompt, jobid in jobids.items():
+        assert (await finished(queue, jobid, tokens[prompt[0]]))["status"] == "completed"
+    assert await queue.slots() == {ACCOUNT: 0, "LOCAL:procedural": 0}
