@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint typecheck pytest bench bench-admission bench-scale bench-engine openapi clean
+.PHONY: run test lint typecheck pytest bench bench-admission bench-scale bench-queue bench-engine openapi clean
 
 run: $(VENV)/.installed
 	$(BIN)/dreamserve serve
@@ -30,6 +30,9 @@ bench-admission: $(VENV)/.installed-bench
 
 bench-scale: $(VENV)/.installed-bench
 	$(BIN)/python bench/scale.py
+
+bench-queue: $(VENV)/.installed-bench
+	$(BIN)/python bench/queued.py
 
 bench-engine: $(VENV)/.installed-bench
 	$(BIN)/python bench/engine.py
