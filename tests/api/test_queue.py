@@ -335,3 +335,44 @@ async def test_200_jobs_of_3_users_run_once_each_in_turn_and_in_order(queue: Har
     for prompt, jobid in jobids.items():
         assert (await finished(queue, jobid, tokens[prompt[0]]))["status"] == "completed"
     assert await queue.slots() == {ACCOUNT: 0, "LOCAL:procedural": 0}
+
+
+async def test_wait_and_the_event_stream_follow_a_waiting_job_to_its_end(queue: Harness) -> None:
+    await fill(queue)
+    jobid = await submit(queue, "followed")
+    auth = {"Authorization": f"Bearer {queue.token}"}
+
+    async def release_later() -> None:
+        await asyncio.sleep(0.3)
+        for _ in range(3):
+            TurnEngine.go.put_nowait(None)  # the two running jobs, then this one
+
+    # Both opened while the job waits, both answered when it ends.
+    waited, streamed, _ = await asyncio.gather(
+        queue.client.get(f"/v1/dreamina/images/{jobid}?wait=30", headers=auth),
+        queue.client.get(f"/v1/dreamina/images/{jobid}/events", headers=auth),
+        release_later(),
+    )
+    assert waited.json()["status"] == "completed"
+    blocks = [block for block in streamed.text.strip().split("\n\n") if "event: " in block]
+    assert blocks[0].startswith("event: progress")
+    assert '"queuePosition":1' in blocks[0].replace(" ", "")  # waiting when the stream opened
+    assert blocks[-1].startswith("event: done")
+    assert '"status":"completed"' in blocks[-1].replace(" ", "")
+
+
+async def test_a_job_joins_the_shortest_queue_at_random_among_ties(queue: Harness) -> None:
+    other = {**SHARED_ACCOUNT, "account": "LOCAL:r"}
+    await queue.service.accounts.put(None, other)
+    for n in range(4):  # both accounts full: 2 slots each
+        await submit(queue, f"running {n}")
+    await eventually(lambda: len(TurnEngine.started) == 4)
+    placed = []
+    for n in range(6):
+        jobid = await submit(queue, f"waits {n}")
+        placed.append("LOCAL:r" if "-LOCAL:r-" in jobid else ACCOUNT)
+    # Each job goes to the shorter queue, so the two never differ by more than one.
+    for n in range(1, 7):
+        assert abs(placed[:n].count(ACCOUNT) - placed[:n].count("LOCAL:r")) <= 1, placed
+    for _ in range(10):
+        TurnEngine.go.put_nowait(None)
