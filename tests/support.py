@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 from fastapi import FastAPI
 from hypothesis import strategies as st
 from PIL import Image
 from sqlalchemy import Connection, Executable
 
-from dreamserve.app import DispatcherFactory, Server, create_app, utc_now
+from dreamserve.app import DispatcherFactory, Server, create_app, run_worker, utc_now
 from dreamserve.catalogue import Model
 from dreamserve.dispatch.inprocess import InProcessDispatcher
 from dreamserve.engines.base import CancelSignal, EngineContext, GenerationRequest
@@ -35,6 +36,7 @@ from dreamserve.netguard import Resolver
 from dreamserve.service import Service
 from dreamserve.settings import Settings
 from dreamserve.storage import account_queries
+from dreamserve.storage.tables import accounts
 
 # Every field POST /images knows, and one imageRef_N beyond the six.
 IMAGE_FIELDS = [
@@ -136,6 +138,12 @@ class Harness:
         await self.server.db.write(run)
         self.server.admission.forget()
 
+    async def sideline_placeholder(self) -> None:
+        """Give the placeholder LOCAL:procedural another model (seedream-3.0), so that only the
+        test's own accounts take the jobs it submits."""
+        placeholder = accounts.update().where(accounts.c.name == "LOCAL:procedural")
+        await self.execute(placeholder.values(models=["seedream-3.0"]))
+
 
 @asynccontextmanager
 async def open_harness(
@@ -156,6 +164,38 @@ async def open_harness(
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
             yield Harness(app, server, service, client, token)
+
+
+@asynccontextmanager
+async def in_process_worker(
+    settings: Settings,
+    accounts: Sequence[str] | None,
+    engines: Mapping[str, EngineSource],
+    relist_seconds: float = 5.0,
+) -> AsyncIterator[None]:
+    """`dreamserve worker` in this process (its own server parts, events and listener), on the
+    PostgreSQL database of `settings`; stopped at the end."""
+    stop, started = asyncio.Event(), asyncio.Event()
+    work = run_worker(
+        settings, accounts, stop, engines=engines, started=started, relist_seconds=relist_seconds
+    )
+    task = asyncio.create_task(work)
+    try:
+        waiting = asyncio.create_task(started.wait())
+        await asyncio.wait([task, waiting], timeout=30, return_when=asyncio.FIRST_COMPLETED)
+        waiting.cancel()
+        assert started.is_set(), task.exception() if task.done() else "worker not started"
+        yield
+    finally:
+        stop.set()
+        await task
+
+
+def procrastinate_rows(url: str) -> list[tuple[str, str]]:
+    """(queue, status) of procrastinate's jobs, sorted."""
+    with psycopg.connect(url) as conn:
+        rows = conn.execute("SELECT queue_name, status::text FROM procrastinate_jobs").fetchall()
+    return sorted((queue, status) for queue, status in rows)
 
 
 async def eventually(condition: Callable[[], bool], seconds: float = 10) -> None:

@@ -125,10 +125,7 @@ class Admission:
         *,
         fresh: bool = False,
     ) -> Account:
-        usable = self._usable(conn, user_id, fresh=fresh)
-        healthy = usable.healthy.get((model.name, account))
-        if healthy is None:
-            healthy = usable.healthy[model.name, account] = self._healthy(usable, model, account)
+        healthy = self._candidates(conn, user_id, model, account, fresh=fresh)
         if len(healthy) > 1:
             healthy = list(healthy)
             self.rng.shuffle(healthy)
@@ -154,16 +151,29 @@ class Admission:
         """The account whose queue a job that found no free slot joins (`queueSeconds`): of the
         accounts it may go to (the named one, or every eligible one), the one with the fewest
         jobs waiting, at random among ties; AtCapacity when every such queue holds `limit`."""
-        usable = self._usable(conn, user_id)
-        healthy = usable.healthy.get((model.name, account))
-        if healthy is None:
-            healthy = usable.healthy[model.name, account] = self._healthy(usable, model, account)
+        healthy = self._candidates(conn, user_id, model, account)
         waiting = job_queries.waiting_counts(conn, [each.id for each in healthy])
         room = [each for each in healthy if waiting[each.id] < limit]
         if not room:
             raise AtCapacity(account, self.retry_after)
         self.rng.shuffle(room)
         return min(room, key=lambda each: waiting[each.id])  # the first of the fewest
+
+    def _candidates(
+        self,
+        conn: Connection,
+        user_id: int,
+        model: Model,
+        account: str | None,
+        *,
+        fresh: bool = False,
+    ) -> list[Account]:
+        """`_healthy` of the user's cached list, kept with it."""
+        usable = self._usable(conn, user_id, fresh=fresh)
+        healthy = usable.healthy.get((model.name, account))
+        if healthy is None:
+            healthy = usable.healthy[model.name, account] = self._healthy(usable, model, account)
+        return healthy
 
     def _healthy(self, usable: _Usable, model: Model, account: str | None) -> list[Account]:
         """The accounts of the list (only the one named `account`, if given) that serve the

@@ -20,7 +20,6 @@ from dreamserve.ids import iso_millis
 from dreamserve.jobs import millis
 from dreamserve.settings import Settings
 from dreamserve.storage import account_queries
-from dreamserve.storage.tables import SHARED, accounts
 
 pytestmark = [pytest.mark.anyio, pytest.mark.both_databases]
 
@@ -66,10 +65,7 @@ async def pool(settings: Settings, clock: FakeClock) -> AsyncIterator[Harness]:
         for name in ("LOCAL:a", "LOCAL:b"):
             body = {"account": name, "engine": "flaky", "maxJobs": 10}
             await harness.put_account({**body, "settings": {"tag": name}})
-        # The shared procedural account serves another model: only the two take these jobs.
-        await harness.execute(
-            accounts.update().where(accounts.c.owner == SHARED).values(models=["seedream-3.0"])
-        )
+        await harness.sideline_placeholder()  # only the test's accounts take these jobs
         yield harness
 
 
@@ -197,9 +193,7 @@ async def test_a_cooldown_holds_across_api_processes(
         for name in ("LOCAL:a", "LOCAL:b"):
             body = {"account": name, "engine": "flaky", "maxJobs": 10}
             await one.put_account({**body, "settings": {"tag": name}})
-        await one.execute(
-            accounts.update().where(accounts.c.owner == SHARED).values(models=["seedream-3.0"])
-        )
+        await one.sideline_placeholder()
         placed = [on(await run(two)) for _ in range(30)]  # two has seen both accounts
         assert set(placed) == {"LOCAL:a", "LOCAL:b"}
         FlakyEngine.failing["LOCAL:a"] = 3

@@ -12,13 +12,11 @@ from typing import Any, ClassVar
 
 import pytest
 from PIL import Image
-from sqlalchemy import update
 from support import SMALL, Harness, eventually, open_harness
 
 from dreamserve.engines.base import CancelSignal, EngineContext, EngineSettings, GenerationRequest
 from dreamserve.engines.registry import BUILTIN
 from dreamserve.settings import Settings
-from dreamserve.storage.tables import SHARED, accounts
 
 pytestmark = [pytest.mark.anyio, pytest.mark.both_databases]
 
@@ -69,9 +67,7 @@ async def pool(settings: Settings):
         for name, cap in CAPS.items():
             body = {"account": name, "engine": "tracking", "maxJobs": cap}
             await harness.put_account({**body, "settings": {"tag": name}})
-        # The shared procedural account serves another model: only the three take these jobs.
-        shared = update(accounts).where(accounts.c.owner == SHARED)
-        await harness.execute(shared.values(models=["seedream-3.0"]))
+        await harness.sideline_placeholder()  # only the three take these jobs
         yield harness
         TrackingEngine.gate.set()
 
@@ -169,8 +165,7 @@ async def test_two_api_processes_never_admit_past_the_caps(
         for name, cap in CAPS.items():
             body = {"account": name, "engine": "tracking", "maxJobs": cap, "priority": cap}
             await one.put_account({**body, "settings": {"tag": name}})
-        shared = update(accounts).where(accounts.c.owner == SHARED)
-        await one.execute(shared.values(models=["seedream-3.0"]))
+        await one.sideline_placeholder()
         replies = await asyncio.gather(
             *(harness.post(SMALL) for _ in range(100) for harness in (one, two))
         )

@@ -6,14 +6,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import psycopg
 import pytest
-from support import SMALL, GatedEngine, eventually, open_harness, wait_started
+from support import (
+    SMALL,
+    GatedEngine,
+    eventually,
+    in_process_worker,
+    open_harness,
+    procrastinate_rows,
+    wait_started,
+)
 
-from dreamserve.app import run_worker
 from dreamserve.engines.registry import BUILTIN, EngineSource
 from dreamserve.settings import Settings
 
@@ -26,36 +33,6 @@ API_ENGINES: Mapping[str, EngineSource] = {
     "gpu": BUILTIN["procedural"],
     "remote": BUILTIN["procedural"],
 }
-
-
-@asynccontextmanager
-async def _worker(
-    settings: Settings,
-    accounts: Sequence[str] | None,
-    engines: Mapping[str, EngineSource],
-    relist_seconds: float = 5.0,
-) -> AsyncIterator[None]:
-    """`dreamserve worker` in this process (its own server parts, events and listener)."""
-    stop, started = asyncio.Event(), asyncio.Event()
-    work = run_worker(
-        settings, accounts, stop, engines=engines, started=started, relist_seconds=relist_seconds
-    )
-    task = asyncio.create_task(work)
-    try:
-        waiting = asyncio.create_task(started.wait())
-        await asyncio.wait([task, waiting], timeout=30, return_when=asyncio.FIRST_COMPLETED)
-        waiting.cancel()
-        assert started.is_set(), task.exception() if task.done() else "worker not started"
-        yield
-    finally:
-        stop.set()
-        await task
-
-
-def _queued(url: str) -> list[tuple[str, str]]:
-    with psycopg.connect(url) as conn:
-        rows = conn.execute("SELECT queue_name, status::text FROM procrastinate_jobs").fetchall()
-    return sorted((queue, status) for queue, status in rows)
 
 
 async def test_a_worker_takes_the_accounts_whose_engine_loads_and_says_which_it_leaves(
@@ -71,7 +48,7 @@ async def test_a_worker_takes_the_accounts_whose_engine_loads_and_says_which_it_
         await api.put_account({"account": "LOCAL:gpu", "engine": "gpu", "maxJobs": 2})
         await api.put_account({"account": "LOCAL:remote", "engine": "remote", "maxJobs": 2})
         with caplog.at_level(logging.INFO, logger="dreamserve.app"):
-            async with _worker(api_only, None, worker_engines):
+            async with in_process_worker(api_only, None, worker_engines):
                 started = [r.getMessage() for r in caplog.records if "worker started" in r.msg]
                 assert len(started) == 1, started
                 assert "runs the jobs of LOCAL:procedural " in started[0]
@@ -84,7 +61,7 @@ async def test_a_worker_takes_the_accounts_whose_engine_loads_and_says_which_it_
                 # The left account's job waits on its queue for a worker that can load gpu.
                 await asyncio.sleep(0.5)
                 assert (await api.get(left)).json()["status"] == "created"
-                assert _queued(postgres_url) == [("account:LOCAL:gpu", "todo")]
+                assert procrastinate_rows(postgres_url) == [("account:LOCAL:gpu", "todo")]
         assert engine.started == 1
 
 
@@ -96,7 +73,7 @@ async def test_a_worker_takes_accounts_added_later_without_stopping_its_jobs(
     engines = {**API_ENGINES, "procedural": engine.factory}
     async with open_harness(api_only, dispatcher=None, engines=API_ENGINES) as api:
         with caplog.at_level(logging.INFO, logger="dreamserve.app"):
-            async with _worker(api_only, None, engines, relist_seconds=0.1):
+            async with in_process_worker(api_only, None, engines, relist_seconds=0.1):
                 running = (await api.post({**SMALL, "account": ACCOUNT})).json()["jobid"]
                 await wait_started(engine, 1)
                 # Added while a job runs: the worker takes it at its next reading.
@@ -114,7 +91,7 @@ async def test_a_worker_takes_accounts_added_later_without_stopping_its_jobs(
                 record = await api.wait(running)
                 assert record["status"] == "completed", record
         assert engine.started == 1
-        await eventually(lambda: _queued(postgres_url) == [])
+        await eventually(lambda: procrastinate_rows(postgres_url) == [])
 
 
 async def test_a_worker_with_accounts_named_runs_them_and_says_which_cannot_run(
@@ -126,7 +103,7 @@ async def test_a_worker_with_accounts_named_runs_them_and_says_which_cannot_run(
         await api.put_account({"account": "LOCAL:gpu", "engine": "gpu", "maxJobs": 2})
         named = ["LOCAL:later", ACCOUNT, "LOCAL:gpu"]
         with caplog.at_level(logging.INFO, logger="dreamserve.app"):
-            async with _worker(api_only, named, worker_engines):
+            async with in_process_worker(api_only, named, worker_engines):
                 messages = [record.getMessage() for record in caplog.records]
                 assert "worker: account LOCAL:later does not exist (yet); its jobs run here" in (
                     messages
@@ -177,7 +154,7 @@ async def test_a_procrastinate_worker_stopped_by_an_error_starts_again_and_its_j
     engine = GatedEngine()
     async with (
         open_harness(quick, dispatcher=None) as api,
-        _worker(quick, None, {"procedural": engine.factory}),
+        in_process_worker(quick, None, {"procedural": engine.factory}),
     ):
         jobid = (await api.post(SMALL)).json()["jobid"]
         await wait_started(engine, 1)

@@ -4,18 +4,20 @@ the engine where the job runs."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
-
-import psycopg
 import pytest
-from support import SMALL, CancellableEngine, GatedEngine, eventually, open_harness, wait_started
+from support import (
+    SMALL,
+    CancellableEngine,
+    GatedEngine,
+    eventually,
+    in_process_worker,
+    open_harness,
+    procrastinate_rows,
+    wait_started,
+)
 
-from dreamserve.app import run_worker
 from dreamserve.config import ConfigError
 from dreamserve.dispatch.postgres import PostgresDispatcher, apply_schema
-from dreamserve.engines.registry import EngineSource
 from dreamserve.settings import Settings
 
 pytestmark = pytest.mark.anyio
@@ -25,33 +27,6 @@ ACCOUNT = "LOCAL:procedural"
 
 def _settings(settings: Settings, postgres_url: str, **changes: object) -> Settings:
     return settings.model_copy(update={"database_url": postgres_url, **changes})
-
-
-@asynccontextmanager
-async def _worker(
-    settings: Settings, accounts: list[str] | None, engines: Mapping[str, EngineSource]
-) -> AsyncIterator[None]:
-    """`dreamserve worker` in this process (its own server parts, events and listener)."""
-    stop, started = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(
-        run_worker(settings, accounts, stop, engines=engines, started=started)
-    )
-    try:
-        waiting = asyncio.create_task(started.wait())
-        await asyncio.wait([task, waiting], timeout=30, return_when=asyncio.FIRST_COMPLETED)
-        waiting.cancel()
-        assert started.is_set(), task.exception() if task.done() else "worker not started"
-        yield
-    finally:
-        stop.set()
-        await task
-
-
-def _queued(url: str) -> list[tuple[str, str]]:
-    """(queue, status) of procrastinate's jobs."""
-    with psycopg.connect(url) as conn:
-        rows = conn.execute("SELECT queue_name, status::text FROM procrastinate_jobs").fetchall()
-    return [(queue, status) for queue, status in rows]
 
 
 async def test_a_job_runs_through_procrastinate(settings: Settings, postgres_url: str) -> None:
@@ -83,21 +58,21 @@ async def test_a_worker_runs_only_the_queues_of_its_accounts(
     api_only = _settings(settings, postgres_url, run_jobs=False)
     engines = {"procedural": GatedEngine().factory}
     async with open_harness(api_only, dispatcher=None) as api:
-        async with _worker(api_only, ["LOCAL:elsewhere"], engines):
+        async with in_process_worker(api_only, ["LOCAL:elsewhere"], engines):
             jobid = (await api.post(SMALL)).json()["jobid"]
             # Enqueued on its account's queue, which no process works yet.
-            assert _queued(postgres_url) == [("account:" + ACCOUNT, "todo")]
+            assert procrastinate_rows(postgres_url) == [("account:" + ACCOUNT, "todo")]
             assert (await api.get(jobid)).json()["status"] == "created"
         engine = GatedEngine()
         engine.gate.set()
-        async with _worker(api_only, [ACCOUNT], {"procedural": engine.factory}):
+        async with in_process_worker(api_only, [ACCOUNT], {"procedural": engine.factory}):
             record = await api.wait(jobid)
             assert record["status"] == "completed", (record.get("error"), record.get("details"))
         assert engine.started == 1
         assert await api.slots() == {ACCOUNT: 0}
 
 
-async def test_a_cancel_through_the_api_stops_the_engine_on_the_worker(
+async def test_a_cancel_through_the_api_stops_the_engine_on_thein_process_worker(
     settings: Settings, postgres_url: str
 ) -> None:
     # A lease renewed every 40 s: a cancel seen within the 10 s of `eventually` came through
@@ -106,7 +81,7 @@ async def test_a_cancel_through_the_api_stops_the_engine_on_the_worker(
     engine = CancellableEngine()
     async with (
         open_harness(api_only, dispatcher=None) as api,
-        _worker(api_only, None, {"procedural": engine.factory}),
+        in_process_worker(api_only, None, {"procedural": engine.factory}),
     ):
         jobid = (await api.post(SMALL)).json()["jobid"]
         await wait_started(engine, 1)
@@ -145,11 +120,11 @@ async def test_a_job_whose_enqueue_was_lost_is_sent_again_by_a_reaper(
     engine = GatedEngine()
     engine.gate.set()
     async with (
-        _worker(quick, None, {"procedural": engine.factory}),  # runs jobs, and reaps
+        in_process_worker(quick, None, {"procedural": engine.factory}),  # runs jobs, and reaps
         open_harness(quick, dispatcher=LosesItsEnqueue, resume=False) as api,
     ):
         jobid = (await api.post(SMALL)).json()["jobid"]
-        assert _queued(postgres_url) == []
+        assert procrastinate_rows(postgres_url) == []
         # The worker's reaper finds it queued with its lease run out and enqueues it.
         record = await api.wait(jobid)
         assert record["status"] == "completed", (record.get("error"), record.get("details"))
@@ -188,4 +163,4 @@ async def test_a_dispatch_that_names_the_account_enqueues_without_a_lookup(
         await dispatcher.dispatch(7, "LOCAL:gpu0")
     finally:
         await dispatcher.close()
-    assert ("account:LOCAL:gpu0", "todo") in _queued(postgres_url)
+    assert ("account:LOCAL:gpu0", "todo") in procrastinate_rows(postgres_url)

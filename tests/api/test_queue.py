@@ -18,7 +18,6 @@ from dreamserve.engines.base import CancelSignal, EngineContext, EngineSettings,
 from dreamserve.engines.registry import BUILTIN
 from dreamserve.reaper import Reaper, ReaperConfig
 from dreamserve.settings import Settings
-from dreamserve.storage.tables import accounts
 
 pytestmark = [pytest.mark.anyio, pytest.mark.both_databases]
 
@@ -64,11 +63,7 @@ async def queue(settings: Settings, clock: FakeClock) -> AsyncIterator[Harness]:
     engines = {**BUILTIN, "turns": TurnEngine}
     async with open_harness(settings, clock=clock, engines=engines) as harness:
         await harness.service.accounts.put(None, SHARED_ACCOUNT)  # every user's
-        await harness.execute(
-            accounts.update()
-            .where(accounts.c.name == "LOCAL:procedural")
-            .values(models=["seedream-3.0"])
-        )
+        await harness.sideline_placeholder()
         yield harness
         for _ in range(50):
             TurnEngine.go.put_nowait(None)
@@ -201,11 +196,7 @@ async def test_the_queue_is_bounded_per_account(settings: Settings) -> None:
     limited = settings.model_copy(update={"queue_limit": 2})
     async with open_harness(limited, engines={**BUILTIN, "turns": TurnEngine}) as harness:
         await harness.service.accounts.put(None, SHARED_ACCOUNT)  # every user's
-        await harness.execute(
-            accounts.update()
-            .where(accounts.c.name == "LOCAL:procedural")
-            .values(models=["seedream-3.0"])
-        )
+        await harness.sideline_placeholder()
         await fill(harness)
         await submit(harness, "w1")
         await submit(harness, "w2")
@@ -238,11 +229,7 @@ async def test_waiting_jobs_survive_a_restart_in_order(settings: Settings) -> No
     engines = {**BUILTIN, "turns": TurnEngine}
     async with open_harness(settings, engines=engines) as harness:
         await harness.service.accounts.put(None, SHARED_ACCOUNT)
-        await harness.execute(
-            accounts.update()
-            .where(accounts.c.name == "LOCAL:procedural")
-            .values(models=["seedream-3.0"])
-        )
+        await harness.sideline_placeholder()
         await fill(harness)
         jobids = [await submit(harness, f"after {n}") for n in (1, 2, 3)]
     # Stopped with two jobs running (they run again) and three waiting (they wait on).
@@ -286,11 +273,7 @@ async def test_two_api_processes_share_the_queue_without_losing_or_doubling_a_jo
         open_harness(settings, engines=engines, resume=False) as two,
     ):
         await one.service.accounts.put(None, SHARED_ACCOUNT)
-        await one.execute(
-            accounts.update()
-            .where(accounts.c.name == "LOCAL:procedural")
-            .values(models=["seedream-3.0"])
-        )
+        await one.sideline_placeholder()
         replies = await asyncio.gather(
             *(
                 harness.post(body(f"p{n}-{i}"))

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Protocol
+
+log = logging.getLogger(__name__)
 
 
 class Runner(Protocol):
@@ -28,3 +32,14 @@ class Dispatcher(Protocol):
         """Stop running jobs (each engine told to stop) and dispatch none after it (a later
         `dispatch` does nothing); unfinished ones stay `created`, for the next start (or the
         process that holds the runner lock) to run again. Idempotent."""
+
+
+async def run_guarded(runner: Runner, job_id: int) -> None:
+    """Run a job, logging what escapes the runner (it records job failures itself: this is a
+    bug or an outage); the job keeps its slot and lease, and the reaper takes it back."""
+    try:
+        await runner.run(job_id)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("job %s: runner crashed", job_id)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from dreamserve.dispatch.base import Runner
+from dreamserve.dispatch.base import Runner, run_guarded
 
 log = logging.getLogger(__name__)
 
@@ -22,21 +22,12 @@ class InProcessDispatcher:
     async def dispatch(self, job_id: int, account: str | None = None) -> None:
         if self._is_closed:  # the job stays queued: its lease runs out, a reaper dispatches it
             return
-        task = asyncio.create_task(self._guarded(job_id), name=f"job-{job_id}")
+        task = asyncio.create_task(run_guarded(self._runner, job_id), name=f"job-{job_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     def cancel(self, job_id: int) -> None:
         self._runner.cancel(job_id)
-
-    async def _guarded(self, job_id: int) -> None:
-        try:
-            await self._runner.run(job_id)
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # the runner records job failures itself; this is a bug or an outage
-            # The job keeps its slot until the reaper sees its lease run out.
-            log.exception("job %s: runner crashed", job_id)
 
     @property
     def running(self) -> int:

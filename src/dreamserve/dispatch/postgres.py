@@ -31,7 +31,7 @@ from procrastinate.app import WorkerOptions
 from procrastinate.jobs import Status
 from sqlalchemy.engine import make_url
 
-from dreamserve.dispatch.base import Runner
+from dreamserve.dispatch.base import Runner, run_guarded
 
 log = logging.getLogger(__name__)
 
@@ -206,18 +206,10 @@ class PostgresDispatcher:
         """procrastinate's task: the job runs in a task of this dispatcher's, which a
         procrastinate worker stopping on a database error (it cancels its tasks) leaves
         running under its lease; only `close` stops it."""
-        running = asyncio.create_task(self._run_job(job_id), name=f"job-{job_id}")
+        running = asyncio.create_task(run_guarded(self._runner, job_id), name=f"job-{job_id}")
         self._running.add(running)
         running.add_done_callback(self._running.discard)
         await asyncio.shield(running)
-
-    async def _run_job(self, job_id: int) -> None:
-        try:
-            await self._runner.run(job_id)
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # the runner records job failures itself; this is a bug or an outage
-            log.exception("job %s: runner crashed", job_id)  # the reaper takes it back
 
     async def dispatch(self, job_id: int, account: str | None = None) -> None:
         if self._is_closed or not self._is_open:  # the job keeps its lease: a reaper sends it

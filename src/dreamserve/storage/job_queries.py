@@ -555,12 +555,11 @@ def overdue_waits(conn: Connection, now: int) -> list[tuple[int, str, int]]:
 def queue_position(conn: Connection, job: Job) -> int | None:
     """Where a waiting job stands in its account's queue (1: it takes the next slot), the
     users served in turn from the one after the last served; None when it does not wait."""
-    row = conn.execute(
-        select(jobs.c.account_id, jobs.c.queue_deadline).where(jobs.c.id == job.id, _WAITING)
-    ).first()
-    if row is None or row.account_id is None:
+    account_id = conn.execute(
+        select(jobs.c.account_id).where(jobs.c.id == job.id, _WAITING)
+    ).scalar_one_or_none()
+    if account_id is None:  # not waiting (any more), or its account is gone
         return None
-    account_id = row.account_id
     cursor = conn.execute(
         select(accounts.c.queue_cursor).where(accounts.c.id == account_id)
     ).scalar_one_or_none()
