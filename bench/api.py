@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +57,8 @@ class Result:
     latencies: list[float] = field(default_factory=list)
     statuses: Counter[int] = field(default_factory=Counter)
     server_cpu: float | None = None  # CPU seconds the server process used while measured
+    # What each of `load`'s `meters` read over the measured seconds (CPU seconds of others).
+    metered: dict[str, float] = field(default_factory=dict)
 
     @property
     def rate(self) -> float:
@@ -126,9 +128,11 @@ async def load(
     headers: dict[str, str],
     body: dict | None,
     pid: int | None = None,
+    meters: Mapping[str, Callable[[], float]] | None = None,
 ) -> Result:
     """`clients` loops, each sending its next request when the last answered; with `pid`,
-    the CPU that server process used meanwhile (after the warm-up)."""
+    the CPU that server process used meanwhile (after the warm-up), and what each of
+    `meters` (a function that reads a CPU total) read over the same seconds."""
     connector = aiohttp.TCPConnector(limit=clients)
     async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
         warm_until = time.perf_counter() + 1.0
@@ -143,11 +147,14 @@ async def load(
                     result.statuses[reply.status] += 1
 
         await asyncio.gather(*(client(warm_until, False) for _ in range(clients)))
+        meters = meters or {}
+        before = {name: meter() for name, meter in meters.items()}
         cpu = process_cpu(pid) if pid is not None else None
         until = time.perf_counter() + seconds
         await asyncio.gather(*(client(until, True) for _ in range(clients)))
         if pid is not None and cpu is not None:
             result.server_cpu = process_cpu(pid) - cpu
+        result.metered = {name: meter() - before[name] for name, meter in meters.items()}
         return result
 
 

@@ -256,9 +256,27 @@ async def workers(postgres: str, rounds: int, seconds: float, slots: int) -> Non
     )
 
 
+def postgres_cpu() -> float:
+    """CPU seconds used so far by this machine's PostgreSQL processes (every backend, the
+    WAL writer, the checkpointer...), read from /proc; ended backends are not counted, so it
+    is read around a phase in which no connection ends."""
+    used = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "comm").read_text().startswith("postgres"):
+                used += process_cpu(int(entry.name))
+        except (OSError, IndexError):  # ended meanwhile
+            continue
+    return used
+
+
 async def split(servers: list[Server], url_path: str, clients: int, seconds: float) -> Result:
     """bench/api.py's `load` on each server at once, the clients split between them; one
-    Result: every request, and the servers' CPU together."""
+    Result: every request, the servers' CPU together, and (read by the first load, over the
+    same seconds) PostgreSQL's and this process's (the load client's) CPU."""
+    meters = {"postgres": postgres_cpu, "client": lambda: sum(os.times()[:2])}
     parts = await asyncio.gather(
         *(
             load(
@@ -269,6 +287,7 @@ async def split(servers: list[Server], url_path: str, clients: int, seconds: flo
                 server.auth,
                 BODY,
                 server.process.pid,
+                meters if server is servers[0] else None,
             )
             for server in servers
         )
@@ -279,6 +298,7 @@ async def split(servers: list[Server], url_path: str, clients: int, seconds: flo
         merged.latencies += part.latencies
         merged.statuses.update(part.statuses)
         merged.server_cpu += part.server_cpu or 0.0
+    merged.metered = parts[0].metered
     return merged
 
 
@@ -334,6 +354,34 @@ async def api_processes(
     two = paired(results, "PG 2 processes", "PG 1 process")
     spread = f"(rounds {two[0]:.2f}-{two[-1]:.2f})"
     print(f"{'2 processes over 1':<34}{statistics.median(two):6.2f} {spread}")
+    ceilings(results)
+
+
+def ceilings(results: dict[str, list[Result]]) -> None:
+    """Where each request's CPU went (the median round of each part), and the most requests a
+    second this machine's cores could serve at that cost: on a machine where the servers,
+    PostgreSQL and the load client share the cores, that ceiling over the no-op's measured
+    rate bounds the ratio any server could reach in this bench."""
+    cores = len(os.sched_getaffinity(0) | {0})  # this process was moved off CPU 0
+    noop = statistics.median(run.rate for run in results["POST /noop"])
+    print(f"CPU per request, us (median round), and the ceiling of {cores} cores at that cost:")
+    print(f"{'':<24}{'server':>8}{'postgres':>10}{'client':>8}{'total':>8}{'ceiling/s':>11}")
+    for name, runs in results.items():
+        parts = {
+            "server": statistics.median(run.cpu_per_request or 0.0 for run in runs),
+            **{
+                what: statistics.median(
+                    run.metered[what] / len(run.latencies) * 1e6 for run in runs
+                )
+                for what in ("postgres", "client")
+            },
+        }
+        total = sum(parts.values())
+        ceiling = cores / total * 1e6
+        print(
+            f"{name:<24}{parts['server']:>8.0f}{parts['postgres']:>10.0f}{parts['client']:>8.0f}"
+            f"{total:>8.0f}{ceiling:>11.0f}  ({ceiling / noop:.2f} of the no-op's rate)"
+        )
 
 
 def main() -> None:
