@@ -117,17 +117,32 @@ def _models(fields: Mapping[str, Any], catalogue: Catalogue) -> tuple[str, ...] 
     return tuple(dict.fromkeys(value))
 
 
-def models_served(engine: Engine, listed: Sequence[str] | None, catalogue: Catalogue) -> list[str]:
-    """The catalogue models an account serves: its own list, else all its engine can."""
+def models_served(
+    engine: Engine, listed: Sequence[str] | None, catalogue: Catalogue, region: str
+) -> list[str]:
+    """The catalogue models an account serves: its own list, else all its engine can, of
+    those offered in its region."""
     if listed is not None:
-        return [name for name in listed if name in catalogue]
-    return [model.name for model in catalogue.models if engine.serves(model)]
+        models = [catalogue[name] for name in listed if name in catalogue]
+    else:
+        models = [model for model in catalogue.models if engine.serves(model)]
+    return [model.name for model in models if model.offered_in(region)]
 
 
 def check_models(spec: AccountSpec, engine: Engine, catalogue: Catalogue) -> None:
-    """Every model the account lists must be one its engine can run."""
+    """Every model the account lists must be offered in its region and be one its engine
+    can run."""
     if spec.models is None:
         return
+    for name in spec.models:
+        model = catalogue[name]
+        if not model.offered_in(spec.region):
+            assert model.regions is not None
+            offered = ", ".join(model.regions)
+            raise BadRequest(
+                f"Parameter models ({name}) is offered to region {offered} accounts only, "
+                f"not to region {spec.region}"
+            )
     can_run = getattr(engine, "can_run", engine.serves)
     for name in spec.models:
         if not can_run(catalogue[name]):

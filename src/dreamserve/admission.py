@@ -77,8 +77,11 @@ class Admission:
         return cached
 
     def serves(self, account: Account, model: Model) -> bool:
-        """Whether an account can run a model: its own list, else all its engine supports."""
+        """Whether an account can run a model: one offered in its region, on its own list,
+        else all its engine supports."""
         if account.engine not in self.engines.names:  # configured for another server
+            return False
+        if not model.offered_in(account.region):
             return False
         if account.models is not None:
             return model.name in account.models

@@ -14,6 +14,7 @@ from importlib import resources
 from typing import Any
 
 AUTO = "auto"
+LOCAL_REGION = "LOCAL"  # the region of accounts on this server's own engines
 
 
 class CatalogueError(ValueError):
@@ -39,6 +40,13 @@ class Model:
     # False for a model of the operator's configuration file (a built-in name it replaces
     # included): the built-in placeholder engine leaves those to the operator's accounts.
     builtin: bool = True
+    # The account regions the hosted API offers the model to; None: every region. An account of
+    # region LOCAL (one of this server's own engines) may serve any model.
+    regions: tuple[str, ...] | None = None
+
+    def offered_in(self, region: str) -> bool:
+        """Whether an account of `region` may serve this model."""
+        return self.regions is None or region == LOCAL_REGION or region in self.regions
 
     def ratios(self, resolution: str) -> tuple[str, ...]:
         """The ratios valid at `resolution`, with `auto` first where the model supports it."""
@@ -72,6 +80,7 @@ class Model:
             "promptRequired": self.prompt_required,
             "autoRatio": self.auto_ratio,
             "forecastCost": self.forecast_cost,
+            "regions": list(self.regions) if self.regions is not None else None,
             "sizes": {
                 tier: {ratio: f"{w}x{h}" for ratio, (w, h) in ratios.items()}
                 for tier, ratios in self.sizes.items()
@@ -213,7 +222,20 @@ def _parse_model(row: Mapping[str, Any], tables: Mapping[str, Any], *, builtin: 
         sizes={tier: table[tier] for tier in resolutions},
         forecast_cost=_number(row.get("forecast_cost", 0)),
         builtin=builtin,
+        regions=_regions(name, row.get("regions")),
     )
+
+
+def _regions(name: str, value: Any) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(region, str) and region for region in value)
+    ):
+        raise CatalogueError(f"model {name}: regions must be a list of account regions")
+    return tuple(value)
 
 
 def _number(value: Any) -> float:

@@ -32,7 +32,12 @@ BUILTIN_NAMES = "procedural, diffusers, ark, gemini, openai"  # in the registry'
 
 pytestmark = pytest.mark.anyio
 
-ALL_MODELS = ["seedream-4.5", "seedream-4.1", "seedream-4.0", "nano-banana", "seedream-3.0"]
+# The catalogue in its order; a US account serves all but the CA-only models.
+ALL_MODELS = [
+    *("seedream-5.0-lite", "seedream-4.7", "seedream-4.6", "seedream-4.5", "seedream-4.1"),
+    *("seedream-4.0", "nano-banana", "seedream-3.0", "gpt-image-2"),
+]
+US_MODELS = [name for name in ALL_MODELS if name not in ("seedream-4.7", "gpt-image-2")]
 STUDIO = {"account": "US:studio@example.com", "engine": "procedural", "maxJobs": 3}
 KEY = "sk-live-0123456789abcdef"
 
@@ -70,7 +75,7 @@ def summary(**overrides: Any) -> dict[str, Any]:
         "maxJobs": 3,
         "priority": 0,
         "engine": "procedural",
-        "models": {"image": ALL_MODELS},
+        "models": {"image": US_MODELS},
         "settings": {},
         "shared": False,
         "running": 0,

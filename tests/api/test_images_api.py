@@ -122,8 +122,9 @@ async def test_a_validation_error_is_the_contracts_400(harness: Harness) -> None
     reply = await harness.post({**SEED_BODY, "model": "invalid-model"})
     assert reply.status_code == 400
     assert reply.json() == {
-        "error": "Parameter model (invalid-model) valid values: seedream-4.5, seedream-4.1, "
-        "seedream-4.0, nano-banana, seedream-3.0"
+        "error": "Parameter model (invalid-model) valid values: seedream-5.0-lite, seedream-4.7, "
+        "seedream-4.6, seedream-4.5, seedream-4.1, seedream-4.0, nano-banana, seedream-3.0, "
+        "gpt-image-2"
     }
 
 
@@ -427,9 +428,11 @@ async def test_models_lists_the_catalogue(harness: Harness) -> None:
     assert reply.status_code == 200
     models = reply.json()["models"]
     assert [m["model"] for m in models] == [
-        "seedream-4.5", "seedream-4.1", "seedream-4.0", "nano-banana", "seedream-3.0",
+        "seedream-5.0-lite", "seedream-4.7", "seedream-4.6", "seedream-4.5", "seedream-4.1",
+        "seedream-4.0", "nano-banana", "seedream-3.0", "gpt-image-2",
     ]  # fmt: skip
-    assert models[2]["sizes"]["2k"]["16:9"] == "2560x1440"
+    assert models[5]["sizes"]["2k"]["16:9"] == "2560x1440"
+    assert [m["regions"] for m in models] == [None, ["CA"], *[None] * 6, ["CA"]]
     assert (await harness.client.get("/v1/dreamina/models")).status_code == 401
 
 

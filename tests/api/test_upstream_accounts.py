@@ -82,7 +82,9 @@ async def test_a_refused_api_key_puts_the_account_in_error(
     await trusting.put_account(
         {**account("ark", fake), "settings": {"apiKey": "sk-wrong", "baseUrl": fake.url}}
     )
-    posted = await trusting.post({"prompt": "a kite", "count": 1, "account": ACCOUNT})
+    posted = await trusting.post(
+        {"prompt": "a kite", "model": "seedream-4.0", "count": 1, "account": ACCOUNT}
+    )
     record = await trusting.wait(posted.json()["jobid"])
     assert (record["status"], record["error"], record["errorDetails"]) == (
         "failed",

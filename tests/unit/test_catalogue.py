@@ -37,28 +37,44 @@ def size(text: str) -> tuple[int, int]:
     return int(width), int(height)
 
 
-def test_models_in_the_contract_order_with_seedream_4_0_the_default() -> None:
-    assert CATALOGUE.names == (
-        "seedream-4.5",
-        "seedream-4.1",
-        "seedream-4.0",
-        "nano-banana",
-        "seedream-3.0",
-    )
-    assert CATALOGUE.default_model == "seedream-4.0"
+# The hosted API's model list as its source gives it (docs/catalogue.md, U1: useapi.net's
+# Postman collection, updated April 17, 2026): the order, the default and the CA-only models.
+HOSTED_ORDER = (
+    "seedream-5.0-lite",
+    "seedream-4.7",
+    "seedream-4.6",
+    "seedream-4.5",
+    "seedream-4.1",
+    "seedream-4.0",
+    "nano-banana",
+    "seedream-3.0",
+    "gpt-image-2",
+)
 
 
+def test_models_in_the_hosted_order_with_seedream_4_6_the_default() -> None:
+    assert CATALOGUE.names == HOSTED_ORDER
+    assert CATALOGUE.default_model == "seedream-4.6"
+
+
+# Rows: the seed page's (contract.md) for the five older models; for the new ones what U1
+# states (gpt-image-2: 1k, 3 references, ratios 1:1, 2:3, 3:2) and, where no source states a
+# cell, the inferred values docs/catalogue.md marks as such (the Seedream 4.5 row).
 @pytest.mark.parametrize(
     ("name", "resolutions", "default", "max_refs", "prompt_required", "auto_ratio"),
     [
+        ("seedream-5.0-lite", ("2k", "4k"), "2k", 6, False, True),
+        ("seedream-4.7", ("2k", "4k"), "2k", 6, False, True),
+        ("seedream-4.6", ("2k", "4k"), "2k", 6, False, True),
         ("seedream-4.5", ("2k", "4k"), "2k", 6, False, True),
         ("seedream-4.1", ("2k", "4k"), "2k", 6, False, True),
         ("seedream-4.0", ("2k", "4k"), "2k", 6, False, True),
         ("nano-banana", ("1k",), "1k", 3, True, True),
         ("seedream-3.0", ("1k", "2k"), "1k", 1, True, False),
+        ("gpt-image-2", ("1k",), "1k", 3, True, False),
     ],
 )
-def test_model_rows_match_the_contract_table(
+def test_model_rows_match_the_sources(
     name: str,
     resolutions: tuple[str, ...],
     default: str,
@@ -73,6 +89,38 @@ def test_model_rows_match_the_contract_table(
     assert model.prompt_required is prompt_required
     assert model.auto_ratio is auto_ratio
     assert model.forecast_cost == 0
+
+
+@pytest.mark.parametrize("name", HOSTED_ORDER)
+def test_only_seedream_4_7_and_gpt_image_2_are_limited_to_ca(name: str) -> None:
+    model = CATALOGUE[name]
+    limited = name in ("seedream-4.7", "gpt-image-2")
+    assert model.regions == (("CA",) if limited else None)
+    assert model.offered_in("CA")
+    assert model.offered_in("LOCAL")  # this server's own engines serve every model
+    assert model.offered_in("US") is not limited
+    assert model.describe()["regions"] == (["CA"] if limited else None)
+
+
+def test_gpt_image_2_takes_three_ratios_at_1k_without_auto() -> None:
+    model = CATALOGUE["gpt-image-2"]
+    assert model.ratios("1k") == ("1:1", "2:3", "3:2")
+    assert model.default_ratio == "1:1"
+    assert model.sizes["1k"] == {"1:1": (1024, 1024), "2:3": (1024, 1536), "3:2": (1536, 1024)}
+
+
+@pytest.mark.parametrize("name", ["seedream-5.0-lite", "seedream-4.7", "seedream-4.6"])
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_new_seedream_models_use_the_standard_table(name: str, ratio: str) -> None:
+    for column, tier in ((1, "2k"), (2, "4k")):
+        assert CATALOGUE[name].size(tier, ratio) == size(STANDARD[ratio][column])
+
+
+def test_regions_must_be_a_list_of_names() -> None:
+    row = {"name": "x", "resolutions": ["1k"], "sizes": "s", "regions": "CA"}
+    data = {"default_model": "x", "sizes": {"s": {"1k": {"1:1": "64x64"}}}, "models": [row]}
+    with pytest.raises(CatalogueError, match="model x: regions must be a list of account regions"):
+        parse_catalogue(data)
 
 
 @pytest.mark.parametrize("ratio", RATIOS)

@@ -14,7 +14,10 @@ from dreamserve.errors import BadRequest
 from dreamserve.submission import ImageSubmission, parse_image_submission
 
 CATALOGUE = default_catalogue()
-MODELS = "seedream-4.5, seedream-4.1, seedream-4.0, nano-banana, seedream-3.0"
+MODELS = (
+    "seedream-5.0-lite, seedream-4.7, seedream-4.6, seedream-4.5, seedream-4.1, seedream-4.0, "
+    "nano-banana, seedream-3.0, gpt-image-2"
+)
 RATIOS = "1:1, 3:4, 16:9, 4:3, 9:16, 2:3, 3:2, 21:9"
 REF_A = "US:a@x.com-image:w685:h900:s86866-uri:images/2026/03/02/1.jpg"
 REF_A2 = "US:a@x.com-image:w1000:h500:s1234-uri:images/2026/03/02/2.jpg"
@@ -53,15 +56,15 @@ def test_the_seed_request_echoes_exactly_its_fields_and_input_mode() -> None:
     assert submission.size == (2560, 1440)
 
 
-def test_defaults_model_seedream_4_0_ratio_auto_resolution_2k_count_4() -> None:
+def test_defaults_model_seedream_4_6_ratio_auto_resolution_2k_count_4() -> None:
     submission = parse(prompt="x")
-    assert submission.model.name == "seedream-4.0"
+    assert submission.model.name == "seedream-4.6"
     assert (submission.ratio, submission.resolution, submission.count) == ("auto", "2k", 4)
     assert submission.image_strength == 0.5
     assert submission.size == (2048, 2048)  # auto without references is 1:1
     assert submission.echo == {
         "prompt": "x",
-        "model": "seedream-4.0",
+        "model": "seedream-4.6",
         "ratio": "auto",
         "resolution": "2k",
         "inputMode": "generate",
@@ -84,7 +87,7 @@ def test_webhook_and_extension_fields_are_echoed() -> None:
 def test_null_and_empty_optional_fields_count_as_absent() -> None:
     submission = parse(prompt="x", model=None, ratio="", resolution=None, count="", seed=None)
     assert (submission.model.name, submission.ratio, submission.count) == (
-        "seedream-4.0",
+        "seedream-4.6",
         "auto",
         4,
     )

@@ -17,7 +17,7 @@ class ImageJobRequest(BaseModel):
     model_config = ConfigDict(title="ImageJobRequest")
 
     prompt: str | None = Field(None, max_length=1600, description="Required unless refs given")
-    model: str = Field("seedream-4.0", description="A catalogue model (GET /models)")
+    model: str = Field("seedream-4.6", description="A catalogue model (GET /models)")
     ratio: Ratio | None = Field(None, description="Default `auto` where the model supports it")
     resolution: Literal["1k", "2k", "4k"] | None = Field(None, description="Default: the model's")
     imageRef_1: str | None = Field(None, description="assetRef of a reference image")

@@ -202,7 +202,7 @@ class Accounts:
         if engine is None:  # an engine this server lacks, or secrets it cannot open
             models = list(account.models or ())
         else:
-            models = models_served(engine, account.models, self.catalogue)
+            models = models_served(engine, account.models, self.catalogue, account.region)
         return summary(account, models, now, outcomes.get(account.id))
 
 
