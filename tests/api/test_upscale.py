@@ -56,6 +56,8 @@ async def test_an_upscale_job_runs_on_the_source_account_at_the_tier_size(
     assert done["status"] == "completed"
     [image] = done["response"]["images"]
     assert (image["width"], image["height"], image["format"]) == (4096, 4096, "jpeg")
+    assert "seed" not in image  # an upscale has none
+    assert "seed" in source["response"]["images"][1]
     listed = (await harness.call("GET", "/assets/LOCAL:procedural?count=1")).json()["assets"]
     assert (listed[0]["itemId"], listed[0]["description"]) == (image["itemId"], "upscale me")
     assert (await download(harness, image["imageUrl"])).size == (4096, 4096)
