@@ -168,6 +168,13 @@ class Scheduler(TypedDict):
 
 class AssetUploaded(TypedDict):
     assetRef: str
+    imageRef: Annotated[
+        str,
+        Field(
+            description="The same value as assetRef, under the name the hosted API first "
+            "published (older clients read it)"
+        ),
+    ]
     account: str
     width: int
     height: int
