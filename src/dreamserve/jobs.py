@@ -114,6 +114,10 @@ class StoredImage:
     height: int
     format: str
     size: int
+    # The seed it was made with, when its engine honours seeds (`seeded`): image i of a job of
+    # seed s has seed s + i. None for an upscale, an engine that does not, or an image stored
+    # before seeds were recorded.
+    seed: int | None = None
 
     def ref(self, account: str) -> AssetRef:
         return AssetRef(account, self.width, self.height, self.size, self.uri)
@@ -122,7 +126,7 @@ class StoredImage:
         return str(self.ref(account))
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "itemId": self.item_id,
             "uri": self.uri,
             "width": self.width,
@@ -130,6 +134,9 @@ class StoredImage:
             "format": self.format,
             "size": self.size,
         }
+        if self.seed is not None:
+            data["seed"] = self.seed
+        return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> StoredImage:
@@ -140,6 +147,7 @@ class StoredImage:
             height=data["height"],
             format=data["format"],
             size=data["size"],
+            seed=data.get("seed"),
         )
 
 
@@ -150,6 +158,8 @@ class Spec:
     width: int
     height: int
     count: int
+    # Picked at random at admission when the request gave none; None only for an upscale, or a
+    # job admitted before the server picked one.
     seed: int | None = None
     # imageStrength; for an upscale, originalImageStrength (the blend with a plain resample)
     strength: float = 0.5
@@ -285,7 +295,7 @@ class _Failure(TypedDict, total=False):
 
 
 def _image(account: str, image: StoredImage, link: Callable[[str], str]) -> ImageOut:
-    return {
+    out: ImageOut = {
         "imageUrl": link(image.uri),
         "imageUri": image.uri,
         "width": image.width,
@@ -296,3 +306,6 @@ def _image(account: str, image: StoredImage, link: Callable[[str], str]) -> Imag
         "assetRef": image.asset_ref(account),
         "itemId": image.item_id,
     }
+    if image.seed is not None:
+        out["seed"] = image.seed
+    return out

@@ -42,6 +42,17 @@ class ImageOut(TypedDict):
     assetId: str
     assetRef: str
     itemId: str
+    seed: NotRequired[
+        Annotated[
+            int,
+            Field(
+                description="The seed the image was made with, on engines that honour seeds "
+                "(not on upstream vendors' nor on upscales): image i (0-based) of a job of seed "
+                "s has seed s + i (past 2147483647, counting on from 0); the same request with "
+                "this seed and count 1 makes the same image"
+            ),
+        ]
+    ]
 
 
 class JobResponse(TypedDict):
@@ -157,6 +168,13 @@ class Scheduler(TypedDict):
 
 class AssetUploaded(TypedDict):
     assetRef: str
+    imageRef: Annotated[
+        str,
+        Field(
+            description="The same value as assetRef, under the name the hosted API first "
+            "published (older clients read it)"
+        ),
+    ]
     account: str
     width: int
     height: int

@@ -31,6 +31,7 @@ from dreamserve.engines.base import (
     GenerationRequest,
     Upscaler,
     UpscaleRequest,
+    image_seed,
 )
 from dreamserve.engines.registry import EngineRegistry
 from dreamserve.errors import (
@@ -249,9 +250,14 @@ class JobRunner:
         # An engine may return its images after a cancel (it was finishing a step): the job
         # ended, or is no longer this runner's, so they are neither encoded nor stored.
         cancel.raise_if_set()
+        seeds = _seeds(job, engine)
         # Encoded side by side (in the executor): a 4k JPEG takes a tenth of a second.
         results = await asyncio.gather(
-            *(self._store(job, image, cancel) for image in images), return_exceptions=True
+            *(
+                self._store(job, image, seed, cancel)
+                for image, seed in zip(images, seeds, strict=True)
+            ),
+            return_exceptions=True,
         )
         stored = [result for result in results if isinstance(result, StoredImage)]
         failures = [result for result in results if isinstance(result, BaseException)]
@@ -306,7 +312,9 @@ class JobRunner:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, _decode, data, bound)
 
-    async def _store(self, job: Job, image: Image.Image, cancel: CancelSignal) -> StoredImage:
+    async def _store(
+        self, job: Job, image: Image.Image, seed: int | None, cancel: CancelSignal
+    ) -> StoredImage:
         now = self.clock()
         item_id = self.ids.item_id(now)  # before any await: a job's images keep their order
         image_format = self.config.encoding.image_format
@@ -323,7 +331,9 @@ class JobRunner:
         except OSError as error:  # an object store unreachable after its retries, a disk error
             log.error("job %s: its images cannot be stored: %s", job.jobid, error)
             raise JobFailed("Storage unavailable", _STORE_DOWN) from None
-        return StoredImage(item_id, key, image.width, image.height, image_format, len(data))
+        return StoredImage(
+            item_id, key, image.width, image.height, image_format, len(data), seed=seed
+        )
 
     async def _finish(
         self,
@@ -470,6 +480,16 @@ _STORE_DOWN = "the server's image store cannot be reached; try again later"
 _NO_SPACE = (
     "the server has no space left to store the images; try again once its operator has freed some"
 )
+
+
+def _seeds(job: Job, engine: Engine) -> list[int | None]:
+    """The seed of each of the job's images, for its record: image i of seed s was made with
+    s + i when its engine honours seeds (`seeded`); None where it does not, for an upscale, or a
+    job admitted before the server picked seeds."""
+    seed = job.spec.seed
+    if job.type != "image" or seed is None or not getattr(engine, "seeded", False):
+        return [None] * job.spec.count
+    return [image_seed(seed, index) for index in range(job.spec.count)]
 
 
 def _description(conn: Connection, job: Job) -> str | None:

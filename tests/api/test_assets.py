@@ -76,6 +76,7 @@ async def test_an_upload_replies_with_its_asset_ref(
     body = reply.json()
     assert body == {
         "assetRef": body["assetRef"],
+        "imageRef": body["assetRef"],  # the hosted API's first name, for older clients
         "account": ACCOUNT,
         "width": 160,
         "height": 90,

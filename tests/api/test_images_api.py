@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import re
+from typing import Any
 from urllib.parse import quote
 
 import numpy as np
@@ -13,6 +14,7 @@ from PIL import Image
 from sqlalchemy import update
 from support import SEED_BODY, SMALL, FailingEngine, Harness, open_harness
 
+from dreamserve.engines.procedural import ProceduralEngine
 from dreamserve.errors import JobFailed
 from dreamserve.settings import Settings
 from dreamserve.storage.tables import accounts
@@ -22,6 +24,8 @@ pytestmark = pytest.mark.anyio
 JOBID = re.compile(r"j\d{10}\d{3}\d{6}i-u1-LOCAL:procedural-bot:dreamina")
 ISO = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 IMAGE_KEYS = {"imageUrl", "imageUri", "width", "height", "format", "assetId", "assetRef", "itemId"}
+# The procedural engine honours seeds: its images report theirs.
+SEEDED_IMAGE_KEYS = IMAGE_KEYS | {"seed"}
 
 
 # Auth
@@ -226,7 +230,7 @@ async def test_a_job_runs_to_completed_with_the_contracts_image_fields(harness: 
     assert len(images) == 2
     assert record["response"]["forecastCost"] == 0
     for image in images:
-        assert set(image) == IMAGE_KEYS
+        assert set(image) == SEEDED_IMAGE_KEYS
         assert (image["width"], image["height"], image["format"]) == (1024, 1024, "jpeg")
         assert re.fullmatch(r"\d{19}", image["itemId"])
         assert image["assetId"] == f"LOCAL:procedural:{image['itemId']}"
@@ -324,6 +328,66 @@ async def test_same_seed_same_request_gives_identical_files(harness: Harness) ->
     ]
     assert files[0] == files[1]
     assert files[0] != files[2]
+
+
+async def completed(harness: Harness, body: dict[str, Any]) -> dict[str, Any]:
+    """The record of a job of `body` once it ended."""
+    return await harness.wait((await harness.post(body)).json()["jobid"])
+
+
+async def files(harness: Harness, record: dict[str, Any]) -> list[bytes]:
+    """The stored bytes of a completed job's images, fetched through their imageUrl."""
+    return [
+        (await harness.client.get(image["imageUrl"])).content
+        for image in record["response"]["images"]
+    ]
+
+
+async def test_image_i_reports_seed_plus_i_and_that_seed_alone_makes_it_again(
+    harness: Harness,
+) -> None:
+    body = {**SMALL, "seed": 2_000, "count": 3}
+    first = await completed(harness, body)
+    assert [image["seed"] for image in first["response"]["images"]] == [2_000, 2_001, 2_002]
+    again = await completed(harness, {**body, "seed": 2_002, "count": 1})
+    assert [image["seed"] for image in again["response"]["images"]] == [2_002]
+    made = await files(harness, first)
+    assert (await files(harness, again)) == [made[2]]  # byte for byte
+    assert len(set(made)) == 3
+
+
+async def test_seeds_wrap_past_the_largest_so_each_is_one_a_request_may_give(
+    harness: Harness,
+) -> None:
+    body = {**SMALL, "seed": 2_147_483_646, "count": 3}
+    first = await completed(harness, body)
+    seeds = [image["seed"] for image in first["response"]["images"]]
+    assert seeds == [2_147_483_646, 2_147_483_647, 0]
+    again = await completed(harness, {**body, "seed": 0, "count": 1})
+    assert (await files(harness, again)) == (await files(harness, first))[2:]
+
+
+async def test_without_a_seed_the_server_picks_one_and_reports_it(harness: Harness) -> None:
+    created = [(await harness.post(SMALL)).json() for _ in range(2)]
+    assert all("seed" not in record["request"] for record in created)  # the echo as sent
+    records = [await harness.wait(record["jobid"]) for record in created]
+    assert all("seed" not in record["request"] for record in records)
+    seeds = [record["response"]["images"][0]["seed"] for record in records]
+    assert all(isinstance(seed, int) and 0 <= seed <= 2_147_483_647 for seed in seeds)
+    assert seeds[0] != seeds[1]
+    made = [await files(harness, record) for record in records]
+    assert made[0] != made[1]  # the same prompt, another picture
+    # The picked seed reproduces the picture.
+    again = await completed(harness, {**SMALL, "seed": seeds[0]})
+    assert (await files(harness, again)) == made[0]
+
+
+async def test_an_engine_that_does_not_honour_seeds_reports_none(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ProceduralEngine, "seeded", False)
+    record = await completed(harness, {**SMALL, "seed": 5})
+    assert set(record["response"]["images"][0]) == IMAGE_KEYS
 
 
 async def test_different_prompts_give_different_images(harness: Harness) -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import Connection, select, update
 from support import SMALL, GatedEngine, open_harness, wait_started
 
 from dreamserve.service import AnotherRunner
@@ -19,13 +22,27 @@ async def test_a_job_interrupted_by_a_stop_runs_again_on_the_next_start(settings
         token = harness.token
         jobid = (await harness.post(SMALL)).json()["jobid"]
         await wait_started(engine, 1)
+        seed = await harness.server.db.read(spec_seed(jobid))
     # The server stopped with the job running: it is still `created` and holds its slot.
     async with open_harness(settings) as harness:
         assert harness.token != token  # a new token for the same user 1
         record = await harness.wait(jobid)
         assert record["status"] == "completed"
         assert len(record["response"]["images"]) == 1
+        # The seed picked at admission (SMALL has none) is the one the second attempt used.
+        assert isinstance(seed, int)
+        assert record["response"]["images"][0]["seed"] == seed
         assert await harness.slots() == {"LOCAL:procedural": 0}
+
+
+def spec_seed(jobid: str) -> Callable[[Connection], Any]:
+    """What reads the seed stored in a job's spec."""
+
+    def read(conn: Connection) -> Any:
+        spec = conn.execute(select(jobs.c.spec).where(jobs.c.jobid == jobid)).scalar_one()
+        return spec["seed"]
+
+    return read
 
 
 class NeverRun:

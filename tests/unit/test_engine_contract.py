@@ -2,7 +2,8 @@
 diffusers on a tiny pipeline, and ark, gemini and openai against their fake upstreams.
 
 What every engine promises the job runner: exactly `count` images of exactly the size asked,
-with or without references; progress between 0 and 1 that never goes back and ends at 1; a
+with or without references; image i of seed s remade by seed s + i alone where it says `seeded`;
+progress between 0 and 1 that never goes back and ends at 1; a
 cancel ends the run with `Cancelled` (before it starts, and soon when it is under way); it says
 which catalogue models it serves; its settings refuse keys it does not know; `close` releases it.
 """
@@ -155,6 +156,35 @@ async def test_progress_stays_between_0_and_1_never_goes_back_and_ends_at_1(
     assert all(0 <= fraction <= 1 for fraction in progress.seen)
     assert progress.seen == sorted(progress.seen)
     assert progress.seen[-1] == 1.0
+
+
+SEEDED = {"procedural", "diffusers"}  # the engines whose images report their seed
+
+
+async def test_a_seeded_engine_makes_image_i_from_seed_plus_i_alone(
+    subject: Subject, engine: Engine
+) -> None:
+    """`seeded = True` is a promise the record passes on to clients (each image's seed remakes
+    it): image 2 of seed 40 is the single image of seed 42. Upstream engines promise none."""
+    seeded = getattr(engine, "seeded", False)
+    assert seeded is (subject.name in SEEDED)
+    if not seeded:
+        return
+    small = {"width": 1024, "height": 1024}
+    images = await engine.generate(
+        job(subject, count=3, seed=40, **small), Progress(), CancelSignal()
+    )
+    [alone] = await engine.generate(
+        job(subject, count=1, seed=42, **small), Progress(), CancelSignal()
+    )
+
+    def apart(a: Image.Image, b: Image.Image) -> float:
+        return float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max())
+
+    # The procedural engine byte for byte; a pipeline's batch of three and a single image share
+    # their starting noise, but the batch's arithmetic may round a pixel one level apart.
+    assert apart(images[2], alone) <= (0 if subject.name == "procedural" else 2)
+    assert apart(images[1], alone) > 50
 
 
 async def test_a_cancel_before_the_run_ends_it_with_cancelled(

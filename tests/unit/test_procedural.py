@@ -10,9 +10,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dreamserve.engines.base import CancelSignal, EngineContext, GenerationRequest
+from dreamserve.engines.base import (
+    SEEDS,
+    CancelSignal,
+    EngineContext,
+    GenerationRequest,
+    image_seed,
+)
 from dreamserve.engines.procedural import LABEL, ProceduralEngine, fit_reference, render
 from dreamserve.errors import Cancelled
+from dreamserve.submission import MAX_SEED
 
 pytestmark = pytest.mark.anyio
 
@@ -60,6 +67,18 @@ async def test_returns_count_images_each_different(engine: ProceduralEngine) -> 
     for i in range(4):
         for j in range(i + 1, 4):
             assert np.abs(arrays[i] - arrays[j]).mean() > 10
+
+
+async def test_image_i_of_a_seed_is_the_image_of_seed_plus_i(engine: ProceduralEngine) -> None:
+    images = await engine.generate(request(count=4, seed=40), lambda _: None, CancelSignal())
+    [alone] = await engine.generate(request(count=1, seed=42), lambda _: None, CancelSignal())
+    assert np.array_equal(np.asarray(images[2]), np.asarray(alone))
+    assert np.array_equal(pixels(request(seed=SEEDS - 1), 1), pixels(request(seed=0)))  # wraps
+
+
+def test_seeds_span_the_requests_seed_range() -> None:
+    assert SEEDS == MAX_SEED + 1
+    assert [image_seed(MAX_SEED - 1, i) for i in range(3)] == [MAX_SEED - 1, MAX_SEED, 0]
 
 
 def test_deterministic_from_the_request() -> None:

@@ -31,7 +31,13 @@ class ImageJobRequest(BaseModel):
     replyUrl: str | None = Field(None, max_length=1024)
     replyRef: str | None = Field(None, max_length=1024)
     maxJobs: int | None = Field(None, ge=1, le=50)
-    seed: int | None = Field(None, ge=0, le=2_147_483_647)
+    seed: int | None = Field(
+        None,
+        ge=0,
+        le=2_147_483_647,
+        description="Default: one picked at random. Image i is made with seed + i, reported on "
+        "each image where the engine honours seeds",
+    )
     count: int | None = Field(None, ge=1, le=4, description="Images per job, default 4")
     queueSeconds: int | None = Field(
         None,

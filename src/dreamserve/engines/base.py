@@ -25,6 +25,19 @@ T = TypeVar("T")
 # Called with the fraction done (0 to 1); safe to call from any thread.
 ProgressCallback = Callable[[float], None]
 
+# A request's seed is 0 to SEEDS - 1 (POST /images takes 0-2147483647, `submission.MAX_SEED`).
+SEEDS = 2**31
+
+
+def image_seed(seed: int, index: int) -> int:
+    """The seed of image `index` (0-based) of a job of seed `seed`: `seed + index`, wrapping
+    past 2147483647 to 0, so that it is always a seed a request may give.
+
+    A seeded engine (`seeded = True`) makes image `index` from this seed alone: a request with
+    this seed and `count` 1 (same prompt, model, size, references and strength) makes the same
+    image."""
+    return (seed + index) % SEEDS
+
 
 @dataclass(frozen=True)
 class GenerationRequest:
@@ -35,6 +48,8 @@ class GenerationRequest:
     count: int
     references: tuple[Image.Image, ...] = ()
     strength: float = 0.5
+    # Always set by the server (picked at random at admission when the client gave none); None
+    # only for a job admitted before it did, or an engine called directly.
     seed: int | None = None
 
 
@@ -129,6 +144,10 @@ class Engine(Protocol):
     # address): asked when a user saves the account.
     # Optional: `def describe(self) -> dict[str, Any]`, live details of the engine (what it is,
     # what it has loaded) for GET /accounts/<account>. Never secrets.
+    # Optional: `seeded: bool` (default False), whether the engine honours seeds: image i of a
+    # request is made from `image_seed(request.seed, i)` alone, so asking again with that seed
+    # and `count` 1 makes the same image. The job record then reports each image's seed. An
+    # engine that forwards the seed to a vendor who may not honour it leaves it False.
     # Optional: `image_copies: int`, how many copies of each output image the engine holds at
     # its peak (default 2: the image and a working copy); the server's render-memory budget
     # counts that many for each image of a job (render_memory.py).

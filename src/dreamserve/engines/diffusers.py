@@ -34,11 +34,13 @@ from pydantic import Field
 
 from dreamserve.catalogue import Model
 from dreamserve.engines.base import (
+    SEEDS,
     CancelSignal,
     EngineContext,
     EngineSettings,
     GenerationRequest,
     ProgressCallback,
+    image_seed,
     to_size,
 )
 from dreamserve.errors import AccountError, AccountTrouble, JobFailed
@@ -66,6 +68,7 @@ class DiffusersEngine:
     # The render-memory budget's count of each image: the pipeline's decoded float32 batch (three
     # times an image) and the image at the job's size.
     image_copies = 4
+    seeded = True  # image i from its own generator, seeded seed + i (the record reports it)
     # Only the operator's shared accounts: a user's own account would choose what the server
     # downloads and reads from its disk, and take its GPUs.
     operator_only = True
@@ -257,9 +260,11 @@ def _multiple(pipeline: Any) -> int:
 
 
 def _generators(request: GenerationRequest) -> list[torch.Generator]:
-    """One generator per image, seeded `seed + index` (on the CPU, so a seed gives the same
-    picture on any device)."""
-    seed = request.seed if request.seed is not None else secrets.randbits(63)
+    """One generator per image, seeded `image_seed(seed, index)` (seed + index; on the CPU, so
+    a seed gives the same starting noise on any device): image i of a job is the image of a
+    count-1 request with that seed."""
+    seed = request.seed if request.seed is not None else secrets.randbelow(SEEDS)
     return [
-        torch.Generator("cpu").manual_seed((seed + index) % 2**63) for index in range(request.count)
+        torch.Generator("cpu").manual_seed(image_seed(seed, index))
+        for index in range(request.count)
     ]

@@ -1,7 +1,9 @@
 """The procedural engine: abstract compositions computed from the request, with no model at all.
 
 It is what it says: no weights, no network, no pretence of being a model. Every image is a
-deterministic function of (prompt, model, size, image index, seed): a palette drawn from the
+deterministic function of (prompt, model, size, its seed): image i of a request is made from
+`image_seed(seed, i)` (seed + i) and nothing else of its position, so a request with that seed
+and `count` 1 makes the same image (the engine is `seeded`). A palette drawn from the
 prompt's words, soft colour fields, interference ripples and rings, blended with the reference
 images by `strength`. It makes the server useful out of the box and the tests fast and real.
 The composition is computed on a coarse grid and resampled to the full size in horizontal stripes,
@@ -31,6 +33,7 @@ from dreamserve.engines.base import (
     GenerationRequest,
     ProgressCallback,
     UpscaleRequest,
+    image_seed,
 )
 
 Array = npt.NDArray[np.float32]
@@ -48,6 +51,7 @@ class ProceduralEngine:
     that list it (a placeholder never stands in for the operator's GPU); takes no settings."""
 
     Settings = EngineSettings
+    seeded = True  # image i is made from seed + i alone (the job record reports it)
 
     def __init__(self, settings: Mapping[str, Any], context: EngineContext) -> None:
         self._executor = context.executor
@@ -214,7 +218,10 @@ class _Scene:
     def from_request(cls, request: GenerationRequest, index: int) -> _Scene:
         words = _WORD.findall(request.prompt.lower())
         size = f"{request.width}x{request.height}"
-        text = "\0".join([request.model, request.prompt, size, str(index), str(request.seed)])
+        # The image's own seed, not its index: image i of seed s is the image of seed s + i.
+        # No seed (a job admitted before the server picked one) renders as seed 0.
+        seed = image_seed(request.seed or 0, index)
+        text = "\0".join([request.model, request.prompt, size, str(seed)])
         rng = np.random.default_rng(int.from_bytes(hashlib.sha256(text.encode()).digest()[:16]))
         return cls(rng, _palette(words, rng))
 

@@ -85,9 +85,10 @@ class Assets:
         except BaseException:
             await self.blobs.delete(key)  # no file without its row
             raise
-        ref = AssetRef(account.name, checked.width, checked.height, size, key)
+        ref = str(AssetRef(account.name, checked.width, checked.height, size, key))
         return {
-            "assetRef": str(ref),
+            "assetRef": ref,
+            "imageRef": ref,  # the hosted API's first name for it, which older clients read
             "account": account.name,
             "width": checked.width,
             "height": checked.height,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import secrets
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any, TypeVar
@@ -33,7 +34,12 @@ from dreamserve.storage import asset_queries, job_queries, webhook_queries
 from dreamserve.storage.account_queries import Account
 from dreamserve.storage.blobs import BlobStore
 from dreamserve.storage.job_store import JobStore, JobTransaction
-from dreamserve.submission import REF_NAMES, parse_image_submission, parse_upscale_submission
+from dreamserve.submission import (
+    MAX_SEED,
+    REF_NAMES,
+    parse_image_submission,
+    parse_upscale_submission,
+)
 
 T = TypeVar("T")
 _IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,255}")
@@ -74,11 +80,15 @@ class Submissions:
         Idempotency-Key used before (24 h) with the same fields: the job it made, unchanged."""
         submission = parse_image_submission(fields, self.catalogue)
         width, height = submission.size
+        # No seed: one picked here and kept in the spec, so that every attempt of the job (a
+        # retry, a restart) makes the same images and the record can report it. The request's
+        # echo stays as the client sent it.
+        seed = submission.seed if submission.seed is not None else secrets.randbelow(MAX_SEED + 1)
         spec = Spec(
             width=width,
             height=height,
             count=submission.count,
-            seed=submission.seed,
+            seed=seed,
             strength=submission.image_strength,
             references=tuple(ref.uri for ref in submission.references),
             reference_pixels=tuple(ref.width * ref.height for ref in submission.references),
