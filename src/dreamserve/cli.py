@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_plus
 
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 
 from dreamserve.app import (
     API_PREFIX,
@@ -444,7 +444,8 @@ def require_database(settings: Settings) -> None:
     if url.get_backend_name() == "postgresql":
         import psycopg
 
-        shown = url.set(password=None).render_as_string(hide_password=False)
+        bare = URL.create(url.drivername, url.username, None, url.host, url.port, url.database)
+        shown = bare.render_as_string(hide_password=False)  # no password, nor query
         plain = url.set(drivername="postgresql").render_as_string(hide_password=False)
         try:
             with psycopg.connect(plain, connect_timeout=10) as conn:
