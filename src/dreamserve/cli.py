@@ -1,14 +1,17 @@
-"""The `dreamserve` command: serve | worker | migrate | tokens create | accounts add|list|remove |
-openapi.
+"""The `dreamserve` command: serve | worker | migrate | users list|create|set |
+tokens create|list|revoke | accounts add|list|remove | openapi.
 
 Every command reads the same `DREAMSERVE_*` settings as the server. The `accounts` commands go
 through the same service as the API and print its JSON replies; `--shared` acts as the operator.
+Only `serve`, `migrate` and `worker` create a database: the others refuse to run where there is
+none (a command run from another directory would otherwise start a second data dir there).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import copy
 import gc
 import json
@@ -16,10 +19,14 @@ import logging
 import shlex
 import signal
 import socket
+import sqlite3
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_plus
+
+from sqlalchemy.engine import URL, make_url
 
 from dreamserve.app import (
     API_PREFIX,
@@ -89,8 +96,47 @@ def _parser() -> argparse.ArgumentParser:
     )
     create = tokens.add_parser("create", help="print a new token (for a new user by default)")
     create.add_argument("--user", type=int, help="an existing user id")
+    listed = tokens.add_parser("list", help="the tokens (id, prefix, times; never the secret)")
+    listed.add_argument("--user", type=int, metavar="N", help="user N's tokens only")
+    revoke = tokens.add_parser("revoke", help="refuse a token from now on")
+    revoke.add_argument("token", help="its id or prefix, as `tokens list` shows them")
+    _users_parser(commands)
     _accounts_parser(commands)
     return parser
+
+
+def _users_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    users = commands.add_parser("users", help="manage users and their limits").add_subparsers(
+        dest="action", required=True
+    )
+    users.add_parser("list", help="the users: tokens and limits, as JSON")
+    users.add_parser("create", help="make a user; print its id and first token")
+    limits = users.add_parser("set", help="set a user's limits ('none' removes one)")
+    limits.add_argument("user", type=int, metavar="N", help="the user id")
+    limits.add_argument(
+        "--max-running",
+        type=_limit,
+        metavar="K",
+        help="unfinished jobs at once, across all accounts (running, queued or waiting)",
+    )
+    limits.add_argument(
+        "--max-per-minute", type=_limit, metavar="M", help="submissions per minute of the clock"
+    )
+
+
+_NONE = -1  # `none` on the command line: remove the limit
+
+
+def _limit(text: str) -> int:
+    if text.strip().lower() == "none":
+        return _NONE
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number or 'none'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not 1 or more (or 'none')")
+    return value
 
 
 def _accounts_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -161,11 +207,19 @@ def _run(settings: Settings, args: argparse.Namespace) -> None:
         print(f"Database at {settings.database} is up to date")
     elif args.command == "openapi":
         print(json.dumps(create_app(settings).openapi(), indent=2, sort_keys=True))
-    elif args.command == "tokens":
-        _, token = asyncio.run(_create_token(settings, args.user))
-        print(token)
     else:
-        print(json.dumps(asyncio.run(_accounts(settings, args)), indent=2))
+        require_database(settings)
+        if args.command == "tokens" and args.action == "create":
+            _, token = asyncio.run(_create_token(settings, args.user))
+            print(token)
+        elif args.command == "tokens" and args.action == "revoke":
+            revoked = asyncio.run(_revoke(settings, args.token))
+            print(json.dumps(revoked, indent=2))
+            print(revoked_note(settings, revoked), file=sys.stderr)
+        elif args.command in ("tokens", "users"):
+            print(json.dumps(asyncio.run(_users(settings, args)), indent=2))
+        else:
+            print(json.dumps(asyncio.run(_accounts(settings, args)), indent=2))
 
 
 def serve(settings: Settings) -> None:
@@ -304,20 +358,31 @@ async def _migrate(settings: Settings) -> None:
         pass
 
 
+NO_TOKEN = (
+    "dreamserve: user 1 has no API token (none was ever made for it); make one with: "
+    "dreamserve tokens create --user 1"
+)
+
+
 async def _bootstrap(settings: Settings) -> tuple[str | None, bool, list[str]]:
     """The first start's token (None on later starts), whether the first start made the
     placeholder account (only when the configuration file declares none) and the routing
-    lines (`Accounts.routing`), after the accounts of the file were saved; errors here stop
-    `serve` before uvicorn starts."""
+    lines (`Accounts.routing`), led by NO_TOKEN when user 1 exists but was never given a
+    token. User 1 and its token are made only once the configuration file was applied: a bad
+    file stops the start before them, so that no token is made that nobody was shown. Errors
+    here stop `serve` before uvicorn starts."""
     config = load_config(settings.config)
     placeholder = not config.accounts
     async with open_server(settings, catalogue=config.catalogue) as server:
         # Say so before uvicorn starts (on PostgreSQL, any number of servers run jobs).
         if not await server.db.lock_runner() and not server.db.shared:
             raise AnotherRunner
-        token = await server.service.tokens.bootstrap(placeholder)
         await apply_config(server.service, config)
-        return token, placeholder, await server.service.accounts.routing()
+        token = await server.service.tokens.bootstrap(placeholder)
+        routing = await server.service.accounts.routing()
+        if token is None and await server.service.tokens.without_token():
+            routing.insert(0, NO_TOKEN)
+        return token, placeholder, routing
 
 
 def _placeholder(settings: Settings) -> bool:
@@ -336,6 +401,80 @@ async def _create_token(settings: Settings, user_id: int | None) -> tuple[int, s
             if token is not None:
                 return 1, token
         return await service.tokens.create(user_id)
+
+
+async def _users(settings: Settings, args: argparse.Namespace) -> Any:
+    """`users list|create|set` and `tokens list`: JSON for stdout."""
+    async with open_server(settings) as server:
+        tokens = server.service.tokens
+        if args.command == "tokens":
+            return await tokens.listing(args.user)
+        if args.action == "list":
+            return await tokens.users()
+        if args.action == "create":
+            user_id, token = await tokens.create(None)
+            return {"id": user_id, "token": token}
+        given = {"max_running": args.max_running, "max_per_minute": args.max_per_minute}
+        values = {
+            name: (None if value == _NONE else value)
+            for name, value in given.items()
+            if value is not None
+        }
+        return await tokens.set_limits(args.user, values)
+
+
+async def _revoke(settings: Settings, name: str) -> dict[str, Any]:
+    async with open_server(settings) as server:
+        return await server.service.tokens.revoke(name)
+
+
+def revoked_note(settings: Settings, revoked: dict[str, Any]) -> str:
+    """What `tokens revoke` says on stderr: how soon servers refuse the token."""
+    seconds = f"{settings.token_cache_seconds:g}"
+    return (
+        f"dreamserve: token {revoked['id']} ({revoked['prefix']}...) revoked; running servers "
+        f"refuse it within {seconds} s (their token cache, DREAMSERVE_TOKEN_CACHE_SECONDS)"
+    )
+
+
+def require_database(settings: Settings) -> None:
+    """Raise NoDatabase unless the settings' database exists and holds dreamserve's schema
+    (an `alembic_version` table); nothing is created either way."""
+    url = make_url(settings.database)
+    if url.get_backend_name() == "postgresql":
+        import psycopg
+
+        bare = URL.create(url.drivername, url.username, None, url.host, url.port, url.database)
+        shown = bare.render_as_string(hide_password=False)  # no password, nor query
+        plain = url.set(drivername="postgresql").render_as_string(hide_password=False)
+        try:
+            with psycopg.connect(plain, connect_timeout=10) as conn:
+                found = conn.execute("SELECT to_regclass('alembic_version')").fetchone()
+        except psycopg.Error:
+            return  # unreachable: opening it says why, as for `serve`
+        if found is None or found[0] is None:
+            raise NoDatabase(shown)
+        return
+    path = Path(url.database or "").absolute()
+    if not path.is_file():
+        raise NoDatabase(str(path))
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as conn:
+            found = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'alembic_version'"
+            ).fetchone()
+    except sqlite3.Error:
+        return  # not a database: opening it says so, as for `serve`
+    if found is None:
+        raise NoDatabase(str(path))
+
+
+class NoDatabase(DreamserveError):
+    def __init__(self, where: str) -> None:
+        super().__init__(
+            f"No dreamserve database at {where}; set DREAMSERVE_DATA_DIR or run dreamserve "
+            "serve there"
+        )
 
 
 async def _accounts(

@@ -99,6 +99,7 @@ class Submissions:
 
         def admit(tx: JobTransaction) -> Job:
             self._check_references(tx.conn, user_id, submission.references)
+            self.admission.limits.check(tx.conn, user_id)
             waits = None
             try:
                 account = self.admission.admit(
@@ -163,6 +164,7 @@ class Submissions:
                 valid = f"an image of job {jobid} that was not deleted"
                 raise InvalidParameter("imageIndex", submission.image_index, valid)
             width, height = self._upscale_size(submission.resolution, image.width / image.height)
+            self.admission.limits.check(conn, user_id)
             account = self.admission.admit(
                 conn,
                 user_id=user_id,
