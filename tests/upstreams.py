@@ -46,8 +46,8 @@ ARK_FIELDS = {
     "watermark",
     "stream",
 }
-GEMINI_MODELS = {"gemini-2.5-flash-image"}
-# The sizes Gemini answers with for each aspect ratio (its 1k table).
+# The sizes Gemini answers with for each aspect ratio at imageSize "1K" (its 1k table); "2K"
+# is twice each side, "4K" four times, "512" half (docs/catalogue.md §3.1).
 GEMINI_SIZES = {
     "1:1": (1024, 1024),
     "2:3": (832, 1248),
@@ -60,6 +60,33 @@ GEMINI_SIZES = {
     "16:9": (1344, 768),
     "21:9": (1536, 672),
 }
+# 3.1 Flash's extreme ratios (third parties only; sizes inferred, about a megapixel).
+GEMINI_EXTREME_SIZES = {
+    "1:4": (512, 2048),
+    "4:1": (2048, 512),
+    "1:8": (384, 3072),
+    "8:1": (3072, 384),
+}
+GEMINI_SCALES = {"512": 0.5, "1K": 1, "2K": 2, "4K": 4}
+
+
+@dataclass(frozen=True)
+class GeminiModel:
+    image_sizes: tuple[str, ...]  # empty: takes no imageSize (1K only)
+    max_images: int  # inline images in one request
+    ratios: frozenset[str]
+
+
+# The image models the Gemini API serves today (docs/catalogue.md §3.1: G1, G4, third parties).
+# Any other id (gemini-2.5-flash-image, past its October 2, 2026 shutdown) is answered 404.
+GEMINI_MODELS = {
+    "gemini-3-pro-image": GeminiModel(("1K", "2K", "4K"), 14, frozenset(GEMINI_SIZES)),
+    "gemini-3.1-flash-image": GeminiModel(
+        ("512", "1K", "2K", "4K"), 14, frozenset(GEMINI_SIZES) | frozenset(GEMINI_EXTREME_SIZES)
+    ),
+}
+# What 2.5 Flash Image was before its shutdown: 1K only, 3 images (a test may serve it again).
+GEMINI_2_5_FLASH = GeminiModel((), 3, frozenset(GEMINI_SIZES))
 OPENAI_FIELDS = {"model", "prompt", "n", "size", "response_format", "output_format", "quality"}
 GEMINI_BAD_KEY = {
     "error": {
@@ -108,6 +135,7 @@ class FakeUpstream:
         self.links_expired = False  # output links answer 403, as a signed link past its time
         self.links_redirect = False  # output links answer 302 to where the file is
         self.ark_max_images: int | None = None  # Seedream may return fewer than asked
+        self.gemini_models = dict(GEMINI_MODELS)  # a test may add a model Google removed
         self._files: dict[str, bytes] = {}
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -164,6 +192,8 @@ class FakeUpstream:
             return 200, self._openai(path, body), {}
         except Invalid as invalid:
             return 400, _error(vendor, Scripted(400), str(invalid)), {}
+        except Answered as answered:
+            return answered.status, answered.body, {}
 
     def _ark(self, body: Any) -> Any:
         _require(isinstance(body, dict), "body must be a JSON object")
@@ -219,8 +249,16 @@ class FakeUpstream:
         }
 
     def _gemini(self, path: str, body: Any) -> Any:
-        model = re.fullmatch(r"/v1beta/models/([^/:]+):generateContent", path)
-        _require(model is not None and model.group(1) in GEMINI_MODELS, "model not found")
+        found = re.fullmatch(r"/v1beta/models/([^/:]+):generateContent", path)
+        _require(found is not None, "unknown method")
+        assert found is not None
+        model = self.gemini_models.get(found.group(1))
+        if model is None:  # as Google answers an unknown or removed model
+            message = (
+                f"models/{found.group(1)} is not found for API version v1beta, "
+                "or is not supported for generateContent."
+            )
+            raise Answered(404, {"error": {"code": 404, "message": message, "status": "NOT_FOUND"}})
         _require(isinstance(body, dict), "body must be a JSON object")
         contents = body.get("contents")
         _require(isinstance(contents, list) and len(contents) == 1, "one content")
@@ -231,14 +269,25 @@ class FakeUpstream:
             _require(set(part) <= {"text", "inline_data"}, f"unknown part {sorted(part)}")
         text = " ".join(part["text"] for part in parts if "text" in part)
         inline = [part["inline_data"] for part in parts if "inline_data" in part]
-        _require(len(inline) <= 3, "at most 3 input images")
+        _require(len(inline) <= model.max_images, f"at most {model.max_images} input images")
         for image in inline:
             _require(image.get("mime_type") in ("image/jpeg", "image/png"), "mime_type")
             _decode_image(image.get("data"))
         config = body.get("generationConfig", {})
         _require(config.get("responseModalities") == ["IMAGE"], "responseModalities")
-        ratio = config.get("imageConfig", {}).get("aspectRatio", "1:1")
-        _require(ratio in GEMINI_SIZES, f"aspectRatio {ratio} not supported")
+        image_config = config.get("imageConfig", {})
+        _require(set(image_config) <= {"aspectRatio", "imageSize"}, "unknown imageConfig field")
+        ratio = image_config.get("aspectRatio", "1:1")
+        _require(ratio in model.ratios, f"aspectRatio {ratio} not supported")
+        if "imageSize" in image_config:
+            size = image_config["imageSize"]
+            _require(bool(model.image_sizes), "imageSize is not supported by this model")
+            _require(size in model.image_sizes, f"imageSize {size} not supported")
+        else:
+            size = "1K"
+        width, height = {**GEMINI_SIZES, **GEMINI_EXTREME_SIZES}[ratio]
+        scale = GEMINI_SCALES[size]
+        answer_size = (int(width * scale), int(height * scale))
         if REFUSED_WORD in text:
             return {"promptFeedback": {"blockReason": "PROHIBITED_CONTENT"}}
         if "no picture" in text:
@@ -250,7 +299,7 @@ class FakeUpstream:
                     }
                 ]
             }
-        png = _png(GEMINI_SIZES[ratio], text)
+        png = _png(answer_size, text)
         return {
             "candidates": [
                 {
@@ -359,6 +408,15 @@ def fake_upstream() -> Iterator[FakeUpstream]:
 
 class Invalid(Exception):
     """A request the real service would refuse with a 400."""
+
+
+class Answered(Exception):
+    """A refusal with its own status and body (not the vendor's usual 400)."""
+
+    def __init__(self, status: int, body: Any) -> None:
+        super().__init__(status)
+        self.status = status
+        self.body = body
 
 
 def _require(condition: bool, message: str) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -133,6 +134,50 @@ async def test_an_account_lists_the_models_its_upstream_serves(
             "error": "Parameter models (nano-banana) valid values: seedream-4.5, seedream-4.0, "
             "seedream-3.0 (what engine ark serves)"
         },
+    )
+
+
+async def test_an_operators_2k_row_on_gemini_3_pro_image_asks_2k_and_gets_its_size(
+    settings: Settings, fake: FakeUpstream, tmp_path: Path
+) -> None:
+    path = tmp_path / "dreamserve.toml"
+    path.write_text(
+        '[sizes.banana-2k.2k]\n"16:9" = "2752x1536"\n\n'
+        '[[models]]\nname = "banana-2k"\nresolutions = ["2k"]\nsizes = "banana-2k"\n'
+    )
+    configured = settings.model_copy(update={"config": path, "upstream_allow_private": True})
+    async with open_harness(configured) as harness:
+        mapped = account("gemini", fake, models={"banana-2k": "gemini-3-pro-image"})
+        assert (await harness.put_account(mapped))["models"] == {"image": ["banana-2k"]}
+        body = {"model": "banana-2k", "ratio": "16:9", "prompt": "a red kite", "count": 1}
+        posted = await harness.post({**body, "account": ACCOUNT})
+        record = await harness.wait(posted.json()["jobid"])
+    assert record["status"] == "completed", record
+    (image,) = record["response"]["images"]
+    assert (image["width"], image["height"]) == (2752, 1536)  # the fake's 2688x1536, fitted
+    (call,) = fake.calls(":generateContent")
+    assert call.path == "/v1beta/models/gemini-3-pro-image:generateContent"
+    assert call.body["generationConfig"]["imageConfig"] == {
+        "aspectRatio": "16:9",
+        "imageSize": "2K",
+    }
+
+
+async def test_a_gemini_account_saved_with_the_old_settings_loads_and_reports_the_404(
+    trusting: Harness, fake: FakeUpstream
+) -> None:
+    old = {"maxReferences": 3, "models": {"nano-banana": "gemini-2.5-flash-image"}}
+    summary = await trusting.put_account(account("gemini", fake, **old))
+    assert summary["models"] == {"image": ["nano-banana"]}
+    posted = await trusting.post(
+        {"prompt": "a kite", "model": "nano-banana", "count": 1, "account": ACCOUNT}
+    )
+    record = await trusting.wait(posted.json()["jobid"])
+    assert (record["status"], record["error"], record["errorDetails"]) == (
+        "failed",
+        "Upstream refused the request",
+        "gemini answered 404: models/gemini-2.5-flash-image is not found for API version "
+        "v1beta, or is not supported for generateContent.",
     )
 
 

@@ -19,13 +19,13 @@ from typing import Any
 
 import pytest
 from PIL import Image
-from support import fake_dns
-from upstreams import KEY, FakeUpstream, Scripted, fake_upstream
+from support import eventually, fake_dns
+from upstreams import GEMINI_2_5_FLASH, KEY, FakeUpstream, Scripted, fake_upstream
 
 from dreamserve.catalogue import default_catalogue
 from dreamserve.engines.ark import ArkEngine, SizeLimit
 from dreamserve.engines.base import CancelSignal, EngineContext, GenerationRequest, until_cancelled
-from dreamserve.engines.gemini import GeminiEngine
+from dreamserve.engines.gemini import GeminiEngine, image_size
 from dreamserve.engines.openai import OpenAIEngine
 from dreamserve.engines.registry import EngineRegistry
 from dreamserve.engines.upstream import encode_reference
@@ -315,7 +315,7 @@ async def test_an_api_redirect_is_not_followed_with_the_key(fake: FakeUpstream) 
         await run(gemini(fake), request("nano-banana", width=1024, height=1024))
     assert failure.value.details == "gemini answered 307"
     assert [call.path for call in fake.seen] == [
-        "/v1beta/models/gemini-2.5-flash-image:generateContent"
+        "/v1beta/models/gemini-3-pro-image:generateContent"
     ]
 
 
@@ -490,7 +490,7 @@ async def test_gemini_asks_for_the_nearest_aspect_ratio_once_per_image(
     images = await run(gemini(fake), request("nano-banana", width=1344, height=768, count=3))
     calls = fake.calls(":generateContent")
     assert [call.path for call in calls] == [
-        "/v1beta/models/gemini-2.5-flash-image:generateContent"
+        "/v1beta/models/gemini-3-pro-image:generateContent"
     ] * 3
     assert calls[0].headers["x-goog-api-key"] == KEY
     assert "authorization" not in calls[0].headers
@@ -498,7 +498,7 @@ async def test_gemini_asks_for_the_nearest_aspect_ratio_once_per_image(
         "contents": [{"parts": [{"text": "a lighthouse at dawn"}]}],
         "generationConfig": {
             "responseModalities": ["IMAGE"],
-            "imageConfig": {"aspectRatio": "16:9"},
+            "imageConfig": {"aspectRatio": "16:9", "imageSize": "1K"},
         },
     }
     assert [image.size for image in images] == [(1344, 768)] * 3
@@ -513,14 +513,162 @@ async def test_gemini_sends_references_as_inline_parts(fake: FakeUpstream) -> No
     assert [part["inline_data"]["mime_type"] for part in parts[1:]] == ["image/jpeg"] * 2
 
 
-async def test_gemini_refuses_more_references_than_the_account_allows(
+@pytest.mark.parametrize(
+    ("upstream_model", "limit"),
+    [("gemini-3-pro-image", 14), ("gemini-3.1-flash-image", 14), ("gemini-2.5-flash-image", 3)],
+)
+async def test_gemini_takes_the_references_its_upstream_model_takes_and_no_more(
+    fake: FakeUpstream, upstream_model: str, limit: int
+) -> None:
+    fake.gemini_models["gemini-2.5-flash-image"] = GEMINI_2_5_FLASH  # as before its shutdown
+    settings = {"models": {"nano-banana": upstream_model}}
+    job = request("nano-banana", width=1024, height=1024, references=(picture(60, 40),) * limit)
+    await run(gemini(fake, **settings), job)
+    (call,) = fake.calls(":generateContent")
+    assert len(call.body["contents"][0]["parts"]) == 1 + limit  # the fake took them all
+    over = request("nano-banana", width=1024, height=1024, references=(picture(),) * (limit + 1))
+    with pytest.raises(JobFailed) as failure:
+        await run(gemini(fake, **settings), over)
+    assert failure.value.error == "Too many reference images for this account"
+    assert failure.value.details == f"gemini: {upstream_model} takes at most {limit}"
+    assert len(fake.seen) == 1  # the job over the limit made no call
+
+
+async def test_an_accounts_own_reference_cap_fails_the_job_before_any_call(
     fake: FakeUpstream,
 ) -> None:
-    job = request("nano-banana", width=1024, height=1024, references=(picture(),) * 4)
+    job = request("nano-banana", width=1024, height=1024, references=(picture(),) * 3)
     with pytest.raises(JobFailed) as failure:
-        await run(gemini(fake), job)
-    assert failure.value.details == "gemini takes at most 3"
+        await run(gemini(fake, maxReferences=2), job)
+    assert failure.value.error == "Too many reference images for this account"
+    assert failure.value.details == "gemini: this account takes at most 2 (maxReferences)"
     assert fake.seen == []
+
+
+NANO_BANANA = default_catalogue()["nano-banana"]
+
+
+@pytest.mark.parametrize("ratio", NANO_BANANA.sizes["1k"])
+async def test_gemini_serves_every_nano_banana_ratio_at_1k_and_the_catalogue_size(
+    fake: FakeUpstream, ratio: str
+) -> None:
+    width, height = NANO_BANANA.size("1k", ratio)
+    images = await run(gemini(fake), request("nano-banana", width=width, height=height))
+    (call,) = fake.calls(":generateContent")
+    assert call.path == "/v1beta/models/gemini-3-pro-image:generateContent"
+    assert call.body["generationConfig"]["imageConfig"] == {"aspectRatio": ratio, "imageSize": "1K"}
+    assert [part for part in call.body["contents"][0]["parts"] if "inline_data" in part] == []
+    assert [image.size for image in images] == [(width, height)]
+
+
+async def test_gemini_makes_count_calls_all_at_once_and_no_more(fake: FakeUpstream) -> None:
+    fake.answering.clear()  # the fake holds every call until it is set
+    job = asyncio.ensure_future(
+        run(gemini(fake), request("nano-banana", width=1024, height=1024, count=3))
+    )
+    await eventually(lambda: len(fake.seen) == 3)  # three calls in flight, none answered
+    assert not job.done()
+    fake.answering.set()
+    images = await job
+    assert len(fake.calls(":generateContent")) == 3
+    assert len(images) == 3
+
+
+@pytest.mark.parametrize(
+    ("sizes", "width", "height", "asked"),
+    [
+        (["1K", "2K", "4K"], 1344, 768, "1K"),
+        (["1K", "2K", "4K"], 1536, 672, "1K"),
+        (["1K", "2K", "4K"], 1024, 1024, "1K"),
+        (["1K", "2K", "4K"], 1376, 768, "1K"),  # a little over 1024x1024 pixels
+        (["1K", "2K", "4K"], 1600, 1000, "2K"),
+        (["1K", "2K", "4K"], 2048, 2048, "2K"),
+        (["1K", "2K", "4K"], 3024, 1296, "2K"),
+        (["1K", "2K", "4K"], 4096, 4096, "4K"),
+        (["1K", "2K", "4K"], 6197, 2656, "4K"),
+        (["1K", "2K", "4K"], 8192, 8192, "4K"),  # past the largest: the largest
+        (["512", "1K", "2K", "4K"], 512, 512, "512"),
+        (["512", "1K", "2K", "4K"], 1024, 1024, "1K"),
+        (["4K", "1K"], 1024, 1024, "1K"),  # listed in any order
+        ([], 1024, 1024, None),
+        (None, 1024, 1024, None),
+    ],
+)
+def test_the_image_size_asked_is_the_smallest_that_holds_the_job(
+    sizes: list[str] | None, width: int, height: int, asked: str | None
+) -> None:
+    assert image_size(sizes, width, height) == asked
+
+
+async def test_gemini_asks_2k_for_a_2k_job_and_fits_the_answer(fake: FakeUpstream) -> None:
+    images = await run(gemini(fake), request("nano-banana", width=2560, height=1440))
+    (call,) = fake.calls(":generateContent")
+    assert call.body["generationConfig"]["imageConfig"] == {
+        "aspectRatio": "16:9",
+        "imageSize": "2K",
+    }
+    assert [image.size for image in images] == [(2560, 1440)]  # from the fake's 2688x1536
+
+
+async def test_an_operators_model_id_is_the_one_sent(fake: FakeUpstream) -> None:
+    engine = gemini(fake, models={"nano-banana": "gemini-3.1-flash-image"})
+    await run(engine, request("nano-banana", width=512, height=512))
+    (call,) = fake.calls(":generateContent")
+    assert call.path == "/v1beta/models/gemini-3.1-flash-image:generateContent"
+    assert call.body["generationConfig"]["imageConfig"] == {
+        "aspectRatio": "1:1",
+        "imageSize": "512",
+    }
+
+
+async def test_only_3_1_flash_is_asked_for_its_extreme_ratios(fake: FakeUpstream) -> None:
+    for model, ratio in (("gemini-3.1-flash-image", "4:1"), ("gemini-3-pro-image", "21:9")):
+        engine = gemini(fake, models={"nano-banana": model})
+        images = await run(engine, request("nano-banana", width=2048, height=512))
+        assert fake.seen[-1].body["generationConfig"]["imageConfig"]["aspectRatio"] == ratio
+        assert [image.size for image in images] == [(2048, 512)]
+
+
+async def test_an_account_saved_with_the_old_settings_still_loads_and_sends_no_image_size(
+    fake: FakeUpstream, registry: EngineRegistry
+) -> None:
+    old = {"apiKey": KEY, "maxReferences": 3, "models": {"nano-banana": "gemini-2.5-flash-image"}}
+    plain, _ = registry.check_settings("gemini", old)
+    assert plain == {"maxReferences": 3, "models": {"nano-banana": "gemini-2.5-flash-image"}}
+    fake.gemini_models["gemini-2.5-flash-image"] = GEMINI_2_5_FLASH  # as before its shutdown
+    await run(gemini(fake, **old), request("nano-banana", width=1344, height=768))
+    (call,) = fake.calls(":generateContent")
+    assert call.path == "/v1beta/models/gemini-2.5-flash-image:generateContent"
+    assert call.body["generationConfig"]["imageConfig"] == {"aspectRatio": "16:9"}
+
+
+async def test_gemini_2_5_flash_image_is_answered_as_a_removed_model(fake: FakeUpstream) -> None:
+    engine = gemini(fake, models={"nano-banana": "gemini-2.5-flash-image"})
+    with pytest.raises(JobFailed) as failure:
+        await run(engine, request("nano-banana", width=1024, height=1024))
+    assert failure.value.error == "Upstream refused the request"
+    assert failure.value.details == (
+        "gemini answered 404: models/gemini-2.5-flash-image is not found for API version "
+        "v1beta, or is not supported for generateContent."
+    )
+
+
+@pytest.mark.parametrize(
+    ("served", "sizes", "message"),
+    [
+        ("gemini-3-pro-image", ["512"], "imageSize 512 not supported"),
+        ("gemini-2.5-flash-image", ["1K"], "imageSize is not supported by this model"),
+    ],
+)
+async def test_the_gemini_fake_refuses_an_image_size_its_model_does_not_take(
+    fake: FakeUpstream, served: str, sizes: list[str], message: str
+) -> None:
+    """So that a wrong `imageSizes` default would fail the tests above."""
+    fake.gemini_models["gemini-2.5-flash-image"] = GEMINI_2_5_FLASH
+    engine = gemini(fake, models={"nano-banana": served}, imageSizes={served: sizes})
+    with pytest.raises(JobFailed) as failure:
+        await run(engine, request("nano-banana", width=512, height=512))
+    assert failure.value.details == f"gemini answered 400: {message}"
 
 
 async def test_a_blocked_gemini_prompt_fails_with_its_reason(fake: FakeUpstream) -> None:
@@ -651,6 +799,21 @@ def test_gemini_aspect_ratios_must_be_w_colon_h(registry: EngineRegistry) -> Non
             f"Parameter settings.aspectRatios is invalid: Value error, {ratio!r} is not W:H "
             "with whole numbers above 0"
         )
+
+
+@pytest.mark.parametrize(
+    ("sizes", "message"),
+    [
+        ({"gemini-3-pro-image": ["8K"]}, "'8K' is not one of 512, 1K, 2K, 4K"),
+        ({"gemini-3-pro-image": []}, "a model's list needs a size (leave the model out for none)"),
+    ],
+)
+def test_gemini_image_sizes_are_the_ones_gemini_names(
+    registry: EngineRegistry, sizes: dict[str, list[str]], message: str
+) -> None:
+    with pytest.raises(BadRequest) as bad:
+        registry.check_settings("gemini", {"apiKey": "k", "imageSizes": sizes})
+    assert bad.value.message == f"Parameter settings.imageSizes is invalid: Value error, {message}"
 
 
 def test_a_base_url_may_not_carry_credentials(registry: EngineRegistry) -> None:
