@@ -430,10 +430,15 @@ def stopping(app: FastAPI) -> None:
         server.events.stop()
 
 
-async def apply_config(service: Service, config: OperatorConfig) -> None:
+async def apply_config(
+    service: Service, config: OperatorConfig, *, shared: bool | None = None
+) -> None:
     """Save the accounts of the operator's configuration file (an upsert: the same file gives
-    the same accounts at every start). A bad account stops the start, naming it."""
+    the same accounts at every start); with `shared`, only the shared ones (True) or only the
+    users' (False). A bad account stops the start, naming it."""
     for configured in config.accounts:
+        if shared is not None and (configured.user is None) is not shared:
+            continue
         try:
             await service.accounts.put(configured.user, configured.fields)
         except DreamserveError as error:

@@ -368,17 +368,24 @@ async def _bootstrap(settings: Settings) -> tuple[str | None, bool, list[str]]:
     """The first start's token (None on later starts), whether the first start made the
     placeholder account (only when the configuration file declares none) and the routing
     lines (`Accounts.routing`), led by NO_TOKEN when user 1 exists but was never given a
-    token. User 1 and its token are made only once the configuration file was applied: a bad
-    file stops the start before them, so that no token is made that nobody was shown. Errors
-    here stop `serve` before uvicorn starts."""
+    token. User 1 and its token are made only once the file's shared accounts were applied: a
+    bad one stops the start before them, so that no token is made that nobody was shown. The
+    file's accounts of users (`user = 1` included) are applied after; when one of those stops
+    a first start, its token is shown first. Errors here stop `serve` before uvicorn starts."""
     config = load_config(settings.config)
     placeholder = not config.accounts
     async with open_server(settings, catalogue=config.catalogue) as server:
         # Say so before uvicorn starts (on PostgreSQL, any number of servers run jobs).
         if not await server.db.lock_runner() and not server.db.shared:
             raise AnotherRunner
-        await apply_config(server.service, config)
+        await apply_config(server.service, config, shared=True)
         token = await server.service.tokens.bootstrap(placeholder)
+        try:
+            await apply_config(server.service, config, shared=False)
+        except ConfigError:
+            if token is not None:  # user 1 exists now: its token is shown, or lost for good
+                print(first_start_banner(settings, token, placeholder), file=sys.stderr)
+            raise
         routing = await server.service.accounts.routing()
         if token is None and await server.service.tokens.without_token():
             routing.insert(0, NO_TOKEN)

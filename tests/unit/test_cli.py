@@ -798,3 +798,27 @@ def test_a_start_that_finds_user_1_without_a_token_says_how_to_make_one(
     )
     assert tokens_create(capsys, "--user", "1").startswith("user:1-")
     assert cli.NO_TOKEN not in asyncio.run(cli._bootstrap(Settings()))[2]
+
+
+def test_a_config_account_of_user_1_is_applied_on_the_first_start(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    path = tmp_path / "dreamserve.toml"
+    path.write_text('[[accounts]]\naccount = "LOCAL:mine"\nengine = "procedural"\nuser = 1\n')
+    monkeypatch.setenv("DREAMSERVE_CONFIG", str(path))
+    token, _, _ = asyncio.run(cli._bootstrap(Settings()))
+    assert token is not None
+    assert token.startswith("user:1-")
+    assert "LOCAL:mine" in cli_json(capsys, "accounts", "list", "--user", "1")
+
+
+def test_a_bad_config_account_of_a_user_shows_the_first_starts_token_before_stopping(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    path = tmp_path / "dreamserve.toml"
+    path.write_text('[[accounts]]\naccount = "LOCAL:mine"\nengine = "nope"\nuser = 1\n')
+    monkeypatch.setenv("DREAMSERVE_CONFIG", str(path))
+    with pytest.raises(cli.ConfigError, match="account LOCAL:mine: Parameter engine"):
+        asyncio.run(cli._bootstrap(Settings()))
+    shown = capsys.readouterr().err
+    assert "API token for user 1 (shown only now; keep it): user:1-" in shown
