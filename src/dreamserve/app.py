@@ -19,10 +19,11 @@ from fastapi.openapi.utils import get_openapi
 
 from dreamserve import __version__
 from dreamserve.admission import Admission
-from dreamserve.api import accounts, assets, files, images, models, scheduler, webhooks
+from dreamserve.api import accounts, assets, files, health, images, models, scheduler, webhooks
 from dreamserve.api.body import BodyLimits, BodyReads
 from dreamserve.api.deps import BEARER_SCHEME
 from dreamserve.api.errors import install_error_handlers, route_methods
+from dreamserve.api.health import Readiness
 from dreamserve.catalogue import Catalogue
 from dreamserve.config import ConfigError, OperatorConfig, load_config
 from dreamserve.dispatch.base import Dispatcher, Runner
@@ -301,13 +302,19 @@ def create_app(
         parts = open_server(
             settings, clock=clock, catalogue=catalogue, engines=engines, dispatcher=dispatcher
         )
-        async with parts as server, background(server, settings, clock, resume):
+        async with parts as server, background(server, settings, clock, resume) as runners:
             app.state.server = server
             app.state.service = server.service
+            app.state.readiness = Readiness(
+                server.db,
+                server.blobs,
+                _runner_tasks(server, runners) if server.runs_jobs else None,
+            )
             try:
                 yield
             finally:
                 server.events.stop()  # in case the server did not say so sooner (`stopping`)
+                app.state.readiness = None
 
     app = FastAPI(
         title="dreamserve",
@@ -337,7 +344,10 @@ def create_app(
     )
     for router in routers:
         app.include_router(router, prefix=API_PREFIX)
-    app.state.route_methods = route_methods(API_PREFIX, routers)
+    app.include_router(health.router)  # /healthz, /readyz: root paths, no token
+    app.state.route_methods = route_methods(API_PREFIX, routers) + route_methods(
+        "", [health.router]
+    )
     app.openapi = partial(_openapi, app)  # type: ignore[method-assign]
     return app
 
@@ -449,14 +459,16 @@ async def apply_config(
 @asynccontextmanager
 async def background(
     server: Server, settings: Settings, clock: Clock, resume: bool, deliver: bool = True
-) -> AsyncIterator[None]:
+) -> AsyncIterator[list[asyncio.Task[None]]]:
     """The server's background tasks, for as long as it serves: with `deliver`, the webhook
     deliverer; on PostgreSQL, the listener for other processes' job changes; with `resume`,
     the reaper (on every process of a PostgreSQL database: its takings back are conditional
     updates) and, in a process that runs jobs, the runner lock (on PostgreSQL watched:
     `Scheduler.keep_runner_lock`) and the jobs an earlier process left (without `resume`, as a
-    second API process in tests, the app runs only the jobs it admits)."""
+    second API process in tests, the app runs only the jobs it admits). Yields the tasks of
+    these that run jobs (the reaper, the runner lock's watch), for /readyz."""
     tasks: list[asyncio.Task[None]] = []
+    runners: list[asyncio.Task[None]] = []
     if deliver:
         tasks.append(asyncio.create_task(server.deliverer.run_forever(), name="webhooks"))
     if settings.database.startswith("postgresql"):
@@ -482,17 +494,29 @@ async def background(
                 ),
             )
             reaping = asyncio.create_task(reaper.run_forever(), name="reaper")
-            tasks.append(reaping)
+            runners.append(reaping)
             if server.db.shared and server.runs_jobs:  # a PostgreSQL lock lives with a connection
                 watch = _keep_runner_lock(server.service.scheduler, reaping)
-                tasks.append(asyncio.create_task(watch, name="runner-lock"))
-        yield
+                runners.append(asyncio.create_task(watch, name="runner-lock"))
+            tasks.extend(runners)
+        yield runners
     finally:
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+def _runner_tasks(
+    server: Server, runners: list[asyncio.Task[None]]
+) -> Callable[[], list[asyncio.Task[None]]]:
+    """The tasks that run jobs in this process, as /readyz checks them: the background's and,
+    on PostgreSQL, procrastinate's (its workers and their sweep)."""
+    dispatcher = server.dispatcher
+    if isinstance(dispatcher, PostgresDispatcher):
+        return lambda: [*runners, *dispatcher.tasks()]
+    return lambda: list(runners)
 
 
 # How soon a PostgreSQL server learns that its runner lock's connection ended: the longest

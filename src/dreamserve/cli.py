@@ -16,6 +16,7 @@ import copy
 import gc
 import json
 import logging
+import os
 import shlex
 import signal
 import socket
@@ -28,6 +29,7 @@ from urllib.parse import unquote_plus
 
 from sqlalchemy.engine import URL, make_url
 
+from dreamserve import __version__
 from dreamserve.app import (
     API_PREFIX,
     apply_config,
@@ -53,7 +55,26 @@ SEED_REQUEST = {
 }
 
 
+# A command whose reader went away (`dreamserve openapi | head -1`) ends with the status of a
+# process that SIGPIPE ends, as other commands in a pipe do, and without a traceback.
+BROKEN_PIPE_STATUS = 128 + signal.SIGPIPE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        status = _main(argv)
+        sys.stdout.flush()  # here, not at exit: a closed reader is seen while it is caught
+    except BrokenPipeError:
+        # Python's "Note on SIGPIPE": stdout pointed at /dev/null, so that the interpreter's
+        # own flush at exit finds nothing to write to the closed pipe.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return BROKEN_PIPE_STATUS
+    return status
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     settings = Settings()
     logging.basicConfig(
@@ -70,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (AnotherRunner, ConfigError) as error:
         print(f"dreamserve: {error}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # the reader went away: `main` ends quietly
+        raise
     except OSError as error:  # a file or directory of the setup: a line, not a traceback
         print(f"dreamserve: {error}", file=sys.stderr)
         return 1
@@ -78,6 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dreamserve", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"dreamserve {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="migrate, then run the API server")
     worker = commands.add_parser(
@@ -288,13 +312,32 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
 
 
 def log_config() -> dict[str, Any]:
-    """uvicorn's own logging configuration, with `UnsignedLinks` on its access log."""
+    """uvicorn's own logging configuration, with `QuietProbes` and `UnsignedLinks` on its
+    access log."""
     from uvicorn.config import LOGGING_CONFIG
 
     config = copy.deepcopy(LOGGING_CONFIG)
-    config["filters"] = {"unsigned_links": {"()": UnsignedLinks}}
-    config["loggers"]["uvicorn.access"]["filters"] = ["unsigned_links"]
+    config["filters"] = {
+        "quiet_probes": {"()": QuietProbes},
+        "unsigned_links": {"()": UnsignedLinks},
+    }
+    config["loggers"]["uvicorn.access"]["filters"] = ["quiet_probes", "unsigned_links"]
     return config
+
+
+PROBE_PATHS = frozenset({"/healthz", "/readyz"})
+
+
+class QuietProbes(logging.Filter):
+    """Leaves the health probes (GET /healthz, /readyz, every few seconds from a load balancer
+    or an orchestrator) out of uvicorn's access log; /readyz logs its failing checks itself,
+    once per change (api/health.py)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str):
+            return args[2].partition("?")[0] not in PROBE_PATHS
+        return True
 
 
 class UnsignedLinks(logging.Filter):

@@ -144,6 +144,11 @@ class PostgresDispatcher:
             self._tasks.append(asyncio.create_task(self._work(queues), name=name))
         return new
 
+    def tasks(self) -> list[asyncio.Task[None]]:
+        """Its long-lived tasks (the sweep, the queues' workers), for /readyz: each runs until
+        `close`, a worker started again on its own when it stops."""
+        return list(self._tasks)
+
     async def _work(self, queues: list[str] | None) -> None:
         """A procrastinate worker on `queues` (None: every queue), started again whenever it
         stops on an error (the database went away longer than its listener waits)."""
