@@ -69,7 +69,10 @@ def test_output_into_a_pipe_already_closed_ends_quietly(tmp_path: Path) -> None:
     small output meets the closed pipe too (written when stdout is flushed)."""
     data_dir = tmp_path / "data"
     env = _environment(data_dir)
-    # The first run makes the database and user 1 (its banner on stderr); the second prints.
+    # `migrate` makes the database, the first `accounts` run user 1 (its banner on stderr);
+    # the second prints.
+    migrate = _dreamserve("migrate")
+    subprocess.run(migrate, cwd=tmp_path, env=env, check=True, capture_output=True)
     listing = _dreamserve("accounts", "list")
     subprocess.run(listing, cwd=tmp_path, env=env, check=True, capture_output=True)
     read_end, write_end = os.pipe()
