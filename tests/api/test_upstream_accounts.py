@@ -184,6 +184,24 @@ async def test_an_openai_account_saved_in_the_first_shape_keeps_working(
     assert [call.body["model"] for call in fake.calls("generations")] == ["local-sd"]
 
 
+async def test_an_accounts_models_setting_replaces_the_default_ids(
+    trusting: Harness, fake: FakeUpstream
+) -> None:
+    """Every default model id is a setting: a newer revision needs no release."""
+    models = {"seedream-4.0": "seedream-4-5-251128"}
+    summary = await trusting.put_account(account("ark", fake, models=models))
+    assert (summary["settings"]["models"], summary["models"]) == (
+        models,
+        {"image": ["seedream-4.0"]},
+    )
+    posted = await trusting.post(
+        {"model": "seedream-4.0", "prompt": "a kite", "count": 1, "account": ACCOUNT}
+    )
+    record = await trusting.wait(posted.json()["jobid"])
+    assert record["status"] == "completed", record
+    assert [call.body["model"] for call in fake.calls("generations")] == ["seedream-4-5-251128"]
+
+
 async def test_an_ark_job_with_a_reference_its_model_cannot_take_fails_before_any_call(
     trusting: Harness, fake: FakeUpstream
 ) -> None:
