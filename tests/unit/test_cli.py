@@ -822,3 +822,42 @@ def test_a_bad_config_account_of_a_user_shows_the_first_starts_token_before_stop
         asyncio.run(cli._bootstrap(Settings()))
     shown = capsys.readouterr().err
     assert "API token for user 1 (shown only now; keep it): user:1-" in shown
+
+
+@pytest.mark.parametrize(
+    ("engine", "models", "served"),
+    [
+        ("ark", {"seedream-4.6": "ep-20261206-abc"}, ["seedream-4.6"]),
+        ("openai", {"gpt-image-2": "gpt-image-2-2026-04-21"}, ["gpt-image-2"]),
+    ],
+)
+def test_an_upstream_engines_model_ids_are_a_setting_of_the_cli(
+    started: Path, capsys, engine: str, models: dict[str, str], served: list[str]
+) -> None:
+    """Every default model id of ark and openai is the account's `models` setting."""
+    added = accounts(
+        capsys,
+        *("add", "CA:upstream", "--shared", "--engine", engine, "--setting", "apiKey=sk-1"),
+        *("--setting", "baseUrl=http://127.0.0.1:9", "--setting", f"models={json.dumps(models)}"),
+    )
+    assert added["settings"] == {"baseUrl": "http://127.0.0.1:9", "models": models}
+    assert added["models"] == {"image": served}
+
+
+def test_an_upstream_engines_model_ids_are_a_setting_of_the_config_file(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    path = tmp_path / "dreamserve.toml"
+    path.write_text(
+        '[[accounts]]\naccount = "SG:ark"\nengine = "ark"\n'
+        '[accounts.settings]\napiKey = "sk-1"\nbaseUrl = "http://127.0.0.1:9"\n'
+        '[accounts.settings.models]\n"seedream-4.0" = "ep-20261206-abc"\n'
+    )
+    monkeypatch.setenv("DREAMSERVE_CONFIG", str(path))
+    asyncio.run(cli._bootstrap(Settings()))
+    listed = accounts(capsys, "list", "--shared")
+    assert listed["SG:ark"]["settings"] == {
+        "baseUrl": "http://127.0.0.1:9",
+        "models": {"seedream-4.0": "ep-20261206-abc"},
+    }
+    assert listed["SG:ark"]["models"] == {"image": ["seedream-4.0"]}
