@@ -22,6 +22,7 @@ from dreamserve.admission import Admission
 from dreamserve.api import accounts, assets, files, health, images, models, scheduler, webhooks
 from dreamserve.api.body import BodyLimits, BodyReads
 from dreamserve.api.deps import BEARER_SCHEME
+from dreamserve.api.docs import install_docs
 from dreamserve.api.errors import install_error_handlers, route_methods
 from dreamserve.api.health import Readiness
 from dreamserve.catalogue import Catalogue
@@ -321,8 +322,10 @@ def create_app(
         version=__version__,
         summary="Self-hosted server for the Dreamina image-generation API",
         lifespan=lifespan,
+        docs_url=None,  # install_docs: pages that load nothing from a CDN
         redoc_url=None,
     )
+    install_docs(app)
     app.state.body_reads = BodyReads(
         BodyLimits(
             max_bytes=settings.max_body_bytes,
