@@ -21,13 +21,15 @@ from invariants import (
 )
 from receiver import Answer, Receiver
 from rig import ACCOUNT, Rig
+from test_workers import client, processes, queued
 
-pytestmark = [pytest.mark.faults, pytest.mark.blackbox, pytest.mark.both_databases]
+pytestmark = [pytest.mark.faults, pytest.mark.blackbox]
 
-GRACE = 5  # long enough for the short jobs and the requests below, short for the test's time
+GRACE = 4  # long enough for the short jobs and the requests below, short for the test's time
 STOPPING = {"error": "Server is stopping"}
 
 
+@pytest.mark.both_databases
 def test_sigterm_lets_running_jobs_finish_and_leaves_the_rest_to_the_next_start(
     rig: Rig, receiver: Receiver
 ) -> None:
@@ -70,7 +72,7 @@ def test_sigterm_lets_running_jobs_finish_and_leaves_the_rest_to_the_next_start(
         rig.stop()  # the long job is still in its engine: the grace runs out
     finally:
         hold.set()
-    assert "1 job(s) still running after 5 s (DREAMSERVE_STOP_GRACE_SECONDS)" in rig.outputs[-1]
+    assert "1 job(s) still running after 4 s (DREAMSERVE_STOP_GRACE_SECONDS)" in rig.outputs[-1]
     assert "Application shutdown complete." in rig.outputs[-1]
     rig.start()
     with rig.client() as client:
@@ -97,3 +99,35 @@ def refused(client: httpx.Client, path: str, body: dict[str, object]) -> bool:
     assert reply.json() == STOPPING, reply.text
     assert reply.headers["retry-after"] == "5", reply.headers
     return True
+
+
+def test_a_worker_sigterm_lets_its_running_jobs_finish(pg_rig: Rig) -> None:
+    """`dreamserve worker` at SIGTERM: its procrastinate workers take no more jobs, the job that
+    ends within the grace ends there (one attempt), the one still running then is stopped and
+    runs again, once, on the next worker (when its lease runs out)."""
+    rig = pg_rig
+    with processes(rig) as started:
+        api = started.api()
+        started.env |= {"DREAMSERVE_STOP_GRACE_SECONDS": str(GRACE)}
+        worker = started.worker()
+        with client(rig, api) as one:
+            jobids = {tag: rig.submit(one, tag) for tag in ("graced", "cut")}
+            for tag in jobids:
+                rig.wait_journalled(tag, "start")
+            os.killpg(worker.process.pid, signal.SIGTERM)
+            rig.open("graced", "run", "store")
+            rig.wait_for(lambda: rig.journalled("graced", "stored") == 1, "the graced job stored")
+            worker.process.wait(30)  # once the grace ran out for the other
+            rig.died(worker.process.pid)
+            worker.reader.join(10)
+            assert worker.process.stdout is not None
+            worker.process.stdout.close()
+            assert f"1 job(s) still running after {GRACE} s" in worker.output, worker.output
+            started.worker()
+            rig.open("cut", "run", "store")
+            records = ended(one, list(jobids.values()))
+            assert {record["status"] for record in records.values()} == {"completed"}
+            assert slots(one) == {ACCOUNT: 0}
+            rig.wait_for(lambda: queued(rig) == [], "procrastinate's rows all gone")
+    assert never_twice_at_once(rig) == {"graced": 1, "cut": 2}
+    database_is_sound(rig)
