@@ -39,7 +39,7 @@ async def test_drain_waits_for_the_running_jobs_and_starts_none() -> None:
     await dispatcher.dispatch(1)
     await dispatcher.dispatch(2)
     await asyncio.sleep(0)
-    draining = asyncio.create_task(dispatcher.drain(3600))
+    draining = asyncio.create_task(dispatcher.drain(5))
     await asyncio.sleep(0)
     await dispatcher.dispatch(3)  # promoted from a queue meanwhile: left for the next start
     runner.gates[1].set()
