@@ -402,6 +402,7 @@ async def run_worker(
                 relisting.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await relisting
+        await _finish_running(dispatcher, settings.stop_grace_seconds)  # then `close` stops them
 
 
 def _log_picked(taken: Sequence[str], left: Mapping[str, str]) -> None:
@@ -435,12 +436,38 @@ async def _relist(
 
 
 def stopping(app: FastAPI) -> None:
-    """The server starts to shut down: requests that wait on a job (`?wait=`, event streams)
-    answer with the job as it is and end, instead of holding the shutdown until it ends.
-    Nothing when the app has not started."""
+    """The server starts to shut down: submissions are refused (503 `Server is stopping`, with
+    Retry-After), and requests that wait on a job (`?wait=`, event streams) answer with the
+    job as it is and end, instead of holding the shutdown until it ends. Nothing when the app
+    has not started."""
     server: Server | None = getattr(app.state, "server", None)
     if server is not None:
+        server.service.submissions.stopping = True
         server.events.stop()
+
+
+async def finish_running(app: FastAPI, grace: float) -> int:
+    """After `stopping`: start no more jobs here, and wait up to `grace` seconds
+    (DREAMSERVE_STOP_GRACE_SECONDS) for those running to end; how many still run. The
+    lifespan's exit stops those (each keeps its slot and lease, and runs again at the next
+    start, or on another process when its lease runs out)."""
+    server: Server | None = getattr(app.state, "server", None)
+    return 0 if server is None else await _finish_running(server.dispatcher, grace)
+
+
+async def _finish_running(dispatcher: Dispatcher, grace: float) -> int:
+    drain = getattr(dispatcher, "drain", None)  # the built-in dispatchers (not tests' fakes)
+    if drain is None:
+        return 0
+    left: int = await drain(grace)
+    if left:
+        log.warning(
+            "stopping: %d job(s) still running after %g s (DREAMSERVE_STOP_GRACE_SECONDS): "
+            "stopped, they run again at the next start",
+            left,
+            grace,
+        )
+    return left
 
 
 async def apply_config(

@@ -34,6 +34,7 @@ from dreamserve.app import (
     API_PREFIX,
     apply_config,
     create_app,
+    finish_running,
     open_server,
     run_worker,
     stopping,
@@ -255,19 +256,29 @@ def serve(settings: Settings) -> None:
     print("\n".join(routing), flush=True)
     app = create_app(settings)
     settle_heap()
-    _stopping_server(app, uvicorn.Config(app, **uvicorn_options(settings))).run()
+    config = uvicorn.Config(app, **uvicorn_options(settings))
+    _stopping_server(app, config, settings.stop_grace_seconds).run()
 
 
-def _stopping_server(app: FastAPI, config: Any) -> Any:
-    """uvicorn's server, telling the app as soon as a shutdown begins (`stopping`): uvicorn
-    runs the lifespan's exit only after its open requests finished (or
-    `timeout_graceful_shutdown` passed), and `?wait=` requests and event streams would hold
-    it until their job ended."""
+def _stopping_server(app: FastAPI, config: Any, grace: float = 0.0) -> Any:
+    """uvicorn's server, telling the app as soon as a shutdown begins (`stopping`: submissions
+    refused, `?wait=` requests and event streams answered at once, which would otherwise hold
+    the shutdown until their job ended), then, still listening, letting the running jobs end
+    for up to `grace` seconds (`finish_running`; a second Ctrl-C cuts it short) before
+    uvicorn's own shutdown: it stops listening, waits up to `timeout_graceful_shutdown` for
+    the open requests, and runs the lifespan's exit (which stops the jobs left)."""
     import uvicorn
 
     class StoppingServer(uvicorn.Server):
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
             stopping(app)
+            finishing = asyncio.create_task(finish_running(app, grace))
+            while not finishing.done() and not self.force_exit:
+                await asyncio.wait({finishing}, timeout=0.1)
+            if not finishing.done():
+                finishing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await finishing
             await super().shutdown(sockets)
 
     return StoppingServer(config)

@@ -164,6 +164,7 @@ async def _submit(
 ) -> Response:
     """The body and Idempotency-Key of a POST, submitted as the user of its token."""
     service, user = await authenticate(request)
+    service.submissions.admitting()  # a stopping server: 503 before the body is read
     fields = await read_fields(request, user)
     key = request.headers.get("idempotency-key")
     submitted = await submit(service.submissions, user, fields, key)

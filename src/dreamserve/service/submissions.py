@@ -24,6 +24,7 @@ from dreamserve.errors import (
     IdempotencyConflict,
     InvalidParameter,
     NotFound,
+    Stopping,
 )
 from dreamserve.ids import AssetRef, IdFactory, JobType, unquoted
 from dreamserve.jobs import Job, Spec, Status, millis, record
@@ -69,6 +70,13 @@ class Submissions:
         self.clock = clock
         self.config = config
         self.resolver = resolver  # replyUrl hosts; tests put a fake one here
+        self.stopping = False  # set at SIGTERM (app.stop_admitting): every submission a 503
+
+    def admitting(self) -> None:
+        """Raise Stopping (503, Retry-After) once the server is stopping: before a submission's
+        body is read."""
+        if self.stopping:
+            raise Stopping(self.admission.retry_after)
 
     def models(self) -> list[dict[str, Any]]:
         return [model.describe() for model in self.catalogue.models]
