@@ -280,6 +280,13 @@ async def test_a_cursor_of_a_reply_is_accepted_and_a_made_up_one_is_not(harness:
     assert reply.status_code == 400
 
 
+async def test_empty_parameters_are_the_same_as_none(harness: Harness) -> None:
+    made = [await submit(harness, SMALL) for _ in range(2)]
+    empty = dict.fromkeys(["status", "model", "account", "since", "limit", "cursor"], "")
+    assert await page(harness, **empty) == await page(harness)
+    assert await jobids(harness, **empty) == made[::-1]
+
+
 # The plan: an index range scan in the listing's order, no full scan, no sort.
 
 LISTINGS = [

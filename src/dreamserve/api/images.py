@@ -43,45 +43,44 @@ WAIT_PARAMETER = {
     "description": "Seconds to hold the request until the job ends",
 }
 
+# The listing's query parameters; each may be sent empty (`?status=&model=`), which is the same
+# as leaving it out.
 LIST_PARAMETERS = [
-    {
-        "name": "status",
-        "in": "query",
-        "schema": {"type": "string", "enum": ["created", "completed", "failed"]},
-        "description": "Only jobs of this status (a job waiting for a slot or running is "
-        "`created`)",
-    },
-    {
-        "name": "model",
-        "in": "query",
-        "schema": {"type": "string"},
-        "description": "Only jobs of this catalogue model",
-    },
-    {
-        "name": "account",
-        "in": "query",
-        "schema": {"type": "string", "maxLength": 255},
-        "description": "Only jobs of this account id, e.g. `LOCAL:procedural`",
-    },
-    {
-        "name": "since",
-        "in": "query",
-        "schema": {"type": "string", "format": "date-time"},
-        "description": "Only jobs created at or after this ISO 8601 time with its zone, e.g. "
-        "`2026-03-02T14:05:30.123Z`",
-    },
-    {
-        "name": "limit",
-        "in": "query",
-        "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20},
-        "description": "Jobs per page",
-    },
-    {
-        "name": "cursor",
-        "in": "query",
-        "schema": {"type": "string"},
-        "description": "The `next` of the previous page, given with the same filters",
-    },
+    {"in": "query", "allowEmptyValue": True, **parameter}
+    for parameter in [
+        {
+            "name": "status",
+            "schema": {"type": "string", "enum": ["created", "completed", "failed"]},
+            "description": "Only jobs of this status (a job waiting for a slot or running is "
+            "`created`)",
+        },
+        {
+            "name": "model",
+            "schema": {"type": "string"},
+            "description": "Only jobs of this catalogue model",
+        },
+        {
+            "name": "account",
+            "schema": {"type": "string", "maxLength": 255},
+            "description": "Only jobs of this account id, e.g. `LOCAL:procedural`",
+        },
+        {
+            "name": "since",
+            "schema": {"type": "string", "format": "date-time"},
+            "description": "Only jobs created at or after this ISO 8601 time with its zone, "
+            "e.g. `2026-03-02T14:05:30.123Z`",
+        },
+        {
+            "name": "limit",
+            "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20},
+            "description": "Jobs per page",
+        },
+        {
+            "name": "cursor",
+            "schema": {"type": "string"},
+            "description": "The `next` of the previous page, given with the same filters",
+        },
+    ]
 ]
 
 
