@@ -193,7 +193,7 @@ async def open_server(
     )
     # The built-in catalogue, with the models of the operator's configuration file.
     models = catalogue or load_config(settings.config).catalogue
-    records = Records(db, blobs, events, config)
+    records = Records(db, blobs, events, config, models.names)
     service = Service(
         tokens=Tokens(db, clock, config),
         submissions=Submissions(

@@ -109,6 +109,16 @@ class JobRecord(TypedDict):
     code: Literal[200]
 
 
+class JobPage(TypedDict):
+    """GET /images: a page of the user's jobs, newest first."""
+
+    jobs: list[JobRecord]
+    next: Annotated[
+        str | None,
+        Field(description="The `cursor` of the next page; null on the last page"),
+    ]
+
+
 # Accounts (`accounts.summary`, `service.accounts`).
 
 

@@ -22,7 +22,10 @@ def test_the_committed_openapi_document_matches_the_app(tmp_path: Path) -> None:
 
 def test_the_document_describes_the_image_endpoints(tmp_path: Path) -> None:
     paths = create_app(Settings(data_dir=tmp_path)).openapi()["paths"]
-    assert set(paths["/v1/dreamina/images"]) == {"post"}
+    assert set(paths["/v1/dreamina/images"]) == {"get", "post"}  # GET: the user's jobs
+    listing = paths["/v1/dreamina/images"]["get"]["parameters"]
+    names = [parameter["name"] for parameter in listing]
+    assert names == ["status", "model", "account", "since", "limit", "cursor"]
     assert set(paths["/v1/dreamina/images/{jobid}"]) == {"get"}
     body = paths["/v1/dreamina/images"]["post"]["requestBody"]["content"]
     assert set(body) == {"application/json", "multipart/form-data"}

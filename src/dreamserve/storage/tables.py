@@ -126,6 +126,9 @@ jobs = Table(
     Index("ix_jobs_status_account", "status", "account_id"),
     Index("ix_jobs_status_lease", "status", "lease_until"),
     Index("ix_jobs_finished_at", "finished_at"),  # retention
+    # GET /images, the user's jobs newest first: a range scan of one of these, never a sort.
+    Index("ix_jobs_user_created", "user_id", "created_at", "id"),
+    Index("ix_jobs_user_status_created", "user_id", "status", "created_at", "id"),
 )
 
 assets = Table(
