@@ -21,12 +21,10 @@ from collections.abc import AsyncIterator, Iterator
 import psycopg
 import pytest
 from objectstore import moto_store, store_environment
-from support import Harness, open_harness
+from support import POSTGRES_SERVER, Harness, open_harness
 
 from dreamserve.settings import Settings
 from dreamserve.storage.tables import metadata
-
-POSTGRES_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
 @pytest.fixture

@@ -74,6 +74,10 @@ SEED_BODY = {
 }
 
 
+# The PostgreSQL server the tests use (tests/conftest.py makes a database on it per worker).
+POSTGRES_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
 @dataclass
 class Harness:
     app: FastAPI

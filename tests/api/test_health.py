@@ -13,11 +13,10 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import POSTGRES_SERVER
 from httpx import ASGITransport, AsyncClient
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
-from support import Harness, open_harness
+from support import POSTGRES_SERVER, Harness, open_harness
 
 from dreamserve import __version__
 from dreamserve.api.health import (

@@ -687,7 +687,7 @@ def test_a_postgresql_database_without_dreamserves_tables_is_no_database(
     monkeypatch: pytest.MonkeyPatch, capsys, tmp_path: Path
 ) -> None:
     psycopg = pytest.importorskip("psycopg")
-    from conftest import POSTGRES_SERVER
+    from support import POSTGRES_SERVER
 
     try:
         admin = psycopg.connect(POSTGRES_SERVER, autocommit=True, connect_timeout=3)
