@@ -24,7 +24,6 @@ from dreamserve.api.body import BodyLimits, BodyReads
 from dreamserve.api.deps import BEARER_SCHEME
 from dreamserve.api.docs import install_docs
 from dreamserve.api.errors import install_error_handlers, route_methods
-from dreamserve.api.health import Readiness
 from dreamserve.catalogue import Catalogue
 from dreamserve.config import ConfigError, OperatorConfig, load_config
 from dreamserve.dispatch.base import Dispatcher, Runner
@@ -45,6 +44,7 @@ from dreamserve.sealing import SecretBox
 from dreamserve.service import Service, ServiceConfig
 from dreamserve.service.accounts import Accounts
 from dreamserve.service.assets import Assets
+from dreamserve.service.readiness import Readiness
 from dreamserve.service.records import Records
 from dreamserve.service.scheduler import Scheduler
 from dreamserve.service.submissions import Submissions

@@ -342,7 +342,7 @@ PROBE_PATHS = frozenset({"/healthz", "/readyz"})
 class QuietProbes(logging.Filter):
     """Leaves the health probes (GET /healthz, /readyz, every few seconds from a load balancer
     or an orchestrator) out of uvicorn's access log; /readyz logs its failing checks itself,
-    once per change (api/health.py)."""
+    once per change (service/readiness.py)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args

@@ -19,7 +19,9 @@ from sqlalchemy.engine import make_url
 from support import POSTGRES_SERVER, Harness, open_harness
 
 from dreamserve import __version__
-from dreamserve.api.health import (
+from dreamserve.app import create_app
+from dreamserve.errors import StorageFull
+from dreamserve.service.readiness import (
     NOT_RUN_HERE,
     Readiness,
     check_blobs,
@@ -27,8 +29,6 @@ from dreamserve.api.health import (
     check_runners,
     migration_heads,
 )
-from dreamserve.app import create_app
-from dreamserve.errors import StorageFull
 from dreamserve.settings import Settings
 
 pytestmark = pytest.mark.anyio
@@ -155,7 +155,7 @@ async def test_readyz_names_an_object_store_that_refuses_the_probe(
     assert reply.status_code == 503
     assert reply.json()["error"] == "Not ready: blobs: not writable (FileNotFoundError)"
     assert reply.json()["checks"]["database"] == "ok"
-    logged = [r.getMessage() for r in caplog.records if r.name == "dreamserve.api.health"]
+    logged = [r.getMessage() for r in caplog.records if r.name == "dreamserve.service.readiness"]
     assert len(logged) == 1
     assert logged[0].startswith("not ready: blobs: not writable (FileNotFoundError): ")
     assert bucket in logged[0]
