@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_plus
 
+from dreamserve import metrics, observe
 from dreamserve.app import (
     API_PREFIX,
     apply_config,
@@ -49,9 +50,7 @@ SEED_REQUEST = {
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = Settings()
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    observe.setup_logging(settings.log_level, settings.log_format)
     logging.getLogger("alembic").setLevel(logging.WARNING)  # it narrates every start
     # httpx logs every request's URL at info: a replyUrl may hold a receiver's credentials.
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -81,6 +80,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="A,B",
         help="the accounts whose jobs it runs, e.g. LOCAL:gpu0,LOCAL:gpu1 (default: every account "
         "whose engine loads here, those added later too)",
+    )
+    worker.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve its metrics on http://HOST:PORT/metrics (default DREAMSERVE_METRICS_PORT; "
+        "none when 0)",
     )
     commands.add_parser("migrate", help="create or upgrade the database schema")
     commands.add_parser("openapi", help="print the OpenAPI document")
@@ -155,6 +161,7 @@ def _run(settings: Settings, args: argparse.Namespace) -> None:
         serve(settings)
     elif args.command == "worker":
         accounts = [name for name in (args.accounts or "").split(",") if name.strip()]
+        metrics.serve_alone(args.metrics_port or settings.metrics_port, settings.host)
         asyncio.run(_worker(settings, [name.strip() for name in accounts] or None))
     elif args.command == "migrate":
         asyncio.run(_migrate(settings))
@@ -218,7 +225,7 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "port": settings.port,
         "log_level": settings.log_level,
         "access_log": settings.access_log,
-        "log_config": log_config(),
+        "log_config": log_config(settings.log_format),
         "proxy_headers": False,
         # httptools as uvicorn would pick it, with bounds on a request head's size and time, a
         # body's time and open connections, which uvicorn does not have (httplimits.py).
@@ -233,13 +240,20 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
     }
 
 
-def log_config() -> dict[str, Any]:
-    """uvicorn's own logging configuration, with `UnsignedLinks` on its access log."""
+def log_config(log_format: str = "text") -> dict[str, Any]:
+    """uvicorn's own logging configuration, with `UnsignedLinks` on its access log and the
+    scrapes and probes left out of it (`QuietPaths`); its lines as JSON with `json`."""
     from uvicorn.config import LOGGING_CONFIG
 
     config = copy.deepcopy(LOGGING_CONFIG)
-    config["filters"] = {"unsigned_links": {"()": UnsignedLinks}}
-    config["loggers"]["uvicorn.access"]["filters"] = ["unsigned_links"]
+    config["filters"] = {
+        "unsigned_links": {"()": UnsignedLinks},
+        "quiet_paths": {"()": observe.QuietPaths},
+    }
+    config["loggers"]["uvicorn.access"]["filters"] = ["quiet_paths", "unsigned_links"]
+    if log_format == "json":
+        for name in config["formatters"]:
+            config["formatters"][name] = {"()": observe.JsonFormatter}
     return config
 
 
