@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -43,11 +44,14 @@ class Event:
         return f"{self.text}: {pairs}" if pairs else self.text
 
 
+_QUOTED = re.compile(r'[\s"=\\]')  # a value with one of these is written JSON-quoted
+
+
 def _value(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.3f}"
     text = str(value)
-    if text and all(ch.isprintable() and ch not in ' "=' for ch in text):
+    if text and text.isprintable() and _QUOTED.search(text) is None:
         return text
     return json.dumps(text, ensure_ascii=False)
 
@@ -85,20 +89,13 @@ def job_admitted(job: Job, engine: str) -> None:
     """A job admitted (its transaction committed): on a slot, or in its account's queue."""
     _learn(job.account, engine)
     metrics.JOBS_SUBMITTED.labels(job.model, job.account, engine).inc()
-    if log.isEnabledFor(logging.INFO):
-        waits = job.queue_deadline is not None
-        _emit(
-            logging.INFO,
-            "job.admitted",
-            "job admitted",
-            **_job_fields(job, engine),
-            type=job.type,
-            queued=waits,
-        )
-        if job.spec.prompt is not None:
-            _emit(
-                logging.DEBUG, "job.prompt", "job prompt", jobid=job.jobid, prompt=job.spec.prompt
-            )
+    if log.isEnabledFor(logging.INFO):  # on the submission path: the fields built only if so
+        fields = {"event": "job.admitted", **_job_fields(job, engine)}
+        fields["type"], fields["queued"] = job.type, job.queue_deadline is not None
+        log.info(Event("job.admitted", "job admitted", fields))
+        if job.spec.prompt is not None and log.isEnabledFor(logging.DEBUG):
+            prompt = {"event": "job.prompt", "jobid": job.jobid, "prompt": job.spec.prompt}
+            log.debug(Event("job.prompt", "job prompt", prompt))
 
 
 class JobRun:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import time
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -39,6 +40,8 @@ class HttpMetrics:
     def __init__(self, app: ASGIApp, prefix: str) -> None:
         self.app = app
         self.prefix = prefix
+        # Each series' children, found once: `labels()` takes a lock and builds a key each time.
+        self._series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -56,10 +59,21 @@ class HttpMetrics:
         try:
             await self.app(scope, receive, sending)
         finally:
-            route = self._template(scope)
-            method = scope["method"]
-            metrics.HTTP_REQUESTS.labels(method, route, str(status)).inc()
-            metrics.HTTP_SECONDS.labels(method, route).observe(time.perf_counter() - started)
+            count, seconds = self._series_of(scope, status)
+            count.inc()
+            seconds.observe(time.perf_counter() - started)
+
+    def _series_of(self, scope: Scope, status: int) -> tuple[Any, Any]:
+        route = self._template(scope)
+        key = (scope["method"], route, status)
+        series = self._series.get(key)
+        if series is None:
+            series = (
+                metrics.HTTP_REQUESTS.labels(key[0], route, str(status)),
+                metrics.HTTP_SECONDS.labels(key[0], route),
+            )
+            self._series[key] = series
+        return series
 
     def _template(self, scope: Scope) -> str:
         path = getattr(scope.get("route"), "path", None)
