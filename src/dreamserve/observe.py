@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from prometheus_client import Counter
+
 from dreamserve import metrics
 from dreamserve.errors import AtCapacity, DreamserveError, TooManyBodiesOfUser
 from dreamserve.jobs import CANCELLED_BY_USER, Job, Status
@@ -84,11 +86,25 @@ def _learn(account: str, engine: str) -> None:
 
 # Jobs
 
+# Each job counter's series, found once (`labels()` takes a lock and checks its values each
+# time; a submission's count is on the submission path). Bounded by models x accounts x engines.
+_series: dict[tuple[Counter, str, str, str], Counter] = {}
+
+
+def _count(counter: Counter, job: Job, engine: str) -> None:
+    key = (counter, job.model, job.account, engine)
+    series = _series.get(key)
+    if series is None:
+        if len(_series) >= 10_000:
+            _series.clear()
+        series = _series[key] = counter.labels(job.model, job.account, engine)
+    series.inc()
+
 
 def job_admitted(job: Job, engine: str) -> None:
     """A job admitted (its transaction committed): on a slot, or in its account's queue."""
     _learn(job.account, engine)
-    metrics.JOBS_SUBMITTED.labels(job.model, job.account, engine).inc()
+    _count(metrics.JOBS_SUBMITTED, job, engine)
     if log.isEnabledFor(logging.INFO):  # on the submission path: the fields built only if so
         fields = {"event": "job.admitted", **_job_fields(job, engine)}
         fields["type"], fields["queued"] = job.type, job.queue_deadline is not None
@@ -147,7 +163,7 @@ def job_ended(job: Job, run: JobRun | None, status: Status, error: str | None, n
     engine = run.engine if run is not None else _engine_of(job.account)
     if status is Status.COMPLETED:
         total = max(0, now - job.created_at) / 1000
-        metrics.JOBS_COMPLETED.labels(job.model, job.account, engine).inc()
+        _count(metrics.JOBS_COMPLETED, job, engine)
         metrics.JOB_SECONDS.labels(job.model).observe(total)
         timings: dict[str, object] = {"total_s": total}
         if run is not None:
@@ -174,14 +190,14 @@ def job_failed(job: Job, reason: str, engine: str | None = None) -> None:
     """A job ended failed: by its runner, or given up on (its runner lost too often, its
     `queueSeconds` out). `reason` is the error its record shows."""
     engine = engine or _engine_of(job.account)
-    metrics.JOBS_FAILED.labels(job.model, job.account, engine).inc()
+    _count(metrics.JOBS_FAILED, job, engine)
     _emit(logging.WARNING, "job.failed", "job failed", **_job_fields(job, engine), reason=reason)
 
 
 def job_cancelled(job: Job) -> None:
     """A job cancelled by its user (DELETE /images/<jobid>)."""
     engine = _engine_of(job.account)
-    metrics.JOBS_CANCELLED.labels(job.model, job.account, engine).inc()
+    _count(metrics.JOBS_CANCELLED, job, engine)
     _emit(logging.INFO, "job.cancelled", "job cancelled", **_job_fields(job, engine))
 
 

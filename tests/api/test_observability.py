@@ -156,6 +156,26 @@ async def test_metrics_count_exactly_the_jobs_and_429s(
     assert harness.token.split("-")[-1] not in text
 
 
+@pytest.mark.both_databases
+async def test_every_api_process_reports_the_gauges_of_the_database(
+    settings: Settings, engine: ScriptedEngine
+) -> None:
+    """Two API processes on one database: a job held by the first shows in the second's
+    gauges (read from the database, not from the process that admitted it)."""
+    async with (
+        open_harness(settings, engines={"procedural": engine.factory}) as first,
+        open_harness(settings, engines={"procedural": engine.factory}, resume=False) as second,
+    ):
+        held = (await first.post({**SMALL, "prompt": "hold on"})).json()["jobid"]
+        await eventually(lambda: engine.started == 1)
+        for harness in (first, second):
+            _, samples = await scrape(harness)
+            assert value(samples, "dreamserve_account_jobs_running", account=ACCOUNT) == 1
+        assert (await first.call("DELETE", f"/scheduler/{held}")).status_code == 200
+        _, after = await scrape(second)
+    assert value(after, "dreamserve_account_jobs_running", account=ACCOUNT) == 0
+
+
 async def test_a_path_no_route_matches_is_counted_as_unmatched(harness: Harness) -> None:
     _, before = await scrape(harness)
     assert (await harness.client.get("/v1/dreamina/nothing/12345")).status_code == 404
