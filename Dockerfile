@@ -30,4 +30,10 @@ COPY --from=build /opt/dreamserve /opt/dreamserve
 USER dreamserve
 WORKDIR /var/lib/dreamserve
 EXPOSE 8000
+VOLUME /var/lib/dreamserve
+# /healthz: the process answers (no token; left out of the access log). The image has no curl:
+# the venv's python asks. A `dreamserve worker` container serves no HTTP: compose.yaml turns the
+# check off there.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('DREAMSERVE_PORT', '8000') + '/healthz', timeout=4)"]
 CMD ["dreamserve", "serve"]

@@ -40,6 +40,9 @@ class Server:
     ) -> None:
         env = {key: value for key, value in os.environ.items() if not key.startswith("DREAMSERVE_")}
         env |= {"DREAMSERVE_DATA_DIR": str(data_dir), "DREAMSERVE_PORT": str(port)}
+        # At SIGTERM the running jobs stop at once, as they did before the grace: the tests of
+        # the grace (tests/faults/test_graceful_stop.py) set their own.
+        env["DREAMSERVE_STOP_GRACE_SECONDS"] = "0"
         env |= extra or {}
         if database_url is not None:
             env["DREAMSERVE_DATABASE_URL"] = database_url

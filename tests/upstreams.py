@@ -32,7 +32,23 @@ from PIL import Image
 
 KEY = "sk-fake-upstream-key"
 
-ARK_MODELS = {"seedream-4-5-251128", "seedream-4-0-250828", "seedream-3-0-t2i-250415"}
+# Seedream on ModelArk as docs/catalogue.md §3.3 reads its (third-party) sources, the stricter
+# figure where they disagree: each id's sizes (pixels, or 3.0's sides), references, batching.
+ARK_PIXELS = {
+    "seedream-5-0-260128": (3_686_400, 10_404_496),
+    "seedream-4-5-251128": (3_686_400, 16_777_216),
+    "seedream-4-0-250828": (921_600, 16_777_216),
+}
+ARK_SIDES = {"seedream-3-0-t2i-250415": (512, 2048)}
+ARK_MODELS = set(ARK_PIXELS) | set(ARK_SIDES)
+ARK_REFERENCES = {
+    "seedream-5-0-260128": 14,
+    "seedream-4-5-251128": 10,
+    "seedream-4-0-250828": 10,
+    "seedream-3-0-t2i-250415": 0,  # text to image only
+}
+ARK_SEQUENTIAL = {"seedream-5-0-260128", "seedream-4-5-251128", "seedream-4-0-250828"}
+ARK_CALL_IMAGES = 15  # references + images made
 ARK_FIELDS = {
     "model",
     "prompt",
@@ -46,8 +62,8 @@ ARK_FIELDS = {
     "watermark",
     "stream",
 }
-GEMINI_MODELS = {"gemini-2.5-flash-image"}
-# The sizes Gemini answers with for each aspect ratio (its 1k table).
+# The sizes Gemini answers with for each aspect ratio at imageSize "1K" (its 1k table); "2K"
+# is twice each side, "4K" four times, "512" half (docs/catalogue.md §3.1).
 GEMINI_SIZES = {
     "1:1": (1024, 1024),
     "2:3": (832, 1248),
@@ -60,7 +76,39 @@ GEMINI_SIZES = {
     "16:9": (1344, 768),
     "21:9": (1536, 672),
 }
+# 3.1 Flash's extreme ratios (third parties only; sizes inferred, about a megapixel).
+GEMINI_EXTREME_SIZES = {
+    "1:4": (512, 2048),
+    "4:1": (2048, 512),
+    "1:8": (384, 3072),
+    "8:1": (3072, 384),
+}
+GEMINI_SCALES = {"512": 0.5, "1K": 1, "2K": 2, "4K": 4}
+
+
+@dataclass(frozen=True)
+class GeminiModel:
+    image_sizes: tuple[str, ...]  # empty: takes no imageSize (1K only)
+    max_images: int  # inline images in one request
+    ratios: frozenset[str]
+
+
+# The image models the Gemini API serves today (docs/catalogue.md §3.1: G1, G4, third parties).
+# Any other id (gemini-2.5-flash-image, past its October 2, 2026 shutdown) is answered 404.
+GEMINI_MODELS = {
+    "gemini-3-pro-image": GeminiModel(("1K", "2K", "4K"), 14, frozenset(GEMINI_SIZES)),
+    "gemini-3.1-flash-image": GeminiModel(
+        ("512", "1K", "2K", "4K"), 14, frozenset(GEMINI_SIZES) | frozenset(GEMINI_EXTREME_SIZES)
+    ),
+}
+# What 2.5 Flash Image was before its shutdown: 1K only, 3 images (a test may serve it again).
+GEMINI_2_5_FLASH = GeminiModel((), 3, frozenset(GEMINI_SIZES))
 OPENAI_FIELDS = {"model", "prompt", "n", "size", "response_format", "output_format", "quality"}
+# Shut down (docs/catalogue.md §3.2): answered as OpenAI answers a removed model.
+OPENAI_REMOVED = {"gpt-image-1", "gpt-image-1.5", "gpt-image-1.5-2025-12-16", "gpt-image-1-mini"}
+# gpt-image-2's sizes (docs/catalogue.md §3.2); other names (local servers) take any size.
+GPT_IMAGE_2_MULTIPLE, GPT_IMAGE_2_SIDE, GPT_IMAGE_2_RATIO = 16, 3840, 3
+GPT_IMAGE_2_PIXELS = (655_360, 8_294_400)
 GEMINI_BAD_KEY = {
     "error": {
         "code": 400,
@@ -108,6 +156,11 @@ class FakeUpstream:
         self.links_expired = False  # output links answer 403, as a signed link past its time
         self.links_redirect = False  # output links answer 302 to where the file is
         self.ark_max_images: int | None = None  # Seedream may return fewer than asked
+        self.gemini_models = dict(GEMINI_MODELS)  # a test may add a model Google removed
+        # Images made this many times smaller on each side than the size asked for (the
+        # engines resample them; the answer's `size` still says the size asked for): cheap
+        # answers for tests that ask for many 4k images.
+        self.shrink = 1
         self._files: dict[str, bytes] = {}
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -164,6 +217,12 @@ class FakeUpstream:
             return 200, self._openai(path, body), {}
         except Invalid as invalid:
             return 400, _error(vendor, Scripted(400), str(invalid)), {}
+        except Answered as answered:
+            return answered.status, answered.body, {}
+        except Removed as removed:
+            message = f"The model `{removed}` does not exist or you do not have access to it."
+            error = {"message": message, "type": "invalid_request_error", "code": "model_not_found"}
+            return 404, {"error": error}, {}
 
     def _ark(self, body: Any) -> Any:
         _require(isinstance(body, dict), "body must be a JSON object")
@@ -174,32 +233,51 @@ class FakeUpstream:
         _require(isinstance(prompt, str) and bool(prompt), "prompt is required")
         width, height = _size(body.get("size"))
         model = body["model"]
-        if model == "seedream-4-0-250828":
-            _require(921_600 <= width * height <= 16_777_216, "size out of range")
-        if model == "seedream-4-5-251128":
-            _require(3_686_400 <= width * height <= 16_777_216, "size out of range")
-        if model == "seedream-3-0-t2i-250415":
-            _require(min(width, height) >= 512 and max(width, height) <= 2048, "size out of range")
-            sequential = {"sequential_image_generation", "sequential_image_generation_options"}
-            _require(not sequential & set(body), "sequential_image_generation not supported")
+        if model in ARK_PIXELS:
+            low, high = ARK_PIXELS[model]
+            _require(
+                low <= width * height <= high,
+                f"The parameter `size` specified in the request is not valid: {width}x{height} "
+                f"is outside {low}-{high} pixels for model {model}",
+            )
+        else:
+            low, high = ARK_SIDES[model]
+            _require(
+                low <= min(width, height) and max(width, height) <= high,
+                f"The parameter `size` specified in the request is not valid: {width}x{height} "
+                f"is outside sides {low}-{high} for model {model}",
+            )
+        sequential = {"sequential_image_generation", "sequential_image_generation_options"}
+        _require(
+            model in ARK_SEQUENTIAL or not sequential & set(body),
+            f"The parameter `sequential_image_generation` is not supported by model {model}",
+        )
         _require(isinstance(body.get("watermark", True), bool), "watermark must be a boolean")
         images = body.get("image", [])
         images = [images] if isinstance(images, str) else images
-        _require(isinstance(images, list) and len(images) <= 10, "at most 10 images")
+        _require(isinstance(images, list), "image must be a string or a list")
+        _require(
+            len(images) <= ARK_REFERENCES[model],
+            f"The parameter `image` specified in the request is not valid: model {model} takes "
+            f"at most {ARK_REFERENCES[model]} images",
+        )
         for url in images:
             _data_url(url)
         seed = body.get("seed", -1)
         _require(isinstance(seed, int) and -1 <= seed <= 2147483647, "seed out of range")
         count = 1
-        if model == "seedream-3-0-t2i-250415":
-            pass
-        elif body.get("sequential_image_generation", "disabled") == "auto":
+        if body.get("sequential_image_generation", "disabled") == "auto":
             options = body.get("sequential_image_generation_options", {})
             count = options.get("max_images", 15)
-            _require(1 <= count <= 15 and count + len(images) <= 15, "max_images out of range")
+            _require(isinstance(count, int) and 1 <= count <= 15, "max_images out of range")
         else:
-            sequential = body.get("sequential_image_generation", "disabled")
-            _require(sequential == "disabled", "bad sequential")
+            _require(
+                body.get("sequential_image_generation", "disabled") == "disabled", "bad sequential"
+            )
+        _require(
+            count + len(images) <= ARK_CALL_IMAGES,
+            "The total number of reference images and generated images must not exceed 15",
+        )
         if self.ark_max_images is not None:
             count = min(count, self.ark_max_images)
         _require(body.get("response_format", "url") in ("url", "b64_json"), "response_format")
@@ -219,8 +297,16 @@ class FakeUpstream:
         }
 
     def _gemini(self, path: str, body: Any) -> Any:
-        model = re.fullmatch(r"/v1beta/models/([^/:]+):generateContent", path)
-        _require(model is not None and model.group(1) in GEMINI_MODELS, "model not found")
+        found = re.fullmatch(r"/v1beta/models/([^/:]+):generateContent", path)
+        _require(found is not None, "unknown method")
+        assert found is not None
+        model = self.gemini_models.get(found.group(1))
+        if model is None:  # as Google answers an unknown or removed model
+            message = (
+                f"models/{found.group(1)} is not found for API version v1beta, "
+                "or is not supported for generateContent."
+            )
+            raise Answered(404, {"error": {"code": 404, "message": message, "status": "NOT_FOUND"}})
         _require(isinstance(body, dict), "body must be a JSON object")
         contents = body.get("contents")
         _require(isinstance(contents, list) and len(contents) == 1, "one content")
@@ -231,14 +317,25 @@ class FakeUpstream:
             _require(set(part) <= {"text", "inline_data"}, f"unknown part {sorted(part)}")
         text = " ".join(part["text"] for part in parts if "text" in part)
         inline = [part["inline_data"] for part in parts if "inline_data" in part]
-        _require(len(inline) <= 3, "at most 3 input images")
+        _require(len(inline) <= model.max_images, f"at most {model.max_images} input images")
         for image in inline:
             _require(image.get("mime_type") in ("image/jpeg", "image/png"), "mime_type")
             _decode_image(image.get("data"))
         config = body.get("generationConfig", {})
         _require(config.get("responseModalities") == ["IMAGE"], "responseModalities")
-        ratio = config.get("imageConfig", {}).get("aspectRatio", "1:1")
-        _require(ratio in GEMINI_SIZES, f"aspectRatio {ratio} not supported")
+        image_config = config.get("imageConfig", {})
+        _require(set(image_config) <= {"aspectRatio", "imageSize"}, "unknown imageConfig field")
+        ratio = image_config.get("aspectRatio", "1:1")
+        _require(ratio in model.ratios, f"aspectRatio {ratio} not supported")
+        if "imageSize" in image_config:
+            size = image_config["imageSize"]
+            _require(bool(model.image_sizes), "imageSize is not supported by this model")
+            _require(size in model.image_sizes, f"imageSize {size} not supported")
+        else:
+            size = "1K"
+        width, height = {**GEMINI_SIZES, **GEMINI_EXTREME_SIZES}[ratio]
+        scale = GEMINI_SCALES[size]
+        answer_size = (int(width * scale), int(height * scale))
         if REFUSED_WORD in text:
             return {"promptFeedback": {"blockReason": "PROHIBITED_CONTENT"}}
         if "no picture" in text:
@@ -250,7 +347,7 @@ class FakeUpstream:
                     }
                 ]
             }
-        png = _png(GEMINI_SIZES[ratio], text)
+        png = _png(answer_size, text)
         return {
             "candidates": [
                 {
@@ -282,9 +379,14 @@ class FakeUpstream:
             _require(isinstance(n, int), "n must be an integer")
         prompt = fields.get("prompt")
         _require(isinstance(prompt, str) and bool(prompt), "prompt is required")
-        _require(bool(fields.get("model")), "model is required")
+        model = fields.get("model")
+        _require(bool(model), "model is required")
+        if model in OPENAI_REMOVED:
+            raise Removed(model)
         _require(1 <= n <= 10, "n must be 1 to 10")
         size = _size(fields.get("size", "1024x1024"))
+        if model == "gpt-image-2":
+            _gpt_image_2_size(*size)
         if REFUSED_WORD in prompt:
             raise Invalid("Your request was rejected as a result of our safety system.")
         data = [
@@ -294,7 +396,7 @@ class FakeUpstream:
         return {"created": int(time.time()), "data": data}
 
     def _output(self, size: tuple[int, int], seed: str, response_format: str | None) -> Any:
-        png = _png(size, seed)
+        png = _png((max(1, size[0] // self.shrink), max(1, size[1] // self.shrink)), seed)
         if response_format == "b64_json":
             return {"b64_json": _b64(png), "size": f"{size[0]}x{size[1]}"}
         name = hashlib.sha256(png).hexdigest()[:16] + ".png"
@@ -359,6 +461,39 @@ def fake_upstream() -> Iterator[FakeUpstream]:
 
 class Invalid(Exception):
     """A request the real service would refuse with a 400."""
+
+
+class Answered(Exception):
+    """A refusal with its own status and body (not the vendor's usual 400)."""
+
+    def __init__(self, status: int, body: Any) -> None:
+        super().__init__(status)
+        self.status = status
+        self.body = body
+
+
+class Removed(Exception):
+    """A request for a model OpenAI has shut down (a 404)."""
+
+
+def _gpt_image_2_size(width: int, height: int) -> None:
+    low, high = GPT_IMAGE_2_PIXELS
+    multiple, max_side, max_ratio = GPT_IMAGE_2_MULTIPLE, GPT_IMAGE_2_SIDE, GPT_IMAGE_2_RATIO
+    _require(
+        width % multiple == 0 and height % multiple == 0,
+        f"Invalid size '{width}x{height}'. Both edges must be multiples of {multiple}.",
+    )
+    _require(
+        max(width, height) <= max_side, f"Invalid size '{width}x{height}'. Edges <= {max_side}."
+    )
+    _require(
+        max(width, height) <= max_ratio * min(width, height),
+        f"Invalid size '{width}x{height}'. Long:short at most {max_ratio}:1.",
+    )
+    _require(
+        low <= width * height <= high,
+        f"Invalid size '{width}x{height}'. Total pixels must be {low} to {high}.",
+    )
 
 
 def _require(condition: bool, message: str) -> None:

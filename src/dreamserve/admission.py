@@ -22,8 +22,9 @@ from dreamserve.errors import (
     BadRequest,
     EngineUnavailable,
     NoAccountForModel,
+    UserLimitReached,
 )
-from dreamserve.storage import account_queries, job_queries
+from dreamserve.storage import account_queries, job_queries, user_queries
 from dreamserve.storage.account_queries import Account
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,8 @@ class Admission:
         self.clock = clock
         self.wall = wall  # epoch ms, for cooldowns
         self._accounts: dict[int, _Usable] = {}
+        # Checked by Submissions before `admit`/`enqueue`, in the same transaction.
+        self.limits = UserLimits(retry_after, cache_seconds=cache_seconds, clock=clock, wall=wall)
 
     def forget(self) -> None:
         self._accounts.clear()
@@ -207,3 +210,62 @@ class _Usable:
     until: float
     accounts: list[Account]
     healthy: dict[tuple[str, str | None], list[Account]] = field(default_factory=dict)
+
+
+class UserLimits:
+    """The limits an operator set on a user (`dreamserve users set`), checked in the transaction
+    that admits the job, before a slot is taken: `max_running` unfinished jobs at once (those
+    running, queued for a runner or waiting in an account's queue for a slot), `max_per_minute`
+    submissions per minute (counted per minute of the clock: a fixed window).
+
+    Each user's limits are remembered for `cache_seconds`, so that a user without limits costs
+    no statement. A user with limits costs one UPDATE that counts the submission (or, without
+    `max_per_minute`, a row lock on PostgreSQL), and with `max_running` one count of their
+    unfinished jobs: the UPDATE holds the user's row until the transaction commits, so two
+    submissions of one user are admitted one after the other and never both take the last
+    unit, on PostgreSQL as on SQLite (whose writes take turns)."""
+
+    def __init__(
+        self,
+        retry_after: int,
+        *,
+        cache_seconds: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], int] = lambda: int(time.time() * 1000),
+    ) -> None:
+        self.retry_after = retry_after
+        self.cache_seconds = cache_seconds
+        self.clock = clock
+        self.wall = wall  # epoch ms: the minute of a submission
+        self._limits: dict[int, tuple[float, int | None, int | None]] = {}
+
+    def forget(self) -> None:
+        self._limits.clear()
+
+    def check(self, conn: Connection, user_id: int) -> None:
+        """Count the submission, or raise UserLimitReached (the transaction then rolls back,
+        the submission uncounted)."""
+        now = self.clock()
+        cached = self._limits.get(user_id)
+        if cached is None or cached[0] <= now:
+            max_running, max_per_minute = user_queries.limits_of(conn, user_id)
+            cached = (now + self.cache_seconds, max_running, max_per_minute)
+            if len(self._limits) >= 10_000:
+                self._limits.clear()
+            self._limits[user_id] = cached
+        _, max_running, max_per_minute = cached
+        if max_running is None and max_per_minute is None:
+            return
+        if max_per_minute is not None:
+            wall = self.wall()
+            minute = wall - wall % 60_000
+            if not user_queries.take_submission(conn, user_id, minute, max_per_minute):
+                retry_after = max(1, -(-(minute + 60_000 - wall) // 1000))
+                raise UserLimitReached(
+                    f"{max_per_minute} submissions per minute", "max-per-minute", retry_after
+                )
+        else:
+            user_queries.lock_user(conn, user_id)
+        if max_running is not None and user_queries.count_running(conn, user_id) >= max_running:
+            jobs = "running job" if max_running == 1 else "running jobs"
+            raise UserLimitReached(f"{max_running} {jobs}", "max-running", self.retry_after)

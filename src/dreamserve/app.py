@@ -19,10 +19,22 @@ from fastapi.openapi.utils import get_openapi
 
 from dreamserve import __version__
 from dreamserve.admission import Admission
-from dreamserve.api import accounts, assets, files, images, metrics, models, scheduler, webhooks
+from dreamserve.api import (
+    accounts,
+    assets,
+    files,
+    health,
+    images,
+    metrics,
+    models,
+    scheduler,
+    webhooks,
+)
 from dreamserve.api.body import BodyLimits, BodyReads
 from dreamserve.api.deps import BEARER_SCHEME
+from dreamserve.api.docs import install_docs
 from dreamserve.api.errors import install_error_handlers, route_methods
+from dreamserve.api.health import Readiness
 from dreamserve.api.metrics import HttpMetrics
 from dreamserve.catalogue import Catalogue
 from dreamserve.config import ConfigError, OperatorConfig, load_config
@@ -192,7 +204,7 @@ async def open_server(
     )
     # The built-in catalogue, with the models of the operator's configuration file.
     models = catalogue or load_config(settings.config).catalogue
-    records = Records(db, blobs, events, config)
+    records = Records(db, blobs, events, config, models.names)
     service = Service(
         tokens=Tokens(db, clock, config),
         submissions=Submissions(
@@ -302,21 +314,29 @@ def create_app(
         parts = open_server(
             settings, clock=clock, catalogue=catalogue, engines=engines, dispatcher=dispatcher
         )
-        async with parts as server, background(server, settings, clock, resume):
+        async with parts as server, background(server, settings, clock, resume) as runners:
             app.state.server = server
             app.state.service = server.service
+            app.state.readiness = Readiness(
+                server.db,
+                server.blobs,
+                _runner_tasks(server, runners) if server.runs_jobs else None,
+            )
             try:
                 yield
             finally:
                 server.events.stop()  # in case the server did not say so sooner (`stopping`)
+                app.state.readiness = None
 
     app = FastAPI(
         title="dreamserve",
         version=__version__,
         summary="Self-hosted server for the Dreamina image-generation API",
         lifespan=lifespan,
+        docs_url=None,  # install_docs: pages that load nothing from a CDN
         redoc_url=None,
     )
+    install_docs(app)
     app.state.body_reads = BodyReads(
         BodyLimits(
             max_bytes=settings.max_body_bytes,
@@ -341,7 +361,10 @@ def create_app(
     )
     for router in routers:
         app.include_router(router, prefix=API_PREFIX)
-    app.state.route_methods = route_methods(API_PREFIX, routers)
+    app.include_router(health.router)  # /healthz, /readyz: root paths, no token
+    app.state.route_methods = route_methods(API_PREFIX, routers) + route_methods(
+        "", [health.router]
+    )
     app.openapi = partial(_openapi, app)  # type: ignore[method-assign]
     return app
 
@@ -393,6 +416,7 @@ async def run_worker(
                 relisting.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await relisting
+        await _finish_running(dispatcher, settings.stop_grace_seconds)  # then `close` stops them
 
 
 def _log_picked(taken: Sequence[str], left: Mapping[str, str]) -> None:
@@ -426,18 +450,49 @@ async def _relist(
 
 
 def stopping(app: FastAPI) -> None:
-    """The server starts to shut down: requests that wait on a job (`?wait=`, event streams)
-    answer with the job as it is and end, instead of holding the shutdown until it ends.
-    Nothing when the app has not started."""
+    """The server starts to shut down: submissions are refused (503 `Server is stopping`, with
+    Retry-After), and requests that wait on a job (`?wait=`, event streams) answer with the
+    job as it is and end, instead of holding the shutdown until it ends. Nothing when the app
+    has not started."""
     server: Server | None = getattr(app.state, "server", None)
     if server is not None:
+        server.service.submissions.stopping = True
         server.events.stop()
 
 
-async def apply_config(service: Service, config: OperatorConfig) -> None:
+async def finish_running(app: FastAPI, grace: float) -> int:
+    """After `stopping`: start no more jobs here, and wait up to `grace` seconds
+    (DREAMSERVE_STOP_GRACE_SECONDS) for those running to end; how many still run. The
+    lifespan's exit stops those (each keeps its slot and lease, and runs again at the next
+    start, or on another process when its lease runs out)."""
+    server: Server | None = getattr(app.state, "server", None)
+    return 0 if server is None else await _finish_running(server.dispatcher, grace)
+
+
+async def _finish_running(dispatcher: Dispatcher, grace: float) -> int:
+    drain = getattr(dispatcher, "drain", None)  # the built-in dispatchers (not tests' fakes)
+    if drain is None:
+        return 0
+    left: int = await drain(grace)
+    if left:
+        log.warning(
+            "stopping: %d job(s) still running after %g s (DREAMSERVE_STOP_GRACE_SECONDS): "
+            "stopped, they run again at the next start",
+            left,
+            grace,
+        )
+    return left
+
+
+async def apply_config(
+    service: Service, config: OperatorConfig, *, shared: bool | None = None
+) -> None:
     """Save the accounts of the operator's configuration file (an upsert: the same file gives
-    the same accounts at every start). A bad account stops the start, naming it."""
+    the same accounts at every start); with `shared`, only the shared ones (True) or only the
+    users' (False). A bad account stops the start, naming it."""
     for configured in config.accounts:
+        if shared is not None and (configured.user is None) is not shared:
+            continue
         try:
             await service.accounts.put(configured.user, configured.fields)
         except DreamserveError as error:
@@ -448,14 +503,16 @@ async def apply_config(service: Service, config: OperatorConfig) -> None:
 @asynccontextmanager
 async def background(
     server: Server, settings: Settings, clock: Clock, resume: bool, deliver: bool = True
-) -> AsyncIterator[None]:
+) -> AsyncIterator[list[asyncio.Task[None]]]:
     """The server's background tasks, for as long as it serves: with `deliver`, the webhook
     deliverer; on PostgreSQL, the listener for other processes' job changes; with `resume`,
     the reaper (on every process of a PostgreSQL database: its takings back are conditional
     updates) and, in a process that runs jobs, the runner lock (on PostgreSQL watched:
     `Scheduler.keep_runner_lock`) and the jobs an earlier process left (without `resume`, as a
-    second API process in tests, the app runs only the jobs it admits)."""
+    second API process in tests, the app runs only the jobs it admits). Yields the tasks of
+    these that run jobs (the reaper, the runner lock's watch), for /readyz."""
     tasks: list[asyncio.Task[None]] = []
+    runners: list[asyncio.Task[None]] = []
     if deliver:
         tasks.append(asyncio.create_task(server.deliverer.run_forever(), name="webhooks"))
     if settings.database.startswith("postgresql"):
@@ -481,17 +538,29 @@ async def background(
                 ),
             )
             reaping = asyncio.create_task(reaper.run_forever(), name="reaper")
-            tasks.append(reaping)
+            runners.append(reaping)
             if server.db.shared and server.runs_jobs:  # a PostgreSQL lock lives with a connection
                 watch = _keep_runner_lock(server.service.scheduler, reaping)
-                tasks.append(asyncio.create_task(watch, name="runner-lock"))
-        yield
+                runners.append(asyncio.create_task(watch, name="runner-lock"))
+            tasks.extend(runners)
+        yield runners
     finally:
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+def _runner_tasks(
+    server: Server, runners: list[asyncio.Task[None]]
+) -> Callable[[], list[asyncio.Task[None]]]:
+    """The tasks that run jobs in this process, as /readyz checks them: the background's and,
+    on PostgreSQL, procrastinate's (its workers and their sweep)."""
+    dispatcher = server.dispatcher
+    if isinstance(dispatcher, PostgresDispatcher):
+        return lambda: [*runners, *dispatcher.tasks()]
+    return lambda: list(runners)
 
 
 # How soon a PostgreSQL server learns that its runner lock's connection ended: the longest

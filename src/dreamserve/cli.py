@@ -1,31 +1,40 @@
-"""The `dreamserve` command: serve | worker | migrate | tokens create | accounts add|list|remove |
-openapi.
+"""The `dreamserve` command: serve | worker | migrate | users list|create|set |
+tokens create|list|revoke | accounts add|list|remove | openapi.
 
 Every command reads the same `DREAMSERVE_*` settings as the server. The `accounts` commands go
 through the same service as the API and print its JSON replies; `--shared` acts as the operator.
+Only `serve`, `migrate` and `worker` create a database: the others refuse to run where there is
+none (a command run from another directory would otherwise start a second data dir there).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import copy
 import gc
 import json
 import logging
+import os
 import shlex
 import signal
 import socket
+import sqlite3
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_plus
 
-from dreamserve import metrics, observe
+from sqlalchemy.engine import URL, make_url
+
+from dreamserve import __version__, metrics, observe
 from dreamserve.app import (
     API_PREFIX,
     apply_config,
     create_app,
+    finish_running,
     open_server,
     run_worker,
     stopping,
@@ -47,7 +56,26 @@ SEED_REQUEST = {
 }
 
 
+# A command whose reader went away (`dreamserve openapi | head -1`) ends with the status of a
+# process that SIGPIPE ends, as other commands in a pipe do, and without a traceback.
+BROKEN_PIPE_STATUS = 128 + signal.SIGPIPE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        status = _main(argv)
+        sys.stdout.flush()  # here, not at exit: a closed reader is seen while it is caught
+    except BrokenPipeError:
+        # Python's "Note on SIGPIPE": stdout pointed at /dev/null, so that the interpreter's
+        # own flush at exit finds nothing to write to the closed pipe.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return BROKEN_PIPE_STATUS
+    return status
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     settings = Settings()
     observe.setup_logging(settings.log_level, settings.log_format)
@@ -62,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (AnotherRunner, ConfigError) as error:
         print(f"dreamserve: {error}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # the reader went away: `main` ends quietly
+        raise
     except OSError as error:  # a file or directory of the setup: a line, not a traceback
         print(f"dreamserve: {error}", file=sys.stderr)
         return 1
@@ -70,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dreamserve", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"dreamserve {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="migrate, then run the API server")
     worker = commands.add_parser(
@@ -95,8 +126,47 @@ def _parser() -> argparse.ArgumentParser:
     )
     create = tokens.add_parser("create", help="print a new token (for a new user by default)")
     create.add_argument("--user", type=int, help="an existing user id")
+    listed = tokens.add_parser("list", help="the tokens (id, prefix, times; never the secret)")
+    listed.add_argument("--user", type=int, metavar="N", help="user N's tokens only")
+    revoke = tokens.add_parser("revoke", help="refuse a token from now on")
+    revoke.add_argument("token", help="its id or prefix, as `tokens list` shows them")
+    _users_parser(commands)
     _accounts_parser(commands)
     return parser
+
+
+def _users_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    users = commands.add_parser("users", help="manage users and their limits").add_subparsers(
+        dest="action", required=True
+    )
+    users.add_parser("list", help="the users: tokens and limits, as JSON")
+    users.add_parser("create", help="make a user; print its id and first token")
+    limits = users.add_parser("set", help="set a user's limits ('none' removes one)")
+    limits.add_argument("user", type=int, metavar="N", help="the user id")
+    limits.add_argument(
+        "--max-running",
+        type=_limit,
+        metavar="K",
+        help="unfinished jobs at once, across all accounts (running, queued or waiting)",
+    )
+    limits.add_argument(
+        "--max-per-minute", type=_limit, metavar="M", help="submissions per minute of the clock"
+    )
+
+
+_NONE = -1  # `none` on the command line: remove the limit
+
+
+def _limit(text: str) -> int:
+    if text.strip().lower() == "none":
+        return _NONE
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number or 'none'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not 1 or more (or 'none')")
+    return value
 
 
 def _accounts_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -168,11 +238,19 @@ def _run(settings: Settings, args: argparse.Namespace) -> None:
         print(f"Database at {settings.database} is up to date")
     elif args.command == "openapi":
         print(json.dumps(create_app(settings).openapi(), indent=2, sort_keys=True))
-    elif args.command == "tokens":
-        _, token = asyncio.run(_create_token(settings, args.user))
-        print(token)
     else:
-        print(json.dumps(asyncio.run(_accounts(settings, args)), indent=2))
+        require_database(settings)
+        if args.command == "tokens" and args.action == "create":
+            _, token = asyncio.run(_create_token(settings, args.user))
+            print(token)
+        elif args.command == "tokens" and args.action == "revoke":
+            revoked = asyncio.run(_revoke(settings, args.token))
+            print(json.dumps(revoked, indent=2))
+            print(revoked_note(settings, revoked), file=sys.stderr)
+        elif args.command in ("tokens", "users"):
+            print(json.dumps(asyncio.run(_users(settings, args)), indent=2))
+        else:
+            print(json.dumps(asyncio.run(_accounts(settings, args)), indent=2))
 
 
 def serve(settings: Settings) -> None:
@@ -184,19 +262,29 @@ def serve(settings: Settings) -> None:
     print("\n".join(routing), flush=True)
     app = create_app(settings)
     settle_heap()
-    _stopping_server(app, uvicorn.Config(app, **uvicorn_options(settings))).run()
+    config = uvicorn.Config(app, **uvicorn_options(settings))
+    _stopping_server(app, config, settings.stop_grace_seconds).run()
 
 
-def _stopping_server(app: FastAPI, config: Any) -> Any:
-    """uvicorn's server, telling the app as soon as a shutdown begins (`stopping`): uvicorn
-    runs the lifespan's exit only after its open requests finished (or
-    `timeout_graceful_shutdown` passed), and `?wait=` requests and event streams would hold
-    it until their job ended."""
+def _stopping_server(app: FastAPI, config: Any, grace: float = 0.0) -> Any:
+    """uvicorn's server, telling the app as soon as a shutdown begins (`stopping`: submissions
+    refused, `?wait=` requests and event streams answered at once, which would otherwise hold
+    the shutdown until their job ended), then, still listening, letting the running jobs end
+    for up to `grace` seconds (`finish_running`; a second Ctrl-C cuts it short) before
+    uvicorn's own shutdown: it stops listening, waits up to `timeout_graceful_shutdown` for
+    the open requests, and runs the lifespan's exit (which stops the jobs left)."""
     import uvicorn
 
     class StoppingServer(uvicorn.Server):
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
             stopping(app)
+            finishing = asyncio.create_task(finish_running(app, grace))
+            while not finishing.done() and not self.force_exit:
+                await asyncio.wait({finishing}, timeout=0.1)
+            if not finishing.done():
+                finishing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await finishing
             await super().shutdown(sockets)
 
     return StoppingServer(config)
@@ -241,20 +329,35 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
 
 
 def log_config(log_format: str = "text") -> dict[str, Any]:
-    """uvicorn's own logging configuration, with `UnsignedLinks` on its access log and the
-    scrapes and probes left out of it (`QuietPaths`); its lines as JSON with `json`."""
+    """uvicorn's own logging configuration, with `QuietProbes` and `UnsignedLinks` on its
+    access log; its lines as JSON with `json` (observe.JsonFormatter)."""
     from uvicorn.config import LOGGING_CONFIG
 
     config = copy.deepcopy(LOGGING_CONFIG)
     config["filters"] = {
+        "quiet_probes": {"()": QuietProbes},
         "unsigned_links": {"()": UnsignedLinks},
-        "quiet_paths": {"()": observe.QuietPaths},
     }
-    config["loggers"]["uvicorn.access"]["filters"] = ["quiet_paths", "unsigned_links"]
+    config["loggers"]["uvicorn.access"]["filters"] = ["quiet_probes", "unsigned_links"]
     if log_format == "json":
         for name in config["formatters"]:
             config["formatters"][name] = {"()": observe.JsonFormatter}
     return config
+
+
+PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # and Prometheus's scrapes
+
+
+class QuietProbes(logging.Filter):
+    """Leaves the health probes (GET /healthz, /readyz, every few seconds from a load balancer
+    or an orchestrator) and Prometheus's scrapes (GET /metrics) out of uvicorn's access log;
+    /readyz logs its failing checks itself, once per change (api/health.py)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str):
+            return args[2].partition("?")[0] not in PROBE_PATHS
+        return True
 
 
 class UnsignedLinks(logging.Filter):
@@ -318,20 +421,38 @@ async def _migrate(settings: Settings) -> None:
         pass
 
 
+NO_TOKEN = (
+    "dreamserve: user 1 has no API token (none was ever made for it); make one with: "
+    "dreamserve tokens create --user 1"
+)
+
+
 async def _bootstrap(settings: Settings) -> tuple[str | None, bool, list[str]]:
     """The first start's token (None on later starts), whether the first start made the
     placeholder account (only when the configuration file declares none) and the routing
-    lines (`Accounts.routing`), after the accounts of the file were saved; errors here stop
-    `serve` before uvicorn starts."""
+    lines (`Accounts.routing`), led by NO_TOKEN when user 1 exists but was never given a
+    token. User 1 and its token are made only once the file's shared accounts were applied: a
+    bad one stops the start before them, so that no token is made that nobody was shown. The
+    file's accounts of users (`user = 1` included) are applied after; when one of those stops
+    a first start, its token is shown first. Errors here stop `serve` before uvicorn starts."""
     config = load_config(settings.config)
     placeholder = not config.accounts
     async with open_server(settings, catalogue=config.catalogue) as server:
         # Say so before uvicorn starts (on PostgreSQL, any number of servers run jobs).
         if not await server.db.lock_runner() and not server.db.shared:
             raise AnotherRunner
+        await apply_config(server.service, config, shared=True)
         token = await server.service.tokens.bootstrap(placeholder)
-        await apply_config(server.service, config)
-        return token, placeholder, await server.service.accounts.routing()
+        try:
+            await apply_config(server.service, config, shared=False)
+        except ConfigError:
+            if token is not None:  # user 1 exists now: its token is shown, or lost for good
+                print(first_start_banner(settings, token, placeholder), file=sys.stderr)
+            raise
+        routing = await server.service.accounts.routing()
+        if token is None and await server.service.tokens.without_token():
+            routing.insert(0, NO_TOKEN)
+        return token, placeholder, routing
 
 
 def _placeholder(settings: Settings) -> bool:
@@ -350,6 +471,80 @@ async def _create_token(settings: Settings, user_id: int | None) -> tuple[int, s
             if token is not None:
                 return 1, token
         return await service.tokens.create(user_id)
+
+
+async def _users(settings: Settings, args: argparse.Namespace) -> Any:
+    """`users list|create|set` and `tokens list`: JSON for stdout."""
+    async with open_server(settings) as server:
+        tokens = server.service.tokens
+        if args.command == "tokens":
+            return await tokens.listing(args.user)
+        if args.action == "list":
+            return await tokens.users()
+        if args.action == "create":
+            user_id, token = await tokens.create(None)
+            return {"id": user_id, "token": token}
+        given = {"max_running": args.max_running, "max_per_minute": args.max_per_minute}
+        values = {
+            name: (None if value == _NONE else value)
+            for name, value in given.items()
+            if value is not None
+        }
+        return await tokens.set_limits(args.user, values)
+
+
+async def _revoke(settings: Settings, name: str) -> dict[str, Any]:
+    async with open_server(settings) as server:
+        return await server.service.tokens.revoke(name)
+
+
+def revoked_note(settings: Settings, revoked: dict[str, Any]) -> str:
+    """What `tokens revoke` says on stderr: how soon servers refuse the token."""
+    seconds = f"{settings.token_cache_seconds:g}"
+    return (
+        f"dreamserve: token {revoked['id']} ({revoked['prefix']}...) revoked; running servers "
+        f"refuse it within {seconds} s (their token cache, DREAMSERVE_TOKEN_CACHE_SECONDS)"
+    )
+
+
+def require_database(settings: Settings) -> None:
+    """Raise NoDatabase unless the settings' database exists and holds dreamserve's schema
+    (an `alembic_version` table); nothing is created either way."""
+    url = make_url(settings.database)
+    if url.get_backend_name() == "postgresql":
+        import psycopg
+
+        bare = URL.create(url.drivername, url.username, None, url.host, url.port, url.database)
+        shown = bare.render_as_string(hide_password=False)  # no password, nor query
+        plain = url.set(drivername="postgresql").render_as_string(hide_password=False)
+        try:
+            with psycopg.connect(plain, connect_timeout=10) as conn:
+                found = conn.execute("SELECT to_regclass('alembic_version')").fetchone()
+        except psycopg.Error:
+            return  # unreachable: opening it says why, as for `serve`
+        if found is None or found[0] is None:
+            raise NoDatabase(shown)
+        return
+    path = Path(url.database or "").absolute()
+    if not path.is_file():
+        raise NoDatabase(str(path))
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as conn:
+            found = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'alembic_version'"
+            ).fetchone()
+    except sqlite3.Error:
+        return  # not a database: opening it says so, as for `serve`
+    if found is None:
+        raise NoDatabase(str(path))
+
+
+class NoDatabase(DreamserveError):
+    def __init__(self, where: str) -> None:
+        super().__init__(
+            f"No dreamserve database at {where}; set DREAMSERVE_DATA_DIR or run dreamserve "
+            "serve there"
+        )
 
 
 async def _accounts(

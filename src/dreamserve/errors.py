@@ -179,6 +179,41 @@ class AtCapacity(DreamserveError):
         return {"Retry-After": str(self.retry_after)}
 
 
+class Stopping(DreamserveError):
+    """The server received SIGTERM: it admits no new job while its running jobs finish (the
+    client should retry after `retry_after` seconds, by then on a restarted server or another
+    one behind the same address)."""
+
+    status = 503
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(STOPPING)
+        self.retry_after = retry_after
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
+STOPPING = "Server is stopping"
+
+
+class UserLimitReached(DreamserveError):
+    """A limit the operator set on the user (`dreamserve users set`) refuses the submission:
+    `User limit reached: 3 running jobs (max-running)` or `User limit reached: 60 submissions
+    per minute (max-per-minute)`; the client should retry after `retry_after` seconds."""
+
+    status = 429
+
+    def __init__(self, what: str, option: str, retry_after: int) -> None:
+        super().__init__(f"User limit reached: {what} ({option})")
+        self.retry_after = retry_after
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
 class TooManyBodiesOfUser(DreamserveError):
     """The user already has `limit` request bodies arriving: this one is refused before any of
     it is read, and the client should retry after `retry_after` seconds."""

@@ -99,7 +99,7 @@ HTTP_SECONDS = Histogram(
 )
 
 # Every reason and outcome from the start, at 0: a dashboard's query finds the series.
-REASONS = ("all_at_capacity", "account", "bodies_per_user", "user_limit")
+REASONS = ("all_at_capacity", "account", "bodies_per_user", "user_limit", "other")
 OUTCOMES = ("delivered", "retrying", "failed", "stopped", "refused")
 for _reason in REASONS:
     TOO_MANY.labels(_reason)

@@ -3,7 +3,7 @@ structured log line (logger `dreamserve.observe`) and updating the metrics (metr
 
 A line is a short message then `key=value` fields (text), or one JSON object (`json`): every
 job line has `jobid`, `user` and `account`. Never a token, a secret or a replyUrl; a prompt
-only at debug level. The formatters and the access-log filter used by the CLI live here too.
+only at debug level. The log formatters used by the CLI live here too.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 from prometheus_client import Counter
 
 from dreamserve import metrics
-from dreamserve.errors import AtCapacity, DreamserveError, TooManyBodiesOfUser
+from dreamserve.errors import AtCapacity, DreamserveError, TooManyBodiesOfUser, UserLimitReached
 from dreamserve.jobs import CANCELLED_BY_USER, Job, Status
 
 log = logging.getLogger("dreamserve.observe")
@@ -218,7 +218,9 @@ def refusal_reason(error: DreamserveError) -> str:
         return "all_at_capacity" if error.message == "All accounts at capacity" else "account"
     if isinstance(error, TooManyBodiesOfUser):
         return "bodies_per_user"
-    return getattr(error, "reason", "user_limit")
+    if isinstance(error, UserLimitReached):
+        return "user_limit"
+    return "other"
 
 
 def too_many(error: DreamserveError, user: int | None, path: str) -> None:
@@ -336,19 +338,3 @@ def setup_logging(level: str, log_format: str) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(formatter(log_format))
     logging.basicConfig(level=level.upper(), handlers=[handler])
-
-
-# Paths whose requests the access log leaves out (scrapes and probes, every few seconds).
-QUIET_PATHS = frozenset({"/metrics", "/healthz", "/readyz"})
-
-
-class QuietPaths(logging.Filter):
-    """Drops uvicorn's access lines of `QUIET_PATHS` (logged at debug level they stay)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        args = record.args
-        if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str):
-            path = args[2].partition("?")[0]
-            if path in QUIET_PATHS:
-                return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
-        return True

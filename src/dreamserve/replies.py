@@ -29,6 +29,30 @@ class ErrorBody(TypedDict):
     error: str
 
 
+# GET /healthz and /readyz (api/health.py).
+
+
+class Health(TypedDict):
+    status: Literal["ok"]
+    version: str
+
+
+class ReadyChecks(TypedDict):
+    database: str  # "ok", or why not
+    blobs: str  # "ok", or why not
+    runners: str  # "ok", "not run here" (a process that runs no jobs), or why not
+
+
+class Ready(TypedDict):
+    status: Literal["ready"]
+    checks: ReadyChecks
+
+
+class NotReady(TypedDict):
+    error: str  # "Not ready: <check>: <reason>[; <check>: <reason>]"
+    checks: ReadyChecks
+
+
 # The job record: POST /images and /images/upscale, GET /images/<jobid>, DELETE
 # /scheduler/<jobid>, the event stream's events and the webhook body (`jobs.record`).
 
@@ -83,6 +107,16 @@ class JobRecord(TypedDict):
     error: NotRequired[str]
     errorDetails: NotRequired[str]
     code: Literal[200]
+
+
+class JobPage(TypedDict):
+    """GET /images: a page of the user's jobs, newest first."""
+
+    jobs: list[JobRecord]
+    next: Annotated[
+        str | None,
+        Field(description="The `cursor` of the next page; null on the last page"),
+    ]
 
 
 # Accounts (`accounts.summary`, `service.accounts`).

@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     reaper_interval_seconds: float = Field(default=5.0, gt=0)
     # The longest a shutdown (SIGTERM) waits for requests to finish, then uvicorn cancels them.
     shutdown_seconds: float = Field(default=10.0, gt=0)
+    # At SIGTERM, how long the jobs running in this process may go on to their end (no job is
+    # admitted or started meanwhile); those still running then run again at the next start.
+    stop_grace_seconds: float = Field(default=30.0, ge=0)
     retention_days: float = Field(default=30.0, gt=0)
     webhook_allow_private: bool = False
     # Jobs that may wait (`queueSeconds`) in one account's queue for a slot; past it, a 429.

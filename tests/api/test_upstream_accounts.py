@@ -4,15 +4,20 @@ served by dreamserve, never handed out as upstream links."""
 
 from __future__ import annotations
 
+import io
 import sys
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
+from sqlalchemy import Connection, select
 from support import FakeClock, Harness, open_harness
 from upstreams import KEY, FakeUpstream, Scripted, fake_upstream
 
 from dreamserve.settings import Settings
+from dreamserve.storage.tables import accounts
 
 pytestmark = pytest.mark.anyio
 
@@ -45,7 +50,7 @@ def account(engine: str, fake: FakeUpstream, **settings: Any) -> dict[str, Any]:
         ("gemini", {}, {"model": "nano-banana", "ratio": "21:9"}, (1536, 672)),
         (
             "openai",
-            {"model": "gpt-image-1", "sizes": ["1024x1024", "1536x1024", "1024x1536"]},
+            {"model": "gpt-image-2", "sizes": ["1024x1024", "1536x1024", "1024x1536"]},
             {"model": "seedream-4.0", "ratio": "3:4", "resolution": "2k"},
             (1728, 2304),
         ),
@@ -130,10 +135,150 @@ async def test_an_account_lists_the_models_its_upstream_serves(
     assert (reply.status_code, reply.json()) == (
         400,
         {
-            "error": "Parameter models (nano-banana) valid values: seedream-4.5, seedream-4.0, "
-            "seedream-3.0 (what engine ark serves)"
+            "error": "Parameter models (nano-banana) valid values: seedream-5.0-lite, "
+            "seedream-4.5, seedream-4.0, seedream-3.0 (what engine ark serves)"
         },
     )
+
+
+async def test_an_operators_2k_row_on_gemini_3_pro_image_asks_2k_and_gets_its_size(
+    settings: Settings, fake: FakeUpstream, tmp_path: Path
+) -> None:
+    path = tmp_path / "dreamserve.toml"
+    path.write_text(
+        '[sizes.banana-2k.2k]\n"16:9" = "2752x1536"\n\n'
+        '[[models]]\nname = "banana-2k"\nresolutions = ["2k"]\nsizes = "banana-2k"\n'
+    )
+    configured = settings.model_copy(update={"config": path, "upstream_allow_private": True})
+    async with open_harness(configured) as harness:
+        mapped = account("gemini", fake, models={"banana-2k": "gemini-3-pro-image"})
+        assert (await harness.put_account(mapped))["models"] == {"image": ["banana-2k"]}
+        body = {"model": "banana-2k", "ratio": "16:9", "prompt": "a red kite", "count": 1}
+        posted = await harness.post({**body, "account": ACCOUNT})
+        record = await harness.wait(posted.json()["jobid"])
+    assert record["status"] == "completed", record
+    (image,) = record["response"]["images"]
+    assert (image["width"], image["height"]) == (2752, 1536)  # the fake's 2688x1536, fitted
+    (call,) = fake.calls(":generateContent")
+    assert call.path == "/v1beta/models/gemini-3-pro-image:generateContent"
+    assert call.body["generationConfig"]["imageConfig"] == {
+        "aspectRatio": "16:9",
+        "imageSize": "2K",
+    }
+
+
+async def test_a_gemini_account_saved_with_the_old_settings_loads_and_reports_the_404(
+    trusting: Harness, fake: FakeUpstream
+) -> None:
+    old = {"maxReferences": 3, "models": {"nano-banana": "gemini-2.5-flash-image"}}
+    summary = await trusting.put_account(account("gemini", fake, **old))
+    assert summary["models"] == {"image": ["nano-banana"]}
+    posted = await trusting.post(
+        {"prompt": "a kite", "model": "nano-banana", "count": 1, "account": ACCOUNT}
+    )
+    record = await trusting.wait(posted.json()["jobid"])
+    assert (record["status"], record["error"], record["errorDetails"]) == (
+        "failed",
+        "Upstream refused the request",
+        "gemini answered 404: models/gemini-2.5-flash-image is not found for API version "
+        "v1beta, or is not supported for generateContent.",
+    )
+
+
+async def test_an_openai_account_of_only_a_key_serves_gpt_image_2(
+    trusting: Harness, fake: FakeUpstream
+) -> None:
+    """The default map: gpt-image-2 (a CA-only model) as `gpt-image-2`, at each of its sizes."""
+    body = {**account("openai", fake), "account": "CA:vendor@example.com"}
+    summary = await trusting.put_account(body)
+    assert summary["models"] == {"image": ["gpt-image-2"]}
+    sizes = {"1:1": (1024, 1024), "2:3": (1024, 1536), "3:2": (1536, 1024)}
+    pinned = {"account": body["account"]}
+    for ratio, size in sizes.items():
+        posted = await trusting.post(
+            {"model": "gpt-image-2", "ratio": ratio, "prompt": "a kite", "count": 1, **pinned}
+        )
+        assert posted.status_code == 200, posted.text
+        record = await trusting.wait(posted.json()["jobid"])
+        assert record["status"] == "completed", record
+        (image,) = record["response"]["images"]
+        assert (image["width"], image["height"]) == size
+    sent = [(call.body["model"], call.body["size"]) for call in fake.calls("generations")]
+    assert sent == [("gpt-image-2", f"{w}x{h}") for w, h in sizes.values()]
+
+
+async def test_an_openai_account_saved_in_the_first_shape_keeps_working(
+    trusting: Harness, fake: FakeUpstream
+) -> None:
+    """`model` with a list of catalogue models, as accounts were saved before the map: stored
+    as given, and its jobs go to that model."""
+    old = {"baseUrl": fake.url, "model": "local-sd", "models": ["seedream-4.0"]}
+    summary = await trusting.put_account(account("openai", fake, **old))
+    assert summary["models"] == {"image": ["seedream-4.0"]}
+
+    def stored(conn: Connection) -> Any:
+        query = select(accounts.c.settings).where(accounts.c.engine == "openai")
+        return conn.execute(query).scalar_one()
+
+    assert await trusting.server.db.read(stored) == old
+    posted = await trusting.post(
+        {"model": "seedream-4.0", "prompt": "a kite", "count": 1, "account": ACCOUNT}
+    )
+    record = await trusting.wait(posted.json()["jobid"])
+    assert record["status"] == "completed", record
+    assert [call.body["model"] for call in fake.calls("generations")] == ["local-sd"]
+
+
+async def test_an_accounts_models_setting_replaces_the_default_ids(
+    trusting: Harness, fake: FakeUpstream
+) -> None:
+    """Every default model id is a setting: a newer revision needs no release."""
+    models = {"seedream-4.0": "seedream-4-5-251128"}
+    summary = await trusting.put_account(account("ark", fake, models=models))
+    assert (summary["settings"]["models"], summary["models"]) == (
+        models,
+        {"image": ["seedream-4.0"]},
+    )
+    posted = await trusting.post(
+        {"model": "seedream-4.0", "prompt": "a kite", "count": 1, "account": ACCOUNT}
+    )
+    record = await trusting.wait(posted.json()["jobid"])
+    assert record["status"] == "completed", record
+    assert [call.body["model"] for call in fake.calls("generations")] == ["seedream-4-5-251128"]
+
+
+async def test_an_ark_job_with_a_reference_its_model_cannot_take_fails_before_any_call(
+    trusting: Harness, fake: FakeUpstream
+) -> None:
+    """The catalogue lets seedream-3.0 take one reference (the hosted API's row); ModelArk's
+    seedream-3-0-t2i takes none: the job fails with that limit, never with a 400 upstream."""
+    await trusting.put_account(account("ark", fake))
+    buffer = io.BytesIO()
+    Image.linear_gradient("L").convert("RGB").save(buffer, "PNG")
+    uploaded = await trusting.client.post(
+        f"/v1/dreamina/assets/{ACCOUNT}",
+        content=buffer.getvalue(),
+        headers={**trusting.auth, "Content-Type": "image/png"},
+    )
+    assert uploaded.status_code == 200, uploaded.text
+    posted = await trusting.post(
+        {
+            "model": "seedream-3.0",
+            "prompt": "a kite",
+            "imageRef_1": uploaded.json()["assetRef"],
+            "count": 1,
+            "account": ACCOUNT,
+        }
+    )
+    record = await trusting.wait(posted.json()["jobid"])
+    assert (record["status"], record["error"], record["errorDetails"]) == (
+        "failed",
+        "Too many reference images for ark model seedream-3-0-t2i-250415",
+        "1 given; it takes none",
+    )
+    assert fake.seen == []
+    shown = (await trusting.call("GET", f"/accounts/{ACCOUNT}")).json()
+    assert shown.get("error") is None  # the job's fault, not the account's
 
 
 async def test_choosing_diffusers_without_torch_is_a_400_naming_what_to_install(

@@ -103,7 +103,7 @@ def test_jobs_survive_a_kill(data_dir: Path, database_url: str | None) -> None:
         with httpx.Client(base_url=server.url, headers=headers, timeout=30) as client:
             for name, cap in (("LOCAL:kill", 3), ("LOCAL:other", 2)):
                 account = {"account": name, "engine": "openai", "maxJobs": cap}
-                settings = {"apiKey": KEY, "baseUrl": fake.url, "model": "gpt-image-1"}
+                settings = {"apiKey": KEY, "baseUrl": fake.url, "model": "gpt-image-2"}
                 reply = client.post("/v1/dreamina/accounts", json={**account, "settings": settings})
                 assert reply.status_code == 200, reply.text
             jobids = []
@@ -162,7 +162,7 @@ def test_sigterm_with_an_open_event_stream_exits_within_the_shutdown_bound(
             headers = {"Authorization": f"Bearer {server.token}"}
             with httpx.Client(base_url=server.url, headers=headers, timeout=30) as client:
                 account = {"account": "LOCAL:held", "engine": "openai", "maxJobs": 1}
-                settings = {"apiKey": KEY, "baseUrl": fake.url, "model": "gpt-image-1"}
+                settings = {"apiKey": KEY, "baseUrl": fake.url, "model": "gpt-image-2"}
                 reply = client.post("/v1/dreamina/accounts", json={**account, "settings": settings})
                 assert reply.status_code == 200, reply.text
                 body = {**SEED_BODY, "count": 1, "account": "LOCAL:held"}

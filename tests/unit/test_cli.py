@@ -33,35 +33,43 @@ def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path / "cli-data"
 
 
+@pytest.fixture
+def migrated(data_dir: Path, capsys: pytest.CaptureFixture[str]) -> Path:
+    """A data dir whose database was made (`dreamserve migrate`), with no user yet."""
+    assert main(["migrate"]) == 0
+    capsys.readouterr()
+    return data_dir
+
+
 def tokens_create(capsys: pytest.CaptureFixture[str], *args: str) -> str:
     assert main(["tokens", "create", *args]) == 0
     return capsys.readouterr().out.strip()
 
 
-def test_tokens_create_makes_a_new_user_each_time(data_dir: Path, capsys) -> None:
+def test_tokens_create_makes_a_new_user_each_time(migrated: Path, capsys) -> None:
     first = tokens_create(capsys)
     second = tokens_create(capsys)
     assert re.fullmatch(r"user:1-[A-Za-z0-9_-]{40,}", first)
     assert re.fullmatch(r"user:2-[A-Za-z0-9_-]{40,}", second)
 
 
-def test_tokens_create_for_an_existing_user(data_dir: Path, capsys) -> None:
+def test_tokens_create_for_an_existing_user(migrated: Path, capsys) -> None:
     tokens_create(capsys)
     again = tokens_create(capsys, "--user", "1")
     assert again.startswith("user:1-")
 
 
-def test_tokens_create_for_a_missing_user_fails(data_dir: Path, capsys) -> None:
+def test_tokens_create_for_a_missing_user_fails(migrated: Path, capsys) -> None:
     assert main(["tokens", "create", "--user", "9"]) == 1
     assert capsys.readouterr().err.strip() == "dreamserve: User 9 not found"
 
 
-def test_only_token_hashes_are_stored(data_dir: Path, capsys) -> None:
+def test_only_token_hashes_are_stored(migrated: Path, capsys) -> None:
     token = tokens_create(capsys)
-    database = (data_dir / "dreamserve.db").read_bytes()
+    database = (migrated / "dreamserve.db").read_bytes()
     assert token.encode() not in database
     assert token.split("-", 1)[1].encode() not in database
-    hashes = sqlite3.connect(data_dir / "dreamserve.db").execute("SELECT token_hash FROM tokens")
+    hashes = sqlite3.connect(migrated / "dreamserve.db").execute("SELECT token_hash FROM tokens")
     assert [len(row[0]) for row in hashes] == [64]
 
 
@@ -234,14 +242,14 @@ def accounts_error(capsys: pytest.CaptureFixture[str], *args: str) -> str:
 
 
 @pytest.fixture
-def started(data_dir: Path, capsys: pytest.CaptureFixture[str]) -> Path:
+def started(migrated: Path, capsys: pytest.CaptureFixture[str]) -> Path:
     """A data dir past its first start (user 1 and LOCAL:procedural), its banner read."""
     accounts(capsys, "list")
-    return data_dir
+    return migrated
 
 
-def test_the_first_accounts_command_makes_user_1_and_shows_its_token_once(
-    data_dir: Path, capsys
+def test_the_first_accounts_command_on_a_migrated_database_makes_user_1_and_shows_its_token_once(
+    migrated: Path, capsys
 ) -> None:
     assert main(["accounts", "list"]) == 0
     first = capsys.readouterr()
@@ -405,7 +413,7 @@ def test_secrets_are_never_printed(keyed: None, capsys) -> None:
     assert secret not in added.out + added.err + listed.out + listed.err
 
 
-def test_tokens_create_on_an_empty_data_dir_is_the_first_start(data_dir: Path, capsys) -> None:
+def test_tokens_create_on_an_empty_database_is_the_first_start(migrated: Path, capsys) -> None:
     token = tokens_create(capsys)
     assert token.startswith("user:1-")
     listed = accounts(capsys, "list")
@@ -644,3 +652,212 @@ def test_serve_that_runs_no_jobs_needs_postgresql(
         "dreamserve: DREAMSERVE_RUN_JOBS=false needs PostgreSQL (DREAMSERVE_DATABASE_URL): on "
         "SQLite the server runs the jobs itself, and no worker can take them\n"
     )
+
+
+# users and tokens; no database made outside serve, migrate and worker
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["tokens", "create"],
+        ["tokens", "list"],
+        ["tokens", "revoke", "1"],
+        ["users", "list"],
+        ["users", "create"],
+        ["users", "set", "1", "--max-running", "2"],
+        ["accounts", "list"],
+    ],
+)
+def test_commands_other_than_serve_refuse_to_make_a_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, command: list[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the default data dir, ./data, is where the command runs
+    assert main(command) == 1
+    output = capsys.readouterr()
+    assert output.out == ""
+    assert output.err == (
+        f"dreamserve: No dreamserve database at {tmp_path / 'data' / 'dreamserve.db'}; "
+        "set DREAMSERVE_DATA_DIR or run dreamserve serve there\n"
+    )
+    assert list(tmp_path.iterdir()) == []  # no data dir, no file
+
+
+def test_a_postgresql_database_without_dreamserves_tables_is_no_database(
+    monkeypatch: pytest.MonkeyPatch, capsys, tmp_path: Path
+) -> None:
+    psycopg = pytest.importorskip("psycopg")
+    from conftest import POSTGRES_SERVER
+
+    try:
+        admin = psycopg.connect(POSTGRES_SERVER, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError:
+        pytest.skip(f"no PostgreSQL server at {POSTGRES_SERVER}")
+    name = f"dreamserve_empty_{tmp_path.name[-8:].replace('-', '_')}".lower()
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            monkeypatch.setenv(
+                "DREAMSERVE_DATABASE_URL", f"postgresql://postgres:s3cret@127.0.0.1:5432/{name}"
+            )
+            monkeypatch.setenv("DREAMSERVE_DATA_DIR", str(tmp_path / "data"))
+            assert main(["users", "list"]) == 1
+            assert capsys.readouterr().err == (
+                f"dreamserve: No dreamserve database at postgresql://postgres@127.0.0.1:5432/"
+                f"{name}; set DREAMSERVE_DATA_DIR or run dreamserve serve there\n"
+            )
+            with psycopg.connect(POSTGRES_SERVER.rsplit("/", 1)[0] + f"/{name}") as conn:
+                tables = conn.execute(
+                    "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"
+                ).fetchone()
+            assert tables == (0,)
+        finally:
+            admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+def cli_json(capsys: pytest.CaptureFixture[str], *args: str) -> Any:
+    assert main(list(args)) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_users_create_list_and_set_limits(started: Path, capsys) -> None:
+    made = cli_json(capsys, "users", "create")
+    assert made["id"] == 2
+    assert re.fullmatch(r"user:2-[A-Za-z0-9_-]{40,}", made["token"])
+    limited = cli_json(capsys, "users", "set", "2", "--max-running", "3", "--max-per-minute", "60")
+    assert (limited["maxRunning"], limited["maxPerMinute"]) == (3, 60)
+    listed = cli_json(capsys, "users", "list")
+    assert [(u["id"], u["tokens"], u["maxRunning"], u["maxPerMinute"]) for u in listed] == [
+        (1, 1, None, None),
+        (2, 1, 3, 60),
+    ]
+    assert all(
+        re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", u["createdAt"]) for u in listed
+    )
+    removed = cli_json(capsys, "users", "set", "2", "--max-running", "none")
+    assert (removed["maxRunning"], removed["maxPerMinute"]) == (None, 60)
+    assert main(["users", "set", "9", "--max-running", "1"]) == 1
+    assert capsys.readouterr().err == "dreamserve: User 9 not found\n"
+    with pytest.raises(SystemExit) as usage:  # argparse's usage error
+        main(["users", "set", "2", "--max-running", "0"])
+    assert usage.value.code == 2
+    assert "'0' is not 1 or more (or 'none')" in capsys.readouterr().err
+
+
+def test_tokens_list_and_revoke(started: Path, capsys) -> None:
+    token = tokens_create(capsys, "--user", "1")
+    listed = cli_json(capsys, "tokens", "list", "--user", "1")
+    assert [each["id"] for each in listed] == [1, 2]
+    assert listed[1]["prefix"] == token[:13]
+    assert set(listed[1]) == {"id", "user", "prefix", "createdAt", "lastUsedAt", "revokedAt"}
+    assert token[13:] not in json.dumps(listed)
+    assert main(["tokens", "revoke", token[:13]]) == 0
+    output = capsys.readouterr()
+    assert json.loads(output.out)["revokedAt"] is not None
+    assert output.err == (
+        f"dreamserve: token 2 ({token[:13]}...) revoked; running servers refuse it within 60 s "
+        "(their token cache, DREAMSERVE_TOKEN_CACHE_SECONDS)\n"
+    )
+    assert [u["tokens"] for u in cli_json(capsys, "users", "list")] == [1]  # usable ones
+    assert main(["tokens", "revoke", "user:1-"]) == 1
+    assert capsys.readouterr().err == "dreamserve: Token prefix user:1- names 2 tokens (ids 1, 2)\n"
+    assert main(["tokens", "revoke", "99"]) == 1
+    assert capsys.readouterr().err == "dreamserve: Token 99 not found\n"
+
+
+def test_a_bad_config_file_stops_the_first_start_before_user_1_is_made(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "dreamserve.toml"
+    path.write_text('[[accounts]]\naccount = "LOCAL:bad"\nengine = "nope"')
+    monkeypatch.setenv("DREAMSERVE_CONFIG", str(path))
+    with pytest.raises(cli.ConfigError):
+        asyncio.run(cli._bootstrap(Settings()))
+    users = sqlite3.connect(data_dir / "dreamserve.db").execute("SELECT count(*) FROM users")
+    assert list(users) == [(0,)]
+    path.write_text(CONFIG)  # fixed: the next start is the first start, its token shown
+    token, _, routing = asyncio.run(cli._bootstrap(Settings()))
+    assert token is not None
+    assert token.startswith("user:1-")
+    assert cli.NO_TOKEN not in routing
+
+
+def test_a_start_that_finds_user_1_without_a_token_says_how_to_make_one(
+    data_dir: Path, capsys
+) -> None:
+    token, _, routing = asyncio.run(cli._bootstrap(Settings()))
+    assert token is not None
+    assert cli.NO_TOKEN not in routing
+    with sqlite3.connect(data_dir / "dreamserve.db") as conn:  # as a lost first start left it
+        conn.execute("DELETE FROM tokens")
+    token, _, routing = asyncio.run(cli._bootstrap(Settings()))
+    assert token is None
+    assert routing[0] == (
+        "dreamserve: user 1 has no API token (none was ever made for it); make one with: "
+        "dreamserve tokens create --user 1"
+    )
+    assert tokens_create(capsys, "--user", "1").startswith("user:1-")
+    assert cli.NO_TOKEN not in asyncio.run(cli._bootstrap(Settings()))[2]
+
+
+def test_a_config_account_of_user_1_is_applied_on_the_first_start(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    path = tmp_path / "dreamserve.toml"
+    path.write_text('[[accounts]]\naccount = "LOCAL:mine"\nengine = "procedural"\nuser = 1\n')
+    monkeypatch.setenv("DREAMSERVE_CONFIG", str(path))
+    token, _, _ = asyncio.run(cli._bootstrap(Settings()))
+    assert token is not None
+    assert token.startswith("user:1-")
+    assert "LOCAL:mine" in cli_json(capsys, "accounts", "list", "--user", "1")
+
+
+def test_a_bad_config_account_of_a_user_shows_the_first_starts_token_before_stopping(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    path = tmp_path / "dreamserve.toml"
+    path.write_text('[[accounts]]\naccount = "LOCAL:mine"\nengine = "nope"\nuser = 1\n')
+    monkeypatch.setenv("DREAMSERVE_CONFIG", str(path))
+    with pytest.raises(cli.ConfigError, match="account LOCAL:mine: Parameter engine"):
+        asyncio.run(cli._bootstrap(Settings()))
+    shown = capsys.readouterr().err
+    assert "API token for user 1 (shown only now; keep it): user:1-" in shown
+
+
+@pytest.mark.parametrize(
+    ("engine", "models", "served"),
+    [
+        ("ark", {"seedream-4.6": "ep-20261206-abc"}, ["seedream-4.6"]),
+        ("openai", {"gpt-image-2": "gpt-image-2-2026-04-21"}, ["gpt-image-2"]),
+    ],
+)
+def test_an_upstream_engines_model_ids_are_a_setting_of_the_cli(
+    started: Path, capsys, engine: str, models: dict[str, str], served: list[str]
+) -> None:
+    """Every default model id of ark and openai is the account's `models` setting."""
+    added = accounts(
+        capsys,
+        *("add", "CA:upstream", "--shared", "--engine", engine, "--setting", "apiKey=sk-1"),
+        *("--setting", "baseUrl=http://127.0.0.1:9", "--setting", f"models={json.dumps(models)}"),
+    )
+    assert added["settings"] == {"baseUrl": "http://127.0.0.1:9", "models": models}
+    assert added["models"] == {"image": served}
+
+
+def test_an_upstream_engines_model_ids_are_a_setting_of_the_config_file(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    path = tmp_path / "dreamserve.toml"
+    path.write_text(
+        '[[accounts]]\naccount = "SG:ark"\nengine = "ark"\n'
+        '[accounts.settings]\napiKey = "sk-1"\nbaseUrl = "http://127.0.0.1:9"\n'
+        '[accounts.settings.models]\n"seedream-4.0" = "ep-20261206-abc"\n'
+    )
+    monkeypatch.setenv("DREAMSERVE_CONFIG", str(path))
+    asyncio.run(cli._bootstrap(Settings()))
+    listed = accounts(capsys, "list", "--shared")
+    assert listed["SG:ark"]["settings"] == {
+        "baseUrl": "http://127.0.0.1:9",
+        "models": {"seedream-4.0": "ep-20261206-abc"},
+    }
+    assert listed["SG:ark"]["models"] == {"image": ["seedream-4.0"]}

@@ -5,8 +5,15 @@ their keys and their stores."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from composefile import (
@@ -141,3 +148,78 @@ def test_the_systemd_examples_set_only_settings_that_exist() -> None:
     for unit in UNITS:
         assert _unknown_and_invalid(_unit_environment(unit)) == ([], []), unit.name
         assert "EnvironmentFile=/etc/dreamserve/dreamserve.env" in unit.read_text(), unit.name
+
+
+DOCKERFILE = ROOT / "Dockerfile"
+
+
+def _healthcheck_command() -> list[str]:
+    """The exec form of the Dockerfile's HEALTHCHECK (its continuation lines joined)."""
+    text = DOCKERFILE.read_text().replace("\\\n", " ")
+    found = re.findall(r"^HEALTHCHECK (.*)$", text, flags=re.MULTILINE)
+    assert len(found) == 1, found
+    options, cmd, exec_form = found[0].partition(" CMD ")
+    assert cmd, found[0]
+    assert "--timeout=5s" in options.split()
+    command: list[str] = json.loads(exec_form)
+    return command
+
+
+class _Probed(BaseHTTPRequestHandler):
+    status = 200
+    paths: ClassVar[list[str]] = []
+
+    def do_GET(self) -> None:
+        type(self).paths.append(self.path)
+        self.send_response(self.status)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("status", "healthy"), [(200, True), (503, False)])
+def test_the_image_healthcheck_asks_healthz_on_the_port_it_serves(
+    status: int, healthy: bool
+) -> None:
+    """The command as Docker runs it (the image's python, no curl), against a stand-in server on
+    DREAMSERVE_PORT: healthy on a 200 from /healthz, not on another status."""
+    command = _healthcheck_command()
+    assert command[:2] == ["python", "-c"]
+    handler = type("Handler", (_Probed,), {"status": status, "paths": []})
+    server = HTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        env = {**os.environ, "DREAMSERVE_PORT": str(server.server_address[1])}
+        ran = subprocess.run(
+            [sys.executable, *command[1:]], env=env, capture_output=True, timeout=30, check=False
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (ran.returncode == 0) is healthy, ran.stderr
+    assert handler.paths == ["/healthz"]
+
+
+def test_the_image_runs_as_a_user_with_a_data_volume() -> None:
+    lines = DOCKERFILE.read_text().splitlines()
+    assert "USER dreamserve" in lines
+    assert "VOLUME /var/lib/dreamserve" in lines
+    assert "DREAMSERVE_DATA_DIR=/var/lib/dreamserve \\" in [line.strip() for line in lines]
+
+
+def test_compose_checks_the_api_is_ready_and_not_the_worker() -> None:
+    services = read_compose()["services"]
+    for name in ("api-1", "api-2"):
+        test = services[name]["healthcheck"]["test"]
+        assert "http://127.0.0.1:8000/readyz" in test[-1]
+    assert services["worker"]["healthcheck"] == {"disable": True}
+
+
+def test_the_license_is_the_apache_2_0_text() -> None:
+    text = (ROOT / "LICENSE").read_text()
+    assert text.split()[:4] == ["Apache", "License", "Version", "2.0,"]
+    assert "END OF TERMS AND CONDITIONS" in text
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert 'license = "Apache-2.0"' in pyproject.splitlines()

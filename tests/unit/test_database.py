@@ -142,7 +142,7 @@ async def test_a_commit_that_fails_fails_every_write_of_its_group(db: SqliteData
 
     def orphan_token(conn: Connection) -> None:
         conn.execute(text("PRAGMA defer_foreign_keys = ON"))
-        user_queries.insert_token(conn, 12345, "0" * 64, 0)
+        user_queries.insert_token(conn, 12345, "0" * 64, "user:12345-000000", 0)
 
     results = await asyncio.gather(
         db.write(add_user(1)), db.write(orphan_token), return_exceptions=True

@@ -13,7 +13,8 @@ import pytest
 from support import free_port
 
 from dreamserve import cli, metrics
-from dreamserve.observe import Event, JsonFormatter, QuietPaths
+from dreamserve.errors import AtCapacity, TooManyBodiesOfUser, UserLimitReached
+from dreamserve.observe import Event, JsonFormatter, refusal_reason
 from dreamserve.settings import Settings
 
 
@@ -45,19 +46,19 @@ def access(path: str) -> logging.LogRecord:
     return line
 
 
-@pytest.mark.parametrize("path", ["/metrics", "/metrics?x=1", "/healthz", "/readyz"])
-def test_scrapes_and_probes_stay_out_of_the_access_log(path: str) -> None:
-    assert QuietPaths().filter(access(path)) is False
+@pytest.mark.parametrize("path", ["/metrics", "/metrics?x=1"])
+def test_scrapes_stay_out_of_the_access_log(path: str) -> None:
+    assert cli.QuietProbes().filter(access(path)) is False
 
 
 def test_other_requests_stay_in_the_access_log() -> None:
-    assert QuietPaths().filter(access("/v1/dreamina/images/metrics")) is True
+    assert cli.QuietProbes().filter(access("/v1/dreamina/images/metrics")) is True
 
 
 def test_the_json_format_reaches_uvicorns_own_lines() -> None:
     config = cli.log_config("json")
     assert {each["()"] for each in config["formatters"].values()} == {JsonFormatter}
-    assert config["loggers"]["uvicorn.access"]["filters"] == ["quiet_paths", "unsigned_links"]
+    assert config["loggers"]["uvicorn.access"]["filters"] == ["quiet_probes", "unsigned_links"]
     assert cli.uvicorn_options(Settings(log_format="json"))["log_config"] == config
     text = cli.log_config()["formatters"]["default"]["()"]
     assert text == "uvicorn.logging.DefaultFormatter"  # text: uvicorn's own
@@ -88,3 +89,10 @@ def test_a_worker_serves_its_metrics_on_its_own_port() -> None:
     assert "dreamserve_jobs_completed_total" in reply.text or (
         "# TYPE dreamserve_jobs_completed counter" in reply.text
     )
+
+
+def test_each_429_has_its_reason() -> None:
+    assert refusal_reason(AtCapacity(None, 5)) == "all_at_capacity"
+    assert refusal_reason(AtCapacity("LOCAL:a", 5)) == "account"
+    assert refusal_reason(TooManyBodiesOfUser(6, 5)) == "bodies_per_user"
+    assert refusal_reason(UserLimitReached("3 running jobs", "max-running", 5)) == "user_limit"

@@ -8,7 +8,7 @@ from typing import get_args, get_origin
 
 from fastapi.routing import APIRoute
 
-from dreamserve.api import accounts, assets, files, images, models, scheduler, webhooks
+from dreamserve.api import accounts, assets, files, health, images, models, scheduler, webhooks
 from dreamserve.app import create_app
 from dreamserve.settings import Settings
 
@@ -22,7 +22,10 @@ def test_the_committed_openapi_document_matches_the_app(tmp_path: Path) -> None:
 
 def test_the_document_describes_the_image_endpoints(tmp_path: Path) -> None:
     paths = create_app(Settings(data_dir=tmp_path)).openapi()["paths"]
-    assert set(paths["/v1/dreamina/images"]) == {"post"}
+    assert set(paths["/v1/dreamina/images"]) == {"get", "post"}  # GET: the user's jobs
+    listing = paths["/v1/dreamina/images"]["get"]["parameters"]
+    names = [parameter["name"] for parameter in listing]
+    assert names == ["status", "model", "account", "since", "limit", "cursor"]
     assert set(paths["/v1/dreamina/images/{jobid}"]) == {"get"}
     body = paths["/v1/dreamina/images"]["post"]["requestBody"]["content"]
     assert set(body) == {"application/json", "multipart/form-data"}
@@ -57,10 +60,20 @@ def test_endpoints_of_the_request_alone_are_called_directly() -> None:
     }
 
 
+def test_the_document_describes_the_health_probes_without_a_token(tmp_path: Path) -> None:
+    paths = create_app(Settings(data_dir=tmp_path)).openapi()["paths"]
+    assert set(paths["/healthz"]) == {"get"}
+    assert set(paths["/readyz"]) == {"get"}
+    assert "security" not in paths["/healthz"]["get"]
+    assert "security" not in paths["/readyz"]["get"]
+    not_ready = paths["/readyz"]["get"]["responses"]["503"]["content"]["application/json"]
+    assert not_ready["schema"] == {"$ref": "#/components/schemas/NotReady"}
+
+
 def test_every_reply_shape_is_one_of_replies() -> None:
     """The document's reply shapes are those the service builds its replies as (replies.py),
     not a second set of models written for the document."""
-    modules = (accounts, assets, files, images, models, scheduler, webhooks)
+    modules = (accounts, assets, files, health, images, models, scheduler, webhooks)
     routes = [route for module in modules for route in module.router.routes]
     shapes = {
         (method, route.path): route.response_model

@@ -19,16 +19,16 @@ from typing import Any
 
 import pytest
 from PIL import Image
-from support import fake_dns
-from upstreams import KEY, FakeUpstream, Scripted, fake_upstream
+from support import eventually, fake_dns
+from upstreams import GEMINI_2_5_FLASH, KEY, FakeUpstream, Scripted, fake_upstream
 
 from dreamserve.catalogue import default_catalogue
-from dreamserve.engines.ark import ArkEngine, SizeLimit
+from dreamserve.engines.ark import ArkEngine
 from dreamserve.engines.base import CancelSignal, EngineContext, GenerationRequest, until_cancelled
-from dreamserve.engines.gemini import GeminiEngine
+from dreamserve.engines.gemini import GeminiEngine, image_size
 from dreamserve.engines.openai import OpenAIEngine
 from dreamserve.engines.registry import EngineRegistry
-from dreamserve.engines.upstream import encode_reference
+from dreamserve.engines.upstream import SizeLimit, encode_reference
 from dreamserve.errors import AccountError, AccountTrouble, BadRequest, Cancelled, JobFailed
 from dreamserve.sealing import SecretBox
 
@@ -53,7 +53,7 @@ def gemini(fake: FakeUpstream, **settings: Any) -> GeminiEngine:
 
 
 def openai(fake: FakeUpstream, **settings: Any) -> OpenAIEngine:
-    base = {"apiKey": KEY, "baseUrl": fake.url, "model": "gpt-image-1"}
+    base = {"apiKey": KEY, "baseUrl": fake.url, "model": "gpt-image-2"}
     return OpenAIEngine({**base, **settings}, CONTEXT)
 
 
@@ -157,6 +157,217 @@ def test_size_limits_keep_the_aspect_within_bounds() -> None:
     assert SizeLimit(maxPixels=1_000_000).fit(2000, 2000) == (1000, 1000)
 
 
+# Each catalogue model a default map serves, each tier and fixed ratio of it: (model, tier,
+# ratio, width, height).
+CATALOGUE = default_catalogue()
+
+
+def every_size(*models: str) -> list[tuple[str, str, str, int, int]]:
+    return [
+        (name, tier, ratio, *CATALOGUE[name].size(tier, ratio))
+        for name in models
+        for tier in CATALOGUE[name].resolutions
+        for ratio in CATALOGUE[name].sizes[tier]
+    ]
+
+
+ARK_DEFAULTS = {
+    "seedream-5.0-lite": "seedream-5-0-260128",
+    "seedream-4.5": "seedream-4-5-251128",
+    "seedream-4.0": "seedream-4-0-250828",
+    "seedream-3.0": "seedream-3-0-t2i-250415",
+}
+
+
+@pytest.mark.parametrize(("model", "tier", "ratio", "width", "height"), every_size(*ARK_DEFAULTS))
+async def test_ark_default_models_are_sent_what_they_take_at_every_catalogue_size(
+    fake: FakeUpstream, model: str, tier: str, ratio: str, width: int, height: int
+) -> None:
+    """The fake refuses what ModelArk refuses (docs/catalogue.md §3.3): each default id, its
+    pixel or side limits, batching only where the model takes it."""
+    fake.shrink = 16
+    # Two images at the default tier (a batch where the model takes one), one elsewhere: each
+    # 4k image is resampled, the cost of these tests.
+    count = 2 if tier == CATALOGUE[model].default_resolution else 1
+    images = await run(ark(fake), request(model, width=width, height=height, count=count))
+    calls = fake.calls("generations")
+    upstream = ARK_DEFAULTS[model]
+    assert {call.body["model"] for call in calls} == {upstream}
+    asked = [tuple(map(int, call.body["size"].split("x"))) for call in calls]
+    limit = ark(fake).settings.sizeLimits[upstream]
+    assert all(limit.broken(*size) == [] for size in asked)
+    if upstream == "seedream-3-0-t2i-250415":
+        assert len(calls) == count
+        assert all("sequential_image_generation" not in call.body for call in calls)
+    elif count == 2:
+        (call,) = calls
+        assert call.body["sequential_image_generation"] == "auto"
+        assert call.body["sequential_image_generation_options"] == {"max_images": 2}
+    else:
+        (call,) = calls
+        assert call.body["sequential_image_generation"] == "disabled"
+    assert [image.size for image in images] == [(width, height)] * count
+
+
+async def test_ark_sizes_outside_a_model_are_fitted_at_their_aspect(fake: FakeUpstream) -> None:
+    """5.0 Lite takes at most 10,404,496 pixels: 4k 16:9 is asked as 4300x2419 and the result
+    brought to 5404x3040."""
+    fake.shrink = 16
+    images = await run(ark(fake), request("seedream-5.0-lite", width=5404, height=3040))
+    (call,) = fake.calls("generations")
+    assert call.body["size"] == "4300x2419"
+    assert [image.size for image in images] == [(5404, 3040)]
+
+
+async def test_ark_fake_refuses_a_size_outside_the_model(fake: FakeUpstream) -> None:
+    """What the engine's fitting saves a job from: the vendor's 400."""
+    engine = ark(fake, sizeLimits={})
+    with pytest.raises(JobFailed) as failure:
+        await run(engine, request("seedream-5.0-lite", width=4096, height=4096))
+    assert failure.value.details == (
+        "ark answered 400: The parameter `size` specified in the request is not valid: "
+        "4096x4096 is outside 3686400-10404496 pixels for model seedream-5-0-260128"
+    )
+
+
+async def test_a_size_no_scaling_can_fit_fails_before_any_call(fake: FakeUpstream) -> None:
+    with pytest.raises(JobFailed) as failure:
+        await run(ark(fake), request("seedream-3.0", width=5000, height=500))
+    assert (failure.value.error, failure.value.details) == (
+        "Size not possible on ark model seedream-3-0-t2i-250415",
+        "5000x500: no size at its aspect within minSide 512, maxSide 2048",
+    )
+    assert fake.seen == []
+
+
+@pytest.mark.parametrize(
+    ("model", "upstream", "limit"),
+    [
+        ("seedream-5.0-lite", "seedream-5-0-260128", 14),
+        ("seedream-4.5", "seedream-4-5-251128", 10),
+        ("seedream-4.0", "seedream-4-0-250828", 10),
+    ],
+)
+async def test_ark_references_up_to_the_models_limit_and_no_more(
+    fake: FakeUpstream, model: str, upstream: str, limit: int
+) -> None:
+    refs = tuple(picture(32, 32) for _ in range(limit))
+    job = request(model, width=2560, height=1440, references=refs)
+    await run(ark(fake), job)
+    (call,) = fake.calls("generations")
+    assert len(call.body["image"]) == limit
+    with pytest.raises(JobFailed) as failure:
+        await run(ark(fake), request(model, references=(*refs, picture(32, 32))))
+    assert (failure.value.error, failure.value.details) == (
+        f"Too many reference images for ark model {upstream}",
+        f"{limit + 1} given; it takes at most {limit}",
+    )
+    assert len(fake.seen) == 1  # no call for the second job
+
+
+async def test_seedream_3_takes_no_reference(fake: FakeUpstream) -> None:
+    """seedream-3-0-t2i is text to image; the catalogue's seedream-3.0 row allows 1 reference
+    (the hosted API's), so a job with one on an ark account fails before any call."""
+    with pytest.raises(JobFailed) as failure:
+        await run(
+            ark(fake), request("seedream-3.0", width=1328, height=1328, references=(picture(),))
+        )
+    assert (failure.value.error, failure.value.details) == (
+        "Too many reference images for ark model seedream-3-0-t2i-250415",
+        "1 given; it takes none",
+    )
+    assert fake.seen == []
+
+
+async def test_ark_references_and_images_of_a_call_stay_within_15(fake: FakeUpstream) -> None:
+    """12 references leave 3 images to a batch: count 5 is one batch of 3 and two single calls
+    (12 + 1 each)."""
+    fake.shrink = 16
+    refs = tuple(picture(32, 32) for _ in range(12))
+    job = request("seedream-5.0-lite", width=2560, height=1440, count=5, references=refs)
+    images = await run(ark(fake), job)
+    calls = fake.calls("generations")
+    assert [call.body["sequential_image_generation"] for call in calls] == [
+        "auto",
+        "disabled",
+        "disabled",
+    ]
+    assert calls[0].body["sequential_image_generation_options"] == {"max_images": 3}
+    assert len(images) == 5
+
+
+async def test_ark_references_for_an_unlisted_model_stop_at_14(fake: FakeUpstream) -> None:
+    """An operator's id with no maxReferences entry: references + one image <= 15."""
+    engine = ark(fake, models={"seedream-4.0": "ep-20261206-abc"})
+    refs = tuple(picture(16, 16) for _ in range(15))
+    with pytest.raises(JobFailed) as failure:
+        await run(engine, request(references=refs))
+    assert (failure.value.error, failure.value.details) == (
+        "Too many reference images for ark model ep-20261206-abc",
+        "15 given; it takes at most 14",
+    )
+    assert fake.seen == []
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (
+            {"image": ["x"] * 11, "model": "seedream-4-5-251128"},
+            "The parameter `image` specified in the request is not valid: model "
+            "seedream-4-5-251128 takes at most 10 images",
+        ),
+        (
+            {"sequential_image_generation": "auto", "model": "seedream-3-0-t2i-250415"},
+            "The parameter `sequential_image_generation` is not supported by model "
+            "seedream-3-0-t2i-250415",
+        ),
+        (
+            {"sequential_image_generation_options": {"max_images": 6}, "image": "refs:10"},
+            "The total number of reference images and generated images must not exceed 15",
+        ),
+    ],
+)
+def test_the_ark_fake_refuses_what_modelark_refuses(
+    fake: FakeUpstream, body: dict[str, Any], message: str
+) -> None:
+    """The fake's own rules (so the tests above prove something): its 400s, in Ark's shape."""
+    import httpx
+
+    reference = (
+        "data:image/jpeg;base64," + base64.b64encode(encode_reference(picture(16, 16))).decode()
+    )
+    sent: dict[str, Any] = {
+        "model": "seedream-4-0-250828",
+        "prompt": "p",
+        "size": "2048x2048",
+        "sequential_image_generation": "auto",
+        **body,
+    }
+    if sent.get("image") == "refs:10":
+        sent["image"] = [reference] * 10
+    elif "image" in sent:
+        sent["image"] = [reference] * len(sent["image"])
+    answer = httpx.post(
+        f"{fake.url}/api/v3/images/generations",
+        json=sent,
+        headers={"authorization": f"Bearer {KEY}"},
+    )
+    assert (answer.status_code, answer.json()) == (
+        400,
+        {"error": {"code": "InvalidParameter", "message": message, "type": "BadRequest"}},
+    )
+
+
+async def test_ark_serves_an_operators_model_id(fake: FakeUpstream) -> None:
+    """An account's `models` replaces the defaults: what it names is what is sent."""
+    engine = ark(fake, models={"seedream-4.0": "seedream-4-5-251128"})
+    assert not engine.serves(CATALOGUE["seedream-5.0-lite"])
+    await run(engine, request("seedream-4.0", width=2560, height=1440))
+    (call,) = fake.calls("generations")
+    assert call.body["model"] == "seedream-4-5-251128"
+
+
 async def test_ark_sends_references_as_data_urls(fake: FakeUpstream) -> None:
     await run(ark(fake), request(references=(picture(),)))
     await run(ark(fake), request(references=(picture(), picture(120, 90))))
@@ -180,6 +391,7 @@ async def test_ark_maps_catalogue_models_through_the_account_settings(
     assert [m.name for m in catalogue.models if engine.serves(m)] == ["seedream-4.5"]
     default = ark(fake)
     assert [m.name for m in catalogue.models if default.serves(m)] == [
+        "seedream-5.0-lite",
         "seedream-4.5",
         "seedream-4.0",
         "seedream-3.0",
@@ -315,7 +527,7 @@ async def test_an_api_redirect_is_not_followed_with_the_key(fake: FakeUpstream) 
         await run(gemini(fake), request("nano-banana", width=1024, height=1024))
     assert failure.value.details == "gemini answered 307"
     assert [call.path for call in fake.seen] == [
-        "/v1beta/models/gemini-2.5-flash-image:generateContent"
+        "/v1beta/models/gemini-3-pro-image:generateContent"
     ]
 
 
@@ -490,7 +702,7 @@ async def test_gemini_asks_for_the_nearest_aspect_ratio_once_per_image(
     images = await run(gemini(fake), request("nano-banana", width=1344, height=768, count=3))
     calls = fake.calls(":generateContent")
     assert [call.path for call in calls] == [
-        "/v1beta/models/gemini-2.5-flash-image:generateContent"
+        "/v1beta/models/gemini-3-pro-image:generateContent"
     ] * 3
     assert calls[0].headers["x-goog-api-key"] == KEY
     assert "authorization" not in calls[0].headers
@@ -498,7 +710,7 @@ async def test_gemini_asks_for_the_nearest_aspect_ratio_once_per_image(
         "contents": [{"parts": [{"text": "a lighthouse at dawn"}]}],
         "generationConfig": {
             "responseModalities": ["IMAGE"],
-            "imageConfig": {"aspectRatio": "16:9"},
+            "imageConfig": {"aspectRatio": "16:9", "imageSize": "1K"},
         },
     }
     assert [image.size for image in images] == [(1344, 768)] * 3
@@ -513,14 +725,162 @@ async def test_gemini_sends_references_as_inline_parts(fake: FakeUpstream) -> No
     assert [part["inline_data"]["mime_type"] for part in parts[1:]] == ["image/jpeg"] * 2
 
 
-async def test_gemini_refuses_more_references_than_the_account_allows(
+@pytest.mark.parametrize(
+    ("upstream_model", "limit"),
+    [("gemini-3-pro-image", 14), ("gemini-3.1-flash-image", 14), ("gemini-2.5-flash-image", 3)],
+)
+async def test_gemini_takes_the_references_its_upstream_model_takes_and_no_more(
+    fake: FakeUpstream, upstream_model: str, limit: int
+) -> None:
+    fake.gemini_models["gemini-2.5-flash-image"] = GEMINI_2_5_FLASH  # as before its shutdown
+    settings = {"models": {"nano-banana": upstream_model}}
+    job = request("nano-banana", width=1024, height=1024, references=(picture(60, 40),) * limit)
+    await run(gemini(fake, **settings), job)
+    (call,) = fake.calls(":generateContent")
+    assert len(call.body["contents"][0]["parts"]) == 1 + limit  # the fake took them all
+    over = request("nano-banana", width=1024, height=1024, references=(picture(),) * (limit + 1))
+    with pytest.raises(JobFailed) as failure:
+        await run(gemini(fake, **settings), over)
+    assert failure.value.error == "Too many reference images for this account"
+    assert failure.value.details == f"gemini: {upstream_model} takes at most {limit}"
+    assert len(fake.seen) == 1  # the job over the limit made no call
+
+
+async def test_an_accounts_own_reference_cap_fails_the_job_before_any_call(
     fake: FakeUpstream,
 ) -> None:
-    job = request("nano-banana", width=1024, height=1024, references=(picture(),) * 4)
+    job = request("nano-banana", width=1024, height=1024, references=(picture(),) * 3)
     with pytest.raises(JobFailed) as failure:
-        await run(gemini(fake), job)
-    assert failure.value.details == "gemini takes at most 3"
+        await run(gemini(fake, maxReferences=2), job)
+    assert failure.value.error == "Too many reference images for this account"
+    assert failure.value.details == "gemini: this account takes at most 2 (maxReferences)"
     assert fake.seen == []
+
+
+NANO_BANANA = default_catalogue()["nano-banana"]
+
+
+@pytest.mark.parametrize("ratio", NANO_BANANA.sizes["1k"])
+async def test_gemini_serves_every_nano_banana_ratio_at_1k_and_the_catalogue_size(
+    fake: FakeUpstream, ratio: str
+) -> None:
+    width, height = NANO_BANANA.size("1k", ratio)
+    images = await run(gemini(fake), request("nano-banana", width=width, height=height))
+    (call,) = fake.calls(":generateContent")
+    assert call.path == "/v1beta/models/gemini-3-pro-image:generateContent"
+    assert call.body["generationConfig"]["imageConfig"] == {"aspectRatio": ratio, "imageSize": "1K"}
+    assert [part for part in call.body["contents"][0]["parts"] if "inline_data" in part] == []
+    assert [image.size for image in images] == [(width, height)]
+
+
+async def test_gemini_makes_count_calls_all_at_once_and_no_more(fake: FakeUpstream) -> None:
+    fake.answering.clear()  # the fake holds every call until it is set
+    job = asyncio.ensure_future(
+        run(gemini(fake), request("nano-banana", width=1024, height=1024, count=3))
+    )
+    await eventually(lambda: len(fake.seen) == 3)  # three calls in flight, none answered
+    assert not job.done()
+    fake.answering.set()
+    images = await job
+    assert len(fake.calls(":generateContent")) == 3
+    assert len(images) == 3
+
+
+@pytest.mark.parametrize(
+    ("sizes", "width", "height", "asked"),
+    [
+        (["1K", "2K", "4K"], 1344, 768, "1K"),
+        (["1K", "2K", "4K"], 1536, 672, "1K"),
+        (["1K", "2K", "4K"], 1024, 1024, "1K"),
+        (["1K", "2K", "4K"], 1376, 768, "1K"),  # a little over 1024x1024 pixels
+        (["1K", "2K", "4K"], 1600, 1000, "2K"),
+        (["1K", "2K", "4K"], 2048, 2048, "2K"),
+        (["1K", "2K", "4K"], 3024, 1296, "2K"),
+        (["1K", "2K", "4K"], 4096, 4096, "4K"),
+        (["1K", "2K", "4K"], 6197, 2656, "4K"),
+        (["1K", "2K", "4K"], 8192, 8192, "4K"),  # past the largest: the largest
+        (["512", "1K", "2K", "4K"], 512, 512, "512"),
+        (["512", "1K", "2K", "4K"], 1024, 1024, "1K"),
+        (["4K", "1K"], 1024, 1024, "1K"),  # listed in any order
+        ([], 1024, 1024, None),
+        (None, 1024, 1024, None),
+    ],
+)
+def test_the_image_size_asked_is_the_smallest_that_holds_the_job(
+    sizes: list[str] | None, width: int, height: int, asked: str | None
+) -> None:
+    assert image_size(sizes, width, height) == asked
+
+
+async def test_gemini_asks_2k_for_a_2k_job_and_fits_the_answer(fake: FakeUpstream) -> None:
+    images = await run(gemini(fake), request("nano-banana", width=2560, height=1440))
+    (call,) = fake.calls(":generateContent")
+    assert call.body["generationConfig"]["imageConfig"] == {
+        "aspectRatio": "16:9",
+        "imageSize": "2K",
+    }
+    assert [image.size for image in images] == [(2560, 1440)]  # from the fake's 2688x1536
+
+
+async def test_an_operators_model_id_is_the_one_sent(fake: FakeUpstream) -> None:
+    engine = gemini(fake, models={"nano-banana": "gemini-3.1-flash-image"})
+    await run(engine, request("nano-banana", width=512, height=512))
+    (call,) = fake.calls(":generateContent")
+    assert call.path == "/v1beta/models/gemini-3.1-flash-image:generateContent"
+    assert call.body["generationConfig"]["imageConfig"] == {
+        "aspectRatio": "1:1",
+        "imageSize": "512",
+    }
+
+
+async def test_only_3_1_flash_is_asked_for_its_extreme_ratios(fake: FakeUpstream) -> None:
+    for model, ratio in (("gemini-3.1-flash-image", "4:1"), ("gemini-3-pro-image", "21:9")):
+        engine = gemini(fake, models={"nano-banana": model})
+        images = await run(engine, request("nano-banana", width=2048, height=512))
+        assert fake.seen[-1].body["generationConfig"]["imageConfig"]["aspectRatio"] == ratio
+        assert [image.size for image in images] == [(2048, 512)]
+
+
+async def test_an_account_saved_with_the_old_settings_still_loads_and_sends_no_image_size(
+    fake: FakeUpstream, registry: EngineRegistry
+) -> None:
+    old = {"apiKey": KEY, "maxReferences": 3, "models": {"nano-banana": "gemini-2.5-flash-image"}}
+    plain, _ = registry.check_settings("gemini", old)
+    assert plain == {"maxReferences": 3, "models": {"nano-banana": "gemini-2.5-flash-image"}}
+    fake.gemini_models["gemini-2.5-flash-image"] = GEMINI_2_5_FLASH  # as before its shutdown
+    await run(gemini(fake, **old), request("nano-banana", width=1344, height=768))
+    (call,) = fake.calls(":generateContent")
+    assert call.path == "/v1beta/models/gemini-2.5-flash-image:generateContent"
+    assert call.body["generationConfig"]["imageConfig"] == {"aspectRatio": "16:9"}
+
+
+async def test_gemini_2_5_flash_image_is_answered_as_a_removed_model(fake: FakeUpstream) -> None:
+    engine = gemini(fake, models={"nano-banana": "gemini-2.5-flash-image"})
+    with pytest.raises(JobFailed) as failure:
+        await run(engine, request("nano-banana", width=1024, height=1024))
+    assert failure.value.error == "Upstream refused the request"
+    assert failure.value.details == (
+        "gemini answered 404: models/gemini-2.5-flash-image is not found for API version "
+        "v1beta, or is not supported for generateContent."
+    )
+
+
+@pytest.mark.parametrize(
+    ("served", "sizes", "message"),
+    [
+        ("gemini-3-pro-image", ["512"], "imageSize 512 not supported"),
+        ("gemini-2.5-flash-image", ["1K"], "imageSize is not supported by this model"),
+    ],
+)
+async def test_the_gemini_fake_refuses_an_image_size_its_model_does_not_take(
+    fake: FakeUpstream, served: str, sizes: list[str], message: str
+) -> None:
+    """So that a wrong `imageSizes` default would fail the tests above."""
+    fake.gemini_models["gemini-2.5-flash-image"] = GEMINI_2_5_FLASH
+    engine = gemini(fake, models={"nano-banana": served}, imageSizes={served: sizes})
+    with pytest.raises(JobFailed) as failure:
+        await run(engine, request("nano-banana", width=512, height=512))
+    assert failure.value.details == f"gemini answered 400: {message}"
 
 
 async def test_a_blocked_gemini_prompt_fails_with_its_reason(fake: FakeUpstream) -> None:
@@ -555,7 +915,7 @@ async def test_openai_generates_count_images_in_one_call(fake: FakeUpstream) -> 
     (call,) = fake.calls("/v1/images/generations")
     assert call.headers["authorization"] == f"Bearer {KEY}"
     assert call.body == {
-        "model": "gpt-image-1",
+        "model": "gpt-image-2",
         "prompt": "a lighthouse at dawn",
         "n": 4,
         "size": "1024x1024",
@@ -584,7 +944,7 @@ async def test_openai_references_go_to_edits_as_multipart(fake: FakeUpstream) ->
     images = await run(openai(fake, responseFormat="url"), job)
     (call,) = fake.calls("/v1/images/edits")
     assert call.body["fields"] == {
-        "model": "gpt-image-1",
+        "model": "gpt-image-2",
         "prompt": "a lighthouse at dawn",
         "n": "2",
         "size": "2048x2048",
@@ -601,6 +961,117 @@ async def test_openai_content_refusal(fake: FakeUpstream) -> None:
     assert failure.value.details == (
         "openai answered 400: Your request was rejected as a result of our safety system."
     )
+
+
+@pytest.mark.parametrize(("model", "tier", "ratio", "width", "height"), every_size("gpt-image-2"))
+async def test_openai_default_serves_gpt_image_2_at_every_catalogue_size(
+    fake: FakeUpstream, model: str, tier: str, ratio: str, width: int, height: int
+) -> None:
+    engine = OpenAIEngine({"apiKey": KEY, "baseUrl": fake.url}, CONTEXT)
+    assert [m.name for m in CATALOGUE.models if engine.serves(m)] == ["gpt-image-2"]
+    images = await run(engine, request(model, width=width, height=height, count=2))
+    (call,) = fake.calls("generations")
+    assert call.body == {
+        "model": "gpt-image-2",
+        "prompt": "a lighthouse at dawn",
+        "n": 2,
+        "size": f"{width}x{height}",
+    }
+    assert [image.size for image in images] == [(width, height)] * 2
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "asked"),
+    [
+        (4096, 4096, "2880x2880"),  # 4k 1:1: over 8,294,400 pixels
+        (6197, 2656, "3840x1632"),  # 4k 21:9: over 3840 a side
+        (4693, 3520, "3312x2480"),  # 4k 4:3
+        (512, 512, "816x816"),  # under 655,360 pixels
+        (1010, 1010, "1008x1008"),  # not multiples of 16
+    ],
+)
+async def test_openai_sizes_outside_gpt_image_2_are_fitted_and_resampled(
+    fake: FakeUpstream, width: int, height: int, asked: str
+) -> None:
+    """An operator serving seedream-4.0 through gpt-image-2: each size asked within its rule
+    (multiples of 16, <= 3840 a side, 655,360-8,294,400 pixels), the result at the catalogue's."""
+    fake.shrink = 16
+    engine = openai(fake, models={"seedream-4.0": "gpt-image-2"}, model=None)
+    images = await run(engine, request(width=width, height=height))
+    (call,) = fake.calls("generations")
+    assert call.body["size"] == asked
+    assert [image.size for image in images] == [(width, height)]
+
+
+async def test_openai_a_ratio_over_3_to_1_fails_before_any_call(fake: FakeUpstream) -> None:
+    with pytest.raises(JobFailed) as failure:
+        await run(openai(fake), request(width=4096, height=1024))
+    assert (failure.value.error, failure.value.details) == (
+        "Size not possible on openai model gpt-image-2",
+        "4096x1024: long:short is over 3:1 (maxRatio)",
+    )
+    assert fake.seen == []
+
+
+async def test_the_openai_fake_refuses_a_size_gpt_image_2_does_not_make(
+    fake: FakeUpstream,
+) -> None:
+    with pytest.raises(JobFailed) as failure:
+        await run(openai(fake, sizeLimits={}), request(width=1000, height=1000))
+    assert failure.value.details == (
+        "openai answered 400: Invalid size '1000x1000'. Both edges must be multiples of 16."
+    )
+
+
+@pytest.mark.parametrize("removed", ["gpt-image-1", "gpt-image-1.5"])
+async def test_a_shut_down_openai_model_fails_with_openais_answer(
+    fake: FakeUpstream, removed: str
+) -> None:
+    """An account saved with a model OpenAI has since shut down still loads; its jobs fail
+    with OpenAI's 404 (the job's fault, not the account's)."""
+    with pytest.raises(JobFailed) as failure:
+        await run(openai(fake, model=removed), request(width=1024, height=1024))
+    assert not isinstance(failure.value, AccountError | AccountTrouble)
+    assert failure.value.details == (
+        f"openai answered 404: The model `{removed}` does not exist or you do not have "
+        "access to it."
+    )
+
+
+async def test_openai_settings_of_the_first_shape_still_work(fake: FakeUpstream) -> None:
+    """Accounts saved before the map: `model` for every catalogue model `models` lists, or for
+    all of them when it is absent."""
+    listed = OpenAIEngine(
+        {"apiKey": KEY, "baseUrl": fake.url, "model": "local-sd", "models": ["seedream-4.0"]},
+        CONTEXT,
+    )
+    assert [m.name for m in CATALOGUE.models if listed.serves(m)] == ["seedream-4.0"]
+    everything = OpenAIEngine({"apiKey": KEY, "baseUrl": fake.url, "model": "local-sd"}, CONTEXT)
+    assert all(everything.serves(m) for m in CATALOGUE.models)
+    fake.shrink = 16
+    await run(listed, request(width=6197, height=2656))
+    (call,) = fake.calls("generations")
+    assert (call.body["model"], call.body["size"]) == ("local-sd", "6197x2656")  # no limits
+    assert everything.describe() == {"kind": "openai", "baseUrl": fake.url, "model": "local-sd"}
+    await everything.close()
+
+
+async def test_openai_serves_an_operators_model_map(fake: FakeUpstream) -> None:
+    engine = openai(
+        fake,
+        model=None,
+        models={"gpt-image-2": "gpt-image-2-2026-04-21", "seedream-4.0": "local-sd"},
+    )
+    assert [m.name for m in CATALOGUE.models if engine.serves(m)] == [
+        "seedream-4.0",
+        "gpt-image-2",
+    ]
+    await run(engine, request("gpt-image-2", width=1024, height=1536))
+    await run(engine, request("seedream-4.0", width=2048, height=2048))
+    assert [call.body["model"] for call in fake.calls("generations")] == [
+        "gpt-image-2-2026-04-21",
+        "local-sd",
+    ]
 
 
 # -- settings ----------------------------------------------------------------------------------
@@ -637,10 +1108,32 @@ def test_a_bad_base_url_is_a_400(registry: EngineRegistry, url: str, message: st
     assert bad.value.message == f"Parameter settings.baseUrl is invalid: Value error, {message}"
 
 
-def test_openai_needs_its_upstream_model(registry: EngineRegistry) -> None:
-    with pytest.raises(BadRequest) as missing:
-        registry.check_settings("openai", {"apiKey": "k"})
-    assert missing.value.message == "Parameter settings.model is required"
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (
+            {"models": ["seedream-4.0"]},
+            "Parameter settings.models is invalid: Value error, a list of catalogue models "
+            "needs model (the upstream model)",
+        ),
+        (
+            {"model": "gpt-image-2", "models": {"gpt-image-2": "gpt-image-2"}},
+            "Parameter settings.models is invalid: Value error, a map of catalogue model to "
+            "upstream model takes no model",
+        ),
+        (
+            {"models": {}},
+            "Parameter settings.models is invalid: Value error, a map needs at least one "
+            "catalogue model and its upstream model",
+        ),
+    ],
+)
+def test_openai_models_are_a_map_or_a_list_with_its_upstream_model(
+    registry: EngineRegistry, settings: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(BadRequest) as bad:
+        registry.check_settings("openai", {"apiKey": "k", **settings})
+    assert bad.value.message == message
 
 
 def test_gemini_aspect_ratios_must_be_w_colon_h(registry: EngineRegistry) -> None:
@@ -651,6 +1144,21 @@ def test_gemini_aspect_ratios_must_be_w_colon_h(registry: EngineRegistry) -> Non
             f"Parameter settings.aspectRatios is invalid: Value error, {ratio!r} is not W:H "
             "with whole numbers above 0"
         )
+
+
+@pytest.mark.parametrize(
+    ("sizes", "message"),
+    [
+        ({"gemini-3-pro-image": ["8K"]}, "'8K' is not one of 512, 1K, 2K, 4K"),
+        ({"gemini-3-pro-image": []}, "a model's list needs a size (leave the model out for none)"),
+    ],
+)
+def test_gemini_image_sizes_are_the_ones_gemini_names(
+    registry: EngineRegistry, sizes: dict[str, list[str]], message: str
+) -> None:
+    with pytest.raises(BadRequest) as bad:
+        registry.check_settings("gemini", {"apiKey": "k", "imageSizes": sizes})
+    assert bad.value.message == f"Parameter settings.imageSizes is invalid: Value error, {message}"
 
 
 def test_a_base_url_may_not_carry_credentials(registry: EngineRegistry) -> None:

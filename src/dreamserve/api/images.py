@@ -1,10 +1,12 @@
-"""POST /images, GET /images/<jobid> (with ?wait=), its event stream and its webhooks."""
+"""POST /images, GET /images (the user's jobs), GET /images/<jobid> (with ?wait=), its event
+stream and its webhooks."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.sse import EventSourceResponse, format_sse_event
@@ -19,7 +21,7 @@ from dreamserve.api.schemas import (
     JOB_LINKS,
     UPSCALE_REQUEST_BODY,
 )
-from dreamserve.replies import JobRecord, WebhookDeliveries
+from dreamserve.replies import JobPage, JobRecord, WebhookDeliveries
 from dreamserve.service import Record, Submitted
 from dreamserve.service.submissions import Submissions
 
@@ -40,6 +42,64 @@ WAIT_PARAMETER = {
     "schema": {"type": "integer", "minimum": 0, "maximum": 60},
     "description": "Seconds to hold the request until the job ends",
 }
+
+# The listing's query parameters; each may be sent empty (`?status=&model=`), which is the same
+# as leaving it out.
+LIST_PARAMETERS = [
+    {"in": "query", "allowEmptyValue": True, **parameter}
+    for parameter in [
+        {
+            "name": "status",
+            "schema": {"type": "string", "enum": ["created", "completed", "failed"]},
+            "description": "Only jobs of this status (a job waiting for a slot or running is "
+            "`created`)",
+        },
+        {
+            "name": "model",
+            "schema": {"type": "string"},
+            "description": "Only jobs of this catalogue model",
+        },
+        {
+            "name": "account",
+            "schema": {"type": "string", "maxLength": 255},
+            "description": "Only jobs of this account id, e.g. `LOCAL:procedural`",
+        },
+        {
+            "name": "since",
+            "schema": {"type": "string", "format": "date-time"},
+            "description": "Only jobs created at or after this ISO 8601 time with its zone, "
+            "e.g. `2026-03-02T14:05:30.123Z`",
+        },
+        {
+            "name": "limit",
+            "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20},
+            "description": "Jobs per page",
+        },
+        {
+            "name": "cursor",
+            "schema": {"type": "string"},
+            "description": "The `next` of the previous page, given with the same filters",
+        },
+    ]
+]
+
+
+@router.get(
+    "/images",
+    response_model=JobPage,
+    responses=ERRORS,
+    openapi_extra={"parameters": LIST_PARAMETERS, **SECURED},
+    summary="List your jobs",
+)
+async def list_image_jobs(request: Request) -> Response:
+    """**ours** (the hosted API has no such list): your jobs, image and upscale, newest first
+    (by created time, then id), each record as GET /images/<jobid> returns it. A page holds
+    `limit` jobs; `next` is the `cursor` of the following page, null on the last. The
+    filters combine; a cursor marks a position only, so it is meant to be given with the
+    filters of the listing it came from (other filters list from that position on)."""
+    service, user = await authenticate(request)
+    page = await service.records.page(user, dict(request.query_params))
+    return _json(orjson.dumps(page))
 
 
 @router.post(
@@ -164,6 +224,7 @@ async def _submit(
 ) -> Response:
     """The body and Idempotency-Key of a POST, submitted as the user of its token."""
     service, user = await authenticate(request)
+    service.submissions.admitting()  # a stopping server: 503 before the body is read
     fields = await read_fields(request, user)
     key = request.headers.get("idempotency-key")
     submitted = await submit(service.submissions, user, fields, key)

@@ -91,7 +91,11 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         (404, "Not found"),
         (413, "Body too large"),
         (429, "No free slot; see Retry-After"),
-        (503, "Database busy (locked by another transaction); see Retry-After"),
+        (
+            503,
+            "Database busy (locked by another transaction), or the server is stopping; see "
+            "Retry-After",
+        ),
         (507, "Storage full: the server has no space left; nothing was written"),
     )
 }

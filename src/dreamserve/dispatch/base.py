@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Protocol
 
@@ -32,6 +33,16 @@ class Dispatcher(Protocol):
         """Stop running jobs (each engine told to stop) and dispatch none after it (a later
         `dispatch` does nothing); unfinished ones stay `created`, for the next start (or the
         process that holds the runner lock) to run again. Idempotent."""
+
+
+async def wait_for_jobs(running: set[asyncio.Task[None]], grace: float) -> int:
+    """Wait up to `grace` seconds for the job tasks in `running` (a set their tasks leave when
+    done) to end; how many still run then."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(grace):
+            while running:
+                await asyncio.wait(list(running))
+    return len(running)
 
 
 async def run_guarded(runner: Runner, job_id: int) -> None:

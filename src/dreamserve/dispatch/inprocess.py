@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from dreamserve.dispatch.base import Runner, run_guarded
+from dreamserve.dispatch.base import Runner, run_guarded, wait_for_jobs
 
 log = logging.getLogger(__name__)
 
@@ -18,9 +18,11 @@ class InProcessDispatcher:
         self._runner = runner
         self._tasks: set[asyncio.Task[None]] = set()
         self._is_closed = False
+        self._is_draining = False
 
     async def dispatch(self, job_id: int, account: str | None = None) -> None:
-        if self._is_closed:  # the job stays queued: its lease runs out, a reaper dispatches it
+        # Stopping: the job stays queued; the next start (or, past its lease, a reaper) runs it.
+        if self._is_closed or self._is_draining:
             return
         task = asyncio.create_task(run_guarded(self._runner, job_id), name=f"job-{job_id}")
         self._tasks.add(task)
@@ -32,6 +34,12 @@ class InProcessDispatcher:
     @property
     def running(self) -> int:
         return len(self._tasks)
+
+    async def drain(self, grace: float) -> int:
+        """The server is stopping: start no more jobs, and wait up to `grace` seconds for the
+        running ones to end; how many still run (`close` stops them)."""
+        self._is_draining = True
+        return await wait_for_jobs(self._tasks, grace)
 
     async def close(self) -> None:
         self._is_closed = True

@@ -31,7 +31,7 @@ from procrastinate.app import WorkerOptions
 from procrastinate.jobs import Status
 from sqlalchemy.engine import make_url
 
-from dreamserve.dispatch.base import Runner, run_guarded
+from dreamserve.dispatch.base import Runner, run_guarded, wait_for_jobs
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,7 @@ class PostgresDispatcher:
         self._started = False
         self._is_open = False
         self._is_closed = False
+        self._is_draining = False  # `drain`: its procrastinate workers stopped
 
     async def open(self) -> None:
         """Apply procrastinate's schema if missing and open its connections: jobs can be
@@ -118,7 +119,7 @@ class PostgresDispatcher:
         """Start sweeping procrastinate's stalled rows and, when this process runs jobs, working
         the queues: after the jobs a dead process left were recovered (`Scheduler.resume`),
         which takes back every unfinished job."""
-        if self._started or self._is_closed:
+        if self._started or self._is_closed or self._is_draining:
             return
         self._started = True
         self._tasks.append(asyncio.create_task(self._sweep_forever(), name="procrastinate-sweep"))
@@ -134,7 +135,8 @@ class PostgresDispatcher:
         worker takes a fixed list of queues: the new ones get a worker of their own, and the
         jobs running meanwhile go on); the accounts that were new. Nothing before `start`, or
         when this process runs no jobs or works every queue."""
-        if not self._started or not self._runs_jobs or self._is_closed or self._accounts is None:
+        stopped = self._is_closed or self._is_draining
+        if not self._started or not self._runs_jobs or stopped or self._accounts is None:
             return []
         new = [name for name in dict.fromkeys(accounts) if name not in self._worked]
         if new:
@@ -143,6 +145,11 @@ class PostgresDispatcher:
             name = f"procrastinate-worker-{len(self._tasks)}"
             self._tasks.append(asyncio.create_task(self._work(queues), name=name))
         return new
+
+    def tasks(self) -> list[asyncio.Task[None]]:
+        """Its long-lived tasks (the sweep, the queues' workers), for /readyz: each runs until
+        `close`, a worker started again on its own when it stops."""
+        return list(self._tasks)
 
     async def _work(self, queues: list[str] | None) -> None:
         """A procrastinate worker on `queues` (None: every queue), started again whenever it
@@ -226,6 +233,20 @@ class PostgresDispatcher:
 
     def cancel(self, job_id: int) -> None:
         self._runner.cancel(job_id)
+
+    async def drain(self, grace: float) -> int:
+        """The process is stopping: its procrastinate workers stop taking jobs (the jobs they
+        run go on: they run in tasks of this dispatcher's), then wait up to `grace` seconds for
+        the running jobs to end; how many still run (`close` stops them). Jobs dispatched
+        meanwhile are still enqueued, for another process (or the next start) to run."""
+        workers, self._tasks = self._tasks, []
+        self._is_draining = True
+        for task in workers:
+            task.cancel()
+        for task in workers:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        return await wait_for_jobs(self._running, grace)
 
     async def close(self) -> None:
         if self._is_closed:

@@ -1,68 +1,50 @@
 """The `ark` engine: Seedream through BytePlus ModelArk or Volcengine Ark.
 
 `POST {baseUrl}/api/v3/images/generations`, synchronous. The size is the catalogue's pixel size
-(`<W>x<H>`), references go as `data:` URLs, the watermark is off unless the account asks for it,
-and `count` > 1 uses Seedream's own batching (`sequential_image_generation`), with single calls
-for whatever it did not return. Which catalogue model is which upstream model id is the
-account's `models` map, so new model revisions need no code.
+(`<W>x<H>`) brought within the model's `sizeLimits`, references go as `data:` URLs (no more than
+the model's `maxReferences`, checked before any call), the watermark is off unless the account
+asks for it, and `count` > 1 uses Seedream's own batching (`sequential_image_generation`, as many
+as references + images <= 15 allow), with single calls for whatever it did not return. Which
+catalogue model is which upstream model id is the account's `models` map, so new model revisions
+need no code.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field, field_validator
 
 from dreamserve.catalogue import Model
 from dreamserve.engines.base import CancelSignal, EngineContext, GenerationRequest, ProgressCallback
 from dreamserve.engines.upstream import (
     UPSTREAM_IMAGE_COPIES,
+    SizeLimit,
     Upstream,
     UpstreamSettings,
     data_url,
+    fitted_size,
 )
 from dreamserve.errors import JobFailed
 
 BYTEPLUS = "https://ark.ap-southeast.bytepluses.com"
 SEED_LIMIT = 2147483647  # the API takes -1 (random) to this
-
-
-class SizeLimit(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    minSide: int | None = Field(None, ge=1)
-    maxSide: int | None = Field(None, ge=1)
-    minPixels: int | None = Field(None, ge=1)
-    maxPixels: int | None = Field(None, ge=1)
-
-    def fit(self, width: int, height: int) -> tuple[int, int]:
-        """`width` x `height`, scaled at the same aspect into these limits (as near as whole
-        pixels allow)."""
-        scale = 1.0
-        if self.maxPixels and width * height > self.maxPixels:
-            scale = math.sqrt(self.maxPixels / (width * height))
-        if self.minPixels and width * height < self.minPixels:
-            scale = math.sqrt(self.minPixels / (width * height))
-        if self.maxSide and max(width, height) * scale > self.maxSide:
-            scale = self.maxSide / max(width, height)
-        if self.minSide and min(width, height) * scale < self.minSide:
-            scale = self.minSide / min(width, height)
-        if scale == 1.0:
-            return width, height
-        # Rounded inwards when shrinking, outwards when growing, so the limits hold.
-        rounding = math.floor if scale < 1 else math.ceil
-        return rounding(width * scale), rounding(height * scale)
+CALL_IMAGES = 15  # references + images made, in one call (docs/engines.md)
 
 
 class ArkSettings(UpstreamSettings):
+    """Every default is checked against docs/catalogue.md §3.3 and §5 (third-party sources: no
+    stored copy of BytePlus's own page); docs/engines.md has the table."""
+
     baseUrl: str = BYTEPLUS  # Volcengine: https://ark.cn-beijing.volces.com
-    # catalogue model -> upstream model id (or an endpoint id, ep-...)
+    # catalogue model -> upstream model id (or an endpoint id, ep-...). seedream-4.7, 4.6 and
+    # 4.1 have no ModelArk id in any source: an operator maps them if one exists.
     models: dict[str, str] = Field(
         default_factory=lambda: {
+            "seedream-5.0-lite": "seedream-5-0-260128",
             "seedream-4.5": "seedream-4-5-251128",
             "seedream-4.0": "seedream-4-0-250828",
             "seedream-3.0": "seedream-3-0-t2i-250415",
@@ -73,18 +55,43 @@ class ArkSettings(UpstreamSettings):
     responseFormat: Literal["url", "b64_json"] = "url"
     # Upstream models that batch (sequential_image_generation); others get one call per image.
     sequentialModels: list[str] = Field(
-        default_factory=lambda: ["seedream-4-5-251128", "seedream-4-0-250828"]
+        default_factory=lambda: [
+            "seedream-5-0-260128",
+            "seedream-4-5-251128",
+            "seedream-4-0-250828",
+        ]
     )
-    # Upstream model -> the sizes it takes (shared/upstreams.md); a catalogue size outside is
-    # asked for at the same aspect within them, and the result resampled to the catalogue's.
+    # Upstream model -> the sizes it takes; a catalogue size outside is asked for at the same
+    # aspect within them, and the result resampled to the catalogue's. 5.0 Lite's upper bound:
+    # sources say 10,404,496 or 16,777,216; the stricter, so that no call is refused.
     sizeLimits: dict[str, SizeLimit] = Field(
         default_factory=lambda: {
-            "seedream-3-0-t2i-250415": SizeLimit(minSide=512, maxSide=2048),
-            "seedream-4-0-250828": SizeLimit(minPixels=921_600, maxPixels=16_777_216),
+            "seedream-5-0-260128": SizeLimit(minPixels=3_686_400, maxPixels=10_404_496),
             "seedream-4-5-251128": SizeLimit(minPixels=3_686_400, maxPixels=16_777_216),
+            "seedream-4-0-250828": SizeLimit(minPixels=921_600, maxPixels=16_777_216),
+            "seedream-3-0-t2i-250415": SizeLimit(minSide=512, maxSide=2048),
+        }
+    )
+    # Upstream model -> the reference images one call takes (a job with more fails before any
+    # call); a model not named takes what references + images <= 15 leaves. 4.5 and 4.0:
+    # sources say 10 or 14, the stricter. 3.0 (t2i) takes none.
+    maxReferences: dict[str, int] = Field(
+        default_factory=lambda: {
+            "seedream-5-0-260128": 14,
+            "seedream-4-5-251128": 10,
+            "seedream-4-0-250828": 10,
+            "seedream-3-0-t2i-250415": 0,
         }
     )
     maxReferenceBytes: int = Field(10 << 20, ge=1024)  # one reference, as Ark takes it
+
+    @field_validator("maxReferences")
+    @classmethod
+    def _references(cls, value: dict[str, int]) -> dict[str, int]:
+        for model, limit in value.items():
+            if not 0 <= limit < CALL_IMAGES:
+                raise ValueError(f"{model}: {limit} is not 0 to {CALL_IMAGES - 1}")
+        return value
 
 
 class ArkEngine:
@@ -103,6 +110,10 @@ class ArkEngine:
     async def generate(
         self, request: GenerationRequest, progress: ProgressCallback, cancel: CancelSignal
     ) -> list[Image.Image]:
+        model = self._upstream_model(request)
+        # What the model cannot take fails the job here, before any call: never a 400 later.
+        self._check_references(model, len(request.references))
+        size = fitted_size("ark", model, self.settings.sizeLimits, request.width, request.height)
         deadline = self.upstream.deadline()
         loop = asyncio.get_running_loop()
         limit = self.settings.maxReferenceBytes
@@ -113,7 +124,7 @@ class ArkEngine:
 
         async def call(count: int) -> list[Image.Image]:
             nonlocal done
-            body = self._body(request, references, count)
+            body = self._body(request, model, size, references, count)
             answer = await self.upstream.call(
                 "POST", "/api/v3/images/generations", cancel, deadline, json=body
             )
@@ -136,20 +147,35 @@ class ArkEngine:
             return images
 
         images: list[Image.Image] = []
-        if request.count > 1 and self._upstream_model(request) in self.settings.sequentialModels:
-            images = await call(request.count)
+        # One batch of as many as the call's 15 leave beside the references; the rest (and
+        # whatever the batch did not bring) one call each.
+        batch = min(request.count, CALL_IMAGES - len(references))
+        if batch > 1 and model in self.settings.sequentialModels:
+            images = await call(batch)
         return await self.upstream.top_up(images, request.count, call)
 
-    def _body(self, request: GenerationRequest, references: list[str], count: int) -> Any:
-        model = self._upstream_model(request)
-        limit = self.settings.sizeLimits.get(model)
-        width, height = (request.width, request.height)
-        if limit is not None:
-            width, height = limit.fit(width, height)
+    def _check_references(self, model: str, count: int) -> None:
+        limit = min(self.settings.maxReferences.get(model, CALL_IMAGES - 1), CALL_IMAGES - 1)
+        if count > limit:
+            raise JobFailed(
+                f"Too many reference images for ark model {model}",
+                f"{count} given; it takes at most {limit}"
+                if limit
+                else f"{count} given; it takes none",
+            )
+
+    def _body(
+        self,
+        request: GenerationRequest,
+        model: str,
+        size: tuple[int, int],
+        references: list[str],
+        count: int,
+    ) -> Any:
         body: dict[str, Any] = {
             "model": model,
             "prompt": request.prompt,
-            "size": f"{width}x{height}",
+            "size": f"{size[0]}x{size[1]}",
             "response_format": self.settings.responseFormat,
             "watermark": self.settings.watermark,
         }

@@ -1,9 +1,12 @@
 """The `gemini` engine: nano-banana through the Google Gemini API.
 
 `POST {baseUrl}/v1beta/models/<model>:generateContent` with the prompt and the references as
-inline parts, asking for an image in the aspect ratio nearest the job's size. Gemini makes one
-image per call, so `count` is that many concurrent calls. A blocked prompt or an answer without
-an image fails the job with the reason Gemini gives.
+inline parts, asking for an image in the aspect ratio nearest the job's size and, on the models
+that take one, the smallest `imageSize` that covers the job's pixels; the answer is resampled to
+the catalogue's size. Gemini makes one image per call, so `count` is that many concurrent calls.
+More references than the upstream model takes fail the job before any call. A blocked prompt or
+an answer without an image fails the job with the reason Gemini gives. The defaults and limits
+come from docs/catalogue.md (§3.1, §5); docs/engines.md gives the table and the dates.
 """
 
 from __future__ import annotations
@@ -11,8 +14,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import math
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any
 
 from PIL import Image
 from pydantic import Field, field_validator
@@ -29,13 +32,19 @@ from dreamserve.engines.upstream import (
 from dreamserve.errors import JobFailed
 
 GOOGLE = "https://generativelanguage.googleapis.com"
+# `imageSize` values and their nominal edge: "1K" is about 1024x1024 pixels at any ratio.
+IMAGE_SIZE_EDGES = {"512": 512, "1K": 1024, "2K": 2048, "4K": 4096}
+# A size covers a job of up to this much more than its nominal square: a ratio's 1K size may
+# be a little over 1024x1024 pixels and must still ask "1K" (our margin, not Google's).
+IMAGE_SIZE_SLACK = 1.05
+GEMINI_3 = ("gemini-3-pro-image", "gemini-3.1-flash-image")
 
 
 class GeminiSettings(UpstreamSettings):
     baseUrl: str = GOOGLE
     # catalogue model -> Gemini model
     models: dict[str, str] = Field(
-        default_factory=lambda: {"nano-banana": "gemini-2.5-flash-image"}, min_length=1
+        default_factory=lambda: {"nano-banana": "gemini-3-pro-image"}, min_length=1
     )
     aspectRatios: list[str] = Field(
         default_factory=lambda: [
@@ -43,16 +52,67 @@ class GeminiSettings(UpstreamSettings):
         ],
         min_length=1,
     )
-    maxReferences: int = Field(3, ge=0)
+    # Gemini model -> ratios it takes besides aspectRatios
+    extraAspectRatios: dict[str, list[str]] = Field(
+        default_factory=lambda: {"gemini-3.1-flash-image": ["1:4", "4:1", "1:8", "8:1"]}
+    )
+    # Gemini model -> the imageSize values it takes; a model not listed is sent none
+    imageSizes: dict[str, list[str]] = Field(
+        default_factory=lambda: {
+            "gemini-3-pro-image": ["1K", "2K", "4K"],
+            "gemini-3.1-flash-image": ["512", "1K", "2K", "4K"],
+        }
+    )
+    # Gemini model -> the most reference images it takes; a model not listed: no limit here
+    referenceLimits: dict[str, Annotated[int, Field(ge=0)]] = Field(
+        default_factory=lambda: {**dict.fromkeys(GEMINI_3, 14), "gemini-2.5-flash-image": 3}
+    )
+    # The account's own cap, whatever the model (accounts saved before referenceLimits).
+    maxReferences: int | None = Field(None, ge=0)
 
     @field_validator("aspectRatios")
     @classmethod
     def _ratios(cls, value: list[str]) -> list[str]:
-        for ratio in value:
-            across, _, down = ratio.partition(":")
-            if not (across.isdigit() and down.isdigit() and int(across) and int(down)):
-                raise ValueError(f"{ratio!r} is not W:H with whole numbers above 0")
+        return _checked_ratios(value)
+
+    @field_validator("extraAspectRatios")
+    @classmethod
+    def _extra_ratios(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for ratios in value.values():
+            _checked_ratios(ratios)
         return value
+
+    @field_validator("imageSizes")
+    @classmethod
+    def _image_sizes(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for sizes in value.values():
+            if not sizes:
+                raise ValueError("a model's list needs a size (leave the model out for none)")
+            for size in sizes:
+                if size not in IMAGE_SIZE_EDGES:
+                    raise ValueError(f"{size!r} is not one of {', '.join(IMAGE_SIZE_EDGES)}")
+        return value
+
+
+def _checked_ratios(value: list[str]) -> list[str]:
+    for ratio in value:
+        across, _, down = ratio.partition(":")
+        if not (across.isdigit() and down.isdigit() and int(across) and int(down)):
+            raise ValueError(f"{ratio!r} is not W:H with whole numbers above 0")
+    return value
+
+
+def image_size(sizes: Sequence[str] | None, width: int, height: int) -> str | None:
+    """The `imageSize` to ask for a job of width x height: the smallest of `sizes` whose
+    nominal square (1K: 1024x1024) holds its pixels, give or take IMAGE_SIZE_SLACK; past the
+    largest, the largest. None where the model takes no imageSize."""
+    if not sizes:
+        return None
+    ordered = sorted(sizes, key=IMAGE_SIZE_EDGES.__getitem__)
+    for size in ordered:
+        if IMAGE_SIZE_EDGES[size] ** 2 * IMAGE_SIZE_SLACK >= width * height:
+            return size
+    return ordered[-1]
 
 
 class GeminiEngine:
@@ -71,21 +131,23 @@ class GeminiEngine:
     async def generate(
         self, request: GenerationRequest, progress: ProgressCallback, cancel: CancelSignal
     ) -> list[Image.Image]:
-        if len(request.references) > self.settings.maxReferences:
-            raise JobFailed(
-                "Too many reference images for this account",
-                f"gemini takes at most {self.settings.maxReferences}",
-            )
+        upstream_model = self.settings.models[request.model]
+        self._check_references(upstream_model, len(request.references))
         deadline = self.upstream.deadline()
         loop = asyncio.get_running_loop()
         parts = await loop.run_in_executor(self.context.executor, _parts, request)
-        path = f"/v1beta/models/{self.settings.models[request.model]}:generateContent"
+        path = f"/v1beta/models/{upstream_model}:generateContent"
+        config: dict[str, str] = {
+            "aspectRatio": self._ratio(upstream_model, request.width, request.height)
+        }
+        size = image_size(
+            self.settings.imageSizes.get(upstream_model), request.width, request.height
+        )
+        if size is not None:
+            config["imageSize"] = size
         body = {
             "contents": [{"parts": parts}],
-            "generationConfig": {
-                "responseModalities": ["IMAGE"],
-                "imageConfig": {"aspectRatio": self._ratio(request.width, request.height)},
-            },
+            "generationConfig": {"responseModalities": ["IMAGE"], "imageConfig": config},
         }
         done = 0
 
@@ -98,14 +160,30 @@ class GeminiEngine:
             progress(done / request.count)
             return image
 
+        # one call per image, all at once: `count` calls in flight, never more
         return await first_failure_cancels([one() for _ in range(request.count)])
 
-    def _ratio(self, width: int, height: int) -> str:
+    def _check_references(self, upstream_model: str, count: int) -> None:
+        limit = self.settings.referenceLimits.get(upstream_model)
+        if limit is not None and count > limit:
+            raise JobFailed(
+                "Too many reference images for this account",
+                f"gemini: {upstream_model} takes at most {limit}",
+            )
+        cap = self.settings.maxReferences
+        if cap is not None and count > cap:
+            raise JobFailed(
+                "Too many reference images for this account",
+                f"gemini: this account takes at most {cap} (maxReferences)",
+            )
+
+    def _ratio(self, upstream_model: str, width: int, height: int) -> str:
         def distance(ratio: str) -> float:
             across, down = (float(side) for side in ratio.split(":"))
             return abs(math.log(across / down) - math.log(width / height))
 
-        return min(self.settings.aspectRatios, key=distance)
+        extra = self.settings.extraAspectRatios.get(upstream_model, [])
+        return min([*self.settings.aspectRatios, *extra], key=distance)
 
     async def check_address(self) -> None:
         await self.upstream.check_address()

@@ -2,9 +2,14 @@
 
 `POST {baseUrl}/v1/images/generations` (JSON) without references, `POST {baseUrl}/v1/images/edits`
 (multipart, `image[]`) with them. `count` goes as `n`, up to the account's `maxImagesPerCall`;
-whatever a call did not return is asked for again. Servers that only make a few sizes (OpenAI's
-own: 1024x1024, 1536x1024, 1024x1536) are given the nearest in aspect through `sizes`, and the
-result is brought to the catalogue's size.
+whatever a call did not return is asked for again. The size is the catalogue's, brought within
+the upstream model's `sizeLimits` (gpt-image-2's by default); servers that only make a few sizes
+are given the nearest in aspect through `sizes`. Either way the result is brought to the
+catalogue's size.
+
+Which catalogue model is which upstream model: `models` as a map (the default serves
+`gpt-image-2` with `gpt-image-2`), or, the shape accounts were first saved with, one upstream
+`model` for every catalogue model `models` lists (all of them when it is absent).
 """
 
 from __future__ import annotations
@@ -15,29 +20,66 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from PIL import Image
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from dreamserve.catalogue import Model
 from dreamserve.engines.base import CancelSignal, EngineContext, GenerationRequest, ProgressCallback
 from dreamserve.engines.upstream import (
     UPSTREAM_IMAGE_COPIES,
+    SizeLimit,
     Upstream,
     UpstreamSettings,
     encode_reference,
     first_failure_cancels,
+    fitted_size,
 )
 from dreamserve.errors import JobFailed
 
 OPENAI = "https://api.openai.com"
+DEFAULT_MODELS = {"gpt-image-2": "gpt-image-2"}  # catalogue model -> upstream model
 
 
 class OpenAISettings(UpstreamSettings):
+    """Defaults checked against docs/catalogue.md §3.2 and §5 (O1, O2; gpt-image-2's sizes from
+    four agreeing third parties); docs/engines.md has the table. gpt-image-1 and gpt-image-1.5
+    are shut down: no default names them."""
+
     baseUrl: str = OPENAI
-    model: str = Field(min_length=1)  # the upstream model, e.g. gpt-image-1
-    models: list[str] | None = None  # catalogue models served; None: all of them
+    # The first shape: the upstream model for every catalogue model served (`models` a list,
+    # or absent: all of them). Unset: `models` maps each catalogue model to its upstream model.
+    model: str | None = Field(None, min_length=1)
+    models: dict[str, str] | list[str] | None = None
     sizes: list[str] | None = Field(None, min_length=1)  # "WxH" the server makes; None: any
-    responseFormat: Literal["url", "b64_json"] | None = None  # None: not sent (gpt-image-1)
+    # Upstream model -> the sizes it takes (unused with `sizes`): a catalogue size outside is
+    # asked for at the same aspect within them, and the result resampled to the catalogue's.
+    sizeLimits: dict[str, SizeLimit] = Field(
+        default_factory=lambda: {
+            "gpt-image-2": SizeLimit(
+                multipleOf=16,
+                maxSide=3840,
+                maxRatio=3,
+                minPixels=655_360,
+                maxPixels=8_294_400,
+            )
+        }
+    )
+    responseFormat: Literal["url", "b64_json"] | None = None  # None: not sent (gpt-image-*)
     maxImagesPerCall: int = Field(4, ge=1, le=10)  # `n`; dall-e-3 takes 1
+
+    @field_validator("models")
+    @classmethod
+    def _models(
+        cls, value: dict[str, str] | list[str] | None, info: ValidationInfo
+    ) -> dict[str, str] | list[str] | None:
+        model = info.data.get("model")
+        if isinstance(value, dict):
+            if model is not None:
+                raise ValueError("a map of catalogue model to upstream model takes no model")
+            if not value or not all(value.values()):
+                raise ValueError("a map needs at least one catalogue model and its upstream model")
+        elif isinstance(value, list) and model is None:
+            raise ValueError("a list of catalogue models needs model (the upstream model)")
+        return value
 
     @field_validator("sizes")
     @classmethod
@@ -47,6 +89,15 @@ class OpenAISettings(UpstreamSettings):
             if not (width.isdigit() and height.isdigit() and int(width) and int(height)):
                 raise ValueError(f"{size!r} is not WIDTHxHEIGHT")
         return value
+
+    def upstream_model(self, name: str) -> str | None:
+        """The upstream model for catalogue model `name`; None: not served."""
+        if self.model is not None:
+            served = self.models is None or name in self.models
+            return self.model if served else None
+        models = DEFAULT_MODELS if self.models is None else self.models
+        assert isinstance(models, dict)  # a list comes with `model` (the validator)
+        return models.get(name)
 
 
 class OpenAIEngine:
@@ -62,11 +113,16 @@ class OpenAIEngine:
         )
 
     def serves(self, model: Model) -> bool:
-        return self.settings.models is None or model.name in self.settings.models
+        return self.settings.upstream_model(model.name) is not None
 
     async def generate(
         self, request: GenerationRequest, progress: ProgressCallback, cancel: CancelSignal
     ) -> list[Image.Image]:
+        model = self.settings.upstream_model(request.model)
+        if model is None:  # admission routes only what `serves`
+            raise JobFailed("Model not served by this account", f"openai: {request.model}")
+        # A size the model cannot take fails the job here, before any call.
+        size = self._size(model, request.width, request.height)
         deadline = self.upstream.deadline()
         loop = asyncio.get_running_loop()
         references = await loop.run_in_executor(
@@ -76,7 +132,7 @@ class OpenAIEngine:
 
         async def call(count: int) -> list[Image.Image]:
             nonlocal done
-            answer = await self._call(request, references, count, cancel, deadline)
+            answer = await self._call(request, model, size, references, count, cancel, deadline)
             # Never more than asked for: each extra would be downloaded and decoded for nothing.
             images = [
                 await self.upstream.image(item, request.width, request.height, cancel, deadline)
@@ -95,16 +151,18 @@ class OpenAIEngine:
     async def _call(
         self,
         request: GenerationRequest,
+        model: str,
+        size: str,
         references: list[bytes],
         count: int,
         cancel: CancelSignal,
         deadline: float,
     ) -> list[Any]:
         fields: dict[str, Any] = {
-            "model": self.settings.model,
+            "model": model,
             "prompt": request.prompt,
             "n": count,
-            "size": self._size(request.width, request.height),
+            "size": size,
         }
         if self.settings.responseFormat is not None:
             fields["response_format"] = self.settings.responseFormat
@@ -126,9 +184,10 @@ class OpenAIEngine:
             raise JobFailed("Upstream answered in an unknown shape", "openai: no data list")
         return data
 
-    def _size(self, width: int, height: int) -> str:
+    def _size(self, model: str, width: int, height: int) -> str:
         if self.settings.sizes is None:
-            return f"{width}x{height}"
+            fitted = fitted_size("openai", model, self.settings.sizeLimits, width, height)
+            return f"{fitted[0]}x{fitted[1]}"
 
         def distance(size: str) -> float:
             across, _, down = size.partition("x")
@@ -140,7 +199,14 @@ class OpenAIEngine:
         await self.upstream.check_address()
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "openai", "baseUrl": self.settings.baseUrl, "model": self.settings.model}
+        shown: dict[str, Any] = {"kind": "openai", "baseUrl": self.settings.baseUrl}
+        if self.settings.model is not None:
+            shown["model"] = self.settings.model
+        else:
+            shown["models"] = (
+                DEFAULT_MODELS if self.settings.models is None else self.settings.models
+            )
+        return shown
 
     async def close(self) -> None:
         await self.upstream.close()

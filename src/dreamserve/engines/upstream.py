@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 import httpx
 from PIL import Image, UnidentifiedImageError
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from dreamserve import __version__
 from dreamserve.engines.base import (
@@ -82,6 +82,80 @@ class UpstreamSettings(EngineSettings):
         if url.userinfo:
             raise ValueError("must not carry credentials (the key goes in apiKey)")
         return value.rstrip("/")
+
+
+class SizeLimit(BaseModel):
+    """The sizes one upstream model takes (docs/engines.md cites each vendor's). A catalogue
+    size outside them is asked for at the same aspect within them (`fit`), and the image the
+    upstream makes is brought to the catalogue's size (`decode_image`); an aspect no scaling
+    can bring within them fails the job before any call (`fitted_size`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    minSide: int | None = Field(None, ge=1)
+    maxSide: int | None = Field(None, ge=1)
+    minPixels: int | None = Field(None, ge=1)
+    maxPixels: int | None = Field(None, ge=1)
+    multipleOf: int | None = Field(None, ge=1, le=1024)  # both sides
+    maxRatio: float | None = Field(None, ge=1)  # long side : short side
+
+    def fit(self, width: int, height: int) -> tuple[int, int]:
+        """`width` x `height`, scaled at the same aspect into these limits (as near as whole
+        pixels and `multipleOf` allow). ValueError names the limits no scaling can meet."""
+        if self.maxRatio and max(width, height) > self.maxRatio * min(width, height):
+            raise ValueError(f"{width}x{height}: long:short is over {self.maxRatio:g}:1 (maxRatio)")
+        scale = 1.0
+        if self.maxPixels and width * height > self.maxPixels:
+            scale = math.sqrt(self.maxPixels / (width * height))
+        if self.minPixels and width * height < self.minPixels:
+            scale = math.sqrt(self.minPixels / (width * height))
+        if self.maxSide and max(width, height) * scale > self.maxSide:
+            scale = self.maxSide / max(width, height)
+        if self.minSide and min(width, height) * scale < self.minSide:
+            scale = self.minSide / min(width, height)
+        step = self.multipleOf or 1
+        # The nearest multiples first; then rounded inwards (shrinking) or outwards (growing),
+        # so that the limits hold.
+        tries: list[Callable[[float], int]] = [round] if scale == 1.0 else []
+        tries += [math.floor, math.ceil] if scale <= 1 else [math.ceil, math.floor]
+        for rounding in tries:
+            size = (
+                max(step, step * rounding(width * scale / step)),
+                max(step, step * rounding(height * scale / step)),
+            )
+            if not self.broken(*size):
+                return size
+        raise ValueError(f"{width}x{height}: no size at its aspect within {self.describe()}")
+
+    def describe(self) -> str:
+        """The limits set, as settings name them."""
+        return ", ".join(f"{name} {value:g}" for name, value in self if value is not None)
+
+    def broken(self, width: int, height: int) -> list[str]:
+        """The limits `width` x `height` is outside of, as settings name them."""
+        step = self.multipleOf or 1
+        checks = [
+            (self.minSide, min(width, height) >= (self.minSide or 0), "minSide"),
+            (self.maxSide, max(width, height) <= (self.maxSide or 0), "maxSide"),
+            (self.minPixels, width * height >= (self.minPixels or 0), "minPixels"),
+            (self.maxPixels, width * height <= (self.maxPixels or 0), "maxPixels"),
+            (self.multipleOf, width % step == 0 and height % step == 0, "multipleOf"),
+        ]
+        return [f"{name} {limit}" for limit, holds, name in checks if limit and not holds]
+
+
+def fitted_size(
+    vendor: str, model: str, limits: Mapping[str, SizeLimit], width: int, height: int
+) -> tuple[int, int]:
+    """The size to ask upstream `model` for, for a catalogue size of `width` x `height`; a
+    JobFailed naming the limit when there is none (raised before any call)."""
+    limit = limits.get(model)
+    if limit is None:
+        return width, height
+    try:
+        return limit.fit(width, height)
+    except ValueError as error:
+        raise JobFailed(f"Size not possible on {vendor} model {model}", str(error)) from None
 
 
 @dataclass(frozen=True)

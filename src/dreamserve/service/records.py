@@ -4,18 +4,23 @@ memory."""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import re
 import time
-from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Collection, Mapping
+from datetime import datetime
+from typing import Any, cast
 
 import orjson
 from sqlalchemy import Connection
 
-from dreamserve.errors import JobNotFound
+from dreamserve.errors import InvalidParameter, JobNotFound
 from dreamserve.events import JobEvents
-from dreamserve.fields import integer
-from dreamserve.ids import parse_jobid, unquoted
+from dreamserve.fields import given, integer, text
+from dreamserve.ids import epoch_millis, parse_jobid, unquoted
 from dreamserve.jobs import Job, Phase, Status, record
+from dreamserve.replies import JobPage, JobRecord
 from dreamserve.service.config import ServiceConfig
 from dreamserve.storage import job_queries
 from dreamserve.storage.blobs import BlobStore
@@ -45,9 +50,15 @@ class Submitted(Record):
 
 class Records:
     def __init__(
-        self, db: Database, blobs: BlobStore, events: JobEvents, config: ServiceConfig
+        self,
+        db: Database,
+        blobs: BlobStore,
+        events: JobEvents,
+        config: ServiceConfig,
+        models: Collection[str],
     ) -> None:
         self.db = db
+        self.models = tuple(models)  # the catalogue's, in its order: what `?model=` takes
         self.blobs = blobs
         self.events = events
         self.config = config
@@ -155,6 +166,97 @@ class Records:
 
     def _changed(self, jobid: str) -> None:
         self._unfinished.pop(jobid, None)
+
+    async def page(self, user_id: int, fields: Mapping[str, Any]) -> JobPage:
+        """GET /images: the user's jobs, newest first (by created time, then id), `limit` at a
+        time (1-100, default 20), filtered by `status`, `model`, `account` and `since` (created
+        at or after). `next` is the cursor of the page after this one, None on the last. A
+        cursor holds a position only (a created time and an id): the user, and whatever
+        filters come with it, apply as given, so another user's cursor lists this user's jobs
+        from that position."""
+        listing = job_queries.Listing(
+            user_id,
+            status=_status(fields),
+            model=self._model(fields),
+            account=text(fields, "account", 255),
+            since=_since(fields),
+            after=_cursor(fields),
+        )
+        limit = integer(fields, "limit", 1, MAX_PAGE) or DEFAULT_PAGE
+        found = await self.db.read(lambda conn: job_queries.job_page(conn, listing, limit + 1))
+        jobs: list[JobRecord] = []
+        for job, position in found[:limit]:
+            body = record(job, self.blobs.link)
+            if position is not None:
+                body["queuePosition"] = position
+            jobs.append(body)
+        more = len(found) > limit
+        last = found[limit - 1][0] if more else None
+        return {"jobs": jobs, "next": None if last is None else cursor_of(last)}
+
+    def _model(self, fields: Mapping[str, Any]) -> str | None:
+        model = given(fields, "model")
+        if model is not None and model not in self.models:
+            raise InvalidParameter("model", model, ", ".join(self.models))
+        return cast(str | None, model)
+
+
+MAX_PAGE = 100
+DEFAULT_PAGE = 20
+_STATUSES = tuple(status.value for status in Status)
+_CURSOR = re.compile(r"(\d{1,15})\.(\d{1,10})")
+_MAX_ID = 2**31 - 1  # the id column is a 32-bit integer on PostgreSQL
+
+
+def cursor_of(job: Job) -> str:
+    """The cursor of the page after `job`: its created time and id, base64url, unpadded."""
+    return _encoded(job.created_at, job.id)
+
+
+def _encoded(created_at: int, job_id: int) -> str:
+    return base64.urlsafe_b64encode(f"{created_at}.{job_id}".encode()).decode().rstrip("=")
+
+
+def _cursor(fields: Mapping[str, Any]) -> tuple[int, int] | None:
+    value = given(fields, "cursor")
+    if value is None:
+        return None
+    position: tuple[int, int] | None = None
+    if isinstance(value, str) and value.isascii():
+        try:
+            decoded = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).decode("ascii")
+        except (binascii.Error, ValueError):
+            decoded = ""
+        match = _CURSOR.fullmatch(decoded)
+        if match is not None and int(match.group(2)) <= _MAX_ID:
+            position = int(match.group(1)), int(match.group(2))
+    if position is None or _encoded(*position) != value:  # one spelling of each position
+        raise InvalidParameter("cursor", value, "a cursor from a previous reply")
+    return position
+
+
+def _status(fields: Mapping[str, Any]) -> str | None:
+    status = given(fields, "status")
+    if status is not None and status not in _STATUSES:
+        raise InvalidParameter("status", status, ", ".join(_STATUSES))
+    return cast(str | None, status)
+
+
+def _since(fields: Mapping[str, Any]) -> int | None:
+    """`since`: an ISO 8601 time with its zone (`Z` or an offset), as the record's `created`."""
+    value = given(fields, "since")
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            at = datetime.fromisoformat(value)
+            if at.tzinfo is not None:
+                return epoch_millis(at)
+        except (ValueError, OverflowError):
+            pass
+    raise InvalidParameter(
+        "since", value, "an ISO 8601 time with its zone, e.g. 2026-03-02T14:05:30.123Z"
+    )
 
 
 def _job_and_position(conn: Connection, jobid: str, user_id: int) -> tuple[Job | None, int | None]:

@@ -26,6 +26,7 @@ from dreamserve.errors import (
     IdempotencyConflict,
     InvalidParameter,
     NotFound,
+    Stopping,
 )
 from dreamserve.ids import AssetRef, IdFactory, JobType, unquoted
 from dreamserve.jobs import Job, Spec, Status, millis, record
@@ -71,6 +72,13 @@ class Submissions:
         self.clock = clock
         self.config = config
         self.resolver = resolver  # replyUrl hosts; tests put a fake one here
+        self.stopping = False  # set at SIGTERM (app.stop_admitting): every submission a 503
+
+    def admitting(self) -> None:
+        """Raise Stopping (503, Retry-After) once the server is stopping: before a submission's
+        body is read."""
+        if self.stopping:
+            raise Stopping(self.admission.retry_after)
 
     def models(self) -> list[dict[str, Any]]:
         return [model.describe() for model in self.catalogue.models]
@@ -101,6 +109,7 @@ class Submissions:
 
         def admit(tx: JobTransaction) -> Job:
             self._check_references(tx.conn, user_id, submission.references)
+            self.admission.limits.check(tx.conn, user_id)
             waits = None
             try:
                 account = self.admission.admit(
@@ -165,6 +174,7 @@ class Submissions:
                 valid = f"an image of job {jobid} that was not deleted"
                 raise InvalidParameter("imageIndex", submission.image_index, valid)
             width, height = self._upscale_size(submission.resolution, image.width / image.height)
+            self.admission.limits.check(conn, user_id)
             account = self.admission.admit(
                 conn,
                 user_id=user_id,

@@ -41,6 +41,13 @@ users = Table(
     metadata,
     Column("id", Integer, primary_key=True),
     Column("created_at", BigInteger, nullable=False),
+    # Limits an operator sets (`dreamserve users set`), None for none: unfinished jobs at once,
+    # and submissions per minute, counted in `minute_count` for the minute `minute` (epoch ms of
+    # its start; admission.py's UserLimits).
+    Column("max_running", Integer, nullable=True),
+    Column("max_per_minute", Integer, nullable=True),
+    Column("minute", BigInteger, nullable=True),
+    Column("minute_count", Integer, nullable=False, server_default="0"),
 )
 
 tokens = Table(
@@ -50,6 +57,11 @@ tokens = Table(
     Column("user_id", Integer, ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
     Column("token_hash", String(64), nullable=False, unique=True),
     Column("created_at", BigInteger, nullable=False),
+    # What identifies a token to people, never enough to use it: `user:N-` and the first
+    # characters of its secret (None for tokens made before it was kept).
+    Column("prefix", String(64), nullable=True),
+    Column("revoked_at", BigInteger, nullable=True),  # refused from then on
+    Column("last_used_at", BigInteger, nullable=True),  # to within the token cache
 )
 
 accounts = Table(
@@ -114,6 +126,9 @@ jobs = Table(
     Index("ix_jobs_status_account", "status", "account_id"),
     Index("ix_jobs_status_lease", "status", "lease_until"),
     Index("ix_jobs_finished_at", "finished_at"),  # retention
+    # GET /images, the user's jobs newest first: a range scan of one of these, never a sort.
+    Index("ix_jobs_user_created", "user_id", "created_at", "id"),
+    Index("ix_jobs_user_status_created", "user_id", "status", "created_at", "id"),
 )
 
 assets = Table(
