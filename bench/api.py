@@ -19,7 +19,13 @@ is the figure (the two sides of a round run seconds apart, so a slow spell of a 
 moves both). Servers are pinned to CPU 0 and the clients to the other CPUs where the machine has
 two or more.
 
-    .venv/bin/python bench/api.py [--seconds 5] [--rounds 5] [--clients 8]
+The `admission` server logs at info (each admission is one event line, observe.py), to a file.
+`--baseline SRC` adds a fourth server, the same `admission` server on another checkout's
+`SRC/src` (e.g. a worktree of the commit before a change: `git worktree add --detach
+/tmp/before <commit>`), driven in the same rounds: its figure is the paired ratio of ours over
+it, in req/s and in server CPU per request.
+
+    .venv/bin/python bench/api.py [--seconds 5] [--rounds 5] [--clients 8] [--baseline SRC]
 """
 
 from __future__ import annotations
@@ -78,17 +84,29 @@ class Result:
 
 class Server:
     def __init__(
-        self, app: str, data_dir: Path, cpus: set[int] | None, options: Sequence[str] = ()
+        self,
+        app: str,
+        data_dir: Path,
+        cpus: set[int] | None,
+        options: Sequence[str] = (),
+        src: str | None = None,
     ) -> None:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
         self.data_dir = data_dir
         command = [sys.executable, str(HERE / "serve.py"), app, "--port", str(self.port)]
+        env = dict(os.environ)
+        if src is not None:  # another checkout's dreamserve (`--baseline`)
+            env["PYTHONPATH"] = os.pathsep.join([src, *env.get("PYTHONPATH", "").split(os.pathsep)])
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.log = (data_dir / "server.log").open("w")
         self.process = subprocess.Popen(
             [*command, "--data-dir", str(data_dir), *options],
             stdout=subprocess.PIPE,
+            stderr=self.log,
             text=True,
+            env=env,
             preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
         )
         assert self.process.stdout is not None
@@ -101,7 +119,7 @@ class Server:
                 return
             except OSError:
                 time.sleep(0.05)
-        raise RuntimeError(f"{app} server did not start")
+        raise RuntimeError(f"{app} server did not start: see {data_dir / 'server.log'}")
 
     def unfinished(self) -> int:
         with sqlite3.connect(self.data_dir / "dreamserve.db") as db:
@@ -112,6 +130,7 @@ class Server:
         self.process.wait(30)
         assert self.process.stdout is not None
         self.process.stdout.close()
+        self.log.close()
 
 
 def process_cpu(pid: int) -> float:
@@ -187,17 +206,23 @@ async def drain(server: Server) -> None:
     raise RuntimeError("jobs did not drain")
 
 
-async def run(seconds: float, rounds: int, clients: int) -> None:
+async def run(seconds: float, rounds: int, clients: int, baseline: str | None) -> None:
     server_cpus = pin_servers()
+    info = ["--log-level", "info"]
     with tempfile.TemporaryDirectory() as scratch:
         servers = {
-            name: Server(name, Path(scratch) / name, server_cpus)
-            for name in ("dreamserve", "admission", "noop")
+            "dreamserve": Server("dreamserve", Path(scratch) / "dreamserve", server_cpus),
+            "admission": Server("admission", Path(scratch) / "admission", server_cpus, info),
+            "noop": Server("noop", Path(scratch) / "noop", server_cpus),
         }
+        if baseline:
+            held_before = Server("admission", Path(scratch) / "before", server_cpus, info, baseline)
+            servers["before"] = held_before
         real, held, noop = servers["dreamserve"], servers["admission"], servers["noop"]
         try:
             jobid = await completed_job(real)
             waiting = await unfinished_job(held)
+            before = servers.get("before")
             phases = {
                 "POST /noop": (noop, "POST", f"{noop.url}/noop", BODY),
                 "POST /images run": (real, "POST", f"{real.url}/v1/dreamina/images", BODY),
@@ -211,6 +236,9 @@ async def run(seconds: float, rounds: int, clients: int) -> None:
                     None,
                 ),
             }
+            if before is not None:
+                url = f"{before.url}/v1/dreamina/images"
+                phases["POST /images before"] = (before, "POST", url, BODY)
             results: dict[str, list[Result]] = {name: [] for name in phases}
             for _ in range(rounds):
                 for name, (server, method, url, body) in phases.items():
@@ -224,6 +252,31 @@ async def run(seconds: float, rounds: int, clients: int) -> None:
             for server in servers.values():
                 server.stop()
     report(results, seconds, rounds, clients, server_cpus)
+    if baseline:
+        against_baseline(results, baseline)
+
+
+def against_baseline(results: dict[str, list[Result]], baseline: str) -> None:
+    """The submission path of this checkout over the same of `baseline`, round by round: in
+    req/s, and in server CPU per request (steadier on a shared machine)."""
+    ours, theirs = results["POST /images held"], results["POST /images before"]
+    rates = sorted(mine.rate / base.rate for mine, base in zip(ours, theirs, strict=True))
+    costs = sorted(
+        mine_cpu / base_cpu
+        for mine, base in zip(ours, theirs, strict=True)
+        if (mine_cpu := mine.cpu_per_request) and (base_cpu := base.cpu_per_request)
+    )
+    print(f"the submission path against {baseline} (paired rounds):")
+    print(
+        f"  req/s {statistics.median(rates):.3f} of the baseline's "
+        f"(rounds {rates[0]:.3f}-{rates[-1]:.3f})"
+    )
+    if costs:
+        print(
+            f"  server CPU per request {statistics.median(costs):.3f} of the baseline's "
+            f"(rounds {costs[0]:.3f}-{costs[-1]:.3f})"
+        )
+    print(f"  load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 def pin_servers() -> set[int] | None:
@@ -313,8 +366,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument(
+        "--baseline", metavar="SRC", help="a checkout whose src/ runs the baseline server"
+    )
     args = parser.parse_args()
-    asyncio.run(run(args.seconds, args.rounds, args.clients))
+    src = str(Path(args.baseline).resolve() / "src") if args.baseline else None
+    asyncio.run(run(args.seconds, args.rounds, args.clients, src))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,9 @@
   a day-long lease, as `admission`. The submission path with its enqueue.
 - `noop`: a FastAPI app whose POST parses the JSON body and whose GET answers a constant.
 
+`--log-level info` writes the server's info lines (one per job event, observe.py) to stderr, as
+`dreamserve serve` does by default; the default `warning` leaves them out.
+
 `--database-url` puts the real app on that database (`Settings.database_url`; default: SQLite in
 the data dir). `--no-shared` deletes the shared accounts the way the operator does (`dreamserve
 accounts remove --shared`), so user 1 has only the accounts it creates itself through the API.
@@ -110,6 +113,7 @@ def main() -> None:
     parser.add_argument("--database-url", default=None)
     parser.add_argument("--no-shared", action="store_true")
     parser.add_argument("--extra-users", type=int, default=0)
+    parser.add_argument("--log-level", default="warning")  # info: the job event lines too
     args = parser.parse_args()
     unclaimed = {"lease_seconds": 86_400.0} if args.app in ("admission", "api") else {}
     settings = Settings(
@@ -117,7 +121,7 @@ def main() -> None:
         data_dir=args.data_dir,
         database_url=args.database_url,
         port=args.port,
-        log_level="warning",
+        log_level=args.log_level,
         access_log=False,
         **unclaimed,
     )

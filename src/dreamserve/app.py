@@ -19,11 +19,22 @@ from fastapi.openapi.utils import get_openapi
 
 from dreamserve import __version__
 from dreamserve.admission import Admission
-from dreamserve.api import accounts, assets, files, health, images, models, scheduler, webhooks
+from dreamserve.api import (
+    accounts,
+    assets,
+    files,
+    health,
+    images,
+    metrics,
+    models,
+    scheduler,
+    webhooks,
+)
 from dreamserve.api.body import BodyLimits, BodyReads
 from dreamserve.api.deps import BEARER_SCHEME
 from dreamserve.api.docs import install_docs
 from dreamserve.api.errors import install_error_handlers, route_methods
+from dreamserve.api.metrics import HttpMetrics
 from dreamserve.catalogue import Catalogue
 from dreamserve.config import ConfigError, OperatorConfig, load_config
 from dreamserve.dispatch.base import Dispatcher, Runner
@@ -336,6 +347,9 @@ def create_app(
         )
     )
     install_error_handlers(app)
+    app.state.metrics_token = settings.metrics_token  # GET /metrics (api/metrics.py)
+    app.include_router(metrics.router)
+    app.add_middleware(HttpMetrics, prefix=API_PREFIX)
     routers = (
         images.router,
         webhooks.router,

@@ -29,7 +29,7 @@ from urllib.parse import unquote_plus
 
 from sqlalchemy.engine import URL, make_url
 
-from dreamserve import __version__
+from dreamserve import __version__, metrics, observe
 from dreamserve.app import (
     API_PREFIX,
     apply_config,
@@ -78,9 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     settings = Settings()
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    observe.setup_logging(settings.log_level, settings.log_format)
     logging.getLogger("alembic").setLevel(logging.WARNING)  # it narrates every start
     # httpx logs every request's URL at info: a replyUrl may hold a receiver's credentials.
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -113,6 +111,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="A,B",
         help="the accounts whose jobs it runs, e.g. LOCAL:gpu0,LOCAL:gpu1 (default: every account "
         "whose engine loads here, those added later too)",
+    )
+    worker.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve its metrics on http://HOST:PORT/metrics (default DREAMSERVE_METRICS_PORT; "
+        "none when 0)",
     )
     commands.add_parser("migrate", help="create or upgrade the database schema")
     commands.add_parser("openapi", help="print the OpenAPI document")
@@ -226,6 +231,7 @@ def _run(settings: Settings, args: argparse.Namespace) -> None:
         serve(settings)
     elif args.command == "worker":
         accounts = [name for name in (args.accounts or "").split(",") if name.strip()]
+        metrics.serve_alone(args.metrics_port or settings.metrics_port, settings.host)
         asyncio.run(_worker(settings, [name.strip() for name in accounts] or None))
     elif args.command == "migrate":
         asyncio.run(_migrate(settings))
@@ -307,7 +313,7 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "port": settings.port,
         "log_level": settings.log_level,
         "access_log": settings.access_log,
-        "log_config": log_config(),
+        "log_config": log_config(settings.log_format),
         "proxy_headers": False,
         # httptools as uvicorn would pick it, with bounds on a request head's size and time, a
         # body's time and open connections, which uvicorn does not have (httplimits.py).
@@ -322,9 +328,9 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
     }
 
 
-def log_config() -> dict[str, Any]:
+def log_config(log_format: str = "text") -> dict[str, Any]:
     """uvicorn's own logging configuration, with `QuietProbes` and `UnsignedLinks` on its
-    access log."""
+    access log; its lines as JSON with `json` (observe.JsonFormatter)."""
     from uvicorn.config import LOGGING_CONFIG
 
     config = copy.deepcopy(LOGGING_CONFIG)
@@ -333,16 +339,19 @@ def log_config() -> dict[str, Any]:
         "unsigned_links": {"()": UnsignedLinks},
     }
     config["loggers"]["uvicorn.access"]["filters"] = ["quiet_probes", "unsigned_links"]
+    if log_format == "json":
+        for name in config["formatters"]:
+            config["formatters"][name] = {"()": observe.JsonFormatter}
     return config
 
 
-PROBE_PATHS = frozenset({"/healthz", "/readyz"})
+PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # and Prometheus's scrapes
 
 
 class QuietProbes(logging.Filter):
     """Leaves the health probes (GET /healthz, /readyz, every few seconds from a load balancer
-    or an orchestrator) out of uvicorn's access log; /readyz logs its failing checks itself,
-    once per change (service/readiness.py)."""
+    or an orchestrator) and Prometheus's scrapes (GET /metrics) out of uvicorn's access log;
+    /readyz logs its failing checks itself, once per change (service/readiness.py)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args

@@ -19,6 +19,7 @@ from functools import partial
 from sqlalchemy import Connection
 from sqlalchemy.exc import OperationalError
 
+from dreamserve import observe
 from dreamserve.dispatch.base import Dispatcher
 from dreamserve.errors import DatabaseBusy
 from dreamserve.jobs import millis
@@ -89,14 +90,15 @@ class Reaper:
                 job = job_queries.job_by_id(tx.conn, job_id)
                 if job is None or job.attempts != attempt:
                     return False
-                return tx.fail(job, RUNNER_LOST, None, now, expired_before=now)
+                failed = tx.fail(job, RUNNER_LOST, None, now, expired_before=now)
+                if failed:
+                    tx.committed.append(partial(observe.job_failed, job, RUNNER_LOST))
+                return failed
 
             if await self.store.write(fail):
                 sweep.failed.append(jobid)
         for job_id in sweep.requeued:
             await self.dispatcher.dispatch(job_id)
-        for jobid in sweep.failed:
-            log.warning("job %s failed: its runner stopped too many times", jobid)
         await self._queues(now)
         keys_before = now - int(self.config.idempotency_seconds * 1000)
 
@@ -112,15 +114,17 @@ class Reaper:
         to the waiting (a slot that freed while a job joined the queue, a cap raised, a restart);
         the promoted jobs are dispatched by the store."""
         overdue = await self.store.db.read(lambda conn: job_queries.overdue_waits(conn, now))
-        for job_id, jobid, seconds in overdue:
+        for job_id, _jobid, seconds in overdue:
 
             def give_up(tx: JobTransaction, job_id: int = job_id, seconds: int = seconds) -> bool:
                 job = job_queries.job_by_id(tx.conn, job_id)
                 error = f"Timed out waiting for capacity after {seconds} s"
-                return job is not None and tx.give_up_waiting(job, error, now)
+                if job is None or not tx.give_up_waiting(job, error, now):
+                    return False
+                tx.committed.append(partial(observe.job_failed, job, error))
+                return True
 
-            if await self.store.write(give_up):
-                log.info("job %s failed: no slot within its queueSeconds (%d s)", jobid, seconds)
+            await self.store.write(give_up)
         accounts = await self.store.db.read(job_queries.accounts_to_promote)
         for account_id in accounts:
             await self.store.write(partial(JobTransaction.promote, account_id=account_id, now=now))

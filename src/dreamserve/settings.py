@@ -86,7 +86,13 @@ class Settings(BaseSettings):
     webhook_concurrency_per_host: int = Field(default=8, ge=1)
     upstream_allow_private: bool = False
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    # Log lines as text (a message, then key=value fields) or as JSON objects, one a line.
+    log_format: Literal["text", "json"] = "text"
     access_log: bool = True
+    # GET /metrics asks for `Authorization: Bearer <metrics_token>` when set (open when not);
+    # a `dreamserve worker` serves its metrics on `metrics_port` when set (0: none).
+    metrics_token: str | None = Field(default=None, repr=False)
+    metrics_port: int = Field(default=0, ge=0, le=65535)
 
     @property
     def base_url(self) -> str:

@@ -24,6 +24,7 @@ from functools import partial
 from PIL import Image, ImageOps
 from sqlalchemy import Connection
 
+from dreamserve import observe
 from dreamserve.encoding import EXTENSIONS, Encoding, encode
 from dreamserve.engines.base import (
     CancelSignal,
@@ -86,6 +87,7 @@ class JobRunner:
         self.account_changed = account_changed  # drops admission's cached account lists
         self._signals: dict[int, CancelSignal] = {}  # jobs running here -> their cancel signal
         self._jobids: dict[str, int] = {}  # the jobids of the jobs running here -> their ids
+        self._runs: dict[int, observe.JobRun] = {}  # the jobs running here -> their timings
         self._turns = itertools.count(1)  # the order jobs got their memory in (render_threads)
 
     def cancel(self, job_id: int) -> None:
@@ -133,6 +135,7 @@ class JobRunner:
             return
 
         progress = _Progress()
+        run = self._runs[job.id] = observe.job_started(job, account.engine, now)
         cancel = self._signals[job.id] = CancelSignal()
         self._jobids[job.jobid] = job.id
         lease = _Lease(self.config.lease_seconds, leased_at)
@@ -143,6 +146,8 @@ class JobRunner:
             if self._signals.get(job.id) is cancel:  # not a later attempt's (after a requeue)
                 del self._signals[job.id]
                 self._jobids.pop(job.jobid, None)
+            if self._runs.get(job.id) is run:
+                del self._runs[job.id]
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
@@ -172,7 +177,7 @@ class JobRunner:
                 job, Status.COMPLETED, images=stored, account=account
             )
             if ended and (account.failures or account.cooldown_until is not None):
-                log.info("account %s recovered: job %s completed", account.name, job.jobid)
+                observe.account_changed("recovered", account.name, account.engine, job=job)
                 self.account_changed()
             if not ended:
                 # Cancelled, taken back or its lease given up on while the images were being
@@ -185,7 +190,9 @@ class JobRunner:
         if isinstance(failure, Cancelled):
             await self._finish(job, Status.FAILED, error=CANCELLED_BY_USER)
         elif isinstance(failure, AccountError):
-            log.warning("account %s put in error: %s", account.name, failure.error)
+            observe.account_changed(
+                "error", account.name, account.engine, job=job, reason=failure.error
+            )
             await self._finish(
                 job,
                 Status.FAILED,
@@ -243,10 +250,15 @@ class JobRunner:
     ) -> list[StoredImage]:
         # Taken again: the account's engine may have been replaced while the job waited.
         engine = self.engines.hold(self._engine(account))
+        run = self._runs.get(job.id)
+        if run is not None:
+            run.lap()  # the engine's time from here (not the wait for memory)
         try:
             images = await self._images(job, account, engine, progress, cancel)
         finally:
             await self.engines.release(engine)
+        if run is not None:
+            run.rendered()
         # An engine may return its images after a cancel (it was finishing a step): the job
         # ended, or is no longer this runner's, so they are neither encoded nor stored.
         cancel.raise_if_set()
@@ -259,6 +271,8 @@ class JobRunner:
             ),
             return_exceptions=True,
         )
+        if run is not None:
+            run.stored()
         stored = [result for result in results if isinstance(result, StoredImage)]
         failures = [result for result in results if isinstance(result, BaseException)]
         if failures:
@@ -319,11 +333,15 @@ class JobRunner:
         item_id = self.ids.item_id(now)  # before any await: a job's images keep their order
         image_format = self.config.encoding.image_format
         loop = asyncio.get_running_loop()
+        started = time.monotonic()
         data = await loop.run_in_executor(self.executor, encode, image, self.config.encoding)
+        observe.image_encoded(image_format, time.monotonic() - started)
         cancel.raise_if_set()  # cancelled while encoding: nothing written
         key = f"images/{now:%Y/%m/%d}/{item_id}.{EXTENSIONS[image_format]}"
         try:
+            started = time.monotonic()
             await self.blobs.put(key, data)
+            observe.image_stored(time.monotonic() - started)
         except StorageFull:
             # The operator's to fix, not the prompt's: the record says so rather than "OSError".
             log.error("job %s: its images cannot be stored, the blob store is full", job.jobid)
@@ -372,14 +390,12 @@ class JobRunner:
             return failed
 
         ended = await self._write_end(job, finish)
+        if ended:
+            observe.job_ended(job, self._runs.get(job.id), status, error, now)
         if ended and account is not None and cooling:
             seconds = (cooling[0] - now) / 1000
-            log.warning(
-                "account %s cooling down for %.0f s: job %s failed: %s",
-                account.name,
-                seconds,
-                job.jobid,
-                error,
+            observe.account_changed(
+                "cooldown", account.name, account.engine, job=job, reason=error, cooldown_s=seconds
             )
             self.account_changed()  # admission here sees it now, elsewhere within its cache
         return ended

@@ -24,6 +24,7 @@ BEARER_SCHEME = {
     }
 }
 SECURED: dict[str, Any] = {"security": [{"bearer": []}]}
+USER = "dreamserve.user"  # the request's user id, in its scope once authenticated (for logs)
 
 
 def service_of(request: Request) -> Service:
@@ -34,7 +35,10 @@ def service_of(request: Request) -> Service:
 async def authenticate(request: Request) -> tuple[Service, int]:
     """The service and the user id of the request's token (401 `Unauthorized` without one)."""
     service = service_of(request)
-    return service, await service.tokens.authenticate(request.headers.get("authorization"))
+    user = request.scope[USER] = await service.tokens.authenticate(
+        request.headers.get("authorization")
+    )
+    return service, user
 
 
 class RequestRoute(APIRoute):

@@ -14,6 +14,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import Route, compile_path
 
+from dreamserve import observe
+from dreamserve.api.deps import USER
 from dreamserve.errors import DreamserveError
 from dreamserve.replies import ErrorBody
 
@@ -35,7 +37,9 @@ def error_response(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-async def _dreamserve_error(_request: Request, exc: DreamserveError) -> JSONResponse:
+async def _dreamserve_error(request: Request, exc: DreamserveError) -> JSONResponse:
+    if exc.status == 429:
+        observe.too_many(exc, request.scope.get(USER), request.scope["path"])
     return error_response(exc.status, exc.message, exc.headers)
 
 

@@ -8,7 +8,7 @@ import logging
 from collections.abc import Callable
 from datetime import datetime
 
-from dreamserve import replies
+from dreamserve import observe, replies
 from dreamserve.dispatch.base import Dispatcher
 from dreamserve.errors import JobNotFound, JobNotRunning
 from dreamserve.ids import parse_jobid, unquoted
@@ -76,6 +76,7 @@ class Scheduler:
             return cancelled
 
         job = await self.store.write(cancel)
+        observe.job_cancelled(job)
         self.dispatcher.cancel(job.id)
         return Record(record(job, self.blobs.link))
 

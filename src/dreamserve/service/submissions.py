@@ -9,11 +9,13 @@ import re
 import secrets
 from collections.abc import Callable, Mapping
 from datetime import datetime
+from functools import partial
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection
 from sqlalchemy.exc import IntegrityError
 
+from dreamserve import observe
 from dreamserve.admission import Admission
 from dreamserve.catalogue import UPSCALE_TIERS, Catalogue
 from dreamserve.dispatch.base import Dispatcher
@@ -323,7 +325,7 @@ class Submissions:
             lease_until=None if waits is not None else created_at + self.config.lease_ms,
             queue_deadline=queue_deadline,
         )
-        return Job(
+        job = Job(
             id=job_id,
             jobid=jobid,
             type=kind,
@@ -337,6 +339,8 @@ class Submissions:
             created_at=created_at,
             queue_deadline=queue_deadline,
         )
+        tx.committed.append(partial(observe.job_admitted, job, account.engine))
+        return job
 
     async def _admitted(self, admit: Callable[[JobTransaction], T]) -> T:
         try:

@@ -33,6 +33,7 @@ class JobTransaction:
         self._lease_ms = lease_ms  # of a job promoted from its account's queue
         self.changes: list[tuple[str, bool]] = []  # (jobid, ended), to publish after commit
         self.promoted: list[tuple[int, str]] = []  # (id, jobid), to dispatch after commit
+        self.committed: list[Callable[[], None]] = []  # called once this commits (observe.py)
 
     def _made(self, transition: Transition, jobids: Sequence[str]) -> None:
         rule = TRANSITIONS[transition]
@@ -243,6 +244,8 @@ class JobStore:
 
         result = await self.db.write(run)
         if made:
+            for call in made[0].committed:
+                call()
             for ended in (False, True):
                 jobids = [jobid for jobid, end in made[0].changes if end is ended]
                 if jobids:

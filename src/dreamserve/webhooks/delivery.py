@@ -34,7 +34,7 @@ from random import Random
 import httpx
 from sqlalchemy import Connection
 
-from dreamserve import __version__
+from dreamserve import __version__, observe
 from dreamserve.errors import DatabaseBusy
 from dreamserve.events import JobEvents
 from dreamserve.jobs import Job, millis, record
@@ -248,10 +248,16 @@ class Deliverer:
         duration = int((time.monotonic() - started) * 1000)
         attempt = Try(millis(sent_at), status_code, _printable(error), duration)
         heard = None if refused else status_code is not None  # refused: nothing was sent
-        await self._record(delivery, attempt, refused=refused, heard=heard)
+        await self._record(delivery, attempt, refused=refused, heard=heard, jobid=job.jobid)
 
     async def _record(
-        self, delivery: Delivery, attempt: Try, *, refused: bool, heard: bool | None
+        self,
+        delivery: Delivery,
+        attempt: Try,
+        *,
+        refused: bool,
+        heard: bool | None,
+        jobid: str | None = None,
     ) -> None:
         """Record the try and, `heard` not None, whether the receiver's host answered."""
         status, next_at = self._next(delivery, attempt, refused)
@@ -269,6 +275,17 @@ class Deliverer:
             return None
 
         cooldown = await self.db.write(write)
+        observe.webhook_tried(
+            jobid=jobid,
+            user=delivery.user_id,
+            host=delivery.host,
+            outcome=status,
+            status=attempt.status_code,
+            duration_ms=attempt.duration_ms,
+            error=attempt.error,
+            tries=delivery.tries,
+            latency_ms=ended - delivery.created_at if status == "delivered" else None,
+        )
         if cooldown is not None:
             log.warning(
                 "webhook receiver %s cools down for %g s: its last tries got no answer",
