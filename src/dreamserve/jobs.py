@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, TypedDict, cast
+from typing import Any, NamedTuple, TypedDict, cast
 
 from dreamserve.ids import AssetRef, JobType, asset_id, epoch_millis, iso_millis
 from dreamserve.replies import ImageFormat, ImageOut, JobRecord, JobResponse
@@ -203,6 +203,17 @@ class Spec:
             reply_url=data.get("replyUrl"),
             reply_ref=data.get("replyRef"),
         )
+
+
+class EndedJob(NamedTuple):
+    """A job that many were ended with at once (an account deleted, a start giving up on
+    jobs): what its waiters, runners and the operator's log are told of it."""
+
+    id: int
+    jobid: str
+    user_id: int
+    account: str
+    model: str
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from prometheus_client import Counter
 
 from dreamserve import metrics
 from dreamserve.errors import AtCapacity, DreamserveError, TooManyBodiesOfUser, UserLimitReached
-from dreamserve.jobs import CANCELLED_BY_USER, Job, Status
+from dreamserve.jobs import CANCELLED_BY_USER, EndedJob, Job, Status
 
 log = logging.getLogger("dreamserve.observe")
 
@@ -63,7 +63,7 @@ def _emit(level: int, name: str, text: str, **fields: object) -> None:
         log.log(level, Event(name, text, {"event": name, **fields}))
 
 
-def _job_fields(job: Job, engine: str) -> dict[str, object]:
+def _job_fields(job: Job | EndedJob, engine: str) -> dict[str, object]:
     return {
         "jobid": job.jobid,
         "user": job.user_id,
@@ -91,7 +91,7 @@ def _learn(account: str, engine: str) -> None:
 _series: dict[tuple[Counter, str, str, str], Counter] = {}
 
 
-def _count(counter: Counter, job: Job, engine: str) -> None:
+def _count(counter: Counter, job: Job | EndedJob, engine: str) -> None:
     key = (counter, job.model, job.account, engine)
     series = _series.get(key)
     if series is None:
@@ -186,19 +186,24 @@ def job_ended(job: Job, run: JobRun | None, status: Status, error: str | None, n
         job_failed(job, error or "", engine)
 
 
-def job_failed(job: Job, reason: str, engine: str | None = None) -> None:
-    """A job ended failed: by its runner, or given up on (its runner lost too often, its
-    `queueSeconds` out). `reason` is the error its record shows."""
+def job_failed(job: Job | EndedJob, reason: str, engine: str | None = None) -> None:
+    """A job ended failed: by its runner, or given up on (its runner lost too often, a start
+    finding it started too often, its `queueSeconds` out). `reason` is the error its record
+    shows."""
     engine = engine or _engine_of(job.account)
     _count(metrics.JOBS_FAILED, job, engine)
     _emit(logging.WARNING, "job.failed", "job failed", **_job_fields(job, engine), reason=reason)
 
 
-def job_cancelled(job: Job) -> None:
-    """A job cancelled by its user (DELETE /images/<jobid>)."""
+def job_cancelled(job: Job | EndedJob, reason: str | None = None) -> None:
+    """A job cancelled: by its user (DELETE /images/<jobid>), or with its account (`reason`:
+    the account was deleted)."""
     engine = _engine_of(job.account)
     _count(metrics.JOBS_CANCELLED, job, engine)
-    _emit(logging.INFO, "job.cancelled", "job cancelled", **_job_fields(job, engine))
+    fields = _job_fields(job, engine)
+    if reason is not None:
+        fields["reason"] = reason
+    _emit(logging.INFO, "job.cancelled", "job cancelled", **fields)
 
 
 def image_encoded(image_format: str, seconds: float) -> None:

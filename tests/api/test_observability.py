@@ -24,7 +24,7 @@ from dreamserve.engines.base import CancelSignal, GenerationRequest
 from dreamserve.errors import AccountError, JobFailed
 from dreamserve.observe import Event, JsonFormatter
 from dreamserve.settings import Settings
-from dreamserve.storage.tables import accounts
+from dreamserve.storage.tables import accounts, jobs
 
 pytestmark = pytest.mark.anyio
 
@@ -372,3 +372,52 @@ async def test_a_webhook_try_is_one_line_and_counted(
     assert value(after, tries[0], **tries[1]) - value(before, tries[0], **tries[1]) == 1
     latency = "dreamserve_webhook_delivery_seconds_count"
     assert value(after, latency) - value(before, latency) == 1
+
+
+@pytest.mark.both_databases
+async def test_jobs_cancelled_with_their_account_are_one_line_each_and_counted(
+    harness: Harness, engine: ScriptedEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    body = {"account": "LOCAL:doomed", "engine": "procedural", "maxJobs": 5}
+    await harness.put_account(body)
+    held = [
+        (await harness.post({**SMALL, "prompt": "hold on", "account": "LOCAL:doomed"})).json()[
+            "jobid"
+        ]
+        for _ in range(2)
+    ]
+    await eventually(lambda: engine.started == 2)
+    labels = {"model": "nano-banana", "account": "LOCAL:doomed", "engine": "procedural"}
+    _, before = await scrape(harness)  # the counters are the process's: another test's count
+    assert (await harness.call("DELETE", "/accounts/LOCAL:doomed")).status_code == 200
+    cancelled = [fields for name, fields, _ in events(caplog) if name == "job.cancelled"]
+    assert sorted(fields["jobid"] for fields in cancelled) == sorted(held)
+    for fields in cancelled:
+        assert (fields["user"], fields["account"], fields["model"]) == (
+            "1",
+            "LOCAL:doomed",
+            "nano-banana",
+        )
+        assert fields["reason"] == "Account LOCAL:doomed was deleted"
+    _, after = await scrape(harness)
+    counted = "dreamserve_jobs_cancelled_total"
+    assert value(after, counted, **labels) - value(before, counted, **labels) == 2
+
+
+async def test_jobs_a_start_gives_up_on_are_one_failed_line_each(
+    settings: Settings, engine: ScriptedEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with open_harness(settings, engines={"procedural": engine.factory}) as first:
+        jobid = (await first.post({**SMALL, "prompt": "hold on"})).json()["jobid"]
+        await eventually(lambda: engine.started == 1)
+        # As if it had been started the most times a job may be: the next start gives up.
+        await first.execute(update(jobs).where(jobs.c.jobid == jobid).values(attempts=99))
+    caplog.set_level(logging.INFO)
+    async with open_harness(settings, engines={"procedural": engine.factory}) as second:
+        record = await second.wait(jobid)
+    assert record["status"] == "failed"
+    (failed,) = [fields for name, fields, _ in events(caplog) if name == "job.failed"]
+    assert failed["jobid"] == jobid
+    assert failed["reason"] == record["error"]
+    assert (failed["user"], failed["account"], failed["model"]) == ("1", ACCOUNT, "nano-banana")

@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import Connection
 from sqlalchemy.exc import IntegrityError
 
+from dreamserve import observe
 from dreamserve.accounts import check_models, models_served, parse_account, summary
 from dreamserve.admission import Admission
 from dreamserve.catalogue import Catalogue
@@ -22,7 +23,7 @@ from dreamserve.errors import (
     SharedAccount,
 )
 from dreamserve.ids import is_account_id, unquoted
-from dreamserve.jobs import CANCELLED_BY_USER, millis
+from dreamserve.jobs import CANCELLED_BY_USER, EndedJob, millis
 from dreamserve.replies import AccountDeleted, AccountSummary
 from dreamserve.storage import account_queries, user_queries
 from dreamserve.storage.account_queries import Account
@@ -153,7 +154,7 @@ class Accounts:
         name = unquoted(name)
         now = millis(self.clock())
 
-        def remove(tx: JobTransaction) -> tuple[int, list[tuple[int, str]], int]:
+        def remove(tx: JobTransaction) -> tuple[int, list[EndedJob], int]:
             conn = tx.conn
             account = visible(conn, user_id, name)
             if user_id is not None and account.is_shared:
@@ -172,8 +173,9 @@ class Accounts:
         account_id, cancelled, remaining = await self.store.write(remove)
         self.admission.forget()
         self.admission.engines.retire(account_id)
-        for job_id, _ in cancelled:
-            self.dispatcher.cancel(job_id)
+        for job in cancelled:
+            observe.job_cancelled(job, reason=f"Account {name} was deleted")
+            self.dispatcher.cancel(job.id)
         return {"account": name, "deleted": True, "remaining": remaining}
 
     async def routing(self) -> list[str]:

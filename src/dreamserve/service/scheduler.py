@@ -105,10 +105,12 @@ class Scheduler:
         abandoned = await self.store.write(
             lambda tx: tx.recover(self.config.max_attempts, error, now, lease)
         )
+        for job in abandoned:
+            observe.job_failed(job, error)
         await db.share_runner_lock()  # the jobs are recovered: others may run jobs now
         for job_id in await self.store.queued():
             await self.dispatcher.dispatch(job_id)
-        return abandoned
+        return [job.jobid for job in abandoned]
 
     async def keep_runner_lock(self, every: float) -> None:
         """After `resume`: check every `every` seconds that this process still holds the

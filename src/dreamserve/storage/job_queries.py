@@ -27,7 +27,16 @@ from sqlalchemy import (
     update,
 )
 
-from dreamserve.jobs import TRANSITIONS, Job, Phase, Spec, Status, StoredImage, Transition
+from dreamserve.jobs import (
+    TRANSITIONS,
+    EndedJob,
+    Job,
+    Phase,
+    Spec,
+    Status,
+    StoredImage,
+    Transition,
+)
 from dreamserve.storage import account_queries, webhook_queries
 from dreamserve.storage.account_queries import release_slot
 from dreamserve.storage.prepared import Prepared
@@ -313,9 +322,9 @@ def finish_job(
 
 def cancel_account_jobs(
     conn: Connection, account_id: int, error: str, details: str, now: int
-) -> list[tuple[int, str]]:
+) -> list[EndedJob]:
     """End every unfinished job of an account as failed (its slots go with the account) and
-    queue their webhooks; their ids and jobids, for the runners and waiters to be told."""
+    queue their webhooks; the jobs, for the runners and waiters to be told."""
     condition = (jobs.c.account_id == account_id, FROM[Transition.CANCEL])
     return _fail_all(conn, condition, error, details, now)
 
@@ -420,28 +429,38 @@ def job_by_id(conn: Connection, job_id: int) -> Job | None:
     return None if row is None else _job(row)
 
 
-def fail_exhausted_jobs(conn: Connection, max_attempts: int, error: str, now: int) -> list[str]:
+def fail_exhausted_jobs(
+    conn: Connection, max_attempts: int, error: str, now: int
+) -> list[EndedJob]:
     """Fail the unfinished jobs that were started `max_attempts` times already (queueing their
-    webhooks); their jobids."""
+    webhooks); those jobs."""
     condition = (FROM[Transition.FAIL], jobs.c.attempts >= max_attempts)
-    return [jobid for _, jobid in _fail_all(conn, condition, error, None, now)]
+    return _fail_all(conn, condition, error, None, now)
 
 
 def _fail_all(
     conn: Connection, condition: tuple[Any, ...], error: str, details: str | None, now: int
-) -> list[tuple[int, str]]:
+) -> list[EndedJob]:
     """End every job matching `condition` as failed and queue their webhooks, as finish_job
-    does for one; their ids and jobids."""
+    does for one; those jobs."""
     result = conn.execute(
         update(jobs)
         .where(*condition)
         .values(**_ended(Status.FAILED.value, error, details, now))
-        .returning(jobs.c.id, jobs.c.jobid, jobs.c.user_id, jobs.c.spec, jobs.c.request)
+        .returning(
+            jobs.c.id,
+            jobs.c.jobid,
+            jobs.c.user_id,
+            jobs.c.account,
+            jobs.c.model,
+            jobs.c.spec,
+            jobs.c.request,
+        )
     )
     ended = []
-    for job_id, jobid, user_id, spec, request in result.all():
+    for job_id, jobid, user_id, account, model, spec, request in result.all():
         webhook_queries.queue(conn, job_id, user_id, _spec(spec, request).reply_url, now)
-        ended.append((job_id, jobid))
+        ended.append(EndedJob(job_id, jobid, user_id, account, model))
     return ended
 
 

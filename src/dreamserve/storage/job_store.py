@@ -16,7 +16,15 @@ from typing import Any, TypeVar
 from sqlalchemy import Connection
 
 from dreamserve.events import JobEvents
-from dreamserve.jobs import TRANSITIONS, Job, Spec, Status, StoredImage, Transition
+from dreamserve.jobs import (
+    TRANSITIONS,
+    EndedJob,
+    Job,
+    Spec,
+    Status,
+    StoredImage,
+    Transition,
+)
 from dreamserve.storage import account_queries, job_queries
 from dreamserve.storage.database import Database
 
@@ -186,12 +194,10 @@ class JobTransaction:
         self.promoted.extend(made)
         return made
 
-    def cancel_account(
-        self, account_id: int, error: str, details: str, now: int
-    ) -> list[tuple[int, str]]:
-        """Cancel every unfinished job of an account; their ids and jobids."""
+    def cancel_account(self, account_id: int, error: str, details: str, now: int) -> list[EndedJob]:
+        """Cancel every unfinished job of an account; those jobs."""
         cancelled = job_queries.cancel_account_jobs(self.conn, account_id, error, details, now)
-        self._made(Transition.CANCEL, [jobid for _, jobid in cancelled])
+        self._made(Transition.CANCEL, [job.jobid for job in cancelled])
         return cancelled
 
     def requeue(self, job_id: int, jobid: str, attempt: int, now: int, lease_until: int) -> bool:
@@ -203,13 +209,13 @@ class JobTransaction:
             self._made(Transition.REQUEUE, [jobid])
         return requeued
 
-    def recover(self, max_attempts: int, error: str, now: int, lease_until: int) -> list[str]:
+    def recover(self, max_attempts: int, error: str, now: int, lease_until: int) -> list[EndedJob]:
         """At the start of the process that runs the database's jobs (it holds the runner
         lock, so every unfinished job is an orphan and every taken slot belongs to one): fail
         those started `max_attempts` times, requeue the others, and set every account's taken
-        slots to its unfinished jobs. The jobids given up on."""
+        slots to its unfinished jobs. The jobs given up on."""
         failed = job_queries.fail_exhausted_jobs(self.conn, max_attempts, error, now)
-        self._made(Transition.FAIL, failed)
+        self._made(Transition.FAIL, [job.jobid for job in failed])
         requeued = job_queries.release_unfinished_jobs(self.conn, lease_until)
         self._made(Transition.REQUEUE, requeued)
         account_queries.recount_slots(self.conn)
