@@ -473,6 +473,11 @@ async def _finish_running(dispatcher: Dispatcher, grace: float) -> int:
     drain = getattr(dispatcher, "drain", None)  # the built-in dispatchers (not tests' fakes)
     if drain is None:
         return 0
+    log.info(
+        "stopping: submissions refused (503), no job started; the running ones get up to %g s "
+        "to end (DREAMSERVE_STOP_GRACE_SECONDS)",
+        grace,
+    )
     left: int = await drain(grace)
     if left:
         log.warning(

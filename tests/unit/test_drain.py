@@ -4,9 +4,11 @@ waited for up to the grace, the number still running then returned (`close` stop
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
+from dreamserve.app import _finish_running
 from dreamserve.dispatch.inprocess import InProcessDispatcher
 from dreamserve.settings import Settings
 
@@ -67,3 +69,21 @@ def test_the_stop_grace_is_30_seconds_by_default_and_may_be_0() -> None:
     assert Settings(stop_grace_seconds=0).stop_grace_seconds == 0
     with pytest.raises(ValueError, match="greater than or equal to 0"):
         Settings(stop_grace_seconds=-1)
+
+
+async def test_the_stop_says_when_the_grace_starts_and_what_it_left(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="dreamserve.app")
+    runner = GatedRunner()
+    dispatcher = InProcessDispatcher(runner)
+    await dispatcher.dispatch(1)
+    await asyncio.sleep(0)
+    assert await _finish_running(dispatcher, 0.05) == 1
+    await dispatcher.close()
+    assert [record.getMessage() for record in caplog.records] == [
+        "stopping: submissions refused (503), no job started; the running ones get up to 0.05 s "
+        "to end (DREAMSERVE_STOP_GRACE_SECONDS)",
+        "stopping: 1 job(s) still running after 0.05 s (DREAMSERVE_STOP_GRACE_SECONDS): "
+        "stopped, they run again at the next start",
+    ]
