@@ -293,7 +293,9 @@ def test_random_transition_sequences_keep_the_lifecycle_invariants(
                     assert TRANSITIONS[Transition.REQUEUE].allows(job.phase)
                     job.phase, job.lease_until = Phase.QUEUED, lease
                     told.append((job.jobid, False))
-            assert sorted(failed) == sorted(jobid for jobid, ended in told if ended)
+            assert sorted(job.jobid for job in failed) == sorted(
+                jobid for jobid, ended in told if ended
+            )
             assert sorted(self.events.published) == sorted(told)
             assert sorted(self.events.announced) == sorted(told)
             self.events.published.clear()
