@@ -63,7 +63,7 @@ class Admission:
         self.wall = wall  # epoch ms, for cooldowns
         self._accounts: dict[int, _Usable] = {}
         # Checked by Submissions before `admit`/`enqueue`, in the same transaction.
-        self.limits = UserLimits(retry_after, cache_seconds=cache_seconds, clock=clock, wall=wall)
+        self.limits = UserLimits(self, retry_after, wall=wall)
 
     def forget(self) -> None:
         self._accounts.clear()
@@ -73,7 +73,8 @@ class Admission:
         cached = self._accounts.get(user_id)
         if fresh or cached is None or cached.until <= now:
             accounts = account_queries.usable_accounts(conn, user_id)
-            cached = _Usable(now + self.cache_seconds, accounts)
+            limits = user_queries.limits_of(conn, user_id)
+            cached = _Usable(now + self.cache_seconds, accounts, limits)
             if len(self._accounts) >= 10_000:
                 self._accounts.clear()
             self._accounts[user_id] = cached
@@ -204,11 +205,13 @@ class Admission:
 
 @dataclass
 class _Usable:
-    """A user's accounts as read at one time, valid `until`, and for each (model, named
-    account or None) the accounts among them that can take it."""
+    """A user's accounts and limits (max running, max per minute) as read at one time, valid
+    `until`, and for each (model, named account or None) the accounts among them that can take
+    it."""
 
     until: float
     accounts: list[Account]
+    limits: tuple[int | None, int | None]
     healthy: dict[tuple[str, str | None], list[Account]] = field(default_factory=dict)
 
 
@@ -218,42 +221,26 @@ class UserLimits:
     running, queued for a runner or waiting in an account's queue for a slot), `max_per_minute`
     submissions per minute (counted per minute of the clock: a fixed window).
 
-    Each user's limits are remembered for `cache_seconds`, so that a user without limits costs
-    no statement. A user with limits costs one UPDATE that counts the submission (or, without
-    `max_per_minute`, a row lock on PostgreSQL), and with `max_running` one count of their
-    unfinished jobs: the UPDATE holds the user's row until the transaction commits, so two
-    submissions of one user are admitted one after the other and never both take the last
-    unit, on PostgreSQL as on SQLite (whose writes take turns)."""
+    Each user's limits are read and remembered with their accounts (`Admission`'s cache, for
+    `cache_seconds`), so that a user without limits costs no statement. A user with limits
+    costs one UPDATE that counts the submission (or, without `max_per_minute`, a row lock on
+    PostgreSQL), and with `max_running` one count of their unfinished jobs: the UPDATE holds
+    the user's row until the transaction commits, so two submissions of one user are admitted
+    one after the other and never both take the last unit, on PostgreSQL as on SQLite (whose
+    writes take turns)."""
 
-    def __init__(
-        self,
-        retry_after: int,
-        *,
-        cache_seconds: float = 2.0,
-        clock: Callable[[], float] = time.monotonic,
-        wall: Callable[[], int] = lambda: int(time.time() * 1000),
-    ) -> None:
+    def __init__(self, admission: Admission, retry_after: int, *, wall: Callable[[], int]) -> None:
+        self.admission = admission
         self.retry_after = retry_after
-        self.cache_seconds = cache_seconds
-        self.clock = clock
         self.wall = wall  # epoch ms: the minute of a submission
-        self._limits: dict[int, tuple[float, int | None, int | None]] = {}
 
     def forget(self) -> None:
-        self._limits.clear()
+        self.admission.forget()
 
     def check(self, conn: Connection, user_id: int) -> None:
         """Count the submission, or raise UserLimitReached (the transaction then rolls back,
         the submission uncounted)."""
-        now = self.clock()
-        cached = self._limits.get(user_id)
-        if cached is None or cached[0] <= now:
-            max_running, max_per_minute = user_queries.limits_of(conn, user_id)
-            cached = (now + self.cache_seconds, max_running, max_per_minute)
-            if len(self._limits) >= 10_000:
-                self._limits.clear()
-            self._limits[user_id] = cached
-        _, max_running, max_per_minute = cached
+        max_running, max_per_minute = self.admission._usable(conn, user_id).limits
         if max_running is None and max_per_minute is None:
             return
         if max_per_minute is not None:

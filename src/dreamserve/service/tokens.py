@@ -100,7 +100,7 @@ class Tokens:
 
     async def set_limits(self, user_id: int, values: dict[str, int | None]) -> dict[str, Any]:
         """Set a user's limits (None removes one); the user as `users list` shows it. Servers
-        apply them within `account_cache_seconds` (UserLimits' cache)."""
+        apply them within `account_cache_seconds` (Admission caches them with the accounts)."""
         for name, value in values.items():
             if value is not None and value < 1:
                 option = name.replace("_", "-")
