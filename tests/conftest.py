@@ -14,9 +14,11 @@ makes them fail instead.
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import psycopg
 import pytest
@@ -121,3 +123,13 @@ def s3(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
     for name, value in store_environment(s3_endpoint).items():
         monkeypatch.setenv(name, value)
     return s3_endpoint
+
+
+@pytest.fixture
+def uvicorn_loggers() -> Any:
+    """uvicorn's loggers as they are, restored after a test that lets uvicorn configure them."""
+    loggers = [logging.getLogger(name) for name in ("uvicorn", "uvicorn.error", "uvicorn.access")]
+    saved = [(lg.handlers[:], lg.filters[:], lg.level, lg.propagate) for lg in loggers]
+    yield
+    for lg, (handlers, filters, level, propagate) in zip(loggers, saved, strict=True):
+        lg.handlers, lg.filters, lg.level, lg.propagate = handlers, filters, level, propagate

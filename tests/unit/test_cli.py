@@ -602,16 +602,6 @@ def test_the_access_log_leaves_out_link_signatures(target: str, logged: str) -> 
     assert record.getMessage() == f'127.0.0.1:50000 - "GET {logged} HTTP/1.1" 200'
 
 
-@pytest.fixture
-def uvicorn_loggers() -> Any:
-    """uvicorn's loggers as they are, restored after a test that lets uvicorn configure them."""
-    loggers = [logging.getLogger(name) for name in ("uvicorn", "uvicorn.error", "uvicorn.access")]
-    saved = [(lg.handlers[:], lg.filters[:], lg.level, lg.propagate) for lg in loggers]
-    yield
-    for lg, (handlers, filters, level, propagate) in zip(loggers, saved, strict=True):
-        lg.handlers, lg.filters, lg.level, lg.propagate = handlers, filters, level, propagate
-
-
 def test_serve_runs_uvicorn_with_signatures_out_of_its_access_log(
     uvicorn_loggers: None, capsys
 ) -> None:

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -107,16 +106,6 @@ def test_the_access_log_leaves_out_the_health_probes(target: str, logged: bool) 
     args = ("127.0.0.1:50000", "GET", target, "1.1", 200)
     record = logging.LogRecord("uvicorn.access", logging.INFO, "", 0, ACCESS_FORMAT, args, None)
     assert cli.QuietProbes().filter(record) is logged
-
-
-@pytest.fixture
-def uvicorn_loggers() -> Any:
-    """uvicorn's loggers as they are, restored after a test that lets uvicorn configure them."""
-    loggers = [logging.getLogger(name) for name in ("uvicorn", "uvicorn.error", "uvicorn.access")]
-    saved = [(lg.handlers[:], lg.filters[:], lg.level, lg.propagate) for lg in loggers]
-    yield
-    for lg, (handlers, filters, level, propagate) in zip(loggers, saved, strict=True):
-        lg.handlers, lg.filters, lg.level, lg.propagate = handlers, filters, level, propagate
 
 
 def test_serve_runs_uvicorn_without_the_probes_in_its_access_log(
