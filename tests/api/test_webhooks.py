@@ -555,14 +555,17 @@ def replace_settings(settings: Settings, **changes: object) -> Settings:
 async def test_pending_deliveries_are_sent_after_a_restart(
     private: Settings, clock: FakeClock
 ) -> None:
+    # A receiver that answers at once: the 1 s timeout of `private` (for the receivers that
+    # never answer) could cut its second try on a loaded machine, leaving it pending.
+    patient = private.model_copy(update={"webhook_timeout_seconds": 30.0})
     with receiving() as receiver:
         receiver.plan = [Answer(503)]
-        async with open_harness(private, clock=clock) as harness:
+        async with open_harness(patient, clock=clock) as harness:
             jobid = await submit(harness, receiver.url)
             await harness.wait(jobid)
             await settled(harness, jobid, 1)
         clock.advance(RETRY_DELAYS[0] * (1 + JITTER) + 1)
-        async with open_harness(private, clock=clock) as harness:
+        async with open_harness(patient, clock=clock) as harness:
             delivery = await settled(harness, jobid, 2)
             assert delivery["status"] == "delivered", delivery
         assert receiver.count() == 2
