@@ -4,8 +4,8 @@ images, references uploaded and dropped and picked, upscale, cancel, history, ac
 and the server's error messages shown as they are; the page asks no other host for anything.
 
 The server has a shared account `LOCAL:studio` for the model `studio` (512 px images), whose
-plugin engine holds a job whose prompt starts with "hold" at 40 % until the test creates the
-file `<gates>/<prompt>.run` (or the job is cancelled), then paints it as the procedural engine
+plugin engine holds a job at 40 % when the file `<gates>/<prompt>.hold` exists, until the test
+creates `<gates>/<prompt>.run` (or the job is cancelled), then paints it as the procedural engine
 does. A screenshot of each screen goes to `$DREAMSERVE_SCREENSHOTS` (else a folder of the run).
 
 Without /usr/bin/chromium or the playwright package the module is skipped, saying which."""
@@ -68,7 +68,7 @@ class StudioEngine:
         return True
 
     async def generate(self, request, progress, cancel):
-        if request.prompt.startswith("hold"):
+        if (self.gates / f"{request.prompt}.hold").exists():
             progress(0.4)
             while not (self.gates / f"{request.prompt}.run").exists():
                 cancel.raise_if_set()
@@ -119,6 +119,10 @@ class Studio:
     def client(self) -> httpx.Client:
         auth = {"Authorization": f"Bearer {self.token}"}
         return httpx.Client(base_url=self.server.url + API, headers=auth, timeout=30)
+
+    def hold(self, prompt: str) -> None:
+        """The jobs of `prompt` wait at 40 % until `release`d (or cancelled)."""
+        (self.gates / f"{prompt}.hold").touch()
 
     def release(self, prompt: str) -> None:
         (self.gates / f"{prompt}.run").touch()
@@ -292,17 +296,19 @@ def test_generate_shows_progress_then_four_images(tab: Tab) -> None:
     assert ratios == ["auto", "1:1 (512×512)", "16:9 (640×360)"]
     assert page.get_by_label("Resolution", exact=True).locator("option").all_inner_texts() == ["1k"]
     page.get_by_label("Seed").fill("7")
-    card = tab.generate("hold a lighthouse at dawn")
+    tab.studio.hold("a lighthouse at dawn")
+    card = tab.generate("a lighthouse at dawn")
     expect(card.locator(".status")).to_have_text("Running 40%")
     expect(card.locator("progress")).to_have_js_property("value", 40)
     tab.shot("generate-progress")
-    tab.studio.release("hold a lighthouse at dawn")
+    tab.studio.release("a lighthouse at dawn")
     expect(card.locator(".status")).to_have_text("Completed")
     images_loaded(card, 4)
     assert "LOCAL:studio" in card.locator(".meta").inner_text()
+    page.evaluate("() => window.scrollTo(0, 0)")
     tab.shot("generate", full_page=False)
 
-    card.get_by_role("button", name="Open Image 2 of hold a lighthouse at dawn").click()
+    card.get_by_role("button", name="Open Image 2 of a lighthouse at dawn").click()
     viewer = page.locator("#viewer")
     expect(viewer).to_be_visible()
     expect(viewer.locator("#viewer-image")).to_have_js_property("complete", True)
@@ -311,7 +317,7 @@ def test_generate_shows_progress_then_four_images(tab: Tab) -> None:
     page.keyboard.press("Escape")
     expect(viewer).to_be_hidden()
 
-    download = card.get_by_role("link", name="Download Image 1 of hold a lighthouse at dawn")
+    download = card.get_by_role("link", name="Download Image 1 of a lighthouse at dawn")
     href = download.get_attribute("href")
     assert href is not None
     image = httpx.get(href)  # the link as the browser follows it: no token
@@ -321,7 +327,7 @@ def test_generate_shows_progress_then_four_images(tab: Tab) -> None:
     card.get_by_role("button", name="Record").click()
     record = json.loads(page.locator("#record-json").inner_text())
     assert record["status"] == "completed"
-    assert record["request"]["prompt"] == "hold a lighthouse at dawn"
+    assert record["request"]["prompt"] == "a lighthouse at dawn"
     assert record["request"]["model"] == "studio"
     assert [image["seed"] for image in record["response"]["images"]] == [7, 8, 9, 10]
     tab.shot("record", full_page=False)
@@ -410,13 +416,14 @@ def test_upscale_makes_a_job_of_its_own(tab: Tab) -> None:
 def test_cancel_a_running_job_from_the_history(tab: Tab) -> None:
     tab.sign_in()
     page = tab.page
-    card = tab.generate("hold until cancelled")
+    tab.studio.hold("a job to cancel")
+    card = tab.generate("a job to cancel")
     expect(card.locator(".status")).to_have_text("Running 40%")
     page.get_by_role("link", name="History").click()
     page.get_by_label("Status", exact=True).select_option("created")
     running = page.locator("#history-list .job")
     expect(running).to_have_count(1)
-    expect(running.locator(".job-title")).to_have_text("hold until cancelled")
+    expect(running.locator(".job-title")).to_have_text("a job to cancel")
     tab.shot("history-running")
     running.get_by_role("button", name="Cancel").click()
     expect(running.locator(".status")).to_have_text("Failed")
@@ -427,7 +434,7 @@ def test_cancel_a_running_job_from_the_history(tab: Tab) -> None:
     # Filters: the failed one among the failed, none running; every job of a model.
     page.get_by_role("link", name="History").click()
     page.get_by_label("Status", exact=True).select_option("failed")
-    expect(page.locator("#history-list .job-title")).to_contain_text(["hold until cancelled"])
+    expect(page.locator("#history-list .job-title")).to_contain_text(["a job to cancel"])
     page.get_by_label("Status", exact=True).select_option("created")
     expect(page.locator("#history-empty")).to_be_visible()
     page.get_by_label("Status", exact=True).select_option("")
@@ -486,14 +493,15 @@ def test_accounts_added_edited_removed_with_the_apis_messages(tab: Tab) -> None:
 def test_the_scheduler_lists_running_jobs(tab: Tab) -> None:
     tab.sign_in()
     page = tab.page
-    card = tab.generate("hold for the scheduler")
+    tab.studio.hold("a long job")
+    card = tab.generate("a long job")
     expect(card.locator(".status")).to_have_text("Running 40%")
     page.get_by_role("link", name="Accounts").click()
     scheduler = page.locator("#scheduler")
     expect(scheduler.locator("h3")).to_have_text(["LOCAL:studio"])
     expect(scheduler.locator("li")).to_contain_text(["studio"])
     tab.shot("scheduler")
-    tab.studio.release("hold for the scheduler")
+    tab.studio.release("a long job")
     page.get_by_role("link", name="Generate").click()
     expect(card.locator(".status")).to_have_text("Completed")
 

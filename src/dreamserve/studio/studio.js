@@ -142,7 +142,7 @@ function modelChanged() {
   const account = $("g-account");
   const was = account.value;
   clear(account);
-  account.append(option("", "Any with a free slot"));
+  account.append(option("", "Any free"));
   for (const a of servingAccounts(m.model)) {
     account.append(option(a.account, a.shared ? `${a.account} (shared)` : a.account, a.account === was));
   }
