@@ -45,8 +45,9 @@ Page = playwright.Page
 API = "/v1/dreamina"
 WAIT_MS = 60_000  # the outer bound of every wait for the page (a loaded machine is slow)
 expect.set_options(timeout=WAIT_MS)
+TIMES = "\N{MULTIPLICATION SIGN}"  # as the page writes sizes
 
-ENGINE = '''
+ENGINE = """
 import asyncio
 from pathlib import Path
 
@@ -80,7 +81,7 @@ class StudioEngine:
 
     async def close(self):
         await self.painter.close()
-'''
+"""
 
 CONFIG = """
 [sizes.studio.1k]
@@ -138,8 +139,11 @@ def studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Studio]:
     shots.mkdir(parents=True, exist_ok=True)
     with pytest.MonkeyPatch.context() as patch, receiving() as receiver:
         site = PluginSite(root / "site", patch)
-        site.install("dreamserve-studio-engine", {"studio": "studio_engine:StudioEngine"},
-                     {"studio_engine": ENGINE})
+        site.install(
+            "dreamserve-studio-engine",
+            {"studio": "studio_engine:StudioEngine"},
+            {"studio_engine": ENGINE},
+        )
         path = os.pathsep.join(filter(None, [str(site.root), os.environ.get("PYTHONPATH")]))
         extra = {
             "DREAMSERVE_CONFIG": str(root / "dreamserve.toml"),
@@ -293,7 +297,7 @@ def test_generate_shows_progress_then_four_images(tab: Tab) -> None:
     page.locator("#g-model").select_option("studio")
     # What the model takes: its ratios (auto, as it has auto_ratio), its one resolution.
     ratios = page.get_by_label("Ratio", exact=True).locator("option").all_inner_texts()
-    assert ratios == ["auto", "1:1 (512×512)", "16:9 (640×360)"]
+    assert ratios == ["auto", f"1:1 (512{TIMES}512)", f"16:9 (640{TIMES}360)"]
     assert page.get_by_label("Resolution", exact=True).locator("option").all_inner_texts() == ["1k"]
     page.get_by_label("Seed").fill("7")
     tab.studio.hold("a lighthouse at dawn")
@@ -312,7 +316,7 @@ def test_generate_shows_progress_then_four_images(tab: Tab) -> None:
     viewer = page.locator("#viewer")
     expect(viewer).to_be_visible()
     expect(viewer.locator("#viewer-image")).to_have_js_property("complete", True)
-    expect(viewer.locator("#viewer-info")).to_contain_text("512×512 jpeg · seed 8")
+    expect(viewer.locator("#viewer-info")).to_contain_text(f"512{TIMES}512 jpeg · seed 8")
     tab.shot("image-large", full_page=False)
     page.keyboard.press("Escape")
     expect(viewer).to_be_hidden()
