@@ -5,6 +5,7 @@ import { busy, clear, el, say, setError, when } from "./dom.js";
 import { failed } from "./studio.js";
 
 const $ = (id) => document.getElementById(id);
+let again = 0; // the timer that reads a pending delivery's log again
 
 function showSecret(reply) {
   $("w-secret").textContent = reply.secret;
@@ -62,6 +63,13 @@ async function deliveries(method) {
         tries(delivery)));
     }
     if (method === "POST") say("Delivery sent again");
+    // A delivery still pending is read again shortly, while this job's log is shown.
+    clearTimeout(again);
+    if (reply.deliveries.some((delivery) => delivery.status === "pending")) {
+      again = setTimeout(() => {
+        if (!$("screen-webhooks").hidden && $("w-jobid").value.trim() === jobid) deliveries("GET");
+      }, 2000);
+    }
   } catch (error) {
     clear(target);
     failed(error, "deliveries-error");
