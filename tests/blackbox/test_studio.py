@@ -312,7 +312,9 @@ def test_generate_shows_progress_then_four_images(tab: Tab) -> None:
     page.evaluate("() => window.scrollTo(0, 0)")
     tab.shot("generate", full_page=False)
 
-    card.get_by_role("button", name="Open Image 2 of a lighthouse at dawn").click()
+    opener = card.get_by_role("button", name="Open Image 2 of a lighthouse at dawn")
+    opener.focus()
+    page.keyboard.press("Enter")  # from the keyboard: a button, the large view a dialog
     viewer = page.locator("#viewer")
     expect(viewer).to_be_visible()
     expect(viewer.locator("#viewer-image")).to_have_js_property("complete", True)
@@ -320,6 +322,7 @@ def test_generate_shows_progress_then_four_images(tab: Tab) -> None:
     tab.shot("image-large", full_page=False)
     page.keyboard.press("Escape")
     expect(viewer).to_be_hidden()
+    expect(opener).to_be_focused()  # back where the keyboard was
 
     download = card.get_by_role("link", name="Download Image 1 of a lighthouse at dawn")
     href = download.get_attribute("href")

@@ -36,11 +36,12 @@ function row(account) {
   return el("tr", { "data-account": account.account },
     el("th", { scope: "row" }, account.account, account.shared ? el("span", { class: "badge" }, "shared") : null,
       el("div", { class: "note" }, models.length ? models.join(", ") : "no models")),
-    el("td", {}, account.engine),
-    el("td", {}, `${account.running} / ${account.maxJobs}`),
-    el("td", {}, String(account.priority)),
-    el("td", {}, `${account.lastHour.completed} done, ${account.lastHour.failed} failed`),
-    el("td", { class: "state" }, state(account)),
+    el("td", { "data-label": "Engine" }, account.engine),
+    el("td", { "data-label": "Running / capacity" }, `${account.running} / ${account.maxJobs}`),
+    el("td", { "data-label": "Priority" }, String(account.priority)),
+    el("td", { "data-label": "Last hour" },
+      `${account.lastHour.completed} done, ${account.lastHour.failed} failed`),
+    el("td", { class: "state", "data-label": "State" }, state(account)),
     actions);
 }
 

@@ -3,7 +3,7 @@
 // upscale), the job's record, and cancel while it runs.
 
 import { ApiError, del, get, post, seg, streamJob } from "./api.js";
-import { busy, clear, el, say, setError, when } from "./dom.js";
+import { busy, el, say, setError, when } from "./dom.js";
 import { addRef, failed, go, showResult } from "./studio.js";
 
 const cards = new Map(); // jobid -> the cards that show it (one per screen at most)
@@ -230,8 +230,4 @@ export function stopFollowing() {
   for (const control of following.values()) control.abort();
   following.clear();
   cards.clear();
-}
-
-export function emptyList(list) {
-  clear(list);
 }
