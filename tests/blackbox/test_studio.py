@@ -578,3 +578,24 @@ def test_a_phone_width_screen(studio_browser: Any, studio: Studio) -> None:
     finally:
         tab.page.context.close()
     assert_only_this_server(tab)
+
+
+def test_history_pages_through_every_job(tab: Tab) -> None:
+    with tab.studio.client() as client:
+        for index in range(21):  # more than a page of 20
+            body = {"prompt": f"page {index}", "model": "studio", "count": 1, "queueSeconds": 600}
+            job = client.post("/images", json=body).json()
+        while job["status"] == "created":
+            job = client.get(f"/images/{job['jobid']}", params={"wait": 30}).json()
+        listed = client.get("/images", params={"model": "studio", "limit": 100}).json()["jobs"]
+    assert len(listed) > 20
+    tab.sign_in()
+    page = tab.page
+    page.get_by_role("link", name="History").click()
+    page.locator("#h-model").select_option("studio")
+    cards = page.locator("#history-list .job")
+    expect(cards).to_have_count(20)
+    page.get_by_role("button", name="Load more").click()
+    expect(cards).to_have_count(min(len(listed), 40))
+    shown = [cards.nth(i).get_attribute("data-jobid") for i in range(cards.count())]
+    assert shown == [job["jobid"] for job in listed][: len(shown)]  # newest first, none twice
