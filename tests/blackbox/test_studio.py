@@ -186,6 +186,7 @@ class Tab:
     page: Page
     studio: Studio
     requested: list[str] = field(default_factory=list)
+    console: list[str] = field(default_factory=list)  # the page's errors and warnings
 
     def shot(self, name: str, full_page: bool = True) -> None:
         self.page.screenshot(path=self.studio.shots / f"{name}.png", full_page=full_page)
@@ -213,6 +214,8 @@ def new_tab(browser: Any, studio: Studio, width: int = 1280, height: int = 900) 
     page.on("dialog", lambda dialog: dialog.accept())  # confirm(): yes
     tab = Tab(page, studio)
     page.on("request", lambda request: tab.requested.append(request.url))
+    page.on("console", lambda message: tab.console.append(message.text))
+    page.on("pageerror", lambda error: tab.console.append(f"uncaught: {error}"))
     return tab
 
 
@@ -229,6 +232,10 @@ def assert_only_this_server(tab: Tab) -> None:
     local = ("data:", "blob:")
     hosts = {urlsplit(url).hostname for url in tab.requested if not url.startswith(local)}
     assert hosts == {"127.0.0.1"}, tab.requested
+    # Nothing refused by the page's own policy, no script error.
+    refused = [text for text in tab.console if "Content Security Policy" in text]
+    assert refused == []
+    assert [text for text in tab.console if text.startswith("uncaught")] == []
 
 
 def images_loaded(card: Any, count: int) -> None:
@@ -338,7 +345,8 @@ def test_generate_shows_progress_then_four_images(tab: Tab) -> None:
     assert record["request"]["model"] == "studio"
     assert [image["seed"] for image in record["response"]["images"]] == [7, 8, 9, 10]
     tab.shot("record", full_page=False)
-    page.keyboard.press("Escape")
+    page.locator("#record").get_by_role("button", name="Close").click()
+    expect(page.locator("#record")).to_be_hidden()
 
 
 def test_references_uploaded_dropped_and_picked_are_used(tab: Tab) -> None:
