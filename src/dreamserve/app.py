@@ -35,6 +35,7 @@ from dreamserve.api.deps import BEARER_SCHEME
 from dreamserve.api.docs import install_docs
 from dreamserve.api.errors import install_error_handlers, route_methods
 from dreamserve.api.metrics import HttpMetrics
+from dreamserve.api.studio import install_studio
 from dreamserve.catalogue import Catalogue
 from dreamserve.config import ConfigError, OperatorConfig, load_config
 from dreamserve.dispatch.base import Dispatcher, Runner
@@ -337,6 +338,7 @@ def create_app(
         redoc_url=None,
     )
     install_docs(app)
+    install_studio(app, settings.base_url, presigned=settings.blob_links == "presigned")
     app.state.body_reads = BodyReads(
         BodyLimits(
             max_bytes=settings.max_body_bytes,
