@@ -18,7 +18,7 @@ from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dreamserve.client.errors import ApiError, ClientError, JobFailed, NotFound
+from dreamserve.client.errors import ApiError, ClientError, JobFailed
 from dreamserve.client.sync import Client
 
 if TYPE_CHECKING:
@@ -211,8 +211,8 @@ def _follow(client: Client, record: JobRecord, err: Console, doing: str) -> None
             for record in client.events(record["jobid"]):  # noqa: B020 (the latest is kept)
                 done = 100 if record["status"] == "completed" else record.get("progress", 0)
                 progress.update(task, completed=done, state=_state(record))
-        except NotFound:
-            return  # no event stream there: `wait` polls
+        except ApiError:
+            return  # no event stream there (the hosted API has none): `wait` polls
 
 
 def _state(record: JobRecord) -> str:
