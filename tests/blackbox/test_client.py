@@ -70,10 +70,15 @@ def held_job(client: Client, **options: Any) -> str:
     return jobid
 
 
-def test_submit_and_wait_give_four_decodable_images(client: Client, tmp_path: Path) -> None:
+def test_submit_and_wait_give_four_decodable_images(
+    server: Server, client: Client, tmp_path: Path
+) -> None:
     created = client.submit("four pictures", **SMALL)
     assert created["status"] == "created"
     assert created["request"]["prompt"] == "four pictures"
+    # The API's own URL works as well as the server's root.
+    with Client(server.url + "/v1/dreamina/", server.token) as same:
+        assert same.get(created["jobid"])["jobid"] == created["jobid"]
     record = client.wait(created["jobid"], timeout=120)
     assert record["status"] == "completed"
     images = record["response"]["images"]
@@ -339,7 +344,8 @@ class Flaky(httpx.HTTPTransport):
         if len(self.keys) > 1:
             return super().handle_request(request)
         if self.fault == "503":
-            return httpx.Response(503, json={"error": "Bad gateway"}, headers={"Retry-After": "0"})
+            unavailable = {"error": "Service unavailable"}
+            return httpx.Response(503, json=unavailable, headers={"Retry-After": "0"})
         response = super().handle_request(request)
         response.read()
         raise httpx.ReadError("connection dropped", request=request)

@@ -58,9 +58,12 @@ class Call:
 
 def settings(base_url: str | None, token: str | None) -> tuple[str, str | None]:
     """The server root and token: as given, else `DREAMSERVE_URL` / `DREAMSERVE_TOKEN`, else
-    the local default server and no token."""
-    url = base_url or os.environ.get("DREAMSERVE_URL") or DEFAULT_URL
-    return url.rstrip("/"), token or os.environ.get("DREAMSERVE_TOKEN") or None
+    the local default server and no token. A URL given with the API's path
+    (`https://api.useapi.net/v1/dreamina`, as the hosted API's documents write it) is taken
+    for its root."""
+    url = (base_url or os.environ.get("DREAMSERVE_URL") or DEFAULT_URL).rstrip("/")
+    url = url.removesuffix(API_PREFIX)
+    return url, token or os.environ.get("DREAMSERVE_TOKEN") or None
 
 
 def headers(token: str | None) -> dict[str, str]:

@@ -208,9 +208,9 @@ def _follow(client: Client, record: JobRecord, err: Console, doing: str) -> None
     with Progress(*columns, console=err) as progress:
         task = progress.add_task(doing, total=100, state=_state(record))
         try:
-            for record in client.events(record["jobid"]):  # noqa: B020 (the latest is kept)
-                done = 100 if record["status"] == "completed" else record.get("progress", 0)
-                progress.update(task, completed=done, state=_state(record))
+            for update in client.events(record["jobid"]):
+                done = 100 if update["status"] == "completed" else update.get("progress", 0)
+                progress.update(task, completed=done, state=_state(update))
         except ApiError:
             return  # no event stream there (the hosted API has none): `wait` polls
 
