@@ -15,7 +15,6 @@ from types import TracebackType
 from typing import Any, Self, cast
 
 import httpx
-from httpx_sse import EventSource, SSEError
 
 from dreamserve.client import calls
 from dreamserve.client.calls import API_PREFIX, DEFAULT_TIMEOUT, Call, Retries, Upload
@@ -189,6 +188,9 @@ class AsyncClient:
         """The job's record now and at each change (`GET /images/<jobid>/events`, dreamserve
         only), until its final record, which ends the iteration. A stream the server ends
         early (it is stopping) ends the iteration without a final record."""
+        # Here, not at the top: the server's CLI imports the client's commands.
+        from httpx_sse import EventSource, SSEError
+
         response = await self._send(calls.events(jobid), stream=True)
         try:
             async for event in EventSource(response).aiter_sse():
