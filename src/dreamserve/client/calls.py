@@ -176,7 +176,13 @@ def get(jobid: str, wait: int | None = None) -> Call:
 
 def events(jobid: str) -> Call:
     # The server sends a comment every 15 s of quiet: a minute without a byte is a dead stream.
-    return Call("GET", f"/images/{segment(jobid)}/events", retryable=True, read_timeout=60.0)
+    return Call(
+        "GET",
+        f"/images/{segment(jobid)}/events",
+        headers={"Accept": "text/event-stream", "Cache-Control": "no-store"},
+        retryable=True,
+        read_timeout=60.0,
+    )
 
 
 def jobs(
@@ -341,7 +347,9 @@ def _sniff(data: bytes) -> str | None:
 
 def download(url: str) -> Call:
     # Signed links need no token, and a bucket's presigned link refuses one.
-    return Call("GET", url, retryable=True, anonymous=True, read_timeout=120.0)
+    return Call(
+        "GET", url, headers={"Accept": "*/*"}, retryable=True, anonymous=True, read_timeout=120.0
+    )
 
 
 def download_url(base_url: str, image: str | ImageOut) -> str:
