@@ -90,7 +90,7 @@ def command_environment(server: Server) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("DREAMSERVE_")}
     env |= {"DREAMSERVE_URL": server.url, "DREAMSERVE_TOKEN": server.token or ""}
     env["PYTHONPATH"] = os.pathsep.join(python_path())
-    env["COLUMNS"] = "200"  # rich's width where it is not a terminal
+    env.pop("COLUMNS", None)  # rich's width where it is not a terminal: its default, 80
     return env
 
 

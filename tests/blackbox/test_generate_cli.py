@@ -81,7 +81,8 @@ def test_generate_saves_the_images_and_prints_their_paths(
 
 
 def test_generate_uploads_its_references(server: Server, client: Client, tmp_path: Path) -> None:
-    reference = tmp_path / "sketch.png"
+    # A name longer than a line, that rich would read as markup: printed as it is.
+    reference = tmp_path / f"sketch [bold]{'x' * 80}.png"
     Image.new("RGB", (320, 240), "crimson").save(reference)
     args = ["generate", "--model", "seedream-4.0", "--count", "1", "--ref", str(reference)]
     done = dreamserve(server, [*args, "--out", str(tmp_path)], tmp_path)
@@ -176,7 +177,7 @@ def test_jobs_watch_shows_a_table_until_ctrl_c(
     process = subprocess.Popen(
         [*DREAMSERVE, "jobs", "--watch", "--interval", "0.2", "--limit", "1"],
         cwd=tmp_path,
-        env=command_environment(server),
+        env=command_environment(server) | {"COLUMNS": "200"},  # the table's width
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -153,7 +153,7 @@ def _generate(client: Client, args: argparse.Namespace, err: Console) -> int:
         if account is None:
             account = _reference_account(client, args.model)
         uploaded = client.upload(account, Path(file))
-        err.print(f"uploaded {file} to {uploaded['account']}", highlight=False)
+        _note(err, f"uploaded {file} to {uploaded['account']}")
         refs.append(uploaded["assetRef"])
     record = client.submit(
         args.prompt,
@@ -181,7 +181,7 @@ def _finish(
     """Follow the job with a progress bar (Ctrl-C cancels it), then save its images and print
     their paths."""
     jobid = record["jobid"]
-    err.print(f"job {jobid}", highlight=False)
+    _note(err, f"job {jobid}")
     try:
         _follow(client, record, err, doing)
         final = client.wait(jobid, args.timeout)
@@ -192,6 +192,11 @@ def _finish(
     for image in final["response"].get("images", []):
         print(client.download(image, args.out), flush=True)
     return 0
+
+
+def _note(err: Console, text: str) -> None:
+    """A line on stderr as it is: no markup (a file name may hold `[...]`), no wrapping."""
+    err.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 def _follow(client: Client, record: JobRecord, err: Console, doing: str) -> None:
