@@ -1,5 +1,6 @@
 """The `dreamserve` command: serve | worker | migrate | users list|create|set |
-tokens create|list|revoke | accounts add|list|remove | openapi.
+tokens create|list|revoke | accounts add|list|remove | openapi, and the client's
+generate | jobs | upscale (dreamserve.client.cli).
 
 Every command reads the same `DREAMSERVE_*` settings as the server. The `accounts` commands go
 through the same service as the API and print its JSON replies; `--shared` acts as the operator.
@@ -77,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
+    if getattr(args, "client_command", None):  # generate, jobs, upscale: HTTP, no database
+        return int(args.client_command(args))
     settings = Settings()
     observe.setup_logging(settings.log_level, settings.log_format)
     logging.getLogger("alembic").setLevel(logging.WARNING)  # it narrates every start
@@ -132,6 +135,9 @@ def _parser() -> argparse.ArgumentParser:
     revoke.add_argument("token", help="its id or prefix, as `tokens list` shows them")
     _users_parser(commands)
     _accounts_parser(commands)
+    from dreamserve.client.cli import add_commands  # the client's commands (docs/client.md)
+
+    add_commands(commands)
     return parser
 
 
