@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # dreamserve, CPU image: `dreamserve serve` by default, `dreamserve worker` as compose.yaml runs
-# it. The package and its `s3` extra at the exact versions of constraints.txt; no torch (the
-# GPU image is built differently: docs/deploy.md "GPU workers").
+# it. The package with its `server` and `s3` extras at the exact versions of constraints.txt; no
+# torch (the GPU image is built differently: docs/deploy.md "GPU workers").
 
 FROM python:3.11-slim AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -9,7 +9,7 @@ WORKDIR /src
 COPY pyproject.toml constraints.txt README.md ./
 COPY src ./src
 RUN python -m venv /opt/dreamserve \
- && /opt/dreamserve/bin/pip install -c constraints.txt '.[s3]' \
+ && /opt/dreamserve/bin/pip install -c constraints.txt '.[server,s3]' \
  && /opt/dreamserve/bin/pip check \
  && if /opt/dreamserve/bin/pip show torch >/dev/null 2>&1; then \
       echo 'torch in the CPU image: a dependency pulled it in' >&2; exit 1; fi

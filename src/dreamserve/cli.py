@@ -17,7 +17,6 @@ import copy
 import gc
 import json
 import logging
-import os
 import shlex
 import signal
 import socket
@@ -40,6 +39,7 @@ from dreamserve.app import (
     run_worker,
     stopping,
 )
+from dreamserve.client.cli import add_commands, ending_quietly
 from dreamserve.config import ConfigError, load_config
 from dreamserve.errors import DreamserveError
 from dreamserve.replies import AccountDeleted, AccountSummary
@@ -57,23 +57,8 @@ SEED_REQUEST = {
 }
 
 
-# A command whose reader went away (`dreamserve openapi | head -1`) ends with the status of a
-# process that SIGPIPE ends, as other commands in a pipe do, and without a traceback.
-BROKEN_PIPE_STATUS = 128 + signal.SIGPIPE
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        status = _main(argv)
-        sys.stdout.flush()  # here, not at exit: a closed reader is seen while it is caught
-    except BrokenPipeError:
-        # Python's "Note on SIGPIPE": stdout pointed at /dev/null, so that the interpreter's
-        # own flush at exit finds nothing to write to the closed pipe.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-        return BROKEN_PIPE_STATUS
-    return status
+    return ending_quietly(lambda: _main(argv))
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -135,9 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     revoke.add_argument("token", help="its id or prefix, as `tokens list` shows them")
     _users_parser(commands)
     _accounts_parser(commands)
-    from dreamserve.client.cli import add_commands  # the client's commands (docs/client.md)
-
-    add_commands(commands)
+    add_commands(commands)  # the client's: generate, jobs, upscale (docs/client.md)
     return parser
 
 

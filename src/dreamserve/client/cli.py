@@ -10,14 +10,17 @@ notes, errors as `dreamserve: <the server's message>`) to stderr. Exit status: 0
 from __future__ import annotations
 
 import argparse
+import os
 import random
+import signal
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dreamserve import __version__
 from dreamserve.client.errors import ApiError, ClientError, JobFailed
 from dreamserve.client.sync import Client
 
@@ -29,6 +32,45 @@ if TYPE_CHECKING:
 
 COMMANDS = ("generate", "jobs", "upscale")
 INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command Ctrl-C ended
+# A command whose reader went away (`dreamserve jobs | head -1`) ends with the status of a
+# process that SIGPIPE ends, as other commands in a pipe do, and without a traceback.
+BROKEN_PIPE_STATUS = 128 + signal.SIGPIPE
+SERVER_COMMANDS = "serve, worker, migrate, users, tokens, accounts, openapi"
+
+
+def main(argv: Sequence[str], server_missing: str | None = None) -> int:
+    """`dreamserve` with the client's commands alone. `dreamserve.__main__` runs these here
+    before anything of the server is imported; where the server is not installed
+    (`server_missing`: the module found missing), every command line comes here, and the help
+    says how to install the rest."""
+    parser = argparse.ArgumentParser(
+        prog="dreamserve",
+        description=__doc__,
+        epilog=None
+        if server_missing is None
+        else f"The server's commands ({SERVER_COMMANDS}) need the server, which is not installed "
+        f"here ({server_missing} is missing): pip install 'dreamserve[server]'",
+    )
+    parser.add_argument("--version", action="version", version=f"dreamserve {__version__}")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    return ending_quietly(lambda: run(parser.parse_args(argv)))
+
+
+def ending_quietly(command: Callable[[], int]) -> int:
+    """Run a command; where its output's reader went away, end as `BROKEN_PIPE_STATUS`."""
+    try:
+        status = command()
+        sys.stdout.flush()  # here, not at exit: a closed reader is seen while it is caught
+    except BrokenPipeError:
+        # Python's "Note on SIGPIPE": stdout pointed at /dev/null, so that the interpreter's
+        # own flush at exit finds nothing to write to the closed pipe.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return BROKEN_PIPE_STATUS
+    return status
+
+
 RATIOS = ("auto", "1:1", "3:4", "16:9", "4:3", "9:16", "2:3", "3:2", "21:9")
 STATUSES = ("created", "completed", "failed")
 

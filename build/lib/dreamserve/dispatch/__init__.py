@@ -1,0 +1,1 @@
+"""Dispatchers hand admitted jobs to whatever runs them."""

@@ -1,0 +1,1 @@
+"""Persistence: the SQL schema and database access, and the blob stores for image files."""
