@@ -415,28 +415,35 @@ WITHOUT_THE_SERVER = textwrap.dedent(
     class Refuse:
         def find_spec(self, name, path=None, target=None):
             if name.split(".")[0] in REFUSED:
-                raise ImportError(f"{name} is refused here")
+                # as a package that is not installed is missing
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
             return None
 
 
     sys.meta_path.insert(0, Refuse())
 
-    import argparse
-    from pathlib import Path
+    import contextlib
+    import io
 
+    from dreamserve.__main__ import main
     from dreamserve.client import Client
-    from dreamserve.client.cli import add_commands, run
 
     url, token, out = sys.argv[1:4]
     with Client(url, token) as client:
         record = client.wait(client.submit("light", model="nano-banana", count=1)["jobid"], 120)
         path = client.download(record["response"]["images"][0], out)
         print("client", record["jobid"], record["status"], path.stat().st_size > 0)
-    parser = argparse.ArgumentParser()
-    add_commands(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["jobs", "--server", url, "--token", token, "--limit", "1"])
-    status = run(args)
+    # The `dreamserve` command: the client's commands run, the server's say what is missing.
+    status = main(["jobs", "--server", url, "--token", token, "--limit", "1"])
     print("cli", status)
+    errors = io.StringIO()
+    with contextlib.redirect_stderr(errors):
+        status = main(["serve"])
+    print("serve", status, errors.getvalue().strip())
+    helped = io.StringIO()
+    with contextlib.redirect_stdout(helped), contextlib.suppress(SystemExit):
+        main(["--help"])
+    print("help", " ".join(helped.getvalue().split()[-3:]))
     print("loaded", sorted(REFUSED & {name.split(".")[0] for name in sys.modules}))
     """
 )
@@ -459,4 +466,10 @@ def test_the_client_runs_without_the_servers_libraries(server: Server, tmp_path:
     _, jobid, status, saved = lines[0].split(" ")
     assert (status, saved) == ("completed", "True")
     assert lines[1].split("\t")[:4] == [jobid, "image", "nano-banana", "completed"]
-    assert lines[2:] == ["cli 0", "loaded []"]
+    assert lines[2:] == [
+        "cli 0",
+        "serve 1 dreamserve: serve is a server command, and the server is not installed here "
+        "(sqlalchemy is missing): pip install 'dreamserve[server]'",
+        "help pip install 'dreamserve[server]'",
+        "loaded []",
+    ]
