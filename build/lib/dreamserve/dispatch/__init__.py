@@ -1,1 +1,0 @@
-"""Dispatchers hand admitted jobs to whatever runs them."""

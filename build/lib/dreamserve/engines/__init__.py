@@ -1,1 +1,0 @@
-"""Engines turn a generation request into images; each account names one."""
