@@ -461,6 +461,32 @@ def test_cancel_a_running_job_from_the_history(tab: Tab) -> None:
     tab.shot("history")
 
 
+def test_many_running_jobs_leave_the_page_room_to_call_the_server(tab: Tab) -> None:
+    # A browser opens 6 connections to a server at most; 8 followed jobs must not take them all,
+    # or the page's next call (this cancel) would wait for one of them to end.
+    prompt = "one of many running"
+    tab.studio.hold(prompt)
+    with tab.studio.client() as client:
+        made = [
+            client.post("/images", json={"prompt": prompt, "model": "studio", "count": 1})
+            for _ in range(8)
+        ]
+    assert [reply.status_code for reply in made] == [200] * 8
+    try:
+        tab.sign_in()
+        page = tab.page
+        page.get_by_role("link", name="History").click()
+        page.get_by_label("Status", exact=True).select_option("created")
+        running = page.locator("#history-list .job").filter(has_text=prompt)
+        expect(running).to_have_count(8)
+        first = running.first
+        expect(first.locator(".status")).to_have_text("Running 40%")
+        first.get_by_role("button", name="Cancel").click()
+        expect(first.locator(".failure")).to_have_text("Cancelled by user")
+    finally:
+        tab.studio.release(prompt)
+
+
 def test_accounts_added_edited_removed_with_the_apis_messages(tab: Tab) -> None:
     tab.sign_in()
     page = tab.page
