@@ -288,12 +288,22 @@ def test_a_bad_token_shows_the_servers_message(tab: Tab) -> None:
 
 
 def test_sign_in_keeps_the_token_until_sign_out(tab: Tab) -> None:
+    with tab.studio.client() as client:  # a job in the history
+        made = client.post("/images", json={"prompt": "signed out", "model": "studio", "count": 1})
+    assert made.status_code == 200, made.text
     tab.sign_in()
     tab.page.reload()
     expect(tab.page.get_by_label("Prompt")).to_be_visible()  # still signed in
+    # What this user saw (the signing secret, the jobs) leaves the page with the token.
+    tab.page.get_by_role("link", name="Webhooks").click()
+    expect(tab.page.locator("#w-secret")).to_have_text(re.compile(r"^whsec_"))
+    tab.page.get_by_role("link", name="History").click()
+    expect(tab.page.locator("#history-list .job").first).to_be_visible()
     tab.page.get_by_role("button", name="Sign out").click()
     expect(tab.page.get_by_label("API token")).to_be_visible()
     assert tab.page.evaluate("() => localStorage.getItem('dreamserve.token')") is None
+    assert "whsec_" not in tab.page.content()
+    expect(tab.page.locator("#history-list .job")).to_have_count(0)
     tab.page.reload()
     expect(tab.page.get_by_label("API token")).to_be_visible()
 

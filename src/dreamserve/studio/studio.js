@@ -43,6 +43,17 @@ export function signOut(message = "") {
   renderRefs();
   clear($("results"));
   $("results-empty").hidden = false;
+  // Nothing of this user stays in the page for the next one: the secret, jobs, accounts.
+  $("w-secret").textContent = "…";
+  $("w-previous").textContent = "";
+  $("w-jobid").value = "";
+  clear($("deliveries"));
+  clear($("history-list"));
+  $("h-more").hidden = true;
+  clear($("accounts-table").tBodies[0]);
+  clear($("scheduler"));
+  $("account-form").reset();
+  for (const id of ["g-prompt", "g-replyurl", "g-replyref"]) $(id).value = "";
   $("nav").hidden = true;
   $("signout").hidden = true;
   showScreen("signin");
