@@ -419,6 +419,47 @@ def test_references_uploaded_dropped_and_picked_are_used(tab: Tab) -> None:
     expect(thumbs).to_have_count(2)
 
 
+def test_an_upload_goes_to_the_account_of_the_references_already_chosen(tab: Tab) -> None:
+    # Two accounts serve the model; an image picked from a job on the one listed second binds
+    # the next job to that account, so a file uploaded next must go there too.
+    second = {"engine": "procedural", "account": "US:second", "models": ["studio"]}
+    with tab.studio.client() as client:
+        made = client.post("/accounts", json=second)
+        assert made.status_code == 200, made.text
+        try:
+            serving = [
+                account
+                for account, summary in client.get("/accounts").json().items()
+                if "studio" in summary["models"]["image"]
+            ]
+            assert len(serving) == 2
+            later = serving[1]
+            body = {"prompt": "on the later account", "model": "studio", "account": later}
+            job = client.post("/images", json=body | {"count": 1}).json()
+            done = client.get(f"/images/{job['jobid']}", params={"wait": 60}).json()
+            assert done["status"] == "completed"
+
+            tab.sign_in()
+            page = tab.page
+            page.locator("#g-model").select_option("studio")
+            page.get_by_role("button", name="Pick from earlier images…").click()
+            page.locator("#picker").get_by_role("button", name="on the later account (1)").click()
+            thumbs = page.locator("#g-thumbs li")
+            expect(thumbs).to_have_count(1)
+            page.locator("#g-files").set_input_files(
+                {"name": "green.png", "mimeType": "image/png", "buffer": png("green")}
+            )
+            expect(thumbs).to_have_count(2)
+            refs = [thumbs.nth(i).get_attribute("data-asset-ref") for i in range(2)]
+            assert refs[0] == done["response"]["images"][0]["assetRef"]
+            assert str(refs[1]).startswith(f"{later}-image:w96:h64:")
+            card = tab.generate("with both references")
+            expect(card.locator(".status")).to_have_text("Completed")
+            expect(card.locator(".meta")).to_contain_text(later)
+        finally:
+            assert client.delete("/accounts/US:second").status_code == 200
+
+
 def test_upscale_makes_a_job_of_its_own(tab: Tab) -> None:
     tab.sign_in()
     card = tab.generate("a harbour")

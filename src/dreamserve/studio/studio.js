@@ -218,9 +218,15 @@ export function addRef(ref) {
   return true;
 }
 
+// Where an upload goes: the chosen account, else the account of the references already chosen
+// (a job's references must all be on its account), else one that serves the model.
 function uploadAccount() {
   const chosen = $("g-account").value;
   if (chosen) return chosen;
+  for (const ref of state.refs) {
+    const bound = /^(.+?)-image:/.exec(ref.assetRef); // <account>-image:w<W>:h<H>:...
+    if (bound) return bound[1];
+  }
   const serving = servingAccounts($("g-model").value);
   const any = serving[0] || Object.values(state.accounts)[0];
   return any ? any.account : "";
