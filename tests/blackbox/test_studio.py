@@ -460,6 +460,23 @@ def test_an_upload_goes_to_the_account_of_the_references_already_chosen(tab: Tab
             assert client.delete("/accounts/US:second").status_code == 200
 
 
+def test_a_reference_for_a_model_no_account_serves_is_refused_as_the_api_does(tab: Tab) -> None:
+    tab.sign_in()
+    page = tab.page
+    page.locator("#g-model").select_option("seedream-4.0")  # no account here serves it
+    expect(page.locator("#g-model option:checked")).to_have_text("seedream-4.0 (no account)")
+    page.locator("#g-files").set_input_files(
+        {"name": "orange.png", "mimeType": "image/png", "buffer": png()}
+    )
+    expect(page.locator("#generate-error")).to_have_text("No account serves model seedream-4.0")
+    expect(page.locator("#g-thumbs li")).to_have_count(0)
+    assert [url for url in tab.requested if "/assets/" in url] == []
+    # The same message the API gives the job itself.
+    page.get_by_label("Prompt").fill("no account")
+    page.get_by_role("button", name="Generate", exact=True).click()
+    expect(page.locator("#generate-error")).to_have_text("No account serves model seedream-4.0")
+
+
 def test_upscale_makes_a_job_of_its_own(tab: Tab) -> None:
     tab.sign_in()
     card = tab.generate("a harbour")

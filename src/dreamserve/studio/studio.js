@@ -228,14 +228,18 @@ function uploadAccount() {
     if (bound) return bound[1];
   }
   const serving = servingAccounts($("g-model").value);
-  const any = serving[0] || Object.values(state.accounts)[0];
-  return any ? any.account : "";
+  return serving.length ? serving[0].account : "";
 }
 
 async function upload(files) {
   setError("generate-error", "");
   for (const file of files) {
     const account = uploadAccount();
+    if (!account) {
+      // The API's own message: a job of this model could not run, references or not.
+      setError("generate-error", `No account serves model ${$("g-model").value}`);
+      return;
+    }
     try {
       const reply = await api("POST", `/assets/${seg(account)}`, {
         body: file,
