@@ -1,11 +1,17 @@
-"""The client's commands' own rules that need no server: a bad flag is argparse's usage error
-(status 2, a message naming the flag), never a traceback."""
+"""The client's commands' own rules that need no server (httpx's MockTransport where a server
+answers): a bad flag is argparse's usage error (status 2, a message naming the flag), never a
+traceback; a broken event stream falls back to waiting for the job."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
 import pytest
 
-from dreamserve.client import cli
+from dreamserve.client import Client, cli
 
 
 @pytest.mark.parametrize(
@@ -26,3 +32,41 @@ def test_a_bad_number_is_a_usage_error(
     assert ended.value.code == 2
     error = capsys.readouterr().err
     assert error.splitlines()[-1] == f"dreamserve jobs: error: {message}"
+
+
+class Broken(httpx.SyncByteStream):
+    """An event stream that sends one event, then loses its connection."""
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield b'event: progress\ndata: {"jobid": "j1", "status": "created", "progress": 10}\n\n'
+        raise httpx.ReadError("connection reset")
+
+
+def test_generate_waits_for_the_job_when_its_event_stream_breaks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    image = {"imageUrl": "/v1/dreamina/files/x.png?signature=s", "itemId": "1", "format": "png"}
+    record: dict[str, Any] = {"jobid": "j1", "type": "image", "status": "created"}
+    record |= {"model": "m", "request": {}, "response": {}}
+    done = record | {"status": "completed", "response": {"images": [image]}}
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            return httpx.Response(200, json=record)
+        if request.url.path.endswith("/events"):
+            return httpx.Response(
+                200, headers={"content-type": "text/event-stream"}, stream=Broken()
+            )
+        if request.url.path == "/v1/dreamina/images/j1":
+            return httpx.Response(200, json=done)
+        return httpx.Response(200, content=b"png bytes")
+
+    transport = httpx.MockTransport(answer)
+    monkeypatch.setattr(
+        cli, "Client", lambda url, token: Client(url, token, retries=0, transport=transport)
+    )
+    status = cli.main(["generate", "x", "--server", "http://dream.test", "--out", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    assert out == f"{tmp_path / '1.png'}\n"
+    assert (tmp_path / "1.png").read_bytes() == b"png bytes"

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dreamserve import __version__
-from dreamserve.client.errors import ApiError, ClientError, JobFailed
+from dreamserve.client.errors import ApiError, ClientError, ConnectionFailed, JobFailed
 from dreamserve.client.sync import Client
 
 if TYPE_CHECKING:
@@ -282,6 +282,8 @@ def _follow(client: Client, record: JobRecord, err: Console, doing: str) -> None
                 progress.update(task, completed=done, state=_state(update))
         except ApiError:
             return  # no event stream there (the hosted API has none): `wait` polls
+        except ConnectionFailed:
+            return  # the stream broke (a proxy, a restart): the job goes on; `wait` polls
 
 
 def _state(record: JobRecord) -> str:
