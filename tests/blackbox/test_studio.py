@@ -477,6 +477,29 @@ def test_a_reference_for_a_model_no_account_serves_is_refused_as_the_api_does(ta
     expect(page.locator("#generate-error")).to_have_text("No account serves model seedream-4.0")
 
 
+def test_text_from_users_and_the_server_is_shown_as_text_never_as_markup(tab: Tab) -> None:
+    # A prompt (the job's title, the history, the large view, the record) and a message that
+    # echoes the user's input: shown as written, no element made of them, no script run.
+    markup = '<img src="x:" onerror="window.injected = 1"><b>bold</b>'
+    tab.sign_in()
+    page = tab.page
+    card = tab.generate(markup)  # its title checked as text
+    expect(card.locator(".status")).to_have_text("Completed")
+    expect(card.locator(".job-title b")).to_have_count(0)
+    card.locator(".images button.thumb").first.click()
+    expect(page.locator("#viewer-title")).to_have_text(f"Image 1 of {markup}")
+    page.keyboard.press("Escape")
+    page.get_by_role("link", name="History").click()
+    expect(page.locator("#history-list .job-title").first).to_have_text(markup)
+    page.get_by_role("link", name="Accounts").click()
+    page.get_by_label("Engine", exact=True).fill(markup)
+    page.get_by_label("Account id").fill("US:x")
+    page.get_by_role("button", name="Save account").click()
+    expect(page.locator("#account-error")).to_contain_text(markup)
+    assert page.locator("main img[src='x:'], main b").count() == 0
+    assert page.evaluate("() => window.injected") is None
+
+
 def test_upscale_makes_a_job_of_its_own(tab: Tab) -> None:
     tab.sign_in()
     card = tab.generate("a harbour")
