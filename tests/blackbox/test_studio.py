@@ -268,6 +268,9 @@ def test_the_page_and_its_files_are_served_from_the_package_under_a_strict_polic
     assert "unsafe-inline" not in policy
     assert "//" not in re.sub(r"<!--.*?-->", "", page.text, flags=re.S)  # no URL with a host
     assert page.content == (STUDIO_DIR / "index.html").read_bytes()
+    head = httpx.head(studio.server.url + "/")
+    assert (head.status_code, head.content) == (200, b"")
+    assert head.headers["content-security-policy"] == policy
     for name in ("studio.js", "api.js", "studio.css"):
         served = httpx.get(f"{studio.server.url}/studio/{name}")
         assert served.status_code == 200

@@ -50,4 +50,5 @@ def install_studio(app: FastAPI, base_url: str, presigned: bool) -> None:
         return FileResponse(STUDIO_DIR / "index.html", headers=headers)
 
     app.mount(ASSETS, StaticFiles(directory=STUDIO_DIR), name="studio")
-    app.add_api_route("/", page, include_in_schema=False)
+    # HEAD too: uptime checks and `curl -I` ask for the page that way.
+    app.add_api_route("/", page, methods=["GET", "HEAD"], include_in_schema=False)
