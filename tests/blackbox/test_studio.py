@@ -275,6 +275,10 @@ def test_the_page_and_its_files_are_served_from_the_package_under_a_strict_polic
         served = httpx.get(f"{studio.server.url}/studio/{name}")
         assert served.status_code == 200
         assert served.content == (STUDIO_DIR / name).read_bytes()
+        # Revalidated on each load: an upgraded server's page never runs a kept old module.
+        assert served.headers["cache-control"] == "no-cache"
+        etag = {"If-None-Match": served.headers["etag"]}
+        assert httpx.get(f"{studio.server.url}/studio/{name}", headers=etag).status_code == 304
     for script in STUDIO_DIR.glob("*.js"):  # nothing fetched from another host at run time
         assert "http://" not in script.read_text()
         assert "https://" not in script.read_text()
