@@ -70,3 +70,39 @@ def test_generate_waits_for_the_job_when_its_event_stream_breaks(
     assert status == 0, err
     assert out == f"{tmp_path / '1.png'}\n"
     assert (tmp_path / "1.png").read_bytes() == b"png bytes"
+
+
+@pytest.mark.parametrize(
+    ("server", "message"),
+    [
+        ("http://[::1", "dreamserve: Invalid server URL 'http://[::1': Invalid port: ':1'"),
+        (
+            "127.0.0.1:8000",
+            "dreamserve: Invalid server URL '127.0.0.1:8000': it must start with http:// or https://",
+        ),
+    ],
+)
+def test_a_bad_server_url_is_said_not_a_traceback(
+    server: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["jobs", "--server", server]) == 1
+    assert capsys.readouterr().err == f"{message}\n"
+
+
+def test_an_unusable_out_dir_is_said_before_any_job_is_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sent: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(500, json={"error": "not reached"})
+
+    transport = httpx.MockTransport(answer)
+    monkeypatch.setattr(cli, "Client", lambda url, token: Client(url, token, transport=transport))
+    file = tmp_path / "a file"
+    file.write_text("")
+    status = cli.main(["generate", "x", "--server", "http://dream.test", "--out", str(file / "x")])
+    assert status == 1
+    assert capsys.readouterr().err.startswith("dreamserve: [Errno 20] Not a directory: ")
+    assert sent == []

@@ -21,7 +21,7 @@ from urllib.parse import quote, urlsplit
 import httpx
 
 from dreamserve import __version__
-from dreamserve.client.errors import retry_after
+from dreamserve.client.errors import ClientError, retry_after
 from dreamserve.replies import ImageOut
 
 API_PREFIX = "/v1/dreamina"
@@ -60,9 +60,15 @@ def settings(base_url: str | None, token: str | None) -> tuple[str, str | None]:
     """The server root and token: as given, else `DREAMSERVE_URL` / `DREAMSERVE_TOKEN`, else
     the local default server and no token. A URL given with the API's path
     (`https://api.useapi.net/v1/dreamina`, as the hosted API's documents write it) is taken
-    for its root."""
+    for its root. A URL that is not http(s) raises ClientError (not httpx's own error)."""
     url = (base_url or os.environ.get("DREAMSERVE_URL") or DEFAULT_URL).rstrip("/")
     url = url.removesuffix(API_PREFIX)
+    try:
+        scheme = httpx.URL(url).scheme
+    except httpx.InvalidURL as error:
+        raise ClientError(f"Invalid server URL {url!r}: {error}") from error
+    if scheme not in ("http", "https"):
+        raise ClientError(f"Invalid server URL {url!r}: it must start with http:// or https://")
     return url, token or os.environ.get("DREAMSERVE_TOKEN") or None
 
 

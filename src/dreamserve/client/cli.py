@@ -190,6 +190,8 @@ def run(args: argparse.Namespace) -> int:
 
     err = Console(stderr=True)
     try:
+        if args.command in ("generate", "upscale"):
+            args.out.mkdir(parents=True, exist_ok=True)  # before a job is made for nothing
         with Client(args.server, args.token) as client:
             if args.command == "generate":
                 return _generate(client, args, err)
@@ -252,7 +254,6 @@ def _finish(
     except KeyboardInterrupt:
         _cancel(client, jobid)
         return INTERRUPTED
-    args.out.mkdir(parents=True, exist_ok=True)
     for image in final["response"].get("images", []):
         print(client.download(image, args.out), flush=True)
     return 0
