@@ -181,3 +181,28 @@ def test_a_dropped_download_leaves_no_file(tmp_path: Path) -> None:
         client.download("http://files.test/x.jpg?signature=secret", tmp_path / "x.jpg")
     assert str(failed.value) == "Cannot reach http://files.test/x.jpg: refused"
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("item", "form", "saved"),
+    [
+        ("../../escaped", "png", "escaped.png"),
+        ("1", "png/../../../escaped", "escaped"),
+        ("..\\..\\escaped", "jpeg", "escaped.jpg"),
+        ("x", "/..", "image"),
+    ],
+)
+def test_a_download_never_leaves_its_directory(
+    tmp_path: Path, item: str, form: str, saved: str
+) -> None:
+    # A server's itemId and format name the file: whatever they hold, it lands in the directory.
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=b"bytes")
+
+    inside = tmp_path / "a" / "b"
+    inside.mkdir(parents=True)
+    image: Any = {"imageUrl": "http://files.test/f", "itemId": item, "format": form}
+    with Client("http://dream.test", transport=httpx.MockTransport(answer)) as client:
+        path = client.download(image, inside)
+    assert path == inside / saved
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == [saved]

@@ -374,9 +374,12 @@ def download_path(target: str | os.PathLike[str], url: str, image: str | ImageOu
     if not path.is_dir():
         return path
     if not isinstance(image, str):
-        return path / f"{image['itemId']}.{_SUFFIXES.get(image['format'], image['format'])}"
-    name = Path(urlsplit(url).path).name
-    return path / (name or "image")
+        name = f"{image['itemId']}.{_SUFFIXES.get(image['format'], image['format'])}"
+    else:
+        name = urlsplit(url).path
+    # The last segment only: a name from a server never leads out of the directory.
+    name = name.replace("\\", "/").rsplit("/", 1)[-1]
+    return path / (name if name not in ("", ".", "..") else "image")
 
 
 _SUFFIXES = {"jpeg": "jpg", "png": "png", "webp": "webp"}
