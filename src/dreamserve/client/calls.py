@@ -287,6 +287,19 @@ def redeliver(jobid: str) -> Call:
     return Call("POST", f"/images/{segment(jobid)}/webhooks")
 
 
+def parsed(response: httpx.Response) -> Any:
+    """A successful reply's JSON body; a body that is not JSON (a proxy's or a portal's page)
+    raises ClientError, as every other failure of the client does."""
+    try:
+        return response.json()
+    except ValueError as error:
+        kind = response.headers.get("content-type", "no Content-Type")
+        raise ClientError(
+            f"{response.request.method} {response.request.url.copy_with(query=None)} answered "
+            f"{response.status_code} with a body that is not JSON ({kind})"
+        ) from error
+
+
 # Retries
 
 
