@@ -5,6 +5,7 @@ references uploaded, the server's errors as they are, Ctrl-C cancelling the job.
 from __future__ import annotations
 
 import io
+import os
 import signal
 import subprocess
 import uuid
@@ -151,6 +152,31 @@ def test_ctrl_c_cancels_the_job(server: Server, client: Client, tmp_path: Path) 
     assert f"dreamserve: cancelled job {jobid}\n" in stderr
     record = client.get(jobid)
     assert (record["status"], record["error"]) == ("failed", "Cancelled by user")
+
+
+def test_a_reader_gone_away_ends_generate_as_a_pipe_does(
+    server: Server, client: Client, tmp_path: Path
+) -> None:
+    # `dreamserve generate ... | head -0`: stdout's reader is gone before the paths are printed.
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run(
+            [*DREAMSERVE, "generate", "piped", "--model", "seedream-3.0", "--count", "1"],
+            cwd=tmp_path,
+            env=command_environment(server),
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=180,
+            check=False,
+        )
+    finally:
+        os.close(write)
+    assert done.returncode == 128 + signal.SIGPIPE, done.stderr
+    assert "Broken pipe" not in done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.splitlines()[0].startswith("job j")
 
 
 def test_jobs_lists_the_newest_first(server: Server, client: Client, tmp_path: Path) -> None:

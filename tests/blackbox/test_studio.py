@@ -268,10 +268,17 @@ def test_the_page_and_its_files_are_served_from_the_package_under_a_strict_polic
     assert "unsafe-inline" not in policy
     assert "//" not in re.sub(r"<!--.*?-->", "", page.text, flags=re.S)  # no URL with a host
     assert page.content == (STUDIO_DIR / "index.html").read_bytes()
+    head = httpx.head(studio.server.url + "/")
+    assert (head.status_code, head.content) == (200, b"")
+    assert head.headers["content-security-policy"] == policy
     for name in ("studio.js", "api.js", "studio.css"):
         served = httpx.get(f"{studio.server.url}/studio/{name}")
         assert served.status_code == 200
         assert served.content == (STUDIO_DIR / name).read_bytes()
+        # Revalidated on each load: an upgraded server's page never runs a kept old module.
+        assert served.headers["cache-control"] == "no-cache"
+        etag = {"If-None-Match": served.headers["etag"]}
+        assert httpx.get(f"{studio.server.url}/studio/{name}", headers=etag).status_code == 304
     for script in STUDIO_DIR.glob("*.js"):  # nothing fetched from another host at run time
         assert "http://" not in script.read_text()
         assert "https://" not in script.read_text()
@@ -288,12 +295,22 @@ def test_a_bad_token_shows_the_servers_message(tab: Tab) -> None:
 
 
 def test_sign_in_keeps_the_token_until_sign_out(tab: Tab) -> None:
+    with tab.studio.client() as client:  # a job in the history
+        made = client.post("/images", json={"prompt": "signed out", "model": "studio", "count": 1})
+    assert made.status_code == 200, made.text
     tab.sign_in()
     tab.page.reload()
     expect(tab.page.get_by_label("Prompt")).to_be_visible()  # still signed in
+    # What this user saw (the signing secret, the jobs) leaves the page with the token.
+    tab.page.get_by_role("link", name="Webhooks").click()
+    expect(tab.page.locator("#w-secret")).to_have_text(re.compile(r"^whsec_"))
+    tab.page.get_by_role("link", name="History").click()
+    expect(tab.page.locator("#history-list .job").first).to_be_visible()
     tab.page.get_by_role("button", name="Sign out").click()
     expect(tab.page.get_by_label("API token")).to_be_visible()
     assert tab.page.evaluate("() => localStorage.getItem('dreamserve.token')") is None
+    assert "whsec_" not in tab.page.content()
+    expect(tab.page.locator("#history-list .job")).to_have_count(0)
     tab.page.reload()
     expect(tab.page.get_by_label("API token")).to_be_visible()
 
@@ -409,6 +426,87 @@ def test_references_uploaded_dropped_and_picked_are_used(tab: Tab) -> None:
     expect(thumbs).to_have_count(2)
 
 
+def test_an_upload_goes_to_the_account_of_the_references_already_chosen(tab: Tab) -> None:
+    # Two accounts serve the model; an image picked from a job on the one listed second binds
+    # the next job to that account, so a file uploaded next must go there too.
+    second = {"engine": "procedural", "account": "US:second", "models": ["studio"]}
+    with tab.studio.client() as client:
+        made = client.post("/accounts", json=second)
+        assert made.status_code == 200, made.text
+        try:
+            serving = [
+                account
+                for account, summary in client.get("/accounts").json().items()
+                if "studio" in summary["models"]["image"]
+            ]
+            assert len(serving) == 2
+            later = serving[1]
+            body = {"prompt": "on the later account", "model": "studio", "account": later}
+            job = client.post("/images", json=body | {"count": 1}).json()
+            done = client.get(f"/images/{job['jobid']}", params={"wait": 60}).json()
+            assert done["status"] == "completed"
+
+            tab.sign_in()
+            page = tab.page
+            page.locator("#g-model").select_option("studio")
+            page.get_by_role("button", name="Pick from earlier images…").click()
+            page.locator("#picker").get_by_role("button", name="on the later account (1)").click()
+            thumbs = page.locator("#g-thumbs li")
+            expect(thumbs).to_have_count(1)
+            page.locator("#g-files").set_input_files(
+                {"name": "green.png", "mimeType": "image/png", "buffer": png("green")}
+            )
+            expect(thumbs).to_have_count(2)
+            refs = [thumbs.nth(i).get_attribute("data-asset-ref") for i in range(2)]
+            assert refs[0] == done["response"]["images"][0]["assetRef"]
+            assert str(refs[1]).startswith(f"{later}-image:w96:h64:")
+            card = tab.generate("with both references")
+            expect(card.locator(".status")).to_have_text("Completed")
+            expect(card.locator(".meta")).to_contain_text(later)
+        finally:
+            assert client.delete("/accounts/US:second").status_code == 200
+
+
+def test_a_reference_for_a_model_no_account_serves_is_refused_as_the_api_does(tab: Tab) -> None:
+    tab.sign_in()
+    page = tab.page
+    page.locator("#g-model").select_option("seedream-4.0")  # no account here serves it
+    expect(page.locator("#g-model option:checked")).to_have_text("seedream-4.0 (no account)")
+    page.locator("#g-files").set_input_files(
+        {"name": "orange.png", "mimeType": "image/png", "buffer": png()}
+    )
+    expect(page.locator("#generate-error")).to_have_text("No account serves model seedream-4.0")
+    expect(page.locator("#g-thumbs li")).to_have_count(0)
+    assert [url for url in tab.requested if "/assets/" in url] == []
+    # The same message the API gives the job itself.
+    page.get_by_label("Prompt").fill("no account")
+    page.get_by_role("button", name="Generate", exact=True).click()
+    expect(page.locator("#generate-error")).to_have_text("No account serves model seedream-4.0")
+
+
+def test_text_from_users_and_the_server_is_shown_as_text_never_as_markup(tab: Tab) -> None:
+    # A prompt (the job's title, the history, the large view, the record) and a message that
+    # echoes the user's input: shown as written, no element made of them, no script run.
+    markup = '<img src="x:" onerror="window.injected = 1"><b>bold</b>'
+    tab.sign_in()
+    page = tab.page
+    card = tab.generate(markup)  # its title checked as text
+    expect(card.locator(".status")).to_have_text("Completed")
+    expect(card.locator(".job-title b")).to_have_count(0)
+    card.locator(".images button.thumb").first.click()
+    expect(page.locator("#viewer-title")).to_have_text(f"Image 1 of {markup}")
+    page.keyboard.press("Escape")
+    page.get_by_role("link", name="History").click()
+    expect(page.locator("#history-list .job-title").first).to_have_text(markup)
+    page.get_by_role("link", name="Accounts").click()
+    page.get_by_label("Engine", exact=True).fill(markup)
+    page.get_by_label("Account id").fill("US:x")
+    page.get_by_role("button", name="Save account").click()
+    expect(page.locator("#account-error")).to_contain_text(markup)
+    assert page.locator("main img[src='x:'], main b").count() == 0
+    assert page.evaluate("() => window.injected") is None
+
+
 def test_upscale_makes_a_job_of_its_own(tab: Tab) -> None:
     tab.sign_in()
     card = tab.generate("a harbour")
@@ -459,6 +557,32 @@ def test_cancel_a_running_job_from_the_history(tab: Tab) -> None:
     assert jobs
     expect(page.locator("#history-list .job")).to_have_count(min(len(jobs), 20))
     tab.shot("history")
+
+
+def test_many_running_jobs_leave_the_page_room_to_call_the_server(tab: Tab) -> None:
+    # A browser opens 6 connections to a server at most; 8 followed jobs must not take them all,
+    # or the page's next call (this cancel) would wait for one of them to end.
+    prompt = "one of many running"
+    tab.studio.hold(prompt)
+    with tab.studio.client() as client:
+        made = [
+            client.post("/images", json={"prompt": prompt, "model": "studio", "count": 1})
+            for _ in range(8)
+        ]
+    assert [reply.status_code for reply in made] == [200] * 8
+    try:
+        tab.sign_in()
+        page = tab.page
+        page.get_by_role("link", name="History").click()
+        page.get_by_label("Status", exact=True).select_option("created")
+        running = page.locator("#history-list .job").filter(has_text=prompt)
+        expect(running).to_have_count(8)
+        first = running.first
+        expect(first.locator(".status")).to_have_text("Running 40%")
+        first.get_by_role("button", name="Cancel").click()
+        expect(first.locator(".failure")).to_have_text("Cancelled by user")
+    finally:
+        tab.studio.release(prompt)
 
 
 def test_accounts_added_edited_removed_with_the_apis_messages(tab: Tab) -> None:

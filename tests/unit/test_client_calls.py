@@ -15,7 +15,9 @@ import pytest
 
 from dreamserve.client import (
     ApiError,
+    AsyncClient,
     Client,
+    ClientError,
     ConnectionFailed,
     JobFailed,
     RateLimited,
@@ -181,3 +183,50 @@ def test_a_dropped_download_leaves_no_file(tmp_path: Path) -> None:
         client.download("http://files.test/x.jpg?signature=secret", tmp_path / "x.jpg")
     assert str(failed.value) == "Cannot reach http://files.test/x.jpg: refused"
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("item", "form", "saved"),
+    [
+        ("../../escaped", "png", "escaped.png"),
+        ("1", "png/../../../escaped", "escaped"),
+        ("..\\..\\escaped", "jpeg", "escaped.jpg"),
+        ("x", "/..", "image"),
+    ],
+)
+def test_a_download_never_leaves_its_directory(
+    tmp_path: Path, item: str, form: str, saved: str
+) -> None:
+    # A server's itemId and format name the file: whatever they hold, it lands in the directory.
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=b"bytes")
+
+    inside = tmp_path / "a" / "b"
+    inside.mkdir(parents=True)
+    image: Any = {"imageUrl": "http://files.test/f", "itemId": item, "format": form}
+    with Client("http://dream.test", transport=httpx.MockTransport(answer)) as client:
+        path = client.download(image, inside)
+    assert path == inside / saved
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == [saved]
+
+
+@pytest.mark.anyio
+async def test_a_reply_that_is_not_json_is_a_client_error() -> None:
+    # A portal or proxy answering 200 with its own page: the client's error, not a ValueError.
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, text="<html>Sign in to the Wi-Fi</html>", headers=HTML)
+
+    said = "GET http://dream.test/v1/dreamina/scheduler answered 200 with a body that is not "
+    said += "JSON (text/html)"
+    client = Client("http://dream.test", transport=httpx.MockTransport(answer))
+    with client, pytest.raises(ClientError) as sync_error:
+        client.scheduler()
+    assert str(sync_error.value) == said
+    transport = httpx.MockTransport(answer)
+    async with AsyncClient("http://dream.test", transport=transport) as async_client:
+        with pytest.raises(ClientError) as async_error:
+            await async_client.scheduler()
+    assert str(async_error.value) == said
+
+
+HTML = {"content-type": "text/html"}

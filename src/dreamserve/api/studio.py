@@ -6,11 +6,13 @@ from __future__ import annotations
 
 from importlib.resources import files
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from fastapi import FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.responses import Response
 
 ASSETS = "/studio"
 STUDIO_DIR = Path(str(files("dreamserve") / "studio"))
@@ -39,6 +41,16 @@ def content_security_policy(base_url: str, presigned: bool) -> str:
     )
 
 
+class Assets(StaticFiles):
+    """The page's scripts and styles, asked again (a 304 while unchanged) on each load: a new
+    version of the server must not run its new page with the old modules a browser kept."""
+
+    def file_response(self, *args: Any, **kwargs: Any) -> Response:
+        response = super().file_response(*args, **kwargs)
+        response.headers["Cache-Control"] = "no-cache"
+        return response
+
+
 def install_studio(app: FastAPI, base_url: str, presigned: bool) -> None:
     """GET / (the page) and its files under /studio, out of the OpenAPI document."""
     headers = {
@@ -49,5 +61,6 @@ def install_studio(app: FastAPI, base_url: str, presigned: bool) -> None:
     async def page() -> FileResponse:
         return FileResponse(STUDIO_DIR / "index.html", headers=headers)
 
-    app.mount(ASSETS, StaticFiles(directory=STUDIO_DIR), name="studio")
-    app.add_api_route("/", page, include_in_schema=False)
+    app.mount(ASSETS, Assets(directory=STUDIO_DIR), name="studio")
+    # HEAD too: uptime checks and `curl -I` ask for the page that way.
+    app.add_api_route("/", page, methods=["GET", "HEAD"], include_in_schema=False)

@@ -347,7 +347,7 @@ class AsyncClient:
     # Sending
 
     async def _json(self, call: Call) -> Any:
-        return (await self._send(call)).json()
+        return calls.parsed(await self._send(call))
 
     async def _send(self, call: Call, stream: bool = False) -> httpx.Response:
         """Send the call, again as `self.retries` allows; a successful reply, or raise."""

@@ -21,7 +21,7 @@ from urllib.parse import quote, urlsplit
 import httpx
 
 from dreamserve import __version__
-from dreamserve.client.errors import retry_after
+from dreamserve.client.errors import ClientError, retry_after
 from dreamserve.replies import ImageOut
 
 API_PREFIX = "/v1/dreamina"
@@ -60,9 +60,15 @@ def settings(base_url: str | None, token: str | None) -> tuple[str, str | None]:
     """The server root and token: as given, else `DREAMSERVE_URL` / `DREAMSERVE_TOKEN`, else
     the local default server and no token. A URL given with the API's path
     (`https://api.useapi.net/v1/dreamina`, as the hosted API's documents write it) is taken
-    for its root."""
+    for its root. A URL that is not http(s) raises ClientError (not httpx's own error)."""
     url = (base_url or os.environ.get("DREAMSERVE_URL") or DEFAULT_URL).rstrip("/")
     url = url.removesuffix(API_PREFIX)
+    try:
+        scheme = httpx.URL(url).scheme
+    except httpx.InvalidURL as error:
+        raise ClientError(f"Invalid server URL {url!r}: {error}") from error
+    if scheme not in ("http", "https"):
+        raise ClientError(f"Invalid server URL {url!r}: it must start with http:// or https://")
     return url, token or os.environ.get("DREAMSERVE_TOKEN") or None
 
 
@@ -281,6 +287,19 @@ def redeliver(jobid: str) -> Call:
     return Call("POST", f"/images/{segment(jobid)}/webhooks")
 
 
+def parsed(response: httpx.Response) -> Any:
+    """A successful reply's JSON body; a body that is not JSON (a proxy's or a portal's page)
+    raises ClientError, as every other failure of the client does."""
+    try:
+        return response.json()
+    except ValueError as error:
+        kind = response.headers.get("content-type", "no Content-Type")
+        raise ClientError(
+            f"{response.request.method} {response.request.url.copy_with(query=None)} answered "
+            f"{response.status_code} with a body that is not JSON ({kind})"
+        ) from error
+
+
 # Retries
 
 
@@ -368,9 +387,12 @@ def download_path(target: str | os.PathLike[str], url: str, image: str | ImageOu
     if not path.is_dir():
         return path
     if not isinstance(image, str):
-        return path / f"{image['itemId']}.{_SUFFIXES.get(image['format'], image['format'])}"
-    name = Path(urlsplit(url).path).name
-    return path / (name or "image")
+        name = f"{image['itemId']}.{_SUFFIXES.get(image['format'], image['format'])}"
+    else:
+        name = urlsplit(url).path
+    # The last segment only: a name from a server never leads out of the directory.
+    name = name.replace("\\", "/").rsplit("/", 1)[-1]
+    return path / (name if name not in ("", ".", "..") else "image")
 
 
 _SUFFIXES = {"jpeg": "jpg", "png": "png", "webp": "webp"}

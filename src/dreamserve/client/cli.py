@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dreamserve import __version__
-from dreamserve.client.errors import ApiError, ClientError, JobFailed
+from dreamserve.client.errors import ApiError, ClientError, ConnectionFailed, JobFailed
 from dreamserve.client.sync import Client
 
 if TYPE_CHECKING:
@@ -124,10 +124,14 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     jobs.add_argument("--status", choices=STATUSES)
     jobs.add_argument("--model")
     jobs.add_argument("--account")
-    jobs.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    jobs.add_argument("--limit", type=_positive(int), default=20, help="how many (default 20)")
     jobs.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
     jobs.add_argument(
-        "--interval", type=float, default=2.0, metavar="SECONDS", help="--watch's refresh"
+        "--interval",
+        type=_positive(float),
+        default=2.0,
+        metavar="SECONDS",
+        help="--watch's refresh",
     )
     _connection(jobs)
 
@@ -144,6 +148,22 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     _connection(upscale)
     for parser in (generate, jobs, upscale):
         parser.set_defaults(client_command=run)  # `dreamserve` runs these before any Settings
+
+
+def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
+    """An argparse type: a number above 0, else argparse's usage error (not a traceback)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be above 0: {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
 
 
 def _connection(parser: argparse.ArgumentParser) -> None:
@@ -170,6 +190,8 @@ def run(args: argparse.Namespace) -> int:
 
     err = Console(stderr=True)
     try:
+        if args.command in ("generate", "upscale"):
+            args.out.mkdir(parents=True, exist_ok=True)  # before a job is made for nothing
         with Client(args.server, args.token) as client:
             if args.command == "generate":
                 return _generate(client, args, err)
@@ -181,6 +203,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"dreamserve: job {failed.jobid} failed: {failed.error}{details}", file=sys.stderr)
     except ClientError as error:
         print(f"dreamserve: {error}", file=sys.stderr)
+    except BrokenPipeError:
+        raise  # stdout's reader went away: `ending_quietly` ends the command as a pipe would
     except OSError as error:  # a reference or an output file
         print(f"dreamserve: {error}", file=sys.stderr)
     except KeyboardInterrupt:
@@ -230,7 +254,6 @@ def _finish(
     except KeyboardInterrupt:
         _cancel(client, jobid)
         return INTERRUPTED
-    args.out.mkdir(parents=True, exist_ok=True)
     for image in final["response"].get("images", []):
         print(client.download(image, args.out), flush=True)
     return 0
@@ -260,6 +283,8 @@ def _follow(client: Client, record: JobRecord, err: Console, doing: str) -> None
                 progress.update(task, completed=done, state=_state(update))
         except ApiError:
             return  # no event stream there (the hosted API has none): `wait` polls
+        except ConnectionFailed:
+            return  # the stream broke (a proxy, a restart): the job goes on; `wait` polls
 
 
 def _state(record: JobRecord) -> str:

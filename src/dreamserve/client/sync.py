@@ -340,7 +340,7 @@ class Client:
     # Sending
 
     def _json(self, call: Call) -> Any:
-        return self._send(call).json()
+        return calls.parsed(self._send(call))
 
     def _send(self, call: Call, stream: bool = False) -> httpx.Response:
         """Send the call, again as `self.retries` allows; a successful reply, or raise."""

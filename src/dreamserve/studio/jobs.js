@@ -202,7 +202,12 @@ async function cancelJob(card, button, error) {
 }
 
 // Follow a job until it ends: its event stream, or polling where the stream breaks (a proxy
-// that buffers, a restart).
+// that buffers, a restart). A browser opens at most 6 connections to a server (HTTP/1.1), and
+// each stream holds one: past MAX_STREAMS jobs are polled, so that the page's other calls
+// (cancel, the next page of the history) never wait behind the streams.
+const MAX_STREAMS = 3;
+let streams = 0;
+
 export async function follow(record) {
   if (record.status !== "created" || following.has(record.jobid)) return;
   const control = new AbortController();
@@ -210,9 +215,18 @@ export async function follow(record) {
   let last = record;
   let retry = false;
   try {
-    last = (await streamJob(record.jobid, updateCards, control.signal)) || last;
     while (last.status === "created" && !control.signal.aborted) {
+      if (streams < MAX_STREAMS) {
+        streams += 1;
+        try {
+          last = (await streamJob(record.jobid, updateCards, control.signal)) || last;
+        } finally {
+          streams -= 1;
+        }
+        if (last.status !== "created") break;
+      }
       await new Promise((resolve) => setTimeout(resolve, 2000));
+      if (control.signal.aborted) break;
       last = await get(`/images/${seg(record.jobid)}`, { signal: control.signal });
       updateCards(last);
     }

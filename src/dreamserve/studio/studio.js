@@ -43,6 +43,17 @@ export function signOut(message = "") {
   renderRefs();
   clear($("results"));
   $("results-empty").hidden = false;
+  // Nothing of this user stays in the page for the next one: the secret, jobs, accounts.
+  $("w-secret").textContent = "…";
+  $("w-previous").textContent = "";
+  $("w-jobid").value = "";
+  clear($("deliveries"));
+  clear($("history-list"));
+  $("h-more").hidden = true;
+  clear($("accounts-table").tBodies[0]);
+  clear($("scheduler"));
+  $("account-form").reset();
+  for (const id of ["g-prompt", "g-replyurl", "g-replyref"]) $(id).value = "";
   $("nav").hidden = true;
   $("signout").hidden = true;
   showScreen("signin");
@@ -207,18 +218,28 @@ export function addRef(ref) {
   return true;
 }
 
+// Where an upload goes: the chosen account, else the account of the references already chosen
+// (a job's references must all be on its account), else one that serves the model.
 function uploadAccount() {
   const chosen = $("g-account").value;
   if (chosen) return chosen;
+  for (const ref of state.refs) {
+    const bound = /^(.+?)-image:/.exec(ref.assetRef); // <account>-image:w<W>:h<H>:...
+    if (bound) return bound[1];
+  }
   const serving = servingAccounts($("g-model").value);
-  const any = serving[0] || Object.values(state.accounts)[0];
-  return any ? any.account : "";
+  return serving.length ? serving[0].account : "";
 }
 
 async function upload(files) {
   setError("generate-error", "");
   for (const file of files) {
     const account = uploadAccount();
+    if (!account) {
+      // The API's own message: a job of this model could not run, references or not.
+      setError("generate-error", `No account serves model ${$("g-model").value}`);
+      return;
+    }
     try {
       const reply = await api("POST", `/assets/${seg(account)}`, {
         body: file,

@@ -1,0 +1,108 @@
+"""The client's commands' own rules that need no server (httpx's MockTransport where a server
+answers): a bad flag is argparse's usage error (status 2, a message naming the flag), never a
+traceback; a broken event stream falls back to waiting for the job."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from dreamserve.client import Client, cli
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["jobs", "--limit", "-1"], "argument --limit: must be above 0: '-1'"),
+        (["jobs", "--limit", "0"], "argument --limit: must be above 0: '0'"),
+        (["jobs", "--limit", "many"], "argument --limit: not a number: 'many'"),
+        (["jobs", "--watch", "--interval", "-1"], "argument --interval: must be above 0: '-1'"),
+        (["jobs", "--watch", "--interval", "0"], "argument --interval: must be above 0: '0'"),
+    ],
+)
+def test_a_bad_number_is_a_usage_error(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as ended:
+        cli.main([*args, "--server", "http://127.0.0.1:9"])
+    assert ended.value.code == 2
+    error = capsys.readouterr().err
+    assert error.splitlines()[-1] == f"dreamserve jobs: error: {message}"
+
+
+class Broken(httpx.SyncByteStream):
+    """An event stream that sends one event, then loses its connection."""
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield b'event: progress\ndata: {"jobid": "j1", "status": "created", "progress": 10}\n\n'
+        raise httpx.ReadError("connection reset")
+
+
+def test_generate_waits_for_the_job_when_its_event_stream_breaks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    image = {"imageUrl": "/v1/dreamina/files/x.png?signature=s", "itemId": "1", "format": "png"}
+    record: dict[str, Any] = {"jobid": "j1", "type": "image", "status": "created"}
+    record |= {"model": "m", "request": {}, "response": {}}
+    done = record | {"status": "completed", "response": {"images": [image]}}
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            return httpx.Response(200, json=record)
+        if request.url.path.endswith("/events"):
+            return httpx.Response(
+                200, headers={"content-type": "text/event-stream"}, stream=Broken()
+            )
+        if request.url.path == "/v1/dreamina/images/j1":
+            return httpx.Response(200, json=done)
+        return httpx.Response(200, content=b"png bytes")
+
+    transport = httpx.MockTransport(answer)
+    monkeypatch.setattr(
+        cli, "Client", lambda url, token: Client(url, token, retries=0, transport=transport)
+    )
+    status = cli.main(["generate", "x", "--server", "http://dream.test", "--out", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    assert out == f"{tmp_path / '1.png'}\n"
+    assert (tmp_path / "1.png").read_bytes() == b"png bytes"
+
+
+@pytest.mark.parametrize(
+    ("server", "message"),
+    [
+        ("http://[::1", "dreamserve: Invalid server URL 'http://[::1': Invalid port: ':1'"),
+        (
+            "127.0.0.1:8000",
+            "dreamserve: Invalid server URL '127.0.0.1:8000': it must start with http:// or https://",
+        ),
+    ],
+)
+def test_a_bad_server_url_is_said_not_a_traceback(
+    server: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["jobs", "--server", server]) == 1
+    assert capsys.readouterr().err == f"{message}\n"
+
+
+def test_an_unusable_out_dir_is_said_before_any_job_is_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sent: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(500, json={"error": "not reached"})
+
+    transport = httpx.MockTransport(answer)
+    monkeypatch.setattr(cli, "Client", lambda url, token: Client(url, token, transport=transport))
+    file = tmp_path / "a file"
+    file.write_text("")
+    status = cli.main(["generate", "x", "--server", "http://dream.test", "--out", str(file / "x")])
+    assert status == 1
+    assert capsys.readouterr().err.startswith("dreamserve: [Errno 20] Not a directory: ")
+    assert sent == []
