@@ -17,7 +17,7 @@ import anyio
 import httpx
 import httpx2
 import pytest
-from mcp import ClientSession
+from mcp import Client, ClientSession
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 from mcp.types import CallToolResult, TextContent
@@ -316,3 +316,33 @@ async def test_list_models_is_the_catalogue(
 ) -> None:
     models = (await http.get(f"{API}/models")).json()
     assert body(await session.call_tool("list_models", {})) == models
+
+
+async def test_an_idempotency_key_returns_the_job_it_made(session: ClientSession) -> None:
+    request = SMALL | {"count": 1, "wait": False, "idempotencyKey": "mcp-key-1"}
+    first = body(await session.call_tool("create_image", request))
+    again = body(await session.call_tool("create_image", request))
+    assert again["jobid"] == first["jobid"]
+    other = await session.call_tool("create_image", request | {"prompt": "something else"})
+    assert error_text(other).startswith("Idempotency-Key")
+
+
+async def test_the_2026_07_28_protocol_is_served_too(server: Server) -> None:
+    """A client of the stateless protocol revision (no initialize handshake) gets the same
+    tools, progress and errors."""
+    headers = {"Authorization": f"Bearer {server.token}"}
+    progress: list[float] = []
+
+    async def heard(value: float, total: float | None, message: str | None) -> None:
+        progress.append(value)
+
+    async with httpx2.AsyncClient(headers=headers, timeout=WAIT_SECONDS) as http:
+        transport = streamable_http_client(f"{server.url}{API}/mcp", http_client=http)
+        async with Client(transport, mode="2026-07-28") as client:
+            assert {tool.name for tool in (await client.list_tools()).tools} == TOOLS
+            request = SMALL | {"count": 1}
+            result = await client.call_tool("create_image", request, progress_callback=heard)
+            assert body(result)["status"] == "completed"
+            assert progress[-1] == 100.0
+            wrong = await client.call_tool("create_image", SMALL | {"ratio": "5:4"})
+            assert error_text(wrong).startswith("Parameter ratio (5:4) valid values:")

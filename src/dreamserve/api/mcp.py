@@ -106,19 +106,25 @@ _WAIT = {
     "description": "Wait for the job to end, with progress notifications (default); false: "
     "return the created job at once (then get_image)",
 }
+_IDEMPOTENCY_KEY = {
+    "type": "string",
+    "maxLength": 255,
+    "description": "As the Idempotency-Key header: the same key and arguments within 24 hours "
+    "return the job the first call made",
+}
 _JOBID = {"type": "string", "description": "The job's id (jobid of its record)"}
 _ACCOUNT = {"type": "string", "description": "An account id, REGION:name (list_accounts)"}
 
 
 def _image_schema() -> dict[str, Any]:
     schema = _model_schema(ImageJobRequest)
-    schema["properties"]["wait"] = _WAIT
+    schema["properties"] |= {"wait": _WAIT, "idempotencyKey": _IDEMPOTENCY_KEY}
     return schema
 
 
 def _upscale_schema() -> dict[str, Any]:
     schema = _model_schema(UpscaleRequest)
-    schema["properties"]["wait"] = _WAIT
+    schema["properties"] |= {"wait": _WAIT, "idempotencyKey": _IDEMPOTENCY_KEY}
     return schema
 
 
@@ -151,16 +157,24 @@ async def _list_models(call: Call) -> dict[str, Any]:
 
 async def _create_image(call: Call) -> dict[str, Any] | types.CallToolResult:
     call.service.submissions.admitting()  # a stopping server: its 503, as POST /images
-    fields = _without(call.arguments, "wait")
-    record = await call.service.submissions.image(call.user, fields)
+    fields = _without(call.arguments, "wait", "idempotencyKey")
+    record = await call.service.submissions.image(call.user, fields, _key(call))
     return await _finished(call, record)
 
 
 async def _upscale_image(call: Call) -> dict[str, Any] | types.CallToolResult:
     call.service.submissions.admitting()
-    fields = _without(call.arguments, "wait")
-    record = await call.service.submissions.upscale(call.user, fields)
+    fields = _without(call.arguments, "wait", "idempotencyKey")
+    record = await call.service.submissions.upscale(call.user, fields, _key(call))
     return await _finished(call, record)
+
+
+def _key(call: Call) -> str | None:
+    """The Idempotency-Key header's value, given as an argument."""
+    key = call.arguments.get("idempotencyKey")
+    if key is not None and not isinstance(key, str):
+        raise BadRequest("Parameter idempotencyKey must be a string")
+    return key
 
 
 async def _get_image(call: Call) -> dict[str, Any]:
