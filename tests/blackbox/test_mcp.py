@@ -150,27 +150,36 @@ async def test_the_tools_are_listed(session: ClientSession) -> None:
     )
 
 
+INITIALIZE = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {
+        "protocolVersion": "2025-11-25",
+        "capabilities": {},
+        "clientInfo": {"name": "test", "version": "1"},
+    },
+}
+ACCEPT = {"Accept": "application/json, text/event-stream"}
+
+
 async def test_no_token_or_a_wrong_one_is_the_apis_401(server: Server) -> None:
-    initialize = {
-        "jsonrpc": "2.0",
-        "id": 1,
-        "method": "initialize",
-        "params": {
-            "protocolVersion": "2025-11-25",
-            "capabilities": {},
-            "clientInfo": {"name": "test", "version": "1"},
-        },
-    }
-    accept = {"Accept": "application/json, text/event-stream"}
     async with httpx.AsyncClient(base_url=server.url) as bare:
         for headers in ({}, {"Authorization": "Bearer user:1-not-the-right-secret-at-all"}):
-            reply = await bare.post(f"{API}/mcp", json=initialize, headers=accept | headers)
+            reply = await bare.post(f"{API}/mcp", json=INITIALIZE, headers=ACCEPT | headers)
             assert (reply.status_code, reply.json()) == (401, {"error": "Unauthorized"})
     # The SDK's client refuses to go on: its initialize request failed.
     with pytest.raises(BaseExceptionGroup) as refused:
         async with connected(server, "user:1-not-the-right-secret-at-all"):
             pass
     assert refused.group_contains(MCPError)
+
+
+async def test_the_event_stream_is_not_buffered_by_a_proxy(http: httpx.AsyncClient) -> None:
+    reply = await http.post(f"{API}/mcp", json=INITIALIZE, headers=ACCEPT)
+    assert reply.status_code == 200, reply.text
+    assert reply.headers["content-type"].startswith("text/event-stream")
+    assert reply.headers["x-accel-buffering"] == "no"
 
 
 async def test_create_image_waits_with_progress_and_get_image_returns_it(

@@ -48,7 +48,7 @@ from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.server.transport_security import TransportSecuritySettings
 from starlette.requests import Request
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from dreamserve import __version__
 from dreamserve.api.deps import USER, authenticate
@@ -550,7 +550,27 @@ class McpEndpoint:
         manager = self._manager
         if manager is None:  # not started, or stopped
             raise Stopping(self.retry_after)
-        await manager.handle_request(scope, receive, send)
+        await manager.handle_request(scope, receive, _unbuffered(send))
+
+
+def _unbuffered(send: Send) -> Send:
+    """An event stream's responses say `X-Accel-Buffering: no`, as the API's own event stream
+    does: nginx then relays each progress notification as it comes, not once its buffer
+    fills (the SDK says so on its 2026-07-28 path only)."""
+
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = list(message.get("headers", []))
+            names = {name.lower() for name, _ in headers}
+            streams = any(
+                name.lower() == b"content-type" and value.startswith(b"text/event-stream")
+                for name, value in headers
+            )
+            if streams and b"x-accel-buffering" not in names:
+                message = {**message, "headers": [*headers, (b"x-accel-buffering", b"no")]}
+        await send(message)
+
+    return sending
 
 
 def request_bytes(max_body_bytes: int, max_upload_bytes: int) -> int:
