@@ -180,6 +180,8 @@ async def test_the_event_stream_is_not_buffered_by_a_proxy(http: httpx.AsyncClie
     assert reply.status_code == 200, reply.text
     assert reply.headers["content-type"].startswith("text/event-stream")
     assert reply.headers["x-accel-buffering"] == "no"
+    metrics = (await http.get("/metrics")).text
+    assert 'route="/v1/dreamina/mcp"' in metrics
 
 
 async def test_create_image_waits_with_progress_and_get_image_returns_it(

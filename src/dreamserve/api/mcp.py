@@ -526,9 +526,11 @@ class McpEndpoint:
         self.max_body_bytes = max_body_bytes
         self.retry_after = retry_after
         self._manager: StreamableHTTPSessionManager | None = None
+        self._route: Route | None = None
 
     def route(self, prefix: str) -> Route:
-        return Route(prefix + PATH, self, include_in_schema=False)
+        self._route = Route(prefix + PATH, self, include_in_schema=False)
+        return self._route
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
@@ -546,6 +548,9 @@ class McpEndpoint:
                 self._manager = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # FastAPI's router names the matched route only for its own routes: named here, the
+        # HTTP metrics count this one under its path, not as `unmatched`.
+        scope["route"] = self._route
         await authenticate(Request(scope, receive))  # the API's 401, by its error handlers
         manager = self._manager
         if manager is None:  # not started, or stopped
