@@ -47,6 +47,7 @@ TOOLS = {
     "redeliver_webhook",
 }
 SMALL = {"prompt": "a lighthouse at dusk", "model": "nano-banana", "ratio": "1:1"}
+HELD_MODEL = "seedream-3.0"  # the only model of the held engine's account
 # A bound for waits on a loaded machine; never asserted as a duration.
 WAIT_SECONDS = 120
 
@@ -235,11 +236,13 @@ async def test_an_uploaded_png_is_a_reference(session: ClientSession) -> None:
 async def test_a_waiting_job_cancelled_is_a_tool_error(
     server: Server, session: ClientSession, http: httpx.AsyncClient
 ) -> None:
-    added = await http.post(f"{API}/accounts", json={"account": "LOCAL:held", "engine": "held"})
+    # Serving one model that no other test asks for: the other tests' jobs never land on it.
+    account = {"account": "LOCAL:held", "engine": "held", "models": [HELD_MODEL]}
+    added = await http.post(f"{API}/accounts", json=account)
     assert added.status_code == 200, added.text
     accounts = body(await session.call_tool("list_accounts", {}))
     assert accounts == (await http.get(f"{API}/accounts")).json()
-    request = SMALL | {"count": 1, "account": "LOCAL:held"}
+    request = SMALL | {"count": 1, "model": HELD_MODEL, "account": "LOCAL:held"}
     outcome: list[CallToolResult] = []
 
     async def generate() -> None:

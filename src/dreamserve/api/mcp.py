@@ -525,6 +525,9 @@ class McpEndpoint:
         )
         self.max_body_bytes = max_body_bytes
         self.retry_after = retry_after
+        # The SDK says at INFO what every stateless POST does ("Terminating session: None"):
+        # a second access log. Its warnings and errors are kept.
+        logging.getLogger("mcp").setLevel(logging.WARNING)
         self._manager: StreamableHTTPSessionManager | None = None
         self._route: Route | None = None
 
