@@ -374,10 +374,13 @@ def create_app(
         request_bytes(settings.max_body_bytes, settings.max_upload_bytes),
         settings.retry_after_seconds,
     )
-    app.router.routes.append(mcp_endpoint.route(API_PREFIX))
-    app.state.route_methods = route_methods(API_PREFIX, routers) + route_methods(
-        "", [health.router]
-    )
+    mcp_route = mcp_endpoint.route(API_PREFIX)
+    app.router.routes.append(mcp_route)
+    app.state.route_methods = [
+        *route_methods(API_PREFIX, routers),
+        *route_methods("", [health.router]),
+        (mcp_route.path_regex, mcp_route.methods or set()),
+    ]
     app.openapi = partial(_openapi, app)  # type: ignore[method-assign]
     return app
 

@@ -47,6 +47,7 @@ TOOLS = {
     "redeliver_webhook",
 }
 SMALL = {"prompt": "a lighthouse at dusk", "model": "nano-banana", "ratio": "1:1"}
+MAX_UPLOAD = 1 << 20  # DREAMSERVE_MAX_UPLOAD_BYTES: an MCP request may hold its base64
 HELD_MODEL = "seedream-3.0"  # the only model of the held engine's account
 # A bound for waits on a loaded machine; never asserted as a duration.
 WAIT_SECONDS = 120
@@ -86,7 +87,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             "dreamserve-held", {"held": "held_engine:HeldEngine"}, {"held_engine": HELD_ENGINE}
         )
         path = os.pathsep.join([str(root / "site"), os.environ.get("PYTHONPATH", "")])
-        env = {"DREAMSERVE_ACCESS_LOG": "false", "PYTHONPATH": path}
+        env = {
+            "DREAMSERVE_ACCESS_LOG": "false",
+            "PYTHONPATH": path,
+            "DREAMSERVE_MAX_UPLOAD_BYTES": str(MAX_UPLOAD),
+        }
         running = Server(root / "data", free_port(), None, env, DREAMSERVE_SERVE)
         try:
             yield running
@@ -183,6 +188,21 @@ async def test_the_event_stream_is_not_buffered_by_a_proxy(http: httpx.AsyncClie
     assert reply.headers["x-accel-buffering"] == "no"
     metrics = (await http.get("/metrics")).text
     assert 'route="/v1/dreamina/mcp"' in metrics
+
+
+async def test_only_post_is_served_and_a_body_past_the_limit_is_the_apis_413(
+    http: httpx.AsyncClient,
+) -> None:
+    for method in ("GET", "DELETE", "PUT"):
+        reply = await http.request(method, f"{API}/mcp", headers=ACCEPT)
+        assert reply.status_code == 405
+        assert (reply.json(), reply.headers["allow"]) == ({"error": "Method Not Allowed"}, "POST")
+    # The largest request: an upload's base64 and 64 KiB of room (api/mcp.py request_bytes).
+    limit = (MAX_UPLOAD + 2) // 3 * 4 + 64 * 1024
+    big = b'{"jsonrpc": "2.0", "id": 1, "method": "ping", "params": {"x": "' + b"x" * limit
+    reply = await http.post(f"{API}/mcp", content=big + b'"}}', headers=ACCEPT)
+    assert reply.status_code == 413
+    assert reply.json() == {"error": f"Request body too large (limit {limit} bytes)"}
 
 
 async def test_create_image_waits_with_progress_and_get_image_returns_it(
@@ -323,6 +343,14 @@ async def test_an_upload_of_a_wrong_type_is_the_apis_message(
     )
     upload = {"account": "LOCAL:procedural", "contentType": "image/png", "data": ""}
     assert error_text(await session.call_tool("upload_asset", upload)) == empty.json()["error"]
+    large = b"\x89PNG" + bytes(MAX_UPLOAD)  # past the limit by 4 bytes
+    reply = await http.post(
+        f"{API}/assets/LOCAL:procedural", content=large, headers={"Content-Type": "image/png"}
+    )
+    assert reply.status_code == 400, reply.text
+    data = base64.b64encode(large).decode()
+    upload = {"account": "LOCAL:procedural", "contentType": "image/png", "data": data}
+    assert error_text(await session.call_tool("upload_asset", upload)) == reply.json()["error"]
 
 
 async def test_list_models_is_the_catalogue(

@@ -51,6 +51,7 @@ from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
 from dreamserve import __version__
+from dreamserve.api.body import read_body
 from dreamserve.api.deps import USER, authenticate
 from dreamserve.api.schemas import ImageJobRequest, UpscaleRequest
 from dreamserve.assets import ACCEPTED, content_type_of, too_large
@@ -532,7 +533,9 @@ class McpEndpoint:
         self._route: Route | None = None
 
     def route(self, prefix: str) -> Route:
-        self._route = Route(prefix + PATH, self, include_in_schema=False)
+        """POST only: stateless, there is no session to `DELETE`, and a `GET` event stream would
+        stay open with nothing ever sent on it; the protocol's answer to those is a 405."""
+        self._route = Route(prefix + PATH, self, methods=["POST"], include_in_schema=False)
         return self._route
 
     @asynccontextmanager
@@ -554,11 +557,24 @@ class McpEndpoint:
         # FastAPI's router names the matched route only for its own routes: named here, the
         # HTTP metrics count this one under its path, not as `unmatched`.
         scope["route"] = self._route
-        await authenticate(Request(scope, receive))  # the API's 401, by its error handlers
+        request = Request(scope, receive)
+        _, user = await authenticate(request)  # the API's 401, by its error handlers
         manager = self._manager
         if manager is None:  # not started, or stopped
             raise Stopping(self.retry_after)
-        await manager.handle_request(scope, receive, _unbuffered(send))
+        # Read as the API reads a JSON body: its size limit and 413, and its caps on the bodies
+        # of a user (and of everyone) arriving at once. Then handed to the SDK as it came.
+        body = await read_body(request, user, self.max_body_bytes)
+        given = False
+
+        async def replay() -> Message:
+            nonlocal given
+            if given:
+                return await receive()  # the client's disconnect, while a stream is open
+            given = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await manager.handle_request(scope, replay, _unbuffered(send))
 
 
 def _unbuffered(send: Send) -> Send:
