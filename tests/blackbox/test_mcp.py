@@ -237,8 +237,18 @@ async def test_create_image_waits_with_progress_and_get_image_returns_it(
     same = (await http.get(f"{API}/images/{record['jobid']}")).json()
     assert same["request"] == got["request"]
 
+    progress.clear()
+    upscale = {"jobid": record["jobid"], "imageIndex": 1, "upscaleResolution": "2k"}
+    upscaled = body(await session.call_tool("upscale_image", upscale, progress_callback=heard))
+    assert (upscaled["type"], upscaled["status"]) == ("upscale", "completed")
+    assert upscaled["request"] == {"jobid": record["jobid"], "imageIndex": 1, "resolution": "2k"}
+    [image] = upscaled["response"]["images"]
+    assert max(image["width"], image["height"]) == 2048
+    assert progress[-1] == (100.0, 100.0, "completed")
+
     listed = body(await session.call_tool("list_images", {"limit": 5}))
-    assert record["jobid"] in [job["jobid"] for job in listed["jobs"]]
+    jobids = [job["jobid"] for job in listed["jobs"]]
+    assert {record["jobid"], upscaled["jobid"]} <= set(jobids)
 
 
 async def test_an_uploaded_png_is_a_reference(session: ClientSession) -> None:
