@@ -34,6 +34,7 @@ from dreamserve.api.body import BodyLimits, BodyReads
 from dreamserve.api.deps import BEARER_SCHEME
 from dreamserve.api.docs import install_docs
 from dreamserve.api.errors import install_error_handlers, route_methods
+from dreamserve.api.mcp import McpEndpoint, request_bytes
 from dreamserve.api.metrics import HttpMetrics
 from dreamserve.api.studio import install_studio
 from dreamserve.catalogue import Catalogue
@@ -315,7 +316,11 @@ def create_app(
         parts = open_server(
             settings, clock=clock, catalogue=catalogue, engines=engines, dispatcher=dispatcher
         )
-        async with parts as server, background(server, settings, clock, resume) as runners:
+        async with (
+            parts as server,
+            background(server, settings, clock, resume) as runners,
+            mcp_endpoint.running(),  # the MCP route's session manager: stops before the service
+        ):
             app.state.server = server
             app.state.service = server.service
             app.state.readiness = Readiness(
@@ -364,9 +369,18 @@ def create_app(
     for router in routers:
         app.include_router(router, prefix=API_PREFIX)
     app.include_router(health.router)  # /healthz, /readyz: root paths, no token
-    app.state.route_methods = route_methods(API_PREFIX, routers) + route_methods(
-        "", [health.router]
+    # /v1/dreamina/mcp: the MCP server (api/mcp.py), not in the OpenAPI document.
+    mcp_endpoint = McpEndpoint(
+        request_bytes(settings.max_body_bytes, settings.max_upload_bytes),
+        settings.retry_after_seconds,
     )
+    mcp_route = mcp_endpoint.route(API_PREFIX)
+    app.router.routes.append(mcp_route)
+    app.state.route_methods = [
+        *route_methods(API_PREFIX, routers),
+        *route_methods("", [health.router]),
+        (mcp_route.path_regex, mcp_route.methods or set()),
+    ]
     app.openapi = partial(_openapi, app)  # type: ignore[method-assign]
     return app
 
