@@ -94,7 +94,7 @@ def command_environment(server: Server) -> dict[str, str]:
     return env
 
 
-DREAMSERVE = (sys.executable, "-m", "dreamserve.cli")
+DREAMSERVE = (sys.executable, "-m", "dreamserve")  # the `dreamserve` command itself
 
 
 def eventually(condition: Callable[[], bool], what: str, seconds: float = WAIT_SECONDS) -> None:

@@ -8,10 +8,13 @@ import io
 import os
 import signal
 import subprocess
+import threading
 import uuid
 from collections.abc import Iterator, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpx
 import pytest
 from client_server import DREAMSERVE, GATED, client_server, command_environment, eventually
 from PIL import Image
@@ -152,6 +155,105 @@ def test_ctrl_c_cancels_the_job(server: Server, client: Client, tmp_path: Path) 
     assert f"dreamserve: cancelled job {jobid}\n" in stderr
     record = client.get(jobid)
     assert (record["status"], record["error"]) == ("failed", "Cancelled by user")
+
+
+class HoldingProxy(ThreadingHTTPServer):
+    """A 127.0.0.1 proxy in front of the server that holds the reply to the first POST /images
+    (the job made, its id not yet with the client) until `release` is set; the rest pass."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream
+        self.held = threading.Event()  # the first submission's reply is being held
+        self.release = threading.Event()
+        self.submissions: list[str | None] = []  # their Idempotency-Keys
+        super().__init__(("127.0.0.1", 0), _Forward)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _Forward(BaseHTTPRequestHandler):
+    server: HoldingProxy
+
+    def do_GET(self) -> None:
+        self._forward()
+
+    def do_POST(self) -> None:
+        self._forward()
+
+    def do_DELETE(self) -> None:
+        self._forward()
+
+    def _forward(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_HEADERS}
+        reply = httpx.request(
+            self.command,
+            self.server.upstream + self.path,
+            headers=headers,
+            content=body,
+            timeout=60,
+        )
+        if self.command == "POST" and self.path == "/v1/dreamina/images":
+            self.server.submissions.append(self.headers.get("Idempotency-Key"))
+            if len(self.server.submissions) == 1:
+                self.server.held.set()
+                self.server.release.wait(60)
+        self.send_response(reply.status_code)
+        for key, value in reply.headers.items():
+            if key.lower() not in HOP_HEADERS | {"content-encoding"}:
+                self.send_header(key, value)
+        self.send_header("Content-Length", str(len(reply.content)))
+        self.end_headers()
+        self.wfile.write(reply.content)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+HOP_HEADERS = {"connection", "content-length", "host", "transfer-encoding", "keep-alive"}
+
+
+def test_ctrl_c_while_the_submission_is_answered_cancels_the_job_it_made(
+    server: Server, client: Client, tmp_path: Path
+) -> None:
+    # The server has made the job, but its reply has not reached the command when Ctrl-C comes:
+    # the command asks again with the same Idempotency-Key, which names that job, and cancels it.
+    proxy = HoldingProxy(server.url)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    tag = f"interrupted early {uuid.uuid4()}"
+    env = command_environment(server) | {"DREAMSERVE_URL": proxy.url}
+    process = subprocess.Popen(
+        [*DREAMSERVE, "generate", tag, "--model", "tiny", "--account", GATED, "--count", "1"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        assert proxy.held.wait(60), "the submission never arrived"
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        proxy.release.set()
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+        proxy.shutdown()
+        proxy.server_close()
+    made = [job for job in client.jobs(model="tiny") if job["request"].get("prompt") == tag]
+    assert len(made) == 1, made
+    [job] = made
+    assert process.returncode == 130, stderr
+    assert stdout == ""
+    assert f"dreamserve: cancelled job {job['jobid']}\n" in stderr
+    assert (job["status"], job["error"]) == ("failed", "Cancelled by user")
+    [first, again] = proxy.submissions
+    assert first is not None
+    assert again == first
 
 
 def test_a_reader_gone_away_ends_generate_as_a_pipe_does(

@@ -15,6 +15,7 @@ import random
 import signal
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from itertools import islice
 from pathlib import Path
@@ -221,34 +222,60 @@ def _generate(client: Client, args: argparse.Namespace, err: Console) -> int:
         uploaded = client.upload(account, Path(file))
         _note(err, f"uploaded {file} to {uploaded['account']}")
         refs.append(uploaded["assetRef"])
-    record = client.submit(
-        args.prompt,
-        model=args.model,
-        ratio=args.ratio,
-        resolution=args.resolution,
-        count=args.count,
-        seed=args.seed,
-        refs=refs,
-        image_strength=args.strength,
-        account=account,
-        queue_seconds=args.queue,
+    key = str(uuid.uuid4())
+    return _finish(
+        client,
+        lambda: client.submit(
+            args.prompt,
+            model=args.model,
+            ratio=args.ratio,
+            resolution=args.resolution,
+            count=args.count,
+            seed=args.seed,
+            refs=refs,
+            image_strength=args.strength,
+            account=account,
+            queue_seconds=args.queue,
+            idempotency_key=key,
+        ),
+        args,
+        err,
+        "generating",
     )
-    return _finish(client, record, args, err, "generating")
 
 
 def _upscale(client: Client, args: argparse.Namespace, err: Console) -> int:
-    record = client.upscale(args.jobid, args.index, resolution=args.resolution)
-    return _finish(client, record, args, err, "upscaling")
+    key = str(uuid.uuid4())
+    return _finish(
+        client,
+        lambda: client.upscale(
+            args.jobid, args.index, resolution=args.resolution, idempotency_key=key
+        ),
+        args,
+        err,
+        "upscaling",
+    )
 
 
 def _finish(
-    client: Client, record: JobRecord, args: argparse.Namespace, err: Console, doing: str
+    client: Client,
+    submit: Callable[[], JobRecord],
+    args: argparse.Namespace,
+    err: Console,
+    doing: str,
 ) -> int:
-    """Follow the job with a progress bar (Ctrl-C cancels it), then save its images and print
-    their paths."""
-    jobid = record["jobid"]
-    _note(err, f"job {jobid}")
+    """Submit, follow the job with a progress bar (Ctrl-C cancels it), then save its images and
+    print their paths. `submit` sends the same Idempotency-Key every time: a Ctrl-C while the
+    submission is under way (the server may have made the job already) sends it once more, which
+    answers with that job (or makes it, where the first try never arrived), and cancels it."""
     try:
+        record = submit()
+    except KeyboardInterrupt:
+        _cancel(client, submit()["jobid"])
+        return INTERRUPTED
+    jobid = record["jobid"]
+    try:
+        _note(err, f"job {jobid}")
         _follow(client, record, err, doing)
         final = client.wait(jobid, args.timeout)
     except KeyboardInterrupt:
