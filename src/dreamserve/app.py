@@ -34,7 +34,6 @@ from dreamserve.api.body import BodyLimits, BodyReads
 from dreamserve.api.deps import BEARER_SCHEME
 from dreamserve.api.docs import install_docs
 from dreamserve.api.errors import install_error_handlers, route_methods
-from dreamserve.api.mcp import McpEndpoint, request_bytes
 from dreamserve.api.metrics import HttpMetrics
 from dreamserve.api.studio import install_studio
 from dreamserve.catalogue import Catalogue
@@ -370,6 +369,10 @@ def create_app(
         app.include_router(router, prefix=API_PREFIX)
     app.include_router(health.router)  # /healthz, /readyz: root paths, no token
     # /v1/dreamina/mcp: the MCP server (api/mcp.py), not in the OpenAPI document.
+    # Imported here, not with the module: the MCP SDK takes ~0.8 s to import, which the CLI's
+    # commands that never make an app (tokens, users, accounts, migrate) would pay too.
+    from dreamserve.api.mcp import McpEndpoint, request_bytes
+
     mcp_endpoint = McpEndpoint(
         request_bytes(settings.max_body_bytes, settings.max_upload_bytes),
         settings.retry_after_seconds,
