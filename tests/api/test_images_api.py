@@ -497,6 +497,7 @@ async def test_models_lists_the_catalogue(harness: Harness) -> None:
     ]  # fmt: skip
     assert models[5]["sizes"]["2k"]["16:9"] == "2560x1440"
     assert [m["regions"] for m in models] == [None, ["CA"], *[None] * 6, ["CA"]]
+    assert reply.json()["default"] == "seedream-4.6"  # the hosted API's
     assert (await harness.client.get("/v1/dreamina/models")).status_code == 401
 
 

@@ -41,6 +41,7 @@ if not CHROMIUM.exists():
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 expect = playwright.expect
 Page = playwright.Page
+Route = playwright.Route
 
 API = "/v1/dreamina"
 WAIT_MS = 60_000  # the outer bound of every wait for the page (a loaded machine is slow)
@@ -313,6 +314,28 @@ def test_sign_in_keeps_the_token_until_sign_out(tab: Tab) -> None:
     expect(tab.page.locator("#history-list .job")).to_have_count(0)
     tab.page.reload()
     expect(tab.page.get_by_label("API token")).to_be_visible()
+
+
+def test_the_servers_default_model_is_chosen_first_where_an_account_serves_it(tab: Tab) -> None:
+    # Replies rewritten on their way to the page: LOCAL:studio said to serve seedream-5.0-lite
+    # too (first in the catalogue), and `studio` said to be the server's default. A new browser
+    # (nothing chosen before) gets the default, not the first model served.
+    def models(route: Route) -> None:
+        reply = route.fetch()
+        route.fulfill(response=reply, json=reply.json() | {"default": "studio"})
+
+    def accounts(route: Route) -> None:
+        reply = route.fetch()
+        listed = reply.json()
+        listed["LOCAL:studio"]["models"]["image"].insert(0, "seedream-5.0-lite")
+        route.fulfill(response=reply, json=listed)
+
+    tab.page.route("**/v1/dreamina/models", models)
+    tab.page.route("**/v1/dreamina/accounts", accounts)
+    tab.sign_in()
+    expect(tab.page.locator("#g-model")).to_have_value("studio")
+    offered = tab.page.locator("#g-model option").all_inner_texts()
+    assert offered.index("seedream-5.0-lite") < offered.index("studio")  # served, and first
 
 
 def test_generate_shows_progress_then_four_images(tab: Tab) -> None:

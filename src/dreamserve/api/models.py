@@ -1,4 +1,4 @@
-"""GET /models: the catalogue, with each model's capabilities and pixel sizes."""
+"""GET /models: the catalogue, with each model's capabilities and pixel sizes, and the default."""
 
 from __future__ import annotations
 
@@ -15,4 +15,5 @@ router = APIRouter(tags=["models"])
 @router.get("/models", responses=ERRORS, openapi_extra=SECURED, summary="List the model catalogue")
 async def list_models(request: Request) -> dict[str, Any]:
     service, _ = await authenticate(request)
-    return {"models": service.submissions.models()}
+    # `default`: the model a job without `model` gets (the studio preselects it).
+    return {"models": service.submissions.models(), "default": service.submissions.default_model}

@@ -13,6 +13,7 @@ const SCREENS = ["generate", "history", "accounts", "webhooks"];
 
 export const state = {
   models: [], // GET /models
+  defaultModel: null, // its `default`
   accounts: {}, // GET /accounts
   refs: [], // the chosen references: {assetRef, url, label}
 };
@@ -71,6 +72,7 @@ async function start() {
   try {
     const [models, owned] = await Promise.all([get("/models"), get("/accounts")]);
     state.models = models.models;
+    state.defaultModel = models.default;
     state.accounts = owned;
   } catch (error) {
     signOut(error.message);
@@ -129,7 +131,9 @@ function fillModels() {
   const current = select.value || localStorage.getItem("dreamserve.model");
   clear(select);
   const served = state.models.filter((m) => servingAccounts(m.model).length);
-  const chosen = model(current) ? current : (served[0] || state.models[0] || {}).model;
+  // The user's last choice, else the server's default model where an account serves it.
+  const fallback = served.find((m) => m.model === state.defaultModel) || served[0];
+  const chosen = model(current) ? current : (fallback || state.models[0] || {}).model;
   for (const m of state.models) {
     const label = servingAccounts(m.model).length ? m.model : `${m.model} (no account)`;
     select.append(option(m.model, label, m.model === chosen));
