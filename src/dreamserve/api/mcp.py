@@ -153,7 +153,7 @@ def _without(arguments: Mapping[str, Any], *names: str) -> dict[str, Any]:
 
 
 async def _list_models(call: Call) -> dict[str, Any]:
-    return {"models": call.service.submissions.models()}
+    return call.service.submissions.catalogue_listing()
 
 
 async def _create_image(call: Call) -> dict[str, Any] | types.CallToolResult:

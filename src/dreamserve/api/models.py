@@ -15,5 +15,4 @@ router = APIRouter(tags=["models"])
 @router.get("/models", responses=ERRORS, openapi_extra=SECURED, summary="List the model catalogue")
 async def list_models(request: Request) -> dict[str, Any]:
     service, _ = await authenticate(request)
-    # `default`: the model a job without `model` gets (the studio preselects it).
-    return {"models": service.submissions.models(), "default": service.submissions.default_model}
+    return service.submissions.catalogue_listing()

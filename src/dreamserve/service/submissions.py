@@ -83,9 +83,10 @@ class Submissions:
     def models(self) -> list[dict[str, Any]]:
         return [model.describe() for model in self.catalogue.models]
 
-    @property
-    def default_model(self) -> str:
-        return self.catalogue.default_model
+    def catalogue_listing(self) -> dict[str, Any]:
+        """GET /models (and MCP's list_models): the models, and the one a job without `model`
+        gets (the studio preselects it)."""
+        return {"models": self.models(), "default": self.catalogue.default_model}
 
     async def image(
         self, user_id: int, fields: Mapping[str, Any], idempotency_key: str | None = None
