@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import os
 import resource
+import threading
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -16,9 +18,11 @@ from sqlalchemy import Connection, text
 
 from dreamserve.app import open_server
 from dreamserve.errors import DatabaseBusy
+from dreamserve.jobs import Spec
 from dreamserve.settings import Settings
-from dreamserve.storage import user_queries
+from dreamserve.storage import account_queries, job_queries, user_queries
 from dreamserve.storage.database import DatabaseConfig, PostgresDatabase, RunnerLock
+from dreamserve.storage.job_store import JobTransaction
 
 pytestmark = pytest.mark.anyio
 
@@ -200,3 +204,157 @@ async def test_connections_above_descriptor_1024_are_checked_out(postgres_url: s
         await database.close()
         for descriptor in held:
             os.close(descriptor)
+
+
+CONFLICT = text(
+    "DO $$ BEGIN RAISE EXCEPTION 'could not serialize access' USING ERRCODE = '40001'; END $$"
+)
+
+
+def created_at(user: int):
+    def read(conn: Connection) -> int:
+        query = text("SELECT created_at FROM users WHERE id = :id")
+        return int(conn.execute(query, {"id": user}).scalar_one())
+
+    return read
+
+
+async def test_a_transaction_rolled_back_for_a_conflict_runs_again(db: PostgresDatabase) -> None:
+    """A serialization failure (or a deadlock's victim) is rolled back whole by the server:
+    the transaction runs again from the start, and what its last try wrote is committed."""
+    user = await db.write(lambda conn: user_queries.insert_user(conn, 1))
+    tries: list[int] = []
+
+    def conflicting_once(conn: Connection) -> int:
+        tries.append(len(tries) + 1)
+        update = text("UPDATE users SET created_at = :at WHERE id = :id")
+        conn.execute(update, {"at": 100 + len(tries), "id": user})
+        if len(tries) == 1:
+            conn.execute(CONFLICT)
+        return len(tries)
+
+    assert await db.write(conflicting_once) == 2
+    assert await db.read(created_at(user)) == 102
+
+
+async def test_a_transaction_that_conflicts_at_every_try_is_answered_busy(
+    db: PostgresDatabase,
+) -> None:
+    """Three tries, then DatabaseBusy (503 with Retry-After) with nothing committed, rather
+    than the server's error as a 500."""
+    user = await db.write(lambda conn: user_queries.insert_user(conn, 1))
+    tries: list[int] = []
+
+    def always_conflicting(conn: Connection) -> None:
+        tries.append(1)
+        conn.execute(text("UPDATE users SET created_at = 7 WHERE id = :id"), {"id": user})
+        conn.execute(CONFLICT)
+
+    with pytest.raises(DatabaseBusy):
+        await db.write(always_conflicting)
+    assert len(tries) == 3
+    assert await db.read(created_at(user)) == 1
+
+
+async def test_a_deadlock_victim_runs_again_and_commits(postgres_url: str) -> None:
+    """Two transactions that take two rows in opposite orders: PostgreSQL ends the deadlock by
+    rolling back the one that waited first (ours, after its 1 s deadlock_timeout), which runs
+    again once the other committed. Its lock bound is above the deadlock timeout, as by
+    default: below it, the wait would end as DatabaseBusy before any deadlock is seen."""
+    db = PostgresDatabase(postgres_url, DatabaseConfig(busy_seconds=10))
+    await db.migrate()
+    try:
+        one, two = [await db.write(lambda conn: user_queries.insert_user(conn, 1)) for _ in "12"]
+        holds_one = threading.Event()
+        tries: list[int] = []
+        touch = "UPDATE users SET created_at = created_at + 1 WHERE id = "
+
+        def one_then_two(conn: Connection) -> int:
+            tries.append(1)
+            conn.execute(text(touch + ":id"), {"id": one})
+            holds_one.set()
+            conn.execute(text(touch + ":id"), {"id": two})
+            return len(tries)
+
+        with psycopg.connect(postgres_url) as other:
+            other.execute(touch + "%s", (two,))
+            ours = asyncio.ensure_future(db.write(one_then_two))
+            assert await asyncio.to_thread(holds_one.wait, 10)
+            await waiting_for_a_lock(postgres_url)  # ours waits for `two`, first
+            await asyncio.to_thread(other.execute, touch + "%s", (one,))  # the deadlock
+            other.commit()
+            assert await ours == 2
+        assert await db.read(created_at(one)) == 3  # the other's, then our second try's
+        assert await db.read(created_at(two)) == 3
+    finally:
+        await db.close()
+
+
+async def waiting_for_a_lock(url: str) -> None:
+    """Until one session of the database waits for a lock."""
+    async with asyncio.timeout(10):
+        while True:
+            with psycopg.connect(url) as conn:
+                waiting = conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE wait_event_type = 'Lock' AND datname = current_database()"
+                ).fetchone()
+            if waiting and waiting[0]:
+                return
+            await asyncio.sleep(0.02)
+
+
+async def test_deleting_an_account_locks_its_jobs_rows_before_its_own(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """A job that ends locks its row, then its account's (its slot given back); deleting the
+    account cancels its jobs: it must take the rows in the same order, or the two deadlock
+    (seen as a 500 on DELETE /accounts while a job of the account was finishing). While a job's
+    row is held, the deletion waits for it without holding the account's row."""
+    settings = Settings(data_dir=tmp_path / "data", database_url=postgres_url)
+    async with open_server(settings, runs_jobs=False) as server:
+
+        def make(tx: JobTransaction) -> tuple[int, int, int]:
+            user = user_queries.insert_user(tx.conn, 1)
+            account_id = account_queries.insert_account(
+                tx.conn,
+                name="LOCAL:doomed",
+                owner=user,
+                email="doomed",
+                region="LOCAL",
+                engine="procedural",
+                max_jobs=2,
+                now=1,
+            )
+            account = account_queries.account_by_id(tx.conn, account_id)
+            assert account is not None
+            assert account_queries.take_slot(tx.conn, account)
+            job_id = tx.admit(
+                jobid="job-1",
+                kind="image",
+                user_id=user,
+                account_id=account_id,
+                account="LOCAL:doomed",
+                model="seedream-4.0",
+                request={"prompt": "p"},
+                spec=Spec(width=8, height=8, count=1, prompt="p"),
+                forecast_cost=1,
+                created_at=1,
+                lease_until=10_000,
+            )
+            return user, account_id, job_id
+
+        user, account_id, job_id = await server.store.write(make)
+        with psycopg.connect(postgres_url) as ending:  # a runner ending the job
+            ending.execute("UPDATE jobs SET lease_until = lease_until WHERE id = %s", (job_id,))
+            deleting = asyncio.ensure_future(server.service.accounts.delete(user, "LOCAL:doomed"))
+            await waiting_for_a_lock(postgres_url)
+            # Below the deadlock timeout: a lock held by the deletion fails here, at once.
+            ending.execute("SET LOCAL lock_timeout = '500ms'")
+            ending.execute("UPDATE accounts SET running = running - 1 WHERE id = %s", (account_id,))
+            ending.commit()
+            deleted = await deleting
+        assert deleted == {"account": "LOCAL:doomed", "deleted": True, "remaining": 0}
+        job = await server.db.read(lambda conn: job_queries.job_by_id(conn, job_id))
+        assert job is not None
+        assert job.error == "Cancelled by user"

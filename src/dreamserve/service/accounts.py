@@ -159,9 +159,6 @@ class Accounts:
             account = visible(conn, user_id, name)
             if user_id is not None and account.is_shared:
                 raise SharedAccount(name)
-            # Lock the row first: an admission on it either committed before (its job is
-            # cancelled below) or waits and then finds no account.
-            account_queries.lock_account(conn, account.id)
             cancelled = tx.cancel_account(
                 account.id, CANCELLED_BY_USER, f"Account {name} was deleted", now
             )

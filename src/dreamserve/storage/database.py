@@ -609,15 +609,25 @@ class PostgresDatabase:
             # Every thread (every connection) was taken, by transactions waiting on a lock,
             # say, for as long as a lock may be waited for: this one does not begin.
             raise DatabaseBusy(self.config.retry_after)
-        try:
-            with opening() as conn:
-                return fn(conn)
-        except (DBAPIError, PoolTimeout) as error:
-            if isinstance(error, PoolTimeout) or _sqlstate(error) in _BUSY_STATES:
-                raise DatabaseBusy(self.config.retry_after) from error  # rolled back
-            if _sqlstate(error) == _DISK_FULL:
-                raise StorageFull from error
-            raise
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                with opening() as conn:
+                    return fn(conn)
+            except (DBAPIError, PoolTimeout) as error:
+                if isinstance(error, PoolTimeout) or _sqlstate(error) in _BUSY_STATES:
+                    raise DatabaseBusy(self.config.retry_after) from error  # rolled back
+                if _sqlstate(error) == _DISK_FULL:
+                    raise StorageFull from error
+                if _sqlstate(error) not in _RETRY_STATES:
+                    raise
+                # Chosen as a deadlock's victim (or a serialization failure): rolled back
+                # whole, so it runs again from the start, as PostgreSQL's manual advises
+                # (a transaction function keeps no state of a try that failed).
+                if tries == _DEADLOCK_TRIES:
+                    raise DatabaseBusy(self.config.retry_after) from error
+                log.warning("transaction tried again: %s", _reason(error).splitlines()[0])
 
 
 def _discard_ended(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
@@ -640,6 +650,9 @@ def _discard_ended(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
 
 # lock_not_available (lock_timeout) and query_canceled (statement_timeout).
 _BUSY_STATES = {"55P03", "57014"}
+# A deadlock's victim, a serialization failure: tried again, at most `_DEADLOCK_TRIES` times.
+_RETRY_STATES = {"40P01", "40001"}
+_DEADLOCK_TRIES = 3
 _DISK_FULL = "53100"
 
 

@@ -320,6 +320,18 @@ def finish_job(
     return True
 
 
+def lock_account_jobs(conn: Connection, account_id: int) -> None:
+    """Hold an account's unfinished jobs' rows, before its own row: a job that ends locks its
+    row, then its account's (to give its slot back), and a transaction that took them in the
+    other order would deadlock with it."""
+    conn.execute(
+        select(jobs.c.id)
+        .where(jobs.c.account_id == account_id, FROM[Transition.CANCEL])
+        .order_by(jobs.c.id)
+        .with_for_update()
+    )
+
+
 def cancel_account_jobs(
     conn: Connection, account_id: int, error: str, details: str, now: int
 ) -> list[EndedJob]:

@@ -195,7 +195,15 @@ class JobTransaction:
         return made
 
     def cancel_account(self, account_id: int, error: str, details: str, now: int) -> list[EndedJob]:
-        """Cancel every unfinished job of an account; those jobs."""
+        """Cancel every unfinished job of an account, whose row stays locked until the
+        transaction ends (for it to be deleted): an admission on it either committed before
+        (its job is cancelled here) or waits, then finds no account; those jobs.
+
+        The jobs' rows are locked before the account's, in the order in which a job that ends
+        takes them (its row, then its account's to give its slot back): in the other order the
+        two deadlock on PostgreSQL."""
+        job_queries.lock_account_jobs(self.conn, account_id)
+        account_queries.lock_account(self.conn, account_id)
         cancelled = job_queries.cancel_account_jobs(self.conn, account_id, error, details, now)
         self._made(Transition.CANCEL, [job.jobid for job in cancelled])
         return cancelled
