@@ -754,3 +754,31 @@ def test_history_pages_through_every_job(tab: Tab) -> None:
     expect(cards).to_have_count(min(len(listed), 40))
     shown = [cards.nth(i).get_attribute("data-jobid") for i in range(cards.count())]
     assert shown == [job["jobid"] for job in listed][: len(shown)]  # newest first, none twice
+
+
+def test_the_page_works_behind_a_proxy_that_serves_it_under_a_path(tab: Tab) -> None:
+    """A proxy that serves the server under `/dreamserve/` (requests routed in the browser, the
+    prefix taken off on their way to the server): the page, its files and every API call go
+    through the prefix; only the images come from the records' links (DREAMSERVE_PUBLIC_URL's
+    work, the server's own address here)."""
+    root = tab.studio.server.url
+    prefix = f"{root}/dreamserve"
+
+    def through_the_proxy(route: Route) -> None:
+        route.fulfill(response=route.fetch(url=root + route.request.url[len(prefix) :]))
+
+    tab.page.route(f"{prefix}/**", through_the_proxy)
+    tab.page.goto(f"{prefix}/")
+    tab.page.get_by_label("API token").fill(tab.studio.token)
+    tab.page.get_by_role("button", name="Sign in").click()
+    expect(tab.page.get_by_role("link", name="Generate")).to_be_visible()
+    card = tab.generate("under a path")
+    expect(card.locator(".status")).to_have_text("Completed")
+    images_loaded(card, 4)
+    shown = card.locator(".images img").evaluate_all("images => images.map(image => image.src)")
+    through = [url[len(prefix) :] for url in tab.requested if url.startswith(prefix + "/")]
+    assert {"/", "/studio/studio.js", "/studio/api.js", "/studio/studio.css"} <= set(through)
+    assert f"{API}/images" in through  # the submission
+    elsewhere = [url for url in tab.requested if url.startswith(root + "/")]
+    elsewhere = [url for url in elsewhere if not url.startswith(prefix + "/")]
+    assert set(elsewhere) == set(shown), elsewhere

@@ -2,7 +2,9 @@
 // every error as the server's own `error` message, and a job's event stream read with fetch()
 // (EventSource cannot send an Authorization header).
 
-export const BASE = "/v1/dreamina";
+// Beside the studio's files (`<root>/studio/`): the page works at `/` and, behind a proxy that
+// serves the server under a path of its own, at `/<path>/`.
+export const BASE = new URL("../v1/dreamina", import.meta.url).pathname;
 const TOKEN_KEY = "dreamserve.token";
 
 export class ApiError extends Error {
