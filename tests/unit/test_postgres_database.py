@@ -258,8 +258,8 @@ async def test_a_transaction_that_conflicts_at_every_try_is_answered_busy(
 
 async def test_a_deadlock_victim_runs_again_and_commits(postgres_url: str) -> None:
     """Two transactions that take two rows in opposite orders: PostgreSQL ends the deadlock by
-    rolling back the one that waited first (ours, after its 1 s deadlock_timeout), which runs
-    again once the other committed. Its lock bound is above the deadlock timeout, as by
+    rolling back ours (the only one to look for deadlocks within 30 s), which runs again once
+    the other committed. Its lock bound is above the deadlock timeout, as by
     default: below it, the wait would end as DatabaseBusy before any deadlock is seen."""
     db = PostgresDatabase(postgres_url, DatabaseConfig(busy_seconds=10))
     await db.migrate()
@@ -277,6 +277,7 @@ async def test_a_deadlock_victim_runs_again_and_commits(postgres_url: str) -> No
             return len(tries)
 
         with psycopg.connect(postgres_url) as other:
+            other.execute("SET deadlock_timeout = '30s'")  # the deadlock is seen by ours alone
             other.execute(touch + "%s", (two,))
             ours = asyncio.ensure_future(db.write(one_then_two))
             assert await asyncio.to_thread(holds_one.wait, 10)
