@@ -318,6 +318,15 @@ async def test_a_waiting_job_cancelled_is_a_tool_error(
         ("upscale_image", {}, "POST", "/images/upscale", {}),
         ("list_images", {"limit": 500}, "GET", "/images?limit=500", None),
         ("cancel_job", {"jobid": "nope"}, "DELETE", "/scheduler/nope", None),
+        # Text PostgreSQL cannot store: refused as the API refuses such a body.
+        (
+            "create_image",
+            SMALL | {"prompt": "a\x00b"},
+            "POST",
+            "/images",
+            SMALL | {"prompt": "a\x00b"},
+        ),
+        ("upscale_image", {"jobid": "j\x00"}, "POST", "/images/upscale", {"jobid": "j\x00"}),
     ],
 )
 async def test_api_errors_are_tool_errors_with_the_apis_message(

@@ -51,7 +51,7 @@ from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
 from dreamserve import __version__
-from dreamserve.api.body import read_body
+from dreamserve.api.body import check_storable, read_body
 from dreamserve.api.deps import USER, authenticate
 from dreamserve.api.schemas import ImageJobRequest, UpscaleRequest
 from dreamserve.assets import ACCEPTED, content_type_of, too_large
@@ -159,6 +159,7 @@ async def _list_models(call: Call) -> dict[str, Any]:
 async def _create_image(call: Call) -> dict[str, Any] | types.CallToolResult:
     call.service.submissions.admitting()  # a stopping server: its 503, as POST /images
     fields = _without(call.arguments, "wait", "idempotencyKey")
+    check_storable(fields)  # as the route refuses such a body: PostgreSQL text cannot hold it
     record = await call.service.submissions.image(call.user, fields, _key(call))
     return await _finished(call, record)
 
@@ -166,6 +167,7 @@ async def _create_image(call: Call) -> dict[str, Any] | types.CallToolResult:
 async def _upscale_image(call: Call) -> dict[str, Any] | types.CallToolResult:
     call.service.submissions.admitting()
     fields = _without(call.arguments, "wait", "idempotencyKey")
+    check_storable(fields)  # as the route refuses such a body: PostgreSQL text cannot hold it
     record = await call.service.submissions.upscale(call.user, fields, _key(call))
     return await _finished(call, record)
 
