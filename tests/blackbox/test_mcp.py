@@ -372,6 +372,17 @@ async def test_an_upload_of_a_wrong_type_is_the_apis_message(
     assert error_text(await session.call_tool("upload_asset", upload)) == reply.json()["error"]
 
 
+async def test_wait_is_a_boolean_checked_before_the_job_is_made(session: ClientSession) -> None:
+    before = body(await session.call_tool("list_images", {"limit": 1}))["jobs"]
+    for wrong, shown in (("false", "false"), (0, "0")):
+        result = await session.call_tool("create_image", SMALL | {"count": 1, "wait": wrong})
+        assert error_text(result) == f"Parameter wait ({shown}) valid values: true, false"
+        upscale = {"jobid": "j0101000000000000000i-u1-LOCAL:procedural-bot:dreamina"}
+        result = await session.call_tool("upscale_image", upscale | {"wait": wrong})
+        assert error_text(result) == f"Parameter wait ({shown}) valid values: true, false"
+    assert body(await session.call_tool("list_images", {"limit": 1}))["jobs"] == before
+
+
 async def test_list_models_is_the_catalogue(
     session: ClientSession, http: httpx.AsyncClient
 ) -> None:
