@@ -357,6 +357,11 @@ async def test_an_upload_of_a_wrong_type_is_the_apis_message(
     data = base64.b64encode(b"GIF89a").decode()
     upload = {"account": "LOCAL:procedural", "contentType": "image/gif", "data": data}
     assert error_text(await session.call_tool("upload_asset", upload)) == reply.json()["error"]
+    for wrong, shown in ((5, "5"), (["image/png"], '["image/png"]')):  # not a 500
+        upload = {"account": "LOCAL:procedural", "contentType": wrong, "data": data}
+        assert error_text(await session.call_tool("upload_asset", upload)) == (
+            f"Content-Type ({shown}) not supported. Valid values: image/jpeg, image/png, image/webp"
+        )
     empty = await http.post(
         f"{API}/assets/LOCAL:procedural", content=b"", headers={"Content-Type": "image/png"}
     )

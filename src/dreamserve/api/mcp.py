@@ -222,7 +222,7 @@ async def _get_account(call: Call) -> dict[str, Any]:
 async def _upload_asset(call: Call) -> dict[str, Any]:
     """POST /assets/<account>: the file's bytes as base64 (`data`) with its `contentType`."""
     service = call.service
-    media = content_type_of(call.arguments.get("contentType"))
+    media = content_type_of(_fields(call, "contentType").get("contentType"))  # 5: its 400
     account = await service.accounts.usable(call.user, _text(call, "account"))
     data = call.arguments.get("data", "")
     if not isinstance(data, str):
