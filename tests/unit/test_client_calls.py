@@ -211,6 +211,32 @@ def test_a_download_never_leaves_its_directory(
 
 
 @pytest.mark.anyio
+async def test_a_path_ending_with_a_slash_is_a_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # docs/client.md's quick start: `client.download(image, "out/")` for each image of a job.
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=request.url.path.encode())
+
+    monkeypatch.chdir(tmp_path)
+    images: list[Any] = [
+        {"imageUrl": f"http://files.test/{n}", "itemId": str(n) * 19, "format": "jpeg"}
+        for n in (1, 2)
+    ]
+    with Client("http://dream.test", transport=httpx.MockTransport(answer)) as client:
+        paths = [client.download(image, "out/") for image in images]
+    transport = httpx.MockTransport(answer)
+    async with AsyncClient("http://dream.test", transport=transport) as async_client:
+        paths.append(await async_client.download(images[1], f"{tmp_path}/async/y/"))
+    assert paths == [
+        Path("out") / f"{'1' * 19}.jpg",
+        Path("out") / f"{'2' * 19}.jpg",
+        tmp_path / "async" / "y" / f"{'2' * 19}.jpg",
+    ]
+    assert [path.read_bytes() for path in paths] == [b"/1", b"/2", b"/2"]
+
+
+@pytest.mark.anyio
 async def test_a_reply_that_is_not_json_is_a_client_error() -> None:
     # A portal or proxy answering 200 with its own page: the client's error, not a ValueError.
     def answer(request: httpx.Request) -> httpx.Response:
