@@ -237,6 +237,24 @@ async def test_a_path_ending_with_a_slash_is_a_directory(
 
 
 @pytest.mark.anyio
+async def test_an_event_that_is_not_a_record_is_a_client_error() -> None:
+    def answer(request: httpx.Request) -> httpx.Response:
+        stream = b"event: progress\ndata: <html>\n\n"
+        return httpx.Response(200, content=stream, headers={"content-type": "text/event-stream"})
+
+    said = "Not a job record in the event stream: Expecting value: line 1 column 1 (char 0)"
+    client = Client("http://dream.test", transport=httpx.MockTransport(answer))
+    with client, pytest.raises(ClientError) as sync_error:
+        list(client.events("j1"))
+    assert str(sync_error.value) == said
+    transport = httpx.MockTransport(answer)
+    async with AsyncClient("http://dream.test", transport=transport) as async_client:
+        with pytest.raises(ClientError) as async_error:
+            [record async for record in async_client.events("j1")]
+    assert str(async_error.value) == said
+
+
+@pytest.mark.anyio
 async def test_a_reply_that_is_not_json_is_a_client_error() -> None:
     # A portal or proxy answering 200 with its own page: the client's error, not a ValueError.
     def answer(request: httpx.Request) -> httpx.Response:
