@@ -5,6 +5,7 @@ hold requests (the hosted API), through httpx's MockTransport."""
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
@@ -183,6 +184,39 @@ def test_a_dropped_download_leaves_no_file(tmp_path: Path) -> None:
         client.download("http://files.test/x.jpg?signature=secret", tmp_path / "x.jpg")
     assert str(failed.value) == "Cannot reach http://files.test/x.jpg: refused"
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.anyio
+async def test_an_interrupted_download_leaves_no_file(tmp_path: Path) -> None:
+    class Interrupted(BaseException):
+        """As KeyboardInterrupt, which the test runner would take for itself."""
+
+    def chunks() -> Iterator[bytes]:
+        yield b"half"
+        raise Interrupted
+
+    async def async_chunks() -> AsyncIterator[bytes]:
+        yield b"half"
+        raise Interrupted
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=chunks())
+
+    def async_answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=async_chunks())
+
+    client = Client("http://dream.test", transport=httpx.MockTransport(answer))
+    with client, pytest.raises(Interrupted):
+        client.download("http://files.test/x.jpg", tmp_path / "x.jpg")
+    transport = httpx.MockTransport(async_answer)
+    async with AsyncClient("http://dream.test", transport=transport) as async_client:
+        with pytest.raises(Interrupted):
+            await async_client.download("http://files.test/y.jpg", tmp_path / "y.jpg")
+    assert files(tmp_path) == []
+
+
+def files(directory: Path) -> list[Path]:
+    return list(directory.iterdir())
 
 
 @pytest.mark.parametrize(

@@ -292,6 +292,9 @@ class AsyncClient:
         except httpx.TransportError as error:
             partial.unlink(missing_ok=True)
             raise ConnectionFailed(unreachable(url, error)) from error
+        except BaseException:  # a full disk, Ctrl-C: no half file left behind either
+            partial.unlink(missing_ok=True)
+            raise
         finally:
             await response.aclose()
         return partial.replace(target)

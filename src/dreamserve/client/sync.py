@@ -285,6 +285,9 @@ class Client:
         except httpx.TransportError as error:
             partial.unlink(missing_ok=True)
             raise ConnectionFailed(unreachable(url, error)) from error
+        except BaseException:  # a full disk, Ctrl-C: no half file left behind either
+            partial.unlink(missing_ok=True)
+            raise
         finally:
             response.close()
         return partial.replace(target)
