@@ -353,3 +353,27 @@ def test_upscale_saves_the_bigger_image(server: Server, client: Client, tmp_path
     assert record["request"] == {"jobid": source["jobid"], "imageIndex": 1, "resolution": "2k"}
     assert lines[-1].startswith("upscaling ")
     assert lines[-1].endswith(" 100% completed, 1 image")
+
+
+def test_generate_gives_up_after_its_timeout(
+    server: Server, client: Client, tmp_path: Path
+) -> None:
+    # The job runs until it is cancelled, its progress never changes: --timeout ends the
+    # command while the progress bar follows the job's event stream.
+    tag = f"timed out {uuid.uuid4()}"
+    args = ["generate", tag, "--model", "tiny", "--account", GATED, "--count", "1"]
+    done = subprocess.run(
+        [*DREAMSERVE, *args, "--timeout", "1"],
+        cwd=tmp_path,
+        env=command_environment(server),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    jobid = done.stderr.splitlines()[0].removeprefix("job ")
+    try:
+        assert (done.returncode, done.stdout) == (1, "")
+        assert done.stderr.splitlines()[-1] == f"dreamserve: Job {jobid} still created after 1 s"
+    finally:
+        client.cancel(jobid)

@@ -318,6 +318,15 @@ async def test_a_waiting_job_cancelled_is_a_tool_error(
         ("upscale_image", {}, "POST", "/images/upscale", {}),
         ("list_images", {"limit": 500}, "GET", "/images?limit=500", None),
         ("cancel_job", {"jobid": "nope"}, "DELETE", "/scheduler/nope", None),
+        # Text PostgreSQL cannot store: refused as the API refuses such a body.
+        (
+            "create_image",
+            SMALL | {"prompt": "a\x00b"},
+            "POST",
+            "/images",
+            SMALL | {"prompt": "a\x00b"},
+        ),
+        ("upscale_image", {"jobid": "j\x00"}, "POST", "/images/upscale", {"jobid": "j\x00"}),
     ],
 )
 async def test_api_errors_are_tool_errors_with_the_apis_message(
@@ -348,6 +357,11 @@ async def test_an_upload_of_a_wrong_type_is_the_apis_message(
     data = base64.b64encode(b"GIF89a").decode()
     upload = {"account": "LOCAL:procedural", "contentType": "image/gif", "data": data}
     assert error_text(await session.call_tool("upload_asset", upload)) == reply.json()["error"]
+    for wrong, shown in ((5, "5"), (["image/png"], '["image/png"]')):  # not a 500
+        upload = {"account": "LOCAL:procedural", "contentType": wrong, "data": data}
+        assert error_text(await session.call_tool("upload_asset", upload)) == (
+            f"Content-Type ({shown}) not supported. Valid values: image/jpeg, image/png, image/webp"
+        )
     empty = await http.post(
         f"{API}/assets/LOCAL:procedural", content=b"", headers={"Content-Type": "image/png"}
     )
@@ -361,6 +375,17 @@ async def test_an_upload_of_a_wrong_type_is_the_apis_message(
     data = base64.b64encode(large).decode()
     upload = {"account": "LOCAL:procedural", "contentType": "image/png", "data": data}
     assert error_text(await session.call_tool("upload_asset", upload)) == reply.json()["error"]
+
+
+async def test_wait_is_a_boolean_checked_before_the_job_is_made(session: ClientSession) -> None:
+    before = body(await session.call_tool("list_images", {"limit": 1}))["jobs"]
+    for wrong, shown in (("false", "false"), (0, "0")):
+        result = await session.call_tool("create_image", SMALL | {"count": 1, "wait": wrong})
+        assert error_text(result) == f"Parameter wait ({shown}) valid values: true, false"
+        upscale = {"jobid": "j0101000000000000000i-u1-LOCAL:procedural-bot:dreamina"}
+        result = await session.call_tool("upscale_image", upscale | {"wait": wrong})
+        assert error_text(result) == f"Parameter wait ({shown}) valid values: true, false"
+    assert body(await session.call_tool("list_images", {"limit": 1}))["jobs"] == before
 
 
 async def test_list_models_is_the_catalogue(

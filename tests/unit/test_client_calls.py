@@ -5,6 +5,7 @@ hold requests (the hosted API), through httpx's MockTransport."""
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
@@ -185,6 +186,39 @@ def test_a_dropped_download_leaves_no_file(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.anyio
+async def test_an_interrupted_download_leaves_no_file(tmp_path: Path) -> None:
+    class Interrupted(BaseException):
+        """As KeyboardInterrupt, which the test runner would take for itself."""
+
+    def chunks() -> Iterator[bytes]:
+        yield b"half"
+        raise Interrupted
+
+    async def async_chunks() -> AsyncIterator[bytes]:
+        yield b"half"
+        raise Interrupted
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=chunks())
+
+    def async_answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=async_chunks())
+
+    client = Client("http://dream.test", transport=httpx.MockTransport(answer))
+    with client, pytest.raises(Interrupted):
+        client.download("http://files.test/x.jpg", tmp_path / "x.jpg")
+    transport = httpx.MockTransport(async_answer)
+    async with AsyncClient("http://dream.test", transport=transport) as async_client:
+        with pytest.raises(Interrupted):
+            await async_client.download("http://files.test/y.jpg", tmp_path / "y.jpg")
+    assert files(tmp_path) == []
+
+
+def files(directory: Path) -> list[Path]:
+    return list(directory.iterdir())
+
+
 @pytest.mark.parametrize(
     ("item", "form", "saved"),
     [
@@ -208,6 +242,50 @@ def test_a_download_never_leaves_its_directory(
         path = client.download(image, inside)
     assert path == inside / saved
     assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == [saved]
+
+
+@pytest.mark.anyio
+async def test_a_path_ending_with_a_slash_is_a_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # docs/client.md's quick start: `client.download(image, "out/")` for each image of a job.
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=request.url.path.encode())
+
+    monkeypatch.chdir(tmp_path)
+    images: list[Any] = [
+        {"imageUrl": f"http://files.test/{n}", "itemId": str(n) * 19, "format": "jpeg"}
+        for n in (1, 2)
+    ]
+    with Client("http://dream.test", transport=httpx.MockTransport(answer)) as client:
+        paths = [client.download(image, "out/") for image in images]
+    transport = httpx.MockTransport(answer)
+    async with AsyncClient("http://dream.test", transport=transport) as async_client:
+        paths.append(await async_client.download(images[1], f"{tmp_path}/async/y/"))
+    assert paths == [
+        Path("out") / f"{'1' * 19}.jpg",
+        Path("out") / f"{'2' * 19}.jpg",
+        tmp_path / "async" / "y" / f"{'2' * 19}.jpg",
+    ]
+    assert [path.read_bytes() for path in paths] == [b"/1", b"/2", b"/2"]
+
+
+@pytest.mark.anyio
+async def test_an_event_that_is_not_a_record_is_a_client_error() -> None:
+    def answer(request: httpx.Request) -> httpx.Response:
+        stream = b"event: progress\ndata: <html>\n\n"
+        return httpx.Response(200, content=stream, headers={"content-type": "text/event-stream"})
+
+    said = "Not a job record in the event stream: Expecting value: line 1 column 1 (char 0)"
+    client = Client("http://dream.test", transport=httpx.MockTransport(answer))
+    with client, pytest.raises(ClientError) as sync_error:
+        list(client.events("j1"))
+    assert str(sync_error.value) == said
+    transport = httpx.MockTransport(answer)
+    async with AsyncClient("http://dream.test", transport=transport) as async_client:
+        with pytest.raises(ClientError) as async_error:
+            [record async for record in async_client.events("j1")]
+    assert str(async_error.value) == said
 
 
 @pytest.mark.anyio

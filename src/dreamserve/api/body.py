@@ -13,7 +13,7 @@ import json
 import math
 import re
 import tempfile
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,9 +112,14 @@ async def read_fields(request: Request, user: int) -> dict[str, Any]:
             raise BadRequest("Request body must be a JSON object")
         if not _MAY_BE_UNSTORABLE.search(body):
             return fields
+    check_storable(fields)
+    return fields
+
+
+def check_storable(fields: Mapping[str, Any]) -> None:
+    """BadRequest when a string of the posted fields (names included) cannot be stored."""
     if not _storable(fields):
         raise BadRequest("Request body has text with NUL or unpaired surrogate characters")
-    return fields
 
 
 async def read_body(request: Request, user: int, limit: int) -> bytes:

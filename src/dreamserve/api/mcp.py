@@ -51,11 +51,11 @@ from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
 from dreamserve import __version__
-from dreamserve.api.body import read_body
+from dreamserve.api.body import check_storable, read_body
 from dreamserve.api.deps import USER, authenticate
 from dreamserve.api.schemas import ImageJobRequest, UpscaleRequest
 from dreamserve.assets import ACCEPTED, content_type_of, too_large
-from dreamserve.errors import BadRequest, DreamserveError, Stopping
+from dreamserve.errors import BadRequest, DreamserveError, InvalidParameter, Stopping
 from dreamserve.service import Record, Service
 
 log = logging.getLogger(__name__)
@@ -159,6 +159,8 @@ async def _list_models(call: Call) -> dict[str, Any]:
 async def _create_image(call: Call) -> dict[str, Any] | types.CallToolResult:
     call.service.submissions.admitting()  # a stopping server: its 503, as POST /images
     fields = _without(call.arguments, "wait", "idempotencyKey")
+    check_storable(fields)  # as the route refuses such a body: PostgreSQL text cannot hold it
+    _waits(call)  # before the job is made
     record = await call.service.submissions.image(call.user, fields, _key(call))
     return await _finished(call, record)
 
@@ -166,8 +168,19 @@ async def _create_image(call: Call) -> dict[str, Any] | types.CallToolResult:
 async def _upscale_image(call: Call) -> dict[str, Any] | types.CallToolResult:
     call.service.submissions.admitting()
     fields = _without(call.arguments, "wait", "idempotencyKey")
+    check_storable(fields)  # as the route refuses such a body: PostgreSQL text cannot hold it
+    _waits(call)  # before the job is made
     record = await call.service.submissions.upscale(call.user, fields, _key(call))
     return await _finished(call, record)
+
+
+def _waits(call: Call) -> bool:
+    """The `wait` of create_image and upscale_image: a boolean, true when left out (`"false"`
+    or `0` would otherwise wait, maybe for as long as the job queues)."""
+    wait = call.arguments.get("wait", True)
+    if not isinstance(wait, bool):
+        raise InvalidParameter("wait", wait, "true, false")
+    return wait
 
 
 def _key(call: Call) -> str | None:
@@ -209,7 +222,7 @@ async def _get_account(call: Call) -> dict[str, Any]:
 async def _upload_asset(call: Call) -> dict[str, Any]:
     """POST /assets/<account>: the file's bytes as base64 (`data`) with its `contentType`."""
     service = call.service
-    media = content_type_of(call.arguments.get("contentType"))
+    media = content_type_of(_fields(call, "contentType").get("contentType"))  # 5: its 400
     account = await service.accounts.usable(call.user, _text(call, "account"))
     data = call.arguments.get("data", "")
     if not isinstance(data, str):
@@ -252,7 +265,7 @@ async def _finished(call: Call, record: Record) -> dict[str, Any] | types.CallTo
     progress notification (0-100), and its final record; a failed job is a tool error whose
     text is the record's `error`. Without: the created job's record at once. A job still
     running when the server starts to stop is returned as it is (then get_image)."""
-    if call.arguments.get("wait", True) is False:
+    if not _waits(call):
         return dict(record)
     last: Record = record
     reported = -1.0

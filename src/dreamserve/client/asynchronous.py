@@ -196,7 +196,11 @@ class AsyncClient:
             async for event in EventSource(response).aiter_sse():
                 if event.event not in ("progress", "done"):
                     continue
-                yield cast(JobRecord, json.loads(event.data))
+                try:
+                    record = json.loads(event.data)
+                except ValueError as error:  # a proxy's, or not dreamserve's, stream
+                    raise ClientError(f"Not a job record in the event stream: {error}") from None
+                yield cast(JobRecord, record)
                 if event.event == "done":
                     return
         except httpx.TransportError as error:
@@ -288,6 +292,9 @@ class AsyncClient:
         except httpx.TransportError as error:
             partial.unlink(missing_ok=True)
             raise ConnectionFailed(unreachable(url, error)) from error
+        except BaseException:  # a full disk, Ctrl-C: no half file left behind either
+            partial.unlink(missing_ok=True)
+            raise
         finally:
             await response.aclose()
         return partial.replace(target)

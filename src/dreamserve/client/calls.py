@@ -382,8 +382,12 @@ def download_url(base_url: str, image: str | ImageOut) -> str:
 
 def download_path(target: str | os.PathLike[str], url: str, image: str | ImageOut) -> Path:
     """Where a download goes: `target` itself, or inside it when it is a directory (named by
-    the image's itemId and format, else by the link's last segment)."""
+    the image's itemId and format, else by the link's last segment). A target that ends with
+    a separator (`out/`) is a directory, made when missing: Path drops the slash, and each
+    image would have been written over the last, as a file named `out`."""
     path = Path(target)
+    if os.fspath(target).endswith(("/", os.sep)):
+        path.mkdir(parents=True, exist_ok=True)
     if not path.is_dir():
         return path
     if not isinstance(image, str):

@@ -11,18 +11,27 @@ from __future__ import annotations
 
 import argparse
 import os
+import queue
 import random
 import signal
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dreamserve import __version__
-from dreamserve.client.errors import ApiError, ClientError, ConnectionFailed, JobFailed
+from dreamserve.client.errors import (
+    ApiError,
+    ClientError,
+    ConnectionFailed,
+    JobFailed,
+    WaitTimedOut,
+)
 from dreamserve.client.sync import Client
 
 if TYPE_CHECKING:
@@ -274,10 +283,11 @@ def _finish(
         _cancel(client, submit()["jobid"])
         return INTERRUPTED
     jobid = record["jobid"]
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
     try:
         _note(err, f"job {jobid}")
-        _follow(client, record, err, doing)
-        final = client.wait(jobid, args.timeout)
+        _follow(client, record, err, doing, deadline)
+        final = _wait(client, jobid, args.timeout, deadline)
     except KeyboardInterrupt:
         _cancel(client, jobid)
         return INTERRUPTED
@@ -291,9 +301,14 @@ def _note(err: Console, text: str) -> None:
     err.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
-def _follow(client: Client, record: JobRecord, err: Console, doing: str) -> None:
+def _follow(
+    client: Client, record: JobRecord, err: Console, doing: str, deadline: float | None
+) -> None:
     """A progress bar fed by the job's event stream, until the job ends (or the stream does:
-    a server that stops, or one without event streams, such as the hosted API)."""
+    a server that stops, or one without event streams, such as the hosted API), or until
+    `deadline` (`time.monotonic()`; --timeout) passes. The stream is read in a thread: a job
+    whose progress does not change sends nothing for as long as it runs, and the deadline and
+    Ctrl-C must not wait for it."""
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 
     columns = (
@@ -302,16 +317,55 @@ def _follow(client: Client, record: JobRecord, err: Console, doing: str) -> None
         TaskProgressColumn(),
         TextColumn("{task.fields[state]}"),
     )
+    updates: queue.Queue[JobRecord | _Ended] = queue.Queue()
+    reader = threading.Thread(target=_read_events, args=(client, record["jobid"], updates))
+    reader.daemon = True  # one blocked on a quiet stream never holds the command's exit
+    reader.start()
     with Progress(*columns, console=err) as progress:
         task = progress.add_task(doing, total=100, state=_state(record))
-        try:
-            for update in client.events(record["jobid"]):
-                done = 100 if update["status"] == "completed" else update.get("progress", 0)
-                progress.update(task, completed=done, state=_state(update))
-        except ApiError:
-            return  # no event stream there (the hosted API has none): `wait` polls
-        except ConnectionFailed:
-            return  # the stream broke (a proxy, a restart): the job goes on; `wait` polls
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            try:
+                update = updates.get(timeout=None if left is None else max(0.0, left))
+            except queue.Empty:
+                return  # --timeout: `wait` says the job still runs
+            if isinstance(update, _Ended):
+                if update.error is not None:
+                    raise update.error
+                return
+            done = 100 if update["status"] == "completed" else update.get("progress", 0)
+            progress.update(task, completed=done, state=_state(update))
+
+
+@dataclass(frozen=True)
+class _Ended:
+    """The end of an event stream: None, or the error to raise in the command."""
+
+    error: Exception | None = None
+
+
+def _read_events(client: Client, jobid: str, updates: queue.Queue[JobRecord | _Ended]) -> None:
+    try:
+        for update in client.events(jobid):
+            updates.put(update)
+    except ApiError:
+        pass  # no event stream there (the hosted API has none): `wait` polls
+    except ConnectionFailed:
+        pass  # the stream broke (a proxy, a restart): the job goes on; `wait` polls
+    except Exception as error:  # raised in the command, as it was before the thread
+        updates.put(_Ended(error))
+        return
+    updates.put(_Ended())
+
+
+def _wait(client: Client, jobid: str, timeout: float | None, deadline: float | None) -> JobRecord:
+    """The job's final record, within what is left of --timeout (`WaitTimedOut` names it)."""
+    if timeout is None or deadline is None:
+        return client.wait(jobid)
+    try:
+        return client.wait(jobid, max(0.0, deadline - time.monotonic()))
+    except WaitTimedOut as error:
+        raise WaitTimedOut(error.record, timeout) from None
 
 
 def _state(record: JobRecord) -> str:
