@@ -308,3 +308,16 @@ async def test_a_reply_that_is_not_json_is_a_client_error() -> None:
 
 
 HTML = {"content-type": "text/html"}
+
+
+def test_jobs_since_a_time_is_sent_with_its_time_zone() -> None:
+    """The server refuses a time without a zone (400): an aware time is sent as it is, a naive
+    one as this machine's local time, as Python reads naive times."""
+    aware = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
+    assert calls.jobs(None, None, None, aware, None, None).params == {
+        "since": "2026-12-01T10:00:00+00:00"
+    }
+    naive = datetime(2026, 12, 1, 10, 0)
+    sent = calls.jobs(None, None, None, naive, None, None).params["since"]
+    assert datetime.fromisoformat(sent) == naive.astimezone()
+    assert datetime.fromisoformat(sent).tzinfo is not None

@@ -200,7 +200,9 @@ def jobs(
     cursor: str | None,
 ) -> Call:
     if isinstance(since, datetime):
-        since = since.isoformat()
+        # A naive time is this machine's local time, as Python reads it (the server wants a
+        # time zone: `2026-12-01T10:00:00` alone is a 400).
+        since = since.astimezone().isoformat()
     params = fields(status=status, model=model, account=account, since=since, cursor=cursor)
     if limit is not None:
         params["limit"] = str(limit)
