@@ -106,3 +106,28 @@ def test_an_unusable_out_dir_is_said_before_any_job_is_made(
     assert status == 1
     assert capsys.readouterr().err.startswith("dreamserve: [Errno 20] Not a directory: ")
     assert sent == []
+
+
+def test_ctrl_c_during_a_submission_that_was_refused_ends_as_interrupted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C while the submission is under way: the command asks again with the same key to
+    find the job to cancel; a refusal (every account busy) means no job was made: 130, as any
+    Ctrl-C, with nothing to cancel, not the refusal's message and 1."""
+    sent: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        if len(sent) == 1:
+            raise KeyboardInterrupt  # pressed while the first try was on its way
+        return httpx.Response(429, json={"error": "All accounts at capacity"})
+
+    transport = httpx.MockTransport(answer)
+    monkeypatch.setattr(
+        cli, "Client", lambda url, token: Client(url, token, retries=0, transport=transport)
+    )
+    status = cli.main(["generate", "x", "--server", "http://dream.test", "--out", str(tmp_path)])
+    assert status == 130
+    assert [request.method for request in sent] == ["POST", "POST"]
+    assert sent[0].headers["idempotency-key"] == sent[1].headers["idempotency-key"]
+    assert "All accounts at capacity" not in capsys.readouterr().err

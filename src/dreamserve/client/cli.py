@@ -280,7 +280,11 @@ def _finish(
     try:
         record = submit()
     except KeyboardInterrupt:
-        _cancel(client, submit()["jobid"])
+        try:
+            made = submit()
+        except ApiError:  # refused (all accounts busy, say): no job was made, none to cancel
+            return INTERRUPTED
+        _cancel(client, made["jobid"])
         return INTERRUPTED
     jobid = record["jobid"]
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
