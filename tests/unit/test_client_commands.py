@@ -4,6 +4,7 @@ traceback; a broken event stream falls back to waiting for the job."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -131,3 +132,20 @@ def test_ctrl_c_during_a_submission_that_was_refused_ends_as_interrupted(
     assert [request.method for request in sent] == ["POST", "POST"]
     assert sent[0].headers["idempotency-key"] == sent[1].headers["idempotency-key"]
     assert "All accounts at capacity" not in capsys.readouterr().err
+
+
+def test_the_jobs_table_never_cuts_a_job_id() -> None:
+    """On an 80-column terminal the job id (55 characters here) is folded, not cut to
+    `j1207…`: every character of it is in the table, for `upscale`."""
+    from rich.console import Console
+
+    jobid = "j1207054544123456789i-u1-LOCAL:procedural-bot:dreamina"
+    record: dict[str, Any] = {"jobid": jobid, "type": "image", "model": "seedream-4.6"}
+    record |= {"status": "completed", "created": "2026-12-07T05:45:44.123Z"}
+    record |= {"request": {}, "response": {"images": [{}, {}]}}
+    console = Console(width=80, record=True, file=io.StringIO())
+    console.print(cli._table([record]))  # type: ignore[list-item]
+    text = console.export_text()
+    assert "…" not in text
+    cells = [line.split("│")[1].strip() for line in text.splitlines() if line.startswith("│")]
+    assert "".join(cells) == jobid  # the lines of its cell, joined

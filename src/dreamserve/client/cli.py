@@ -451,9 +451,12 @@ _COLUMNS = ("jobid", "type", "model", "status", "created", "progress / error")
 
 
 def _table(records: Iterable[JobRecord]) -> Table:
-    from rich.table import Table
+    from rich.table import Column, Table
 
-    table = Table(*_COLUMNS, title="jobs, newest first")
+    # A job id is never cut (`j1207…` cannot be given to `upscale`): folded onto more lines
+    # where the terminal is narrow, as the other values are.
+    columns = [Column(name, overflow="fold") for name in _COLUMNS]
+    table = Table(*columns, title="jobs, newest first")
     for record in records:
         table.add_row(*_row(record))
     return table
