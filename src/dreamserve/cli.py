@@ -416,6 +416,13 @@ NO_TOKEN = (
 )
 
 
+LOCAL_LINKS = (
+    "dreamserve: listening on every interface, but the links in job records (the images) point "
+    "at {url}, which other machines cannot open: set DREAMSERVE_PUBLIC_URL to the address they "
+    "use (http://<this machine>:{port})"
+)
+
+
 async def _bootstrap(settings: Settings) -> tuple[str | None, bool, list[str]]:
     """The first start's token (None on later starts), whether the first start made the
     placeholder account (only when the configuration file declares none) and the routing
@@ -441,6 +448,8 @@ async def _bootstrap(settings: Settings) -> tuple[str | None, bool, list[str]]:
         routing = await server.service.accounts.routing()
         if token is None and await server.service.tokens.without_token():
             routing.insert(0, NO_TOKEN)
+        if settings.host in ("0.0.0.0", "::", "") and not settings.public_url:
+            routing.insert(0, LOCAL_LINKS.format(url=settings.base_url, port=settings.port))
         return token, placeholder, routing
 
 

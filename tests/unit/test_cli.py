@@ -851,3 +851,24 @@ def test_an_upstream_engines_model_ids_are_a_setting_of_the_config_file(
         "models": {"seedream-4.0": "ep-20261206-abc"},
     }
     assert listed["SG:ark"]["models"] == {"image": ["seedream-4.0"]}
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::"])
+def test_a_start_on_every_interface_without_a_public_url_says_where_links_point(
+    data_dir: Path, host: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Listening on every interface, the links default to 127.0.0.1, which the machines the
+    server now answers cannot open: the start says so, and what to set."""
+    monkeypatch.setenv("DREAMSERVE_HOST", host)
+    monkeypatch.setenv("DREAMSERVE_PORT", "9000")
+    routing = asyncio.run(cli._bootstrap(Settings()))[2]
+    assert routing[0] == (
+        "dreamserve: listening on every interface, but the links in job records (the images) "
+        "point at http://127.0.0.1:9000, which other machines cannot open: set "
+        "DREAMSERVE_PUBLIC_URL to the address they use (http://<this machine>:9000)"
+    )
+    monkeypatch.setenv("DREAMSERVE_PUBLIC_URL", "http://studio.lan:9000")
+    assert not asyncio.run(cli._bootstrap(Settings()))[2][0].startswith("dreamserve:")
+    monkeypatch.delenv("DREAMSERVE_PUBLIC_URL")
+    monkeypatch.setenv("DREAMSERVE_HOST", "127.0.0.1")
+    assert not asyncio.run(cli._bootstrap(Settings()))[2][0].startswith("dreamserve:")
