@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import pty
 import signal
 import subprocess
 import threading
@@ -302,15 +303,21 @@ def test_jobs_watch_shows_a_table_until_ctrl_c(
 ) -> None:
     newest = client.wait(client.submit("watched", model="seedream-3.0", count=1)["jobid"], 120)
     listed = len([line for line in server.lines if "GET /v1/dreamina/images?" in line])
+    # On a terminal (a pseudo-terminal here): into a pipe it prints lines, not a table.
+    terminal, its_end = pty.openpty()
     process = subprocess.Popen(
         [*DREAMSERVE, "jobs", "--watch", "--interval", "0.2", "--limit", "1"],
         cwd=tmp_path,
         env=command_environment(server) | {"COLUMNS": "200"},  # the table's width
-        stdout=subprocess.PIPE,
+        stdout=its_end,
         stderr=subprocess.PIPE,
         text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
+    os.close(its_end)
+    shown = bytearray()
+    reader = threading.Thread(target=read_all, args=(terminal, shown), daemon=True)
+    reader.start()
     try:
         # Listed twice: the first table, and a refresh.
         eventually(
@@ -321,14 +328,29 @@ def test_jobs_watch_shows_a_table_until_ctrl_c(
             "the watch listed the jobs",
         )
         process.send_signal(signal.SIGINT)
-        stdout, stderr = process.communicate(timeout=60)
+        _, stderr = process.communicate(timeout=60)
+        reader.join(10)
     finally:
         if process.poll() is None:
             process.kill()
             process.wait(10)
+        os.close(terminal)
     assert process.returncode == 0, stderr
+    stdout = shown.decode()
     assert "jobs, newest first" in stdout
     assert newest["jobid"] in stdout
+
+
+def read_all(terminal: int, into: bytearray) -> None:
+    """What a pseudo-terminal's other end writes, until it closes."""
+    while True:
+        try:
+            part = os.read(terminal, 65536)
+        except OSError:  # EIO: the other end is closed (Linux)
+            return
+        if not part:
+            return
+        into.extend(part)
 
 
 def test_upscale_saves_the_bigger_image(server: Server, client: Client, tmp_path: Path) -> None:

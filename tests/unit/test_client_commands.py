@@ -149,3 +149,47 @@ def test_the_jobs_table_never_cuts_a_job_id() -> None:
     assert "…" not in text
     cells = [line.split("│")[1].strip() for line in text.splitlines() if line.startswith("│")]
     assert "".join(cells) == jobid  # the lines of its cell, joined
+
+
+def test_jobs_watch_into_a_pipe_prints_each_jobs_line_when_it_changes(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Not on a terminal, `jobs --watch` is a log: each job's line once, then again when it
+    changes; nothing for a look that found no change; 0 at Ctrl-C."""
+    base: dict[str, Any] = {"type": "image", "model": "m", "request": {}, "response": {}}
+    base |= {"created": "2026-12-07T06:00:00Z"}
+    one = base | {
+        "jobid": "j1",
+        "status": "created",
+        "progress": 10,
+        "started": "2026-12-07T06:00:01Z",
+    }
+    two = base | {"jobid": "j2", "status": "created"}
+    looks = [
+        [two, one],  # newest first, as GET /images lists them
+        [two, one],
+        [two, one | {"progress": 60}],
+        [two | {"status": "completed", "response": {"images": [{}]}}, one | {"progress": 60}],
+    ]
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"jobs": looks.pop(0), "next": None})
+
+    def sleep(seconds: float) -> None:
+        assert seconds == 2.0
+        if not looks:
+            raise KeyboardInterrupt
+
+    transport = httpx.MockTransport(answer)
+    monkeypatch.setattr(
+        cli, "Client", lambda url, token: Client(url, token, retries=0, transport=transport)
+    )
+    monkeypatch.setattr(cli.time, "sleep", sleep)
+    assert cli.main(["jobs", "--watch", "--server", "http://dream.test"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("\t")[0] + " " + line.split("\t")[-1] for line in lines] == [
+        "j1 running 10%",
+        "j2 waiting to start",
+        "j1 running 60%",
+        "j2 1 image",
+    ]

@@ -426,6 +426,8 @@ def _jobs(client: Client, args: argparse.Namespace) -> int:
     if not args.watch:
         _print_jobs(listing())
         return 0
+    if not sys.stdout.isatty():
+        return _log_jobs(listing, args.interval)
     from rich.live import Live
 
     with Live(_table(listing()), auto_refresh=False) as live:
@@ -435,6 +437,23 @@ def _jobs(client: Client, args: argparse.Namespace) -> int:
                 live.update(_table(listing()), refresh=True)
         except KeyboardInterrupt:
             return 0  # the way to stop watching
+
+
+def _log_jobs(listing: Callable[[], list[JobRecord]], interval: float) -> int:
+    """`jobs --watch` into a pipe or a file: a redrawn table would be lost there, so each job's
+    line (as `jobs` prints it) comes once, then again whenever it changes, oldest first within
+    one look: a log to follow, until Ctrl-C."""
+    shown: dict[str, list[str]] = {}
+    try:
+        while True:
+            for record in reversed(listing()):
+                row = _row(record)
+                if shown.get(record["jobid"]) != row:
+                    shown[record["jobid"]] = row
+                    print("\t".join(row), flush=True)
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return 0
 
 
 def _print_jobs(records: Sequence[JobRecord]) -> None:
