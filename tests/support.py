@@ -407,6 +407,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@contextmanager
+def refused_port() -> Iterator[int]:
+    """A port of 127.0.0.1 that refuses connections for as long as this lasts: held bound and
+    never listening, so that no other test's server takes it meanwhile (a port of
+    `free_port` may be listened on by another test once it is given)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield int(sock.getsockname()[1])
+
+
 class FakeClock:
     """A clock the test moves by hand."""
 

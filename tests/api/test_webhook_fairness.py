@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from receiver import Receiver, receiving
 from sqlalchemy import insert
-from support import SMALL, FakeClock, Harness, eventually, free_port, open_harness
+from support import SMALL, FakeClock, Harness, eventually, open_harness, refused_port
 
 from dreamserve.jobs import millis
 from dreamserve.settings import Settings
@@ -217,22 +217,23 @@ async def test_a_host_that_never_answers_is_backed_off_without_spending_tries(
 async def test_a_host_refusing_connections_is_backed_off_too(settings: Settings) -> None:
     clock = FakeClock()
     hooks = fair(settings, webhook_timeout_seconds=1.0, webhook_concurrency_per_host=1)
-    async with open_harness(hooks, clock=clock) as harness:
-        url = f"http://127.0.0.1:{free_port()}/hook"  # nothing listens there
-        jobs = [await submit(harness, url) for _ in range(4)]
+    with refused_port() as port:
+        async with open_harness(hooks, clock=clock) as harness:
+            url = f"http://127.0.0.1:{port}/hook"  # nothing listens there
+            jobs = [await submit(harness, url) for _ in range(4)]
 
-        async def tries() -> list[int]:
-            return [len((await only(harness, jobid))["tries"]) for jobid in jobs]
+            async def tries() -> list[int]:
+                return [len((await only(harness, jobid))["tries"]) for jobid in jobs]
 
-        async def failed_thrice() -> bool:
-            return sum(await tries()) == HOST_FAILURES
+            async def failed_thrice() -> bool:
+                return sum(await tries()) == HOST_FAILURES
 
-        await until_true(failed_thrice)
-        await harness.server.deliverer.drain()
-        assert await harness.server.deliverer.deliver_due() == 0
-        assert await tries() == [1, 1, 1, 0]
-        errors = [(await only(harness, jobid))["tries"][0]["error"] for jobid in jobs[:3]]
-        assert all(str(error).startswith("ConnectError") for error in errors)
+            await until_true(failed_thrice)
+            await harness.server.deliverer.drain()
+            assert await harness.server.deliverer.deliver_due() == 0
+            assert await tries() == [1, 1, 1, 0]
+            errors = [(await only(harness, jobid))["tries"][0]["error"] for jobid in jobs[:3]]
+            assert all(str(error).startswith("ConnectError") for error in errors)
 
 
 async def test_a_redelivery_ends_the_cooldown_of_its_host(settings: Settings) -> None:

@@ -25,6 +25,7 @@ from support import (
     free_port,
     open_harness,
     public_dns,
+    refused_port,
     wait_started,
 )
 
@@ -262,12 +263,10 @@ async def test_only_the_start_of_a_large_answer_is_read(hooks: Harness) -> None:
 
 
 async def test_an_unreachable_receiver_is_a_recorded_network_error(hooks: Harness) -> None:
-    # A port held bound but never listening: connections to it are refused, and no other test
-    # can take it (a closed receiver's port was taken once by another test's listener, which
-    # never answered: 'No answer within 1 s').
-    with socket.socket() as held:
-        held.bind(("127.0.0.1", 0))
-        jobid = await submit(hooks, f"http://127.0.0.1:{held.getsockname()[1]}/hook")
+    # Refused for as long as the test lasts: a closed receiver's port was taken once by another
+    # test's listener, which never answered ('No answer within 1 s', not ConnectError).
+    with refused_port() as port:
+        jobid = await submit(hooks, f"http://127.0.0.1:{port}/hook")
         await hooks.wait(jobid)
         delivery = await settled(hooks, jobid, 1)
     assert delivery["status"] == "pending"
