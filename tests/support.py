@@ -214,12 +214,30 @@ async def eventually(condition: Callable[[], bool], seconds: float = 10) -> None
 async def wait_started(
     engine: GatedEngine | CancellableEngine | ReturnsOnCancelEngine, count: int
 ) -> None:
-    """Wait until `count` jobs reached the gated engine."""
-    for _ in range(500):
-        if engine.started >= count:
-            return
+    """Wait until `count` jobs reached the gated engine (a bound a loaded machine stays within:
+    a job that never starts fails the test all the same)."""
+    deadline = time.monotonic() + 30
+    while engine.started < count:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{engine.started} of {count} jobs started")
         await asyncio.sleep(0.01)
-    raise AssertionError(f"{engine.started} of {count} jobs started")
+
+
+def tap_event_streams(harness: Harness) -> list[Any]:
+    """What the harness's event streams are sent, as the service yields it (a record, or None
+    for a keep-alive comment): a test can act once a stream reached a given point instead of
+    sleeping for a time a loaded machine may overrun."""
+    yielded: list[Any] = []
+    records = harness.service.records
+    inner = records.follow
+
+    async def follow(user_id: int, jobid: str) -> AsyncIterator[Any]:
+        async for each in inner(user_id, jobid):
+            yielded.append(each)
+            yield each
+
+    records.follow = follow  # type: ignore[method-assign]
+    return yielded
 
 
 class _SharedEngine:
