@@ -123,7 +123,7 @@ async def test_a_cancel_wakes_the_waiter(held: Harness, gated: GatedEngine) -> N
     )
     await asyncio.sleep(0.2)
     assert (await held.call("DELETE", f"/scheduler/{jobid}")).status_code == 200
-    reply = await asyncio.wait_for(waiting, 5)
+    reply = await asyncio.wait_for(waiting, 20)  # woken: its own deadline is 30 s
     assert reply.json()["status"] == "failed"
     assert reply.json()["error"] == "Cancelled by user"
 
