@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import itertools
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -214,12 +216,30 @@ async def eventually(condition: Callable[[], bool], seconds: float = 10) -> None
 async def wait_started(
     engine: GatedEngine | CancellableEngine | ReturnsOnCancelEngine, count: int
 ) -> None:
-    """Wait until `count` jobs reached the gated engine."""
-    for _ in range(500):
-        if engine.started >= count:
-            return
+    """Wait until `count` jobs reached the gated engine (a bound a loaded machine stays within:
+    a job that never starts fails the test all the same)."""
+    deadline = time.monotonic() + 30
+    while engine.started < count:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{engine.started} of {count} jobs started")
         await asyncio.sleep(0.01)
-    raise AssertionError(f"{engine.started} of {count} jobs started")
+
+
+def tap_event_streams(harness: Harness) -> list[Any]:
+    """What the harness's event streams are sent, as the service yields it (a record, or None
+    for a keep-alive comment): a test can act once a stream reached a given point instead of
+    sleeping for a time a loaded machine may overrun."""
+    yielded: list[Any] = []
+    records = harness.service.records
+    inner = records.follow
+
+    async def follow(user_id: int, jobid: str) -> AsyncIterator[Any]:
+        async for each in inner(user_id, jobid):
+            yielded.append(each)
+            yield each
+
+    records.follow = follow  # type: ignore[method-assign]
+    return yielded
 
 
 class _SharedEngine:
@@ -400,9 +420,48 @@ def answer(sock: socket.socket, seconds: float) -> bytes:
     return received
 
 
+def _own_ports() -> list[int]:
+    """The ports free_port hands out in this process: below the kernel's ephemeral range, so
+    never given by the kernel to a bind to port 0 or to an outgoing connection, and a slice of
+    their own for each pytest-xdist worker. A port from bind(0), closed and given to a server
+    later, could be taken in between by any connection of any process (then the server could
+    not start, or a test's 'nothing listens there' was wrong)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return []
+    ports = list(range(max(10_000, low - 12_000), low))
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # gw0, gw1, ...
+    if worker.startswith("gw") and worker[2:].isdigit():
+        size = len(ports) // _PORT_SLICES
+        start = int(worker[2:]) % _PORT_SLICES * size
+        ports = ports[start : start + size]
+    offset = random.randrange(len(ports)) if ports else 0
+    return ports[offset:] + ports[:offset]
+
+
+_PORT_SLICES = 8
+_ports: Iterator[int] | None = None
+
+
 def free_port() -> int:
-    """A port of 127.0.0.1 where nothing listens (closed: a connection would be refused)."""
-    with socket.socket() as sock:
+    """A port of 127.0.0.1 where nothing listens (closed: a connection would be refused), and
+    that no other process will take unless it names that very port (`_own_ports`)."""
+    global _ports
+    if _ports is None:
+        own = _own_ports()
+        _ports = itertools.cycle(own) if own else iter(())
+    for _ in range(1000):
+        port = next(_ports, None)
+        if port is None:
+            break
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:  # in use, or closed by this process a moment ago (TIME_WAIT)
+                continue
+            return port
+    with socket.socket() as sock:  # no such range here: any free port
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 

@@ -6,6 +6,7 @@ PostgreSQL connection holds a row lock."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -103,13 +104,14 @@ async def test_a_runner_whose_lease_renewal_meets_the_lock_keeps_its_job(
     """A renewal that gets DatabaseBusy is tried again: the job is not taken back from a
     runner that is still working, so it runs once.
 
-    The lock is taken just after a renewal, for longer than a renewal interval plus the busy
-    bound (so the next renewal meets it and is refused) and released well before the runner
-    would give its lease up (two thirds of the lease after its last renewal, worker.py)."""
+    The lock is taken just after a renewal and held until a renewal was refused (order, not
+    timing: taking it starts a process, which a loaded machine may take a second to do), then
+    released well before the runner would give its lease up (two thirds of the lease after its
+    last renewal, worker.py); the gate opens only once that renewal's lease has run out."""
     settings = busy.model_copy(
         update={
             "database_busy_seconds": 0.1,
-            "lease_seconds": 3.0,  # renewals every 1 s; given up 2 s after the last one
+            "lease_seconds": 4.5,  # renewals every 1.5 s; given up 3 s after the last one
             "reaper_interval_seconds": 0.1,
         }
     )
@@ -126,18 +128,22 @@ async def test_a_runner_whose_lease_renewal_meets_the_lock_keeps_its_job(
                 conn.execute(select(jobs.c.lease_until).where(jobs.c.id == job.id)).scalar_one()
             )
 
+        def refusals() -> int:
+            return sum("lease renewal failed" in r.getMessage() for r in caplog.records)
+
         first = await h.server.db.read(lease_until)
-        for _ in range(300):  # a renewal (within a second of the claim)
-            if await h.server.db.read(lease_until) != first:
-                break
+        deadline = time.monotonic() + 30
+        while await h.server.db.read(lease_until) == first:  # a renewal (1.5 s after the claim)
+            assert time.monotonic() < deadline, "the lease was never renewed"
             await asyncio.sleep(0.01)
-        else:
-            raise AssertionError("the lease was never renewed")
+        renewed = time.monotonic()  # after the renewal: its lease ends before renewed + 4.5 s
         with holding_write_lock(settings.data_dir / "dreamserve.db"):
-            await asyncio.sleep(1.3)  # the next renewal, 1 s after the last, meets the lock
-        await asyncio.sleep(1.5)  # past the lease of the last renewal before the lock
+            await eventually(lambda: refusals() > 0, seconds=30)  # the next renewal met it
+        # Past the lease of the last renewal before the lock: had the runner not renewed it
+        # once the lock was free, the reaper (every 0.1 s) would have taken the job back.
+        await asyncio.sleep(max(0.0, renewed + 4.5 + 0.5 - time.monotonic()))
         engine.gate.set()
-        record = await h.wait(jobid, seconds=5)
+        record = await h.wait(jobid, seconds=30)
         assert record["status"] == "completed"
         assert engine.started == 1
     refused = [r.getMessage() for r in caplog.records if "lease renewal failed" in r.getMessage()]
@@ -160,7 +166,9 @@ async def test_a_runner_whose_final_write_meets_the_lock_writes_it_once_the_lock
             engine.gate.set()
             await asyncio.sleep(0.8)  # the job's end is refused at least twice
             assert (await h.get(jobid)).json()["status"] == "created"
-        record = await h.wait(jobid, seconds=1)
+        # A generous bound: an end given up on would run the job again once its lease (3 s)
+        # ran out, which `engine.started` would show.
+        record = await h.wait(jobid, seconds=30)
         assert record["status"] == "completed"
         [image] = record["response"]["images"]
         assert (await h.client.get(image["imageUrl"])).status_code == 200
@@ -174,8 +182,8 @@ async def test_a_webhook_try_that_cannot_be_recorded_is_sent_again_not_failed(
     made up; the delivery's claim runs out (the try's timeout and the claim's grace after the
     claim, not before) and it is sent again, then recorded.
 
-    The receiver answers 2 s after the request: the lock is taken well before that, and held
-    until the deliverer says it could not record the try (order, not timing)."""
+    The receiver answers only once the lock is taken, which is held until the deliverer says
+    it could not record the try (order, not timing)."""
     settings = busy.model_copy(
         update={
             "webhook_allow_private": True,
@@ -185,13 +193,15 @@ async def test_a_webhook_try_that_cannot_be_recorded_is_sent_again_not_failed(
     )
     clock = FakeClock()
     not_recorded = "try not recorded, the database is busy"
-    with receiving(Answer(delay=2.0)) as receiver:
+    locked = threading.Event()
+    with receiving(Answer(until=locked)) as receiver:
         async with open_harness(settings, clock=clock) as h:
             reply = await h.post({**SMALL, "replyUrl": receiver.url})
             jobid = reply.json()["jobid"]
             await h.wait(jobid)
             await eventually(lambda: receiver.count() == 1)
             with holding_write_lock(settings.data_dir / "dreamserve.db"):
+                locked.set()
                 await eventually(
                     lambda: any(not_recorded in r.getMessage() for r in caplog.records)
                 )

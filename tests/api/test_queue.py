@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 import pytest
 from PIL import Image
-from support import SMALL, FakeClock, Harness, eventually, open_harness
+from support import SMALL, FakeClock, Harness, eventually, open_harness, tap_event_streams
 
 from dreamserve.engines.base import CancelSignal, EngineContext, EngineSettings, GenerationRequest
 from dreamserve.engines.registry import BUILTIN
@@ -324,9 +324,10 @@ async def test_wait_and_the_event_stream_follow_a_waiting_job_to_its_end(queue: 
     await fill(queue)
     jobid = await submit(queue, "followed")
     auth = {"Authorization": f"Bearer {queue.token}"}
+    sent = tap_event_streams(queue)
 
     async def release_later() -> None:
-        await asyncio.sleep(0.3)
+        await eventually(lambda: len(sent) > 0, seconds=30)  # the stream's first record
         for _ in range(3):
             TurnEngine.go.put_nowait(None)  # the two running jobs, then this one
 

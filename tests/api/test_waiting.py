@@ -14,7 +14,15 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
-from support import SMALL, GatedEngine, Harness, open_harness, wait_started
+from support import (
+    SMALL,
+    GatedEngine,
+    Harness,
+    eventually,
+    open_harness,
+    tap_event_streams,
+    wait_started,
+)
 
 from dreamserve.engines.registry import BUILTIN
 from dreamserve.settings import Settings
@@ -115,7 +123,7 @@ async def test_a_cancel_wakes_the_waiter(held: Harness, gated: GatedEngine) -> N
     )
     await asyncio.sleep(0.2)
     assert (await held.call("DELETE", f"/scheduler/{jobid}")).status_code == 200
-    reply = await asyncio.wait_for(waiting, 5)
+    reply = await asyncio.wait_for(waiting, 20)  # woken: its own deadline is 30 s
     assert reply.json()["status"] == "failed"
     assert reply.json()["error"] == "Cancelled by user"
 
@@ -157,9 +165,10 @@ async def test_the_event_stream_follows_a_job_to_its_end(held: Harness, gated: G
     jobid = (await held.post(SMALL)).json()["jobid"]
     await wait_started(gated, 1)
     counter = ReadCounter(held)
+    sent = tap_event_streams(held)
 
     async def open_later() -> None:
-        await asyncio.sleep(0.7)  # a few keep-alives first
+        await eventually(lambda: sent.count(None) >= 2, seconds=30)  # a few keep-alives first
         gated.gate.set()
 
     opener = asyncio.create_task(open_later())

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import datetime
@@ -602,13 +603,20 @@ async def test_a_backlog_is_sent_as_places_free_up_not_at_each_poll(private: Set
 
 @pytest.mark.both_databases
 async def test_a_redelivery_during_a_try_sends_again(private: Settings) -> None:
-    """The try in flight answers 200, but the redelivery asked for another: it is sent."""
-    with receiving(Answer(200, delay=0.5)) as receiver:
-        async with open_harness(private) as harness:
+    """The try in flight answers 200, but the redelivery asked for another: it is sent.
+
+    The first answer is held until the redelivery was asked for (not a 0.5 s delay within the
+    1 s timeout, which a loaded machine could overrun: the try timed out, no 200 in flight)."""
+    patient = private.model_copy(update={"webhook_timeout_seconds": 30.0})
+    asked = threading.Event()
+    with receiving() as receiver:
+        receiver.plan = [Answer(200, until=asked)]
+        async with open_harness(patient) as harness:
             jobid = await submit(harness, receiver.url)
             await harness.wait(jobid)
             await eventually(lambda: receiver.count() == 1)  # the first try is in flight
             reply = await harness.call("POST", f"/images/{jobid}/webhooks")
+            asked.set()
             assert reply.status_code == 200
             delivery = await settled(harness, jobid, 2)
             assert delivery["status"] == "delivered"

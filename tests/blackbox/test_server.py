@@ -189,7 +189,10 @@ def test_sigterm_with_an_open_event_stream_exits_within_the_shutdown_bound(
                 server.reader.join(10)
                 assert server.process.stdout is not None
                 server.process.stdout.close()
-    assert took < bound + 1.5, took
+    # Far below what waiting for the job would take (it never ends: the upstream does not
+    # answer); the slack is for a loaded machine, where the exit (coverage writing its data
+    # included) took more than 1.5 s.
+    assert took < bound + 5, took
     assert "Application shutdown complete." in "".join(server.lines), "".join(server.lines)
     assert lines[0] == "event: progress"
     assert [line for line in lines if line.startswith("event:")][-1] == "event: progress"
