@@ -40,9 +40,11 @@ pytestmark = pytest.mark.anyio
 
 @pytest.fixture
 def private(settings: Settings) -> Settings:
-    """The settings with webhooks to 127.0.0.1 allowed (the receiver) and a short timeout."""
+    """The settings with webhooks to 127.0.0.1 allowed (the receiver), and a timeout that a
+    receiver that answers never meets, however loaded the machine (a 1 s one did: 'pending'
+    where a 410 should have stopped the delivery). `hasty` has a short one."""
     return settings.model_copy(
-        update={"webhook_allow_private": True, "webhook_timeout_seconds": 1.0}
+        update={"webhook_allow_private": True, "webhook_timeout_seconds": 30.0}
     )
 
 
@@ -54,6 +56,14 @@ async def clock() -> FakeClock:
 @pytest.fixture
 async def hooks(private: Settings, clock: FakeClock) -> AsyncIterator[Harness]:
     async with open_harness(private, clock=clock) as harness:
+        yield harness
+
+
+@pytest.fixture
+async def hasty(private: Settings, clock: FakeClock) -> AsyncIterator[Harness]:
+    """A 1 s webhook timeout: for the receivers that answer too slowly on purpose."""
+    short = private.model_copy(update={"webhook_timeout_seconds": 1.0})
+    async with open_harness(short, clock=clock) as harness:
         yield harness
 
 
@@ -231,12 +241,12 @@ async def test_a_redirect_is_not_followed_but_retried(hooks: Harness) -> None:
         assert target.count() == 0
 
 
-async def test_a_hanging_receiver_times_out_and_is_retried(hooks: Harness) -> None:
+async def test_a_hanging_receiver_times_out_and_is_retried(hasty: Harness) -> None:
     with receiving() as receiver:
-        receiver.plan = [Answer(200, delay=3.0)]  # longer than the 1 s timeout of `private`
-        jobid = await submit(hooks, receiver.url)
-        await hooks.wait(jobid)
-        delivery = await settled(hooks, jobid, 1)
+        receiver.plan = [Answer(200, delay=3.0)]  # longer than the 1 s timeout of `hasty`
+        jobid = await submit(hasty, receiver.url)
+        await hasty.wait(jobid)
+        delivery = await settled(hasty, jobid, 1)
         assert delivery["status"] == "pending"
         [attempt] = delivery["tries"]  # type: ignore[misc]
         assert attempt["statusCode"] is None
@@ -558,17 +568,14 @@ def replace_settings(settings: Settings, **changes: object) -> Settings:
 async def test_pending_deliveries_are_sent_after_a_restart(
     private: Settings, clock: FakeClock
 ) -> None:
-    # A receiver that answers at once: the 1 s timeout of `private` (for the receivers that
-    # never answer) could cut its second try on a loaded machine, leaving it pending.
-    patient = private.model_copy(update={"webhook_timeout_seconds": 30.0})
     with receiving() as receiver:
         receiver.plan = [Answer(503)]
-        async with open_harness(patient, clock=clock) as harness:
+        async with open_harness(private, clock=clock) as harness:
             jobid = await submit(harness, receiver.url)
             await harness.wait(jobid)
             await settled(harness, jobid, 1)
         clock.advance(RETRY_DELAYS[0] * (1 + JITTER) + 1)
-        async with open_harness(patient, clock=clock) as harness:
+        async with open_harness(private, clock=clock) as harness:
             delivery = await settled(harness, jobid, 2)
             assert delivery["status"] == "delivered", delivery
         assert receiver.count() == 2
@@ -607,11 +614,10 @@ async def test_a_redelivery_during_a_try_sends_again(private: Settings) -> None:
 
     The first answer is held until the redelivery was asked for (not a 0.5 s delay within the
     1 s timeout, which a loaded machine could overrun: the try timed out, no 200 in flight)."""
-    patient = private.model_copy(update={"webhook_timeout_seconds": 30.0})
     asked = threading.Event()
     with receiving() as receiver:
         receiver.plan = [Answer(200, until=asked)]
-        async with open_harness(patient) as harness:
+        async with open_harness(private) as harness:
             jobid = await submit(harness, receiver.url)
             await harness.wait(jobid)
             await eventually(lambda: receiver.count() == 1)  # the first try is in flight
@@ -623,15 +629,15 @@ async def test_a_redelivery_during_a_try_sends_again(private: Settings) -> None:
             assert receiver.count() == 2
 
 
-async def test_a_trickling_answer_is_bounded_by_the_timeout_and_sent_once(hooks: Harness) -> None:
+async def test_a_trickling_answer_is_bounded_by_the_timeout_and_sent_once(hasty: Harness) -> None:
     """httpx's timeout bounds each read; the try as a whole is bounded too, so a receiver
     sending its answer a byte at a time neither holds a place for ever nor gets a second
     copy when the claim runs out."""
     with receiving() as receiver:
         receiver.plan = [Answer(503, b"x" * 20, trickle=0.25)]  # 5 s of answer, 1 s timeout
-        jobid = await submit(hooks, receiver.url)
-        await hooks.wait(jobid)
-        delivery = await settled(hooks, jobid, 1)
+        jobid = await submit(hasty, receiver.url)
+        await hasty.wait(jobid)
+        delivery = await settled(hasty, jobid, 1)
         [attempt] = delivery["tries"]  # type: ignore[misc]
         assert attempt["statusCode"] == 503
         assert str(attempt["error"]).startswith("HTTP 503: x")
@@ -642,11 +648,11 @@ async def test_a_trickling_answer_is_bounded_by_the_timeout_and_sent_once(hooks:
         assert receiver.count() == 1
 
 
-async def test_a_slow_body_after_a_2xx_is_delivered(hooks: Harness) -> None:
+async def test_a_slow_body_after_a_2xx_is_delivered(hasty: Harness) -> None:
     with receiving(Answer(200, b"thanks!", trickle=0.4)) as receiver:
-        jobid = await submit(hooks, receiver.url)
-        await hooks.wait(jobid)
-        delivery = await settled(hooks, jobid, 1)
+        jobid = await submit(hasty, receiver.url)
+        await hasty.wait(jobid)
+        delivery = await settled(hasty, jobid, 1)
         assert delivery["status"] == "delivered"
         assert receiver.count() == 1
 
