@@ -90,12 +90,32 @@ async def test_writes_behind_a_held_lock_are_answered_busy_in_time(
 async def test_a_transaction_that_waited_the_bound_for_a_connection_does_not_begin(
     db: PostgresDatabase,
 ) -> None:
-    slow = [asyncio.ensure_future(db.read(sleep(0.4))) for _ in range(PostgresDatabase.POOL_SIZE)]
-    await asyncio.sleep(0.05)  # every connection taken
+    # Every connection held until the write has waited past its bound (a fixed 0.4 s hold,
+    # begun late on a loaded machine, once let the write have a connection within it).
+    holding = threading.Semaphore(0)
+    release = threading.Event()
+
+    def hold(conn: Connection) -> None:
+        conn.execute(text("SELECT 1"))
+        holding.release()
+        release.wait(30)
+
+    def all_held() -> bool:
+        return all(holding.acquire(timeout=30) for _ in range(PostgresDatabase.POOL_SIZE))
+
+    held = [asyncio.ensure_future(db.read(hold)) for _ in range(PostgresDatabase.POOL_SIZE)]
     ran: list[int] = []
+    try:
+        assert await asyncio.to_thread(all_held)
+        write = asyncio.ensure_future(
+            db.write(lambda conn: ran.append(user_queries.insert_user(conn, 1)))
+        )
+        await asyncio.sleep(QUICK.busy_seconds + 0.2)  # at least this long, the write waited
+    finally:
+        release.set()
+        await asyncio.gather(*held)
     with pytest.raises(DatabaseBusy):
-        await db.write(lambda conn: ran.append(user_queries.insert_user(conn, 1)))
-    await asyncio.gather(*slow)
+        await write
     assert ran == []
 
 
