@@ -448,7 +448,7 @@ async def _bootstrap(settings: Settings) -> tuple[str | None, bool, list[str]]:
         routing = await server.service.accounts.routing()
         if token is None and await server.service.tokens.without_token():
             routing.insert(0, NO_TOKEN)
-        if settings.host in ("0.0.0.0", "::", "") and not settings.public_url:
+        if settings.listens_everywhere and not settings.public_url:
             routing.insert(0, LOCAL_LINKS.format(url=settings.base_url, port=settings.port))
         return token, placeholder, routing
 

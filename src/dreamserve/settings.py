@@ -95,11 +95,16 @@ class Settings(BaseSettings):
     metrics_port: int = Field(default=0, ge=0, le=65535)
 
     @property
+    def listens_everywhere(self) -> bool:
+        """Bound to every interface (`0.0.0.0`, `::`): reached at addresses it cannot know."""
+        return self.host in ("0.0.0.0", "::", "")
+
+    @property
     def base_url(self) -> str:
         """Where clients reach this server: the links in job records point here."""
         if self.public_url:
             return self.public_url.rstrip("/")
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        host = "127.0.0.1" if self.listens_everywhere else self.host
         if ":" in host:
             host = f"[{host}]"
         return f"http://{host}:{self.port}"

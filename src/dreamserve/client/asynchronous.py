@@ -4,7 +4,6 @@ coroutines (and async iterators for `events` and `jobs`)."""
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import os
 import time
@@ -196,11 +195,7 @@ class AsyncClient:
             async for event in EventSource(response).aiter_sse():
                 if event.event not in ("progress", "done"):
                     continue
-                try:
-                    record = json.loads(event.data)
-                except ValueError as error:  # a proxy's, or not dreamserve's, stream
-                    raise ClientError(f"Not a job record in the event stream: {error}") from None
-                yield cast(JobRecord, record)
+                yield calls.event_record(event.data)
                 if event.event == "done":
                     return
         except httpx.TransportError as error:
@@ -289,11 +284,10 @@ class AsyncClient:
             with partial.open("wb") as file:
                 async for chunk in response.aiter_bytes():
                     file.write(chunk)
-        except httpx.TransportError as error:
+        except BaseException as error:  # a dropped connection, a full disk, Ctrl-C: no half file
             partial.unlink(missing_ok=True)
-            raise ConnectionFailed(unreachable(url, error)) from error
-        except BaseException:  # a full disk, Ctrl-C: no half file left behind either
-            partial.unlink(missing_ok=True)
+            if isinstance(error, httpx.TransportError):
+                raise ConnectionFailed(unreachable(url, error)) from error
             raise
         finally:
             await response.aclose()

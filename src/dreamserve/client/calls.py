@@ -8,6 +8,7 @@ server applies its own defaults.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import uuid
@@ -15,14 +16,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 from urllib.parse import quote, urlsplit
 
 import httpx
 
 from dreamserve import __version__
 from dreamserve.client.errors import ClientError, retry_after
-from dreamserve.replies import ImageOut
+from dreamserve.replies import ImageOut, JobRecord
 
 API_PREFIX = "/v1/dreamina"
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -380,6 +381,15 @@ def download_url(base_url: str, image: str | ImageOut) -> str:
     if urlsplit(url).scheme:
         return url
     return base_url + ("" if url.startswith("/") else "/") + url
+
+
+def event_record(data: str) -> JobRecord:
+    """The job record of a `progress` or `done` event; ClientError for anything else (a
+    proxy's page, a stream that is not dreamserve's)."""
+    try:
+        return cast(JobRecord, json.loads(data))
+    except ValueError as error:
+        raise ClientError(f"Not a job record in the event stream: {error}") from None
 
 
 def download_path(target: str | os.PathLike[str], url: str, image: str | ImageOut) -> Path:

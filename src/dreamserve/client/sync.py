@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -192,11 +191,7 @@ class Client:
             for event in EventSource(response).iter_sse():
                 if event.event not in ("progress", "done"):
                     continue
-                try:
-                    record = json.loads(event.data)
-                except ValueError as error:  # a proxy's, or not dreamserve's, stream
-                    raise ClientError(f"Not a job record in the event stream: {error}") from None
-                yield cast(JobRecord, record)
+                yield calls.event_record(event.data)
                 if event.event == "done":
                     return
         except httpx.TransportError as error:
@@ -282,11 +277,10 @@ class Client:
             with partial.open("wb") as file:
                 for chunk in response.iter_bytes():
                     file.write(chunk)
-        except httpx.TransportError as error:
+        except BaseException as error:  # a dropped connection, a full disk, Ctrl-C: no half file
             partial.unlink(missing_ok=True)
-            raise ConnectionFailed(unreachable(url, error)) from error
-        except BaseException:  # a full disk, Ctrl-C: no half file left behind either
-            partial.unlink(missing_ok=True)
+            if isinstance(error, httpx.TransportError):
+                raise ConnectionFailed(unreachable(url, error)) from error
             raise
         finally:
             response.close()
