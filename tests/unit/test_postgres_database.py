@@ -304,7 +304,7 @@ async def test_a_deadlock_victim_runs_again_and_commits(postgres_url: str) -> No
             await waiting_for_a_lock(postgres_url)  # ours waits for `two`, first
             await asyncio.to_thread(other.execute, touch + "%s", (one,))  # the deadlock
             other.commit()
-            assert await ours == 2
+            assert await ours >= 2  # ran again (more, if its retry took `one` first)
         assert await db.read(created_at(one)) == 3  # the other's, then our second try's
         assert await db.read(created_at(two)) == 3
     finally:
